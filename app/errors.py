@@ -1,0 +1,48 @@
+"""Typed errors raised by the core. Each has a stable `code`; only `app/api/errors.py` maps them to HTTP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class FacegateError(Exception):
+    """Base class: `code` is stable and machine-readable, `message` is for people, `details` is extra JSON."""
+
+    code: str = "error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidImage(FacegateError):
+    """The bytes are not a photo we can decode (not an image, truncated, unsupported format)."""
+
+    code = "invalid_image"
+
+
+class ImageTooLarge(FacegateError):
+    """Too many pixels (decompression-bomb guard) or too many bytes."""
+
+    code = "image_too_large"
+
+
+class ImageTooSmall(FacegateError):
+    """Too small for the detector to run on at all."""
+
+    code = "image_too_small"
+
+
+class NoFace(FacegateError):
+    code = "no_face"
+
+
+class MultipleFaces(FacegateError):
+    code = "multiple_faces"
+
+
+class ModelUnavailable(FacegateError):
+    """Built models missing, corrupt (checksum) or the required provider cannot be used."""
+
+    code = "model_unavailable"

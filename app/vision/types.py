@@ -1,0 +1,72 @@
+"""Plain result types of the vision steps.
+
+Box convention (dlib's): integer pixel coordinates with *inclusive* corners, so width = right - left + 1.
+Coordinates may lie outside the image (a face cut by the border). Landmarks are (x, y) integer pixels
+in the 5-point model's order: 0/1 outer/inner corner of the eye on the image's right, 2/3 outer/inner
+corner of the other eye, 4 below the nose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+Image = npt.NDArray[np.uint8]  # H x W x 3, RGB, C-contiguous
+Chips = npt.NDArray[np.uint8]  # N x 150 x 150 x 3, RGB
+Embeddings = npt.NDArray[np.float32]  # N x 128
+
+CHIP_SIZE = 150
+CHIP_PADDING = 0.25
+EMBEDDING_DIM = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Box:
+    left: int
+    top: int
+    right: int
+    bottom: int
+
+    @property
+    def width(self) -> int:
+        return self.right - self.left + 1
+
+    @property
+    def height(self) -> int:
+        return self.bottom - self.top + 1
+
+    @property
+    def area(self) -> int:
+        return max(self.width, 0) * max(self.height, 0)
+
+    def scaled(self, factor: float) -> Box:
+        """The box in a photo `factor` times larger (rounded half away from zero)."""
+        return Box(*(int(_round_half_away(v * factor)) for v in (self.left, self.top, self.right, self.bottom)))
+
+    def as_dict(self) -> dict[str, int]:
+        return {"left": self.left, "top": self.top, "right": self.right, "bottom": self.bottom}
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    box: Box
+    score: float  # raw MMOD score; dlib keeps detections with score > 0
+
+
+Landmarks = npt.NDArray[np.int64]  # 5 x 2 integer (x, y)
+
+
+@dataclass(frozen=True, slots=True)
+class Face:
+    """One face as the pipeline found it, in the coordinates of the photo that was passed in."""
+
+    box: Box
+    score: float
+    landmarks: Landmarks
+    embedding: npt.NDArray[np.float32]  # 128 float32, not normalised (dlib's scale)
+
+
+def _round_half_away(v: float) -> float:
+    return float(np.sign(v) * np.floor(abs(v) + 0.5))

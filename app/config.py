@@ -44,7 +44,7 @@ class DetectorSettings(BaseModel):
             "side is under `auto_upsample_below`."
         ),
     )
-    auto_upsample_below: int = Field(default=800, ge=0, description="'auto' upsample: double photos whose longer side (px) is below this.")
+    auto_upsample_below: int = Field(default=600, ge=0, description="'auto' upsample: double photos whose longer side (px) is below this.")
     max_side: int = Field(
         default=1024,
         ge=64,

@@ -1,7 +1,100 @@
-"""Placeholder: being written."""
+"""dlib's MMOD CNN face detector (mmod_human_face_detector.dat) -> ONNX (dlib-models.md, sections 9.1, 9.2, 10).
+
+The graph is the bare network: input "image" float32 [N,3,H,W], already normalised ((v - mean_c)/256, the
+tiled pyramid of section 9.3), output "scores" float32 [N,1,h,w] with h = f(f(f(H))), f(n) = (n-5)//2 + 1.
+The six batch norms are folded into their convolutions. Pyramid tiling and decoding stay in numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
+
+from models.dlib_dnn import AffineSpec, ConSpec, LayerSpec, Network, ReluSpec, expect_end, read_doubles, read_network
+from models.onnx_graph import OPSET, GraphBuilder, emit_layers
+from models.serialization import FormatError, Reader
+
+
+def _rcon(filters: int, kernel: int, stride: int) -> list[LayerSpec]:
+    return [ConSpec(filters, kernel, stride), AffineSpec(), ReluSpec()]
+
+
+# Network order, input first (dnn_mmod_face_detection_ex.cpp): downsampler, three rcon5, the 9x9 score conv.
+LAYERS: tuple[LayerSpec, ...] = (
+    *_rcon(16, 5, 2),
+    *_rcon(32, 5, 2),
+    *_rcon(32, 5, 2),
+    *_rcon(45, 5, 1),
+    *_rcon(45, 5, 1),
+    *_rcon(45, 5, 1),
+    ConSpec(1, 9, 1),
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The loss_mmod_ options that decoding needs."""
+
+    window_width: int
+    window_height: int
+    nms_iou_threshold: float
+    nms_percent_covered_threshold: float
+
+
+@dataclass(frozen=True)
+class Detector:
+    options: Options
+    means: tuple[float, float, float]  # R, G, B
+    network: Network
+
+
+def parse(data: bytes) -> Detector:
+    r = Reader(data)
+    r.expect_int(1, "loss wrapper")
+    r.expect_string("loss_mmod_")
+    options = _read_options(r)
+    means, network = read_network(r, LAYERS, _read_input, channels_in=3)
+    expect_end(r, "detector")
+    return Detector(options, means, network)
+
+
+def build_graph(detector: Detector) -> onnx.ModelProto:
+    g = GraphBuilder("dlib_mmod_human_face_detector")
+    image = g.input("image", onnx.TensorProto.FLOAT, ["N", 3, "H", "W"])
+    scores, _ = emit_layers(g, image, detector.network.layers, (3, None, None))
+    g.output(g.identity(scores, "scores"), onnx.TensorProto.FLOAT, ["N", 1, "h", "w"])
+    return g.model(doc="dlib MMOD CNN face detector: normalised tiled pyramid -> detection scores")
+
 
 def convert(source: Path, dest: Path) -> dict[str, Any]:
-    raise NotImplementedError
+    detector = parse(source.read_bytes())
+    onnx.save(build_graph(detector), str(dest))
+    o = detector.options
+    return {
+        "opset": OPSET,
+        "inputs": {"image": "float32 [N,3,H,W], (v - mean_c)/256, RGB"},
+        "outputs": {"scores": "float32 [N,1,h,w], h = f(f(f(H))), f(n) = (n-5)//2+1"},
+        "means": list(detector.means),
+        "window": [o.window_width, o.window_height],
+        "nms_iou_threshold": o.nms_iou_threshold,
+        "nms_percent_covered_threshold": o.nms_percent_covered_threshold,
+    }
+
+
+def _read_options(r: Reader) -> Options:
+    r.expect_int(1, "mmod options")  # version 1: a single window, no label
+    width, height = r.int(), r.int()
+    if (width, height) != (80, 80):
+        raise FormatError(f"detector window: expected 80x80, got {width}x{height}")
+    # loss_per_false_alarm, loss_per_missed_target, truth_match_iou_threshold, nms (iou, covered), ignore (iou, covered)
+    values = read_doubles(r, 7)
+    return Options(width, height, values[3], values[4])
+
+
+def _read_input(r: Reader) -> tuple[float, float, float]:
+    r.expect_string("input_rgb_image_pyramid")
+    red, green, blue = read_doubles(r, 3)
+    return (red, green, blue)

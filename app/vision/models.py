@@ -1,0 +1,58 @@
+"""The built model files: read manifest.json and verify every file's sha256 before it is used."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.errors import ModelUnavailable
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    directory: Path
+    model_name: str
+    model_version: str
+    opset: int
+    models: dict[str, dict[str, Any]]
+
+    def path(self, name: str) -> Path:
+        return self.directory / self.models[name]["file"]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_manifest(directory: Path, *, verify: bool = True) -> Manifest:
+    """Read the manifest; with `verify`, refuse files whose checksum differs from what the build wrote."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ModelUnavailable(f"no {MANIFEST} in {directory}: build the models with `make models`")
+    raw = json.loads(path.read_text())
+    manifest = Manifest(
+        directory=directory,
+        model_name=raw["model_name"],
+        model_version=raw["model_version"],
+        opset=int(raw["opset"]),
+        models=dict(raw["models"]),
+    )
+    for name in ("embedder", "detector", "landmarks"):
+        if name not in manifest.models:
+            raise ModelUnavailable(f"{MANIFEST} lists no {name} model: rebuild with `make models`")
+        if verify:
+            file = manifest.path(name)
+            if not file.is_file():
+                raise ModelUnavailable(f"model file {file.name} is missing: run `make models`")
+            if _sha256(file) != manifest.models[name]["sha256"]:
+                raise ModelUnavailable(f"model file {file.name} does not match its checksum: run `make models`")
+    return manifest

@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# End-to-end check of the Dockerfile and docker-compose.yml (`make docker-test`):
+#   build the image, start api + PostgreSQL, wait for /readyz, enrol one photo of a person, verify another photo
+#   of them (match) and a photo of someone else (no match), then `docker-compose down -v` whatever happened.
+# Needs a docker daemon, docker-compose (or Compose v2), curl and python3 on the host; only loopback traffic.
+#
+# Settings (environment):
+#   FACEGATE_FACES_DIR        photos (default ../shared/faces beside the checkout); uses its dev/ set
+#   FACEGATE_BASE_IMAGE       Debian base for the build (default debian:bookworm-slim; falls back to the local
+#   FACEGATE_POSTGRES_IMAGE   stand-ins facegate-base:bookworm / facegate-postgres:local built by
+#                             ../shared/tools/docker-local.sh when the registry images are not on this machine)
+#   FACEGATE_PUBLISH_PORT     host port on 127.0.0.1 (default: a free one)
+#   READY_TIMEOUT             seconds to wait for /readyz (default 300)
+#   ENROLL_PHOTO / SAME_PHOTO / OTHER_PHOTO   paths relative to the dev set (defaults: Obama, Obama, Biden)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+faces_dir=${FACEGATE_FACES_DIR:-../shared/faces}/dev
+enroll_photo=${ENROLL_PHOTO:-barack_obama/face_recognition__obama.jpg}
+same_photo=${SAME_PHOTO:-barack_obama/face_recognition__obama2.jpg}
+other_photo=${OTHER_PHOTO:-joe_biden/face_recognition__biden.jpg}
+ready_timeout=${READY_TIMEOUT:-300}
+
+log() { printf '[docker-test %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "FAIL: $*"; exit 1; }
+
+for tool in docker curl python3; do command -v "$tool" >/dev/null || die "$tool is not installed"; done
+docker info >/dev/null 2>&1 || die "no docker daemon (on the dev machine: bash ../shared/tools/docker-local.sh)"
+if command -v docker-compose >/dev/null; then
+  compose=(docker-compose)
+elif docker compose version >/dev/null 2>&1; then
+  compose=(docker compose)
+else
+  die "neither docker-compose nor the docker compose plugin is installed"
+fi
+for photo in "$enroll_photo" "$same_photo" "$other_photo"; do
+  [ -f "$faces_dir/$photo" ] || die "photo $faces_dir/$photo not found (set FACEGATE_FACES_DIR)"
+done
+
+have_image() { docker image inspect "$1" >/dev/null 2>&1; }
+if [ -z "${FACEGATE_BASE_IMAGE:-}" ] && ! have_image debian:bookworm-slim && have_image facegate-base:bookworm; then
+  export FACEGATE_BASE_IMAGE=facegate-base:bookworm
+fi
+if [ -z "${FACEGATE_POSTGRES_IMAGE:-}" ] && ! have_image postgres:16 && have_image facegate-postgres:local; then
+  export FACEGATE_POSTGRES_IMAGE=facegate-postgres:local
+fi
+if [ -z "${FACEGATE_PUBLISH_PORT:-}" ]; then
+  FACEGATE_PUBLISH_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+fi
+export FACEGATE_PUBLISH_PORT
+export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-facegate_roundtrip}
+base_url="http://127.0.0.1:$FACEGATE_PUBLISH_PORT"
+dc() { "${compose[@]}" -f docker-compose.yml "$@"; }
+
+body=$(mktemp)
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  rm -f "$body"
+  if [ "$rc" -ne 0 ]; then
+    log "logs of the failed run:"
+    dc logs --no-color --tail=150 >&2 || true
+  fi
+  log "docker-compose down -v"
+  dc down -v --remove-orphans >/dev/null 2>&1 || log "docker-compose down -v failed"
+  exit "$rc"
+}
+dc down -v --remove-orphans >/dev/null 2>&1 || true  # leftovers of a killed run
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log "building (base ${FACEGATE_BASE_IMAGE:-debian:bookworm-slim}, db ${FACEGATE_POSTGRES_IMAGE:-postgres:16})"
+started=$SECONDS
+dc build api
+log "built in $((SECONDS - started)) s: $(docker image inspect --format '{{.Size}}' "${FACEGATE_IMAGE:-facegate:latest}" | awk '{printf "%.0f MB", $1 / 1e6}')"
+
+log "starting db and api on 127.0.0.1:$FACEGATE_PUBLISH_PORT"
+dc up -d
+
+# Every response goes through one JSON check: `expect STATUS FILE PYTHON-EXPR` evaluates the expression with the
+# parsed body as `r` and fails (printing the body) unless both the HTTP status and the expression hold.
+expect() {
+  local want=$1 status=$2 body=$3 check=$4
+  python3 - "$want" "$status" "$body" "$check" <<'PY' || return 1
+import json, sys
+want, status, path, check = sys.argv[1:]
+text = open(path).read()
+try:
+    r = json.loads(text)
+except ValueError:
+    sys.exit(f"HTTP {status}, not JSON: {text[:500]}")
+print(json.dumps(r, indent=2, sort_keys=True))
+if status != want:
+    sys.exit(f"expected HTTP {want}, got {status}")
+if not eval(check, {}, {"r": r}):
+    sys.exit(f"check failed: {check}")
+PY
+}
+post() {  # post PATH curl-form-args...  -> prints the HTTP status, body in $body
+  local path=$1; shift
+  curl --silent --show-error --max-time 120 --noproxy '*' -o "$body" -w '%{http_code}' "$@" "$base_url$path"
+}
+
+log "waiting for /readyz (at most $ready_timeout s)"
+waited=$SECONDS
+deadline=$((SECONDS + ready_timeout))
+while :; do
+  status=$(curl --silent --max-time 5 --noproxy '*' -o "$body" -w '%{http_code}' "$base_url/readyz" || true)
+  [ "$status" = 200 ] && break
+  api=$(dc ps -q api)
+  if [ -n "$api" ] && [ "$(docker inspect --format '{{.State.Status}}' "$api")" != running ]; then
+    die "the api container exited"
+  fi
+  [ "$SECONDS" -lt "$deadline" ] || die "/readyz not 200 after $ready_timeout s (last status ${status:-none})"
+  sleep 2
+done
+log "ready after $((SECONDS - waited)) s"
+expect 200 "$status" "$body" 'True'
+
+api=$(dc ps -q api)
+for _ in $(seq 1 45); do
+  health=$(docker inspect --format '{{if .State.Health}}{{.State.Health.Status}}{{end}}' "$api")
+  [ "$health" = starting ] || break
+  sleep 2
+done
+[ "$health" = healthy ] || die "the api container's HEALTHCHECK says '${health:-nothing}'"
+log "api container HEALTHCHECK: $health"
+
+uid=$(dc exec -T api id -u) || die "docker-compose exec api failed"
+[ "$uid" != 0 ] || die "the api container runs as root"
+log "api runs as uid $uid"
+
+log "POST /enroll $enroll_photo"
+status=$(post /enroll -F "image=@$faces_dir/$enroll_photo" -F "name=$(dirname "$enroll_photo")")
+enrolled=$(expect 201 "$status" "$body" 'r["identity_id"] and r["created"] is True') \
+  || { printf '%s\n' "$enrolled"; die "/enroll"; }
+printf '%s\n' "$enrolled"
+identity_id=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["identity_id"])' "$body")
+
+log "POST /verify $same_photo against identity $identity_id (same person)"
+status=$(post /verify -F "image=@$faces_dir/$same_photo" -F "identity_id=$identity_id")
+expect 200 "$status" "$body" 'r["match"] is True and r["distance"] <= r["threshold"]' || die "/verify same person"
+
+log "POST /verify $other_photo against identity $identity_id (someone else)"
+status=$(post /verify -F "image=@$faces_dir/$other_photo" -F "identity_id=$identity_id")
+expect 200 "$status" "$body" 'r["match"] is False and r["distance"] > r["threshold"]' || die "/verify other person"
+
+# The gallery really is in the compose PostgreSQL, not in a SQLite file inside the container.
+# shellcheck disable=SC2016  # $POSTGRES_* expand inside the db container
+faces=$(dc exec -T db sh -c 'psql -U "$POSTGRES_USER" -d "$POSTGRES_DB" -tAc "SELECT count(*) FROM faces"' | tr -d '[:space:]') \
+  || die "could not query PostgreSQL"
+[ "$faces" = 1 ] || die "expected 1 face row in PostgreSQL, found '$faces'"
+log "PostgreSQL holds $faces enrolled face"
+
+log "PASS"

@@ -46,3 +46,33 @@ class ModelUnavailable(FacegateError):
     """Built models missing, corrupt (checksum) or the required provider cannot be used."""
 
     code = "model_unavailable"
+
+
+class RequestTooLarge(FacegateError):
+    """The request body is larger than `image.max_upload_bytes` (refused before it is read whole)."""
+
+    code = "request_too_large"
+
+
+class InvalidRequest(FacegateError):
+    """A request that is well-formed but asks for something contradictory (e.g. both `name` and `identity_id`)."""
+
+    code = "invalid_request"
+
+
+class NoEnrolledFaces(FacegateError):
+    """The identity exists but has no face left to compare with (all were deleted)."""
+
+    code = "no_enrolled_faces"
+
+
+class UnknownIdentity(FacegateError):
+    """No identity with that id in the gallery (also for ids that are not well-formed)."""
+
+    code = "unknown_identity"
+
+
+class UnknownFace(FacegateError):
+    """No face with that id under that identity (also for ids that are not well-formed)."""
+
+    code = "unknown_face"

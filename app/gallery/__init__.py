@@ -1,0 +1,242 @@
+"""The gallery: enrolled identities and faces in SQL (SQLite or PostgreSQL), searched through an in-memory index.
+
+`Gallery` ties the engine, sessions and index together; the service layer calls its methods. Each write method
+is one transaction; once it has committed, this process's index has the change, and other processes pick it up
+with `refresh()` (called by `search` and `identity_distances` unless told not to).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
+
+from app.errors import UnknownIdentity
+from app.gallery import db, store
+from app.gallery.index import GalleryIndex, IdentityCandidate, IndexStats, SyncReport
+from app.gallery.store import (
+    DeletionReport,
+    DeploymentSettingRecord,
+    FaceRecord,
+    IdentityRecord,
+)
+from app.vision.types import Box
+
+__all__ = [
+    "DeletionReport",
+    "DeploymentSettingRecord",
+    "Enrolment",
+    "FaceRecord",
+    "Gallery",
+    "GalleryIndex",
+    "IdentityCandidate",
+    "IdentityRecord",
+    "IndexStats",
+    "SchemaOutOfDate",
+    "SyncReport",
+]
+
+
+class SchemaOutOfDate(RuntimeError):
+    """The database is not at the migrations' head and `migrate=False` was asked for (run `facegate db upgrade`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Enrolment:
+    identity_id: str
+    identity_created: bool  # True: a new identity was made for this face
+    face: FaceRecord
+
+
+class Gallery:
+    """Engine + sessions + the index of `model_version`'s faces."""
+
+    def __init__(self, engine: Engine, model_version: str) -> None:
+        self.engine = engine
+        self.model_version = model_version
+        self.index = GalleryIndex(model_version)
+        self._sessions = db.make_session_factory(engine)
+
+    @classmethod
+    def open(cls, database_url: str, model_version: str, *, migrate: bool = True, **engine_options: Any) -> Gallery:
+        """Connect, apply the migrations (unless `migrate=False`: then the schema must already be at head) and
+        load the index."""
+        engine = db.make_engine(database_url, **engine_options)
+        try:
+            if migrate:
+                db.upgrade(engine)
+            else:
+                current, head = db.schema_revision(engine), db.head_revision()
+                if current != head:
+                    raise SchemaOutOfDate(
+                        f"database schema is at {current}, expected {head}: run `facegate db upgrade`"
+                    )
+            gallery = cls(engine, model_version)
+            gallery.load()
+        except BaseException:
+            engine.dispose()
+            raise
+        return gallery
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @property
+    def backend(self) -> str:
+        """'sqlite' or 'postgresql'."""
+        return self.engine.dialect.name
+
+    # ----------------------------------------------------------------------------------- transactions
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: committed when the block ends, rolled back if it raises. Gallery changes written in it
+        (through `store`) are applied to this process's index right after the commit. Do not roll back a savepoint
+        around store writes inside it."""
+        with self._sessions() as session:
+            try:
+                with session.begin():
+                    yield session
+            except BaseException:
+                store.take_pending_changes(session)
+                raise
+            self.index.apply(store.take_pending_changes(session))
+
+    def ping(self) -> None:
+        """Raises if the database cannot be reached."""
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    # ------------------------------------------------------------------------------------------- index
+
+    def load(self) -> IndexStats:
+        """Rebuild the index from the database."""
+        with self._sessions() as session:
+            return self.index.load(session)
+
+    def refresh(self) -> SyncReport:
+        """Bring the index up to date with changes committed by other processes (one primary-key read if none)."""
+        with self._sessions() as session:
+            return self.index.sync(session)
+
+    def stats(self) -> IndexStats:
+        return self.index.stats()
+
+    def search(self, queries: npt.ArrayLike, *, top_k: int, refresh: bool = True) -> list[list[IdentityCandidate]]:
+        """Per query embedding, up to `top_k` nearest identities (nearest face each, squared L2), nearest first."""
+        if refresh:
+            self.refresh()
+        return self.index.search(queries, top_k=top_k)
+
+    def identity_distances(
+        self, query: npt.ArrayLike, identity_id: str, *, refresh: bool = True
+    ) -> tuple[list[str], npt.NDArray[np.float32]]:
+        """Squared L2 from `query` to each searchable face of the identity, nearest first. Raises UnknownIdentity;
+        empty when the identity exists but has no face of this model version."""
+        if refresh:
+            self.refresh()
+        face_ids, distances = self.index.identity_distances(query, identity_id)
+        if not face_ids:
+            with self._sessions() as session:
+                if not store.identity_exists(session, identity_id=identity_id):
+                    raise UnknownIdentity(f"unknown identity {identity_id!r}", identity_id=identity_id)
+        return face_ids, distances
+
+    # ----------------------------------------------------------------------------------------- writes
+
+    def enroll_face(
+        self,
+        *,
+        embedding: npt.ArrayLike,
+        box: Box,
+        score: float,
+        identity_id: str | None = None,
+        name: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        image: bytes | None = None,
+    ) -> Enrolment:
+        """Add a face to `identity_id`, or to a new identity called `name` (exactly one of the two), in one
+        transaction. `metadata` only with `name`. Raises UnknownIdentity."""
+        if (identity_id is None) == (name is None):
+            raise ValueError("give exactly one of identity_id and name")
+        if identity_id is not None and metadata is not None:
+            raise ValueError("metadata can only be given with a new identity's name")
+        with self.session() as session:
+            created = False
+            if identity_id is None:
+                assert name is not None
+                identity_id = store.create_identity(session, name=name, metadata=metadata).id
+                created = True
+            face = store.add_face(
+                session,
+                identity_id=identity_id,
+                embedding=embedding,
+                model_version=self.model_version,
+                box=box,
+                score=score,
+                image=image,
+            )
+        return Enrolment(identity_id, created, face)
+
+    def bulk_enrol(
+        self,
+        *,
+        names: Sequence[str],
+        embeddings: npt.ArrayLike,
+        boxes: Sequence[Box] | None = None,
+        scores: Sequence[float] | None = None,
+    ) -> list[FaceRecord]:
+        """One new identity per name with one face each, in one transaction (seeding; see `store.bulk_enrol`)."""
+        with self.session() as session:
+            return store.bulk_enrol(
+                session,
+                names=names,
+                embeddings=embeddings,
+                model_version=self.model_version,
+                boxes=boxes,
+                scores=scores,
+            )
+
+    def create_identity(self, *, name: str, metadata: dict[str, Any] | None = None) -> IdentityRecord:
+        with self.session() as session:
+            return store.create_identity(session, name=name, metadata=metadata)
+
+    def update_identity(
+        self, identity_id: str, *, name: str | None = None, metadata: dict[str, Any] | None = None
+    ) -> IdentityRecord:
+        with self.session() as session:
+            return store.update_identity(session, identity_id=identity_id, name=name, metadata=metadata)
+
+    def delete_identity(self, identity_id: str) -> DeletionReport:
+        with self.session() as session:
+            return store.delete_identity(session, identity_id=identity_id)
+
+    def delete_face(self, identity_id: str, face_id: str) -> DeletionReport:
+        with self.session() as session:
+            return store.delete_face(session, identity_id=identity_id, face_id=face_id)
+
+    # ------------------------------------------------------------------------------------------ reads
+
+    def get_identity(self, identity_id: str) -> IdentityRecord:
+        with self.session() as session:
+            return store.get_identity(session, identity_id=identity_id)
+
+    def list_identities(
+        self, *, offset: int = 0, limit: int = 100, name_contains: str | None = None
+    ) -> tuple[list[IdentityRecord], int]:
+        with self.session() as session:
+            return store.list_identities(session, offset=offset, limit=limit, name_contains=name_contains)
+
+    def get_setting(self, key: str) -> DeploymentSettingRecord | None:
+        with self.session() as session:
+            return store.get_setting(session, key=key)
+
+    def set_setting(self, key: str, value: Any, *, source: str | None = None) -> DeploymentSettingRecord:
+        with self.session() as session:
+            return store.set_setting(session, key=key, value=value, source=source)

@@ -1,0 +1,417 @@
+"""The in-memory search index: every face of one model version as a float32 matrix, kept in step with the
+database by replaying the change log (`gallery_changes`).
+
+Storage is append-only, so a search works on a snapshot without holding the lock: a new face is written past the
+rows any snapshot can see; a removed face keeps its row but its squared norm becomes +inf (the norms array is
+copied, never changed in place), which puts it at infinite distance. Half-dead storage is compacted.
+
+Keeping several processes in step:
+- `sync(session)` replays the changes after the last one seen (ids are gap-free and committed in id order, see
+  `tables.py`); a gap (log pruned) or a database behind us means a full `load`.
+- `apply(changes)` is called by the process that committed them, right after its commit, so that its own writes
+  are searchable at once. Changes at or below the replay position are skipped (the replay already has them and
+  anything later); a face removed here is remembered until the replay passes its removal, so that a replay batch
+  read before that removal cannot bring the face back.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy.orm import Session
+
+from app.gallery import store
+from app.gallery.store import Change, ChangeOp
+from app.vision.types import EMBEDDING_DIM
+
+# A replay further behind than this is done as a full load instead.
+MAX_REPLAY = 50_000
+_MIN_CAPACITY = 1024
+_COMPACT_MIN_DEAD = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityCandidate:
+    identity_id: str
+    face_id: str  # the identity's nearest face
+    distance: float  # squared L2
+
+
+@dataclass(frozen=True, slots=True)
+class IndexStats:
+    model_version: str
+    size: int  # searchable faces
+    identities: int  # identities with at least one searchable face
+    stale: int  # stored faces of another model version: not searchable until re-enrolled
+    last_change_id: int  # replay position
+
+
+@dataclass(frozen=True, slots=True)
+class SyncReport:
+    applied: int  # change-log entries replayed
+    reloaded: bool  # a full load was done instead
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeBatch:
+    """Changes after < id <= head, read from the log in one consistent query."""
+
+    after: int
+    head: int
+    changes: tuple[Change, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    vectors: npt.NDArray[np.float32]  # (n, 128)
+    norms: npt.NDArray[np.float32]  # (n,), +inf for removed rows
+    codes: npt.NDArray[np.int32]  # (n,) identity code per row
+    face_ids: list[str]  # row -> face id (read only below n)
+    identity_ids: list[str]  # code -> identity id
+    code_of: dict[str, int]  # identity id -> code
+    n: int
+    alive: int
+
+
+class GalleryIndex:
+    """Faces of `model_version`, searchable by squared L2. Thread-safe."""
+
+    def __init__(self, model_version: str) -> None:
+        self.model_version = model_version
+        self._lock = threading.Lock()  # guards the state below
+        self._sync_lock = threading.RLock()  # one database replay at a time
+        self._reset(0)
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def _reset(self, capacity: int) -> None:
+        capacity = max(capacity, _MIN_CAPACITY)
+        self._vectors = np.zeros((capacity, EMBEDDING_DIM), dtype=np.float32)
+        self._norms = np.full(capacity, np.inf, dtype=np.float32)
+        self._codes = np.zeros(capacity, dtype=np.int32)
+        self._face_ids: list[str] = []
+        self._rows: dict[str, int] = {}  # alive face id -> row
+        self._n = 0
+        self._identity_ids: list[str] = []
+        self._code_of: dict[str, int] = {}
+        self._alive_per_code: dict[int, int] = {}
+        self._stale: dict[str, str] = {}  # face id -> identity id, faces of another model version
+        self._last_seen = 0
+        self._pending_removed: dict[str, int] = {}  # face id -> change id of a local removal not yet replayed
+
+    def _snapshot(self) -> _Snapshot:
+        with self._lock:
+            n = self._n
+            return _Snapshot(
+                self._vectors[:n],
+                self._norms[:n],
+                self._codes[:n],
+                self._face_ids,
+                self._identity_ids,
+                self._code_of,
+                n,
+                len(self._rows),
+            )
+
+    @property
+    def size(self) -> int:
+        """Searchable faces."""
+        with self._lock:
+            return len(self._rows)
+
+    @property
+    def identities(self) -> int:
+        """Identities with at least one searchable face."""
+        with self._lock:
+            return len(self._alive_per_code)
+
+    @property
+    def stale(self) -> int:
+        """Stored faces made by another model version (excluded from search)."""
+        with self._lock:
+            return len(self._stale)
+
+    @property
+    def last_change_id(self) -> int:
+        with self._lock:
+            return self._last_seen
+
+    def stats(self) -> IndexStats:
+        with self._lock:
+            return IndexStats(
+                self.model_version, len(self._rows), len(self._alive_per_code), len(self._stale), self._last_seen
+            )
+
+    def has_identity(self, identity_id: str) -> bool:
+        with self._lock:
+            code = self._code_of.get(identity_id)
+            return code is not None and code in self._alive_per_code
+
+    def contains(self, face_id: str) -> bool:
+        with self._lock:
+            return face_id in self._rows
+
+    def face_ids(self) -> set[str]:
+        """Every searchable face id (for checks; O(n))."""
+        with self._lock:
+            return set(self._rows)
+
+    # ---------------------------------------------------------------------------------------- database
+
+    def load(self, session: Session) -> IndexStats:
+        """Rebuild from every stored face. Faces of another model version are counted as stale and left out."""
+        with self._sync_lock:
+            head = store.last_change_id(session)
+            face_ids, identity_ids, versions, embeddings = store.all_faces(session)  # a later snapshot than `head`
+            with self._lock:
+                pending = {f: c for f, c in self._pending_removed.items() if c > head}
+                self._reset(len(face_ids) * 5 // 4)
+                self._pending_removed = pending
+                self._last_seen = head
+                current = []
+                for i, version in enumerate(versions):
+                    if face_ids[i] in pending:
+                        continue  # removed by this process after `head`; its 'remove' is still to be replayed
+                    if version == self.model_version:
+                        current.append(i)
+                    else:
+                        self._stale[face_ids[i]] = identity_ids[i]
+                self._append_many(
+                    [face_ids[i] for i in current], [identity_ids[i] for i in current], embeddings[current]
+                )
+            return self.stats()
+
+    def sync(self, session: Session) -> SyncReport:
+        """Replay the changes committed since the last one seen; cheap (one primary-key read) when there are none.
+        A gap in the log (pruned past our position) or a database behind us means a full load."""
+        with self._sync_lock:
+            batch = self.fetch(session)
+            if batch is None:
+                self.load(session)
+                return SyncReport(0, True)
+            if not batch.changes:
+                return SyncReport(0, False)
+            if not self.replay(batch):
+                self.load(session)
+                return SyncReport(0, True)
+            return SyncReport(len(batch.changes), False)
+
+    def fetch(self, session: Session) -> ChangeBatch | None:
+        """Read the changes after the replay position (the first half of `sync`). None: replaying cannot bring
+        the index up to date (log pruned, database reset, or too far behind): load instead."""
+        head = store.last_change_id(session)
+        after = self.last_change_id
+        if head == after:
+            return ChangeBatch(after, head, ())
+        if head < after or head - after > MAX_REPLAY:
+            return None
+        changes = tuple(store.changes_after(session, after=after, upto=head))
+        if [c.id for c in changes] != list(range(after + 1, head + 1)):
+            return None
+        return ChangeBatch(after, head, changes)
+
+    def replay(self, batch: ChangeBatch) -> bool:
+        """Apply a fetched batch (the second half of `sync`). Changes already replayed are skipped; False (nothing
+        done) if the batch starts past the replay position."""
+        with self._lock:
+            if batch.after > self._last_seen:
+                return False
+            self._apply_locked([c for c in batch.changes if c.id > self._last_seen])
+            self._last_seen = max(self._last_seen, batch.head)
+            self._pending_removed = {f: c for f, c in self._pending_removed.items() if c > self._last_seen}
+            return True
+
+    def apply(self, changes: Iterable[Change]) -> None:
+        """Apply changes this process has just committed (from `store.take_pending_changes`)."""
+        with self._lock:
+            ahead = [c for c in changes if c.id > self._last_seen]
+            for change in ahead:
+                if change.op is ChangeOp.REMOVE:
+                    self._pending_removed[change.face_id] = max(change.id, self._pending_removed.get(change.face_id, 0))
+            self._apply_locked(ahead)
+
+    def apply_add(
+        self, *, change_id: int, face_id: str, identity_id: str, embedding: npt.ArrayLike, model_version: str
+    ) -> None:
+        vector = np.asarray(embedding, dtype=np.float32).reshape(EMBEDDING_DIM)
+        self.apply([Change(change_id, ChangeOp.ADD, face_id, identity_id, vector, model_version)])
+
+    def apply_remove(self, *, change_id: int, face_id: str, identity_id: str) -> None:
+        self.apply([Change(change_id, ChangeOp.REMOVE, face_id, identity_id)])
+
+    def _apply_locked(self, changes: list[Change]) -> None:
+        """Idempotent: adding a present face or removing an absent one does nothing."""
+        start = 0
+        while start < len(changes):
+            # Runs of adds are appended in one go; removes are batched too (one copy of the norms per run).
+            op = changes[start].op
+            end = start
+            while end < len(changes) and changes[end].op is op:
+                end += 1
+            run = changes[start:end]
+            if op is ChangeOp.ADD:
+                self._add_run(run)
+            else:
+                self._remove_run(run)
+            start = end
+
+    def _add_run(self, run: list[Change]) -> None:
+        fresh: dict[str, Change] = {}
+        for change in run:
+            if change.embedding is None or change.face_id in self._rows or change.face_id in self._pending_removed:
+                continue  # removed since (a 'remove' follows), already here, or removed by this process
+            if change.model_version != self.model_version:
+                self._stale[change.face_id] = change.identity_id
+                continue
+            fresh[change.face_id] = change
+        if fresh:
+            changes = list(fresh.values())
+            self._append_many(
+                [c.face_id for c in changes],
+                [c.identity_id for c in changes],
+                np.stack([np.asarray(c.embedding, dtype=np.float32) for c in changes]),
+            )
+
+    def _remove_run(self, run: list[Change]) -> None:
+        rows = []
+        for change in run:
+            self._stale.pop(change.face_id, None)
+            row = self._rows.pop(change.face_id, None)
+            if row is None:
+                continue
+            rows.append(row)
+            code = int(self._codes[row])
+            left = self._alive_per_code[code] - 1
+            if left:
+                self._alive_per_code[code] = left
+            else:
+                del self._alive_per_code[code]
+        if not rows:
+            return
+        norms = self._norms.copy()  # snapshots hold the old array
+        norms[rows] = np.inf
+        self._norms = norms
+        dead = self._n - len(self._rows)
+        if dead >= _COMPACT_MIN_DEAD and dead * 2 > self._n:
+            self._compact()
+
+    def _append_many(self, face_ids: list[str], identity_ids: list[str], vectors: npt.NDArray[np.float32]) -> None:
+        count = len(face_ids)
+        if count == 0:
+            return
+        needed = self._n + count
+        if needed > len(self._vectors):
+            capacity = max(needed, len(self._vectors) * 2)
+            vectors_new = np.zeros((capacity, EMBEDDING_DIM), dtype=np.float32)
+            vectors_new[: self._n] = self._vectors[: self._n]
+            norms_new = np.full(capacity, np.inf, dtype=np.float32)
+            norms_new[: self._n] = self._norms[: self._n]
+            codes_new = np.zeros(capacity, dtype=np.int32)
+            codes_new[: self._n] = self._codes[: self._n]
+            self._vectors, self._norms, self._codes = vectors_new, norms_new, codes_new
+        codes = np.empty(count, dtype=np.int32)
+        for i, identity_id in enumerate(identity_ids):
+            code = self._code_of.get(identity_id)
+            if code is None:
+                code = len(self._identity_ids)
+                self._identity_ids.append(identity_id)
+                self._code_of[identity_id] = code
+            codes[i] = code
+            self._alive_per_code[code] = self._alive_per_code.get(code, 0) + 1
+        rows = slice(self._n, needed)
+        block = np.ascontiguousarray(vectors, dtype=np.float32)
+        self._vectors[rows] = block
+        self._norms[rows] = np.einsum("ij,ij->i", block, block)
+        self._codes[rows] = codes
+        for offset, face_id in enumerate(face_ids):
+            self._rows[face_id] = self._n + offset
+        self._face_ids.extend(face_ids)
+        self._n = needed
+
+    def _compact(self) -> None:
+        """Drop removed rows (and identities without faces): new arrays, so running searches are unaffected."""
+        order = sorted(self._rows.items(), key=lambda item: item[1])
+        rows = np.fromiter((row for _, row in order), dtype=np.int64, count=len(order))
+        face_ids = [face_id for face_id, _ in order]
+        identity_ids = [self._identity_ids[int(code)] for code in self._codes[rows]]
+        vectors = self._vectors[rows]
+        stale, last_seen, pending = self._stale, self._last_seen, self._pending_removed
+        self._reset(len(face_ids) * 5 // 4)
+        self._stale, self._last_seen, self._pending_removed = stale, last_seen, pending
+        self._append_many(face_ids, identity_ids, vectors)
+
+    # ------------------------------------------------------------------------------------------ search
+
+    def search(self, queries: npt.ArrayLike, *, top_k: int) -> list[list[IdentityCandidate]]:
+        """For each query (m, 128): up to `top_k` identities, nearest first, each with its nearest face.
+
+        Ranking uses |q|^2 + |g|^2 - 2 q.g in float32 (clipped at 0); the reported distances are then recomputed
+        as sum((g - q)^2) for the chosen faces, so they equal a direct 1:1 comparison.
+        """
+        q = _as_queries(queries)
+        if top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        snap = self._snapshot()
+        if snap.alive == 0 or len(q) == 0:
+            return [[] for _ in range(len(q))]
+        distances = q @ snap.vectors.T
+        distances *= -2.0
+        distances += snap.norms[np.newaxis, :]
+        distances += np.einsum("ij,ij->i", q, q)[:, np.newaxis]
+        np.maximum(distances, 0.0, out=distances)
+        return [self._top_identities(snap, q[i], distances[i], min(top_k, snap.alive)) for i in range(len(q))]
+
+    @staticmethod
+    def _top_identities(
+        snap: _Snapshot, query: npt.NDArray[np.float32], row: npt.NDArray[np.float32], top_k: int
+    ) -> list[IdentityCandidate]:
+        n = snap.n
+        k = min(n, max(4 * top_k, top_k + 32))
+        while True:
+            nearest = np.argpartition(row, k - 1)[:k] if k < n else np.arange(n)
+            nearest = nearest[np.argsort(row[nearest], kind="stable")]
+            finite = np.isfinite(row[nearest])
+            exhausted = k >= n or not finite[-1]  # the window already holds every searchable face
+            nearest = nearest[finite]
+            _, first = np.unique(snap.codes[nearest], return_index=True)
+            # The first `top_k` identities met in ascending distance are the `top_k` nearest identities, as long as
+            # the k nearest faces hold that many; otherwise widen the window (at most to the whole gallery).
+            if len(first) >= top_k or exhausted:
+                break
+            k = min(n, k * 4)
+        chosen = nearest[np.sort(first)[:top_k]]
+        exact = ((snap.vectors[chosen] - query) ** 2).sum(axis=1, dtype=np.float32)
+        candidates = [
+            IdentityCandidate(snap.identity_ids[int(snap.codes[r])], snap.face_ids[int(r)], float(d))
+            for r, d in zip(chosen, exact, strict=True)
+        ]
+        candidates.sort(key=lambda c: c.distance)
+        return candidates
+
+    def identity_distances(self, query: npt.ArrayLike, identity_id: str) -> tuple[list[str], npt.NDArray[np.float32]]:
+        """Squared L2 from `query` (128,) to each searchable face of the identity: (face ids, distances), nearest
+        first. Empty when the identity has no face of this model version (or does not exist)."""
+        q = _as_queries(query).reshape(EMBEDDING_DIM)
+        snap = self._snapshot()
+        code = snap.code_of.get(identity_id)
+        if code is None or snap.n == 0:
+            return [], np.zeros(0, dtype=np.float32)
+        rows = np.flatnonzero((snap.codes == code) & np.isfinite(snap.norms))
+        distances = ((snap.vectors[rows] - q) ** 2).sum(axis=1, dtype=np.float32)
+        order = np.argsort(distances, kind="stable")
+        return [snap.face_ids[int(r)] for r in rows[order]], distances[order]
+
+
+def _as_queries(queries: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    q = np.asarray(queries, dtype=np.float32)
+    if q.ndim == 1:
+        q = q.reshape(1, -1)
+    if q.ndim != 2 or q.shape[1] != EMBEDDING_DIM:
+        raise ValueError(f"queries must have shape (m, {EMBEDDING_DIM}), got {np.shape(queries)}")
+    if not np.all(np.isfinite(q)):
+        raise ValueError("queries have non-finite values")
+    return np.ascontiguousarray(q)

@@ -1,0 +1,644 @@
+"""Gallery storage: keyword-only functions over a caller's `Session`. They never commit: the caller owns the
+transaction (`Gallery.session()` or `with sessionmaker.begin() as session`), so an enrolment (identity + face +
+change-log row) is all or nothing.
+
+Every function that changes faces first takes the gallery's write lock (the `gallery_state` row), before it
+reads or touches anything else: writers queue there instead of deadlocking, SQLite takes its write lock before
+its first read (no stale snapshot), and change ids are handed out gap-free in commit order.
+
+Functions return plain frozen dataclasses, never ORM objects. Ids are uuid4 hex strings; a string that is not
+one is treated as unknown (it is never sent to the database).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import Row, delete, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from app.errors import UnknownFace, UnknownIdentity
+from app.gallery.tables import (
+    EMBEDDING_BYTES,
+    GALLERY_STATE_ID,
+    MAX_MODEL_VERSION_LENGTH,
+    MAX_NAME_LENGTH,
+    DeploymentSetting,
+    Face,
+    GalleryChange,
+    GalleryState,
+    Identity,
+    utcnow,
+)
+from app.vision.types import EMBEDDING_DIM, Box
+
+_ID_RE = re.compile(r"[0-9a-f]{32}")
+_PENDING_KEY = "facegate.gallery.pending_changes"
+MAX_METADATA_BYTES = 64 * 1024
+
+
+class ChangeOp(StrEnum):
+    ADD = "add"
+    REMOVE = "remove"
+
+
+@dataclass(frozen=True, slots=True)
+class FaceRecord:
+    id: str
+    identity_id: str
+    model_version: str
+    box: Box
+    detector_score: float
+    created_at: datetime
+    has_image: bool
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityRecord:
+    id: str
+    name: str
+    metadata: dict[str, Any]  # a copy: changing it changes nothing stored
+    created_at: datetime
+    updated_at: datetime
+    faces: tuple[FaceRecord, ...]  # oldest first
+
+    @property
+    def face_count(self) -> int:
+        return len(self.faces)
+
+
+@dataclass(frozen=True, slots=True)
+class DeletionReport:
+    """What a deletion removed: the faces (their embeddings and photos) and, if `identity_deleted`, the identity."""
+
+    identity_id: str
+    face_ids: tuple[str, ...]
+    identity_deleted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change-log entry as the in-memory index applies it. `embedding`/`model_version` only for adds whose
+    face still exists (None: the face was removed since, and a later 'remove' follows)."""
+
+    id: int
+    op: ChangeOp
+    face_id: str
+    identity_id: str
+    embedding: npt.NDArray[np.float32] | None = None
+    model_version: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentSettingRecord:
+    key: str
+    value: Any
+    source: str | None
+    updated_at: datetime
+
+
+# ---------------------------------------------------------------------------------------------- identities
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def is_valid_id(value: object) -> bool:
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
+
+
+def create_identity(session: Session, *, name: str, metadata: dict[str, Any] | None = None) -> IdentityRecord:
+    """Insert a new identity (no faces yet). `name`: 1-255 characters, no NUL; `metadata`: a JSON object."""
+    _check_name(name)
+    meta = _check_metadata(metadata)
+    now = utcnow()
+    identity_id = new_id()
+    session.execute(insert(Identity).values(id=identity_id, name=name, meta=meta, created_at=now, updated_at=now))
+    return IdentityRecord(identity_id, name, dict(meta), now, now, ())
+
+
+def get_identity(session: Session, *, identity_id: str) -> IdentityRecord:
+    """The identity with its faces (oldest first). Raises UnknownIdentity."""
+    row = _identity_row(session, identity_id)
+    faces = _faces_of(session, [row.id])
+    return _identity_record(row, tuple(faces.get(row.id, ())))
+
+
+def identity_exists(session: Session, *, identity_id: str) -> bool:
+    if not is_valid_id(identity_id):
+        return False
+    return session.execute(select(Identity.id).where(Identity.id == identity_id)).first() is not None
+
+
+def list_identities(
+    session: Session, *, offset: int = 0, limit: int = 100, name_contains: str | None = None
+) -> tuple[list[IdentityRecord], int]:
+    """One page of identities (oldest first, then by id) and the total count matching the filter.
+
+    `name_contains`: case-insensitive substring of the name (`%` and `_` match themselves).
+    """
+    if offset < 0 or limit < 0:
+        raise ValueError("offset and limit must be >= 0")
+    if name_contains is not None and _bad_text(name_contains):
+        return [], 0  # no stored name can contain it
+    condition = Identity.name.icontains(name_contains, autoescape=True) if name_contains else None
+    count_query = select(func.count()).select_from(Identity)
+    page_query = select(*_IDENTITY_COLUMNS).order_by(Identity.created_at, Identity.id).offset(offset).limit(limit)
+    if condition is not None:
+        count_query = count_query.where(condition)
+        page_query = page_query.where(condition)
+    total = session.execute(count_query).scalar_one()
+    rows = session.execute(page_query).all()
+    faces = _faces_of(session, [row.id for row in rows])
+    return [_identity_record(row, tuple(faces.get(row.id, ()))) for row in rows], total
+
+
+def update_identity(
+    session: Session, *, identity_id: str, name: str | None = None, metadata: dict[str, Any] | None = None
+) -> IdentityRecord:
+    """Change the name and/or replace the metadata (None: keep). Raises UnknownIdentity."""
+    if not is_valid_id(identity_id):
+        raise UnknownIdentity(f"unknown identity {identity_id!r}", identity_id=identity_id)
+    values: dict[str, Any] = {"updated_at": utcnow()}
+    if name is not None:
+        _check_name(name)
+        values["name"] = name
+    if metadata is not None:
+        values["meta"] = _check_metadata(metadata)
+    _lock_gallery(session)
+    result = session.execute(update(Identity).where(Identity.id == identity_id).values(**values))
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise UnknownIdentity(f"unknown identity {identity_id!r}", identity_id=identity_id)
+    return get_identity(session, identity_id=identity_id)
+
+
+def delete_identity(session: Session, *, identity_id: str) -> DeletionReport:
+    """Delete the identity and all its faces (rows really deleted) and log a 'remove' per face. Raises UnknownIdentity."""
+    if not is_valid_id(identity_id):
+        raise UnknownIdentity(f"unknown identity {identity_id!r}", identity_id=identity_id)
+    _lock_gallery(session)
+    face_ids = tuple(
+        session.execute(
+            select(Face.id).where(Face.identity_id == identity_id).order_by(Face.created_at, Face.id)
+        ).scalars()
+    )
+    session.execute(delete(Face).where(Face.identity_id == identity_id))
+    result = session.execute(delete(Identity).where(Identity.id == identity_id))
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise UnknownIdentity(f"unknown identity {identity_id!r}", identity_id=identity_id)
+    for face_id in face_ids:
+        _log_change(session, ChangeOp.REMOVE, face_id=face_id, identity_id=identity_id)
+    return DeletionReport(identity_id, face_ids, identity_deleted=True)
+
+
+# ---------------------------------------------------------------------------------------------------- faces
+
+
+def add_face(
+    session: Session,
+    *,
+    identity_id: str,
+    embedding: npt.ArrayLike,
+    model_version: str,
+    box: Box,
+    score: float,
+    image: bytes | None = None,
+) -> FaceRecord:
+    """Store one face of an existing identity and log an 'add' change. Raises UnknownIdentity.
+
+    `embedding`: 128 finite values, stored as float32. `image`: the photo's bytes, only when the deployment keeps
+    photos (`store_images`); otherwise None.
+    """
+    vector = _check_embedding(embedding)
+    if not model_version or len(model_version) > MAX_MODEL_VERSION_LENGTH:
+        raise ValueError(f"model_version must be 1-{MAX_MODEL_VERSION_LENGTH} characters")
+    if not is_valid_id(identity_id):
+        raise UnknownIdentity(f"unknown identity {identity_id!r}", identity_id=identity_id)
+    _lock_gallery(session)
+    if not identity_exists(session, identity_id=identity_id):
+        raise UnknownIdentity(f"unknown identity {identity_id!r}", identity_id=identity_id)
+    face_id = new_id()
+    now = utcnow()
+    session.execute(
+        insert(Face).values(
+            id=face_id,
+            identity_id=identity_id,
+            embedding=vector.astype("<f4").tobytes(),
+            model_version=model_version,
+            box_left=int(box.left),
+            box_top=int(box.top),
+            box_right=int(box.right),
+            box_bottom=int(box.bottom),
+            detector_score=float(score),
+            created_at=now,
+            image=image,
+        )
+    )
+    session.execute(update(Identity).where(Identity.id == identity_id).values(updated_at=now))
+    _log_change(
+        session, ChangeOp.ADD, face_id=face_id, identity_id=identity_id, embedding=vector, model_version=model_version
+    )
+    return FaceRecord(
+        face_id,
+        identity_id,
+        model_version,
+        Box(box.left, box.top, box.right, box.bottom),
+        float(score),
+        now,
+        image is not None,
+    )
+
+
+def bulk_enrol(
+    session: Session,
+    *,
+    names: Sequence[str],
+    embeddings: npt.ArrayLike,
+    model_version: str,
+    boxes: Sequence[Box] | None = None,
+    scores: Sequence[float] | None = None,
+) -> list[FaceRecord]:
+    """Many new identities with one face each, in a few statements (seeding a large gallery, benchmarks): the
+    same rows and change-log entries as `create_identity` + `add_face` per name. `boxes`/`scores` default to an
+    empty box and 0."""
+    vectors = np.asarray(embeddings, dtype=np.float32)
+    count = len(names)
+    if vectors.shape != (count, EMBEDDING_DIM):
+        raise ValueError(f"embeddings must have shape ({count}, {EMBEDDING_DIM}), got {vectors.shape}")
+    if not np.all(np.isfinite(vectors)):
+        raise ValueError("embeddings have non-finite values")
+    if not model_version or len(model_version) > MAX_MODEL_VERSION_LENGTH:
+        raise ValueError(f"model_version must be 1-{MAX_MODEL_VERSION_LENGTH} characters")
+    boxes = list(boxes) if boxes is not None else [Box(0, 0, -1, -1)] * count
+    scores = [float(v) for v in scores] if scores is not None else [0.0] * count
+    if len(boxes) != count or len(scores) != count:
+        raise ValueError("names, embeddings, boxes and scores must have the same length")
+    for name in names:
+        _check_name(name)
+    if count == 0:
+        return []
+    now = utcnow()
+    identity_ids = [new_id() for _ in range(count)]
+    face_ids = [new_id() for _ in range(count)]
+    _lock_gallery(session)
+    session.execute(
+        insert(Identity),
+        [
+            {"id": i, "name": n, "meta": {}, "created_at": now, "updated_at": now}
+            for i, n in zip(identity_ids, names, strict=True)
+        ],
+    )
+    blobs = vectors.astype("<f4")
+    session.execute(
+        insert(Face),
+        [
+            {
+                "id": face_ids[k],
+                "identity_id": identity_ids[k],
+                "embedding": blobs[k].tobytes(),
+                "model_version": model_version,
+                "box_left": boxes[k].left,
+                "box_top": boxes[k].top,
+                "box_right": boxes[k].right,
+                "box_bottom": boxes[k].bottom,
+                "detector_score": scores[k],
+                "created_at": now,
+                "image": None,
+            }
+            for k in range(count)
+        ],
+    )
+    last = session.execute(
+        update(GalleryState)
+        .where(GalleryState.id == GALLERY_STATE_ID)
+        .values(last_change_id=GalleryState.last_change_id + count)
+        .returning(GalleryState.last_change_id)
+    ).scalar_one()
+    first = int(last) - count + 1
+    session.execute(
+        insert(GalleryChange),
+        [
+            {
+                "id": first + k,
+                "op": ChangeOp.ADD.value,
+                "face_id": face_ids[k],
+                "identity_id": identity_ids[k],
+                "created_at": now,
+            }
+            for k in range(count)
+        ],
+    )
+    session.info.setdefault(_PENDING_KEY, []).extend(
+        Change(first + k, ChangeOp.ADD, face_ids[k], identity_ids[k], vectors[k].copy(), model_version)
+        for k in range(count)
+    )
+    return [
+        FaceRecord(face_ids[k], identity_ids[k], model_version, boxes[k], scores[k], now, False) for k in range(count)
+    ]
+
+
+def delete_face(session: Session, *, identity_id: str, face_id: str) -> DeletionReport:
+    """Delete one face of the identity (the identity stays, even with no faces left). Raises UnknownIdentity or
+    UnknownFace (also when the face belongs to another identity)."""
+    if not is_valid_id(identity_id):
+        raise UnknownIdentity(f"unknown identity {identity_id!r}", identity_id=identity_id)
+    if not is_valid_id(face_id):
+        raise UnknownFace(f"unknown face {face_id!r}", identity_id=identity_id, face_id=face_id)
+    _lock_gallery(session)
+    if not identity_exists(session, identity_id=identity_id):
+        raise UnknownIdentity(f"unknown identity {identity_id!r}", identity_id=identity_id)
+    result = session.execute(delete(Face).where(Face.id == face_id, Face.identity_id == identity_id))
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise UnknownFace(f"unknown face {face_id!r}", identity_id=identity_id, face_id=face_id)
+    session.execute(update(Identity).where(Identity.id == identity_id).values(updated_at=utcnow()))
+    _log_change(session, ChangeOp.REMOVE, face_id=face_id, identity_id=identity_id)
+    return DeletionReport(identity_id, (face_id,), identity_deleted=False)
+
+
+def face_embeddings(
+    session: Session, *, identity_id: str, model_version: str | None = None
+) -> tuple[list[str], npt.NDArray[np.float32]]:
+    """The identity's face ids and their embeddings as an (n, 128) float32 matrix (oldest first), only those of
+    `model_version` if given. Raises UnknownIdentity."""
+    _identity_row(session, identity_id)
+    query = select(Face.id, Face.embedding).where(Face.identity_id == identity_id).order_by(Face.created_at, Face.id)
+    if model_version is not None:
+        query = query.where(Face.model_version == model_version)
+    rows = session.execute(query).all()
+    return [row.id for row in rows], decode_embeddings([row.embedding for row in rows])
+
+
+def face_image(session: Session, *, identity_id: str, face_id: str) -> bytes | None:
+    """The stored photo of a face (None when photos are not kept). Raises UnknownFace."""
+    if not (is_valid_id(identity_id) and is_valid_id(face_id)):
+        raise UnknownFace(f"unknown face {face_id!r}", identity_id=identity_id, face_id=face_id)
+    row = session.execute(select(Face.image).where(Face.id == face_id, Face.identity_id == identity_id)).first()
+    if row is None:
+        raise UnknownFace(f"unknown face {face_id!r}", identity_id=identity_id, face_id=face_id)
+    image: bytes | None = row.image
+    return image
+
+
+def face_counts(session: Session) -> dict[str, int]:
+    """Number of stored faces per model version (what the index can and cannot search)."""
+    rows = session.execute(select(Face.model_version, func.count()).group_by(Face.model_version)).all()
+    return {version: count for version, count in rows}
+
+
+def decode_embeddings(blobs: list[bytes]) -> npt.NDArray[np.float32]:
+    if not blobs:
+        return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+    return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), EMBEDDING_DIM).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------- change log
+
+
+def last_change_id(session: Session) -> int:
+    """Id of the last committed change (0: none yet)."""
+    value = session.execute(select(GalleryState.last_change_id).where(GalleryState.id == GALLERY_STATE_ID)).scalar_one()
+    return int(value)
+
+
+def changes_after(session: Session, *, after: int, upto: int) -> list[Change]:
+    """Changes with after < id <= upto, oldest first, with the current embedding of each added face (one query,
+    so one consistent snapshot)."""
+    query = (
+        select(
+            GalleryChange.id,
+            GalleryChange.op,
+            GalleryChange.face_id,
+            GalleryChange.identity_id,
+            Face.embedding,
+            Face.model_version,
+        )
+        .outerjoin(Face, (Face.id == GalleryChange.face_id) & (GalleryChange.op == ChangeOp.ADD.value))
+        .where(GalleryChange.id > after, GalleryChange.id <= upto)
+        .order_by(GalleryChange.id)
+    )
+    changes = []
+    for row in session.execute(query):
+        embedding = None if row.embedding is None else decode_embeddings([row.embedding])[0]
+        changes.append(Change(row.id, ChangeOp(row.op), row.face_id, row.identity_id, embedding, row.model_version))
+    return changes
+
+
+def all_faces(session: Session) -> tuple[list[str], list[str], list[str], npt.NDArray[np.float32]]:
+    """Every stored face: (face ids, identity ids, model versions, (n, 128) float32 embeddings)."""
+    rows = session.execute(select(Face.id, Face.identity_id, Face.model_version, Face.embedding)).all()
+    return (
+        [row.id for row in rows],
+        [row.identity_id for row in rows],
+        [row.model_version for row in rows],
+        decode_embeddings([row.embedding for row in rows]),
+    )
+
+
+def prune_changes(session: Session, *, keep_last: int) -> int:
+    """Delete all but the last `keep_last` change-log rows; returns how many went. A worker whose index lags
+    behind the pruned part notices the gap and reloads in full."""
+    if keep_last < 0:
+        raise ValueError("keep_last must be >= 0")
+    _lock_gallery(session)
+    cutoff = last_change_id(session) - keep_last
+    result = session.execute(delete(GalleryChange).where(GalleryChange.id <= cutoff))
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def pending_changes(session: Session) -> list[Change]:
+    """Changes written in the session's current transaction and not yet taken (see `take_pending_changes`)."""
+    return list(session.info.get(_PENDING_KEY, ()))
+
+
+def take_pending_changes(session: Session) -> list[Change]:
+    """Remove and return the changes written so far: after a commit, for the local index; after a rollback, to
+    discard them."""
+    return list(session.info.pop(_PENDING_KEY, ()))
+
+
+def _lock_gallery(session: Session) -> None:
+    # A write as the transaction's first statement: PostgreSQL row lock, SQLite write lock (BEGIN is issued by
+    # pysqlite right before it), both held to commit. Re-running it in the same transaction costs one no-op update.
+    session.execute(
+        update(GalleryState)
+        .where(GalleryState.id == GALLERY_STATE_ID)
+        .values(last_change_id=GalleryState.last_change_id)
+    )
+
+
+def _log_change(
+    session: Session,
+    op: ChangeOp,
+    *,
+    face_id: str,
+    identity_id: str,
+    embedding: npt.NDArray[np.float32] | None = None,
+    model_version: str | None = None,
+) -> int:
+    change_id = session.execute(
+        update(GalleryState)
+        .where(GalleryState.id == GALLERY_STATE_ID)
+        .values(last_change_id=GalleryState.last_change_id + 1)
+        .returning(GalleryState.last_change_id)
+    ).scalar_one()
+    session.execute(
+        insert(GalleryChange).values(
+            id=change_id, op=op.value, face_id=face_id, identity_id=identity_id, created_at=utcnow()
+        )
+    )
+    session.info.setdefault(_PENDING_KEY, []).append(
+        Change(int(change_id), op, face_id, identity_id, embedding, model_version)
+    )
+    return int(change_id)
+
+
+# --------------------------------------------------------------------------------------- deployment settings
+
+
+def get_setting(session: Session, *, key: str) -> DeploymentSettingRecord | None:
+    row = session.execute(
+        select(
+            DeploymentSetting.key, DeploymentSetting.value, DeploymentSetting.source, DeploymentSetting.updated_at
+        ).where(DeploymentSetting.key == key)
+    ).first()
+    if row is None:
+        return None
+    return DeploymentSettingRecord(row.key, row.value, row.source, _aware(row.updated_at))
+
+
+def set_setting(session: Session, *, key: str, value: Any, source: str | None = None) -> DeploymentSettingRecord:
+    """Insert or replace a deployment setting (a JSON value; `source` says where it came from, e.g. a calibration)."""
+    if not key or len(key) > 100:
+        raise ValueError("setting key must be 1-100 characters")
+    now = utcnow()
+    existing = session.get(DeploymentSetting, key)
+    if existing is None:
+        session.add(DeploymentSetting(key=key, value=value, source=source, updated_at=now))
+    else:
+        existing.value = value
+        existing.source = source
+        existing.updated_at = now
+    session.flush()
+    return DeploymentSettingRecord(key, value, source, now)
+
+
+def delete_setting(session: Session, *, key: str) -> bool:
+    result = session.execute(delete(DeploymentSetting).where(DeploymentSetting.key == key))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+_IDENTITY_COLUMNS = (Identity.id, Identity.name, Identity.meta, Identity.created_at, Identity.updated_at)
+_FACE_COLUMNS = (
+    Face.id,
+    Face.identity_id,
+    Face.model_version,
+    Face.box_left,
+    Face.box_top,
+    Face.box_right,
+    Face.box_bottom,
+    Face.detector_score,
+    Face.created_at,
+    Face.image.is_not(None).label("has_image"),
+)
+
+
+def _identity_row(session: Session, identity_id: str) -> Row[Any]:
+    if not is_valid_id(identity_id):
+        raise UnknownIdentity(f"unknown identity {identity_id!r}", identity_id=identity_id)
+    row = session.execute(select(*_IDENTITY_COLUMNS).where(Identity.id == identity_id)).first()
+    if row is None:
+        raise UnknownIdentity(f"unknown identity {identity_id!r}", identity_id=identity_id)
+    return row
+
+
+def _faces_of(session: Session, identity_ids: list[str]) -> dict[str, list[FaceRecord]]:
+    faces: dict[str, list[FaceRecord]] = {}
+    if not identity_ids:
+        return faces
+    rows = session.execute(
+        select(*_FACE_COLUMNS).where(Face.identity_id.in_(identity_ids)).order_by(Face.created_at, Face.id)
+    ).all()
+    for row in rows:
+        faces.setdefault(row.identity_id, []).append(
+            FaceRecord(
+                row.id,
+                row.identity_id,
+                row.model_version,
+                Box(row.box_left, row.box_top, row.box_right, row.box_bottom),
+                float(row.detector_score),
+                _aware(row.created_at),
+                bool(row.has_image),
+            )
+        )
+    return faces
+
+
+def _identity_record(row: Row[Any], faces: tuple[FaceRecord, ...]) -> IdentityRecord:
+    return IdentityRecord(row.id, row.name, dict(row.meta or {}), _aware(row.created_at), _aware(row.updated_at), faces)
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite gives back naive datetimes; everything is stored in UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_LENGTH or _bad_text(name):
+        raise ValueError(f"name must be 1-{MAX_NAME_LENGTH} characters of valid Unicode, not blank, without NUL")
+
+
+def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """A JSON object both databases can store: no NaN/Infinity, no NUL character, at most MAX_METADATA_BYTES."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise ValueError("metadata must be a JSON object")  # noqa: TRY004 - every store validation error is a ValueError
+    try:
+        text = json.dumps(metadata, allow_nan=False, ensure_ascii=True)
+    except (TypeError, ValueError, RecursionError) as error:
+        raise ValueError(f"metadata is not plain JSON: {error}") from None
+    if _bad_text(metadata):
+        raise ValueError("metadata strings must be valid Unicode without NUL characters")
+    if len(text) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata larger than {MAX_METADATA_BYTES} bytes as JSON")
+    copy: dict[str, Any] = json.loads(text)
+    return copy
+
+
+def _bad_text(value: Any) -> bool:
+    """True if a string inside `value` has a NUL or a lone surrogate (neither database can store them)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return True
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_bad_text(k) or _bad_text(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_bad_text(v) for v in value)
+    return False
+
+
+def _check_embedding(embedding: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    vector = np.asarray(embedding, dtype=np.float32)
+    if vector.shape != (EMBEDDING_DIM,):
+        raise ValueError(f"embedding must have shape ({EMBEDDING_DIM},), got {vector.shape}")
+    if not np.all(np.isfinite(vector)):
+        raise ValueError("embedding has non-finite values")
+    assert vector.nbytes == EMBEDDING_BYTES
+    return vector.copy()

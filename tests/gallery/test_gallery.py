@@ -1,0 +1,301 @@
+"""Gallery on both databases: several Gallery objects on one database stand for several workers."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from sqlalchemy import text
+
+from app.errors import UnknownFace, UnknownIdentity
+from app.gallery import DeletionReport, Gallery, db, store
+from app.vision.types import Box
+from tests.gallery.conftest import MODEL, random_embeddings
+
+BOX = Box(0, 0, 99, 99)
+OpenGallery = Callable[..., Gallery]
+
+
+def _face_rows(gallery: Gallery) -> set[str]:
+    with gallery.engine.connect() as connection:
+        return set(connection.execute(text("SELECT id FROM faces")).scalars())
+
+
+def test_enrolled_face_is_searchable_when_enroll_returns(gallery: Gallery) -> None:
+    vector = random_embeddings(np.random.default_rng(0), 1)[0]
+    enrolment = gallery.enroll_face(embedding=vector, box=BOX, score=2.0, name="Ada", metadata={"k": "v"})
+    assert enrolment.identity_created
+    # No refresh: this process's index took the change right after the commit.
+    best = gallery.search(vector[np.newaxis], top_k=1, refresh=False)[0][0]
+    assert (best.identity_id, best.face_id, best.distance) == (enrolment.identity_id, enrolment.face.id, 0.0)
+    second = gallery.enroll_face(embedding=vector * 0.9, box=BOX, score=1.0, identity_id=enrolment.identity_id)
+    assert not second.identity_created
+    face_ids, distances = gallery.identity_distances(vector, enrolment.identity_id, refresh=False)
+    assert face_ids == [enrolment.face.id, second.face.id] and distances[0] == 0.0
+    identity = gallery.get_identity(enrolment.identity_id)
+    assert (identity.name, identity.metadata, identity.face_count) == ("Ada", {"k": "v"}, 2)
+
+
+def test_enroll_face_arguments(gallery: Gallery) -> None:
+    vector = np.zeros(128, dtype=np.float32)
+    with pytest.raises(ValueError):
+        gallery.enroll_face(embedding=vector, box=BOX, score=1, name="a", identity_id="0" * 32)
+    with pytest.raises(ValueError):
+        gallery.enroll_face(embedding=vector, box=BOX, score=1)
+    with pytest.raises(UnknownIdentity):
+        gallery.enroll_face(embedding=vector, box=BOX, score=1, identity_id="0" * 32)
+
+
+def test_failed_enrolment_leaves_database_and_index_untouched(gallery: Gallery) -> None:
+    with pytest.raises(ValueError):
+        gallery.enroll_face(embedding=np.zeros(3), box=BOX, score=1, name="half-written")
+    with pytest.raises(UnknownIdentity):
+        gallery.enroll_face(embedding=np.zeros(128), box=BOX, score=1, identity_id="f" * 32)
+    assert gallery.list_identities() == ([], 0)
+    assert _face_rows(gallery) == set()
+    assert gallery.refresh().applied == 0
+    assert gallery.stats().size == 0 and gallery.stats().last_change_id == 0
+
+
+def test_workers_see_each_others_enrolments_and_deletions(open_gallery: OpenGallery) -> None:
+    rng = np.random.default_rng(1)
+    worker_a, worker_b = open_gallery(), open_gallery()
+    vectors = random_embeddings(rng, 3)
+    ada = worker_a.enroll_face(embedding=vectors[0], box=BOX, score=1, name="Ada")
+    bob = worker_b.enroll_face(embedding=vectors[1], box=BOX, score=1, name="Bob")
+    bob2 = worker_b.enroll_face(embedding=vectors[2], box=BOX, score=1, identity_id=bob.identity_id)
+
+    # Before a refresh each worker only knows its own writes; search() refreshes by default.
+    assert worker_a.index.face_ids() == {ada.face.id}
+    assert worker_a.search(vectors[1], top_k=1)[0][0].identity_id == bob.identity_id
+    for worker in (worker_a, worker_b):
+        worker.refresh()
+        assert worker.index.face_ids() == {ada.face.id, bob.face.id, bob2.face.id} == _face_rows(worker)
+        assert worker.stats().identities == 2
+
+    report = worker_a.delete_face(bob.identity_id, bob.face.id)
+    assert report.face_ids == (bob.face.id,)
+    assert [c.face_id for c in worker_b.search(vectors[1], top_k=2)[0] if c.identity_id == bob.identity_id] == [
+        bob2.face.id
+    ]
+    worker_b.delete_identity(ada.identity_id)
+    assert [c.identity_id for c in worker_a.search(vectors[0], top_k=5)[0]] == [bob.identity_id]
+    with pytest.raises(UnknownIdentity):
+        worker_a.identity_distances(vectors[0], ada.identity_id)
+    with pytest.raises(UnknownIdentity):
+        worker_a.get_identity(ada.identity_id)
+    for worker in (worker_a, worker_b):
+        assert worker.index.face_ids() == {bob2.face.id} == _face_rows(worker)
+        worker.refresh()
+        assert worker.stats().last_change_id == 5
+
+
+def test_deleted_faces_are_gone_from_rows_index_and_log(gallery: Gallery) -> None:
+    vectors = random_embeddings(np.random.default_rng(2), 2)
+    first = gallery.enroll_face(embedding=vectors[0], box=BOX, score=1, name="Gone", image=b"photo-bytes")
+    gallery.enroll_face(embedding=vectors[1], box=BOX, score=1, identity_id=first.identity_id)
+    report = gallery.delete_identity(first.identity_id)
+    assert report.identity_deleted and len(report.face_ids) == 2
+    assert gallery.search(vectors, top_k=3, refresh=False) == [[], []]
+    with gallery.engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM faces")).scalar_one() == 0
+        assert connection.execute(text("SELECT count(*) FROM identities")).scalar_one() == 0
+        log = connection.execute(text("SELECT op, face_id FROM gallery_changes ORDER BY id")).all()
+    assert [op for op, _ in log] == ["add", "add", "remove", "remove"]
+    with pytest.raises(UnknownIdentity):
+        gallery.delete_identity(first.identity_id)
+    with pytest.raises(UnknownIdentity):
+        gallery.delete_face(first.identity_id, report.face_ids[0])
+
+
+def test_identity_without_searchable_faces(gallery: Gallery) -> None:
+    identity = gallery.create_identity(name="No faces yet")
+    face_ids, distances = gallery.identity_distances(np.zeros(128), identity.id)
+    assert face_ids == [] and distances.shape == (0,)
+
+
+def test_model_version_change_is_counted_not_mixed(open_gallery: OpenGallery) -> None:
+    vectors = random_embeddings(np.random.default_rng(3), 2)
+    old = open_gallery("model-v1")
+    enrolment = old.enroll_face(embedding=vectors[0], box=BOX, score=1, name="Old")
+    new = open_gallery("model-v2")
+    assert (new.stats().size, new.stats().stale) == (0, 1)
+    assert new.search(vectors[0], top_k=3) == [[]]
+    assert new.identity_distances(vectors[0], enrolment.identity_id)[0] == []  # exists, nothing comparable
+    fresh = new.enroll_face(embedding=vectors[1], box=BOX, score=1, identity_id=enrolment.identity_id)
+    assert [f.model_version for f in new.get_identity(enrolment.identity_id).faces] == ["model-v1", "model-v2"]
+    old.refresh()
+    assert (old.stats().size, old.stats().stale) == (1, 1)
+    assert old.search(vectors[1], top_k=3)[0][0].face_id == enrolment.face.id
+    new.delete_face(enrolment.identity_id, enrolment.face.id)
+    assert (new.stats().size, new.stats().stale) == (1, 0)  # own removal applied locally ...
+    new.refresh()
+    assert (new.stats().size, new.stats().stale) == (1, 0)  # ... and replayed without change
+    old.refresh()
+    assert (old.stats().size, old.stats().stale) == (0, 1)
+    assert fresh.face.model_version == "model-v2"
+
+
+def test_pruned_log_or_reset_database_means_full_reload(open_gallery: OpenGallery) -> None:
+    rng = np.random.default_rng(4)
+    writer, reader = open_gallery(), open_gallery()
+    for vector in random_embeddings(rng, 3):
+        writer.enroll_face(embedding=vector, box=BOX, score=1, name="x")
+    with writer.session() as session:
+        assert store.prune_changes(session, keep_last=1) == 2
+    report = reader.refresh()
+    assert report.reloaded
+    assert reader.index.face_ids() == _face_rows(reader) and reader.stats().size == 3
+    assert reader.refresh().applied == 0 and not reader.refresh().reloaded
+
+    # A database restored from an older backup: the log is behind the index.
+    with writer.engine.begin() as connection:
+        connection.execute(text("DELETE FROM faces"))
+        connection.execute(text("DELETE FROM identities"))
+        connection.execute(text("DELETE FROM gallery_changes"))
+        connection.execute(text("UPDATE gallery_state SET last_change_id = 1"))
+    report = reader.refresh()
+    assert report.reloaded and reader.stats().size == 0 and reader.stats().last_change_id == 1
+
+
+def test_replay_batch_read_before_a_local_delete_cannot_resurrect_the_face(open_gallery: OpenGallery) -> None:
+    """Interleaving of a refresh in one thread with a delete in another, step by step."""
+    writer, worker = open_gallery(), open_gallery()
+    vector = random_embeddings(np.random.default_rng(5), 1)[0]
+    enrolment = writer.enroll_face(embedding=vector, box=BOX, score=1, name="x")
+    with worker.session() as session:
+        batch = worker.index.fetch(session)  # the refresh reads the 'add' (with its embedding) ...
+    assert batch is not None and [c.op for c in batch.changes] == [store.ChangeOp.ADD]
+    worker.delete_identity(enrolment.identity_id)  # ... another thread deletes and applies the removal ...
+    assert worker.index.replay(batch)  # ... then the refresh applies its stale batch
+    assert not worker.index.contains(enrolment.face.id)
+    worker.refresh()
+    assert worker.index.face_ids() == set() and worker.index._pending_removed == {}
+
+
+def test_late_local_apply_after_a_replay_is_ignored(open_gallery: OpenGallery) -> None:
+    """A worker commits an enrolment but applies it to its index only after another worker deleted the face
+    and its own refresh replayed both: the late apply must not bring the face back."""
+    worker, other = open_gallery(), open_gallery()
+    sessions = db.make_session_factory(worker.engine)
+    vector = random_embeddings(np.random.default_rng(6), 1)[0]
+    with sessions() as session:
+        with session.begin():
+            identity = store.create_identity(session, name="x")
+            store.add_face(session, identity_id=identity.id, embedding=vector, model_version=MODEL, box=BOX, score=1)
+        late = store.take_pending_changes(session)
+    other.delete_identity(identity.id)
+    worker.refresh()
+    worker.index.apply(late)
+    assert worker.index.face_ids() == set()
+
+
+def test_concurrent_writers_and_readers_agree_with_the_database(open_gallery: OpenGallery) -> None:
+    """Two workers, three threads each: enrol, add, delete and search at once, while faces are added to a shared
+    identity that all threads try to delete. Afterwards every worker's index equals the database, which equals
+    what the successful calls say."""
+    workers = [open_gallery(), open_gallery()]
+    shared = workers[0].enroll_face(embedding=np.full(128, 0.01), box=BOX, score=1, name="shared")
+    added: dict[str, str] = {shared.face.id: shared.identity_id}  # face -> identity, from successful calls
+    removed: set[str] = set()
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    shared_deletions: list[DeletionReport] = []
+    barrier = threading.Barrier(6)
+
+    def run(worker: Gallery, thread_no: int) -> None:
+        rng = np.random.default_rng(100 + thread_no)
+        mine: list[tuple[str, str]] = []
+        try:
+            barrier.wait(timeout=30)
+            for step in range(12):
+                vector = random_embeddings(rng, 1)[0]
+                if step % 4 == 3 and mine:
+                    identity_id, face_id = mine.pop(0)
+                    worker.delete_face(identity_id, face_id)
+                    with lock:
+                        removed.add(face_id)
+                    continue
+                if step in (5, 9) and thread_no % 2:
+                    target: str | None = shared.identity_id
+                elif step % 4 == 1 and mine:
+                    target = mine[-1][0]
+                else:
+                    target = None
+                try:
+                    if target is None:
+                        enrolment = worker.enroll_face(embedding=vector, box=BOX, score=1, name=f"t{thread_no}-{step}")
+                    else:
+                        enrolment = worker.enroll_face(embedding=vector, box=BOX, score=1, identity_id=target)
+                except UnknownIdentity:
+                    assert target == shared.identity_id  # deleted by another thread first
+                    continue
+                with lock:
+                    added[enrolment.face.id] = enrolment.identity_id
+                if target != shared.identity_id:
+                    mine.append((enrolment.identity_id, enrolment.face.id))
+                for candidate in worker.search(vector, top_k=3)[0]:
+                    assert len(candidate.face_id) == 32
+                if step == 6 and thread_no % 2 == 0:
+                    try:
+                        report = worker.delete_identity(shared.identity_id)
+                    except UnknownIdentity:
+                        continue
+                    with lock:
+                        shared_deletions.append(report)
+                        removed.update(report.face_ids)
+        except BaseException as error:  # noqa: BLE001 - collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(workers[i % 2], i)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    assert len(shared_deletions) == 1
+    assert set(shared_deletions[0].face_ids) == {f for f, i in added.items() if i == shared.identity_id}
+    expected = {face: identity for face, identity in added.items() if face not in removed}
+    rows = _face_rows(workers[0])
+    assert rows == set(expected)
+    for worker in workers:
+        worker.refresh()
+        assert worker.index.face_ids() == rows
+        assert worker.stats().identities == len(set(expected.values()))
+    with workers[0].engine.connect() as connection:
+        ids = list(connection.execute(text("SELECT id FROM gallery_changes ORDER BY id")).scalars())
+    assert ids == list(range(1, len(ids) + 1))  # gap-free
+
+
+def test_unknown_face_and_settings(gallery: Gallery) -> None:
+    enrolment = gallery.enroll_face(embedding=np.zeros(128), box=BOX, score=1, name="x")
+    with pytest.raises(UnknownFace):
+        gallery.delete_face(enrolment.identity_id, "0" * 32)
+    assert gallery.get_setting("threshold") is None
+    gallery.set_setting("threshold", 0.3, source="calibration")
+    setting = gallery.get_setting("threshold")
+    assert setting is not None and (setting.value, setting.source) == (0.3, "calibration")
+    gallery.ping()
+    assert gallery.backend in {"sqlite", "postgresql"}
+
+
+def test_bulk_enrol_matches_single_enrolments(open_gallery: OpenGallery) -> None:
+    seeder, worker = open_gallery(), open_gallery()
+    vectors = random_embeddings(np.random.default_rng(8), 50)
+    single = seeder.enroll_face(embedding=vectors[0], box=BOX, score=1, name="first")
+    records = seeder.bulk_enrol(names=[f"p{i}" for i in range(49)], embeddings=vectors[1:])
+    assert len({r.identity_id for r in records}) == 49
+    assert seeder.index.face_ids() == {single.face.id} | {r.id for r in records} == _face_rows(seeder)
+    assert worker.refresh().applied == 50
+    assert worker.index.face_ids() == _face_rows(worker)
+    got = worker.search(vectors[1:4], top_k=1)
+    assert [g[0].face_id for g in got] == [r.id for r in records[:3]]
+    assert worker.get_identity(records[0].identity_id).name == "p0"
+    with worker.engine.connect() as connection:
+        ids = list(connection.execute(text("SELECT id FROM gallery_changes ORDER BY id")).scalars())
+    assert ids == list(range(1, 51))
+    with pytest.raises(ValueError):
+        seeder.bulk_enrol(names=["a", "b"], embeddings=vectors[:3])
+    assert seeder.list_identities()[1] == 50

@@ -1,0 +1,368 @@
+"""Choosing a 1:1 threshold from data: threshold for a target FAR, its VAL, confidence intervals, calibration tables.
+
+- `threshold_for_far(diff_distances, target_far)`: the LARGEST threshold whose FAR <= target. With the n different
+  distances sorted d(1) <= ... <= d(n) and k = floor(target * n) false accepts allowed, that is the largest float
+  below d(k+1) (accepting d <= t, so d(k+1) itself is rejected). NaN distances are ignored.
+- `calibrate_far(same_distances, diff_distances, target_far)` -> `FarCalibration`: the threshold, the FAR and VAL
+  measured there, and binomial confidence intervals for both from the number of pairs (Clopper-Pearson by default,
+  Wilson on request). Caveats: pairs that share photos or people are not independent, so the intervals are
+  optimistic; the Clopper-Pearson UPPER bound on FAR is also the right bound for the selected threshold, since the
+  true FAR at the (k+1)-th smallest impostor distance is Beta(k+1, n-k) distributed.
+- `CalibrationTable`: a grid threshold -> FAR, VAL (+ FAR's upper confidence bound), JSON round-trip
+  (`to_dict` / `from_dict` / `save` / `load`), `far_at(t)` / `val_at(t)` / `far_upper_at(t)` by linear
+  interpolation (clamped to the grid's ends).
+- `compute_default_table(distances, same, *, model_version, source)`: the table for labelled pairs (NaN = missing,
+  counted). `load_default_table()` reads the shipped `app/matching/data/default_calibration.json`
+  (dev pairs; see its `source` field for the embeddings it was computed with).
+- `pairs_from_gallery(identity_ids, embeddings)` -> `GalleryPairs`: same/different pairs among the gallery
+  identities with >= 2 faces, for `/calibrate` on a live gallery.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from app.matching.thresholds import validate_rate
+
+__all__ = [
+    "DEFAULT_GRID",
+    "DEFAULT_TABLE_PATH",
+    "CalibrationTable",
+    "FarCalibration",
+    "GalleryPairs",
+    "IntervalMethod",
+    "binomial_interval",
+    "calibrate_far",
+    "compute_default_table",
+    "load_default_table",
+    "pairs_from_gallery",
+    "threshold_for_far",
+]
+
+DEFAULT_TABLE_PATH = Path(__file__).resolve().parent / "data" / "default_calibration.json"
+DEFAULT_GRID = np.round(np.arange(0.0, 1.2 + 1e-9, 0.01), 2)
+
+
+class IntervalMethod(StrEnum):
+    CLOPPER_PEARSON = "clopper-pearson"  # exact (conservative), good for the few false accepts at low FAR
+    WILSON = "wilson"  # score interval, closed form
+
+
+# ---------------------------------------------------------------------------- binomial confidence intervals
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 100_000):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def _beta_ppf(q: float, a: float, b: float) -> float:
+    """Quantile of Beta(a, b) by bisection on I_x(a, b) (monotone in x)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        if _betainc(a, b, mid) < q:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-15:
+            break
+    return (lo + hi) / 2.0
+
+
+def binomial_interval(
+    successes: int, trials: int, *, confidence: float = 0.95, method: IntervalMethod = IntervalMethod.CLOPPER_PEARSON
+) -> tuple[float, float]:
+    """Two-sided confidence interval for a proportion successes/trials (e.g. false accepts / different pairs)."""
+    k, n = int(successes), int(trials)
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= successes <= trials and trials > 0, got {k}/{n}")
+    alpha = 1.0 - validate_rate(confidence, "confidence")
+    method = IntervalMethod(method)
+    if method is IntervalMethod.CLOPPER_PEARSON:
+        lo = 0.0 if k == 0 else _beta_ppf(alpha / 2.0, k, n - k + 1)
+        hi = 1.0 if k == n else _beta_ppf(1.0 - alpha / 2.0, k + 1, n - k)
+        return lo, hi
+    z = NormalDist().inv_cdf(1.0 - alpha / 2.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# ---------------------------------------------------------------------------- threshold for a target FAR
+
+
+def threshold_for_far(diff_distances: ArrayLike, target_far: float) -> float:
+    """Largest threshold t with FAR(t) = #(d <= t) / n <= target_far over the different-person distances."""
+    target = validate_rate(target_far, "target_far")
+    d = np.asarray(diff_distances, dtype=np.float64).ravel()
+    d = np.sort(d[~np.isnan(d)])
+    if d.size == 0:
+        raise ValueError("need at least one different-person distance")
+    allowed = math.floor(target * d.size + 1e-9)  # false accepts allowed; < n because target < 1
+    return float(np.nextafter(d[allowed], -np.inf))
+
+
+@dataclass(frozen=True)
+class FarCalibration:
+    """The threshold for a target FAR, with what it gives and how sure we are (`confidence`-level intervals)."""
+
+    target_far: float
+    threshold: float
+    far: float
+    far_interval: tuple[float, float]
+    val: float
+    val_interval: tuple[float, float]
+    false_accepts: int
+    true_accepts: int
+    n_same: int
+    n_different: int
+    confidence: float
+    method: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
+
+
+def calibrate_far(
+    same_distances: ArrayLike,
+    diff_distances: ArrayLike,
+    target_far: float,
+    *,
+    confidence: float = 0.95,
+    method: IntervalMethod = IntervalMethod.CLOPPER_PEARSON,
+) -> FarCalibration:
+    """Threshold for `target_far` (see `threshold_for_far`), VAL there, and binomial intervals on FAR and VAL."""
+    s = np.asarray(same_distances, dtype=np.float64).ravel()
+    f = np.asarray(diff_distances, dtype=np.float64).ravel()
+    s, f = s[~np.isnan(s)], f[~np.isnan(f)]
+    if s.size == 0 or f.size == 0:
+        raise ValueError("need at least one same pair and one different pair")
+    t = threshold_for_far(f, target_far)
+    fa = int(np.count_nonzero(f <= t))
+    ta = int(np.count_nonzero(s <= t))
+    return FarCalibration(
+        target_far=float(target_far),
+        threshold=t,
+        far=fa / f.size,
+        far_interval=binomial_interval(fa, f.size, confidence=confidence, method=method),
+        val=ta / s.size,
+        val_interval=binomial_interval(ta, s.size, confidence=confidence, method=method),
+        false_accepts=fa,
+        true_accepts=ta,
+        n_same=int(s.size),
+        n_different=int(f.size),
+        confidence=float(confidence),
+        method=str(IntervalMethod(method)),
+    )
+
+
+# ---------------------------------------------------------------------------- calibration table
+
+
+@dataclass(frozen=True)
+class CalibrationTable:
+    """FAR and VAL measured on labelled pairs at a grid of thresholds (ascending)."""
+
+    thresholds: NDArray[np.float64]
+    far: NDArray[np.float64]
+    val: NDArray[np.float64]
+    far_upper: NDArray[np.float64]  # one-sided 97.5 % Clopper-Pearson upper bound on FAR at each threshold
+    n_same: int
+    n_different: int
+    n_missing: int = 0
+    model_version: str = ""
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        t = np.asarray(self.thresholds, dtype=np.float64)
+        if t.ndim != 1 or t.size < 2 or np.any(np.diff(t) <= 0):
+            raise ValueError("thresholds must be a strictly increasing 1-d grid of at least 2 points")
+        for name in ("far", "val", "far_upper"):
+            if np.asarray(getattr(self, name)).shape != t.shape:
+                raise ValueError(f"{name} must have one value per threshold")
+
+    def far_at(self, threshold: float) -> float:
+        """Estimated FAR at `threshold` (linear interpolation on the grid; clamped beyond its ends)."""
+        return float(np.interp(threshold, self.thresholds, self.far))
+
+    def val_at(self, threshold: float) -> float:
+        return float(np.interp(threshold, self.thresholds, self.val))
+
+    def far_upper_at(self, threshold: float) -> float:
+        return float(np.interp(threshold, self.thresholds, self.far_upper))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_version": self.model_version,
+            "source": self.source,
+            "n_same": self.n_same,
+            "n_different": self.n_different,
+            "n_missing": self.n_missing,
+            "meta": self.meta,
+            "columns": ["threshold", "far", "val", "far_upper"],
+            "rows": [
+                [round(float(t), 6), float(f), float(v), float(u)]
+                for t, f, v, u in zip(self.thresholds, self.far, self.val, self.far_upper, strict=True)
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CalibrationTable:
+        rows = np.asarray(data["rows"], dtype=np.float64)
+        return cls(
+            thresholds=rows[:, 0],
+            far=rows[:, 1],
+            val=rows[:, 2],
+            far_upper=rows[:, 3],
+            n_same=int(data["n_same"]),
+            n_different=int(data["n_different"]),
+            n_missing=int(data.get("n_missing", 0)),
+            model_version=str(data.get("model_version", "")),
+            source=str(data.get("source", "")),
+            meta=dict(data.get("meta", {})),
+        )
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> CalibrationTable:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def compute_default_table(
+    distances: ArrayLike,
+    same: ArrayLike,
+    *,
+    model_version: str = "",
+    source: str = "",
+    grid: ArrayLike = DEFAULT_GRID,
+    meta: dict[str, Any] | None = None,
+) -> CalibrationTable:
+    """Calibration table of labelled pairs (NaN distance = a face not found: counted in n_missing, not used)."""
+    d = np.asarray(distances, dtype=np.float64).ravel()
+    s = np.asarray(same, dtype=bool).ravel()
+    if d.shape != s.shape:
+        raise ValueError("distances and same must have the same length")
+    missing = np.isnan(d)
+    same_d = np.sort(d[s & ~missing])
+    diff_d = np.sort(d[~s & ~missing])
+    if same_d.size == 0 or diff_d.size == 0:
+        raise ValueError("need at least one same pair and one different pair with both faces found")
+    t = np.asarray(grid, dtype=np.float64)
+    fa = np.searchsorted(diff_d, t, side="right")
+    ta = np.searchsorted(same_d, t, side="right")
+    upper = np.array([binomial_interval(int(k), diff_d.size)[1] for k in fa])
+    return CalibrationTable(
+        thresholds=t,
+        far=fa / diff_d.size,
+        val=ta / same_d.size,
+        far_upper=upper,
+        n_same=int(same_d.size),
+        n_different=int(diff_d.size),
+        n_missing=int(missing.sum()),
+        model_version=model_version,
+        source=source,
+        meta=dict(meta or {}),
+    )
+
+
+def load_default_table(path: Path = DEFAULT_TABLE_PATH) -> CalibrationTable:
+    """The calibration table shipped with the package (computed on the dev pairs)."""
+    return CalibrationTable.load(path)
+
+
+# ---------------------------------------------------------------------------- pairs from a live gallery
+
+
+@dataclass(frozen=True)
+class GalleryPairs:
+    """Pairs of gallery faces (row indices into the embeddings), their squared distances and labels."""
+
+    index_a: NDArray[np.int64]
+    index_b: NDArray[np.int64]
+    distances: NDArray[np.float32]
+    same: NDArray[np.bool_]
+    n_identities: int  # identities with >= 2 faces that were used
+
+
+def pairs_from_gallery(
+    identity_ids: ArrayLike, embeddings: ArrayLike, *, max_different: int = 200_000, seed: int = 0
+) -> GalleryPairs:
+    """All same pairs and (up to `max_different`, sampled with `seed`) different pairs among identities with >= 2 faces.
+
+    `identity_ids` (n,) labels any hashable-to-numpy type; `embeddings` (n, 128). Faces of identities with a
+    single face take no part (they cannot give a same pair, and using them only on one side would skew the mix).
+    """
+    ids = np.asarray(identity_ids)
+    emb = np.asarray(embeddings, dtype=np.float32)
+    if ids.ndim != 1 or emb.ndim != 2 or ids.shape[0] != emb.shape[0]:
+        raise ValueError("identity_ids must be (n,) and embeddings (n, d)")
+    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    keep = np.flatnonzero(counts[inverse] >= 2)
+    if keep.size == 0:
+        raise ValueError("no identity has 2 or more faces")
+    labels = inverse[keep]
+    iu, ju = np.triu_indices(keep.size, k=1)
+    same_mask = labels[iu] == labels[ju]
+    si, sj = iu[same_mask], ju[same_mask]
+    di, dj = iu[~same_mask], ju[~same_mask]
+    if di.size > max_different:
+        pick = np.sort(np.random.default_rng(seed).choice(di.size, size=max_different, replace=False))
+        di, dj = di[pick], dj[pick]
+    a = keep[np.concatenate([si, di])]
+    b = keep[np.concatenate([sj, dj])]
+    diff = emb[a] - emb[b]
+    return GalleryPairs(
+        index_a=a.astype(np.int64),
+        index_b=b.astype(np.int64),
+        distances=np.einsum("ij,ij->i", diff, diff).astype(np.float32),
+        same=np.concatenate([np.ones(si.size, bool), np.zeros(di.size, bool)]),
+        n_identities=int((counts >= 2).sum()),
+    )

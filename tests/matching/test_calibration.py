@@ -1,0 +1,131 @@
+"""Threshold for a target FAR, binomial intervals, calibration tables, pairs from a gallery."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.matching.calibration import (
+    CalibrationTable,
+    IntervalMethod,
+    binomial_interval,
+    calibrate_far,
+    compute_default_table,
+    load_default_table,
+    pairs_from_gallery,
+    threshold_for_far,
+)
+
+
+class TestThresholdForFar:
+    def test_largest_threshold_under_target(self) -> None:
+        diff = np.array([0.5, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1])  # n = 10
+        t = threshold_for_far(diff, 0.1)  # one false accept allowed: 0.2 in, 0.3 out
+        assert 0.2 <= t < 0.3
+        assert np.nextafter(t, np.inf) == 0.3  # nothing larger would still keep FAR <= 0.1
+        assert threshold_for_far(diff, 0.05) < 0.2  # none allowed
+        assert 0.3 <= threshold_for_far(diff, 0.25) < 0.4  # floor(2.5) = 2
+
+    def test_nan_ignored(self) -> None:
+        assert threshold_for_far([np.nan, 0.2, 0.4], 0.5) == threshold_for_far([0.2, 0.4], 0.5)
+
+    def test_refuses_bad_targets(self) -> None:
+        for bad in (0.0, 1.0, 2.0):
+            with pytest.raises(ValueError):
+                threshold_for_far([0.1, 0.2], bad)
+
+
+class TestIntervals:
+    def test_clopper_pearson_known_values(self) -> None:
+        lo, hi = binomial_interval(5, 10)
+        assert lo == pytest.approx(0.187086, abs=1e-6)
+        assert hi == pytest.approx(0.812914, abs=1e-6)
+        # k = 0 has the closed form upper bound 1 - (alpha/2)^(1/n)
+        lo0, hi0 = binomial_interval(0, 100)
+        assert lo0 == 0.0
+        assert hi0 == pytest.approx(1 - 0.025 ** (1 / 100), rel=1e-9)
+        lon, hin = binomial_interval(100, 100)
+        assert hin == 1.0
+        assert lon == pytest.approx(0.025 ** (1 / 100), rel=1e-9)
+
+    def test_wilson_known_values(self) -> None:
+        lo, hi = binomial_interval(5, 10, method=IntervalMethod.WILSON)
+        assert lo == pytest.approx(0.236593, abs=1e-5)
+        assert hi == pytest.approx(0.763407, abs=1e-5)
+
+    @pytest.mark.parametrize("method", list(IntervalMethod))
+    def test_interval_shrinks_with_more_pairs(self, method: IntervalMethod) -> None:
+        widths = []
+        for n in (1_000, 10_000, 100_000):
+            lo, hi = binomial_interval(n // 100, n, method=method)  # FAR 1 % observed
+            assert lo < 0.01 < hi
+            widths.append(hi - lo)
+        assert widths[0] > widths[1] > widths[2]
+        assert widths[0] / widths[2] == pytest.approx(10, rel=0.2)  # ~ 1/sqrt(n)
+
+    def test_calibrate_far_reports_counts_and_intervals(self) -> None:
+        rng = np.random.default_rng(3)
+        same = rng.normal(0.2, 0.05, 2_000)
+        diff = rng.normal(0.6, 0.08, 20_000)
+        c = calibrate_far(same, diff, 1e-3)
+        assert c.false_accepts == 20
+        assert c.far == pytest.approx(1e-3)
+        assert c.far_interval[0] < 1e-3 < c.far_interval[1]
+        assert c.val_interval[0] <= c.val <= c.val_interval[1]
+        assert c.val > 0.99  # the two normals are ~4 sigma apart at FAR 1e-3
+        assert json.loads(json.dumps(c.to_dict()))["n_different"] == 20_000
+
+
+class TestTable:
+    def test_table_round_trip_and_interpolation(self, tmp_path: Path) -> None:
+        d = np.array([0.1, 0.2, 0.3, np.nan, 0.3, 0.5, 0.7, 0.9])
+        same = np.array([True, True, True, True, False, False, False, False])
+        table = compute_default_table(d, same, model_version="m1", source="unit", grid=[0.0, 0.4, 0.8])
+        np.testing.assert_allclose(table.far, [0.0, 0.25, 0.75])
+        np.testing.assert_allclose(table.val, [0.0, 1.0, 1.0])
+        assert table.n_missing == 1
+        assert table.far_at(0.6) == pytest.approx(0.5)
+        assert table.far_at(5.0) == pytest.approx(0.75)  # clamped
+        assert all(u >= f for u, f in zip(table.far_upper, table.far, strict=True))
+        path = tmp_path / "t.json"
+        table.save(path)
+        again = CalibrationTable.load(path)
+        np.testing.assert_allclose(again.far, table.far)
+        assert again.model_version == "m1"
+
+    def test_shipped_table_is_sane(self) -> None:
+        table = load_default_table()
+        assert table.n_different > 1000
+        assert np.all(np.diff(table.far) >= 0)
+        assert np.all(np.diff(table.val) >= 0)
+        assert 0.0 < table.far_at(0.36) < 0.05
+        assert table.val_at(0.36) > 0.5
+        assert table.source
+
+
+class TestGalleryPairs:
+    def test_pairs_only_from_identities_with_two_faces(self) -> None:
+        ids = np.array(["a", "a", "b", "c", "c", "c"])
+        emb = np.arange(6, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)
+        pairs = pairs_from_gallery(ids, emb)
+        assert pairs.n_identities == 2
+        assert int(pairs.same.sum()) == 1 + 3  # a: 1 pair, c: 3 pairs
+        assert int((~pairs.same).sum()) == 2 * 3  # a x c
+        assert 2 not in set(pairs.index_a) | set(pairs.index_b)  # b has one face
+        i = int(np.flatnonzero(~pairs.same)[0])
+        assert pairs.distances[i] == pytest.approx(4 * (pairs.index_a[i] - pairs.index_b[i]) ** 2)
+
+    def test_different_pairs_are_capped_deterministically(self) -> None:
+        ids = np.repeat(np.arange(50), 2)
+        emb = np.random.default_rng(0).normal(size=(100, 8))
+        a = pairs_from_gallery(ids, emb, max_different=100, seed=1)
+        b = pairs_from_gallery(ids, emb, max_different=100, seed=1)
+        assert int((~a.same).sum()) == 100
+        np.testing.assert_array_equal(a.index_a, b.index_a)
+
+    def test_needs_two_faces(self) -> None:
+        with pytest.raises(ValueError):
+            pairs_from_gallery(np.array([1, 2]), np.zeros((2, 3)))

@@ -1,0 +1,202 @@
+"""Open-set decision: each reason on tiny galleries, the calibrated model, and gallery-size recalibration."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+from app.matching.openset import (
+    DEFAULT_BETA,
+    DEFAULT_CAP,
+    OpenSetModel,
+    Reason,
+    build_model,
+    decide,
+    facegate_score,
+    load_default_model,
+    nearest_identities,
+    simulate_stranger_scores,
+)
+
+# A hand-made model: thresholds tighten from N = 1 to N = 100; levels 1 %, 10 %.
+HAND = OpenSetModel(
+    gallery_sizes=np.array([1.0, 10.0, 100.0]),
+    levels=np.array([0.01, 0.1]),
+    quantiles=np.array([[-0.4, -0.2], [-0.6, -0.4], [-0.8, -0.6]]),
+)
+
+
+class TestScore:
+    def test_formula_and_cap(self) -> None:
+        assert facegate_score(0.1, 0.2) == pytest.approx(math.log(0.1) - DEFAULT_BETA * math.log(0.2))
+        # a runner-up beyond the cap (or none at all) counts as the cap
+        assert facegate_score(0.1, 0.9) == pytest.approx(math.log(0.1) - DEFAULT_BETA * math.log(DEFAULT_CAP))
+        assert facegate_score(0.1, np.inf) == facegate_score(0.1, 0.9)
+
+
+class TestModel:
+    def test_threshold_interpolates_in_log_n_and_log_fpir(self) -> None:
+        assert HAND.threshold(10, 0.01) == pytest.approx(-0.6)
+        assert HAND.threshold(3, 0.01) == pytest.approx(-0.4 - 0.2 * math.log(3) / math.log(10))  # linear in log N
+        assert HAND.threshold(10, math.sqrt(0.001)) == pytest.approx(-0.5)  # halfway in log FPIR
+        assert HAND.threshold(10**6, 0.01) == pytest.approx(-0.8)  # beyond the grid: the last row
+
+    def test_fpir_at_inverts_threshold(self) -> None:
+        for n in (1, 5, 50):
+            for f in (0.01, 0.03, 0.1):
+                assert HAND.fpir_at(HAND.threshold(n, f), n) == pytest.approx(f, rel=1e-6)
+        assert HAND.fpir_at(-5.0, 10) == 0.01  # clamped to the levels
+        assert HAND.fpir_at(5.0, 10) == 0.1
+
+    def test_refuses_out_of_range(self) -> None:
+        with pytest.raises(ValueError):
+            HAND.threshold(0, 0.01)
+        with pytest.raises(ValueError):
+            HAND.threshold(10, 0.5)
+        with pytest.raises(ValueError):
+            OpenSetModel(np.array([2.0, 3.0]), np.array([0.01, 0.1]), np.zeros((2, 2)))
+
+    def test_json_round_trip(self, tmp_path) -> None:  # type: ignore[no-untyped-def]
+        path = tmp_path / "m.json"
+        HAND.save(path)
+        again = OpenSetModel.load(path)
+        np.testing.assert_allclose(again.quantiles, HAND.quantiles)
+        assert again.beta == HAND.beta
+
+    def test_shipped_model(self) -> None:
+        m = load_default_model()
+        assert m.gallery_sizes[0] == 1 and m.gallery_sizes[-1] >= 100_000
+        # one enrolled identity: the rule is a distance threshold near dlib's 1:1 operating range
+        accept_distance = math.exp(m.threshold(1, 0.01)) * m.cap**m.beta
+        assert 0.3 < accept_distance < 0.45
+        # a larger gallery needs a stricter threshold than a single identity at the same FPIR
+        assert m.threshold(1000, 0.01) < m.threshold(1, 0.01)
+        assert m.threshold(100_000, 0.01) <= m.threshold(3 * int(m.meta["validated_up_to"] // 3), 0.01) + 1e-9
+
+
+class TestDecide:
+    def test_accepted(self) -> None:
+        d = decide([0.6, 0.05, 0.7], ["bob", "ann", "cy"], model=HAND)
+        assert d.reason is Reason.ACCEPTED
+        assert d.match_identity == "ann"
+        assert d.features["distance"] == pytest.approx(0.05)
+        assert d.features["second_distance"] == pytest.approx(0.6)
+        assert d.features["margin"] == pytest.approx(0.55)
+        assert d.features["gallery_size"] == 3
+        assert d.thresholds["score"] == pytest.approx(HAND.threshold(3, 0.01))
+        assert json.loads(json.dumps(d.to_dict()))["reason"] == "accepted"
+
+    def test_unknown_when_nobody_is_close(self) -> None:
+        d = decide([0.5, 0.7], ["a", "b"], model=HAND)
+        assert d.reason is Reason.UNKNOWN
+        assert d.match_identity is None
+        assert d.candidate == "a"
+
+    def test_ambiguous_when_margin_is_small(self) -> None:
+        # log 0.10 - 0.75 log 0.11 = -0.647 passes the score at N = 3 (-0.495): only the margin (0.01) stops it
+        assert facegate_score(0.10, 0.11) <= HAND.threshold(3, 0.01)
+        d = decide([0.10, 0.11, 0.8], ["a", "b", "c"], model=HAND, ambiguity_margin=0.02)
+        assert d.reason is Reason.AMBIGUOUS
+        assert d.ambiguous
+        assert d.match_identity is None
+        assert d.candidate == "a"
+        assert decide([0.10, 0.11, 0.8], ["a", "b", "c"], model=HAND, ambiguity_margin=0.0).reason is Reason.ACCEPTED
+
+    def test_ambiguous_when_two_identities_match_and_none_stands_out(self) -> None:
+        # N = 100: log 0.25 - 0.75 log 0.30 = -0.483 fails the score (-0.8); the runner-up 0.30 is itself a 1:1 match
+        d = decide([0.25, 0.30], ["a", "b"], model=HAND, gallery_size=100)
+        assert d.features["margin"] == pytest.approx(0.05)
+        assert d.reason is Reason.AMBIGUOUS
+
+    def test_runner_up_far_means_unknown_not_ambiguous(self) -> None:
+        d = decide([0.33, 0.5], ["a", "b"], model=HAND, gallery_size=1000)
+        assert d.reason is Reason.UNKNOWN
+
+    def test_max_distance_caps_acceptance(self) -> None:
+        loose = OpenSetModel(np.array([1.0, 2.0]), np.array([0.01, 0.1]), np.array([[0.5, 0.6], [0.5, 0.6]]))
+        assert decide([0.4], ["a"], model=loose, max_distance=0.36).reason is Reason.UNKNOWN
+        assert decide([0.4], ["a"], model=loose, max_distance=0.5).reason is Reason.ACCEPTED
+
+    def test_single_identity_and_empty_gallery(self) -> None:
+        one = decide([0.2], ["a"], model=HAND)
+        assert one.reason is Reason.ACCEPTED  # log 0.2 - 0.75 log 0.45 = -1.01 <= -0.4
+        assert one.features["second_distance"] is None
+        # N = 1: accept distance exp(-0.4) * 0.45 ** 0.75 = 0.368, then the 1:1 cap 0.36
+        assert decide([0.3], ["a"], model=HAND).reason is Reason.ACCEPTED
+        assert decide([0.37], ["a"], model=HAND).reason is Reason.UNKNOWN
+        empty = decide([], [], model=HAND)
+        assert empty.reason is Reason.UNKNOWN
+        assert empty.features == {"gallery_size": 0}
+
+    def test_gallery_size_recalibration(self) -> None:
+        # the same distances: accepted against a small gallery, refused once the gallery is large
+        d1, d2 = 0.30, 0.45  # score -0.605: within t(2) = -0.460, beyond t(100) = -0.8
+        s = facegate_score(d1, d2)
+        assert HAND.threshold(2, 0.01) >= s > HAND.threshold(100, 0.01)
+        assert decide([d1, d2], ["a", "b"], model=HAND).reason is Reason.ACCEPTED
+        assert decide([d1, d2], ["a", "b"], model=HAND, gallery_size=100).reason is Reason.UNKNOWN
+
+    def test_bad_inputs(self) -> None:
+        with pytest.raises(ValueError):
+            decide([0.1, 0.2], ["a"], model=HAND)
+        with pytest.raises(ValueError):
+            decide([0.1, np.nan], ["a", "b"], model=HAND)
+        with pytest.raises(ValueError):
+            decide([0.1, 0.2], ["a", "b"], model=HAND, gallery_size=1)
+        with pytest.raises(ValueError):
+            decide([0.1], ["a"], model=HAND, target_fpir=0.5)
+
+
+class TestNearestIdentities:
+    def test_nearest_face_per_identity_sorted(self) -> None:
+        ids, d = nearest_identities([0.5, 0.2, 0.3, np.nan, 0.1], ["a", "b", "a", "c", "c"])
+        assert ids == ["c", "b", "a"]
+        np.testing.assert_allclose(d, [0.1, 0.2, 0.3])
+
+
+def _synthetic_reference(n_probes: int, n_ids: int, rng: np.random.Generator) -> np.ndarray:
+    """Per-probe impostor distances: log-normal with a probe-specific centre (some faces look like many people)."""
+    centre = rng.normal(-0.45, 0.12, size=(n_probes, 1))
+    return np.exp(centre + 0.22 * rng.normal(size=(n_probes, n_ids)))
+
+
+class TestGallerySizeCalibration:
+    def test_recalibrated_rule_keeps_fpir_while_a_fixed_one_grows(self) -> None:
+        rng = np.random.default_rng(0)
+        ref = _synthetic_reference(400, 400, rng)
+        sizes = (1, 5, 50, 300)
+        model = build_model(ref, gallery_sizes=sizes, levels=(0.01, 0.05, 0.2), draws=32, tail=(9.0, 1.1))
+        fixed = model.threshold(1, 0.05)
+        measured, measured_fixed = [], []
+        for n in sizes:
+            fresh = _synthetic_reference(3000, n, rng)  # new strangers against new galleries
+            s = np.sort(fresh, axis=1)
+            d2 = s[:, 1] if n > 1 else np.full(s.shape[0], np.inf)
+            score = facegate_score(s[:, 0], d2)
+            measured.append(float(np.mean(score <= model.threshold(n, 0.05))))
+            measured_fixed.append(float(np.mean(score <= fixed)))
+        assert all(0.03 <= f <= 0.07 for f in measured), measured  # target 0.05
+        assert measured_fixed[-1] > 3 * measured_fixed[0]  # a fixed threshold lets more strangers in as N grows
+        assert all(a <= b for a, b in itertools.pairwise(measured_fixed))
+
+    def test_no_loosening_beyond_the_validated_range(self) -> None:
+        rng = np.random.default_rng(1)
+        ref = _synthetic_reference(200, 50, rng)
+        model = build_model(ref, gallery_sizes=(1, 10, 100, 1000, 10_000), levels=(0.01, 0.1), draws=16)
+        assert model.meta["validated_up_to"] == 3 * 50
+        q = model.quantiles[:, 0]
+        assert q[3] <= q[2] and q[4] <= q[3]  # 1000 and 10 000 are beyond 150
+
+    def test_simulation_shapes_and_seed(self) -> None:
+        ref = _synthetic_reference(20, 30, np.random.default_rng(2))
+        ref[0, 0] = np.nan  # a probe's own identity
+        a = simulate_stranger_scores(ref, 7, draws=5, seed=3)
+        b = simulate_stranger_scores(ref, 7, draws=5, seed=3)
+        assert a.shape == (100,)
+        np.testing.assert_array_equal(a, b)
+        with pytest.raises(ValueError):
+            simulate_stranger_scores(ref[:, :1], 7)

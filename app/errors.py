@@ -76,3 +76,24 @@ class UnknownFace(FacegateError):
     """No face with that id under that identity (also for ids that are not well-formed)."""
 
     code = "unknown_face"
+
+
+class LowQuality(FacegateError):
+    """Enrolment refused: the face fails the quality limits (`details.reasons`: issue, measured value, limit each;
+    `details.quality`: every measurement). Override with allow_low_quality."""
+
+    code = "low_quality"
+
+
+class PossibleDuplicate(FacegateError):
+    """Enrolment of a new identity refused: the face already matches an enrolled identity within the threshold
+    (`details`: identity_id, name, distance, threshold). Override with allow_duplicate."""
+
+    code = "possible_duplicate"
+
+
+class InsufficientData(FacegateError):
+    """Not enough labelled data for the computation asked (e.g. calibrating on a gallery without any identity that
+    has two faces)."""
+
+    code = "insufficient_data"

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from app.config import DEFAULT_MODELS_DIR, REPO_ROOT, Settings
+
+if TYPE_CHECKING:
+    from tests.dev_embeddings import DevResults
 
 FACES_DIR = Path(os.environ.get("FACEGATE_FACES_DIR", REPO_ROOT.parent / "shared" / "faces"))
 MODELS_DIR = Path(os.environ.get("FACEGATE_MODELS_DIR", DEFAULT_MODELS_DIR))
@@ -48,3 +52,13 @@ def settings(models_dir: Path, tmp_path: Path) -> Settings:
         database_url=f"sqlite:///{tmp_path / 'gallery.db'}",
         runtime={"providers": ["CPUExecutionProvider"]},
     )
+
+
+@pytest.fixture(scope="session")
+def dev_results(request: pytest.FixtureRequest, dev_faces: Path, models_dir: Path) -> DevResults:
+    """Every dev photo through facegate's models and dlib-bin's (tests/dev_embeddings.py), computed once per
+    session and kept in pytest's cache folder under a key of everything the numbers depend on."""
+    from tests.dev_embeddings import CACHE_FOLDER, load_or_compute
+
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    return load_or_compute(dev_faces, models_dir, cache.mkdir(CACHE_FOLDER) if cache is not None else None)

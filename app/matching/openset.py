@@ -52,8 +52,8 @@ Decision (`decide`)
 Only "accepted" names someone; FPIR counts strangers that end "accepted".
 
 Public surface: `Reason`, `IdentifyDecision`, `OpenSetModel` (+ `load_default_model`, `build_model`,
-`simulate_stranger_scores`), `nearest_identities`, `facegate_score`, `decide`, `DEFAULT_BETA`, `DEFAULT_CAP`,
-`DEFAULT_FPIR`, `DEFAULT_AMBIGUITY_MARGIN`.
+`leave_one_identity_out`, `simulate_stranger_scores`), `nearest_identities`, `facegate_score`, `decide`,
+`DEFAULT_BETA`, `DEFAULT_CAP`, `DEFAULT_FPIR`, `DEFAULT_AMBIGUITY_MARGIN`.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from app.matching.distances import squared_l2
 from app.matching.thresholds import DEFAULT_THRESHOLD, validate_rate
 
 __all__ = [
@@ -87,6 +88,7 @@ __all__ = [
     "build_model",
     "decide",
     "facegate_score",
+    "leave_one_identity_out",
     "load_default_model",
     "nearest_identities",
     "simulate_stranger_scores",
@@ -316,6 +318,35 @@ def build_model(
     info = {"tail": list(tail), "validated_up_to": edge, "draws": draws, "seed": seed, "reference_probes": int(np.shape(reference_distances)[0])}
     info.update(meta or {})
     return OpenSetModel(np.asarray(gallery_sizes, dtype=np.float64), lv, q, beta=beta, cap=cap, meta=info)
+
+
+def leave_one_identity_out(
+    embeddings: ArrayLike, identities: Sequence[Hashable], photo_keys: Sequence[Any]
+) -> NDArray[np.float64]:
+    """Reference distances for `build_model` from a labelled photo set, every person a stranger to the others.
+
+    Rows: every photo with a face (NaN embedding rows are dropped), in input order. Columns: each identity's first
+    photo with a face (smallest photo key, e.g. its file name), identities sorted. Entry: squared distance of the
+    photo to that identity's first photo; NaN for the photo's own identity (a probe is never its own impostor).
+    This is how the shipped `openset.json` is built from lfw-dev (`python -m models.calibration_tables`).
+    """
+    emb = np.asarray(embeddings, dtype=np.float32)
+    ids = list(identities)
+    keys = list(photo_keys)
+    if emb.ndim != 2 or len(ids) != emb.shape[0] or len(keys) != emb.shape[0]:
+        raise ValueError("embeddings must be (n, d) with one identity and one photo key per row")
+    rows = [i for i in range(emb.shape[0]) if not np.isnan(emb[i]).any()]
+    by_id: dict[Hashable, list[int]] = {}
+    for r in rows:
+        by_id.setdefault(ids[r], []).append(r)
+    names = sorted(by_id)  # type: ignore[type-var]
+    if len(names) < 3:
+        raise ValueError("need photos of at least 3 identities (2 impostor identities per photo)")
+    first = [min(by_id[n], key=lambda r: keys[r]) for n in names]
+    column = {n: j for j, n in enumerate(names)}
+    out = squared_l2(emb[rows], emb[first]).astype(np.float64)
+    out[np.arange(len(rows)), [column[ids[r]] for r in rows]] = np.nan
+    return out
 
 
 # ---------------------------------------------------------------------------- the decision

@@ -20,6 +20,7 @@ from app.vision.detect import FaceDetector
 from app.vision.embed import FaceEmbedder
 from app.vision.landmarks import LandmarkPredictor
 from app.vision.models import Manifest, load_manifest
+from app.vision.quality import FaceQuality, measure
 from app.vision.types import Detection, Face, Image, Landmarks
 
 
@@ -95,9 +96,16 @@ class Pipeline:
         if not detections:
             return []
         points = [self.landmarks.predict(work.pixels, d.box) for d in detections]
-        embeddings = self.embedder.embed(face_chips(work.pixels, points))
+        chips = face_chips(work.pixels, points)
+        # Quality is measured where the embedding comes from: the working photo (pixels as the models see them).
+        qualities = [
+            measure(image_shape=work.pixels.shape, box=d.box, landmarks=p, chip=c, score=d.score)
+            for d, p, c in zip(detections, points, chips, strict=True)
+        ]
+        embeddings = self.embedder.embed(chips)
         return [
-            _to_original(d, p, e, work.scale) for d, p, e in zip(detections, points, embeddings, strict=True)
+            _to_original(d, p, e, work.scale, q)
+            for d, p, e, q in zip(detections, points, embeddings, qualities, strict=True)
         ]
 
     def embed_photo(self, image: Image, *, face: str = "single") -> Face:
@@ -115,9 +123,11 @@ class Pipeline:
         return faces[0]
 
 
-def _to_original(detection: Detection, points: Landmarks, embedding: np.ndarray, scale: float) -> Face:
+def _to_original(
+    detection: Detection, points: Landmarks, embedding: np.ndarray, scale: float, quality: FaceQuality | None = None
+) -> Face:
     if scale == 1.0:
-        return Face(detection.box, detection.score, points, embedding)
+        return Face(detection.box, detection.score, points, embedding, quality)
     back = 1.0 / scale
     original = np.floor(points.astype(np.float64) * back + 0.5).astype(np.int64)
-    return Face(detection.box.scaled(back), detection.score, original, embedding)
+    return Face(detection.box.scaled(back), detection.score, original, embedding, quality)

@@ -9,9 +9,13 @@ corner of the other eye, 4 below the nose.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from app.vision.quality import FaceQuality
 
 Image = npt.NDArray[np.uint8]  # H x W x 3, RGB, C-contiguous
 Chips = npt.NDArray[np.uint8]  # N x 150 x 150 x 3, RGB
@@ -66,6 +70,7 @@ class Face:
     score: float
     landmarks: Landmarks
     embedding: npt.NDArray[np.float32]  # 128 float32, not normalised (dlib's scale)
+    quality: FaceQuality | None = None  # measured on the chip the embedding came from (vision.quality)
 
 
 def _round_half_away(v: float) -> float:

@@ -17,6 +17,7 @@ from app.matching.openset import (
     build_model,
     decide,
     facegate_score,
+    leave_one_identity_out,
     load_default_model,
     nearest_identities,
     simulate_stranger_scores,
@@ -200,3 +201,22 @@ class TestGallerySizeCalibration:
         np.testing.assert_array_equal(a, b)
         with pytest.raises(ValueError):
             simulate_stranger_scores(ref[:, :1], 7)
+
+
+class TestLeaveOneIdentityOut:
+    def test_rows_columns_and_own_identity(self) -> None:
+        e = np.zeros((6, 4), np.float32)
+        e[:, 0] = [0.0, 1.0, 2.0, 3.0, 5.0, 9.0]
+        e[5] = np.nan  # a photo without a face: no row
+        ids = ["bob", "ann", "bob", "cy", "ann", "cy"]
+        keys = ["b2", "a2", "b1", "c1", "a1", "c0"]  # c0 has no face: cy's first photo is c1
+        r = leave_one_identity_out(e, ids, keys)
+        # rows: photos 0..4 in input order; columns: ann (a1 = 5.0), bob (b1 = 2.0), cy (c1 = 3.0)
+        expected = np.array(
+            [[25.0, np.nan, 9.0], [np.nan, 1.0, 4.0], [9.0, np.nan, 1.0], [4.0, 1.0, np.nan], [np.nan, 9.0, 4.0]]
+        )
+        np.testing.assert_allclose(r, expected)
+
+    def test_needs_three_identities(self) -> None:
+        with pytest.raises(ValueError):
+            leave_one_identity_out(np.eye(3, dtype=np.float32), ["a", "b", "a"], ["1", "2", "3"])

@@ -1,56 +1,27 @@
 """End-to-end parity with dlib on every photo of the dev set, and identical verification decisions on its pairs.
 
 Both sides get the same working image (decoded, EXIF-applied, shrunk to detector.max_side) and the same
-upsample count, so the comparison is of the models and maths, not of resize policy.
+upsample count, so the comparison is of the models and maths, not of resize policy (tests/dev_embeddings.py).
 """
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from app.config import Settings
-from app.vision.align import face_chips
-from app.vision.decode import load_image
-from app.vision.pipeline import Pipeline, working_image
-from tests.oracle import OracleFace, iou, oracle_many, photo_paths
+from tests.dev_embeddings import DevResults, PhotoResult
+from tests.oracle import iou
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 
-@dataclass
-class PhotoResult:
-    ours_boxes: list[tuple[int, int, int, int]]
-    ours_scores: list[float]
-    ours_points: list[np.ndarray]
-    ours_embeddings: np.ndarray
-    dlib: list[OracleFace]
-
-
 @pytest.fixture(scope="module")
-def parity(dev_faces: Path, models_dir: Path) -> dict[str, PhotoResult]:
-    settings = Settings(models_dir=models_dir, runtime={"providers": ["CPUExecutionProvider"]})
-    pipeline = Pipeline.from_settings(settings)
-    paths = photo_paths(dev_faces)
-    works = [working_image(load_image(p, max_pixels=settings.image.max_pixels), settings.detector) for p in paths]
-    oracle = oracle_many([(w.pixels, w.upsample) for w in works])
-    results: dict[str, PhotoResult] = {}
-    for path, work, dlib_faces in zip(paths, works, oracle, strict=True):
-        detections = pipeline.detector.detect(work.pixels, upsample=work.upsample)
-        points = [pipeline.landmarks.predict(work.pixels, d.box) for d in detections]
-        embeddings = pipeline.embedder.embed(face_chips(work.pixels, points)) if points else np.zeros((0, 128), np.float32)
-        results[str(path.relative_to(dev_faces))] = PhotoResult(
-            [(d.box.left, d.box.top, d.box.right, d.box.bottom) for d in detections],
-            [d.score for d in detections],
-            points,
-            embeddings,
-            dlib_faces,
-        )
-    return results
+def parity(dev_results: DevResults) -> dict[str, PhotoResult]:
+    """Shared with the issue-5 figure tests (tests/conftest.py `dev_results`, computed once per session)."""
+    return dev_results.photos
 
 
 def test_every_dev_photo_matches_dlib(parity: dict[str, PhotoResult]) -> None:

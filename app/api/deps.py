@@ -1,0 +1,83 @@
+"""Dependencies as `Annotated` aliases: a handler's signature says what it needs.
+
+Everything lives on `app.state` (set by `app.main`'s lifespan), never in module globals, so that several apps
+(tests, workers) never share state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from app.api.metrics import Metrics
+from app.config import Settings
+from app.errors import InvalidRequest
+from app.gallery import Gallery
+from app.service import FaceService
+from app.vision.pipeline import Pipeline
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_service(request: Request) -> FaceService:
+    service: FaceService = request.app.state.service
+    return service
+
+
+def get_pipeline(request: Request) -> Pipeline:
+    return get_service(request).pipeline
+
+
+def get_gallery(request: Request) -> Gallery:
+    return get_service(request).gallery
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ServiceDep = Annotated[FaceService, Depends(get_service)]
+PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
+GalleryDep = Annotated[Gallery, Depends(get_gallery)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+def form_fields(*allowed: str, repeatable: tuple[str, ...] = ()) -> Callable[[Request], Coroutine[Any, Any, None]]:
+    """A dependency refusing multipart fields other than `allowed` (a misspelt field is an error, not ignored), and
+    fields sent more than once (which one would count is a guess) unless they are `repeatable` (lists)."""
+
+    async def check(request: Request) -> None:
+        form = await request.form()  # already parsed (and cached) by FastAPI for the route's Form/File parameters
+        unknown = sorted({key for key in form if key not in allowed})
+        if unknown:
+            raise InvalidRequest(
+                f"unknown field(s) {', '.join(map(repr, unknown))}; this endpoint takes {', '.join(allowed)}",
+                unknown_fields=unknown,
+                allowed_fields=list(allowed),
+            )
+        repeated = sorted({key for key in form if key not in repeatable and len(form.getlist(key)) > 1})
+        if repeated:
+            raise InvalidRequest(f"field(s) sent more than once: {', '.join(repeated)}", repeated_fields=repeated)
+
+    return check
+
+
+def parse_metadata(raw: str | None) -> dict[str, Any] | None:
+    """The `metadata` form field: a JSON object, or nothing."""
+    if raw is None or raw == "":
+        return None
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidRequest("metadata must be a JSON object (it is not valid JSON)", field="metadata") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest("metadata must be a JSON object", field="metadata")
+    return value

@@ -1,0 +1,191 @@
+"""The one place where errors become HTTP: status codes and the `{"error": {"code", "message", "details"?}}` body.
+
+The core raises typed exceptions from `app.errors`; routes never build error responses themselves. Anything not
+mapped here (a bug, a crashed library) becomes a logged, generic 500 that names nothing internal.
+
+Status map (also in the OpenAPI document of every route):
+
+| code                          | status | when                                                          |
+|-------------------------------|--------|---------------------------------------------------------------|
+| invalid_request               | 422    | missing/unknown/repeated/out-of-range fields, contradictions  |
+| invalid_request               | 400    | a body that cannot be parsed at all (malformed multipart)     |
+| invalid_image                 | 422    | not an image, truncated, a format we do not decode            |
+| image_too_small               | 422    | too small for the detector                                    |
+| no_face                       | 422    | no face found                                                 |
+| multiple_faces                | 422    | several faces and `face=single`; details.boxes lists them     |
+| image_too_large               | 413    | more pixels than `image.max_pixels`                           |
+| request_too_large             | 413    | body larger than `image.max_upload_bytes`                     |
+| unknown_identity/unknown_face | 404    | no such id                                                    |
+| no_enrolled_faces             | 409    | verify against an identity whose faces were all deleted       |
+| low_quality                   | 422    | enrol: the face fails a quality limit; details.reasons        |
+| possible_duplicate            | 409    | enrol a new identity whose face matches an enrolled one       |
+| insufficient_data             | 409    | calibrate on a gallery without 2 identities of >= 2 faces     |
+| not_found / method_not_allowed| 404/405| no such route / method                                        |
+| model_unavailable             | 503    | models missing, corrupt or the required GPU is not usable     |
+| internal_error                | 500    | anything else (logged with a request id, nothing leaked)      |
+
+`invalid_image` is 422, not 415: 415 is about the request's Content-Type, and the request itself (multipart) is
+fine; it is the content of the `image` field that cannot be processed.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable, Mapping
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import errors
+
+log = logging.getLogger(__name__)
+
+# code -> HTTP status. Keyed by code (not class) so that errors added later in app/errors.py by their code are
+# found; `status_for` walks the class hierarchy for subclasses that reuse a parent's code.
+STATUS_BY_CODE: dict[str, int] = {
+    errors.InvalidRequest.code: 422,
+    errors.InvalidImage.code: 422,
+    errors.ImageTooSmall.code: 422,
+    errors.NoFace.code: 422,
+    errors.MultipleFaces.code: 422,
+    errors.ImageTooLarge.code: 413,
+    errors.RequestTooLarge.code: 413,
+    errors.NoEnrolledFaces.code: 409,
+    errors.ModelUnavailable.code: 503,
+    "unknown_identity": 404,
+    "unknown_face": 404,
+    # issue 5 / 6 codes, mapped ahead so that adding the exception is enough
+    errors.LowQuality.code: 422,
+    errors.PossibleDuplicate.code: 409,
+    errors.InsufficientData.code: 409,
+    "unsupported_image": 415,
+    "unauthorized": 401,
+    "forbidden": 403,
+}
+
+# HTTP errors raised by the framework itself (unknown route, wrong method, unparseable body).
+_HTTP_CODES: dict[int, str] = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def status_for(exc: errors.FacegateError) -> int | None:
+    for cls in type(exc).__mro__:
+        code = getattr(cls, "code", None)
+        if code in STATUS_BY_CODE:
+            return STATUS_BY_CODE[code]
+    return None
+
+
+def error_body(code: str, message: str, details: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        body["details"] = dict(details)
+    return {"error": body}
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    details: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message, details), status_code=status, headers=dict(headers or {}))
+
+
+def _internal_error(request: Request, exc: BaseException) -> JSONResponse:
+    incident = uuid.uuid4().hex[:12]
+    log.error(
+        "unhandled error %s on %s %s",
+        incident,
+        request.method,
+        request.url.path,
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )
+    return error_response(500, "internal_error", f"internal error (incident {incident}); it has been logged")
+
+
+async def facegate_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.FacegateError)
+    status = status_for(exc)
+    if status is None:
+        return _internal_error(request, exc)
+    return error_response(status, exc.code, exc.message, _jsonable(exc.details))
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = list(_clean_validation_errors(exc.errors()))
+    summary = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'request'}: {p['message']}" for p in problems[:5])
+    return error_response(422, "invalid_request", f"invalid request: {summary}", {"errors": problems})
+
+
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    try:
+        default = HTTPStatus(exc.status_code).phrase
+    except ValueError:
+        default = "HTTP error"
+    message = exc.detail if isinstance(exc.detail, str) and exc.detail else default
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"no route {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    return error_response(exc.status_code, code, message, headers=exc.headers)
+
+
+async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    return _internal_error(request, exc)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(errors.FacegateError, facegate_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    # Registered for Exception, Starlette runs this in ServerErrorMiddleware (outermost): a JSON 500 is sent, then
+    # the exception is re-raised for the server to log; the client never sees a traceback.
+    app.add_exception_handler(Exception, unhandled_error_handler)
+
+
+def _clean_validation_errors(raw: Iterable[Mapping[str, Any]]) -> Iterable[dict[str, Any]]:
+    """Pydantic's errors without `input`/`ctx`/`url`: the input may be a whole upload or a secret."""
+    for e in raw:
+        loc = [part for part in e.get("loc", ()) if part not in ("body",)] or list(e.get("loc", ()))
+        yield {
+            "loc": [str(p) for p in loc],
+            "message": str(e.get("msg", "invalid")),
+            "type": str(e.get("type", "value_error")),
+        }
+
+
+def _jsonable(details: Mapping[str, Any]) -> dict[str, Any]:
+    """Details as plain JSON values (numpy scalars, tuples and dataclass-like boxes flattened)."""
+    out: dict[str, Any] = {}
+    for key, value in details.items():
+        out[key] = _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalar
+        return value.item()
+    if hasattr(value, "as_dict") and callable(value.as_dict):
+        return value.as_dict()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

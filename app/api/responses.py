@@ -1,0 +1,31 @@
+"""OpenAPI documentation of the error responses each route can give (all share the ErrorResponse shape)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.api.schemas import ErrorResponse
+
+_DESCRIPTIONS = {
+    400: "invalid_request: the body cannot be parsed (malformed multipart)",
+    401: "unauthorized: no or unknown API key",
+    404: "unknown_identity / unknown_face / not_found",
+    405: "method_not_allowed",
+    409: "no_enrolled_faces: the identity has no face left to compare with / possible_duplicate (enrol: the face "
+    "already matches an enrolled identity; details name it) / insufficient_data (calibrate: not enough pairs)",
+    413: "request_too_large (body over image.max_upload_bytes) / image_too_large (over image.max_pixels)",
+    422: "invalid_request (missing, unknown or out-of-range fields) / invalid_image / image_too_small / no_face / "
+    "multiple_faces (details.boxes lists every face) / low_quality (enrol: details.reasons lists each failing "
+    "measurement with its value and limit, details.quality every measurement)",
+    500: "internal_error: logged; the body names nothing internal",
+    503: "model_unavailable / not ready",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route: the listed statuses plus 422 (validation) and 500, all as ErrorResponse."""
+    codes = sorted(set(statuses) | {422, 500})
+    return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]} for code in codes}
+
+
+PHOTO = (400, 404, 413, 422, 503)

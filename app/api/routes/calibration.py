@@ -1,0 +1,111 @@
+"""Calibration (admin): choose the 1:1 threshold for a target false-accept rate, and see where the active one came from.
+
+`POST /calibrate` computes the threshold from the gallery's own identities with >= 2 faces, or from distances of
+labelled pairs the client computed (`facegate eval`); with `apply` it becomes the deployment threshold, stored in
+the gallery database. `GET /calibration` shows the active threshold, the stored calibration and the table shipped
+with the model. `DELETE /calibration` goes back to FACEGATE_THRESHOLD. These change every later decision: once API
+keys exist (issue 6), only admin keys may call them.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from app.api import responses
+from app.api.deps import ServiceDep
+from app.api.schemas import (
+    CalibrateRequest,
+    CalibrateResponse,
+    CalibrationReset,
+    CalibrationResponse,
+    CalibrationRow,
+    DefaultTableOut,
+    DeploymentCalibrationOut,
+)
+
+router = APIRouter(tags=["admin"])
+
+
+@router.post(
+    "/calibrate",
+    response_model=CalibrateResponse,
+    responses=responses.errors(409),
+    summary="Threshold for a target false-accept rate (from the gallery or from labelled distances); apply to store it",
+)
+async def calibrate(service: ServiceDep, body: CalibrateRequest) -> CalibrateResponse:
+    result = await run_in_threadpool(
+        service.calibrate,
+        body.source,
+        target_far=body.target_far,
+        same=body.same,
+        different=body.different,
+        apply=body.apply,
+    )
+    c = result.calibration
+    return CalibrateResponse(
+        threshold=c.threshold,
+        target_far=c.target_far,
+        far=c.far,
+        far_interval=c.far_interval,
+        val=c.val,
+        val_interval=c.val_interval,
+        confidence=c.confidence,
+        n_pairs=result.n_pairs,
+        n_same=c.n_same,
+        n_different=c.n_different,
+        n_identities=result.n_identities,
+        source=result.source,
+        applied=result.applied,
+        computed_at=result.computed_at,
+        model_version=result.model_version,
+    )
+
+
+@router.get(
+    "/calibration",
+    response_model=CalibrationResponse,
+    responses=responses.errors(),
+    summary="The active threshold, where it came from, and the shipped calibration table",
+)
+async def calibration(service: ServiceDep) -> CalibrationResponse:
+    status = await run_in_threadpool(service.calibration_status)
+    table = status.table
+    record = status.deployment
+    return CalibrationResponse(
+        threshold=status.threshold.value,
+        threshold_source=status.threshold.source,
+        far_estimate=status.far_estimate,
+        deployment=DeploymentCalibrationOut(
+            value=record.value if isinstance(record.value, dict) else {"threshold": record.value},
+            source=record.source,
+            updated_at=record.updated_at,
+        )
+        if record is not None
+        else None,
+        default_table=DefaultTableOut(
+            model_version=table.model_version,
+            source=table.source,
+            n_same=table.n_same,
+            n_different=table.n_different,
+            n_missing=table.n_missing,
+            rows=[
+                CalibrationRow(threshold=float(t), far=float(f), val=float(v), far_upper=float(u))
+                for t, f, v, u in zip(table.thresholds, table.far, table.val, table.far_upper, strict=True)
+            ],
+        )
+        if table is not None
+        else None,
+    )
+
+
+@router.delete(
+    "/calibration",
+    response_model=CalibrationReset,
+    responses=responses.errors(),
+    summary="Forget the stored deployment threshold (back to FACEGATE_THRESHOLD)",
+)
+async def reset_calibration(service: ServiceDep) -> CalibrationReset:
+    removed = await run_in_threadpool(service.reset_calibration)
+    threshold = await run_in_threadpool(service.resolve_threshold)
+    return CalibrationReset(removed=removed, threshold=threshold.value, threshold_source=threshold.source)

@@ -1,0 +1,70 @@
+"""Shapes shared by the routes: service dataclasses -> public response models, and reading uploads."""
+
+from __future__ import annotations
+
+from fastapi import UploadFile
+
+from app.api.schemas import (
+    BoxOut,
+    CandidateOut,
+    FaceOut,
+    FacePublic,
+    IdentityPublic,
+    QualityIssueOut,
+    QualityOut,
+)
+from app.errors import InvalidImage
+from app.gallery import FaceRecord, IdentityRecord
+from app.service import Candidate, FoundFace
+from app.vision.types import Box
+
+
+async def read_photo(upload: UploadFile, field: str) -> bytes:
+    data = await upload.read()
+    if not data:
+        raise InvalidImage(f"{field} is empty", field=field)
+    return data
+
+
+def box_out(box: Box) -> BoxOut:
+    return BoxOut(left=box.left, top=box.top, right=box.right, bottom=box.bottom)
+
+
+def quality_out(face: FoundFace) -> QualityOut | None:
+    if face.quality is None:
+        return None
+    return QualityOut(
+        **face.quality.as_dict(),
+        issues=[QualityIssueOut(issue=i.issue.value, measured=i.measured, limit=i.limit) for i in face.quality_issues],
+    )
+
+
+def face_out(face: FoundFace) -> FaceOut:
+    return FaceOut(box=box_out(face.box), score=face.score, quality=quality_out(face))
+
+
+def candidate_out(c: Candidate) -> CandidateOut:
+    return CandidateOut(identity_id=c.identity_id, name=c.name, face_id=c.face_id, distance=c.distance)
+
+
+def face_public(face: FaceRecord, model_version: str) -> FacePublic:
+    return FacePublic(
+        id=face.id,
+        model_version=face.model_version,
+        created_at=face.created_at,
+        box=box_out(face.box),
+        score=face.detector_score,
+        stale=face.model_version != model_version,
+    )
+
+
+def identity_public(identity: IdentityRecord, model_version: str, *, with_faces: bool = False) -> IdentityPublic:
+    return IdentityPublic(
+        id=identity.id,
+        name=identity.name,
+        metadata=identity.metadata,
+        created_at=identity.created_at,
+        updated_at=identity.updated_at,
+        face_count=identity.face_count,
+        faces=[face_public(f, model_version) for f in identity.faces] if with_faces else None,
+    )

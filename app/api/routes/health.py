@@ -1,0 +1,51 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.api import responses
+from app.api.deps import MetricsDep, ServiceDep
+from app.api.metrics import CONTENT_TYPE
+from app.api.schemas import Health, Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health, summary="The process is up (does not touch models or database)")
+async def healthz() -> Health:
+    return Health()
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Not ready: see `problems`."}, **responses.errors()},
+    summary="Ready to serve: models loaded, database reachable, index built",
+)
+async def readyz(service: ServiceDep) -> JSONResponse:
+    state = await run_in_threadpool(service.readiness)
+    body = Readiness(
+        ready=state.ready,
+        models_loaded=state.models_loaded,
+        providers=state.providers,
+        database=state.database,
+        gallery_size=state.gallery_size,
+        identities=state.identities,
+        stale_faces=state.stale_faces,
+        model_version=state.model_version,
+        problems=list(state.problems),
+    )
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if state.ready else 503)
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {}}, "description": "Prometheus text format"}},
+    summary="Prometheus metrics",
+)
+async def metrics(metrics: MetricsDep) -> Response:
+    return Response(metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,128 @@
+"""Identities: list, read, rename / re-describe, delete (really), add and delete faces."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile, status
+from starlette.concurrency import run_in_threadpool
+
+from app.api import responses
+from app.api.deps import MetricsDep, ServiceDep, form_fields
+from app.api.routes.common import face_out, identity_public, read_photo
+from app.api.schemas import (
+    NAME_MAX_LENGTH,
+    DeletionResponse,
+    EnrollResponse,
+    IdentityPage,
+    IdentityPublic,
+    IdentityUpdate,
+)
+from app.gallery import DeletionReport
+from app.service import FacePolicy
+
+router = APIRouter(prefix="/identities", tags=["identities"])
+
+IdentityId = Annotated[str, Path(max_length=64, description="Identity id (32 hex characters).")]
+FaceId = Annotated[str, Path(max_length=64, description="Face id (32 hex characters).")]
+
+
+@router.get("", response_model=IdentityPage, responses=responses.errors(), summary="List identities (paged)")
+async def list_identities(
+    service: ServiceDep,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    name: Annotated[
+        str | None, Query(max_length=NAME_MAX_LENGTH, description="Only names containing this (case-insensitive).")
+    ] = None,
+) -> IdentityPage:
+    page = await run_in_threadpool(service.list_identities, offset=offset, limit=limit, name=name)
+    version = service.pipeline.model_version
+    return IdentityPage(
+        items=[identity_public(i, version) for i in page.items], total=page.total, offset=page.offset, limit=page.limit
+    )
+
+
+@router.get(
+    "/{identity_id}",
+    response_model=IdentityPublic,
+    responses=responses.errors(404),
+    summary="One identity with its faces",
+)
+async def get_identity(service: ServiceDep, identity_id: IdentityId) -> IdentityPublic:
+    identity = await run_in_threadpool(service.get_identity, identity_id)
+    return identity_public(identity, service.pipeline.model_version, with_faces=True)
+
+
+@router.patch(
+    "/{identity_id}",
+    response_model=IdentityPublic,
+    responses=responses.errors(404),
+    summary="Rename and/or replace the metadata (JSON body)",
+)
+async def update_identity(service: ServiceDep, identity_id: IdentityId, body: IdentityUpdate) -> IdentityPublic:
+    identity = await run_in_threadpool(service.update_identity, identity_id, name=body.name, metadata=body.metadata)
+    return identity_public(identity, service.pipeline.model_version, with_faces=True)
+
+
+@router.delete(
+    "/{identity_id}",
+    response_model=DeletionResponse,
+    responses=responses.errors(404),
+    summary="Delete the identity and every face (embeddings are removed from the database and the index)",
+)
+async def delete_identity(service: ServiceDep, identity_id: IdentityId) -> DeletionResponse:
+    report = await run_in_threadpool(service.delete_identity, identity_id)
+    return _deletion(report)
+
+
+@router.post(
+    "/{identity_id}/faces",
+    status_code=status.HTTP_201_CREATED,
+    response_model=EnrollResponse,
+    responses=responses.errors(*responses.PHOTO),
+    dependencies=[Depends(form_fields("image", "face", "allow_low_quality"))],
+    summary="Add a face to the identity",
+)
+async def add_face(
+    service: ServiceDep,
+    metrics: MetricsDep,
+    identity_id: IdentityId,
+    image: Annotated[UploadFile, File(description="The photo with the identity's face.")],
+    face: Annotated[FacePolicy, Form(description="single or largest (photos with several faces).")] = FacePolicy.single,
+    allow_low_quality: Annotated[
+        bool, Form(description="Add the face even if it fails a quality limit (else 422 low_quality).")
+    ] = False,
+) -> EnrollResponse:
+    photo = await read_photo(image, "image")
+    result = await run_in_threadpool(
+        service.add_face, identity_id, photo, face=face, allow_low_quality=allow_low_quality
+    )
+    metrics.enrolments.inc()
+    return EnrollResponse(
+        identity_id=result.identity_id,
+        face_id=result.face_id,
+        name=result.name,
+        created=result.created,
+        face=face_out(result.face),
+        model_version=result.model_version,
+    )
+
+
+@router.delete(
+    "/{identity_id}/faces/{face_id}",
+    response_model=DeletionResponse,
+    responses=responses.errors(404),
+    summary="Delete one face (the identity stays, even with no face left)",
+)
+async def delete_face(service: ServiceDep, identity_id: IdentityId, face_id: FaceId) -> DeletionResponse:
+    report = await run_in_threadpool(service.delete_face, identity_id, face_id)
+    return _deletion(report)
+
+
+def _deletion(report: DeletionReport) -> DeletionResponse:
+    return DeletionResponse(
+        identity_id=report.identity_id,
+        identity_deleted=report.identity_deleted,
+        deleted_face_ids=list(report.face_ids),
+    )

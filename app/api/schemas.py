@@ -1,0 +1,353 @@
+"""Request and public response models. Ids are strings on the wire; embeddings never appear in a response."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.service import CalibrationSource, ThresholdSource
+
+# Limits on what a request may carry besides photos (issue 6: huge JSON, very long names).
+NAME_MAX_LENGTH = 200
+METADATA_MAX_BYTES = 16 * 1024
+TOP_K_MAX = 100
+THRESHOLD_MAX = 4.0  # squared L2 between dlib embeddings stays well under 4 (norms are ~1)
+
+
+class Public(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class BoxOut(Public):
+    """Pixel box in the uploaded photo (after EXIF rotation), inclusive corners as dlib: width = right - left + 1."""
+
+    left: int
+    top: int
+    right: int
+    bottom: int
+
+
+class QualityIssueOut(Public):
+    issue: Literal["small_face", "blurry", "too_dark", "too_bright", "cut_off", "turned", "tilted", "low_score"]
+    measured: float
+    limit: float = Field(description="The configured limit (FACEGATE_QUALITY__*) the measurement is beyond.")
+
+
+class QualityOut(Public):
+    """Face quality measured on the face chip the embedding came from (app/vision/quality.py)."""
+
+    inter_ocular_px: float = Field(
+        description="Distance between the eye centres in pixels of the photo as the models see it (shrunk to "
+        "detector.max_side for larger photos)."
+    )
+    sharpness: float = Field(description="Variance of the Laplacian on the chip's centre (low = blurred).")
+    brightness: float = Field(description="Mean grey level 0-255 of the chip's centre.")
+    outside_fraction: float = Field(description="Share of the face box outside the photo (0 = whole face inside).")
+    yaw: float = Field(description="Nose offset from the eyes' midpoint / inter-ocular distance (0 = frontal).")
+    roll_deg: float = Field(description="Angle of the eye line from horizontal, degrees.")
+    score: float = Field(description="Detector score.")
+    issues: list[QualityIssueOut] = Field(
+        default_factory=list,
+        description="The configured quality limits this face fails (enrolment refuses such faces with 422 "
+        "low_quality unless allow_low_quality=true; verify and identify only report them).",
+    )
+
+
+class FaceOut(Public):
+    box: BoxOut
+    score: float = Field(description="MMOD detector confidence (dlib keeps faces with score > 0; higher is surer).")
+    quality: QualityOut | None = None
+
+
+# --- errors ---------------------------------------------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. no_face, multiple_faces, unknown_identity.")
+    message: str = Field(description="For people; may change between versions.")
+    details: dict[str, Any] | None = Field(default=None, description="Extra data, e.g. `boxes` for multiple_faces.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# --- enrol ----------------------------------------------------------------------------------------------------------
+
+
+class CandidateOut(Public):
+    identity_id: str
+    name: str
+    face_id: str = Field(description="The identity's enrolled face nearest to this face.")
+    distance: float
+
+
+
+
+class EnrollResponse(Public):
+    identity_id: str
+    face_id: str
+    name: str
+    created: bool = Field(description="True when this request created the identity, false when it added a face.")
+    face: FaceOut
+    model_version: str
+    possible_duplicate: CandidateOut | None = Field(
+        default=None,
+        description="The enrolled identity this new identity's face already matches (only when allow_duplicate=true "
+        "let it through; without it the request is refused with 409 possible_duplicate).",
+    )
+
+
+# --- verify / identify ----------------------------------------------------------------------------------------------
+
+
+class Decision(Public):
+    match: bool = Field(description="distance <= threshold")
+    distance: float = Field(description="Squared L2 distance between the 128-d embeddings (0 = identical).")
+    threshold: float = Field(description="The threshold this decision used.")
+    threshold_source: ThresholdSource = Field(
+        description="request: the `threshold` field; deployment: the calibrated threshold stored in the gallery; "
+        "settings: FACEGATE_THRESHOLD."
+    )
+    far_estimate: float | None = Field(
+        default=None,
+        description="Estimated false-accept rate at this threshold (from the calibration table), if known.",
+    )
+
+
+class VerifyIdentityResponse(Decision):
+    mode: Literal["identity"] = "identity"
+    identity_id: str
+    nearest_face_id: str = Field(description="The enrolled face of the identity nearest to the photo.")
+    face: FaceOut = Field(description="The face found in the uploaded photo.")
+
+
+class VerifyPhotosResponse(Decision):
+    mode: Literal["photos"] = "photos"
+    face_a: FaceOut
+    face_b: FaceOut
+
+
+class IdentifiedFaceOut(Public):
+    face: FaceOut
+    match: CandidateOut | None = Field(
+        description="The identity named for this face, only when `reason` is accepted; null otherwise."
+    )
+    reason: Literal["accepted", "unknown", "ambiguous"] = Field(
+        description="accepted: the nearest identity is named. unknown: nobody is close enough (farther than the "
+        "threshold, or not better than strangers score at this gallery size). ambiguous: the two nearest identities "
+        "are too close to tell apart (within `ambiguity_margin`), so nobody is named."
+    )
+    candidates: list[CandidateOut] = Field(
+        description="Nearest identities first, one entry per identity, at most top_k."
+    )
+    margin: float | None = Field(
+        default=None,
+        description="Distance of the second-nearest identity minus the nearest's (null with one identity).",
+    )
+    ambiguous: bool = Field(default=False, description="reason == ambiguous")
+    fpir_estimate: float | None = Field(
+        default=None,
+        description="Share of strangers who would score at least this well against a gallery of this size "
+        "(lower = more confident).",
+    )
+
+
+class IdentifyResponse(Public):
+    faces: list[IdentifiedFaceOut] = Field(description="Every face in the photo, highest detector score first.")
+    threshold: float = Field(description="Largest distance at which anyone is named (the 1:1 threshold).")
+    threshold_source: ThresholdSource
+    target_fpir: float = Field(description="Target share of strangers named as someone (FACEGATE_IDENTIFY_FPIR).")
+    far_estimate: float | None = Field(default=None, description="1:1 false-accept rate at `threshold`, if known.")
+    gallery_size: int = Field(description="Faces searched.")
+    identities: int = Field(description="Identities searched.")
+
+
+# --- identities -----------------------------------------------------------------------------------------------------
+
+
+class FacePublic(Public):
+    id: str
+    model_version: str
+    created_at: datetime | None = None
+    box: BoxOut | None = None
+    score: float | None = None
+    stale: bool = Field(default=False, description="Made by another model version: not searched until re-enrolled.")
+
+
+class IdentityPublic(Public):
+    id: str
+    name: str
+    metadata: dict[str, Any]
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    face_count: int
+    faces: list[FacePublic] | None = Field(default=None, description="Present on GET /identities/{id}.")
+
+
+class IdentityPage(Public):
+    items: list[IdentityPublic]
+    total: int
+    offset: int
+    limit: int
+
+
+class IdentityUpdate(BaseModel):
+    """PATCH body: only the fields sent are changed; unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=NAME_MAX_LENGTH)
+    metadata: dict[str, Any] | None = Field(default=None, description="Replaces the whole metadata object.")
+
+
+class DeletionResponse(Public):
+    identity_id: str
+    identity_deleted: bool = Field(description="True when the identity itself was removed.")
+    deleted_face_ids: list[str] = Field(description="Faces whose embeddings were removed from the database and index.")
+
+
+# --- calibration (admin) --------------------------------------------------------------------------------------------
+
+MAX_CALIBRATION_DISTANCES = 2_000_000
+
+
+class CalibrateRequest(BaseModel):
+    """POST /calibrate body. `source`: "gallery" (the gallery's identities with >= 2 faces) or "pairs" (squared L2
+    distances of labelled pairs the client computed, e.g. with `facegate eval`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: CalibrationSource
+    target_far: float = Field(
+        default=1e-3,
+        gt=0.0,
+        lt=1.0,
+        description="Target false-accept rate (share of different-person pairs accepted). Lower: a stricter "
+        "threshold (fewer strangers accepted, more genuine users refused).",
+    )
+    same: list[float] | None = Field(
+        default=None, max_length=MAX_CALIBRATION_DISTANCES, description="source=pairs: same-person distances."
+    )
+    different: list[float] | None = Field(
+        default=None, max_length=MAX_CALIBRATION_DISTANCES, description="source=pairs: different-person distances."
+    )
+    apply: bool = Field(
+        default=False,
+        description="Store the threshold as the deployment threshold (used by verify/identify requests that give "
+        "none), with when and from what it was computed.",
+    )
+
+
+class CalibrateResponse(Public):
+    threshold: float = Field(description="Largest distance whose FAR on the pairs is <= target_far.")
+    target_far: float
+    far: float = Field(description="FAR measured on the pairs at `threshold`.")
+    far_interval: tuple[float, float] = Field(
+        description="Confidence interval of the FAR (Clopper-Pearson, `confidence`) from the number of different "
+        "pairs: few pairs, wide interval. Pairs sharing photos or people are not independent, so it is optimistic."
+    )
+    val: float = Field(description="Share of same-person pairs accepted at `threshold` (VAL, FaceNet's term).")
+    val_interval: tuple[float, float]
+    confidence: float
+    n_pairs: int
+    n_same: int
+    n_different: int
+    n_identities: int | None = Field(default=None, description="source=gallery: identities with >= 2 faces used.")
+    source: CalibrationSource
+    applied: bool = Field(description="True when stored as the deployment threshold.")
+    computed_at: datetime
+    model_version: str
+
+
+class CalibrationRow(Public):
+    threshold: float
+    far: float
+    val: float
+    far_upper: float = Field(description="Upper 97.5 % confidence bound of the FAR.")
+
+
+class DefaultTableOut(Public):
+    model_version: str
+    source: str
+    n_same: int
+    n_different: int
+    n_missing: int
+    rows: list[CalibrationRow]
+
+
+class DeploymentCalibrationOut(Public):
+    value: dict[str, Any] = Field(description="What POST /calibrate stored: threshold, target_far, source, "
+                                  "computed_at, pair counts, FAR/VAL with intervals, model_version.")
+    source: str | None
+    updated_at: datetime
+
+
+class CalibrationResponse(Public):
+    threshold: float = Field(description="The threshold a request without its own uses.")
+    threshold_source: ThresholdSource = Field(description="deployment (a stored calibration) or settings.")
+    far_estimate: float | None = Field(description="FAR at `threshold` from the shipped default table, if it fits.")
+    deployment: DeploymentCalibrationOut | None = Field(description="The stored calibration, if any.")
+    default_table: DefaultTableOut | None = Field(
+        description="The calibration table shipped with the model (dev pairs): threshold -> FAR, VAL."
+    )
+
+
+class CalibrationReset(Public):
+    removed: bool = Field(description="True when a stored deployment threshold was removed.")
+    threshold: float
+    threshold_source: ThresholdSource
+
+
+# --- cluster --------------------------------------------------------------------------------------------------------
+
+
+class ClusterFaceOut(Public):
+    photo: str = Field(description="The uploaded file's name.")
+    photo_index: int = Field(description="Position of the photo among the uploaded `images` (from 0).")
+    box: BoxOut
+    score: float
+
+
+class ClusterOut(Public):
+    size: int
+    members: list[ClusterFaceOut]
+
+
+class PhotoProblemOut(Public):
+    photo: str
+    photo_index: int
+    code: str = Field(description="no_face, invalid_image, image_too_large, ...")
+    message: str
+
+
+class ClusterResponse(Public):
+    threshold: float
+    threshold_source: ThresholdSource
+    n_photos: int
+    n_faces: int
+    clusters: list[ClusterOut] = Field(description="Groups of >= 2 faces taken for one person, largest first.")
+    sizes: list[int]
+    unclustered: list[ClusterFaceOut] = Field(description="Faces that match no other face (singletons).")
+    problems: list[PhotoProblemOut] = Field(description="Photos that gave no face, with the reason.")
+
+
+# --- health ---------------------------------------------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    models_loaded: bool
+    providers: dict[str, str | None] = Field(description="ONNX Runtime provider each network actually runs on.")
+    database: bool = Field(description="The database answered a query.")
+    gallery_size: int | None = Field(description="Faces in the search index.")
+    identities: int | None = None
+    stale_faces: int | None = Field(description="Stored faces made by another model version (not searched).")
+    model_version: str
+    problems: list[str] = Field(default_factory=list, description="Why not ready, if not.")

@@ -1,0 +1,653 @@
+"""`facegate`: the command line. Commands call the same core functions as the HTTP routes (`app.service`, and
+`app.evaluate` / `app.grouping` for the commands that need no gallery: eval, cluster, calibrate without --apply).
+
+Settings come from the environment (FACEGATE_*), as for the server. Only the commands print; the core logs.
+Exit status: 0 success (for `verify`: a match), 1 a negative answer (`verify`: no match) or some photos failed
+(`enroll`), 2 an error.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import numpy as np
+import typer
+
+from app import evaluate as evaluation
+from app.config import Settings
+from app.errors import FacegateError
+from app.grouping import ClusterMember, ClusterReport, cluster_files
+from app.service import (
+    CalibrationSource,
+    FacePolicy,
+    FaceService,
+    IdentifyResult,
+    VerifyResult,
+)
+from app.vision.pipeline import Pipeline
+
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+cli = typer.Typer(
+    name="facegate",
+    help="Face verification service: enrol people from photos, verify and identify faces, run the HTTP API.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+db_cli = typer.Typer(help="Gallery database maintenance.", no_args_is_help=True)
+cli.add_typer(db_cli, name="db")
+
+ThresholdOption = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        max=4.0,
+        help="Squared L2 distance at or below which two faces are the same person (default: the deployment's "
+        "calibrated threshold, else FACEGATE_THRESHOLD, 0.36). Lower it for fewer false accepts (strangers taken for "
+        "someone) at the cost of more false rejects; raise it for the opposite.",
+    ),
+]
+FaceOption = Annotated[
+    FacePolicy,
+    typer.Option(
+        "--face",
+        help="Photos with several faces: 'single' refuses them, 'largest' uses the largest face.",
+    ),
+]
+
+
+class PhotoSelection(StrEnum):
+    first = "first"
+    all = "all"
+
+
+@cli.callback()
+def main_callback(
+    log_level: Annotated[
+        str, typer.Option(help="Logging level of the core (DEBUG shows provider choices).")
+    ] = "WARNING",
+) -> None:
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _settings() -> Settings:
+    """Settings from the environment, read when a command runs (not cached: one command per process anyway)."""
+    return Settings()
+
+
+def _open_service(settings: Settings) -> FaceService:
+    try:
+        return FaceService.open(settings, load_models=True)
+    except FacegateError as error:
+        _fail(error.message)
+
+
+def _open_pipeline(settings: Settings) -> Pipeline:
+    """The models alone (no gallery database) for commands that only embed photos."""
+    try:
+        pipeline = Pipeline.from_settings(settings)
+        pipeline.load()
+    except FacegateError as error:
+        _fail(error.message)
+    return pipeline
+
+
+def _fail(message: str) -> NoReturn:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        _fail(f"cannot read {path}: {error.strerror}")
+
+
+# -------------------------------------------------------------------------------------------------- serve
+
+
+def api_keys_configured(settings: Settings) -> bool:
+    """Whether clients must authenticate. API keys (issue 6) are not implemented yet: never."""
+    return False
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@cli.command()
+def serve(
+    host: Annotated[
+        str | None,
+        typer.Option(
+            help="Address to listen on (default FACEGATE_HOST, else 127.0.0.1: this machine only). 0.0.0.0 exposes "
+            "the API to the network: do that only with API keys or behind an authenticating proxy.",
+        ),
+    ] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="TCP port (default FACEGATE_PORT, 8000).")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes. More serve more requests at once on more cores, but each loads its own copy of "
+            "the models (~150 MB) and search index; on a GPU one or two are usually enough.",
+        ),
+    ] = 1,
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+) -> None:
+    """Run the HTTP API (uvicorn, app.main:create_app)."""
+    import uvicorn
+
+    settings = _settings()
+    bind = host or settings.host  # an explicit --host or FACEGATE_HOST is honoured; the default is 127.0.0.1
+    if not api_keys_configured(settings):
+        if _is_loopback(bind):
+            typer.echo(f"No API keys exist: listening on {bind} only (local use).")
+        else:
+            typer.secho(
+                f"warning: no API keys exist and host {bind} exposes the API to the network without authentication.",
+                fg=typer.colors.YELLOW,
+                err=True,
+            )
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=bind,
+        port=port or settings.port,
+        workers=workers,
+        log_level=log_level.lower(),
+    )
+
+
+# ------------------------------------------------------------------------------------------------- enroll
+
+
+@dataclass(frozen=True)
+class _Failure:
+    path: Path
+    code: str
+    message: str
+
+
+def _people(directory: Path, selection: PhotoSelection) -> Iterator[tuple[str, list[Path]]]:
+    for person in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        photos = sorted(p for p in person.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+        if photos:
+            yield person.name, photos[:1] if selection is PhotoSelection.first else photos
+
+
+@cli.command()
+def enroll(
+    directory: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, file_okay=False, dir_okay=True, help="One sub-folder per person, named after them."
+        ),
+    ],
+    photos: Annotated[
+        PhotoSelection,
+        typer.Option(
+            help="'first': one photo per person (the first by file name; one is enough to enrol); 'all': every photo "
+            "(more faces per identity make verification more tolerant of pose and age, and enrolment slower).",
+        ),
+    ] = PhotoSelection.first,
+    face: FaceOption = FacePolicy.single,
+    allow_low_quality: Annotated[
+        bool,
+        typer.Option(
+            help="Enrol faces that fail a quality limit (FACEGATE_QUALITY__*: too small, blurred, too dark or "
+            "bright, cut off). Without it they are reported as low_quality and skipped.",
+        ),
+    ] = False,
+    allow_duplicate: Annotated[
+        bool,
+        typer.Option(
+            help="Create a person's identity even if their first face matches another enrolled identity within the "
+            "threshold. Without it such a folder is reported as possible_duplicate and skipped.",
+        ),
+    ] = False,
+) -> None:
+    """Enrol every person of DIRECTORY. A folder whose name is already an identity's name adds faces to it."""
+    people = list(_people(directory, photos))
+    if not people:
+        _fail(f"no photos in sub-folders of {directory}")
+    service = _open_service(_settings())
+    failures: list[_Failure] = []
+    created = added = 0
+    try:
+        total = sum(len(p) for _, p in people)
+        with typer.progressbar(length=total, label="Enrolling", show_pos=True) as bar:
+            for name, paths in people:
+                identity_id = _existing_identity(service, name)
+                for path in paths:
+                    try:
+                        if identity_id is None:
+                            result = service.enroll(
+                                _read(path),
+                                name=name,
+                                face=face,
+                                allow_low_quality=allow_low_quality,
+                                allow_duplicate=allow_duplicate,
+                            )
+                            identity_id = result.identity_id
+                            created += 1
+                        else:
+                            service.enroll(
+                                _read(path), identity_id=identity_id, face=face, allow_low_quality=allow_low_quality
+                            )
+                            added += 1
+                    except FacegateError as error:
+                        failures.append(_Failure(path, error.code, error.message))
+                    bar.update(1)
+    finally:
+        service.close()
+    typer.echo(f"{created} identities created, {added} faces added to existing ones, {len(failures)} photos failed.")
+    for failure in failures:
+        typer.echo(f"  {failure.path}: {failure.code}: {failure.message}")
+    if failures:
+        raise typer.Exit(1)
+
+
+def _existing_identity(service: FaceService, name: str) -> str | None:
+    offset = 0
+    while True:
+        page = service.list_identities(offset=offset, limit=500, name=name)
+        for identity in page.items:
+            if identity.name == name:
+                return identity.id
+        offset += len(page.items)
+        if not page.items or offset >= page.total:
+            return None
+
+
+# ------------------------------------------------------------------------------------------ verify / identify
+
+
+def _decision_line(result: VerifyResult | IdentifyResult) -> str:
+    far = f", estimated FAR {result.far_estimate:.2g}" if result.far_estimate is not None else ""
+    return f"threshold {result.threshold.value:.4f} ({result.threshold.source.value}{far})"
+
+
+@cli.command()
+def verify(
+    photo_a: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="First photo.")],
+    photo_b: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Second photo.")],
+    threshold: ThresholdOption = None,
+    face: FaceOption = FacePolicy.single,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Are the faces of two photos the same person? Exit status 0: match, 1: no match, 2: error."""
+    service = _open_service(_settings())
+    try:
+        result = service.verify_photos(_read(photo_a), _read(photo_b), threshold=threshold, face=face)
+    except FacegateError as error:
+        _fail(f"{error.code}: {error.message}")
+    finally:
+        service.close()
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "match": result.match,
+                    "distance": result.distance,
+                    "threshold": result.threshold.value,
+                    "threshold_source": result.threshold.source.value,
+                    "far_estimate": result.far_estimate,
+                }
+            )
+        )
+    else:
+        verdict = "MATCH" if result.match else "NO MATCH"
+        typer.echo(f"{verdict}: distance {result.distance:.4f}, {_decision_line(result)}")
+    raise typer.Exit(0 if result.match else 1)
+
+
+@cli.command()
+def identify(
+    image: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="The photo; every face in it is searched.")
+    ],
+    top_k: Annotated[
+        int,
+        typer.Option(
+            min=1, max=100, help="Candidates listed per face. Only the list grows; the decision uses the best."
+        ),
+    ] = 5,
+    threshold: ThresholdOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Who is in IMAGE? Each face: the best enrolled identity if within the threshold, else unknown."""
+    service = _open_service(_settings())
+    try:
+        result = service.identify(_read(image), top_k=top_k, threshold=threshold)
+    except FacegateError as error:
+        _fail(f"{error.code}: {error.message}")
+    finally:
+        service.close()
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "threshold": result.threshold.value,
+                    "threshold_source": result.threshold.source.value,
+                    "faces": [
+                        {
+                            "box": f.face.box.as_dict(),
+                            "match": f.match.identity_id if f.match else None,
+                            "reason": f.reason.value,
+                            "candidates": [
+                                {"identity_id": c.identity_id, "name": c.name, "distance": c.distance}
+                                for c in f.candidates
+                            ],
+                        }
+                        for f in result.faces
+                    ],
+                }
+            )
+        )
+        return
+    typer.echo(f"{len(result.faces)} face(s), gallery of {result.gallery_size} faces, {_decision_line(result)}")
+    for i, f in enumerate(result.faces, 1):
+        b = f.face.box
+        who = f"{f.match.name} ({f.match.identity_id}), distance {f.match.distance:.4f}" if f.match else f.reason.value
+        typer.echo(f"face {i} at ({b.left},{b.top})-({b.right},{b.bottom}): {who}")
+        for c in f.candidates:
+            typer.echo(f"    {c.distance:.4f}  {c.name}  {c.identity_id}")
+
+
+# ------------------------------------------------------------------------------------------- eval / calibrate
+
+PairsOption = Annotated[
+    Path,
+    typer.Option(
+        "--pairs",
+        exists=True,
+        dir_okay=False,
+        help="CSV of labelled pairs with the header img_a,img_b,same (same: 1 or 0), paths relative to --images "
+        "(the format of the dev set's pairs.csv).",
+    ),
+]
+ImagesOption = Annotated[
+    Path, typer.Option("--images", exists=True, file_okay=False, help="Folder the pair paths are relative to.")
+]
+CacheOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache",
+        dir_okay=False,
+        help="An .npz file of embeddings kept between runs: photos already embedded with the same model and "
+        "detection settings (and unchanged on disk) are not embedded again. Created if missing.",
+    ),
+]
+
+
+def _pair_distances(
+    pipeline: Pipeline, pairs: list[evaluation.Pair], images: Path, cache_path: Path | None
+) -> tuple[np.ndarray, dict[str, evaluation.Embedded]]:
+    cache = (
+        evaluation.EmbeddingCache.load(
+            cache_path, evaluation.pipeline_signature(pipeline.model_version, pipeline.settings.detector)
+        )
+        if cache_path is not None
+        else None
+    )
+    photos = list(dict.fromkeys(p for pair in pairs for p in (pair.img_a, pair.img_b)))
+    try:
+        with typer.progressbar(length=len(photos), label="Embedding", show_pos=True, file=sys.stderr) as bar:
+            embedded = evaluation.embed_photos(pipeline, images, photos, cache=cache, progress=bar.update)
+    finally:
+        if cache is not None and cache_path is not None:
+            cache.save(cache_path)
+    return evaluation.pair_distances(pairs, embedded), embedded
+
+
+@cli.command("eval")
+def eval_pairs(
+    pairs: PairsOption,
+    images: ImagesOption,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=4.0,
+            help="Distance at which accuracy, TAR and FAR are reported and the histograms are marked (default "
+            "FACEGATE_THRESHOLD, 0.36). The ROC, AUC, EER, 10-fold accuracy and VAL@FAR do not depend on it.",
+        ),
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option(file_okay=False, help="Folder for eval.json (every number) and eval.png (ROC + histograms)."),
+    ] = Path("facegate-eval"),
+    cache: CacheOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report instead of the table.")] = False,
+) -> None:
+    """1:1 accuracy on labelled photo pairs (ROC, AUC, EER, 10-fold accuracy, VAL@FAR), as a table, JSON and PNG.
+
+    Accuracy at the threshold, 10-fold accuracy with the threshold chosen on 9 folds (the LFW protocol), VAL at FAR
+    1e-3 and 1e-2, same/different distance histograms. Photos without a face are counted and listed, not dropped.
+    """
+    settings = _settings()
+    try:
+        pair_list = evaluation.read_pairs(pairs)
+    except FacegateError as error:
+        _fail(error.message)
+    pipeline = _open_pipeline(settings)
+    distances, embedded = _pair_distances(pipeline, pair_list, images, cache)
+    try:
+        result = evaluation.evaluate_distances(
+            distances,
+            [p.same for p in pair_list],
+            threshold=settings.threshold if threshold is None else threshold,
+            model_version=pipeline.model_version,
+            n_photos=len(embedded),
+            missing_photos={path: e.error for path, e in embedded.items() if e.error},
+            pairs_file=str(pairs),
+        )
+    except FacegateError as error:
+        _fail(error.message)
+    json_path, png_path = evaluation.write_report(result, out, title=f"facegate 1:1 on {pairs.name}")
+    if as_json:
+        typer.echo(json_path.read_text(), nl=False)
+        return
+    typer.echo(evaluation.format_table(result))
+    for path, code in sorted(result.missing_photos.items()):
+        typer.echo(f"  no face: {path} ({code})")
+    if png_path is None:
+        typer.echo(f"report: {json_path}; no plot: matplotlib is not installed (pip install 'facegate[report]')")
+    else:
+        typer.echo(f"report: {json_path}, plot: {png_path}")
+
+
+@cli.command()
+def calibrate(
+    pairs: PairsOption,
+    images: ImagesOption,
+    far: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Target false-accept rate: the share of different-person pairs the threshold may accept. Lower it "
+            "for a stricter threshold (fewer strangers accepted, more genuine users refused); it needs many "
+            "different-person pairs (well over 1/FAR) to be measured.",
+        ),
+    ] = 1e-3,
+    apply: Annotated[
+        bool,
+        typer.Option(
+            help="Store the threshold as the deployment threshold in the gallery database (FACEGATE_DATABASE_URL); "
+            "verify and identify then use it when a request gives none.",
+        ),
+    ] = False,
+    cache: CacheOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """The threshold for a target FAR on labelled photo pairs, with the VAL it gives and confidence intervals."""
+    settings = _settings()
+    try:
+        pair_list = evaluation.read_pairs(pairs)
+    except FacegateError as error:
+        _fail(error.message)
+    service = _open_service(settings) if apply else None
+    pipeline = service.pipeline if service is not None else _open_pipeline(settings)
+    try:
+        distances, embedded = _pair_distances(pipeline, pair_list, images, cache)
+        same = np.array([p.same for p in pair_list], bool)
+        found = ~np.isnan(distances)
+        try:
+            if service is not None:
+                result = service.calibrate(
+                    CalibrationSource.pairs,
+                    target_far=far,
+                    same=distances[found & same].tolist(),
+                    different=distances[found & ~same].tolist(),
+                    apply=True,
+                    note=f"facegate calibrate --pairs {pairs}",
+                )
+                c = result.calibration
+            else:
+                c = evaluation.calibrate(distances, same, far)
+        except FacegateError as error:
+            _fail(f"{error.code}: {error.message}")
+    finally:
+        if service is not None:
+            service.close()
+    missing = sorted(path for path, e in embedded.items() if e.error)
+    if as_json:
+        extra = {"applied": apply, "missing_photos": missing, "n_missing_pairs": int((~found).sum())}
+        typer.echo(json.dumps({**c.to_dict(), **extra}))
+        return
+    typer.echo(f"threshold {c.threshold:.4f} for target FAR {c.target_far:g}")
+    typer.echo(
+        f"  FAR {c.far:.4%} ({c.false_accepts}/{c.n_different} different pairs), {c.confidence:.0%} interval "
+        f"[{c.far_interval[0]:.4%}, {c.far_interval[1]:.4%}]"
+    )
+    typer.echo(
+        f"  VAL {c.val:.2%} ({c.true_accepts}/{c.n_same} same pairs), {c.confidence:.0%} interval "
+        f"[{c.val_interval[0]:.2%}, {c.val_interval[1]:.2%}]"
+    )
+    typer.echo(f"  {int((~found).sum())} pairs left out: no face in {len(missing)} photos")
+    if apply:
+        typer.echo("stored as the deployment threshold.")
+    else:
+        typer.echo("not stored (use --apply to make it the deployment threshold).")
+
+
+# ------------------------------------------------------------------------------------------------- cluster
+
+
+def _photos_under(directory: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in PHOTO_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
+
+
+def _member_text(m: ClusterMember) -> str:
+    b = m.box
+    return f"{m.photo} ({b.left},{b.top})-({b.right},{b.bottom})"
+
+
+def _cluster_json(report: ClusterReport) -> dict[str, object]:
+    def member(m: ClusterMember) -> dict[str, object]:
+        return {"photo": m.photo, "box": m.box.as_dict(), "score": m.score}
+
+    return {
+        "threshold": report.threshold,
+        "n_photos": report.n_photos,
+        "n_faces": report.n_faces,
+        "sizes": report.sizes,
+        "clusters": [[member(m) for m in c] for c in report.clusters],
+        "unclustered": [member(m) for m in report.unclustered],
+        "problems": [{"photo": p.photo, "code": p.code, "message": p.message} for p in report.problems],
+    }
+
+
+@cli.command()
+def cluster(
+    directory: Annotated[
+        Path, typer.Argument(exists=True, file_okay=False, help="Folder of photos (sub-folders included).")
+    ],
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=4.0,
+            help="Faces within this squared distance are linked (default FACEGATE_CLUSTER__THRESHOLD, 0.25: stricter "
+            "than the 1:1 threshold, as clusters grow along chains of links). Lower it for purer clusters and more "
+            "faces left unclustered; raise it for fewer, larger clusters that may merge different people.",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the clusters as JSON.")] = False,
+) -> None:
+    """Group the faces of every photo under DIRECTORY by person (chinese whispers, as dlib)."""
+    files = _photos_under(directory)
+    if not files:
+        _fail(f"no photos under {directory}")
+    settings = _settings()
+    pipeline = _open_pipeline(settings)
+    with typer.progressbar(length=len(files), label="Finding faces", show_pos=True, file=sys.stderr) as bar:
+        report = cluster_files(
+            pipeline,
+            directory,
+            files,
+            settings.cluster.threshold if threshold is None else threshold,
+            progress=bar.update,
+        )
+    if as_json:
+        typer.echo(json.dumps(_cluster_json(report)))
+        return
+    typer.echo(
+        f"{report.n_photos} photos, {report.n_faces} faces: {len(report.clusters)} clusters, "
+        f"{len(report.unclustered)} unclustered faces, {len(report.problems)} photos without a face "
+        f"(threshold {report.threshold:g})"
+    )
+    for i, members in enumerate(report.clusters, 1):
+        typer.echo(f"cluster {i}: {len(members)} faces")
+        for m in members:
+            typer.echo(f"    {_member_text(m)}")
+    if report.unclustered:
+        typer.echo("unclustered:")
+        for m in report.unclustered:
+            typer.echo(f"    {_member_text(m)}")
+    for p in report.problems:
+        typer.echo(f"  {p.photo}: {p.code}: {p.message}")
+
+
+# ------------------------------------------------------------------------------------------------------ db
+
+
+@db_cli.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the gallery's database migrations (the server also applies them at start)."""
+    from app.gallery import db
+
+    settings = _settings()
+    db.upgrade(settings.database_url)
+    engine = db.make_engine(settings.database_url)
+    try:
+        revision = db.schema_revision(engine)
+    finally:
+        engine.dispose()
+    typer.echo(f"database at revision {revision} (head {db.head_revision()})")
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,124 @@
+"""`POST /cluster` and `facegate cluster DIR`: group the faces of a set of photos by person.
+
+Every face of every photo is embedded (`Pipeline.find_faces`), then `app.matching.clustering.chinese_whispers`
+(dlib's algorithm) groups them over the graph "distance <= threshold". A cluster is a group of at least 2 faces;
+a face that matches nobody else is UNCLUSTERED (a singleton). Photos that cannot be used (not an image, no face)
+are listed with the error code, not dropped silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from app.errors import FacegateError
+from app.matching.clustering import chinese_whispers
+from app.vision.decode import decode_image, load_image
+from app.vision.pipeline import Pipeline
+from app.vision.types import EMBEDDING_DIM, Box, Face, Image
+
+__all__ = ["ClusterMember", "ClusterReport", "PhotoProblem", "cluster_faces", "cluster_files", "cluster_photos"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterMember:
+    photo: str  # the name the photo was given (upload file name, or path relative to the folder)
+    photo_index: int  # position of the photo in the input
+    box: Box
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class PhotoProblem:
+    photo: str
+    photo_index: int
+    code: str  # no_face, invalid_image, image_too_large, ...
+    message: str
+
+
+@dataclass(frozen=True)
+class ClusterReport:
+    threshold: float
+    clusters: tuple[tuple[ClusterMember, ...], ...]  # largest first
+    unclustered: tuple[ClusterMember, ...]  # faces that match no other face
+    problems: tuple[PhotoProblem, ...]  # photos that gave no face
+    n_photos: int
+
+    @property
+    def n_faces(self) -> int:
+        return sum(len(c) for c in self.clusters) + len(self.unclustered)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(c) for c in self.clusters]
+
+
+def cluster_faces(
+    faces: list[tuple[int, str, Face]], threshold: float, *, n_photos: int, problems: Iterable[PhotoProblem] = ()
+) -> ClusterReport:
+    """Cluster already-found faces: (photo index, photo name, face) each."""
+    embeddings = (
+        np.stack([f.embedding for _, _, f in faces]).astype(np.float32)
+        if faces
+        else np.zeros((0, EMBEDDING_DIM), np.float32)
+    )
+    result = chinese_whispers(embeddings, threshold)
+    members = [ClusterMember(name, index, f.box, float(f.score)) for index, name, f in faces]
+    clusters = tuple(
+        tuple(m for m, label in zip(members, result.labels.tolist(), strict=True) if label == c)
+        for c in range(result.n_clusters)
+    )
+    unclustered = tuple(m for m, label in zip(members, result.labels.tolist(), strict=True) if label == -1)
+    return ClusterReport(float(threshold), clusters, unclustered, tuple(problems), n_photos)
+
+
+def _collect(
+    pipeline: Pipeline,
+    named: Iterable[tuple[str, Callable[[], Image]]],
+    progress: Callable[[int], None] | None,
+) -> tuple[list[tuple[int, str, Face]], list[PhotoProblem], int]:
+    faces: list[tuple[int, str, Face]] = []
+    problems: list[PhotoProblem] = []
+    n = 0
+    for index, (name, load) in enumerate(named):
+        n += 1
+        try:
+            found = pipeline.find_faces(load())
+            if not found:
+                problems.append(PhotoProblem(name, index, "no_face", "no face was found in the photo"))
+            faces.extend((index, name, f) for f in found)
+        except FacegateError as error:
+            problems.append(PhotoProblem(name, index, error.code, error.message))
+        except OSError as error:
+            problems.append(PhotoProblem(name, index, "unreadable", f"cannot read the file: {error.strerror}"))
+        if progress is not None:
+            progress(1)
+    return faces, problems, n
+
+
+def cluster_photos(
+    pipeline: Pipeline, photos: Iterable[tuple[str, bytes]], threshold: float, *, max_pixels: int
+) -> ClusterReport:
+    """Uploaded photos (name, bytes) -> every face -> clusters."""
+    named = [(name, partial(decode_image, data, max_pixels=max_pixels)) for name, data in photos]
+    faces, problems, n = _collect(pipeline, named, None)
+    return cluster_faces(faces, threshold, n_photos=n, problems=problems)
+
+
+def cluster_files(
+    pipeline: Pipeline,
+    root: Path,
+    files: Iterable[Path],
+    threshold: float,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> ClusterReport:
+    """Photo files (named by their path relative to `root`) -> every face -> clusters."""
+    max_pixels = pipeline.settings.image.max_pixels
+    named = [(str(f.relative_to(root)), partial(load_image, f, max_pixels=max_pixels)) for f in files]
+    faces, problems, n = _collect(pipeline, named, progress)
+    return cluster_faces(faces, threshold, n_photos=n, problems=problems)

@@ -1,0 +1,68 @@
+"""The FastAPI application factory. Importing this module does no I/O.
+
+Run with `uvicorn --factory app.main:create_app` (or `facegate serve`). The lifespan verifies and loads the models
+(if `preload_models`), opens the gallery with its migrations applied and builds the search index; everything lives
+on `app.state` (settings, service, metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from app import __version__
+from app.api import errors
+from app.api.main import api_router
+from app.api.metrics import Metrics
+from app.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.config import Settings, get_settings
+from app.service import FaceService
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Face verification over dlib's ResNet embeddings (128-d), run in ONNX Runtime.
+
+* Distances are **squared L2** between embeddings; two faces match when distance <= threshold
+  (default 0.36 = dlib's 0.6 Euclidean). Every decision returns the distance and threshold used.
+* Every error is `{"error": {"code": ..., "message": ..., "details": ...}}` with a stable `code`.
+* Request bodies are limited to `FACEGATE_IMAGE__MAX_UPLOAD_BYTES` (413 `request_too_large`).
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; nothing is opened until the lifespan starts (`with TestClient(app)` / uvicorn startup)."""
+    settings = settings if settings is not None else get_settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = await run_in_threadpool(FaceService.open, settings)
+        app.state.service = service
+        metrics.info.labels(service.pipeline.model_version).set(1)
+        metrics.watch(lambda: service.gallery.stats().size, service.pipeline.providers)
+        try:
+            yield
+        finally:
+            service.close()
+
+    app = FastAPI(
+        title="facegate",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    errors.install(app)
+    app.include_router(api_router)
+    # Added last = outermost: latency includes refused bodies, and the body limit runs before anything reads.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.image.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,741 @@
+"""The use cases behind the HTTP routes and the CLI: enrol, verify, identify, manage identities, calibrate,
+cluster. No HTTP here.
+
+Every method is blocking (decode, ONNX Runtime, SQL): routes call them through a threadpool. Results are frozen
+dataclasses; failures are the typed exceptions of `app.errors` (mapped to HTTP only in `app.api.errors`).
+
+Thresholds: a request's own value wins, else the deployment threshold stored in the gallery database (set by
+`calibrate(..., apply=True)`), else `Settings.threshold`. Every decision carries the distance, the threshold it
+used and `far_estimate`, the false-accept rate at that threshold from the calibration table shipped with the model.
+
+Enrolment gates (issue 5): a face failing a quality limit (`Settings.quality`, measured by `app.vision.quality` on
+the chip the embedding came from) is refused with LowQuality unless `allow_low_quality`; a NEW identity whose face
+already matches an enrolled identity within the threshold is refused with PossibleDuplicate unless
+`allow_duplicate`. Verify and identify report the same quality measurements without refusing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.config import Settings
+from app.errors import (
+    FacegateError,
+    InsufficientData,
+    InvalidRequest,
+    LowQuality,
+    NoEnrolledFaces,
+    NoFace,
+    PossibleDuplicate,
+    UnknownIdentity,
+)
+from app.gallery import (
+    DeletionReport,
+    DeploymentSettingRecord,
+    Gallery,
+    IdentityRecord,
+    store,
+)
+from app.grouping import ClusterReport, cluster_photos
+from app.matching.calibration import (
+    CalibrationTable,
+    FarCalibration,
+    calibrate_far,
+    load_default_table,
+    pairs_from_gallery,
+)
+from app.matching.distances import pairwise_squared_l2
+from app.matching.openset import OpenSetModel, Reason, decide, load_default_model
+from app.matching.thresholds import is_match, validate_threshold
+from app.vision.decode import decode_image
+from app.vision.pipeline import Pipeline
+from app.vision.quality import FaceQuality, QualityFailure, QualityThresholds, assess
+from app.vision.types import Box, Face, Image
+
+log = logging.getLogger(__name__)
+
+# deployment_settings key of the calibrated threshold: a number, or an object with a numeric "threshold".
+DEPLOYMENT_THRESHOLD_KEY = "threshold"
+
+
+class FacePolicy(StrEnum):
+    """Which face of a photo to use: `single` refuses photos with several faces, `largest` takes the largest box."""
+
+    single = "single"
+    largest = "largest"
+
+
+class ThresholdSource(StrEnum):
+    request = "request"
+    deployment = "deployment"
+    settings = "settings"
+
+
+@dataclass(frozen=True, slots=True)
+class Threshold:
+    value: float
+    source: ThresholdSource
+
+
+class CalibrationSource(StrEnum):
+    """Where calibration pairs come from: the gallery's own identities with >= 2 faces, or distances of labelled
+    pairs computed elsewhere (`facegate eval` / `facegate calibrate` on photos)."""
+
+    gallery = "gallery"
+    pairs = "pairs"
+
+
+@dataclass(frozen=True, slots=True)
+class FoundFace:
+    """A face found in a request's photo (its embedding stays inside the service), with its quality measurements
+    and the quality limits it fails (reported by verify/identify, enforced by enrolment)."""
+
+    box: Box
+    score: float
+    quality: FaceQuality | None = None
+    quality_issues: tuple[QualityFailure, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    identity_id: str
+    name: str
+    face_id: str
+    distance: float
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollResult:
+    identity_id: str
+    face_id: str
+    name: str
+    created: bool
+    face: FoundFace
+    model_version: str
+    possible_duplicate: Candidate | None = None  # an identity this new one matches (enrolled with allow_duplicate)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    match: bool
+    distance: float
+    threshold: Threshold
+    far_estimate: float | None
+    face: FoundFace  # the probe (photo A for photo-vs-photo)
+    identity_id: str | None = None
+    nearest_face_id: str | None = None
+    other_face: FoundFace | None = None  # photo B for photo-vs-photo
+
+
+@dataclass(frozen=True, slots=True)
+class IdentifiedFace:
+    face: FoundFace
+    candidates: tuple[Candidate, ...]  # nearest first, at most top_k
+    match: Candidate | None  # set only when `reason` is accepted
+    reason: Reason  # accepted / unknown / ambiguous (app.matching.openset)
+    margin: float | None  # second-nearest identity's distance minus the nearest's
+    fpir_estimate: float | None  # how often a stranger scores this well at this gallery size
+
+    @property
+    def ambiguous(self) -> bool:
+        return self.reason is Reason.AMBIGUOUS
+
+
+@dataclass(frozen=True, slots=True)
+class IdentifyResult:
+    faces: tuple[IdentifiedFace, ...]
+    threshold: Threshold  # the largest distance at which anyone is named (the 1:1 threshold)
+    target_fpir: float
+    far_estimate: float | None
+    gallery_size: int  # faces searched
+    identities: int  # identities searched
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    calibration: FarCalibration  # threshold, FAR and VAL there with confidence intervals, pair counts
+    source: CalibrationSource
+    n_identities: int | None  # gallery source: identities with >= 2 faces that gave pairs
+    applied: bool  # stored as the deployment threshold
+    computed_at: datetime
+    model_version: str
+    note: str | None = None  # where the pairs came from, in words (e.g. the CSV file)
+
+    @property
+    def n_pairs(self) -> int:
+        return self.calibration.n_same + self.calibration.n_different
+
+    def stored_value(self) -> dict[str, Any]:
+        """The deployment setting written when applied (`resolve_threshold` reads its "threshold")."""
+        c = self.calibration
+        return {
+            "threshold": c.threshold,
+            "target_far": c.target_far,
+            "source": self.source.value,
+            "computed_at": self.computed_at.isoformat(),
+            "n_pairs": self.n_pairs,
+            "n_same": c.n_same,
+            "n_different": c.n_different,
+            "n_identities": self.n_identities,
+            "far": c.far,
+            "far_interval": list(c.far_interval),
+            "val": c.val,
+            "val_interval": list(c.val_interval),
+            "confidence": c.confidence,
+            "model_version": self.model_version,
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True)
+class CalibrationStatus:
+    threshold: Threshold  # what a request without its own threshold uses
+    far_estimate: float | None  # the shipped table's FAR at that threshold
+    deployment: DeploymentSettingRecord | None  # the stored calibration, if any
+    table: CalibrationTable | None  # the shipped default table (None when it does not fit the served model)
+
+
+@dataclass(frozen=True)
+class ClusterResult:
+    report: ClusterReport
+    threshold: Threshold
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityPage:
+    items: tuple[IdentityRecord, ...]
+    total: int
+    offset: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    ready: bool
+    models_loaded: bool
+    providers: dict[str, str | None]
+    database: bool
+    gallery_size: int | None
+    identities: int | None
+    stale_faces: int | None
+    model_version: str
+    problems: tuple[str, ...]
+
+
+class FaceService:
+    """Pipeline (vision) + Gallery (storage and search) + the decision rules."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: Pipeline,
+        gallery: Gallery,
+        *,
+        calibration: CalibrationTable | None = None,
+        openset: OpenSetModel | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.gallery = gallery
+        self.calibration = calibration  # 1:1 FAR estimates (none when no table fits the model)
+        self.quality_limits = QualityThresholds(**settings.quality.model_dump())
+        self.openset = openset if openset is not None else load_default_model()  # 1:N acceptance scores
+
+    @classmethod
+    def open(cls, settings: Settings, *, load_models: bool | None = None) -> FaceService:
+        """Verify and (if `load_models`, default `settings.preload_models`) load the models, open the gallery with
+        its migrations applied and build the search index."""
+        pipeline = Pipeline.from_settings(settings)
+        if settings.preload_models if load_models is None else load_models:
+            pipeline.load()
+            log.info("models loaded: %s, providers %s", pipeline.model_version, pipeline.providers())
+        gallery = Gallery.open(settings.database_url, pipeline.model_version, migrate=True)
+        stats = gallery.stats()
+        log.info(
+            "gallery: %d faces searchable, %d identities, %d stale faces", stats.size, stats.identities, stats.stale
+        )
+        return cls(
+            settings,
+            pipeline,
+            gallery,
+            calibration=_default_calibration(pipeline.model_version, pipeline.manifest.model_name),
+            openset=load_default_model(),
+        )
+
+    def close(self) -> None:
+        self.gallery.close()
+
+    # ----------------------------------------------------------------------------------------- photos
+
+    def decode(self, photo: bytes) -> Image:
+        return decode_image(photo, max_pixels=self.settings.image.max_pixels)
+
+    def face_of(self, photo: bytes, face: FacePolicy = FacePolicy.single) -> Face:
+        """The one face of a photo (NoFace / MultipleFaces otherwise)."""
+        return self.pipeline.embed_photo(self.decode(photo), face=face.value)
+
+    def found(self, face: Face) -> FoundFace:
+        """The public view of a face: box, score, quality measurements and the quality limits it fails."""
+        issues = tuple(assess(face.quality, self.quality_limits)) if face.quality is not None else ()
+        return FoundFace(face.box, face.score, face.quality, issues)
+
+    # ---------------------------------------------------------------------------------------- enrol
+
+    def enroll(
+        self,
+        photo: bytes,
+        *,
+        name: str | None = None,
+        identity_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        face: FacePolicy = FacePolicy.single,
+        allow_low_quality: bool = False,
+        allow_duplicate: bool = False,
+    ) -> EnrollResult:
+        """Enrol the photo's face: as a new identity called `name`, or as one more face of `identity_id`.
+
+        Refused with LowQuality when the face fails a quality limit (`settings.quality`) unless `allow_low_quality`;
+        a NEW identity is refused with PossibleDuplicate when the face already matches an enrolled identity within
+        the threshold, unless `allow_duplicate` (the match is then reported in the result)."""
+        if (name is None) == (identity_id is None):
+            raise InvalidRequest("give either name (a new identity) or identity_id (add a face), not both or neither")
+        if identity_id is not None and metadata is not None:
+            raise InvalidRequest("metadata can only be given when creating an identity; use PATCH /identities/{id}")
+        if name is not None:
+            name = _clean_name(name)
+        else:
+            assert identity_id is not None
+            name = self.gallery.get_identity(identity_id).name  # UnknownIdentity before any model work
+        found = self.face_of(photo, face)
+        public = self.found(found)
+        if public.quality_issues and not allow_low_quality:
+            assert found.quality is not None
+            raise LowQuality(
+                "the face is not good enough to enrol: "
+                + "; ".join(_describe(issue) for issue in public.quality_issues)
+                + " (send a better photo, or allow_low_quality=true to enrol it anyway)",
+                reasons=[issue.as_dict() for issue in public.quality_issues],
+                quality=found.quality.as_dict(),
+            )
+        duplicate = self.nearest_within_threshold(found.embedding) if identity_id is None else None
+        if duplicate is not None and not allow_duplicate:
+            raise PossibleDuplicate(
+                f"this face already matches identity {duplicate.name!r} ({duplicate.identity_id}) at distance "
+                f"{duplicate.distance:.4f}: add the face to it (identity_id), or allow_duplicate=true to create "
+                "a new identity anyway",
+                identity_id=duplicate.identity_id,
+                name=duplicate.name,
+                face_id=duplicate.face_id,
+                distance=duplicate.distance,
+                threshold=self.resolve_threshold().value,
+            )
+        try:
+            enrolment = self.gallery.enroll_face(
+                embedding=found.embedding,
+                box=found.box,
+                score=found.score,
+                identity_id=identity_id,
+                name=name if identity_id is None else None,
+                metadata=metadata,
+                image=photo if self.settings.store_images else None,
+            )
+        except ValueError as error:  # the store's input checks (name/metadata); the message names the field
+            raise InvalidRequest(str(error)) from None
+        return EnrollResult(
+            identity_id=enrolment.identity_id,
+            face_id=enrolment.face.id,
+            name=name,
+            created=enrolment.identity_created,
+            face=public,
+            model_version=self.pipeline.model_version,
+            possible_duplicate=duplicate,
+        )
+
+    def nearest_within_threshold(self, embedding: Any) -> Candidate | None:
+        """The enrolled identity nearest to `embedding` if it is within the deployment threshold, else None."""
+        threshold = self.resolve_threshold().value
+        results = self.gallery.search(np.asarray(embedding, np.float32)[None, :], top_k=1)
+        if not results or not results[0] or results[0][0].distance > threshold:
+            return None
+        best = results[0][0]
+        names = self._names({best.identity_id})
+        if best.identity_id not in names:
+            return None
+        return Candidate(best.identity_id, names[best.identity_id], best.face_id, float(best.distance))
+
+    # --------------------------------------------------------------------------------------- verify
+
+    def verify_identity(
+        self, photo: bytes, identity_id: str, *, threshold: float | None = None, face: FacePolicy = FacePolicy.single
+    ) -> VerifyResult:
+        """1:1: the photo's face against the identity's nearest enrolled face."""
+        resolved = self.resolve_threshold(threshold)
+        self.gallery.get_identity(identity_id)  # UnknownIdentity before any model work
+        found = self.face_of(photo, face)
+        face_ids, distances = self.gallery.identity_distances(found.embedding, identity_id)
+        if not face_ids:
+            raise NoEnrolledFaces(
+                f"identity {identity_id!r} has no enrolled face of model {self.pipeline.model_version}",
+                identity_id=identity_id,
+            )
+        distance = float(distances[0])
+        return VerifyResult(
+            match=is_match(distance, resolved.value),
+            distance=distance,
+            threshold=resolved,
+            far_estimate=self.far_estimate(resolved.value),
+            face=self.found(found),
+            identity_id=identity_id,
+            nearest_face_id=face_ids[0],
+        )
+
+    def verify_photos(
+        self, photo_a: bytes, photo_b: bytes, *, threshold: float | None = None, face: FacePolicy = FacePolicy.single
+    ) -> VerifyResult:
+        """1:1: photo against photo; nothing is stored."""
+        resolved = self.resolve_threshold(threshold)
+        a = self._labelled(photo_a, face, "image_a")
+        b = self._labelled(photo_b, face, "image_b")
+        distance = float(pairwise_squared_l2(a.embedding, b.embedding)[0])
+        return VerifyResult(
+            match=is_match(distance, resolved.value),
+            distance=distance,
+            threshold=resolved,
+            far_estimate=self.far_estimate(resolved.value),
+            face=self.found(a),
+            other_face=self.found(b),
+        )
+
+    def _labelled(self, photo: bytes, face: FacePolicy, field: str) -> Face:
+        """Like `face_of`, naming the field in the error so the client knows which photo failed."""
+        try:
+            return self.face_of(photo, face)
+        except FacegateError as error:
+            error.details.setdefault("field", field)
+            raise
+
+    # ------------------------------------------------------------------------------------- identify
+
+    def identify(self, photo: bytes, *, top_k: int = 5, threshold: float | None = None) -> IdentifyResult:
+        """Open-set 1:N for every face of the photo: candidates nearest first; a `match` only when the open-set rule
+        accepts the nearest identity (within the threshold, clear of the runner-up, and scoring better than
+        strangers do at this gallery size for `identify_fpir`)."""
+        if not 1 <= top_k <= 1000:
+            raise InvalidRequest("top_k must be between 1 and 1000")
+        resolved = self.resolve_threshold(threshold)
+        faces = self.pipeline.find_faces(self.decode(photo))
+        if not faces:
+            raise NoFace("no face was found in the photo")
+        # The rule needs the runner-up even when one candidate is asked for.
+        results = self.gallery.search(np.stack([f.embedding for f in faces]), top_k=max(top_k, 2))
+        stats = self.gallery.stats()
+        names = self._names({c.identity_id for per_face in results for c in per_face})
+        identified = []
+        for found, candidates in zip(faces, results, strict=True):
+            ranked = [
+                Candidate(c.identity_id, names[c.identity_id], c.face_id, c.distance)
+                for c in candidates
+                if c.identity_id in names  # deleted between the search and the name lookup
+            ]
+            decision = decide(
+                [c.distance for c in ranked],
+                [c.identity_id for c in ranked],
+                target_fpir=self.settings.identify_fpir,
+                max_distance=resolved.value,
+                ambiguity_margin=self.settings.ambiguity_margin,
+                gallery_size=max(stats.identities, len(ranked)),
+                model=self.openset,
+            )
+            match = ranked[0] if decision.match_identity is not None else None
+            margin = decision.features.get("margin")
+            fpir = decision.features.get("fpir_estimate")
+            identified.append(
+                IdentifiedFace(
+                    self.found(found),
+                    tuple(ranked[:top_k]),
+                    match,
+                    decision.reason,
+                    None if margin is None else float(margin),
+                    None if fpir is None else float(fpir),
+                )
+            )
+        return IdentifyResult(
+            faces=tuple(identified),
+            threshold=resolved,
+            target_fpir=self.settings.identify_fpir,
+            far_estimate=self.far_estimate(resolved.value),
+            gallery_size=stats.size,
+            identities=stats.identities,
+        )
+
+    def _names(self, identity_ids: set[str]) -> dict[str, str]:
+        names: dict[str, str] = {}
+        for identity_id in identity_ids:
+            try:
+                names[identity_id] = self.gallery.get_identity(identity_id).name
+            except UnknownIdentity:  # deleted by another request since the search
+                pass
+        return names
+
+    # ------------------------------------------------------------------------------------ thresholds
+
+    def resolve_threshold(self, override: float | None = None) -> Threshold:
+        """The request's value, else the deployment's calibrated threshold, else `Settings.threshold`."""
+        if override is not None:
+            try:
+                return Threshold(validate_threshold(override), ThresholdSource.request)
+            except ValueError as error:
+                raise InvalidRequest(str(error), field="threshold") from None
+        stored = self.deployment_threshold()
+        if stored is not None:
+            return Threshold(stored, ThresholdSource.deployment)
+        return Threshold(self.settings.threshold, ThresholdSource.settings)
+
+    def deployment_threshold(self) -> float | None:
+        record = self.gallery.get_setting(DEPLOYMENT_THRESHOLD_KEY)
+        if record is None:
+            return None
+        value: Any = record.value.get("threshold") if isinstance(record.value, dict) else record.value
+        try:
+            return validate_threshold(float(value))
+        except (TypeError, ValueError):
+            log.warning("ignoring unusable deployment threshold %r (source %s)", record.value, record.source)
+            return None
+
+    def far_estimate(self, threshold: float) -> float | None:
+        if self.calibration is None:
+            return None
+        value = float(self.calibration.far_at(threshold))
+        return value if math.isfinite(value) else None
+
+    # ---------------------------------------------------------------------------------- calibration
+
+    def calibrate(
+        self,
+        source: CalibrationSource,
+        *,
+        target_far: float = 1e-3,
+        same: Sequence[float] | None = None,
+        different: Sequence[float] | None = None,
+        apply: bool = False,
+        note: str | None = None,
+    ) -> CalibrationResult:
+        """The largest threshold whose FAR on the pairs is <= `target_far`, with the VAL it gives and binomial
+        confidence intervals (app.matching.calibration). Pairs: the gallery's identities with >= 2 faces (every
+        same pair, up to 200k different pairs), or the `same` / `different` distances given. With `apply`, it
+        becomes the deployment threshold (stored in the gallery database with when and from what; `note`, e.g. the
+        pairs file, is stored with it)."""
+        n_identities: int | None = None
+        if source is CalibrationSource.gallery:
+            if same is not None or different is not None:
+                raise InvalidRequest("source 'gallery' takes no distances; use source 'pairs' to send them")
+            same_d, diff_d, n_identities = self._gallery_pairs()
+        else:
+            if not same or not different:
+                raise InvalidRequest("source 'pairs' needs both `same` and `different` distances (non-empty)")
+            same_d = np.asarray(same, np.float64)
+            diff_d = np.asarray(different, np.float64)
+            if not (np.all(np.isfinite(same_d)) and np.all(np.isfinite(diff_d))) or min(same_d.min(), diff_d.min()) < 0:
+                raise InvalidRequest("distances must be finite and >= 0")
+        try:
+            calibration = calibrate_far(same_d, diff_d, target_far)
+        except ValueError as error:
+            raise InvalidRequest(str(error), field="target_far") from None
+        if not calibration.threshold > 0:
+            raise InsufficientData(
+                f"no threshold above 0 keeps the FAR at or below {target_far:g} on these pairs "
+                f"({calibration.n_different} different pairs; the nearest are at distance 0)"
+            )
+        result = CalibrationResult(
+            calibration=calibration,
+            source=source,
+            n_identities=n_identities,
+            applied=apply,
+            computed_at=datetime.now(UTC),
+            model_version=self.pipeline.model_version,
+            note=note,
+        )
+        if apply:
+            self.gallery.set_setting(
+                DEPLOYMENT_THRESHOLD_KEY, result.stored_value(), source=f"calibration:{source.value}"
+            )
+            log.info(
+                "deployment threshold set to %.4f (target FAR %g, %s, %d pairs)",
+                calibration.threshold,
+                target_far,
+                source.value,
+                result.n_pairs,
+            )
+        return result
+
+    def _gallery_pairs(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """Same and different distances among the gallery's faces of the served model (identities with >= 2)."""
+        with self.gallery.session() as session:
+            _, identity_ids, versions, embeddings = store.all_faces(session)
+        keep = np.array([v == self.pipeline.model_version for v in versions], dtype=bool)
+        if not keep.any():
+            raise InsufficientData("the gallery has no face to calibrate on")
+        try:
+            pairs = pairs_from_gallery(np.asarray(identity_ids)[keep], embeddings[keep])
+        except ValueError:
+            raise InsufficientData(
+                "calibrating on the gallery needs identities with at least 2 faces; none has"
+            ) from None
+        same_d = pairs.distances[pairs.same].astype(np.float64)
+        diff_d = pairs.distances[~pairs.same].astype(np.float64)
+        if diff_d.size == 0:
+            raise InsufficientData(
+                "calibrating on the gallery needs at least 2 identities with 2 or more faces (for different-person "
+                f"pairs); {pairs.n_identities} has"
+            )
+        return same_d, diff_d, pairs.n_identities
+
+    def calibration_status(self) -> CalibrationStatus:
+        threshold = self.resolve_threshold()
+        return CalibrationStatus(
+            threshold=threshold,
+            far_estimate=self.far_estimate(threshold.value),
+            deployment=self.gallery.get_setting(DEPLOYMENT_THRESHOLD_KEY),
+            table=self.calibration,
+        )
+
+    def reset_calibration(self) -> bool:
+        """Forget the deployment threshold (back to `Settings.threshold`); False when none was stored."""
+        with self.gallery.session() as session:
+            return store.delete_setting(session, key=DEPLOYMENT_THRESHOLD_KEY)
+
+    # -------------------------------------------------------------------------------------- cluster
+
+    def cluster(self, photos: Sequence[tuple[str, bytes]], *, threshold: float | None = None) -> ClusterResult:
+        """Group every face of the photos by person (chinese whispers over distance <= threshold; by default
+        `settings.cluster.threshold`, stricter than the 1:1 threshold since clusters grow along chains of links)."""
+        if not photos:
+            raise InvalidRequest("send at least one photo", field="images")
+        limit = self.settings.cluster.max_photos
+        if len(photos) > limit:
+            raise InvalidRequest(
+                f"{len(photos)} photos sent; at most {limit} per request (FACEGATE_CLUSTER__MAX_PHOTOS)",
+                field="images",
+                limit=limit,
+            )
+        if threshold is not None:
+            resolved = self.resolve_threshold(threshold)
+        else:
+            resolved = Threshold(self.settings.cluster.threshold, ThresholdSource.settings)
+        report = cluster_photos(self.pipeline, photos, resolved.value, max_pixels=self.settings.image.max_pixels)
+        return ClusterResult(report, resolved)
+
+    # ----------------------------------------------------------------------------------- identities
+
+    def list_identities(self, *, offset: int = 0, limit: int = 50, name: str | None = None) -> IdentityPage:
+        items, total = self.gallery.list_identities(offset=offset, limit=limit, name_contains=name or None)
+        return IdentityPage(tuple(items), total, offset, limit)
+
+    def get_identity(self, identity_id: str) -> IdentityRecord:
+        return self.gallery.get_identity(identity_id)
+
+    def update_identity(
+        self, identity_id: str, *, name: str | None = None, metadata: dict[str, Any] | None = None
+    ) -> IdentityRecord:
+        if name is not None:
+            name = _clean_name(name)
+        try:
+            return self.gallery.update_identity(identity_id, name=name, metadata=metadata)
+        except ValueError as error:
+            raise InvalidRequest(str(error)) from None
+
+    def add_face(
+        self,
+        identity_id: str,
+        photo: bytes,
+        *,
+        face: FacePolicy = FacePolicy.single,
+        allow_low_quality: bool = False,
+    ) -> EnrollResult:
+        return self.enroll(photo, identity_id=identity_id, face=face, allow_low_quality=allow_low_quality)
+
+    def delete_identity(self, identity_id: str) -> DeletionReport:
+        return self.gallery.delete_identity(identity_id)
+
+    def delete_face(self, identity_id: str, face_id: str) -> DeletionReport:
+        return self.gallery.delete_face(identity_id, face_id)
+
+    # ------------------------------------------------------------------------------------------ health
+
+    def readiness(self) -> Readiness:
+        """Models loaded (or loadable on first use), database reachable, index built."""
+        problems = []
+        database = True
+        try:
+            self.gallery.ping()
+        except (SQLAlchemyError, OSError) as error:
+            database = False
+            problems.append("database unreachable")
+            log.warning("readiness: database unreachable: %s", error)
+        loaded = self.pipeline.loaded
+        if not loaded and self.settings.preload_models:
+            problems.append("models not loaded")
+        stats = self.gallery.stats()
+        return Readiness(
+            ready=not problems,
+            models_loaded=loaded,
+            providers=self.pipeline.providers(),
+            database=database,
+            gallery_size=stats.size,
+            identities=stats.identities,
+            stale_faces=stats.stale,
+            model_version=self.pipeline.model_version,
+            problems=tuple(problems),
+        )
+
+
+_ISSUE_TEXT = {
+    "small_face": ("face too small", "inter-ocular distance {m:.1f} px < {l:g}"),
+    "blurry": ("blurred", "sharpness {m:.1f} < {l:g}"),
+    "too_dark": ("too dark", "brightness {m:.0f} < {l:g}"),
+    "too_bright": ("too bright", "brightness {m:.0f} > {l:g}"),
+    "cut_off": ("cut off by the border", "{m:.0%} of the face box outside the photo > {l:.0%}"),
+    "turned": ("head turned", "|yaw| {m:.2f} > {l:g}"),
+    "tilted": ("head tilted", "|roll| {m:.1f} deg > {l:g}"),
+    "low_score": ("doubtful detection", "detector score {m:.2f} < {l:g}"),
+}
+
+
+def _describe(issue: QualityFailure) -> str:
+    what, how = _ISSUE_TEXT.get(issue.issue.value, (issue.issue.value, "{m:g} vs limit {l:g}"))
+    return f"{what} ({how.format(m=issue.measured, l=issue.limit)})"
+
+
+def _clean_name(name: str) -> str:
+    cleaned = name.strip()
+    if not cleaned:
+        raise InvalidRequest("name must not be blank", field="name")
+    return cleaned
+
+
+def _default_calibration(model_version: str, model_name: str) -> CalibrationTable | None:
+    """The shipped calibration table, if it was computed for this network: its `model_version` must be the served
+    model's version or its name (the network, whatever the ONNX build). Otherwise no FAR estimate is given."""
+    try:
+        table = load_default_table()
+    except FileNotFoundError:
+        log.info("no default calibration table: responses carry no far_estimate")
+        return None
+    if table.model_version not in (model_version, model_name):
+        log.warning(
+            "default calibration table is for model %r, serving %s (%s): responses carry no far_estimate",
+            table.model_version,
+            model_version,
+            model_name,
+        )
+        return None
+    return table

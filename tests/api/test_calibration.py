@@ -1,0 +1,153 @@
+"""Calibration through HTTP: POST /calibrate (from distances and from the gallery), GET / DELETE /calibration,
+and `far_estimate` in every verify / identify response (from the default table shipped with the model)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app.matching.calibration import load_default_table, threshold_for_far
+from app.vision.models import load_manifest
+from tests.api.conftest import error_of
+
+pytestmark = pytest.mark.model
+
+Photo = Callable[[str], tuple[str, bytes, str]]
+
+AMY = ["bbt_amy/face-api__amy1.png", "bbt_amy/face-api__amy2.png"]
+RAJ = ["bbt_raj/face-api__raj1.png", "bbt_raj/face-api__raj2.png"]
+SHELDON = ["bbt_sheldon/face-api__sheldon1.png", "bbt_sheldon/face-api__sheldon2.png"]
+
+
+def _verify(client: TestClient, photo: Photo, **data: str) -> dict[str, object]:
+    r = client.post("/verify", files={"image_a": photo(AMY[0]), "image_b": photo(RAJ[0])}, data=data)
+    assert r.status_code == 200, r.text
+    body: dict[str, object] = r.json()
+    return body
+
+
+def test_shipped_table_fits_the_served_model_and_gives_far_estimates(
+    client: TestClient, photo: Photo, models_dir: Path
+) -> None:
+    table = load_default_table()
+    manifest = load_manifest(models_dir, verify=False)
+    assert table.model_version in (manifest.model_name, manifest.model_version)
+
+    status = client.get("/calibration")
+    assert status.status_code == 200, status.text
+    body = status.json()
+    assert body["threshold"] == pytest.approx(0.36) and body["threshold_source"] == "settings"
+    assert body["deployment"] is None
+    shipped = body["default_table"]
+    assert shipped["model_version"] == table.model_version and len(shipped["rows"]) == table.thresholds.size
+    far = [row["far"] for row in shipped["rows"]]
+    assert far == sorted(far) and far[0] == 0.0 and far[-1] > 0.5
+    assert body["far_estimate"] == pytest.approx(table.far_at(0.36))
+    assert 1e-4 < body["far_estimate"] < 1e-2  # dev pairs: 0.19 % of different-person pairs under 0.36
+
+    verified = _verify(client, photo)
+    assert verified["far_estimate"] == pytest.approx(table.far_at(0.36))
+    looser = _verify(client, photo, threshold="0.5")
+    assert looser["far_estimate"] == pytest.approx(table.far_at(0.5))
+    assert looser["far_estimate"] > verified["far_estimate"]  # type: ignore[operator]
+
+    r = client.post("/identify", files={"image": photo(AMY[1])})
+    assert r.status_code == 200, r.text
+    assert r.json()["far_estimate"] == pytest.approx(table.far_at(0.36))
+
+
+def test_calibrate_from_distances_then_apply_changes_the_verify_threshold(client: TestClient, photo: Photo) -> None:
+    rng = np.random.default_rng(5)
+    same = rng.uniform(0.05, 0.35, 400).round(6).tolist()
+    different = rng.uniform(0.3, 1.0, 2000).round(6).tolist()
+    body = {"source": "pairs", "same": same, "different": different, "target_far": 0.01}
+
+    dry = client.post("/calibrate", json=body)
+    assert dry.status_code == 200, dry.text
+    result = dry.json()
+    expected = threshold_for_far(np.array(different), 0.01)
+    assert result["threshold"] == pytest.approx(expected, abs=1e-12)
+    assert result["far"] == pytest.approx(np.mean(np.array(different) <= expected))
+    assert result["far"] <= 0.01
+    assert result["val"] == pytest.approx(np.mean(np.array(same) <= expected))
+    lo, hi = result["far_interval"]
+    assert lo <= result["far"] <= hi < 0.02
+    assert (result["n_same"], result["n_different"], result["n_pairs"]) == (400, 2000, 2400)
+    assert result["applied"] is False and result["source"] == "pairs"
+    assert _verify(client, photo)["threshold_source"] == "settings"  # a dry run changes nothing
+
+    applied = client.post("/calibrate", json={**body, "apply": True})
+    assert applied.status_code == 200 and applied.json()["applied"] is True
+    verified = _verify(client, photo)
+    assert verified["threshold_source"] == "deployment"
+    assert verified["threshold"] == pytest.approx(expected, abs=1e-9)
+
+    status = client.get("/calibration").json()
+    assert status["threshold_source"] == "deployment" and status["threshold"] == pytest.approx(expected, abs=1e-9)
+    stored = status["deployment"]
+    assert stored["source"] == "calibration:pairs"
+    assert stored["value"]["target_far"] == 0.01 and stored["value"]["n_pairs"] == 2400
+    assert stored["value"]["computed_at"].startswith(stored["updated_at"][:10])
+
+    # A request's own threshold still wins, and forgetting the calibration goes back to the setting.
+    assert _verify(client, photo, threshold="0.2")["threshold_source"] == "request"
+    reset = client.delete("/calibration")
+    assert reset.status_code == 200
+    assert reset.json() == {"removed": True, "threshold": 0.36, "threshold_source": "settings"}
+    assert _verify(client, photo)["threshold_source"] == "settings"
+    assert client.delete("/calibration").json()["removed"] is False
+
+
+def test_calibrate_from_the_gallery(client: TestClient, photo: Photo) -> None:
+    early = client.post("/calibrate", json={"source": "gallery"})
+    assert error_of(early, 409, "insufficient_data")
+
+    for name, photos in (("Amy", AMY), ("Raj", RAJ), ("Sheldon", SHELDON)):
+        first = client.post("/enroll", files={"image": photo(photos[0])}, data={"name": name})
+        assert first.status_code == 201, first.text
+        second = client.post(
+            "/enroll", files={"image": photo(photos[1])}, data={"identity_id": first.json()["identity_id"]}
+        )
+        assert second.status_code == 201, second.text
+    # One more identity with a single face: it cannot give a same pair, so it takes no part.
+    single = client.post("/enroll", files={"image": photo("bbt_penny/face-api__penny1.png")}, data={"name": "Penny"})
+    assert single.status_code == 201, single.text
+
+    r = client.post("/calibrate", json={"source": "gallery", "target_far": 0.001, "apply": True})
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert result["n_identities"] == 3
+    assert (result["n_same"], result["n_different"]) == (3, 12)  # 3 same pairs; 6 faces give 15 pairs in all
+    # 12 different pairs cannot show a FAR of 1e-3: the threshold sits just under the nearest different pair, and
+    # the interval says how little 0 false accepts out of 12 proves (Clopper-Pearson upper bound 1 - 0.025^(1/12)).
+    assert result["far"] == 0.0
+    assert result["far_interval"][0] == 0.0
+    assert result["far_interval"][1] == pytest.approx(1 - 0.025 ** (1 / 12), rel=1e-6)
+    assert result["val"] == 1.0  # same-person pairs measured 0.12-0.2, different ones above 0.5
+    assert 0.2 < result["threshold"] < 0.8
+
+    verified = _verify(client, photo)
+    assert verified["threshold_source"] == "deployment"
+    assert verified["threshold"] == pytest.approx(result["threshold"])
+    assert math.isfinite(verified["far_estimate"])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"source": "pairs", "same": [0.1]},
+        {"source": "pairs", "same": [], "different": [0.5]},
+        {"source": "gallery", "same": [0.1], "different": [0.5]},
+        {"source": "pairs", "same": [0.1], "different": [0.5], "target_far": 1.5},
+        {"source": "pairs", "same": [0.1], "different": [-0.5]},
+        {"source": "somewhere"},
+        {"source": "gallery", "threshold": 0.3},
+    ],
+)
+def test_calibrate_refuses_bad_requests(shared_client: TestClient, body: dict[str, object]) -> None:
+    error_of(shared_client.post("/calibrate", json=body), 422, "invalid_request")

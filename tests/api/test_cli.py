@@ -1,0 +1,135 @@
+"""The `facegate` command line on the real models: db upgrade, enroll DIR, verify A B, identify IMAGE.
+
+Commands read their settings from the environment (FACEGATE_*), as in production; each test points them at a
+fresh SQLite file. Photos are linked (not copied) into a temporary folder-per-person tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from app.cli import cli
+
+pytestmark = pytest.mark.model
+
+AMY = ["bbt_amy/face-api__amy1.png", "bbt_amy/face-api__amy2.png", "bbt_amy/face-api__amy3.png"]
+RAJ = ["bbt_raj/face-api__raj1.png", "bbt_raj/face-api__raj2.png"]
+
+
+@pytest.fixture
+def env(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    db = tmp_path / "cli.db"
+    monkeypatch.setenv("FACEGATE_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("FACEGATE_DATABASE_URL", f"sqlite:///{db}")
+    monkeypatch.setenv("FACEGATE_RUNTIME__PROVIDERS", '["CPUExecutionProvider"]')
+    return db
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+def test_db_upgrade(env: Path) -> None:
+    code, out = run("db", "upgrade")
+    assert code == 0, out
+    assert env.exists() and "database at revision" in out
+    revision = out.split("revision ")[1].split()[0]
+    assert f"(head {revision})" in out
+
+
+def test_verify_exit_status_is_the_decision(env: Path, dev_faces: Path) -> None:
+    code, out = run("verify", str(dev_faces / AMY[0]), str(dev_faces / AMY[1]))
+    assert code == 0 and out.startswith("MATCH: distance "), out
+    code, out = run("verify", "--json", str(dev_faces / AMY[0]), str(dev_faces / RAJ[0]))
+    assert code == 1, out
+    body = json.loads(out)
+    assert body["match"] is False and body["distance"] > body["threshold"] == pytest.approx(0.36)
+    code, out = run("verify", "--threshold", "1.5", "--json", str(dev_faces / AMY[0]), str(dev_faces / RAJ[0]))
+    assert code == 0 and json.loads(out)["threshold_source"] == "request"
+
+
+def test_verify_reports_errors(env: Path, dev_faces: Path, tmp_path: Path) -> None:
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a photo")
+    code, out = run("verify", str(text), str(dev_faces / AMY[0]))
+    assert code == 2 and "invalid_image" in out
+
+
+def test_enroll_directory_then_identify(env: Path, dev_faces: Path, tmp_path: Path) -> None:
+    people = tmp_path / "people"
+    for relative in AMY[:2] + RAJ:
+        person = people / relative.split("/")[0]
+        person.mkdir(parents=True, exist_ok=True)
+        (person / Path(relative).name).symlink_to(dev_faces / relative)
+    (people / "broken").mkdir()
+    (people / "broken" / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+
+    code, out = run("enroll", str(people), "--photos", "all")
+    assert code == 1, out  # one photo failed
+    assert "2 identities created, 2 faces added to existing ones, 1 photos failed." in out
+    assert "x.png: invalid_image" in out
+
+    # a second run adds the first photos again to the same identities instead of duplicating people
+    code, out = run("enroll", str(people), "--photos", "first")
+    assert "0 identities created, 2 faces added to existing ones, 1 photos failed." in out
+
+    code, out = run("identify", str(dev_faces / AMY[2]), "--json")
+    assert code == 0, out
+    body = json.loads(out)
+    assert len(body["faces"]) == 1
+    names = [c["name"] for c in body["faces"][0]["candidates"]]
+    assert names == ["bbt_amy", "bbt_raj"]
+    assert body["faces"][0]["match"] is not None
+
+    code, out = run("identify", str(dev_faces / AMY[2]))
+    assert code == 0 and "bbt_amy" in out and "1 face(s), gallery of 6 faces" in out
+
+
+def test_option_help_says_what_raising_or_lowering_does() -> None:
+    result = CliRunner().invoke(cli, ["verify", "--help"], env={"COLUMNS": "200", "TERM": "dumb"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "Lower it for fewer false accepts" in text and "raise it for the opposite" in text
+
+
+def test_serve_without_api_keys_stays_on_loopback(env: Path, tmp_path: Path) -> None:
+    """`facegate serve` runs the app factory under uvicorn; with no API keys and no host asked for, it listens on
+    127.0.0.1 only and says so."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "serve.log"
+    environment = {k: v for k, v in os.environ.items() if k != "FACEGATE_HOST"}
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-c", "from app.cli import main; main()", "serve", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=environment,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        ready = None
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        assert ready is not None and ready.status_code == 200, log.read_text()
+        assert ready.json()["ready"] is True
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert "No API keys exist: listening on 127.0.0.1 only" in log.read_text()

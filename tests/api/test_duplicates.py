@@ -1,0 +1,91 @@
+"""Duplicate enrolment (409 possible_duplicate, overridable) and the ambiguous identify it leads to when overridden.
+
+Distances measured with this pipeline (CPU): amy1-amy2 0.148, amy2-amy3 0.144, amy1-amy3 0.153; Amy vs Raj ~0.65.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.api.conftest import error_of
+
+pytestmark = pytest.mark.model
+
+Photo = Callable[[str], tuple[str, bytes, str]]
+
+AMY = ["bbt_amy/face-api__amy1.png", "bbt_amy/face-api__amy2.png", "bbt_amy/face-api__amy3.png"]
+RAJ = "bbt_raj/face-api__raj1.png"
+
+
+def test_new_identity_matching_an_enrolled_one_is_refused_then_allowed(client: TestClient, photo: Photo) -> None:
+    first = client.post("/enroll", files={"image": photo(AMY[0])}, data={"name": "Amy"})
+    assert first.status_code == 201, first.text
+    amy = first.json()
+    assert amy["possible_duplicate"] is None
+
+    refused = client.post("/enroll", files={"image": photo(AMY[1])}, data={"name": "Amy Farrah Fowler"})
+    details = error_of(refused, 409, "possible_duplicate")["details"]
+    assert details["identity_id"] == amy["identity_id"] and details["name"] == "Amy"
+    assert details["face_id"] == amy["face_id"]
+    assert 0 < details["distance"] <= details["threshold"] == pytest.approx(0.36)  # measured 0.148
+    assert client.get("/identities").json()["total"] == 1  # nothing stored
+
+    # Someone else is not a duplicate.
+    raj = client.post("/enroll", files={"image": photo(RAJ)}, data={"name": "Raj"})
+    assert raj.status_code == 201, raj.text
+    assert raj.json()["possible_duplicate"] is None
+
+    # Adding the face to the existing identity is the intended path, and is never a duplicate.
+    added = client.post("/enroll", files={"image": photo(AMY[1])}, data={"identity_id": amy["identity_id"]})
+    assert added.status_code == 201 and added.json()["created"] is False
+
+    allowed = client.post(
+        "/enroll", files={"image": photo(AMY[2])}, data={"name": "Amy again", "allow_duplicate": "true"}
+    )
+    assert allowed.status_code == 201, allowed.text
+    body = allowed.json()
+    assert body["created"] is True and body["identity_id"] != amy["identity_id"]
+    duplicate = body["possible_duplicate"]
+    assert duplicate["identity_id"] == amy["identity_id"] and duplicate["name"] == "Amy"
+    assert duplicate["distance"] <= 0.36
+
+
+def test_duplicate_check_uses_the_deployment_threshold(client: TestClient, photo: Photo) -> None:
+    """The check uses the deployment threshold: calibrated very strict, the same person is no longer flagged."""
+    assert client.post("/enroll", files={"image": photo(AMY[0])}, data={"name": "Amy"}).status_code == 201
+    body = {"source": "pairs", "same": [0.01], "different": [0.05, 0.9], "target_far": 0.1, "apply": True}
+    strict = client.post("/calibrate", json=body)
+    assert strict.status_code == 200, strict.text
+    assert strict.json()["threshold"] < 0.05
+    r = client.post("/enroll", files={"image": photo(AMY[1])}, data={"name": "Amy 2"})
+    assert r.status_code == 201, r.text
+    assert r.json()["possible_duplicate"] is None
+
+
+def test_two_names_for_one_person_make_identify_ambiguous(client: TestClient, photo: Photo) -> None:
+    a = client.post("/enroll", files={"image": photo(AMY[0])}, data={"name": "Amy A"})
+    b = client.post(
+        "/enroll", files={"image": photo(AMY[1])}, data={"name": "Amy B", "allow_duplicate": "true"}
+    )
+    assert a.status_code == 201 and b.status_code == 201, (a.text, b.text)
+    r = client.post("/identify", files={"image": photo(AMY[2])})
+    assert r.status_code == 200, r.text
+    (face,) = r.json()["faces"]
+    assert face["reason"] == "ambiguous" and face["ambiguous"] is True
+    assert face["match"] is None
+    names = [c["name"] for c in face["candidates"]]
+    assert sorted(names) == ["Amy A", "Amy B"]
+    d1, d2 = (c["distance"] for c in face["candidates"])
+    assert d1 <= d2 <= 0.36
+    assert face["margin"] == pytest.approx(d2 - d1, abs=1e-6)
+    assert face["margin"] < 0.02  # measured 0.009: under the default ambiguity margin
+
+    # Remove the second name: the same photo is now accepted as Amy A.
+    assert client.delete(f"/identities/{b.json()['identity_id']}").status_code == 200
+    r = client.post("/identify", files={"image": photo(AMY[2])})
+    (face,) = r.json()["faces"]
+    assert face["reason"] == "accepted" and face["match"]["name"] == "Amy A"
+    assert face["ambiguous"] is False and face["margin"] is None

@@ -1,0 +1,201 @@
+"""The HTTP surface itself: error JSON everywhere, body limit, health, readiness, metrics and the OpenAPI document."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app import errors
+from app.api.errors import status_for
+from app.config import Settings
+from tests.api.conftest import api_settings, error_of, running
+
+Photo = Callable[[str], tuple[str, bytes, str]]
+AMY = "bbt_amy/face-api__amy1.png"  # 12.7 kB
+
+
+def test_every_core_error_has_an_http_status() -> None:
+    """An exception added to app/errors.py without a status here would become a 500: catch that at test time."""
+    classes = [
+        cls
+        for _, cls in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(cls, errors.FacegateError) and cls is not errors.FacegateError
+    ]
+    assert len(classes) >= 10
+    for cls in classes:
+        status = status_for(cls("x"))
+        assert status is not None and 400 <= status < 600, cls
+    assert status_for(errors.FacegateError("x")) is None  # the base class is not an answer: generic 500
+
+
+def test_creating_the_app_opens_nothing(tmp_path: Path) -> None:
+    """create_app only wires things up: models and database are opened by the lifespan, which refuses to start
+    when the models are missing."""
+    from app.main import create_app
+
+    settings = Settings(models_dir=tmp_path / "no-models", database_url=f"sqlite:///{tmp_path / 'gallery.db'}")
+    app = create_app(settings)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(errors.ModelUnavailable), TestClient(app):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def small_limit_client(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """An app whose body limit (image.max_upload_bytes) is 64 kB."""
+    db = tmp_path_factory.mktemp("limit") / "gallery.db"
+    with running(api_settings(models_dir, f"sqlite:///{db}", image={"max_upload_bytes": 64_000})) as c:
+        yield c
+
+
+@pytest.mark.model
+class TestErrorShape:
+    def test_unknown_route_and_method(self, shared_client: TestClient) -> None:
+        error_of(shared_client.get("/no/such/route"), 404, "not_found")
+        error_of(shared_client.delete("/healthz"), 405, "method_not_allowed")
+        error_of(shared_client.get("/enroll"), 405, "method_not_allowed")
+
+    def test_validation_errors_are_never_fastapis_default_shape(self, shared_client: TestClient) -> None:
+        r = shared_client.post("/enroll", data={"name": "x"})  # no image
+        error = error_of(r, 422, "invalid_request")
+        assert "detail" not in r.json()
+        assert error["details"]["errors"][0]["loc"] == ["image"]
+        assert "input" not in error["details"]["errors"][0]  # inputs (uploads, secrets) are never echoed
+
+    def test_json_sent_to_a_multipart_endpoint(self, shared_client: TestClient) -> None:
+        error_of(shared_client.post("/identify", json={"image": "aGVsbG8="}), 422, "invalid_request")
+
+    def test_malformed_json_body(self, shared_client: TestClient) -> None:
+        r = shared_client.patch(
+            f"/identities/{'0' * 32}", content=b"{not json", headers={"content-type": "application/json"}
+        )
+        error_of(r, 422, "invalid_request")
+
+    def test_unexpected_failures_are_a_generic_500(self, settings: Settings) -> None:
+        from app.main import create_app
+
+        app = create_app(settings)
+
+        @app.get("/boom")
+        async def boom() -> None:
+            raise RuntimeError("secret internals at /srv/facegate/db.py line 42")
+
+        with TestClient(app, raise_server_exceptions=False) as client:
+            r = client.get("/boom")
+        error = error_of(r, 500, "internal_error")
+        assert "secret" not in r.text and "/srv" not in r.text and "RuntimeError" not in r.text
+        assert "incident" in error["message"]
+
+
+@pytest.mark.model
+class TestBodyLimit:
+    def test_declared_length_over_the_limit(self, small_limit_client: TestClient, photo: Photo) -> None:
+        big = ("big.jpg", b"\xff" * 100_000, "image/jpeg")
+        error = error_of(
+            small_limit_client.post("/enroll", files={"image": big}, data={"name": "x"}), 413, "request_too_large"
+        )
+        assert error["details"] == {"limit_bytes": 64_000}
+        assert small_limit_client.get("/identities").json()["total"] == 0  # nothing stored
+
+    def test_streamed_body_without_length(self, small_limit_client: TestClient) -> None:
+        def chunks() -> Iterator[bytes]:
+            for _ in range(20):
+                yield b"x" * 10_000
+
+        r = small_limit_client.post(
+            "/identify", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}
+        )
+        assert "content-length" not in {k.lower() for k in r.request.headers}
+        error_of(r, 413, "request_too_large")
+
+    def test_every_route_is_covered(self, small_limit_client: TestClient) -> None:
+        error_of(
+            small_limit_client.patch(f"/identities/{'0' * 32}", json={"metadata": {"blob": "x" * 100_000}}),
+            413,
+            "request_too_large",
+        )
+
+    def test_a_photo_under_the_limit_still_works(self, small_limit_client: TestClient, photo: Photo) -> None:
+        r = small_limit_client.post("/enroll", files={"image": photo(AMY)}, data={"name": "Amy"})
+        assert r.status_code == 201, r.text
+
+
+@pytest.mark.model
+class TestHealth:
+    def test_healthz(self, shared_client: TestClient) -> None:
+        r = shared_client.get("/healthz")
+        assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+    def test_readyz(self, client: TestClient, photo: Photo) -> None:
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        body = ready.json()
+        assert body["ready"] is True and body["problems"] == []
+        assert body["models_loaded"] is True and body["database"] is True
+        assert body["providers"] == {"detector": "CPUExecutionProvider", "embedder": "CPUExecutionProvider"}
+        assert body["gallery_size"] == 0 and body["stale_faces"] == 0
+        assert body["model_version"].startswith("dlib-resnet-v1")
+        assert client.post("/enroll", files={"image": photo(AMY)}, data={"name": "Amy"}).status_code == 201
+        assert client.get("/readyz").json()["gallery_size"] == 1
+
+    def test_not_ready_without_a_database(self, settings: Settings) -> None:
+        with running(settings) as client:
+            client.app.state.service.gallery.engine.dispose()  # type: ignore[attr-defined]
+            # point the engine at a database that cannot be opened
+            from sqlalchemy import create_engine
+
+            client.app.state.service.gallery.engine = create_engine(  # type: ignore[attr-defined]
+                f"sqlite:///{settings.models_dir}/missing-dir/x.db"
+            )
+            r = client.get("/readyz")
+        assert r.status_code == 503
+        assert r.json()["ready"] is False and r.json()["database"] is False
+        assert r.json()["problems"] == ["database unreachable"]
+
+    def test_metrics(self, client: TestClient, photo: Photo) -> None:
+        client.post("/verify", files={"image_a": photo(AMY), "image_b": photo(AMY)})
+        client.get(f"/identities/{'0' * 32}")
+        r = client.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        text = r.text
+        for expected in (
+            'facegate_decisions_total{endpoint="verify",outcome="match"} 1.0',
+            'facegate_decision_distance_count{endpoint="verify"} 1.0',
+            'facegate_request_duration_seconds_count{method="POST",route="/verify",status="200"} 1.0',
+            # route templates, not raw paths: ids do not explode the label set
+            'facegate_request_duration_seconds_count{method="GET",route="/identities/{identity_id}",status="404"} 1.0',
+            "facegate_gallery_faces 0.0",
+            'facegate_provider_info{network="detector",provider="CPUExecutionProvider"} 1.0',
+            'facegate_provider_info{network="embedder",provider="CPUExecutionProvider"} 1.0',
+        ):
+            assert expected in text, expected
+        assert "0" * 32 not in text
+
+
+@pytest.mark.model
+def test_openapi_documents_every_error(shared_client: TestClient) -> None:
+    schema = shared_client.get("/openapi.json").json()
+    assert "ErrorResponse" in schema["components"]["schemas"]
+    assert "HTTPValidationError" not in schema["components"]["schemas"]  # FastAPI's default 422 shape is gone
+    routes = {(path, method) for path, item in schema["paths"].items() for method in item}
+    assert {
+        ("/enroll", "post"),
+        ("/verify", "post"),
+        ("/identify", "post"),
+        ("/identities/{identity_id}", "delete"),
+    } <= routes
+    for path, item in schema["paths"].items():
+        for method, operation in item.items():
+            responses = operation["responses"]
+            if path in ("/healthz", "/metrics"):
+                continue
+            for status in ("422", "500"):
+                ref = responses[status]["content"]["application/json"]["schema"]["$ref"]
+                assert ref.endswith("/ErrorResponse"), (path, method, status)
+    assert {"404", "413", "422"} <= set(schema["paths"]["/enroll"]["post"]["responses"])
+    assert shared_client.get("/docs").status_code == 200

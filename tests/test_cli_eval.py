@@ -1,0 +1,159 @@
+"""`facegate eval`, `facegate calibrate` and `facegate cluster` on a small set of real dev photos.
+
+The set: 4 photos each of three TV characters (150 x 150 crops, fast) plus one photo with no face, linked into a
+temporary folder-per-person tree; pairs: every pair of the 13 photos (18 same, 60 different; 12 pairs involve the
+photo without a face). Settings come from the environment, as in production.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from app.cli import cli
+
+pytestmark = pytest.mark.model
+
+PEOPLE = ("amy", "raj", "sheldon")
+BLANK = "nobody/blank.png"
+
+
+@pytest.fixture
+def env(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    db = tmp_path / "cli.db"
+    monkeypatch.setenv("FACEGATE_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("FACEGATE_DATABASE_URL", f"sqlite:///{db}")
+    monkeypatch.setenv("FACEGATE_RUNTIME__PROVIDERS", '["CPUExecutionProvider"]')
+    return db
+
+
+@pytest.fixture
+def photos(dev_faces: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(images folder, pairs.csv)."""
+    root = tmp_path / "images"
+    names = []
+    for person in PEOPLE:
+        (root / person).mkdir(parents=True)
+        for i in range(1, 5):
+            name = f"face-api__{person}{i}.png"
+            (root / person / name).symlink_to(dev_faces / f"bbt_{person}" / name)
+            names.append(f"{person}/{name}")
+    (root / "nobody").mkdir()
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((160, 160, 3), 90, np.uint8)).save(buffer, format="PNG")
+    (root / BLANK).write_bytes(buffer.getvalue())
+    names.append(BLANK)
+    pairs = tmp_path / "pairs.csv"
+    with pairs.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["img_a", "img_b", "same"])
+        for a, b in itertools.combinations(names, 2):
+            writer.writerow([a, b, int(a.split("/")[0] == b.split("/")[0])])
+    return root, pairs
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.stdout
+
+
+def test_eval_prints_the_table_and_writes_json_and_png(env: Path, photos: tuple[Path, Path], tmp_path: Path) -> None:
+    images, pairs = photos
+    out = tmp_path / "report"
+    cache = tmp_path / "embeddings.npz"
+    args = ["eval", "--pairs", str(pairs), "--images", str(images), "--out", str(out), "--cache", str(cache)]
+    code, text = run(*args)
+    assert code == 0, text
+    for row in ("AUC", "EER", "accuracy at 0.36", "10-fold accuracy", "VAL @ FAR 0.001", "VAL @ FAR 0.01"):
+        assert row in text, text
+    assert "pairs             78 (18 same, 60 different)" in text
+    assert "missing faces     1 of 13 photos; 12 pairs left out (0 same, 12 different)" in text
+    assert f"no face: {BLANK} (no_face)" in text
+
+    report = json.loads((out / "eval.json").read_text())
+    assert report["n_pairs"] == 78 and report["n_missing"] == 12 and report["missing_photos"] == {BLANK: "no_face"}
+    # Three well-separated people (same 0.10-0.28, different above 0.45): every found pair is decided right.
+    assert report["auc"] == 1.0 and report["at_threshold"]["accuracy"] == 1.0
+    assert report["kfold"]["n_folds"] == 10 and len(report["kfold"]["accuracies"]) == 10
+    assert [v["target_far"] for v in report["val_at_far"]] == [0.001, 0.01]
+    assert sum(report["histograms"]["same_counts"]) == 18 and sum(report["histograms"]["different_counts"]) == 48
+    with Image.open(out / "eval.png") as png:
+        assert png.format == "PNG" and png.size[0] > 800
+
+    # The cache holds every photo; a second run reads it instead of embedding again. Proof: plant a wrong entry
+    # (amy1 marked as faceless) and see it reported although the photo did not change.
+    with np.load(cache) as data:
+        stored = {k: data[k] for k in data.files}
+    assert sorted(stored["paths"].tolist()) == sorted(str(p.relative_to(images)) for p in images.rglob("*.png"))
+    assert stored["errors"].tolist().count("no_face") == 1
+    row = stored["paths"].tolist().index("amy/face-api__amy1.png")
+    stored["errors"][row] = "no_face"
+    stored["embeddings"][row] = np.nan
+    np.savez_compressed(cache, **stored)
+    code, text = run(*args, "--json")
+    assert code == 0, text
+    again = json.loads(text)
+    assert again["missing_photos"] == {BLANK: "no_face", "amy/face-api__amy1.png": "no_face"}
+    assert again["n_missing"] == 12 + 11  # amy1 pairs with the 11 other found photos (its pair with BLANK counted once)
+
+
+def test_eval_refuses_a_malformed_pairs_file(env: Path, photos: tuple[Path, Path], tmp_path: Path) -> None:
+    images, _ = photos
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\nx,y\n")
+    result = CliRunner().invoke(cli, ["eval", "--pairs", str(bad), "--images", str(images)])
+    assert result.exit_code == 2 and "img_a, img_b and same" in result.output
+
+
+def test_calibrate_prints_the_threshold_and_apply_stores_it(
+    env: Path, photos: tuple[Path, Path], dev_faces: Path
+) -> None:
+    images, pairs = photos
+    cache = env.parent / "calibrate-cache.npz"  # the second run embeds nothing
+    args = ["calibrate", "--pairs", str(pairs), "--images", str(images), "--far", "0.05", "--cache", str(cache)]
+    code, text = run(*args, "--json")
+    assert code == 0, text
+    result = json.loads(text)
+    # 48 different pairs found: FAR 0.05 allows floor(2.4) = 2 false accepts, so the threshold sits just under the
+    # third-nearest different pair; all 18 same pairs (0.10-0.28) are accepted.
+    assert result["n_different"] == 48 and result["n_same"] == 18
+    assert result["false_accepts"] == 2 and result["far"] == pytest.approx(2 / 48)
+    assert result["val"] == 1.0 and result["applied"] is False
+    assert result["missing_photos"] == [BLANK] and result["n_missing_pairs"] == 12
+    assert not env.exists()  # without --apply no database is touched
+
+    code, text = run(*args, "--apply")
+    assert code == 0, text
+    assert f"threshold {result['threshold']:.4f} for target FAR 0.05" in text
+    assert "stored as the deployment threshold." in text
+    code, text = run(
+        "verify", "--json", str(dev_faces / "bbt_amy/face-api__amy1.png"), str(dev_faces / "bbt_raj/face-api__raj1.png")
+    )
+    decision = json.loads(text)
+    assert decision["threshold_source"] == "deployment"
+    assert decision["threshold"] == pytest.approx(result["threshold"])
+
+
+def test_cluster_a_folder(env: Path, photos: tuple[Path, Path]) -> None:
+    images, _ = photos
+    code, text = run("cluster", str(images), "--json")
+    assert code == 0, text
+    body = json.loads(text)
+    assert body["n_photos"] == 13 and body["n_faces"] == 12 and body["sizes"] == [4, 4, 4]
+    for members in body["clusters"]:
+        assert len({m["photo"].split("/")[0] for m in members}) == 1
+    assert body["unclustered"] == []
+    assert body["problems"] == [{"photo": BLANK, "code": "no_face", "message": "no face was found in the photo"}]
+
+    code, text = run("cluster", str(images))
+    assert code == 0, text
+    assert text.startswith("13 photos, 12 faces: 3 clusters, 0 unclustered faces, 1 photos without a face")
+    assert "cluster 1: 4 faces" in text and f"{BLANK}: no_face" in text

@@ -472,6 +472,45 @@ def eval_pairs(
         typer.echo(f"report: {json_path}, plot: {png_path}")
 
 
+@cli.command("eval-identify")
+def eval_identify(
+    images: Annotated[
+        Path, typer.Option("--images", exists=True, file_okay=False, help="Folder with one sub-folder of photos per person.")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(file_okay=False, help="Folder for eval-identify.json (every number) and eval-identify.png (DIR vs FPIR)."),
+    ] = Path("facegate-eval"),
+    cache: CacheOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report instead of the table.")] = False,
+) -> None:
+    """1:N open-set accuracy: DIR / FNIR at FPIR 1 %, 5 %, 10 % for the raw-distance rule and facegate's rule.
+
+    Protocol: people sorted by folder name; every other person is enrolled with their first photo (sorted file
+    names), their other photos are probes, every photo of the others is a stranger. FPIR = share of strangers
+    named as someone; DIR = share of probes named correctly; FNIR = 1 - DIR.
+    """
+    from app.identify_eval import format_identify_table, person_photos, run_identify_eval
+
+    settings = _settings()
+    pipeline = _open_pipeline(settings)
+    try:
+        n_photos = len(person_photos(images))
+        with typer.progressbar(length=n_photos, label="Embedding", show_pos=True, file=sys.stderr) as bar:
+            result = run_identify_eval(
+                images, settings=settings, out_dir=out, cache=cache, pipeline=pipeline, progress=bar.update
+            )
+    except FacegateError as error:
+        _fail(error.message)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=1))
+        return
+    typer.echo(format_identify_table(result))
+    for path, code in sorted(result.missing_photos.items()):
+        typer.echo(f"  no face: {path} ({code})")
+    typer.echo(f"report: {', '.join(str(f) for f in result.files)}")
+
+
 @cli.command()
 def calibrate(
     pairs: PairsOption,

@@ -6,6 +6,7 @@ Core code never reads the environment: it receives these values as arguments.
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -181,9 +182,31 @@ class Settings(BaseSettings):
     )
     database_url: str = Field(default="sqlite:///./facegate.db", description="SQLAlchemy URL of the gallery (SQLite or postgresql+psycopg://).")
     store_images: bool = Field(default=False, description="Keep the enrolled photos in the database (off: only embeddings are stored).")
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
-    log_json: bool = Field(default=False, description="Write logs as one JSON object per line.")
+    host: str = Field(default="127.0.0.1", description="Address `facegate serve` listens on (127.0.0.1: this machine only).")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port `facegate serve` listens on.")
+
+
+def settings_reference() -> list[tuple[str, str, str]]:
+    """(environment variable, default, description) for every setting, nested groups included: the README's table."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name.upper()}__")
+                continue
+            default = field.default
+            if isinstance(default, list):
+                shown = json.dumps([str(v) for v in default])
+            elif isinstance(default, Path):
+                shown = "models/dist" if default == DEFAULT_MODELS_DIR else str(default)
+            else:
+                shown = "unset" if default is None else str(default)
+            rows.append((f"{prefix}{name.upper()}", shown, field.description or ""))
+
+    walk(Settings, "FACEGATE_")
+    return rows
 
 
 @lru_cache

@@ -161,3 +161,26 @@ def test_folder_without_people_is_refused(tmp_path: Path) -> None:
         run_identify_eval(tmp_path, settings=Settings())
     with pytest.raises(InvalidRequest):
         run_identify_eval(tmp_path / "absent", settings=Settings())
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_cli_prints_the_table_and_writes_the_report(
+    lfw_faces: Path, models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    monkeypatch.setenv("FACEGATE_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("FACEGATE_RUNTIME__PROVIDERS", '["CPUExecutionProvider"]')
+    images = _small_folder(lfw_faces, tmp_path / "people")
+    out = tmp_path / "report"
+    result = CliRunner().invoke(cli, ["eval-identify", "--images", str(images), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for row in ("raw distance d1", "ratio d1/d2", "facegate", "FPIR 1 %", "FPIR 5 %", "FPIR 10 %"):
+        assert row in result.stdout
+    assert "no face:" in result.stdout and "zz_blank.png (no_face)" in result.stdout
+    report = json.loads((out / "eval-identify.json").read_text())
+    assert report["n_missing"] == 1
+    assert (out / "eval-identify.png").stat().st_size > 0

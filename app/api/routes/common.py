@@ -7,6 +7,7 @@ from fastapi import UploadFile
 from app.api.schemas import (
     BoxOut,
     CandidateOut,
+    EnrollResponse,
     FaceOut,
     FacePublic,
     IdentityPublic,
@@ -15,7 +16,7 @@ from app.api.schemas import (
 )
 from app.errors import InvalidImage
 from app.gallery import FaceRecord, IdentityRecord
-from app.service import Candidate, FoundFace
+from app.service import Candidate, EnrollResult, FoundFace
 from app.vision.types import Box
 
 
@@ -67,4 +68,17 @@ def identity_public(identity: IdentityRecord, model_version: str, *, with_faces:
         updated_at=identity.updated_at,
         face_count=identity.face_count,
         faces=[face_public(f, model_version) for f in identity.faces] if with_faces else None,
+    )
+
+
+def enroll_response(result: EnrollResult) -> EnrollResponse:
+    """The reply to /enroll and POST /identities/{id}/faces: the same shape for a new and an added face."""
+    return EnrollResponse(
+        identity_id=result.identity_id,
+        face_id=result.face_id,
+        name=result.name,
+        created=result.created,
+        face=face_out(result.face),
+        model_version=result.model_version,
+        possible_duplicate=candidate_out(result.possible_duplicate) if result.possible_duplicate else None,
     )

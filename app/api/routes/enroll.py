@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
 from app.api.deps import MetricsDep, ServiceDep, form_fields, parse_metadata
-from app.api.routes.common import candidate_out, face_out, read_photo
+from app.api.routes.common import enroll_response, read_photo
 from app.api.schemas import NAME_MAX_LENGTH, EnrollResponse
 from app.service import FacePolicy
 
@@ -71,12 +71,4 @@ async def enroll(
         allow_duplicate=allow_duplicate,
     )
     metrics.enrolments.inc()
-    return EnrollResponse(
-        identity_id=result.identity_id,
-        face_id=result.face_id,
-        name=result.name,
-        created=result.created,
-        face=face_out(result.face),
-        model_version=result.model_version,
-        possible_duplicate=candidate_out(result.possible_duplicate) if result.possible_duplicate else None,
-    )
+    return enroll_response(result)

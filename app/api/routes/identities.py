@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
 from app.api.deps import MetricsDep, ServiceDep, form_fields
-from app.api.routes.common import face_out, identity_public, read_photo
+from app.api.routes.common import enroll_response, identity_public, read_photo
 from app.api.schemas import (
     NAME_MAX_LENGTH,
     DeletionResponse,
@@ -99,14 +99,7 @@ async def add_face(
         service.add_face, identity_id, photo, face=face, allow_low_quality=allow_low_quality
     )
     metrics.enrolments.inc()
-    return EnrollResponse(
-        identity_id=result.identity_id,
-        face_id=result.face_id,
-        name=result.name,
-        created=result.created,
-        face=face_out(result.face),
-        model_version=result.model_version,
-    )
+    return enroll_response(result)
 
 
 @router.delete(

@@ -478,13 +478,8 @@ class FaceService:
         )
 
     def _names(self, identity_ids: set[str]) -> dict[str, str]:
-        names: dict[str, str] = {}
-        for identity_id in identity_ids:
-            try:
-                names[identity_id] = self.gallery.get_identity(identity_id).name
-            except UnknownIdentity:  # deleted by another request since the search
-                pass
-        return names
+        """One query; an identity deleted by another request since the search is absent."""
+        return self.gallery.identity_names(identity_ids)
 
     # ------------------------------------------------------------------------------------ thresholds
 

@@ -7,7 +7,7 @@ with `refresh()` (called by `search` and `identity_distances` unless told not to
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -226,6 +226,10 @@ class Gallery:
     def get_identity(self, identity_id: str) -> IdentityRecord:
         with self.session() as session:
             return store.get_identity(session, identity_id=identity_id)
+
+    def identity_names(self, identity_ids: Iterable[str]) -> dict[str, str]:
+        with self.session() as session:
+            return store.identity_names(session, identity_ids=identity_ids)
 
     def list_identities(
         self, *, offset: int = 0, limit: int = 100, name_contains: str | None = None

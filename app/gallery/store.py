@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -132,6 +132,15 @@ def get_identity(session: Session, *, identity_id: str) -> IdentityRecord:
     row = _identity_row(session, identity_id)
     faces = _faces_of(session, [row.id])
     return _identity_record(row, tuple(faces.get(row.id, ())))
+
+
+def identity_names(session: Session, *, identity_ids: Iterable[str]) -> dict[str, str]:
+    """Names of the given identities in one query; ids that are malformed or gone are simply absent."""
+    wanted = [i for i in set(identity_ids) if is_valid_id(i)]
+    if not wanted:
+        return {}
+    rows = session.execute(select(Identity.id, Identity.name).where(Identity.id.in_(wanted))).all()
+    return {identity_id: name for identity_id, name in rows}
 
 
 def identity_exists(session: Session, *, identity_id: str) -> bool:

@@ -79,6 +79,17 @@ class TestIdentities:
             assert store.get_identity(session, identity_id=created.id).metadata == {"new": True}
             assert store.get_identity(session, identity_id=created.id).name == "Ada King"
 
+    def test_names_in_one_call(self, sessions: sessionmaker[Session]) -> None:
+        with sessions.begin() as session:
+            ada = store.create_identity(session, name="Ada", metadata=None)
+            bob = store.create_identity(session, name="Bob", metadata=None)
+            gone = store.create_identity(session, name="Gone", metadata=None)
+            store.delete_identity(session, identity_id=gone.id)
+        with sessions.begin() as session:
+            names = store.identity_names(session, identity_ids=[ada.id, bob.id, gone.id, "not-an-id"])
+            assert names == {ada.id: "Ada", bob.id: "Bob"}
+            assert store.identity_names(session, identity_ids=[]) == {}
+
     def test_unknown_or_malformed_ids(self, sessions: sessionmaker[Session]) -> None:
         for bad_id in ["0" * 32, "not-an-id", "", "A" * 32, "x" * 5000, "a\x00b"]:
             with sessions.begin() as session:

@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -88,6 +89,18 @@ def _open_service(settings: Settings) -> FaceService:
         return FaceService.open(settings, load_models=True)
     except FacegateError as error:
         _fail(error.message)
+
+
+@contextmanager
+def _service_call() -> Iterator[FaceService]:
+    """A service for one command; a FacegateError inside becomes `code: message` and exit status 2."""
+    service = _open_service(_settings())
+    try:
+        yield service
+    except FacegateError as error:
+        _fail(f"{error.code}: {error.message}")
+    finally:
+        service.close()
 
 
 def _open_pipeline(settings: Settings) -> Pipeline:
@@ -291,13 +304,8 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Are the faces of two photos the same person? Exit status 0: match, 1: no match, 2: error."""
-    service = _open_service(_settings())
-    try:
+    with _service_call() as service:
         result = service.verify_photos(_read(photo_a), _read(photo_b), threshold=threshold, face=face)
-    except FacegateError as error:
-        _fail(f"{error.code}: {error.message}")
-    finally:
-        service.close()
     if as_json:
         typer.echo(
             json.dumps(
@@ -331,13 +339,8 @@ def identify(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Who is in IMAGE? Each face: the best enrolled identity if within the threshold, else unknown."""
-    service = _open_service(_settings())
-    try:
+    with _service_call() as service:
         result = service.identify(_read(image), top_k=top_k, threshold=threshold)
-    except FacegateError as error:
-        _fail(f"{error.code}: {error.message}")
-    finally:
-        service.close()
     if as_json:
         typer.echo(
             json.dumps(

@@ -7,7 +7,9 @@ write lock) around the whole upgrade.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,7 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL", **kwargs: Any) ->
         cursor = dbapi_connection.cursor()
         try:
             if not in_memory:
-                cursor.execute("PRAGMA journal_mode=WAL")
+                _enable_wal(cursor)
             cursor.execute(f"PRAGMA synchronous={sqlite_synchronous.upper()}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
@@ -63,6 +65,21 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL", **kwargs: Any) ->
             cursor.close()
 
     return engine
+
+
+def _enable_wal(cursor: Any) -> None:
+    """Switch the file to WAL. Converting a new file needs an exclusive lock for a moment, and when two connections
+    open the same new file at once SQLite reports 'database is locked' at once instead of calling the busy handler
+    (the two would deadlock), so retry for up to the busy timeout."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

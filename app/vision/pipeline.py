@@ -21,7 +21,7 @@ from app.vision.embed import FaceEmbedder
 from app.vision.landmarks import LandmarkPredictor
 from app.vision.models import Manifest, load_manifest
 from app.vision.quality import FaceQuality, measure
-from app.vision.types import Detection, Face, Image, Landmarks
+from app.vision.types import Box, Detection, Face, Image, Landmarks
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,29 @@ class Pipeline:
     def find_faces(self, image: Image) -> list[Face]:
         """Every face in the photo with its embedding, highest detector score first."""
         work, detections = self.detect(image)
+        return self._faces(work, detections)
+
+    def embed_photo(self, image: Image, *, face: str = "single") -> Face:
+        """The one face of a photo: `single` refuses photos with several faces, `largest` takes the biggest box.
+
+        The choice is made on the detections, so only the chosen face gets landmarks, a chip and an embedding.
+        """
+        work, detections = self.detect(image)
+        if not detections:
+            raise NoFace("no face was found in the photo")
+        if len(detections) > 1:
+            boxes = [_original_box(d.box, work.scale) for d in detections]
+            if face != "largest":
+                raise MultipleFaces(
+                    f"{len(detections)} faces were found; send a photo with one face or ask for face=largest",
+                    boxes=[b.as_dict() for b in boxes],
+                )
+            chosen = max(range(len(detections)), key=lambda i: (boxes[i].area, detections[i].score))
+            detections = [detections[chosen]]
+        return self._faces(work, detections)[0]
+
+    def _faces(self, work: WorkingImage, detections: list[Detection]) -> list[Face]:
+        """Landmarks, chips, quality and embeddings of the given detections, in the original photo's pixels."""
         if not detections:
             return []
         points = [self.landmarks.predict(work.pixels, d.box) for d in detections]
@@ -108,19 +131,9 @@ class Pipeline:
             for d, p, e, q in zip(detections, points, embeddings, qualities, strict=True)
         ]
 
-    def embed_photo(self, image: Image, *, face: str = "single") -> Face:
-        """The one face of a photo: `single` refuses photos with several faces, `largest` takes the biggest box."""
-        faces = self.find_faces(image)
-        if not faces:
-            raise NoFace("no face was found in the photo")
-        if len(faces) > 1:
-            if face != "largest":
-                raise MultipleFaces(
-                    f"{len(faces)} faces were found; send a photo with one face or ask for face=largest",
-                    boxes=[f.box.as_dict() for f in faces],
-                )
-            return max(faces, key=lambda f: (f.box.area, f.score))
-        return faces[0]
+
+def _original_box(box: Box, scale: float) -> Box:
+    return box if scale == 1.0 else box.scaled(1.0 / scale)
 
 
 def _to_original(
@@ -128,6 +141,5 @@ def _to_original(
 ) -> Face:
     if scale == 1.0:
         return Face(detection.box, detection.score, points, embedding, quality)
-    back = 1.0 / scale
-    original = np.floor(points.astype(np.float64) * back + 0.5).astype(np.int64)
-    return Face(detection.box.scaled(back), detection.score, original, embedding, quality)
+    original = np.floor(points.astype(np.float64) * (1.0 / scale) + 0.5).astype(np.int64)
+    return Face(_original_box(detection.box, scale), detection.score, original, embedding, quality)

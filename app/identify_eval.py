@@ -21,7 +21,8 @@ Steps, each taking the previous one's output:
    `eval-identify.png` (DIR vs FPIR for each rule, default point marked; `app.matching.report`).
    `format_identify_table(result)` is the text the command prints.
 
-`run_identify_eval` does 1-5. Nothing here knows HTTP or the gallery.
+`run_identify_eval` does 1-5. `evaluate_gallery` runs 3-4 on a live gallery's stored faces (`POST
+/evaluate/identify`). Nothing here knows HTTP or SQL.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from app.config import Settings
-from app.errors import InvalidRequest
+from app.errors import InsufficientData, InvalidRequest
 from app.evaluate import EmbeddingCache, embed_photos, pipeline_signature
 from app.matching.calibration import binomial_interval
 from app.matching.openset import OpenSetModel
@@ -44,14 +45,17 @@ from app.matching.openset_eval import (
     enrolment_split,
     evaluate_identification,
 )
+from app.gallery.store import EvaluationFaces
 from app.vision.pipeline import Pipeline
 
 __all__ = [
     "PHOTO_SUFFIXES",
     "REPORT_JSON",
     "REPORT_PNG",
+    "GalleryEvaluation",
     "IdentifyEvaluation",
     "evaluate_embeddings",
+    "evaluate_gallery",
     "format_identify_table",
     "person_photos",
     "run_identify_eval",
@@ -140,6 +144,57 @@ def evaluate_embeddings(
         target_fpir=settings.identify_fpir,
         max_distance=settings.threshold,
         ambiguity_margin=settings.ambiguity_margin,
+    )
+
+
+@dataclass(frozen=True)
+class GalleryEvaluation:
+    """The protocol run on a live gallery's stored embeddings (`POST /evaluate/identify`)."""
+
+    report: IdentificationReport
+    model_version: str
+    n_identities: int  # identities with at least one face of the served model
+    n_faces: int
+    fpir_interval: tuple[float, float]  # 95 % Clopper-Pearson interval of the default point's FPIR
+
+
+def evaluate_gallery(
+    faces: EvaluationFaces, *, model_version: str, settings: Settings, model: OpenSetModel | None = None
+) -> GalleryEvaluation:
+    """Issue 9's protocol on the gallery's own faces, as `facegate eval-identify` runs it on a folder.
+
+    Identities play the person folders (sorted by name, then id) and their faces, in enrolment order, the photos:
+    identities at even positions keep their first face as the gallery and their other faces are probes; every face
+    of the identities at odd positions is a stranger. Nothing is written. The default operating point is the rule
+    calibrated for the evaluation's gallery (about half the identities), not for the whole live gallery.
+    """
+    keys = [(name, ident) for name, ident in zip(faces.names, faces.identity_ids, strict=True)]
+    split = enrolment_split(keys, list(range(len(keys))))
+    if len(split.gallery_ids) < 2 or split.probe_rows.size == 0 or split.stranger_rows.size == 0:
+        raise InsufficientData(
+            "evaluating identification needs at least 3 identities, an even-position one with a second face and "
+            f"an odd-position one (a stranger); this gallery gives {len(split.gallery_ids)} enrolled, "
+            f"{split.probe_rows.size} probes, {split.stranger_rows.size} strangers"
+        )
+    emb = faces.embeddings
+    report = evaluate_identification(
+        emb[split.gallery_rows],
+        split.gallery_ids,
+        emb[split.probe_rows],
+        split.probe_ids,
+        emb[split.stranger_rows],
+        model=model,
+        target_fpir=settings.identify_fpir,
+        max_distance=settings.threshold,
+        ambiguity_margin=settings.ambiguity_margin,
+    )
+    accepted = round(report.default_point["fpir"] * report.n_strangers)
+    return GalleryEvaluation(
+        report=report,
+        model_version=model_version,
+        n_identities=len(set(faces.identity_ids)),
+        n_faces=len(faces.face_ids),
+        fpir_interval=binomial_interval(accepted, report.n_strangers),
     )
 
 

@@ -46,6 +46,7 @@ from app.gallery import (
     store,
 )
 from app.grouping import ClusterReport, cluster_photos
+from app.identify_eval import GalleryEvaluation, evaluate_gallery
 from app.matching.calibration import (
     CalibrationTable,
     FarCalibration,
@@ -593,6 +594,14 @@ class FaceService:
                 f"pairs); {pairs.n_identities} has"
             )
         return same_d, diff_d, pairs.n_identities
+
+    def evaluate_identification(self) -> GalleryEvaluation:
+        """Issue 9's open-set protocol on the gallery's own faces of the served model (app.identify_eval)."""
+        with self.gallery.session() as session:
+            faces = store.faces_for_evaluation(session, model_version=self.pipeline.model_version)
+        return evaluate_gallery(
+            faces, model_version=self.pipeline.model_version, settings=self.settings, model=self.openset
+        )
 
     def calibration_status(self) -> CalibrationStatus:
         threshold = self.resolve_threshold()

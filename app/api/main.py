@@ -8,6 +8,7 @@ from app.api.routes import (
     calibration,
     cluster,
     enroll,
+    evaluation,
     health,
     identify,
     identities,
@@ -15,5 +16,5 @@ from app.api.routes import (
 )
 
 api_router = APIRouter()
-for module in (enroll, verify, identify, identities, cluster, calibration, health):
+for module in (enroll, verify, identify, identities, cluster, calibration, evaluation, health):
     api_router.include_router(module.router)

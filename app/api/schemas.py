@@ -351,3 +351,44 @@ class Readiness(BaseModel):
     stale_faces: int | None = Field(description="Stored faces made by another model version (not searched).")
     model_version: str
     problems: list[str] = Field(default_factory=list, description="Why not ready, if not.")
+
+
+class RuleDirOut(Public):
+    rule: Literal["raw", "ratio", "facegate"] = Field(
+        description="raw: nearest identity's distance d1; ratio: d1/d2 (second-nearest identity); facegate: the "
+        "open-set score /identify uses."
+    )
+    dir_at_fpir: dict[str, float] = Field(
+        description="FPIR ('0.01', '0.05', '0.1') -> DIR, the share of probes named correctly when the rule's "
+        "threshold is set on these strangers to let that share of them in. FNIR = 1 - DIR."
+    )
+
+
+class IdentifyDefaultPointOut(Public):
+    target_fpir: float
+    gallery_size: int = Field(description="Identities in the evaluation's gallery (the even half).")
+    fpir: float = Field(description="Strangers named as someone by /identify's rule at the deployment settings.")
+    fpir_interval: tuple[float, float] = Field(description="95 % Clopper-Pearson interval of `fpir`.")
+    dir: float
+    fnir: float
+    probe_reasons: dict[str, int]
+    stranger_reasons: dict[str, int]
+
+
+class IdentifyEvaluationResponse(Public):
+    """Issue 9's open-set protocol on the live gallery: identities sorted by name; those at even positions keep
+    their first-enrolled face as the gallery and their other faces are probes; every face of the others is a
+    stranger. Nothing is changed."""
+
+    model_version: str
+    n_identities: int
+    n_faces: int
+    n_enrolled: int
+    n_probes: int
+    n_strangers: int
+    rank1: float = Field(description="Share of probes whose nearest identity is right (the ceiling of DIR).")
+    rules: list[RuleDirOut]
+    default: IdentifyDefaultPointOut
+    raw_threshold_point: dict[str, float] = Field(
+        description="The raw rule at the 1:1 threshold (nearest identity if d1 <= threshold): fpir and dir."
+    )

@@ -651,3 +651,30 @@ def _check_embedding(embedding: npt.ArrayLike) -> npt.NDArray[np.float32]:
         raise ValueError("embedding has non-finite values")
     assert vector.nbytes == EMBEDDING_BYTES
     return vector.copy()
+
+
+@dataclass(frozen=True)
+class EvaluationFaces:
+    """Every face of one model version, in the order issue 9's protocol needs: identity names, then enrolment."""
+
+    identity_ids: list[str]
+    names: list[str]
+    face_ids: list[str]
+    embeddings: npt.NDArray[np.float32]
+
+
+def faces_for_evaluation(session: Session, *, model_version: str) -> EvaluationFaces:
+    """Faces of `model_version` with their identity's name, sorted by (name, identity id, enrolment time, face id):
+    the live gallery's counterpart of a folder of people sorted by name with their photos in file order."""
+    rows = session.execute(
+        select(Face.identity_id, Identity.name, Face.id, Face.embedding)
+        .join(Identity, Identity.id == Face.identity_id)
+        .where(Face.model_version == model_version)
+        .order_by(Identity.name, Identity.id, Face.created_at, Face.id)
+    ).all()
+    return EvaluationFaces(
+        identity_ids=[row.identity_id for row in rows],
+        names=[row.name for row in rows],
+        face_ids=[row.id for row in rows],
+        embeddings=decode_embeddings([row.embedding for row in rows]),
+    )

@@ -10,6 +10,7 @@
 - `gallery_state`: one row (id 1): the id of the last change written; also the write lock every gallery
   transaction takes first.
 - `deployment_settings`: per-deployment values stored in the database (e.g. a calibrated threshold).
+- `api_keys`: API keys (hash, scopes, revocation); the key itself is shown once at creation and never stored.
 """
 
 from __future__ import annotations
@@ -118,3 +119,19 @@ class DeploymentSetting(Base):
     value: Mapped[Any] = mapped_column(JsonType, nullable=True)
     source: Mapped[str | None] = mapped_column(String(200), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key: only its SHA-256 hash is stored; `prefix` (the key's first characters) names it in lists and
+    logs and finds the row in one lookup."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH))
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(128))
+    scopes: Mapped[list[str]] = mapped_column(JsonType)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -5,7 +5,10 @@
 #
 #   docker build -t facegate .                      # CPU (onnxruntime-gpu falls back to its CPU provider)
 #   docker build --build-arg CUDA=1 -t facegate:cuda .   # + CUDA 13 / cuDNN 9 from NVIDIA's pip packages
-#   docker run --rm -p 127.0.0.1:8000:8000 -v facegate-data:/var/lib/facegate facegate
+#   docker run --rm -p 127.0.0.1:8000:8000 -v facegate-data:/var/lib/facegate \
+#       -e FACEGATE_AUTH__BOOTSTRAP_KEY="$(python3 -c 'import secrets; print(f"fg_{secrets.token_hex(4)}_{secrets.token_urlsafe(32)}")')" facegate
+#   (auth is on in the image: every request but health/metrics needs that key, or one from
+#    `docker exec CONTAINER facegate keys create --name NAME --scope read`)
 #   docker run --rm --gpus all -e FACEGATE_REQUIRE_GPU=true ... facegate:cuda  (host: NVIDIA driver + container toolkit)
 #
 # No CUDA base image is needed: onnxruntime-gpu loads CUDA/cuDNN from the nvidia-* wheels (onnxruntime.preload_dlls()).
@@ -67,7 +70,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     FACEGATE_MODELS_DIR=/opt/facegate/models \
     FACEGATE_HOST=0.0.0.0 \
     FACEGATE_PORT=8000 \
-    FACEGATE_DATABASE_URL=sqlite:////var/lib/facegate/facegate.db
+    FACEGATE_DATABASE_URL=sqlite:////var/lib/facegate/facegate.db \
+    FACEGATE_AUTH__REQUIRED=true
 USER facegate
 VOLUME ["/var/lib/facegate"]
 EXPOSE 8000

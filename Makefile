@@ -3,13 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Extras installed into the venv; the Docker image asks for `build` only (same command, fewer packages).
-EXTRAS ?= build,report,test
+EXTRAS ?= build,report,test,ann,train
 PIP_FLAGS ?= -e
 MODELS_DIR ?= models/dist
 export FACEGATE_MODELS_DIR ?= $(abspath $(MODELS_DIR))
 PYTEST_ARGS ?=
 
-.PHONY: venv models run test bench docker-test clean
+.PHONY: venv models run test bench docker-test clean browser
 
 comma := ,
 venv: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -26,8 +26,15 @@ models: venv
 run: models
 	$(BIN)/facegate serve
 
-test: models
+test: models browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The web console's tests (tests/ui) drive Debian's Chromium through Playwright, which downloads no browser of its
+# own: install the distribution's package when it is missing (as root, as on CI; elsewhere say what to install).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "Chromium is missing: install Debian's chromium package for the browser tests (tests/ui)"
 
 bench: models
 	$(BIN)/python -m bench.run

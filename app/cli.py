@@ -15,15 +15,17 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import numpy as np
 import typer
 
 from app import evaluate as evaluation
 from app.config import Settings
+from app.auth.scopes import Scope
 from app.errors import FacegateError
 from app.grouping import ClusterMember, ClusterReport, cluster_files
 from app.service import (
@@ -34,6 +36,11 @@ from app.service import (
     VerifyResult,
 )
 from app.vision.pipeline import Pipeline
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from app.auth.store import ApiKeyRecord
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -113,6 +120,13 @@ def _open_pipeline(settings: Settings) -> Pipeline:
     return pipeline
 
 
+def _default_threshold(settings: Settings, pipeline: Pipeline) -> float:
+    """FACEGATE_THRESHOLD, or the served head's calibrated threshold when one is active and it is not set."""
+    if pipeline.head is not None and "threshold" not in settings.model_fields_set:
+        return pipeline.head.threshold
+    return settings.threshold
+
+
 def _fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -129,8 +143,30 @@ def _read(path: Path) -> bytes:
 
 
 def api_keys_configured(settings: Settings) -> bool:
-    """Whether clients must authenticate. API keys (issue 6) are not implemented yet: never."""
-    return False
+    """Whether the server will ask clients for an API key: `auth.required`, a bootstrap key, or any key in the
+    database (revoked ones count, as in app/auth/verifier.py). Reads the database; creates nothing."""
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.orm import Session
+
+    from app.auth.store import key_count, keys_table_exists
+    from app.gallery import db
+
+    if settings.auth.required or settings.auth.bootstrap_key is not None:
+        return True
+    path = db.sqlite_path(settings.database_url)
+    if path is not None and not path.exists():
+        return False  # a gallery not created yet has no keys
+    engine = db.make_engine(settings.database_url)
+    try:
+        with engine.connect() as connection:
+            if not keys_table_exists(connection):
+                return False
+        with Session(engine) as session:
+            return key_count(session) > 0
+    except SQLAlchemyError as error:
+        _fail(f"cannot read the API keys from the database: {type(error).__name__}")
+    finally:
+        engine.dispose()
 
 
 def _is_loopback(host: str) -> bool:
@@ -160,30 +196,179 @@ def serve(
             "the models (~150 MB) and search index; on a GPU one or two are usually enough.",
         ),
     ] = 1,
-    log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+    log_level: Annotated[
+        str | None, typer.Option(help="Log level (default FACEGATE_LOG__LEVEL, INFO: one access line per request).")
+    ] = None,
+    allow_no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--allow-no-auth",
+            help="Listen on a non-loopback address although no API key exists (every route open to the network): "
+            "only behind a proxy that authenticates. Without it such a start is refused.",
+        ),
+    ] = False,
 ) -> None:
-    """Run the HTTP API (uvicorn, app.main:create_app)."""
+    """Run the HTTP API (uvicorn, app.main:create_app).
+
+    Without any API key (and FACEGATE_AUTH__REQUIRED off) every route is open, so facegate listens on 127.0.0.1 only
+    and refuses another address unless --allow-no-auth is given.
+    """
     import uvicorn
+
+    from app.logs import uvicorn_log_config
 
     settings = _settings()
     bind = host or settings.host  # an explicit --host or FACEGATE_HOST is honoured; the default is 127.0.0.1
-    if not api_keys_configured(settings):
-        if _is_loopback(bind):
-            typer.echo(f"No API keys exist: listening on {bind} only (local use).")
-        else:
-            typer.secho(
-                f"warning: no API keys exist and host {bind} exposes the API to the network without authentication.",
-                fg=typer.colors.YELLOW,
-                err=True,
-            )
+    if api_keys_configured(settings):
+        typer.echo(f"API keys are required (X-API-Key header); listening on {bind}.")
+    elif _is_loopback(bind):
+        typer.echo(
+            f"No API key exists and FACEGATE_AUTH__REQUIRED is off: every route is open, so facegate listens on {bind} "
+            "only (this machine). `facegate keys create` turns authentication on."
+        )
+    elif allow_no_auth:
+        typer.secho(
+            f"warning: no API key exists and host {bind} exposes every route to the network without authentication "
+            "(--allow-no-auth).",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    else:
+        _fail(
+            f"refusing to listen on {bind} without API keys: every route would be open to the network. Create a key "
+            "(facegate keys create --name NAME --scope admin), set FACEGATE_AUTH__REQUIRED=true, listen on "
+            "127.0.0.1, or pass --allow-no-auth behind an authenticating proxy."
+        )
+    level = (log_level or settings.log.level).upper()
     uvicorn.run(
         "app.main:create_app",
         factory=True,
         host=bind,
         port=port or settings.port,
         workers=workers,
-        log_level=log_level.lower(),
+        log_config=uvicorn_log_config(settings.log.model_copy(update={"level": level})),
+        log_level=level.lower(),
+        access_log=False,  # app/api/access_log.py logs each request (route template, no client address)
     )
+
+
+# --------------------------------------------------------------------------------------------------- keys
+
+keys_cli = typer.Typer(
+    help="API keys: clients send one in the X-API-Key header. Stored hashed in the gallery database "
+    "(FACEGATE_DATABASE_URL); once a key exists, every protected route needs one.",
+    no_args_is_help=True,
+)
+cli.add_typer(keys_cli, name="keys")
+
+
+@contextmanager
+def _keys_session() -> Iterator[Session]:
+    """One transaction on the gallery database (migrated first: the keys table comes with the migrations)."""
+    from app.gallery import db
+
+    settings = _settings()
+    db.upgrade(settings.database_url)
+    engine = db.make_engine(settings.database_url)
+    try:
+        with db.make_session_factory(engine)() as session, session.begin():
+            yield session
+    except FacegateError as error:
+        _fail(f"{error.code}: {error.message}")
+    finally:
+        engine.dispose()
+
+
+def _key_line(key: ApiKeyRecord) -> str:
+    def when(value: datetime | None) -> str:
+        return value.strftime("%Y-%m-%d %H:%M:%SZ") if value is not None else "-"
+
+    state = f"revoked {when(key.revoked_at)}" if key.revoked_at is not None else "active"
+    return (
+        f"{key.prefix}  {key.id}  {key.scope.value:<5}  {when(key.created_at):<20}  {when(key.last_used_at):<20}  "
+        f"{state:<28}  {key.name}"
+    )
+
+
+@keys_cli.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="Who or what the key is for (shown by `keys list`).")],
+    scope: Annotated[
+        Scope,
+        typer.Option(
+            help="read: verify, identify, list identities; write: also enrol and delete; admin: also calibrate and "
+            "evaluate. Give each client the narrowest scope it needs.",
+        ),
+    ] = Scope.read,
+) -> None:
+    """Create a key and print it (stdout, alone on its line). It is shown this once: only its hash is stored."""
+    from app.auth.store import create_key
+
+    with _keys_session() as session:
+        created = create_key(session, name=name, scope=scope)
+    typer.echo(created.key)
+    record = created.record
+    typer.echo(
+        f"created key {record.prefix} ({record.scope.value}, '{record.name}'): store it now, it is not shown again",
+        err=True,
+    )
+
+
+@keys_cli.command("list")
+def keys_list(
+    include_revoked: Annotated[bool, typer.Option("--all", help="Also list revoked keys.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the keys as JSON.")] = False,
+) -> None:
+    """List keys: prefix, id, scope, created, last used (to the minute), state, name. Never a key or a hash."""
+    from app.auth.store import list_keys
+
+    with _keys_session() as session:
+        keys = list_keys(session, include_revoked=include_revoked)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                [
+                    {
+                        "id": k.id,
+                        "prefix": k.prefix,
+                        "name": k.name,
+                        "scope": k.scope.value,
+                        "created_at": k.created_at.isoformat(),
+                        "last_used_at": k.last_used_at.isoformat() if k.last_used_at else None,
+                        "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+                    }
+                    for k in keys
+                ]
+            )
+        )
+        return
+    if not keys:
+        typer.echo("no API keys" + ("" if include_revoked else " (active; --all lists revoked ones)"))
+        return
+    typer.echo(f"{'prefix':<8}  {'id':<32}  scope  {'created':<20}  {'last used':<20}  {'state':<28}  name")
+    for key in keys:
+        typer.echo(_key_line(key))
+
+
+@keys_cli.command("revoke")
+def keys_revoke(
+    reference: Annotated[str, typer.Argument(help="The key's prefix (8 hex characters), its id, or the key itself.")],
+) -> None:
+    """Revoke a key: every worker refuses it within FACEGATE_AUTH__CACHE_SECONDS (5 s). Auth stays on."""
+    from app.auth.store import revoke_key
+
+    with _keys_session() as session:
+        record = revoke_key(session, reference=reference)
+    typer.echo(f"revoked key {record.prefix} ({record.scope.value}, '{record.name}')")
+
+
+@keys_cli.command("generate")
+def keys_generate() -> None:
+    """Print a new random key without storing it: a value for FACEGATE_AUTH__BOOTSTRAP_KEY (stored hashed, with the
+    admin scope, when the server starts)."""
+    from app.auth.keys import generate_key
+
+    typer.echo(generate_key())
 
 
 # ------------------------------------------------------------------------------------------------- enroll
@@ -454,7 +639,7 @@ def eval_pairs(
         result = evaluation.evaluate_distances(
             distances,
             [p.same for p in pair_list],
-            threshold=settings.threshold if threshold is None else threshold,
+            threshold=_default_threshold(settings, pipeline) if threshold is None else threshold,
             model_version=pipeline.model_version,
             n_photos=len(embedded),
             missing_photos={path: e.error for path, e in embedded.items() if e.error},
@@ -673,6 +858,163 @@ def cluster(
         typer.echo(f"  {p.photo}: {p.code}: {p.message}")
 
 
+# --------------------------------------------------------------------------------------- train / reindex
+
+
+@cli.command("train")
+def train(
+    images: Annotated[
+        Path,
+        typer.Option("--images", exists=True, file_okay=False, help="Folder with one sub-folder of photos per person."),
+    ],
+    name: Annotated[
+        str, typer.Option(help="Name to register the head under (<heads dir>/<name>/; replaces a head of that name).")
+    ] = "head",
+    loss: Annotated[
+        str, typer.Option(help="triplet, contrastive, or none (center loss alone: give --center-weight).")
+    ] = "triplet",
+    mining: Annotated[
+        str,
+        typer.Option(
+            help="Triplet mining in each batch: semi_hard (FaceNet: the nearest negative farther than the positive), "
+            "batch_hard (each anchor's farthest positive and nearest negative) or batch_all."
+        ),
+    ] = "semi_hard",
+    margin: Annotated[
+        float, typer.Option(min=0.0, help="Triplet margin alpha on squared distances (FaceNet: 0.2).")
+    ] = 0.2,
+    contrastive_margin: Annotated[
+        float, typer.Option(min=0.0, help="Contrastive loss: different faces are pushed this far apart (Euclidean).")
+    ] = 1.0,
+    center_weight: Annotated[
+        float, typer.Option(min=0.0, help="Weight of center loss added to the loss (0 = off).")
+    ] = 0.0,
+    arch: Annotated[str, typer.Option(help="linear (128x128 map) or mlp (residual 2-layer map).")] = "linear",
+    p: Annotated[int, typer.Option("--p", min=2, help="Identities per batch (P of PK sampling).")] = 16,
+    k: Annotated[int, typer.Option("--k", min=2, help="Faces per identity in a batch (K of PK sampling).")] = 4,
+    epochs: Annotated[int, typer.Option(min=1, help="Most epochs (each visits every training identity once).")] = 60,
+    patience: Annotated[
+        int, typer.Option(min=1, help="Stop after this many epochs without a better validation VAL@FAR.")
+    ] = 10,
+    lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 1e-4,
+    val_fraction: Annotated[
+        float, typer.Option(min=0.01, max=0.99, help="Share of the identities held out for validation.")
+    ] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the split, the batches and the initial weights.")] = 0,
+    cache: CacheOption = None,
+) -> None:
+    """Train an embedding head on labelled photos (metric learning on dlib's embeddings) and register it.
+
+    The photos are embedded once (--cache keeps the embeddings between runs); the head trains on the embeddings,
+    choosing the epoch by VAL@FAR 1e-3 on identities it never trains on. Needs the `train` extra (PyTorch).
+    Serve it with FACEGATE_HEAD__NAME=<name>, then run `facegate reindex`.
+    """
+    try:
+        from tqdm import tqdm
+
+        from app.training import (
+            EpochLog,
+            TrainConfig,
+            embed_folder,
+            folder_photos,
+            register_head,
+            split_identities,
+            train_head,
+        )
+    except ModuleNotFoundError as error:
+        _fail(f"{error.name} is missing: install the training extra (pip install 'facegate[train]')")
+    from app.config import HeadSettings
+    from app.vision.head import heads_dir
+
+    # Training starts from the embedder's own output, whatever head is being served.
+    configured = _settings()
+    settings = configured.model_copy(update={"head": HeadSettings(dir=configured.head.dir)})
+    try:
+        config = TrainConfig(
+            loss=loss,  # type: ignore[arg-type]
+            mining=mining,  # type: ignore[arg-type]
+            margin=margin,
+            contrastive_margin=contrastive_margin,
+            center_weight=center_weight,
+            arch=arch,  # type: ignore[arg-type]
+            p=p,
+            k=k,
+            epochs=epochs,
+            patience=patience,
+            lr=lr,
+            seed=seed,
+        )
+        pipeline = _open_pipeline(settings)
+        count = len(folder_photos(images))
+        with typer.progressbar(length=count, label="Embedding", show_pos=True, file=sys.stderr) as bar:
+            data = embed_folder(pipeline, images, cache_path=cache, progress=bar.update)
+        train_set, val_set = split_identities(data, val_fraction=val_fraction, seed=seed)
+        with tqdm(total=epochs + 1, desc="Training", unit="epoch", file=sys.stderr) as epochs_bar:
+
+            def progress(log: EpochLog) -> None:
+                epochs_bar.set_postfix(val_loss=f"{log.val_loss:.4f}", val_at_far=f"{log.val_at_far:.3f}")
+                epochs_bar.update(1)
+
+            result = train_head(train_set, val_set, config, progress=progress)
+        folder = register_head(
+            result,
+            name=name,
+            heads_dir=heads_dir(settings.head, settings.models_dir),
+            base_model_version=pipeline.manifest.model_version,
+            opset=pipeline.manifest.opset,
+            extra={"data": {"photos": count, "faces": len(data), "no_face": data.missing}},
+        )
+    except FacegateError as error:
+        _fail(f"{error.code}: {error.message}")
+    except ValueError as error:
+        _fail(str(error))
+    summary = result.summary()
+    typer.echo(
+        f"faces {len(data)} of {count} photos ({data.missing} without a face); train {summary['train_identities']} "
+        f"identities / {summary['train_faces']} faces, validation {summary['val_identities']} / "
+        f"{summary['val_faces']}"
+    )
+    typer.echo(
+        f"validation VAL@FAR {config.target_far:g}: base {summary['base_val_at_far']:.2%}, head "
+        f"{summary['val_at_far']:.2%} (best epoch {result.best_epoch} of {summary['epochs_run']}; epoch 0 = untrained)"
+    )
+    typer.echo(f"head threshold {result.threshold:.4f} (same FAR as the base at 0.36 on the validation pairs)")
+    typer.echo(f"registered {folder}: serve it with FACEGATE_HEAD__NAME={name}, then run `facegate reindex`")
+
+
+@cli.command("reindex")
+def reindex_command() -> None:
+    """Recompute every enrolled face's embedding for the model now served (FACEGATE_HEAD__NAME set or not) from
+    the stored base embeddings, in one transaction; every worker's index picks the change up. Safe to re-run."""
+    from app.gallery import Gallery
+    from app.gallery.reindex import reindex
+
+    settings = _settings()
+    try:
+        pipeline = Pipeline.from_settings(settings)  # only the head's graph is opened (lazily), not the networks
+        gallery = Gallery.open(settings.database_url, pipeline.model_version, index=settings.index)
+    except FacegateError as error:
+        _fail(error.message)
+    try:
+        report = reindex(
+            gallery,
+            target_version=pipeline.model_version,
+            base_version=pipeline.manifest.model_version,
+            transform=pipeline.head.apply if pipeline.head is not None else None,
+        )
+    except FacegateError as error:
+        _fail(f"{error.code}: {error.message}")
+    finally:
+        gallery.close()
+    sources = ", ".join(f"{n} from {v}" for v, n in sorted(report.from_versions.items())) or "none"
+    typer.echo(
+        f"model version {report.target_version}: {report.updated} faces recomputed ({sources}), "
+        f"{report.already_current} already current, {report.skipped} without a base embedding (left stale)"
+    )
+    if report.skipped:
+        raise typer.Exit(1)
+
+
 # ------------------------------------------------------------------------------------------------------ db
 
 
@@ -689,6 +1031,35 @@ def db_upgrade() -> None:
     finally:
         engine.dispose()
     typer.echo(f"database at revision {revision} (head {db.head_revision()})")
+
+
+@db_cli.command("load-synthetic")
+def db_load_synthetic(
+    faces: Annotated[int, typer.Option(min=1, help="Synthetic faces to write (about half as many identities).")],
+    seed: Annotated[int, typer.Option(help="Random seed of the synthetic gallery.")] = 0,
+) -> None:
+    """Bulk-load face-like synthetic embeddings (PostgreSQL, COPY) for trying large galleries: identities named
+    synthetic-NNNNNNNN with 1-3 faces each, of the served model version. Not for a production gallery."""
+    import time
+
+    from app.gallery import bulk, db, synthetic
+
+    settings = _settings()
+    model_version = Pipeline.from_settings(settings).model_version
+    engine = db.make_engine(settings.database_url)
+    try:
+        if engine.dialect.name != "postgresql":
+            _fail("load-synthetic needs a PostgreSQL gallery (FACEGATE_DATABASE_URL=postgresql+psycopg://...)")
+        db.upgrade(engine)
+        data = synthetic.gallery(faces, seed=seed)
+        start = time.perf_counter()
+        with db.make_session_factory(engine).begin() as session:  # one transaction: all rows or none
+            identities, count = bulk.copy_synthetic_gallery(
+                session, embeddings=data.embeddings, owners=data.owners, model_version=model_version
+            )
+    finally:
+        engine.dispose()
+    typer.echo(f"{count} faces of {identities} synthetic identities written in {time.perf_counter() - start:.1f} s")
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -141,6 +141,186 @@ class ClusterSettings(BaseModel):
     )
 
 
+class BatchingSettings(BaseModel):
+    """Micro-batching of ONNX Runtime work across concurrent requests (app/vision/batcher.py)."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Hand the network calls of concurrent requests to a few inference threads: under load each "
+        "call runs on one core (`workers` side by side), a call alone gets every core, and the faces of concurrent "
+        "requests are embedded in one call. Off: each request thread calls ONNX Runtime itself, every call on every "
+        "core (several at once compete for them).",
+    )
+    max_batch: int = Field(
+        default=32,
+        ge=1,
+        le=1024,
+        description="Most face chips in one embedder call. Larger batches cost less per face but hold the requests "
+        "in them until the whole call ends.",
+    )
+    max_wait_ms: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=1000.0,
+        description="How long a request's work may wait for other requests' to join its batch (ms, counted from "
+        "when it was queued). 0: batch only what is already waiting. Raise it to batch more under light, "
+        "staggered load, at that much latency per request.",
+    )
+    workers: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Network calls that may run at once under load, each on one intra-op thread (0: one per CPU "
+        "core). A call made while nothing else runs uses every thread instead (runtime.intra_op_threads). Set 1 on "
+        "a GPU.",
+    )
+    detector_max_batch: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Most photos in one detector call: photos of the same working size queued while the detector "
+        "was busy are stacked into its next call (it never waits for more). 1: detector calls only take turns.",
+    )
+
+
+class BatchRequestSettings(BaseModel):
+    """Limits of the many-photo endpoints POST /embed and POST /identify/batch."""
+
+    max_images: int = Field(
+        default=32,
+        ge=1,
+        le=1000,
+        description="Most photos in one POST /embed or POST /identify/batch request (the whole body also stays "
+        "under image.max_upload_bytes).",
+    )
+
+
+class IndexBackend(StrEnum):
+    """How the gallery is searched (app/gallery/index.py)."""
+
+    EXACT = "exact"
+    APPROXIMATE = "approximate"
+    PGVECTOR = "pgvector"
+
+
+class IndexSettings(BaseModel):
+    """The gallery's search index (app/gallery/index.py, ann.py, pgvector.py)."""
+
+    backend: IndexBackend = Field(
+        default=IndexBackend.EXACT,
+        description="`exact`: every face compared (numpy float32 matmul). `approximate`: a faiss inverted-file index "
+        "(IVF) for large galleries (the `ann` extra), exact below index.min_size. `pgvector`: nearest faces found "
+        "inside PostgreSQL (needs the pgvector extension on the server; start-up fails, saying so, without it).",
+    )
+    min_size: int = Field(
+        default=50_000,
+        ge=1,
+        description="approximate: galleries with fewer searchable faces are searched exactly (the IVF is built once "
+        "the gallery reaches this size; from 200k faces on it is built on a thread while exact search answers). "
+        "Exact search of 50k faces takes a few milliseconds.",
+    )
+    nlist: int = Field(
+        default=0,
+        ge=0,
+        le=65_536,
+        description="approximate: number of IVF cells (0: a power of two near sqrt(faces), at most 1024). More cells "
+        "make each probe cheaper but training (start-up) slower.",
+    )
+    nprobe: int = Field(
+        default=256,
+        ge=1,
+        le=65_536,
+        description="approximate: IVF cells probed per query (at most nlist). Raise it for top-1 answers closer to "
+        "exact search, lower it for speed: at 1M faces and 1024 cells, 256 gives 99.5 % top-1 agreement.",
+    )
+    candidates: int = Field(
+        default=64,
+        ge=8,
+        le=10_000,
+        description="approximate and pgvector: nearest faces fetched per query before they are ranked by identity "
+        "(at least 4 x top_k; pgvector's hnsw.ef_search is twice this); a query whose candidates hold too few "
+        "identities is searched exactly.",
+    )
+
+
+class AuthSettings(BaseModel):
+    """API keys (app/auth/): header `X-API-Key: <key>` or `Authorization: Bearer <key>`."""
+
+    required: bool = Field(
+        default=False,
+        description="Require an API key on every protected route even before any key exists (every such request is "
+        "then 401 until one is created). Off, auth is still on as soon as one key has been created (revoked ones "
+        "count, so revoking the last key locks the API rather than opening it).",
+    )
+    bootstrap_key: SecretStr | None = Field(
+        default=None,
+        description="An admin key (`fg_<8 hex>_<secret>`, e.g. from `facegate keys generate`) stored hashed at "
+        "start-up unless a key with its prefix exists: how a container gets its first key. Revoking it (by prefix) "
+        "sticks across restarts.",
+    )
+    cache_seconds: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=300.0,
+        description="How long a worker trusts a key lookup (and whether any key exists) before reading the database "
+        "again: a revoked key stops working in every worker within this many seconds. 0: read on every request.",
+    )
+
+    @field_validator("bootstrap_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value  # `FACEGATE_AUTH__BOOTSTRAP_KEY=` (compose's empty default)
+
+    @field_validator("bootstrap_key")
+    @classmethod
+    def _check_key_format(cls, value: SecretStr | None) -> SecretStr | None:
+        from app.auth.keys import key_prefix  # here, not at the top: app.auth imports nothing from config
+
+        if value is not None and key_prefix(value.get_secret_value()) is None:
+            raise ValueError(
+                "auth.bootstrap_key must look like fg_<8 hex>_<32+ url-safe characters> (facegate keys generate)"
+            )
+        return value
+
+
+class HeadSettings(BaseModel):
+    """An embedding head trained by `facegate train` (app/training), applied after the embedder (app/vision/head.py)."""
+
+    name: str | None = Field(
+        default=None,
+        description=(
+            "Registered head to serve (a folder under the heads folder with head.onnx and head.json, as `facegate "
+            "train` writes it); unset = the base embeddings (the default). Changing it changes the model version: "
+            "run `facegate reindex` so enrolled faces are searchable again."
+        ),
+    )
+    dir: Path | None = Field(
+        default=None, description="Folder of registered heads (unset: `heads/` inside FACEGATE_MODELS_DIR)."
+    )
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+class LogSettings(BaseModel):
+    """Logging of `facegate serve` (app/logs.py): one access line per request, plus the service's own messages."""
+
+    format: LogFormat = Field(
+        default=LogFormat.text,
+        description="text: one readable line per record; json: one JSON object per line (for log collectors).",
+    )
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Least severe level logged; INFO includes the access lines, WARNING drops them."
+    )
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FACEGATE_", env_nested_delimiter="__", extra="ignore")
 
@@ -152,6 +332,12 @@ class Settings(BaseSettings):
     image: ImageSettings = ImageSettings()
     quality: QualitySettings = QualitySettings()
     cluster: ClusterSettings = ClusterSettings()
+    batching: BatchingSettings = BatchingSettings()
+    batch: BatchRequestSettings = BatchRequestSettings()
+    auth: AuthSettings = AuthSettings()
+    log: LogSettings = LogSettings()
+    index: IndexSettings = IndexSettings()
+    head: HeadSettings = HeadSettings()
 
     threshold: float = Field(
         default=0.36,

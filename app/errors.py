@@ -22,6 +22,13 @@ class InvalidImage(FacegateError):
     code = "invalid_image"
 
 
+class UnsupportedImage(FacegateError):
+    """An image in a format facegate does not decode (HEIC, PSD, PostScript, ...; `details.format` when known): only
+    photo formats are accepted (app/vision/decode.py FORMATS)."""
+
+    code = "unsupported_image"
+
+
 class ImageTooLarge(FacegateError):
     """Too many pixels (decompression-bomb guard) or too many bytes."""
 
@@ -97,3 +104,22 @@ class InsufficientData(FacegateError):
     has two faces)."""
 
     code = "insufficient_data"
+
+
+class Unauthorized(FacegateError):
+    """No API key, or one that is unknown or revoked, where a key is required (the message never says which of the
+    last two, nor anything about stored keys)."""
+
+    code = "unauthorized"
+
+
+class Forbidden(FacegateError):
+    """A valid API key whose scope is too small for the route (`details`: required and granted scope)."""
+
+    code = "forbidden"
+
+
+class UnknownApiKey(FacegateError):
+    """No API key with that prefix or id (key management)."""
+
+    code = "unknown_api_key"

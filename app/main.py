@@ -16,9 +16,12 @@ from starlette.concurrency import run_in_threadpool
 
 from app import __version__
 from app.api import errors
+from app.api.access_log import AccessLogMiddleware
+from app.api.auth import document_protected
 from app.api.main import api_router
 from app.api.metrics import Metrics
 from app.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.auth.verifier import open_verifier
 from app.config import Settings, get_settings
 from app.service import FaceService
 
@@ -43,6 +46,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = await run_in_threadpool(FaceService.open, settings)
         app.state.service = service
+        try:  # API keys live in the gallery database; the bootstrap key (if any) is stored before serving
+            app.state.keys = await run_in_threadpool(open_verifier, service.gallery.session, settings.auth)
+        except BaseException:
+            service.close()
+            raise
         metrics.info.labels(service.pipeline.model_version).set(1)
         metrics.watch(lambda: service.gallery.stats().size, service.pipeline.providers)
         try:
@@ -62,7 +70,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     errors.install(app)
     app.include_router(api_router)
+    document_protected(app.routes)
     # Added last = outermost: latency includes refused bodies, and the body limit runs before anything reads.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.image.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(AccessLogMiddleware)
     return app

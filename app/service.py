@@ -16,8 +16,10 @@ already matches an enrolled identity within the threshold is refused with Possib
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,6 +53,7 @@ from app.matching.calibration import (
     CalibrationTable,
     FarCalibration,
     calibrate_far,
+    compute_default_table,
     load_default_table,
     pairs_from_gallery,
 )
@@ -104,6 +107,8 @@ class FoundFace:
     score: float
     quality: FaceQuality | None = None
     quality_issues: tuple[QualityFailure, ...] = ()
+    # The 5 landmark points (x, y) in the photo's pixels, so a client can show what the alignment used.
+    landmarks: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +154,20 @@ class IdentifiedFace:
     @property
     def ambiguous(self) -> bool:
         return self.reason is Reason.AMBIGUOUS
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedFace:
+    """A face and its embedding (POST /embed hands embeddings to the client: biometric data, read scope)."""
+
+    face: FoundFace
+    embedding: tuple[float, ...]  # the 128 values the service compares (Face.embedding)
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedPhoto:
+    faces: tuple[EmbeddedFace, ...]  # highest detector score first
+    model_version: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +224,22 @@ class CalibrationStatus:
     table: CalibrationTable | None  # the shipped default table (None when it does not fit the served model)
 
 
+class CurveSource(StrEnum):
+    """Which FAR/VAL curve: the table shipped with the model (dev pairs) or one measured on the gallery's own
+    identities with >= 2 faces."""
+
+    shipped = "shipped"
+    gallery = "gallery"
+
+
+@dataclass(frozen=True)
+class CalibrationCurve:
+    source: CurveSource
+    table: CalibrationTable  # FAR, its upper bound and VAL at each threshold of the grid
+    threshold: Threshold  # what a request without its own threshold uses now
+    n_identities: int | None  # gallery source: identities with >= 2 faces that gave pairs
+
+
 @dataclass(frozen=True)
 class ClusterResult:
     report: ClusterReport
@@ -259,20 +294,28 @@ class FaceService:
         if settings.preload_models if load_models is None else load_models:
             pipeline.load()
             log.info("models loaded: %s, providers %s", pipeline.model_version, pipeline.providers())
-        gallery = Gallery.open(settings.database_url, pipeline.model_version, migrate=True)
+        gallery = Gallery.open(settings.database_url, pipeline.model_version, migrate=True, index=settings.index)
         stats = gallery.stats()
         log.info(
-            "gallery: %d faces searchable, %d identities, %d stale faces", stats.size, stats.identities, stats.stale
+            "gallery: %d faces searchable, %d identities, %d stale faces; %s search",
+            stats.size,
+            stats.identities,
+            stats.stale,
+            gallery.index.backend,
         )
         return cls(
             settings,
             pipeline,
             gallery,
-            calibration=_default_calibration(pipeline.model_version, pipeline.manifest.model_name),
+            # The shipped table is the base's: with a head (another distance scale) no FAR estimate is given.
+            calibration=_default_calibration(
+                pipeline.model_version, pipeline.manifest.model_name if pipeline.head is None else ""
+            ),
             openset=load_default_model(),
         )
 
     def close(self) -> None:
+        self.pipeline.close()  # the inference threads finish what is queued first
         self.gallery.close()
 
     # ----------------------------------------------------------------------------------------- photos
@@ -287,7 +330,8 @@ class FaceService:
     def found(self, face: Face) -> FoundFace:
         """The public view of a face: box, score, quality measurements and the quality limits it fails."""
         issues = tuple(assess(face.quality, self.quality_limits)) if face.quality is not None else ()
-        return FoundFace(face.box, face.score, face.quality, issues)
+        points = tuple((int(x), int(y)) for x, y in face.landmarks)
+        return FoundFace(face.box, face.score, face.quality, issues, points)
 
     # ---------------------------------------------------------------------------------------- enrol
 
@@ -326,6 +370,8 @@ class FaceService:
                 + " (send a better photo, or allow_low_quality=true to enrol it anyway)",
                 reasons=[issue.as_dict() for issue in public.quality_issues],
                 quality=found.quality.as_dict(),
+                box=public.box.as_dict(),  # so a client can show which face was judged
+                landmarks=[list(p) for p in public.landmarks],
             )
         duplicate = self.nearest_within_threshold(found.embedding) if identity_id is None else None
         if duplicate is not None and not allow_duplicate:
@@ -348,6 +394,7 @@ class FaceService:
                 name=name if identity_id is None else None,
                 metadata=metadata,
                 image=photo if self.settings.store_images else None,
+                base_embedding=found.embedding if found.base_embedding is None else found.base_embedding,
             )
         except ValueError as error:  # the store's input checks (name/metadata); the message names the field
             raise InvalidRequest(str(error)) from None
@@ -433,7 +480,10 @@ class FaceService:
         if not 1 <= top_k <= 1000:
             raise InvalidRequest("top_k must be between 1 and 1000")
         resolved = self.resolve_threshold(threshold)
-        faces = self.pipeline.find_faces(self.decode(photo))
+        return self.identify_faces(self.pipeline.find_faces(self.decode(photo)), top_k=top_k, resolved=resolved)
+
+    def identify_faces(self, faces: Sequence[Face], *, top_k: int, resolved: Threshold) -> IdentifyResult:
+        """`identify` for faces already found (and embedded) in one photo."""
         if not faces:
             raise NoFace("no face was found in the photo")
         # The rule needs the runner-up even when one candidate is asked for.
@@ -478,6 +528,51 @@ class FaceService:
             identities=stats.identities,
         )
 
+    # ---------------------------------------------------------------------------------- many photos
+
+    def embed_photos(self, photos: Sequence[bytes]) -> list[EmbeddedPhoto | FacegateError]:
+        """Every face of each photo with its embedding (POST /embed), in the photos' order. A photo that cannot be
+        used (not an image, too large or small, no face) gets its error in its place; the others are unaffected.
+        The photos' faces are embedded together (app.vision.pipeline.Pipeline.find_faces_many)."""
+        return [
+            found
+            if isinstance(found, FacegateError)
+            else EmbeddedPhoto(
+                tuple(EmbeddedFace(self.found(f), tuple(float(v) for v in f.embedding)) for f in found),
+                self.pipeline.model_version,
+            )
+            for found in self._faces_of_photos(photos)
+        ]
+
+    def identify_photos(
+        self, photos: Sequence[bytes], *, top_k: int = 5, threshold: float | None = None
+    ) -> list[IdentifyResult | FacegateError]:
+        """`identify` for each photo (POST /identify/batch): per photo its result, or its error in its place. One
+        threshold (resolved once) for all."""
+        if not 1 <= top_k <= 1000:
+            raise InvalidRequest("top_k must be between 1 and 1000")
+        resolved = self.resolve_threshold(threshold)
+        return [
+            found if isinstance(found, FacegateError) else self.identify_faces(found, top_k=top_k, resolved=resolved)
+            for found in self._faces_of_photos(photos)
+        ]
+
+    def _faces_of_photos(self, photos: Sequence[bytes]) -> list[list[Face] | FacegateError]:
+        """Decode and find the faces of up to `settings.batch.max_images` photos; per photo its faces (never
+        empty) or the error it alone caused (a model failure concerns them all and is raised)."""
+        limit = self.settings.batch.max_images
+        if not photos:
+            raise InvalidRequest("send at least one photo", field="images")
+        if len(photos) > limit:
+            raise InvalidRequest(
+                f"{len(photos)} photos sent; at most {limit} per request (FACEGATE_BATCH__MAX_IMAGES)",
+                field="images",
+                limit=limit,
+            )
+        # Decoded one at a time, inside the pipeline: only one photo is held at full size.
+        found = self.pipeline.find_faces_many([functools.partial(self.decode, photo) for photo in photos])
+        return [NoFace("no face was found in the photo") if faces == [] else faces for faces in found]
+
     def _names(self, identity_ids: set[str]) -> dict[str, str]:
         """One query; an identity deleted by another request since the search is absent."""
         return self.gallery.identity_names(identity_ids)
@@ -494,6 +589,11 @@ class FaceService:
         stored = self.deployment_threshold()
         if stored is not None:
             return Threshold(stored, ThresholdSource.deployment)
+        head = self.pipeline.head
+        if head is not None and "threshold" not in self.settings.model_fields_set:
+            # A head's distances have their own scale: its manifest's calibrated threshold, unless
+            # FACEGATE_THRESHOLD is set explicitly.
+            return Threshold(head.threshold, ThresholdSource.settings)
         return Threshold(self.settings.threshold, ThresholdSource.settings)
 
     def deployment_threshold(self) -> float | None:
@@ -501,6 +601,14 @@ class FaceService:
         if record is None:
             return None
         value: Any = record.value.get("threshold") if isinstance(record.value, dict) else record.value
+        made_by = record.value.get("model_version") if isinstance(record.value, dict) else None
+        base = self.pipeline.manifest.model_version
+        if made_by and made_by != self.pipeline.model_version and (
+            self.pipeline.head is not None or str(made_by).startswith(base + "+")
+        ):  # calibrated on another head's (or the base's) distance scale: meaningless here
+            serving = self.pipeline.model_version
+            log.warning("ignoring the deployment threshold calibrated for %s (serving %s)", made_by, serving)
+            return None
         try:
             return validate_threshold(float(value))
         except (TypeError, ValueError):
@@ -612,6 +720,23 @@ class FaceService:
             table=self.calibration,
         )
 
+    def calibration_curve(self, source: CurveSource) -> CalibrationCurve:
+        """FAR and VAL at every threshold of the grid (0..1.2), to show what a threshold means before it is set:
+        the shipped table, or the same table computed on the gallery's own pairs (read-only; nothing stored)."""
+        threshold = self.resolve_threshold()
+        if source is CurveSource.shipped:
+            if self.calibration is None:
+                raise InsufficientData("no calibration table ships for this model version")
+            return CalibrationCurve(source, self.calibration, threshold, None)
+        same_d, diff_d, n_identities = self._gallery_pairs()
+        table = compute_default_table(
+            np.concatenate([same_d, diff_d]),
+            np.concatenate([np.ones(same_d.size, bool), np.zeros(diff_d.size, bool)]),
+            model_version=self.pipeline.model_version,
+            source=f"the gallery's {n_identities} identities with 2 or more faces",
+        )
+        return CalibrationCurve(source, table, threshold, n_identities)
+
     def reset_calibration(self) -> bool:
         """Forget the deployment threshold (back to `Settings.threshold`); False when none was stored."""
         with self.gallery.session() as session:
@@ -720,10 +845,20 @@ def _describe(issue: QualityFailure) -> str:
 
 
 def _clean_name(name: str) -> str:
+    """The name without surrounding white space. Refused (before any model work): blank, or holding a control
+    character or line break (NUL, ESC, CR/LF, ...: they forge log lines and terminal output and are never part of a
+    person's name)."""
     cleaned = name.strip()
     if not cleaned:
         raise InvalidRequest("name must not be blank", field="name")
+    if any(unicodedata.category(c) in _NOT_IN_NAMES for c in cleaned):
+        raise InvalidRequest("name must not contain control characters or line breaks", field="name")
+    if not any(unicodedata.category(c)[0] in "LNPS" for c in cleaned):  # only zero-width or combining characters
+        raise InvalidRequest("name must have a visible character", field="name")
     return cleaned
+
+
+_NOT_IN_NAMES = {"Cc", "Zl", "Zp", "Cs"}  # controls (C0, DEL, C1), line and paragraph separators, lone surrogates
 
 
 def _default_calibration(model_version: str, model_name: str) -> CalibrationTable | None:

@@ -167,9 +167,107 @@ def http_report(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def gallery_scale_report(doc: dict[str, Any]) -> list[str]:
+    t = doc["targets"]
+    lines = [
+        "### Large galleries: exact vs approximate search (in-process, one query per call, top_k 5)",
+        "",
+        "| Faces | Identities | exact p50 | exact p95 | approximate p50 | approximate p95 | recall@1 all (enrolled / strangers) | IVF cells, nprobe | approximate index build |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in doc["sizes"]:
+        e, a, r = row["exact"], row["approximate"], row["recall_at_1"]
+        strangers = "-" if r["strangers"] is None else f"{100 * r['strangers']:.1f} %"
+        lines.append(
+            f"| {row['faces']:,} | {row['identities']:,} | {_ms(e['median_ms'])} | {_ms(e['p95_ms'])} | "
+            f"{_ms(a['median_ms'])} | {_ms(a['p95_ms'])} | **{100 * r['all']:.1f} %** ({100 * r['enrolled']:.1f} % / "
+            f"{strangers}) | {a['ivf_cells']}, {a['nprobe']} | {a['build_s']:.1f} s |"
+        )
+    last = doc["sizes"][-1]
+    if last["faces"] >= 1_000_000:
+        a, r = last["approximate"], last["recall_at_1"]["all"]
+        lines += [
+            "",
+            f"Targets at 1M: approximate p50 <= {t['p50_ms_1m']:.0f} ms "
+            f"{'met' if a['median_ms'] <= t['p50_ms_1m'] else 'MISSED'}; recall@1 >= {100 * t['recall_1m']:.0f} % "
+            f"{'met' if r >= t['recall_1m'] else 'MISSED'}.",
+        ]
+    a = last["approximate"]
+    lines += [
+        "",
+        f"Memory per face: exact index {last['exact']['matrix_bytes_per_face']} B of arrays (128 float32 + norm + "
+        f"identity code) plus its ids (Python strings and dicts; whole index measured as RSS growth: "
+        f"{last['exact']['rss_delta_bytes_per_face']:.0f} B/face at {last['faces']:,}); the approximate backend adds "
+        f"the IVF's own copy, {a['ivf_bytes_per_face']:.0f} B/face (vector + 8 B id + centroids).",
+    ]
+    pg = doc.get("postgres")
+    if pg:
+        lines += [
+            "",
+            f"PostgreSQL with {pg['faces']:,} faces ({pg['identities']:,} identities; faces table "
+            f"{pg['faces_table_bytes'] / 2**20:,.0f} MiB): bulk load with COPY {pg['copy_s']:.1f} s; start-up "
+            f"(`Gallery.open`: every row read, searches answered) exact **{pg['startup_exact_s']:.1f} s**, approximate "
+            f"**{pg['startup_approximate_s']:.1f} s** (target <= {t['startup_s']:.0f} s "
+            f"{'met' if max(pg['startup_exact_s'], pg['startup_approximate_s']) <= t['startup_s'] else 'MISSED'}); "
+            f"the approximate backend's IVF ({pg.get('ivf_cells', '?')} cells) was built on a thread, exact search "
+            f"answering meanwhile, and took over {pg.get('ivf_ready_s', float('nan')):.1f} s after the start.",
+        ]
+    lines += [
+        "",
+        f"Machine: {_machine_line(doc)}. Load average before {doc['load_avg_before']}, after {doc['load_avg_after']}.",
+    ]
+    return lines
+
+
+def throughput_report(doc: dict[str, Any]) -> list[str]:
+    modes = list(doc["results"])
+    levels = list(doc["results"]["off"])
+    lines = [
+        "### Throughput of /identify: micro-batching on vs off (uvicorn, 1 worker, same run, same photos)",
+        "",
+        "| Concurrency | "
+        + " | ".join(f"{m}: faces/s (p50, p95; server CPU per face)" for m in modes)
+        + " | on / off |",
+        "|---|" + "---|" * len(modes) + "---|",
+    ]
+    for c in levels:
+        cells = []
+        for m in modes:
+            r = doc["results"][m][c]
+            errors = {k: v for k, v in r["statuses"].items() if k != "200"}
+            cpu = r.get("server_cpu_ms_per_face")
+            cells.append(
+                f"{r['faces_per_s']:.2f} ({_ms(r['p50_ms'])}, {_ms(r['p95_ms'])}"
+                + (f"; {_ms(cpu)}" if cpu else "")
+                + ")"
+                + (f" non-200: {errors}" if errors else "")
+            )
+        ratio = doc["ratio_on_off"][c]
+        target = f" (target >= {doc['target_ratio_at_8']}x: {'met' if doc['met'] else 'MISSED'})" if c == "8" else ""
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | **{ratio:.2f}x**{target} |")
+    b = doc["batching_defaults"]
+    lines += [
+        "",
+        (
+            f"{len(doc['photos'])} different 640x480 JPEGs sent in turn; gallery {doc['gallery_synthetic']:,} "
+            f"synthetic faces (SQLite); {doc['seconds_per_run']:g} s per run, {doc['rounds']} round(s) alternating the modes "
+            f"(medians). on = defaults (max_batch {b['max_batch']}, max_wait_ms {b['max_wait_ms']}, workers "
+            f"{b['workers'] or 'one per core'}); off = FACEGATE_BATCHING__ENABLED=false."
+        ),
+        "",
+        f"Machine: {_machine_line(doc)}. Load average before {doc['load_avg_before']}, after {doc['load_avg_after']}.",
+    ]
+    return lines
+
+
 def report() -> str:
     parts = ["## Measured performance", ""]
-    for name, render in (("vision", vision_report), ("http", http_report)):
+    for name, render in (
+        ("vision", vision_report),
+        ("http", http_report),
+        ("throughput", throughput_report),
+        ("gallery_scale", gallery_scale_report),
+    ):
         path = RESULTS_DIR / f"{name}.json"
         if path.is_file():
             parts += render(json.loads(path.read_text())) + [""]
@@ -190,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and requests (a smoke run)")
     parser.add_argument("--postgres", action="store_true", help="HTTP bench on PostgreSQL too")
-    parser.add_argument("--only", choices=["vision", "http"])
+    parser.add_argument("--only", choices=["vision", "http", "throughput", "gallery_scale"])
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
         "--quiet-load",
@@ -204,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         commands = {
             "vision": ["--repeats", "3", "--photos", "2"] if args.quick else [],
             "http": (["--requests", "8", "--gallery", "10000"] if args.quick else []) + (["--postgres"] if args.postgres else []),
+            "throughput": ["--seconds", "5", "--rounds", "1", "--gallery", "1000"] if args.quick else [],
+            "gallery_scale": ["--sizes", "10000,100000", "--queries", "100", "--pg-faces", "100000"] if args.quick else [],
         }
         for name, extra in commands.items():
             if args.only in (None, name):

@@ -2,7 +2,8 @@
 
 The graph is the bare network: input "image" float32 [N,3,H,W], already normalised ((v - mean_c)/256, the
 tiled pyramid of section 9.3), output "scores" float32 [N,1,h,w] with h = f(f(f(H))), f(n) = (n-5)//2 + 1.
-The six batch norms are folded into their convolutions. Pyramid tiling and decoding stay in numpy.
+The six batch norms are folded into their convolutions, and the final 9x9 convolution to one channel is split
+in two (`_score_conv`). Pyramid tiling and decoding stay in numpy.
 """
 
 from __future__ import annotations
@@ -11,9 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
-from models.dlib_dnn import AffineSpec, ConSpec, LayerSpec, Network, ReluSpec, expect_end, read_doubles, read_network
+from models.dlib_dnn import (
+    AffineSpec,
+    ConSpec,
+    Conv,
+    LayerSpec,
+    Network,
+    ReluSpec,
+    expect_end,
+    read_doubles,
+    read_network,
+)
 from models.onnx_graph import OPSET, GraphBuilder, emit_layers
 from models.serialization import FormatError, Reader
 
@@ -64,7 +76,11 @@ def parse(data: bytes) -> Detector:
 def build_graph(detector: Detector) -> onnx.ModelProto:
     g = GraphBuilder("dlib_mmod_human_face_detector")
     image = g.input("image", onnx.TensorProto.FLOAT, ["N", 3, "H", "W"])
-    scores, _ = emit_layers(g, image, detector.network.layers, (3, None, None))
+    *body, last = detector.network.layers
+    if not isinstance(last, Conv):
+        raise FormatError(f"detector: the last layer should be the score convolution, got {type(last).__name__}")
+    features, _ = emit_layers(g, image, body, (3, None, None))
+    scores = _score_conv(g, features, last)
     g.output(g.identity(scores, "scores"), onnx.TensorProto.FLOAT, ["N", 1, "h", "w"])
     return g.model(doc="dlib MMOD CNN face detector: normalised tiled pyramid -> detection scores")
 
@@ -82,6 +98,26 @@ def convert(source: Path, dest: Path) -> dict[str, Any]:
         "nms_iou_threshold": o.nms_iou_threshold,
         "nms_percent_covered_threshold": o.nms_percent_covered_threshold,
     }
+
+
+def _score_conv(g: GraphBuilder, x: str, conv: Conv) -> str:
+    """The 9x9 convolution to one score channel, as a 1x9 convolution to 9 channels (channel r = kernel row r)
+    followed by a 9x1 convolution that adds those rows up, shifted.
+
+    Same maths, sums in another order (scores agree to ~5e-6). Why: ONNX Runtime's CPU kernels handle a
+    single output channel poorly (im2col + matrix-vector product): this layer took ~12 % of the network's time
+    on a 640x480 photo's pyramid (24 ms of 202, one thread), and ~3 ms once split.
+    """
+    out_channels, _, kh, kw = conv.weights.shape
+    pad, stride = conv.spec.padding, conv.spec.stride
+    if out_channels != 1 or stride != 1 or kh != kw:
+        raise FormatError(f"detector score layer: expected one square stride-1 filter, got {conv.weights.shape}")
+    rows = np.ascontiguousarray(conv.weights[0].transpose(1, 0, 2)[:, :, None, :])  # (kh, C, 1, kw)
+    # Padded on all sides: kh + 2*pad - kh + 1 = H + 2*pad rows (the 9x1 step trims them), W columns.
+    per_row = g.conv(x, rows, np.zeros(kh, np.float32), 1, pad)
+    shift_sum = np.zeros((1, kh, kh, 1), np.float32)
+    shift_sum[0, np.arange(kh), np.arange(kh), 0] = 1.0  # output(y) = sum over r of channel r at row y + r
+    return g.conv(per_row, shift_sum, conv.bias, 1, 0)
 
 
 def _read_options(r: Reader) -> Options:

@@ -1,7 +1,7 @@
 """dlib's ResNet face embedder (dlib_face_recognition_resnet_model_v1.dat) -> ONNX (dlib-models.md, sections 4, 10).
 
 Graph: input "chips" uint8 [N,150,150,3] RGB -> Cast -> Transpose(0,3,1,2) -> Sub(means) -> Div(256) -> the
-network (29 convs with their affines folded, down blocks with static end-padding before Add, global average
+network (29 convs with their affines folded, down blocks with end-padding before Add, global average
 pool, MatMul with W 256x128 as stored) -> output "embeddings" float32 [N,128], not normalised.
 """
 

@@ -2,7 +2,8 @@
 
 `emit_layers` turns a dlib layer list into nodes: each affine (or batch norm) is folded into the
 convolution before it, tags/skips are resolved at build time, and `add_prev` pads both operands at the end
-of C, H and W to their element-wise maximum size (static Pads: the shapes must be known there).
+of C, H and W to their element-wise maximum size (static Pads, or a 1x1 identity convolution when only the
+channels grow: the shapes must be known there).
 """
 
 from __future__ import annotations
@@ -160,6 +161,13 @@ def _pad_to(g: GraphBuilder, x: str, shape: tuple[int, int, int], target: tuple[
     """Zero-pad at the end of C, H and W (ONNX pads: begins of N, C, H, W, then ends)."""
     if shape == target:
         return x
+    if shape[1:] == target[1:]:
+        # Channels only (the down blocks' pooled shortcut): a 1x1 convolution with identity weights gives the same
+        # values (x*1 plus zeros) but, unlike Pad, has a blocked-layout kernel in ONNX Runtime's CPU provider, so the
+        # following blocks no longer convert between layouts around every Add.
+        weights = np.zeros((target[0], shape[0], 1, 1), np.float32)
+        weights[np.arange(shape[0]), np.arange(shape[0])] = 1.0
+        return g.conv(x, weights, np.zeros(target[0], np.float32), 1, 0)
     ends = [t - s for s, t in zip(shape, target, strict=True)]
     pads = g.const("pads", [0, 0, 0, 0, 0, *ends], dtype=np.int64)
     return g.node("Pad", [x, pads], mode="constant")

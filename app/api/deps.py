@@ -75,9 +75,16 @@ def parse_metadata(raw: str | None) -> dict[str, Any] | None:
     if raw is None or raw == "":
         return None
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
-        raise InvalidRequest("metadata must be a JSON object (it is not valid JSON)", field="metadata") from None
+        raise InvalidRequest(
+            "metadata must be a JSON object (it is not valid JSON, or nested too deeply)", field="metadata"
+        ) from None
     if not isinstance(value, dict):
         raise InvalidRequest("metadata must be a JSON object", field="metadata")
     return value
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON (Python's parser accepts them; neither database stores them)."""
+    raise ValueError(f"{name} is not JSON")

@@ -8,8 +8,10 @@ Status map (also in the OpenAPI document of every route):
 | code                          | status | when                                                          |
 |-------------------------------|--------|---------------------------------------------------------------|
 | invalid_request               | 422    | missing/unknown/repeated/out-of-range fields, contradictions  |
-| invalid_request               | 400    | a body that cannot be parsed at all (malformed multipart)     |
-| invalid_image                 | 422    | not an image, truncated, a format we do not decode            |
+| invalid_request               | 400    | a body that cannot be parsed at all (malformed multipart, a   |
+|                               |        | form field that is not UTF-8, JSON not UTF-8 or too deep)     |
+| invalid_image                 | 422    | not an image, truncated or corrupt                            |
+| unsupported_image             | 415    | an image format facegate does not decode (HEIC, PSD, EPS, ...)|
 | image_too_small               | 422    | too small for the detector                                    |
 | no_face                       | 422    | no face found                                                 |
 | multiple_faces                | 422    | several faces and `face=single`; details.boxes lists them     |
@@ -24,8 +26,9 @@ Status map (also in the OpenAPI document of every route):
 | model_unavailable             | 503    | models missing, corrupt or the required GPU is not usable     |
 | internal_error                | 500    | anything else (logged with a request id, nothing leaked)      |
 
-`invalid_image` is 422, not 415: 415 is about the request's Content-Type, and the request itself (multipart) is
-fine; it is the content of the `image` field that cannot be processed.
+`invalid_image` is 422, not 415: the request itself (multipart) is fine; it is the content of the `image` field that
+cannot be processed. `unsupported_image` is 415 (RFC 9110 allows it for content found unsupported on inspection):
+the photo is a real image, in a format the client can convert from.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "unsupported_image": 415,
     "unauthorized": 401,
     "forbidden": 403,
+    "unknown_api_key": 404,
 }
 
 # HTTP errors raised by the framework itself (unknown route, wrong method, unparseable body).
@@ -91,6 +95,13 @@ def error_body(code: str, message: str, details: Mapping[str, Any] | None = None
     if details:
         body["details"] = dict(details)
     return {"error": body}
+
+
+def error_object(exc: errors.FacegateError) -> dict[str, Any]:
+    """A core error as the `{"code", "message", "details"?}` object alone, for replies that report errors per item
+    instead of failing the request (POST /embed, POST /identify/batch)."""
+    body: dict[str, Any] = error_body(exc.code, exc.message, _jsonable(exc.details))["error"]
+    return body
 
 
 def error_response(
@@ -120,7 +131,10 @@ async def facegate_error_handler(request: Request, exc: Exception) -> JSONRespon
     status = status_for(exc)
     if status is None:
         return _internal_error(request, exc)
-    return error_response(status, exc.code, exc.message, _jsonable(exc.details))
+    request.state.error_code = exc.code  # for the access log (app/api/access_log.py)
+    # RFC 9110: a 401 names the scheme to use; `ApiKey` is ours (X-API-Key header), Bearer the standard alternative.
+    headers = {"WWW-Authenticate": 'ApiKey header="X-API-Key", Bearer'} if status == 401 else None
+    return error_response(status, exc.code, exc.message, _jsonable(exc.details), headers=headers)
 
 
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -139,9 +153,9 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
         default = "HTTP error"
     message = exc.detail if isinstance(exc.detail, str) and exc.detail else default
     if exc.status_code == 404 and message == "Not Found":
-        message = f"no route {request.method} {request.url.path}"
+        message = f"no route {request.method} {_short(request.url.path)}"
     elif exc.status_code == 405:
-        message = f"method {request.method} is not allowed on {request.url.path}"
+        message = f"method {request.method} is not allowed on {_short(request.url.path)}"
     return error_response(exc.status_code, code, message, headers=exc.headers)
 
 
@@ -158,12 +172,23 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unhandled_error_handler)
 
 
+MAX_LISTED_ERRORS = 20  # a body with 100k unknown keys gets 20 of its errors back, not 100k
+MAX_ECHOED_CHARS = 64  # a location part that comes from the client (an unknown JSON key, a path) is cut to this
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_ECHOED_CHARS else f"{text[:MAX_ECHOED_CHARS]}..."
+
+
 def _clean_validation_errors(raw: Iterable[Mapping[str, Any]]) -> Iterable[dict[str, Any]]:
-    """Pydantic's errors without `input`/`ctx`/`url`: the input may be a whole upload or a secret."""
-    for e in raw:
+    """Pydantic's errors without `input`/`ctx`/`url` (the input may be a whole upload or a secret), at most
+    MAX_LISTED_ERRORS of them, locations cut short (an unknown JSON key is the client's text)."""
+    for i, e in enumerate(raw):
+        if i == MAX_LISTED_ERRORS:
+            return
         loc = [part for part in e.get("loc", ()) if part not in ("body",)] or list(e.get("loc", ()))
         yield {
-            "loc": [str(p) for p in loc],
+            "loc": [_short(str(p)) for p in loc],
             "message": str(e.get("msg", "invalid")),
             "type": str(e.get("type", "value_error")),
         }

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -12,6 +16,20 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 # Squared L2 between dlib embeddings: same person mostly 0.1-0.3, different 0.5-1.0; 0.36 is the default cut.
+# Recent requests kept for GET /metrics/summary (the web console's health page): enough for stable percentiles.
+RECENT_WINDOW = 500
+
+
+@dataclass(frozen=True, slots=True)
+class RouteLatency:
+    method: str
+    route: str
+    count: int
+    p50_ms: float
+    p95_ms: float
+    max_ms: float
+
+
 DISTANCE_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.33, 0.36, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 1.0, 1.5, 2.0, 4.0)
 
 
@@ -65,12 +83,33 @@ class Metrics:
         )
         self.enrolments = Counter("facegate_enrolments", "Faces enrolled", registry=self.registry)
         self.info = Gauge("facegate_model_info", "Model version served (1)", ["model_version"], registry=self.registry)
+        # (method, route, seconds) of the latest requests: histograms cannot say what is recent.
+        self.recent: deque[tuple[str, str, float]] = deque(maxlen=RECENT_WINDOW)
 
     def watch(self, gallery_size: Callable[[], int | None], providers: Callable[[], Mapping[str, str | None]]) -> None:
         self.registry.register(_LiveGauges(gallery_size, providers))
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).observe(seconds)
+        self.recent.append((method, route, seconds))
+
+    def recent_latency(self) -> list[RouteLatency]:
+        """p50/p95/max of the recent requests per route, most requested first."""
+        by_route: dict[tuple[str, str], list[float]] = {}
+        for method, route, seconds in list(self.recent):
+            by_route.setdefault((method, route), []).append(seconds * 1000.0)
+        rows = [
+            RouteLatency(
+                method,
+                route,
+                len(ms),
+                float(np.percentile(ms, 50)),
+                float(np.percentile(ms, 95)),
+                float(max(ms)),
+            )
+            for (method, route), ms in by_route.items()
+        ]
+        return sorted(rows, key=lambda r: (-r.count, r.route, r.method))
 
     def observe_decision(self, endpoint: str, outcome: str, distance: float | None) -> None:
         self.decisions.labels(endpoint, outcome).inc()

@@ -7,13 +7,16 @@ from typing import Any
 from app.api.schemas import ErrorResponse
 
 _DESCRIPTIONS = {
-    400: "invalid_request: the body cannot be parsed (malformed multipart)",
-    401: "unauthorized: no or unknown API key",
+    400: "invalid_request: the body cannot be parsed (malformed multipart, a text field that is not UTF-8, JSON that "
+    "is not UTF-8 or is nested too deeply)",
+    401: "unauthorized: no API key, or an unknown or revoked one (when keys are in use)",
+    403: "forbidden: the API key's scope is too small for this route",
     404: "unknown_identity / unknown_face / not_found",
     405: "method_not_allowed",
     409: "no_enrolled_faces: the identity has no face left to compare with / possible_duplicate (enrol: the face "
     "already matches an enrolled identity; details name it) / insufficient_data (calibrate: not enough pairs)",
     413: "request_too_large (body over image.max_upload_bytes) / image_too_large (over image.max_pixels)",
+    415: "unsupported_image: an image format facegate does not decode (HEIC, PSD, EPS, ...); details.format names it",
     422: "invalid_request (missing, unknown or out-of-range fields) / invalid_image / image_too_small / no_face / "
     "multiple_faces (details.boxes lists every face) / low_quality (enrol: details.reasons lists each failing "
     "measurement with its value and limit, details.quality every measurement)",
@@ -28,4 +31,4 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]} for code in codes}
 
 
-PHOTO = (400, 404, 413, 422, 503)
+PHOTO = (400, 404, 413, 415, 422, 503)

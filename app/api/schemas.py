@@ -1,4 +1,5 @@
-"""Request and public response models. Ids are strings on the wire; embeddings never appear in a response."""
+"""Request and public response models. Ids are strings on the wire; embeddings appear in no response but POST
+/embed's (which exists to hand them out)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.service import CalibrationSource, ThresholdSource
+from app.service import CalibrationSource, CurveSource, ThresholdSource
 
 # Limits on what a request may carry besides photos (issue 6: huge JSON, very long names).
 NAME_MAX_LENGTH = 200
@@ -59,6 +60,11 @@ class FaceOut(Public):
     box: BoxOut
     score: float = Field(description="MMOD detector confidence (dlib keeps faces with score > 0; higher is surer).")
     quality: QualityOut | None = None
+    landmarks: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="The 5 points (x, y) the face was aligned on, in the photo's pixels: outer and inner corner of "
+        "the eye on the image's right, the same for the other eye, below the nose.",
+    )
 
 
 # --- errors ---------------------------------------------------------------------------------------------------------
@@ -163,6 +169,56 @@ class IdentifyResponse(Public):
     far_estimate: float | None = Field(default=None, description="1:1 false-accept rate at `threshold`, if known.")
     gallery_size: int = Field(description="Faces searched.")
     identities: int = Field(description="Identities searched.")
+
+
+# --- many photos (POST /embed, POST /identify/batch) ----------------------------------------------------------------
+
+
+class EmbeddedFaceOut(FaceOut):
+    embedding: list[float] = Field(
+        min_length=128,
+        max_length=128,
+        description="The face's 128-d embedding as the service compares it (dlib's raw scale, or L2-normalised when "
+        "a trained head is served; see model_version): compare with the squared L2 distance, only with embeddings "
+        "of the same model_version. Biometric data: store and send it as such.",
+    )
+
+
+class PhotoResultBase(Public):
+    index: int = Field(description="Position of the photo among the uploaded `images` (from 0).")
+    filename: str = Field(description="The uploaded file's name (echoed, not stored).")
+    error: ErrorBody | None = Field(
+        default=None,
+        description="Why this photo gave no result (invalid_image, unsupported_image, image_too_large, "
+        "image_too_small, no_face); null when it did. The other photos are unaffected.",
+    )
+
+
+class EmbedPhotoOut(PhotoResultBase):
+    faces: list[EmbeddedFaceOut] | None = Field(
+        default=None, description="Every face in the photo, highest detector score first; null on error."
+    )
+    model_version: str | None = Field(default=None, description="The model the embeddings come from; null on error.")
+
+
+class EmbedResponse(Public):
+    model_version: str = Field(description="Embeddings of other model versions are not comparable with these.")
+    n_images: int
+    n_faces: int
+    n_errors: int = Field(description="Photos with an `error` instead of faces.")
+    images: list[EmbedPhotoOut] = Field(description="One entry per uploaded photo, in upload order.")
+
+
+class IdentifyPhotoOut(PhotoResultBase):
+    result: IdentifyResponse | None = Field(
+        default=None, description="What POST /identify answers for this photo alone; null on error."
+    )
+
+
+class IdentifyBatchResponse(Public):
+    n_images: int
+    n_errors: int = Field(description="Photos with an `error` instead of a result.")
+    images: list[IdentifyPhotoOut] = Field(description="One entry per uploaded photo, in upload order.")
 
 
 # --- identities -----------------------------------------------------------------------------------------------------
@@ -295,6 +351,23 @@ class CalibrationResponse(Public):
     )
 
 
+class CalibrationCurveResponse(Public):
+    """GET /calibration/curve: what each threshold would mean, to choose one before an admin sets it."""
+
+    source: CurveSource = Field(
+        description="shipped: the table shipped with the model (dev pairs); gallery: measured now on the gallery's "
+        "identities with >= 2 faces."
+    )
+    description: str = Field(description="Where the pairs came from, in words.")
+    model_version: str
+    n_same: int
+    n_different: int
+    n_identities: int | None = Field(default=None, description="source=gallery: identities with >= 2 faces used.")
+    rows: list[CalibrationRow] = Field(description="Threshold -> FAR (with upper bound) and VAL, ascending.")
+    threshold: float = Field(description="The threshold a request without its own uses now.")
+    threshold_source: ThresholdSource
+
+
 class CalibrationReset(Public):
     removed: bool = Field(description="True when a stored deployment threshold was removed.")
     threshold: float
@@ -353,6 +426,23 @@ class Readiness(BaseModel):
     problems: list[str] = Field(default_factory=list, description="Why not ready, if not.")
 
 
+class RouteLatencyOut(Public):
+    method: str
+    route: str = Field(description="Route template, e.g. /identities/{identity_id}.")
+    count: int = Field(description="Requests of this route among the recent ones.")
+    p50_ms: float
+    p95_ms: float
+    max_ms: float
+
+
+class LatencySummary(Public):
+    """GET /metrics/summary: latency of the most recent requests (kept in memory by this worker)."""
+
+    window: int = Field(description="How many of the most recent requests are kept.")
+    requests: int = Field(description="Requests in the window now.")
+    routes: list[RouteLatencyOut] = Field(description="Per route, most requested first.")
+
+
 class RuleDirOut(Public):
     rule: Literal["raw", "ratio", "facegate"] = Field(
         description="raw: nearest identity's distance d1; ratio: d1/d2 (second-nearest identity); facegate: the "
@@ -391,4 +481,19 @@ class IdentifyEvaluationResponse(Public):
     default: IdentifyDefaultPointOut
     raw_threshold_point: dict[str, float] = Field(
         description="The raw rule at the 1:1 threshold (nearest identity if d1 <= threshold): fpir and dir."
+    )
+
+
+class IndexStateResponse(Public):
+    """One worker's in-memory search index after replaying the change log (counts and a digest; no embedding)."""
+
+    pid: int = Field(description="Process id of the worker that answered (workers share the port).")
+    model_version: str
+    size: int = Field(description="Searchable faces.")
+    identities: int = Field(description="Identities with at least one searchable face.")
+    stale: int = Field(description="Stored faces of another model version (not searchable).")
+    last_change_id: int = Field(description="Last change-log entry replayed.")
+    face_ids_sha256: str = Field(
+        description="SHA-256 (hex) of the sorted searchable face ids joined by '\\n': equal to the same digest "
+        "of the database's face ids when this worker's index agrees with it."
     )

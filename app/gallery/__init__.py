@@ -7,10 +7,11 @@ with `refresh()` (called by `search` and `identity_distances` unless told not to
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import UnknownIdentity
 from app.gallery import db, store
-from app.gallery.index import GalleryIndex, IdentityCandidate, IndexStats, SyncReport
+from app.gallery.index import GalleryIndex, IdentityCandidate, IndexStats, SearchIndex, SyncReport, create_index
 from app.gallery.store import (
     DeletionReport,
     DeploymentSettingRecord,
@@ -27,6 +28,9 @@ from app.gallery.store import (
     IdentityRecord,
 )
 from app.vision.types import Box
+
+if TYPE_CHECKING:
+    from app.config import IndexSettings
 
 __all__ = [
     "DeletionReport",
@@ -37,9 +41,12 @@ __all__ = [
     "GalleryIndex",
     "IdentityCandidate",
     "IdentityRecord",
+    "IndexState",
     "IndexStats",
     "SchemaOutOfDate",
+    "SearchIndex",
     "SyncReport",
+    "face_ids_digest",
 ]
 
 
@@ -54,19 +61,40 @@ class Enrolment:
     face: FaceRecord
 
 
+@dataclass(frozen=True, slots=True)
+class IndexState:
+    """What this process's index holds, comparable with the database without showing any embedding."""
+
+    stats: IndexStats
+    face_ids_sha256: str  # see `face_ids_digest`
+
+
+def face_ids_digest(face_ids: Iterable[str]) -> str:
+    """SHA-256 (hex) of the sorted face ids joined by newlines: equal digests = the same set of faces."""
+    return hashlib.sha256("\n".join(sorted(face_ids)).encode()).hexdigest()
+
+
 class Gallery:
     """Engine + sessions + the index of `model_version`'s faces."""
 
-    def __init__(self, engine: Engine, model_version: str) -> None:
+    def __init__(self, engine: Engine, model_version: str, index: IndexSettings | None = None) -> None:
         self.engine = engine
         self.model_version = model_version
-        self.index = GalleryIndex(model_version)
+        self.index: SearchIndex = create_index(model_version, index, engine)  # settings None: exact
         self._sessions = db.make_session_factory(engine)
 
     @classmethod
-    def open(cls, database_url: str, model_version: str, *, migrate: bool = True, **engine_options: Any) -> Gallery:
+    def open(
+        cls,
+        database_url: str,
+        model_version: str,
+        *,
+        migrate: bool = True,
+        index: IndexSettings | None = None,
+        **engine_options: Any,
+    ) -> Gallery:
         """Connect, apply the migrations (unless `migrate=False`: then the schema must already be at head) and
-        load the index."""
+        load the index (`index`: which search backend, see app/gallery/index.py; None: exact)."""
         engine = db.make_engine(database_url, **engine_options)
         try:
             if migrate:
@@ -77,7 +105,7 @@ class Gallery:
                     raise SchemaOutOfDate(
                         f"database schema is at {current}, expected {head}: run `facegate db upgrade`"
                     )
-            gallery = cls(engine, model_version)
+            gallery = cls(engine, model_version, index)
             gallery.load()
         except BaseException:
             engine.dispose()
@@ -128,6 +156,18 @@ class Gallery:
     def stats(self) -> IndexStats:
         return self.index.stats()
 
+    def index_state(self, *, refresh: bool = True) -> IndexState:
+        """The index's counts, replay position and a digest of its face ids, after replaying the change log
+        (unless `refresh=False`), like a search. Stats and ids are read until they agree (a write committed in
+        this process between the two reads changes both)."""
+        if refresh:
+            self.refresh()
+        while True:
+            before = self.index.stats()
+            face_ids = self.index.face_ids()
+            if self.index.stats() == before and len(face_ids) == before.size:
+                return IndexState(before, face_ids_digest(face_ids))
+
     def search(self, queries: npt.ArrayLike, *, top_k: int, refresh: bool = True) -> list[list[IdentityCandidate]]:
         """Per query embedding, up to `top_k` nearest identities (nearest face each, squared L2), nearest first."""
         if refresh:
@@ -160,6 +200,7 @@ class Gallery:
         name: str | None = None,
         metadata: dict[str, Any] | None = None,
         image: bytes | None = None,
+        base_embedding: npt.ArrayLike | None = None,
     ) -> Enrolment:
         """Add a face to `identity_id`, or to a new identity called `name` (exactly one of the two), in one
         transaction. `metadata` only with `name`. Raises UnknownIdentity."""
@@ -181,6 +222,7 @@ class Gallery:
                 box=box,
                 score=score,
                 image=image,
+                base_embedding=base_embedding,
             )
         return Enrolment(identity_id, created, face)
 

@@ -39,6 +39,9 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL", **kwargs: Any) ->
     Extra keyword arguments go to `sqlalchemy.create_engine`.
     """
     parsed = make_url(url)
+    # SQLAlchemy's error messages quote the statement's parameters: an embedding's bytes, a name, an API key hash
+    # would end up in a logged traceback. Hidden, the message keeps only the SQL.
+    kwargs.setdefault("hide_parameters", True)
     if parsed.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
         return create_engine(url, **kwargs)
@@ -60,6 +63,8 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL", **kwargs: Any) ->
                 _enable_wal(cursor)
             cursor.execute(f"PRAGMA synchronous={sqlite_synchronous.upper()}")
             cursor.execute("PRAGMA foreign_keys=ON")
+            # Deleted rows are overwritten with zeros, not left in free pages: deleting a face deletes its embedding.
+            cursor.execute("PRAGMA secure_delete=ON")
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         finally:
             cursor.close()

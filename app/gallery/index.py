@@ -12,21 +12,35 @@ Keeping several processes in step:
   are searchable at once. Changes at or below the replay position are skipped (the replay already has them and
   anything later); a face removed here is remembered until the replay passes its removal, so that a replay batch
   read before that removal cannot bring the face back.
+
+Search backends (`SearchIndex` is what `Gallery` relies on; `create_index` picks one from the settings):
+- `GalleryIndex` (exact, the default): every face compared, |q|^2 + |g|^2 - 2 q.g as one float32 matmul.
+- `ApproximateIndex` (app/gallery/ann.py): the same storage and replay plus a faiss IVF over it, for large galleries.
+- `PgvectorIndex` (app/gallery/pgvector.py): the same bookkeeping, nearest faces found inside PostgreSQL.
+Subclasses follow the storage through three hooks (`_on_reset`, `_on_appended`, `_on_removed`), called with the
+state lock held, and answer searches in `_search`.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 from sqlalchemy.orm import Session
 
-from app.gallery import store
+from app.gallery import bulk, store
 from app.gallery.store import Change, ChangeOp
 from app.vision.types import EMBEDDING_DIM
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from app.config import IndexSettings
 
 # A replay further behind than this is done as a full load instead.
 MAX_REPLAY = 50_000
@@ -75,10 +89,60 @@ class _Snapshot:
     code_of: dict[str, int]  # identity id -> code
     n: int
     alive: int
+    extra: Any = None  # a backend's own structure as it was at the snapshot (see `_snapshot_extra`)
+
+
+class SearchIndex(Protocol):
+    """What `Gallery` (and checks) use of an index; every backend keeps the change-log replay of `GalleryIndex`."""
+
+    model_version: str
+    backend: str  # 'exact', 'approximate' or 'pgvector'
+
+    def load(self, session: Session) -> IndexStats: ...
+    def sync(self, session: Session) -> SyncReport: ...
+    def fetch(self, session: Session) -> ChangeBatch | None: ...
+    def replay(self, batch: ChangeBatch) -> bool: ...
+    def apply(self, changes: Iterable[Change]) -> None: ...
+    def stats(self) -> IndexStats: ...
+    def face_ids(self) -> set[str]: ...
+    def contains(self, face_id: str) -> bool: ...
+    def has_identity(self, identity_id: str) -> bool: ...
+    def search(self, queries: npt.ArrayLike, *, top_k: int) -> list[list[IdentityCandidate]]: ...
+    def identity_distances(
+        self, query: npt.ArrayLike, identity_id: str
+    ) -> tuple[list[str], npt.NDArray[np.float32]]: ...
+
+
+def create_index(model_version: str, settings: IndexSettings | None = None, engine: Engine | None = None) -> SearchIndex:
+    """The index the settings ask for (None: exact). The approximate backend needs the `ann` extra (faiss-cpu);
+    pgvector needs `engine` on a PostgreSQL server that has the extension (raises PgvectorUnavailable otherwise)."""
+    from app.config import IndexBackend
+
+    if settings is None or settings.backend is IndexBackend.EXACT:
+        return GalleryIndex(model_version)
+    if settings.backend is IndexBackend.APPROXIMATE:
+        from app.gallery.ann import ApproximateIndex
+
+        return ApproximateIndex(
+            model_version,
+            min_size=settings.min_size,
+            nlist=settings.nlist,
+            nprobe=settings.nprobe,
+            candidates=settings.candidates,
+        )
+    if settings.backend is IndexBackend.PGVECTOR:
+        from app.gallery.pgvector import PgvectorIndex
+
+        if engine is None:
+            raise ValueError("the pgvector index needs the gallery's engine")
+        return PgvectorIndex(model_version, engine, candidates=settings.candidates)
+    raise ValueError(f"unknown index backend {settings.backend!r}")
 
 
 class GalleryIndex:
-    """Faces of `model_version`, searchable by squared L2. Thread-safe."""
+    """Faces of `model_version`, searchable by squared L2 (exact search). Thread-safe."""
+
+    backend = "exact"
 
     def __init__(self, model_version: str) -> None:
         self.model_version = model_version
@@ -102,6 +166,21 @@ class GalleryIndex:
         self._stale: dict[str, str] = {}  # face id -> identity id, faces of another model version
         self._last_seen = 0
         self._pending_removed: dict[str, int] = {}  # face id -> change id of a local removal not yet replayed
+        self._on_reset()
+
+    # Hooks for backends that keep a structure over the storage rows (called with `_lock` held).
+
+    def _on_reset(self) -> None:
+        """The storage was emptied (a load or a compaction follows with `_on_appended`)."""
+
+    def _on_appended(self, start: int, end: int) -> None:
+        """Rows start..end-1 were appended (vectors in `_vectors[start:end]`)."""
+
+    def _on_removed(self, rows: list[int]) -> None:
+        """These rows were removed (their norms are +inf from now on)."""
+
+    def _snapshot_extra(self) -> Any:
+        return None
 
     def _snapshot(self) -> _Snapshot:
         with self._lock:
@@ -115,6 +194,7 @@ class GalleryIndex:
                 self._code_of,
                 n,
                 len(self._rows),
+                self._snapshot_extra(),
             )
 
     @property
@@ -166,24 +246,40 @@ class GalleryIndex:
         """Rebuild from every stored face. Faces of another model version are counted as stale and left out."""
         with self._sync_lock:
             head = store.last_change_id(session)
-            face_ids, identity_ids, versions, embeddings = store.all_faces(session)  # a later snapshot than `head`
-            with self._lock:
-                pending = {f: c for f, c in self._pending_removed.items() if c > head}
-                self._reset(len(face_ids) * 5 // 4)
-                self._pending_removed = pending
-                self._last_seen = head
-                current = []
-                for i, version in enumerate(versions):
-                    if face_ids[i] in pending:
-                        continue  # removed by this process after `head`; its 'remove' is still to be replayed
-                    if version == self.model_version:
-                        current.append(i)
-                    else:
-                        self._stale[face_ids[i]] = identity_ids[i]
-                self._append_many(
-                    [face_ids[i] for i in current], [identity_ids[i] for i in current], embeddings[current]
-                )
+            face_ids, identity_ids, versions, embeddings = bulk.read_faces(session)  # a later snapshot than `head`
+            self.replace_all(face_ids, identity_ids, embeddings, last_change_id=head, model_versions=versions)
             return self.stats()
+
+    def replace_all(
+        self,
+        face_ids: list[str],
+        identity_ids: list[str],
+        embeddings: npt.NDArray[np.float32],
+        *,
+        last_change_id: int,
+        model_versions: list[str] | None = None,
+    ) -> None:
+        """Replace the whole content with these faces as of change `last_change_id` (`load`'s second half; benches
+        fill large indexes with it). Faces of another model version (None: all are this one) count as stale."""
+        if not (len(face_ids) == len(identity_ids) == len(embeddings)):
+            raise ValueError("face_ids, identity_ids and embeddings must have the same length")
+        with self._lock:
+            pending = {f: c for f, c in self._pending_removed.items() if c > last_change_id}
+            self._reset(len(face_ids) * 5 // 4)
+            self._pending_removed = pending
+            self._last_seen = last_change_id
+            if not pending and (model_versions is None or model_versions.count(self.model_version) == len(face_ids)):
+                self._append_many(list(face_ids), list(identity_ids), embeddings)
+                return
+            current = []
+            for i, face_id in enumerate(face_ids):
+                if face_id in pending:
+                    continue  # removed by this process after `head`; its 'remove' is still to be replayed
+                if model_versions is None or model_versions[i] == self.model_version:
+                    current.append(i)
+                else:
+                    self._stale[face_id] = identity_ids[i]
+            self._append_many([face_ids[i] for i in current], [identity_ids[i] for i in current], embeddings[current])
 
     def sync(self, session: Session) -> SyncReport:
         """Replay the changes committed since the last one seen; cheap (one primary-key read) when there are none.
@@ -295,6 +391,7 @@ class GalleryIndex:
         norms = self._norms.copy()  # snapshots hold the old array
         norms[rows] = np.inf
         self._norms = norms
+        self._on_removed(rows)
         dead = self._n - len(self._rows)
         if dead >= _COMPACT_MIN_DEAD and dead * 2 > self._n:
             self._compact()
@@ -313,24 +410,29 @@ class GalleryIndex:
             codes_new = np.zeros(capacity, dtype=np.int32)
             codes_new[: self._n] = self._codes[: self._n]
             self._vectors, self._norms, self._codes = vectors_new, norms_new, codes_new
-        codes = np.empty(count, dtype=np.int32)
-        for i, identity_id in enumerate(identity_ids):
-            code = self._code_of.get(identity_id)
-            if code is None:
-                code = len(self._identity_ids)
-                self._identity_ids.append(identity_id)
-                self._code_of[identity_id] = code
-            codes[i] = code
-            self._alive_per_code[code] = self._alive_per_code.get(code, 0) + 1
+        # Written for a million faces at start-up: C-level loops (setdefault, zip, update) rather than per-face Python
+        # statements. New identities get the next codes in order of first appearance (`_identity_ids` and
+        # `_code_of` always have the same length).
+        code_of = self._code_of
+        known = len(code_of)
+        codes = np.fromiter(
+            (code_of.setdefault(identity_id, len(code_of)) for identity_id in identity_ids), dtype=np.int32, count=count
+        )
+        if len(code_of) > known:
+            self._identity_ids.extend(itertools.islice(code_of, known, None))
+        present, counts = np.unique(codes, return_counts=True)
+        alive = self._alive_per_code
+        for code, added in zip(present.tolist(), counts.tolist()):
+            alive[code] = alive.get(code, 0) + added
         rows = slice(self._n, needed)
         block = np.ascontiguousarray(vectors, dtype=np.float32)
         self._vectors[rows] = block
         self._norms[rows] = np.einsum("ij,ij->i", block, block)
         self._codes[rows] = codes
-        for offset, face_id in enumerate(face_ids):
-            self._rows[face_id] = self._n + offset
+        self._rows.update(zip(face_ids, range(self._n, needed)))
         self._face_ids.extend(face_ids)
-        self._n = needed
+        start, self._n = self._n, needed
+        self._on_appended(start, needed)
 
     def _compact(self) -> None:
         """Drop removed rows (and identities without faces): new arrays, so running searches are unaffected."""
@@ -358,6 +460,10 @@ class GalleryIndex:
         snap = self._snapshot()
         if snap.alive == 0 or len(q) == 0:
             return [[] for _ in range(len(q))]
+        return self._search(snap, q, top_k)
+
+    def _search(self, snap: _Snapshot, q: npt.NDArray[np.float32], top_k: int) -> list[list[IdentityCandidate]]:
+        """Exact search of valid, non-empty queries against a non-empty snapshot."""
         distances = q @ snap.vectors.T
         distances *= -2.0
         distances += snap.norms[np.newaxis, :]

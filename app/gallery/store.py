@@ -222,13 +222,17 @@ def add_face(
     box: Box,
     score: float,
     image: bytes | None = None,
+    base_embedding: npt.ArrayLike | None = None,
 ) -> FaceRecord:
     """Store one face of an existing identity and log an 'add' change. Raises UnknownIdentity.
+
+    `base_embedding`: the embedder's own output when `embedding` is a head's (kept for `facegate reindex`).
 
     `embedding`: 128 finite values, stored as float32. `image`: the photo's bytes, only when the deployment keeps
     photos (`store_images`); otherwise None.
     """
     vector = _check_embedding(embedding)
+    base = None if base_embedding is None else _check_embedding(base_embedding).astype("<f4").tobytes()
     if not model_version or len(model_version) > MAX_MODEL_VERSION_LENGTH:
         raise ValueError(f"model_version must be 1-{MAX_MODEL_VERSION_LENGTH} characters")
     if not is_valid_id(identity_id):
@@ -243,6 +247,7 @@ def add_face(
             id=face_id,
             identity_id=identity_id,
             embedding=vector.astype("<f4").tobytes(),
+            base_embedding=base,
             model_version=model_version,
             box_left=int(box.left),
             box_top=int(box.top),

@@ -75,7 +75,12 @@ class Identity(Base):
 
 class Face(Base):
     __tablename__ = "faces"
-    __table_args__ = (CheckConstraint(f"length(embedding) = {EMBEDDING_BYTES}", name="embedding_size"),)
+    __table_args__ = (
+        CheckConstraint(f"length(embedding) = {EMBEDDING_BYTES}", name="embedding_size"),
+        CheckConstraint(
+            f"base_embedding IS NULL OR length(base_embedding) = {EMBEDDING_BYTES}", name="base_embedding_size"
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     identity_id: Mapped[str] = mapped_column(
@@ -83,6 +88,9 @@ class Face(Base):
     )
     embedding: Mapped[bytes] = mapped_column(LargeBinary)
     model_version: Mapped[str] = mapped_column(String(MAX_MODEL_VERSION_LENGTH), index=True)
+    # The embedder's own output (migration 0003), from which `facegate reindex` recomputes `embedding` when the
+    # served head changes; NULL for faces stored before it (their embedding is the base one if model_version is).
+    base_embedding: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
     box_left: Mapped[int] = mapped_column(Integer)
     box_top: Mapped[int] = mapped_column(Integer)
     box_right: Mapped[int] = mapped_column(Integer)

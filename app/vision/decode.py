@@ -2,6 +2,10 @@
 
 What decoding guarantees:
 
+* Only photo formats are decoded: JPEG (and MPO, the multi-picture JPEG of many cameras), PNG (and APNG), GIF, WebP,
+  AVIF, BMP and TIFF (`FORMATS`). Pillow reads some 40 formats; every parser is attack surface and some hand the data
+  to other programs (EPS runs Ghostscript), so any other image Pillow recognises (PSD, EPS, ICO, TGA, ...) and HEIC/HEIF
+  or JPEG XL, which it does not read, raise `UnsupportedImage`; anything else raises `InvalidImage`.
 * The pixel count is checked from the header, before any pixel is decoded: more than `max_pixels` raises
   `ImageTooLarge`. Pillow's own decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`, left at its default) also applies:
   images over it are refused with `ImageTooLarge` too (Pillow raises `DecompressionBombError` above twice that limit
@@ -29,8 +33,15 @@ import numpy.typing as npt
 from PIL import Image as PILImage
 from PIL import ImageOps, UnidentifiedImageError
 
-from app.errors import ImageTooLarge, InvalidImage
+from app.errors import ImageTooLarge, InvalidImage, UnsupportedImage
 from app.vision.types import Image
+
+# Pillow plugin ids of the formats decoded (JPEG also opens MPO files).
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF")
+# ISO-BMFF brands of HEIF (HEIC is the iPhone's default) and the JPEG XL signatures: photo formats Pillow cannot read,
+# named so that the client knows to convert rather than being told the photo is not an image.
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+_JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
 
 # Errors Pillow's decoders raise for malformed or truncated data.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError)
@@ -65,10 +76,16 @@ def _decode(stream: IO[bytes], *, max_pixels: int) -> Image:
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
     try:
-        im = PILImage.open(stream)  # reads the header only
+        im = PILImage.open(stream, formats=FORMATS)  # reads the header only
     except PILImage.DecompressionBombError as exc:
         raise ImageTooLarge(f"the image has too many pixels ({exc})", max_pixels=max_pixels) from exc
     except UnidentifiedImageError as exc:
+        unsupported = _unsupported_format(stream)
+        if unsupported is not None:
+            raise UnsupportedImage(
+                f"{unsupported} images are not supported; send JPEG, PNG, WebP, AVIF, GIF, BMP or TIFF",
+                format=unsupported,
+            ) from exc
         raise InvalidImage("the data is not an image in a format we can read") from exc
     except _DECODE_ERRORS as exc:
         raise InvalidImage(f"the image is truncated or corrupt: {exc}") from exc
@@ -99,6 +116,22 @@ def _decode(stream: IO[bytes], *, max_pixels: int) -> Image:
             return _to_rgb(upright)
         except ValueError as exc:
             raise InvalidImage(f"unsupported image mode {upright.mode}: {exc}") from exc
+
+
+def _unsupported_format(stream: IO[bytes]) -> str | None:
+    """The name of the image format of data that none of `FORMATS` opened, if it is an image format at all."""
+    stream.seek(0)
+    head = stream.read(32)
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:  # the major brand (AVIF's is "avif")
+        return "HEIF/HEIC"
+    if head.startswith(_JXL_SIGNATURES):
+        return "JPEG XL"
+    stream.seek(0)
+    try:
+        with PILImage.open(stream) as other:  # any Pillow format; the header only: nothing of it is decoded
+            return str(other.format)
+    except Exception:  # noqa: BLE001 - not recognised by any parser, whatever it raised: simply not an image
+        return None
 
 
 def _to_rgb(im: PILImage.Image) -> Image:

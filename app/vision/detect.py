@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from app.config import RuntimeSettings
 from app.errors import ImageTooSmall
-from app.vision.pyramid import PYRAMID_RATE, PyramidLayout, tiled_layout, tiled_pyramid, upsample
+from app.vision.pyramid import PYRAMID_RATE, PyramidLayout, tiled_layout, tiled_pyramid, upsample, warm_up
 from app.vision.runtime import LazySession
 from app.vision.types import Box, Detection, Image
 
@@ -148,7 +148,9 @@ class FaceDetector:
         self._session = LazySession(path, runtime, require_gpu=require_gpu)
 
     def load(self) -> None:
+        """Open the model and compile the pyramid's kernels now, not inside the first request."""
         self._session.load()
+        warm_up()
 
     @property
     def provider(self) -> str | None:

@@ -3,25 +3,38 @@
 Large photos are shrunk to `detector.max_side` before anything runs (MMOD's cost grows with pixels, and
 faces in 20-36 MP photos are far larger than its 80 px window); small ones are upsampled per the detector
 setting. Boxes and landmarks are reported in the pixels of the photo that was passed in.
+
+With `settings.batching.enabled` (the default) the two networks are run by micro-batchers (app/vision/batcher.py):
+the calling threads (the API's request threads) do the numpy work — pyramid, landmarks, alignment, quality — and
+queue only the network calls; inference threads run them (a call alone on every core, under load one call per core
+side by side, see `Pipeline`), and the chips of concurrent requests are embedded in one ONNX Runtime call. Results
+are the unbatched ones (the embedder's output does not depend on the batch beyond ~1e-7). `close()` stops the
+inference threads.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image as PILImage
 
-from app.config import DetectorSettings, Settings
-from app.errors import MultipleFaces, NoFace
+from app.config import DetectorSettings, RuntimeSettings, Settings
+from app.errors import FacegateError, ModelUnavailable, MultipleFaces, NoFace
 from app.vision.align import face_chips
+from app.vision.batcher import BatchInfo, InferenceGate, MicroBatcher
 from app.vision.detect import FaceDetector
 from app.vision.embed import FaceEmbedder
+from app.vision.head import EmbeddingHead, load_head
 from app.vision.landmarks import LandmarkPredictor
 from app.vision.models import Manifest, load_manifest
 from app.vision.quality import FaceQuality, measure
-from app.vision.types import Box, Detection, Face, Image, Landmarks
+from app.vision.types import CHIP_SIZE, EMBEDDING_DIM, Box, Chips, Detection, Embeddings, Face, Image, Landmarks
 
 
 @dataclass(frozen=True)
@@ -50,16 +63,86 @@ def working_image(image: Image, settings: DetectorSettings) -> WorkingImage:
     return WorkingImage(np.ascontiguousarray(pixels), scale, upsample)
 
 
+class QueuedFaceDetector(FaceDetector):
+    """dlib's detector whose network step (`scores`, which `FaceDetector.detect` calls between building the pyramid
+    and decoding the score map) goes through a micro-batcher when one is attached; the rest of `detect` stays on the
+    calling thread."""
+
+    def __init__(self, path: Path, runtime: RuntimeSettings, *, require_gpu: bool = False) -> None:
+        super().__init__(path, runtime, require_gpu=require_gpu)
+        self.queue: MicroBatcher[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None = None
+
+    def scores(self, tensor: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        if self.queue is None:
+            return super().scores(tensor)
+        return self.queue(tensor)
+
+    def scores_many(self, tensors: list[npt.NDArray[np.float32]]) -> list[npt.NDArray[np.float32]]:
+        """The network on several (1, 3, H, W) pyramids of one shape: stacked into one call when there are several."""
+        if len(tensors) == 1:
+            return [super().scores(tensors[0])]
+        (out,) = self._session.load().run(["scores"], {"image": np.concatenate(tensors)})
+        return [np.asarray(o[0], dtype=np.float32) for o in out]
+
+
 class Pipeline:
-    """Detector, landmark model and embedder behind one object; each opens its model once (lazily or at load())."""
+    """Detector, landmark model and embedder behind one object; each opens its model once (lazily or at load()).
+
+    With batching, each network is opened twice: as configured ("wide": by default every core's intra-op thread),
+    for a call made while nothing else runs, and with one intra-op thread ("narrow"), for the calls that run side by
+    side under load (one per core, `batching.workers`): on 2 cores a network on 2 threads is only ~1.2-1.5x faster
+    than on 1, so two narrow calls do more work than one wide call after the other.
+
+    `on_batch`, if set, is called on the inference threads with every batch's BatchInfo (name "detector" or
+    "embedder", callers served, photos or chips, wide or narrow) just before its network call: a hook for metrics
+    and tests.
+    """
 
     def __init__(self, settings: Settings, manifest: Manifest) -> None:
         self.settings = settings
         self.manifest = manifest
-        self.detector = FaceDetector(manifest.path("detector"), settings.runtime, require_gpu=settings.require_gpu)
+        gpu = settings.require_gpu
+        self.detector = QueuedFaceDetector(manifest.path("detector"), settings.runtime, require_gpu=gpu)
         self.landmarks = LandmarkPredictor(manifest.path("landmarks"))
-        self.embedder = FaceEmbedder(manifest.path("embedder"), settings.runtime, require_gpu=settings.require_gpu)
+        self.embedder = FaceEmbedder(manifest.path("embedder"), settings.runtime, require_gpu=gpu)
+        # A trained head (FACEGATE_HEAD__NAME) maps the embedder's output to the served embeddings; None: base.
+        self.head: EmbeddingHead | None = load_head(settings.head, manifest.directory, manifest.model_version)
+        self.on_batch: Callable[[BatchInfo], None] | None = None
         self._load_lock = threading.Lock()
+        self._embed_queue: MicroBatcher[Chips, Embeddings] | None = None
+        batching = settings.batching
+        self._narrow_detector = self.detector
+        self._narrow_embedder = self.embedder
+        if not batching.enabled:
+            return
+        slots = batching.workers or os.cpu_count() or 1
+        if slots > 1 and settings.runtime.intra_op_threads != 1:
+            narrow = settings.runtime.model_copy(update={"intra_op_threads": 1, "inter_op_threads": 1})
+            self._narrow_detector = QueuedFaceDetector(manifest.path("detector"), narrow, require_gpu=gpu)
+            self._narrow_embedder = FaceEmbedder(manifest.path("embedder"), narrow, require_gpu=gpu)
+        gate = InferenceGate(slots)
+        self._embed_queue = MicroBatcher(
+            self._embed_batch,
+            name="embedder",
+            max_batch=batching.max_batch,
+            max_wait_ms=batching.max_wait_ms,
+            workers=slots,
+            size=len,
+            gate=gate,
+            on_batch=self._notify,
+        )
+        self.detector.queue = MicroBatcher(
+            self._detect_batch,
+            name="detector",
+            max_batch=batching.detector_max_batch,
+            # Never held back: under load the next photos queue while the detector runs, and photos of one shape
+            # are stacked into the following call.
+            max_wait_ms=0.0,
+            workers=slots,
+            key=lambda tensor: tensor.shape,
+            gate=gate,
+            on_batch=self._notify,
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Pipeline:
@@ -67,13 +150,53 @@ class Pipeline:
 
     @property
     def model_version(self) -> str:
-        return self.manifest.model_version
+        """The served embeddings' version: the embedder's, plus the head's when one is applied."""
+        if self.head is None:
+            return self.manifest.model_version
+        return f"{self.manifest.model_version}+{self.head.version}"
 
     def load(self) -> None:
         with self._load_lock:
             self.detector.load()
             self.landmarks.load()
             self.embedder.load()
+            # The narrow sessions (batching) open on their first use, under load: most processes (the CLI, tests,
+            # a quiet service) never need them.
+            if self.head is not None:
+                self.head.load()
+
+    def close(self) -> None:
+        """Run what the inference threads have queued, then stop them (a no-op without batching)."""
+        for queue in (self.detector.queue, self._embed_queue):
+            if queue is not None:
+                queue.close(timeout=60.0)
+
+    @property
+    def batching(self) -> bool:
+        return self._embed_queue is not None
+
+    def _notify(self, info: BatchInfo) -> None:
+        hook = self.on_batch
+        if hook is not None:
+            hook(info)
+
+    def embed(self, chips: Chips) -> Embeddings:
+        """Embeddings of N chips: through the embedder's micro-batcher (with other requests' chips) or directly."""
+        if len(chips) == 0:
+            return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+        if self._embed_queue is None:
+            return self.embedder.embed(chips)
+        return self._embed_queue(chips)
+
+    def _embed_batch(self, items: list[Chips], wide: bool) -> list[Embeddings]:
+        """The embedder's batched call: every caller's chips in one array, split back per caller."""
+        embedder = self.embedder if wide else self._narrow_embedder
+        embeddings = embedder.embed(np.concatenate(items), batch_size=self.settings.batching.max_batch)
+        bounds = np.cumsum([len(chips) for chips in items])[:-1]
+        return np.split(embeddings, bounds)
+
+    def _detect_batch(self, tensors: list[npt.NDArray[np.float32]], wide: bool) -> list[npt.NDArray[np.float32]]:
+        return (self.detector if wide else self._narrow_detector).scores_many(tensors)
 
     @property
     def loaded(self) -> bool:
@@ -114,21 +237,71 @@ class Pipeline:
             detections = [detections[chosen]]
         return self._faces(work, detections)[0]
 
+    def find_faces_many(self, images: Sequence[Image | Callable[[], Image]]) -> list[list[Face] | FacegateError]:
+        """`find_faces` for several photos, their chips embedded together (in calls of up to `batching.max_batch`).
+
+        images: photos, or functions returning one (e.g. decoding it): each is then loaded only for its own
+            detection, so that a request of many large photos never holds more than one at full size.
+        A photo that fails to load (any FacegateError) or that the detector refuses (ImageTooSmall) gives its error
+        in its place; the others still give faces. ModelUnavailable concerns every photo and is raised."""
+        prepared: list[_Prepared | FacegateError] = []
+        for image in images:
+            try:
+                pixels = image() if callable(image) else image
+                prepared.append(self._prepare(*self.detect(pixels)))
+            except ModelUnavailable:
+                raise
+            except FacegateError as error:
+                prepared.append(error)
+        ready = [p for p in prepared if isinstance(p, _Prepared)]
+        chips = [p.chips for p in ready if len(p.chips)]
+        embeddings = self.embed(np.concatenate(chips)) if chips else np.zeros((0, EMBEDDING_DIM), np.float32)
+        results: list[list[Face] | FacegateError] = []
+        start = 0
+        for p in prepared:
+            if isinstance(p, FacegateError):
+                results.append(p)
+                continue
+            count = len(p.detections)
+            results.append(p.finish(embeddings[start : start + count], self.head))
+            start += count
+        return results
+
     def _faces(self, work: WorkingImage, detections: list[Detection]) -> list[Face]:
         """Landmarks, chips, quality and embeddings of the given detections, in the original photo's pixels."""
         if not detections:
             return []
+        prepared = self._prepare(work, detections)
+        return prepared.finish(self.embed(prepared.chips), self.head)
+
+    def _prepare(self, work: WorkingImage, detections: list[Detection]) -> _Prepared:
+        """Everything but the embeddings: landmarks, chips and quality of each detection."""
         points = [self.landmarks.predict(work.pixels, d.box) for d in detections]
-        chips = face_chips(work.pixels, points)
+        chips = face_chips(work.pixels, points) if detections else np.zeros((0, CHIP_SIZE, CHIP_SIZE, 3), np.uint8)
         # Quality is measured where the embedding comes from: the working photo (pixels as the models see them).
         qualities = [
             measure(image_shape=work.pixels.shape, box=d.box, landmarks=p, chip=c, score=d.score)
             for d, p, c in zip(detections, points, chips, strict=True)
         ]
-        embeddings = self.embedder.embed(chips)
+        return _Prepared(work, detections, points, chips, qualities)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A photo's faces before embedding: what `find_faces` computes on the calling thread."""
+
+    work: WorkingImage
+    detections: list[Detection]
+    points: list[Landmarks]
+    chips: Chips
+    qualities: list[FaceQuality]
+
+    def finish(self, embeddings: Embeddings, head: EmbeddingHead | None = None) -> list[Face]:
+        """The faces with their embeddings (the head's, when one is given), in the original photo's pixels."""
+        served = head.apply(embeddings) if head is not None else embeddings
         return [
-            _to_original(d, p, e, work.scale, q)
-            for d, p, e, q in zip(detections, points, embeddings, qualities, strict=True)
+            _to_original(d, p, e, self.work.scale, q, base)
+            for d, p, e, q, base in zip(self.detections, self.points, served, self.qualities, embeddings, strict=True)
         ]
 
 
@@ -137,9 +310,14 @@ def _original_box(box: Box, scale: float) -> Box:
 
 
 def _to_original(
-    detection: Detection, points: Landmarks, embedding: np.ndarray, scale: float, quality: FaceQuality | None = None
+    detection: Detection,
+    points: Landmarks,
+    embedding: np.ndarray,
+    scale: float,
+    quality: FaceQuality | None = None,
+    base: np.ndarray | None = None,
 ) -> Face:
     if scale == 1.0:
-        return Face(detection.box, detection.score, points, embedding, quality)
+        return Face(detection.box, detection.score, points, embedding, quality, base)
     original = np.floor(points.astype(np.float64) * (1.0 / scale) + 0.5).astype(np.int64)
-    return Face(_original_box(detection.box, scale), detection.score, original, embedding, quality)
+    return Face(_original_box(detection.box, scale), detection.score, original, embedding, quality, base)

@@ -71,6 +71,9 @@ class Face:
     landmarks: Landmarks
     embedding: npt.NDArray[np.float32]  # 128 float32, not normalised (dlib's scale)
     quality: FaceQuality | None = None  # measured on the chip the embedding came from (vision.quality)
+    # The embedder's own output when a trained head is served (`embedding` is then the head's); stored so that
+    # `facegate reindex` can recompute served embeddings without photos. None: same as `embedding`.
+    base_embedding: npt.NDArray[np.float32] | None = None
 
 
 def _round_half_away(v: float) -> float:

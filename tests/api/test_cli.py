@@ -132,4 +132,4 @@ def test_serve_without_api_keys_stays_on_loopback(env: Path, tmp_path: Path) -> 
     finally:
         server.terminate()
         server.wait(timeout=30)
-    assert "No API keys exist: listening on 127.0.0.1 only" in log.read_text()
+    assert "every route is open, so facegate listens on 127.0.0.1 only" in log.read_text()

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end check of the Dockerfile and docker-compose.yml (`make docker-test`):
-#   build the image, start api + PostgreSQL, wait for /readyz, enrol one photo of a person, verify another photo
-#   of them (match) and a photo of someone else (no match), then `docker-compose down -v` whatever happened.
+#   build the image, start api + PostgreSQL with auth on and a bootstrap admin key, wait for /readyz, check that a
+#   request without a key gets 401, enrol one photo of a person with the admin key, create a read key inside the
+#   container (`facegate keys create`) and check it may verify but not enrol (403), verify another photo of them
+#   (match) and a photo of someone else (no match), check the JSON access log, then `docker-compose down -v`.
 # Needs a docker daemon, docker-compose (or Compose v2), curl and python3 on the host; only loopback traffic.
 #
 # Settings (environment):
@@ -49,6 +51,10 @@ if [ -z "${FACEGATE_PUBLISH_PORT:-}" ]; then
 fi
 export FACEGATE_PUBLISH_PORT
 export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-facegate_roundtrip}
+# The compose file's first admin key (stored hashed by the service at start); a fresh one per run.
+FACEGATE_BOOTSTRAP_KEY=$(python3 -c 'import secrets; print(f"fg_{secrets.token_hex(4)}_{secrets.token_urlsafe(32)}")')
+export FACEGATE_BOOTSTRAP_KEY
+admin_key=$FACEGATE_BOOTSTRAP_KEY
 base_url="http://127.0.0.1:$FACEGATE_PUBLISH_PORT"
 dc() { "${compose[@]}" -f docker-compose.yml "$@"; }
 
@@ -56,7 +62,7 @@ body=$(mktemp)
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  rm -f "$body"
+  rm -f "$body" "$headers"
   if [ "$rc" -ne 0 ]; then
     log "logs of the failed run:"
     dc logs --no-color --tail=150 >&2 || true
@@ -100,6 +106,7 @@ post() {  # post PATH curl-form-args...  -> prints the HTTP status, body in $bod
   local path=$1; shift
   curl --silent --show-error --max-time 120 --noproxy '*' -o "$body" -w '%{http_code}' "$@" "$base_url$path"
 }
+headers=$(mktemp)
 
 log "waiting for /readyz (at most $ready_timeout s)"
 waited=$SECONDS
@@ -130,19 +137,31 @@ uid=$(dc exec -T api id -u) || die "docker-compose exec api failed"
 [ "$uid" != 0 ] || die "the api container runs as root"
 log "api runs as uid $uid"
 
-log "POST /enroll $enroll_photo"
-status=$(post /enroll -F "image=@$faces_dir/$enroll_photo" -F "name=$(dirname "$enroll_photo")")
+log "POST /enroll without an API key (auth is on: 401)"
+status=$(post /enroll -D "$headers" -F "image=@$faces_dir/$enroll_photo" -F "name=nobody")
+expect 401 "$status" "$body" 'r["error"]["code"] == "unauthorized"' || die "/enroll without a key"
+grep -qi '^www-authenticate:.*X-API-Key' "$headers" || die "the 401 has no WWW-Authenticate header"
+
+log "POST /enroll $enroll_photo (bootstrap admin key)"
+status=$(post /enroll -H "X-API-Key: $admin_key" -F "image=@$faces_dir/$enroll_photo" -F "name=$(dirname "$enroll_photo")")
 enrolled=$(expect 201 "$status" "$body" 'r["identity_id"] and r["created"] is True') \
   || { printf '%s\n' "$enrolled"; die "/enroll"; }
 printf '%s\n' "$enrolled"
 identity_id=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["identity_id"])' "$body")
 
-log "POST /verify $same_photo against identity $identity_id (same person)"
-status=$(post /verify -F "image=@$faces_dir/$same_photo" -F "identity_id=$identity_id")
+log "facegate keys create --scope read (inside the api container)"
+read_key=$(dc exec -T api facegate keys create --name roundtrip --scope read 2>/dev/null | tr -d '\r') \
+  || die "facegate keys create failed in the container"
+case $read_key in fg_*) ;; *) die "facegate keys create printed '$read_key', not a key" ;; esac
+status=$(post /enroll -H "X-API-Key: $read_key" -F "image=@$faces_dir/$same_photo" -F "identity_id=$identity_id")
+expect 403 "$status" "$body" 'r["error"]["code"] == "forbidden"' || die "a read key may not enrol"
+
+log "POST /verify $same_photo against identity $identity_id (same person, read key)"
+status=$(post /verify -H "X-API-Key: $read_key" -F "image=@$faces_dir/$same_photo" -F "identity_id=$identity_id")
 expect 200 "$status" "$body" 'r["match"] is True and r["distance"] <= r["threshold"]' || die "/verify same person"
 
 log "POST /verify $other_photo against identity $identity_id (someone else)"
-status=$(post /verify -F "image=@$faces_dir/$other_photo" -F "identity_id=$identity_id")
+status=$(post /verify -H "X-API-Key: $read_key" -F "image=@$faces_dir/$other_photo" -F "identity_id=$identity_id")
 expect 200 "$status" "$body" 'r["match"] is False and r["distance"] > r["threshold"]' || die "/verify other person"
 
 # The gallery really is in the compose PostgreSQL, not in a SQLite file inside the container.
@@ -151,5 +170,27 @@ faces=$(dc exec -T db sh -c 'psql -U "$POSTGRES_USER" -d "$POSTGRES_DB" -tAc "SE
   || die "could not query PostgreSQL"
 [ "$faces" = 1 ] || die "expected 1 face row in PostgreSQL, found '$faces'"
 log "PostgreSQL holds $faces enrolled face"
+
+# shellcheck disable=SC2016
+keys=$(dc exec -T db sh -c 'psql -U "$POSTGRES_USER" -d "$POSTGRES_DB" -tA -F : -c "SELECT prefix, key_hash FROM api_keys"' | tr -d '\r') \
+  || die "could not read api_keys"
+# (here-strings, not pipes: with pipefail, `grep -q` leaving early could fail the writer and flip the test)
+grep -q "^${admin_key:3:8}:" <<<"$keys" || die "the bootstrap key is not in api_keys"
+if grep -qF -e "${admin_key#fg_*_}" -e "${read_key#fg_*_}" <<<"$keys"; then
+  die "a key's secret is stored in api_keys"
+fi
+log "api_keys holds $(grep -c . <<<"$keys") keys, hashed"
+
+# The access log: JSON, one line per request, with the key's prefix and never the key.
+logs=$(dc logs --no-color api)
+if grep -qF -e "$admin_key" -e "$read_key" <<<"$logs"; then die "an API key appears in the api's log"; fi
+python3 -c '
+import json, sys
+lines = [json.loads(l[l.index("{"):]) for l in sys.stdin if "\"facegate.access\"" in l]
+seen = {(a["route"], a["status"], a.get("decision")) for a in lines}
+want = {("/enroll", 401, None), ("/enroll", 201, None), ("/enroll", 403, None), ("/verify", 200, "match"), ("/verify", 200, "no_match")}
+assert want <= seen, seen
+' <<<"$logs" || die "the JSON access log lacks the requests made"
+log "access log: JSON lines for every request, keys by prefix only"
 
 log "PASS"

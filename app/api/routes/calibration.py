@@ -9,20 +9,26 @@ keys exist (issue 6), only admin keys may call them.
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
+from app.api.auth import require
 from app.api.deps import ServiceDep
 from app.api.schemas import (
     CalibrateRequest,
     CalibrateResponse,
+    CalibrationCurveResponse,
     CalibrationReset,
     CalibrationResponse,
     CalibrationRow,
     DefaultTableOut,
     DeploymentCalibrationOut,
 )
+from app.auth import Scope
+from app.service import CurveSource
 
 router = APIRouter(tags=["admin"])
 
@@ -30,7 +36,8 @@ router = APIRouter(tags=["admin"])
 @router.post(
     "/calibrate",
     response_model=CalibrateResponse,
-    responses=responses.errors(409),
+    responses=responses.errors(400, 409),
+    dependencies=[require(Scope.admin)],
     summary="Threshold for a target false-accept rate (from the gallery or from labelled distances); apply to store it",
 )
 async def calibrate(service: ServiceDep, body: CalibrateRequest) -> CalibrateResponse:
@@ -66,6 +73,7 @@ async def calibrate(service: ServiceDep, body: CalibrateRequest) -> CalibrateRes
     "/calibration",
     response_model=CalibrationResponse,
     responses=responses.errors(),
+    dependencies=[require(Scope.read)],
     summary="The active threshold, where it came from, and the shipped calibration table",
 )
 async def calibration(service: ServiceDep) -> CalibrationResponse:
@@ -103,9 +111,43 @@ async def calibration(service: ServiceDep) -> CalibrationResponse:
     "/calibration",
     response_model=CalibrationReset,
     responses=responses.errors(),
+    dependencies=[require(Scope.admin)],
     summary="Forget the stored deployment threshold (back to FACEGATE_THRESHOLD)",
 )
 async def reset_calibration(service: ServiceDep) -> CalibrationReset:
     removed = await run_in_threadpool(service.reset_calibration)
     threshold = await run_in_threadpool(service.resolve_threshold)
     return CalibrationReset(removed=removed, threshold=threshold.value, threshold_source=threshold.source)
+
+
+@router.get(
+    "/calibration/curve",
+    response_model=CalibrationCurveResponse,
+    responses=responses.errors(409),
+    dependencies=[require(Scope.read)],
+    summary="FAR and VAL at every threshold (shipped table or the gallery's own pairs), to choose a threshold",
+)
+async def calibration_curve(
+    service: ServiceDep,
+    source: Annotated[
+        CurveSource,
+        Query(description="shipped: the table shipped with the model; gallery: measured on the gallery's identities "
+              "with >= 2 faces (409 insufficient_data without two such identities)."),
+    ] = CurveSource.shipped,
+) -> CalibrationCurveResponse:
+    curve = await run_in_threadpool(service.calibration_curve, source)
+    table = curve.table
+    return CalibrationCurveResponse(
+        source=curve.source,
+        description=table.source,
+        model_version=table.model_version,
+        n_same=table.n_same,
+        n_different=table.n_different,
+        n_identities=curve.n_identities,
+        rows=[
+            CalibrationRow(threshold=float(t), far=float(f), val=float(v), far_upper=float(u))
+            for t, f, v, u in zip(table.thresholds, table.far, table.val, table.far_upper, strict=True)
+        ],
+        threshold=curve.threshold.value,
+        threshold_source=curve.threshold.source,
+    )

@@ -8,6 +8,8 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
+from app.api.auth import require
+from app.api.forms import FormRoute
 from app.api.deps import ServiceDep, form_fields
 from app.api.routes.common import box_out, read_photo
 from app.api.schemas import (
@@ -17,16 +19,17 @@ from app.api.schemas import (
     ClusterResponse,
     PhotoProblemOut,
 )
+from app.auth import Scope
 from app.grouping import ClusterMember
 
-router = APIRouter(tags=["cluster"])
+router = APIRouter(tags=["cluster"], route_class=FormRoute)
 
 
 @router.post(
     "/cluster",
     response_model=ClusterResponse,
     responses=responses.errors(400, 413, 503),
-    dependencies=[Depends(form_fields("images", "threshold", repeatable=("images",)))],
+    dependencies=[require(Scope.read), Depends(form_fields("images", "threshold", repeatable=("images",)))],
     summary="Group the faces of several photos by person (chinese whispers over distance <= threshold)",
     description=(
         "Send the photos as repeated `images` fields (at most FACEGATE_CLUSTER__MAX_PHOTOS, and the whole body under "

@@ -8,15 +8,19 @@ from app.api.schemas import (
     BoxOut,
     CandidateOut,
     EnrollResponse,
+    ErrorBody,
     FaceOut,
     FacePublic,
+    IdentifiedFaceOut,
+    IdentifyResponse,
     IdentityPublic,
     QualityIssueOut,
     QualityOut,
 )
-from app.errors import InvalidImage
+from app.api.errors import error_object
+from app.errors import FacegateError, InvalidImage
 from app.gallery import FaceRecord, IdentityRecord
-from app.service import Candidate, EnrollResult, FoundFace
+from app.service import Candidate, EnrollResult, FoundFace, IdentifyResult
 from app.vision.types import Box
 
 
@@ -25,6 +29,17 @@ async def read_photo(upload: UploadFile, field: str) -> bytes:
     if not data:
         raise InvalidImage(f"{field} is empty", field=field)
     return data
+
+
+async def read_photos(uploads: list[UploadFile]) -> list[tuple[str, bytes]]:
+    """(file name, bytes) of each upload of a many-photo request. An empty one is not refused here: it becomes that
+    photo's own invalid_image error."""
+    return [(upload.filename or f"image-{i}", await upload.read()) for i, upload in enumerate(uploads)]
+
+
+def error_out(error: FacegateError) -> ErrorBody:
+    """A photo's own error inside a many-photo reply (the same object as an error response's `error`)."""
+    return ErrorBody(**error_object(error))
 
 
 def box_out(box: Box) -> BoxOut:
@@ -41,7 +56,9 @@ def quality_out(face: FoundFace) -> QualityOut | None:
 
 
 def face_out(face: FoundFace) -> FaceOut:
-    return FaceOut(box=box_out(face.box), score=face.score, quality=quality_out(face))
+    return FaceOut(
+        box=box_out(face.box), score=face.score, quality=quality_out(face), landmarks=list(face.landmarks)
+    )
 
 
 def candidate_out(c: Candidate) -> CandidateOut:
@@ -81,4 +98,28 @@ def enroll_response(result: EnrollResult) -> EnrollResponse:
         face=face_out(result.face),
         model_version=result.model_version,
         possible_duplicate=candidate_out(result.possible_duplicate) if result.possible_duplicate else None,
+    )
+
+
+def identify_response(result: IdentifyResult) -> IdentifyResponse:
+    """The reply to /identify, and each photo's result in /identify/batch."""
+    return IdentifyResponse(
+        faces=[
+            IdentifiedFaceOut(
+                face=face_out(f.face),
+                match=candidate_out(f.match) if f.match is not None else None,
+                reason=f.reason.value,
+                candidates=[candidate_out(c) for c in f.candidates],
+                margin=f.margin,
+                ambiguous=f.ambiguous,
+                fpir_estimate=f.fpir_estimate,
+            )
+            for f in result.faces
+        ],
+        threshold=result.threshold.value,
+        threshold_source=result.threshold.source,
+        target_fpir=result.target_fpir,
+        far_estimate=result.far_estimate,
+        gallery_size=result.gallery_size,
+        identities=result.identities,
     )

@@ -8,12 +8,15 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile, status
 from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
+from app.api.auth import require
+from app.api.forms import FormRoute
 from app.api.deps import MetricsDep, ServiceDep, form_fields, parse_metadata
 from app.api.routes.common import enroll_response, read_photo
 from app.api.schemas import NAME_MAX_LENGTH, EnrollResponse
+from app.auth import Scope
 from app.service import FacePolicy
 
-router = APIRouter(tags=["enrol"])
+router = APIRouter(tags=["enrol"], route_class=FormRoute)
 
 ENROLL_FIELDS = ("image", "name", "identity_id", "metadata", "face", "allow_low_quality", "allow_duplicate")
 
@@ -23,7 +26,7 @@ ENROLL_FIELDS = ("image", "name", "identity_id", "metadata", "face", "allow_low_
     status_code=status.HTTP_201_CREATED,
     response_model=EnrollResponse,
     responses=responses.errors(409, *responses.PHOTO),
-    dependencies=[Depends(form_fields(*ENROLL_FIELDS))],
+    dependencies=[require(Scope.write), Depends(form_fields(*ENROLL_FIELDS))],
     summary="Enrol a face: a new identity (name) or one more face of an identity (identity_id)",
 )
 async def enroll(

@@ -8,8 +8,10 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
 from app.api.deps import MetricsDep, ServiceDep
-from app.api.metrics import CONTENT_TYPE
-from app.api.schemas import Health, Readiness
+from app.api.auth import require
+from app.api.metrics import CONTENT_TYPE, RECENT_WINDOW
+from app.api.schemas import Health, LatencySummary, Readiness, RouteLatencyOut
+from app.auth import Scope
 
 router = APIRouter(tags=["health"])
 
@@ -49,3 +51,19 @@ async def readyz(service: ServiceDep) -> JSONResponse:
 )
 async def metrics(metrics: MetricsDep) -> Response:
     return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get(
+    "/metrics/summary",
+    response_model=LatencySummary,
+    responses=responses.errors(),
+    dependencies=[require(Scope.read)],
+    summary="Latency of the most recent requests per route (JSON, this worker; the web console's health page)",
+)
+async def metrics_summary(metrics: MetricsDep) -> LatencySummary:
+    routes = metrics.recent_latency()
+    return LatencySummary(
+        window=RECENT_WINDOW,
+        requests=sum(r.count for r in routes),
+        routes=[RouteLatencyOut(**{f: getattr(r, f) for f in RouteLatencyOut.model_fields}) for r in routes],
+    )

@@ -8,6 +8,8 @@ from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile, sta
 from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
+from app.api.auth import require
+from app.api.forms import FormRoute
 from app.api.deps import MetricsDep, ServiceDep, form_fields
 from app.api.routes.common import enroll_response, identity_public, read_photo
 from app.api.schemas import (
@@ -18,16 +20,23 @@ from app.api.schemas import (
     IdentityPublic,
     IdentityUpdate,
 )
+from app.auth import Scope
 from app.gallery import DeletionReport
 from app.service import FacePolicy
 
-router = APIRouter(prefix="/identities", tags=["identities"])
+router = APIRouter(prefix="/identities", tags=["identities"], route_class=FormRoute)
 
 IdentityId = Annotated[str, Path(max_length=64, description="Identity id (32 hex characters).")]
 FaceId = Annotated[str, Path(max_length=64, description="Face id (32 hex characters).")]
 
 
-@router.get("", response_model=IdentityPage, responses=responses.errors(), summary="List identities (paged)")
+@router.get(
+    "",
+    response_model=IdentityPage,
+    responses=responses.errors(),
+    dependencies=[require(Scope.read)],
+    summary="List identities (paged)",
+)
 async def list_identities(
     service: ServiceDep,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
@@ -47,6 +56,7 @@ async def list_identities(
     "/{identity_id}",
     response_model=IdentityPublic,
     responses=responses.errors(404),
+    dependencies=[require(Scope.read)],
     summary="One identity with its faces",
 )
 async def get_identity(service: ServiceDep, identity_id: IdentityId) -> IdentityPublic:
@@ -57,7 +67,8 @@ async def get_identity(service: ServiceDep, identity_id: IdentityId) -> Identity
 @router.patch(
     "/{identity_id}",
     response_model=IdentityPublic,
-    responses=responses.errors(404),
+    responses=responses.errors(400, 404),
+    dependencies=[require(Scope.write)],
     summary="Rename and/or replace the metadata (JSON body)",
 )
 async def update_identity(service: ServiceDep, identity_id: IdentityId, body: IdentityUpdate) -> IdentityPublic:
@@ -69,6 +80,7 @@ async def update_identity(service: ServiceDep, identity_id: IdentityId, body: Id
     "/{identity_id}",
     response_model=DeletionResponse,
     responses=responses.errors(404),
+    dependencies=[require(Scope.write)],
     summary="Delete the identity and every face (embeddings are removed from the database and the index)",
 )
 async def delete_identity(service: ServiceDep, identity_id: IdentityId) -> DeletionResponse:
@@ -81,7 +93,7 @@ async def delete_identity(service: ServiceDep, identity_id: IdentityId) -> Delet
     status_code=status.HTTP_201_CREATED,
     response_model=EnrollResponse,
     responses=responses.errors(*responses.PHOTO),
-    dependencies=[Depends(form_fields("image", "face", "allow_low_quality"))],
+    dependencies=[require(Scope.write), Depends(form_fields("image", "face", "allow_low_quality"))],
     summary="Add a face to the identity",
 )
 async def add_face(
@@ -106,6 +118,7 @@ async def add_face(
     "/{identity_id}/faces/{face_id}",
     response_model=DeletionResponse,
     responses=responses.errors(404),
+    dependencies=[require(Scope.write)],
     summary="Delete one face (the identity stays, even with no face left)",
 )
 async def delete_face(service: ServiceDep, identity_id: IdentityId, face_id: FaceId) -> DeletionResponse:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
+from app.api.auth import require
+from app.api.forms import FormRoute
 from app.api.deps import MetricsDep, ServiceDep, form_fields
 from app.api.routes.common import face_out, read_photo
 from app.api.schemas import THRESHOLD_MAX, VerifyIdentityResponse, VerifyPhotosResponse
+from app.auth import Scope
 from app.errors import InvalidRequest
 from app.service import FacePolicy, VerifyResult
 
-router = APIRouter(tags=["verify"])
+router = APIRouter(tags=["verify"], route_class=FormRoute)
 
 VERIFY_FIELDS = ("image", "identity_id", "image_a", "image_b", "threshold", "face")
 
@@ -23,7 +26,7 @@ VERIFY_FIELDS = ("image", "identity_id", "image_a", "image_b", "threshold", "fac
     "/verify",
     response_model=VerifyIdentityResponse | VerifyPhotosResponse,
     responses=responses.errors(409, *responses.PHOTO),
-    dependencies=[Depends(form_fields(*VERIFY_FIELDS))],
+    dependencies=[require(Scope.read), Depends(form_fields(*VERIFY_FIELDS))],
     summary="Is this the same person? image + identity_id, or image_a + image_b",
     description=(
         "Send either `image` and `identity_id` (compared with the identity's nearest enrolled face) or `image_a` "
@@ -31,6 +34,7 @@ VERIFY_FIELDS = ("image", "identity_id", "image_a", "image_b", "threshold", "fac
     ),
 )
 async def verify(
+    request: Request,
     service: ServiceDep,
     metrics: MetricsDep,
     image: Annotated[UploadFile | None, File(description="Photo to check against `identity_id`.")] = None,
@@ -66,7 +70,7 @@ async def verify(
         assert image is not None and identity_id is not None
         photo = await read_photo(image, "image")
         result = await run_in_threadpool(service.verify_identity, photo, identity_id, threshold=threshold, face=face)
-        _observe(metrics, "verify", result)
+        _observe(request, metrics, result)
         assert result.identity_id is not None and result.nearest_face_id is not None
         return VerifyIdentityResponse(
             match=result.match,
@@ -82,7 +86,7 @@ async def verify(
     photo_a = await read_photo(image_a, "image_a")
     photo_b = await read_photo(image_b, "image_b")
     result = await run_in_threadpool(service.verify_photos, photo_a, photo_b, threshold=threshold, face=face)
-    _observe(metrics, "verify", result)
+    _observe(request, metrics, result)
     assert result.other_face is not None
     return VerifyPhotosResponse(
         match=result.match,
@@ -95,5 +99,7 @@ async def verify(
     )
 
 
-def _observe(metrics: MetricsDep, endpoint: str, result: VerifyResult) -> None:
-    metrics.observe_decision(endpoint, "match" if result.match else "no_match", result.distance)
+def _observe(request: Request, metrics: MetricsDep, result: VerifyResult) -> None:
+    decision = "match" if result.match else "no_match"
+    request.state.decision = decision  # for the access log
+    metrics.observe_decision("verify", decision, result.distance)

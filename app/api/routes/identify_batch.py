@@ -1,0 +1,68 @@
+"""POST /identify/batch: /identify for many photos in one request, a result or an error per photo."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from app.api import responses
+from app.api.auth import require
+from app.api.deps import MetricsDep, ServiceDep, form_fields
+from app.api.forms import FormRoute
+from app.api.routes.common import error_out, identify_response, read_photos
+from app.api.schemas import THRESHOLD_MAX, TOP_K_MAX, IdentifyBatchResponse, IdentifyPhotoOut
+from app.auth import Scope
+from app.errors import FacegateError
+
+router = APIRouter(tags=["identify"], route_class=FormRoute)
+
+
+@router.post(
+    "/identify/batch",
+    response_model=IdentifyBatchResponse,
+    responses=responses.errors(400, 401, 403, 413, 503),
+    dependencies=[
+        require(Scope.read),
+        Depends(form_fields("images", "top_k", "threshold", repeatable=("images",))),
+    ],
+    summary="Who is in each of these photos? Per photo what /identify answers, or its error",
+    description=(
+        "Send the photos as repeated `images` fields (at most FACEGATE_BATCH__MAX_IMAGES; the whole body under "
+        "FACEGATE_IMAGE__MAX_UPLOAD_BYTES). `top_k` and `threshold` apply to every photo. Each photo gets the result "
+        "/identify gives for it alone, or an `error` (invalid_image, unsupported_image, image_too_large, "
+        "image_too_small, no_face) without failing the others."
+    ),
+)
+async def identify_batch(
+    service: ServiceDep,
+    metrics: MetricsDep,
+    images: Annotated[list[UploadFile], File(description="The photos (repeat the field).")],
+    top_k: Annotated[int, Form(ge=1, le=TOP_K_MAX, description="Candidates returned per face (identities).")] = 5,
+    threshold: Annotated[
+        float | None,
+        Form(
+            gt=0.0,
+            le=THRESHOLD_MAX,
+            description="Largest distance at which anyone is named (default: the deployment threshold), for every "
+            "photo.",
+        ),
+    ] = None,
+) -> IdentifyBatchResponse:
+    photos = await read_photos(images)
+    results = await run_in_threadpool(
+        service.identify_photos, [data for _, data in photos], top_k=top_k, threshold=threshold
+    )
+    out = []
+    for index, ((filename, _), result) in enumerate(zip(photos, results, strict=True)):
+        if isinstance(result, FacegateError):
+            out.append(IdentifyPhotoOut(index=index, filename=filename, error=error_out(result)))
+            continue
+        for face in result.faces:
+            outcome = "match" if face.match is not None else face.reason.value
+            metrics.observe_decision("identify", outcome, face.candidates[0].distance if face.candidates else None)
+        out.append(IdentifyPhotoOut(index=index, filename=filename, result=identify_response(result)))
+    return IdentifyBatchResponse(
+        n_images=len(out), n_errors=sum(p.error is not None for p in out), images=out
+    )

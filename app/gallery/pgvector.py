@@ -1,0 +1,278 @@
+"""Search inside PostgreSQL with pgvector (FACEGATE_INDEX__BACKEND=pgvector), when the server has the extension.
+
+No migration of the main chain: the extension, the `face_vectors` table (face id, identity id, model version,
+`vector(128)`), its HNSW index (`vector_l2_ops`) and `face_vectors_state` (the change-log id mirrored so far) are
+created when this backend starts, under an advisory lock. A server without pgvector makes start-up fail with
+`PgvectorUnavailable`, which says so; nothing falls back silently.
+
+`face_vectors` follows `faces` through the same change log the in-memory indexes replay: before a search (and at
+load) the first worker to get the state row's lock copies the new adds and applies the removes (a gap in the log,
+or a first start, copies every face with binary COPY and rebuilds the HNSW index). PostgreSQL proposes the
+`candidates` nearest faces (HNSW, `hnsw.ef_search` = 2 x candidates, iterative scans from pgvector 0.8 so that the
+model-version filter cannot starve the result); they are ranked by identity with exact float32 distances, as in the
+approximate backend. The process keeps `GalleryIndex`'s bookkeeping (counts, replay position, 1:1 distances), so
+`stats()` and `identity_distances()` stay in memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from app.gallery import bulk, store
+from app.gallery.index import MAX_REPLAY, GalleryIndex, IdentityCandidate, IndexStats, _Snapshot
+from app.gallery.store import Change, ChangeOp
+from app.vision.types import EMBEDDING_DIM
+
+_PG_SETUP_LOCK = 0x66677663  # "fgvc", with the schema's hash
+_BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
+_BINARY_TRAILER = (-1).to_bytes(2, "big", signed=True)
+_COPY_CHUNK = 50_000
+MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
+
+
+class PgvectorUnavailable(RuntimeError):
+    """The pgvector backend was asked for, but the database is not PostgreSQL or the server lacks the extension."""
+
+
+class PgvectorIndex(GalleryIndex):
+    """`GalleryIndex` whose nearest-face search runs in PostgreSQL (pgvector HNSW)."""
+
+    backend = "pgvector"
+
+    def __init__(self, model_version: str, engine: Engine, *, candidates: int = 64) -> None:
+        if engine.dialect.name != "postgresql":
+            raise PgvectorUnavailable(
+                f"FACEGATE_INDEX__BACKEND=pgvector needs PostgreSQL, the gallery is on {engine.dialect.name}"
+            )
+        if candidates < 1:
+            raise ValueError("candidates must be >= 1")
+        self.engine = engine
+        self.candidates = candidates
+        super().__init__(model_version)
+        self.extension_version = self._prepare()
+        self._iterative_scan = _version_tuple(self.extension_version) >= (0, 8)
+
+    # ----------------------------------------------------------------------------------------- set-up
+
+    def _prepare(self) -> str:
+        """Create the extension, table, index and state row if missing; returns the extension's version."""
+        with self.engine.begin() as connection:
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key, hashtext(current_schema()))"), {"key": _PG_SETUP_LOCK}
+            )
+            available = connection.execute(
+                text("SELECT default_version FROM pg_available_extensions WHERE name = 'vector'")
+            ).scalar()
+            if available is None:
+                raise PgvectorUnavailable(
+                    "the PostgreSQL server has no pgvector extension (FACEGATE_INDEX__BACKEND=pgvector): install "
+                    "it on the server, or choose FACEGATE_INDEX__BACKEND=exact or approximate"
+                )
+            try:
+                with connection.begin_nested():
+                    connection.execute(text("CREATE EXTENSION IF NOT EXISTS vector"))
+            except DBAPIError as error:
+                raise PgvectorUnavailable(
+                    "pgvector is installed on the server but could not be enabled in this database (CREATE EXTENSION "
+                    f"vector needs a privileged role once): {type(error.orig).__name__}"
+                ) from None
+            connection.execute(
+                text(
+                    "CREATE TABLE IF NOT EXISTS face_vectors ("
+                    " face_id varchar(32) PRIMARY KEY,"
+                    " identity_id varchar(32) NOT NULL,"
+                    " model_version varchar(128) NOT NULL,"
+                    f" embedding vector({EMBEDDING_DIM}) NOT NULL)"
+                )
+            )
+            connection.execute(text(_CREATE_HNSW))
+            connection.execute(
+                text("CREATE TABLE IF NOT EXISTS face_vectors_state (id integer PRIMARY KEY, last_change_id bigint NOT NULL)")
+            )
+            # -1: never mirrored, the first worker copies every face.
+            connection.execute(text("INSERT INTO face_vectors_state VALUES (1, -1) ON CONFLICT (id) DO NOTHING"))
+            version = connection.execute(text("SELECT extversion FROM pg_extension WHERE extname = 'vector'")).scalar()
+        return str(version)
+
+    # ---------------------------------------------------------------------------------------- mirror
+
+    def load(self, session: Session) -> IndexStats:
+        stats = super().load(session)
+        self.mirror()
+        return stats
+
+    def mirror(self) -> int:
+        """Bring `face_vectors` up to the change log's head; returns the changes applied (-1: copied in full)."""
+        with Session(self.engine) as session, session.begin():
+            quick = session.execute(text("SELECT last_change_id FROM face_vectors_state WHERE id = 1")).scalar_one()
+            if int(quick) == store.last_change_id(session):
+                return 0  # up to date: no lock taken, searches of several workers do not queue here
+            mirrored = int(
+                session.execute(text("SELECT last_change_id FROM face_vectors_state WHERE id = 1 FOR UPDATE")).scalar_one()
+            )
+            head = store.last_change_id(session)
+            if mirrored == head:
+                return 0
+            changes = None
+            if 0 <= mirrored < head and head - mirrored <= MAX_REPLAY:
+                changes = store.changes_after(session, after=mirrored, upto=head)
+                if [c.id for c in changes] != list(range(mirrored + 1, head + 1)):
+                    changes = None  # log pruned past our position
+            connection = session.connection()
+            if changes is None:
+                face_ids, identity_ids, versions, embeddings = bulk.read_faces(session)
+                connection.execute(text("DROP INDEX IF EXISTS ix_face_vectors_embedding"))
+                connection.execute(text("TRUNCATE face_vectors"))
+                _copy_vectors(connection, face_ids, identity_ids, versions, embeddings)
+                connection.execute(text(_CREATE_HNSW))  # built once over all rows: faster than row by row
+                applied = -1
+            else:
+                # In log order, run by run: a face removed and added again (`facegate reindex`) ends up present.
+                start = 0
+                while start < len(changes):
+                    end = start
+                    while end < len(changes) and changes[end].op is changes[start].op:
+                        end += 1
+                    run = changes[start:end]
+                    if run[0].op is ChangeOp.ADD:
+                        _upsert_vectors(connection, [c for c in run if c.embedding is not None])
+                    else:
+                        connection.execute(
+                            text("DELETE FROM face_vectors WHERE face_id = ANY(:ids)"), {"ids": [c.face_id for c in run]}
+                        )
+                    start = end
+                applied = len(changes)
+            session.execute(
+                text("UPDATE face_vectors_state SET last_change_id = :head WHERE id = 1"), {"head": head}
+            )
+            return applied
+
+    # ---------------------------------------------------------------------------------------- search
+
+    def _search(self, snap: _Snapshot, q: npt.NDArray[np.float32], top_k: int) -> list[list[IdentityCandidate]]:
+        k = max(self.candidates, 4 * top_k)
+        if snap.alive <= k:
+            return super()._search(snap, q, top_k)
+        self.mirror()
+        results: list[list[IdentityCandidate]] = []
+        with self.engine.begin() as connection:
+            connection.execute(
+                text("SELECT set_config('hnsw.ef_search', :ef, true)"), {"ef": str(min(MAX_EF_SEARCH, 2 * k))}
+            )
+            if self._iterative_scan:
+                connection.execute(text("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)"))
+            for query in q:
+                rows = connection.execute(
+                    text(
+                        "SELECT face_id, identity_id, embedding::real[] AS embedding FROM face_vectors"
+                        " WHERE model_version = :model ORDER BY embedding <-> CAST(:query AS vector) LIMIT :k"
+                    ),
+                    {"model": self.model_version, "query": _vector_text(query), "k": k},
+                ).all()
+                ranked = _rank(rows, query, top_k, min(top_k, len(snap.code_of)))
+                results.append(ranked if ranked is not None else super()._search(snap, query[None, :], top_k)[0])
+        return results
+
+
+_CREATE_HNSW = "CREATE INDEX IF NOT EXISTS ix_face_vectors_embedding ON face_vectors USING hnsw (embedding vector_l2_ops)"
+
+
+def _upsert_vectors(connection: Connection, adds: list[Change]) -> None:
+    """Insert or replace these faces' rows (an add carries the face's current embedding)."""
+    adds = list({c.face_id: c for c in adds}.values())  # one row per face (the last add wins) for ON CONFLICT
+    if not adds:
+        return
+    connection.execute(text("CREATE TEMPORARY TABLE IF NOT EXISTS face_vectors_new (LIKE face_vectors) ON COMMIT DROP"))
+    connection.execute(text("TRUNCATE face_vectors_new"))
+    _copy_vectors(
+        connection,
+        [c.face_id for c in adds],
+        [c.identity_id for c in adds],
+        [str(c.model_version) for c in adds],
+        np.stack([np.asarray(c.embedding, dtype=np.float32) for c in adds]),
+        table="face_vectors_new",
+    )
+    connection.execute(
+        text(
+            "INSERT INTO face_vectors SELECT * FROM face_vectors_new ON CONFLICT (face_id) DO UPDATE SET"
+            " identity_id = EXCLUDED.identity_id, model_version = EXCLUDED.model_version, embedding = EXCLUDED.embedding"
+        )
+    )
+
+
+def _rank(rows: list, query: npt.NDArray[np.float32], top_k: int, needed: int) -> list[IdentityCandidate] | None:
+    if not rows:
+        return None
+    vectors = np.asarray([row.embedding for row in rows], dtype=np.float32)
+    distances = ((vectors - query) ** 2).sum(axis=1, dtype=np.float32)
+    best: dict[str, IdentityCandidate] = {}
+    for j in np.argsort(distances, kind="stable"):
+        identity_id = rows[j].identity_id
+        if identity_id not in best:
+            best[identity_id] = IdentityCandidate(identity_id, rows[j].face_id, float(distances[j]))
+    if len(best) < needed:
+        return None
+    return list(best.values())[:top_k]
+
+
+def _vector_text(vector: npt.NDArray[np.float32]) -> str:
+    return "[" + ",".join(f"{float(v):.9g}" for v in vector) + "]"
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+
+
+def _copy_vectors(
+    connection: Connection,
+    face_ids: list[str],
+    identity_ids: list[str],
+    versions: list[str],
+    embeddings: npt.NDArray[np.float32],
+    *,
+    table: str = "face_vectors",
+) -> None:
+    """Binary COPY: rows built as one numpy record array per chunk and model version (fixed-width fields)."""
+    raw = connection.connection.driver_connection
+    by_version: dict[str, list[int]] = {}
+    for i, version in enumerate(versions):
+        by_version.setdefault(version, []).append(i)
+    with raw.cursor() as cursor:  # type: ignore[union-attr]
+        for version, indices in by_version.items():
+            model = version.encode()
+            record = np.dtype(
+                [
+                    ("fields", ">i2"),
+                    ("face_len", ">i4"),
+                    ("face", "S32"),
+                    ("identity_len", ">i4"),
+                    ("identity", "S32"),
+                    ("model_len", ">i4"),
+                    ("model", f"S{len(model)}"),
+                    ("vector_len", ">i4"),
+                    ("dim", ">i2"),
+                    ("unused", ">i2"),
+                    ("vector", ">f4", (EMBEDDING_DIM,)),
+                ]
+            )
+            for first in range(0, len(indices), _COPY_CHUNK):
+                part = indices[first : first + _COPY_CHUNK]
+                rows = np.zeros(len(part), dtype=record)
+                rows["fields"] = 4
+                rows["face_len"] = 32
+                rows["face"] = [face_ids[i].encode() for i in part]
+                rows["identity_len"] = 32
+                rows["identity"] = [identity_ids[i].encode() for i in part]
+                rows["model_len"] = len(model)
+                rows["model"] = model
+                rows["vector_len"] = 4 + 4 * EMBEDDING_DIM
+                rows["dim"] = EMBEDDING_DIM
+                rows["vector"] = embeddings[part]
+                with cursor.copy(
+                    f"COPY {table} (face_id, identity_id, model_version, embedding) FROM STDIN WITH (FORMAT BINARY)"
+                ) as copy:
+                    copy.write(_BINARY_HEADER + rows.tobytes() + _BINARY_TRAILER)

@@ -1,0 +1,118 @@
+"""`facegate reindex`: recompute the served embeddings of every enrolled face for the model version now served
+(the embedder's, or embedder + a trained head), from the stored base embeddings: no photo is needed.
+
+Which base embedding a face has: its `base_embedding` column (written at enrolment since migration 0003), else its
+`embedding` when it was made by the bare embedder (`model_version` == the base version). A face with neither (made
+by a head before 0003) cannot be recomputed: it is counted as `skipped` and stays stale (enrol it again).
+
+Everything happens in ONE transaction under the gallery's write lock (enrolments wait, searches go on): the
+embeddings and model versions change together, and for each face the change log gets a 'remove' then an 'add', so
+every worker's index replays them, dropping the old vector and taking the new one; no identity is ever missing from
+a worker whose model version matches. A failure rolls everything back, and running it again is always safe: only
+faces not already at the target version are touched (a second run reports 0 updated).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from app.gallery import Gallery
+from app.gallery.store import ChangeOp, _lock_gallery, decode_embeddings
+from app.gallery.tables import GALLERY_STATE_ID, Face, GalleryChange, GalleryState, utcnow
+from app.vision.types import EMBEDDING_DIM
+
+__all__ = ["ReindexReport", "reindex"]
+
+Transform = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
+
+
+@dataclass(frozen=True)
+class ReindexReport:
+    target_version: str
+    updated: int  # faces whose embedding and model version were rewritten
+    already_current: int  # faces already at the target version
+    skipped: int  # faces without a base embedding (left stale)
+    from_versions: dict[str, int]  # model version -> faces updated from it
+
+
+def reindex(
+    gallery: Gallery, *, target_version: str, base_version: str, transform: Transform | None, chunk: int = 1024
+) -> ReindexReport:
+    """Rewrite every face not at `target_version`: embedding = transform(base) (None: the base itself)."""
+    with gallery.session() as session:
+        report = _reindex(
+            session, target_version=target_version, base_version=base_version, transform=transform, chunk=chunk
+        )
+    # This process's index skips re-adding faces it has itself just removed (its guard against stale replays), so
+    # it is rebuilt from the database; other workers replay the change log.
+    gallery.load()
+    return report
+
+
+def _reindex(
+    session: Session, *, target_version: str, base_version: str, transform: Transform | None, chunk: int
+) -> ReindexReport:
+    _lock_gallery(session)
+    rows = session.execute(
+        select(Face.id, Face.identity_id, Face.model_version, Face.embedding, Face.base_embedding).order_by(Face.id)
+    ).all()
+    current = sum(1 for r in rows if r.model_version == target_version)
+    todo = []
+    skipped = 0
+    for r in rows:
+        if r.model_version == target_version:
+            continue
+        blob = r.base_embedding if r.base_embedding is not None else (
+            r.embedding if r.model_version == base_version else None
+        )
+        if blob is None:
+            skipped += 1
+            continue
+        todo.append((r.id, r.identity_id, r.model_version, blob))
+    from_versions: dict[str, int] = {}
+    for _, _, version, _ in todo:
+        from_versions[version] = from_versions.get(version, 0) + 1
+    if not todo:
+        return ReindexReport(target_version, 0, current, skipped, from_versions)
+    now = utcnow()
+    count = len(todo)
+    # Change ids for every face's 'remove' then 'add', reserved in one statement (gap-free, as bulk_enrol does).
+    last = session.execute(
+        update(GalleryState)
+        .where(GalleryState.id == GALLERY_STATE_ID)
+        .values(last_change_id=GalleryState.last_change_id + 2 * count)
+        .returning(GalleryState.last_change_id)
+    ).scalar_one()
+    first = int(last) - 2 * count + 1
+    for start in range(0, count, chunk):
+        part = todo[start : start + chunk]
+        bases = decode_embeddings([blob for *_, blob in part])
+        served = bases if transform is None else np.asarray(transform(bases), np.float32)
+        if served.shape != (len(part), EMBEDDING_DIM) or not np.all(np.isfinite(served)):
+            raise ValueError("the head gave embeddings of the wrong shape or non-finite values")
+        for (face_id, *_), base, vector in zip(part, bases, served, strict=True):
+            session.execute(
+                update(Face)
+                .where(Face.id == face_id)
+                .values(
+                    embedding=vector.astype("<f4").tobytes(),
+                    base_embedding=base.astype("<f4").tobytes(),
+                    model_version=target_version,
+                )
+            )
+    for offset, op in ((0, ChangeOp.REMOVE), (count, ChangeOp.ADD)):
+        for start in range(0, count, chunk):
+            session.execute(
+                insert(GalleryChange),
+                [
+                    {"id": first + offset + k, "op": op.value, "face_id": f, "identity_id": i, "created_at": now}
+                    for k, (f, i, _, _) in enumerate(todo[start : start + chunk], start=start)
+                ],
+            )
+    return ReindexReport(target_version, count, current, skipped, from_versions)

@@ -1,0 +1,137 @@
+"""A trained embedding head (`facegate train`, app/training) applied after the embedder, in ONNX Runtime.
+
+A head is a registered folder `<heads dir>/<name>/` with `head.onnx` (input `base` float32 N x 128: dlib's
+embeddings as the embedder gives them; output `embeddings` float32 N x 128, L2-normalised) and `head.json`, its
+manifest: name, version (name + the file's sha256 prefix), the base model version it was trained on, the ONNX
+file's sha256, the opset, the calibrated threshold (its distances have another scale than dlib's) and the training
+figures. The service refuses a head whose checksum differs or whose base model is not the one being served.
+
+The served model version is then `<base model version>+<head version>`, stored with every embedding, so faces of
+the base (or of another head) are `stale` until `facegate reindex` recomputes them from their stored base
+embeddings. The network is 2 small matrix products: it runs on the CPU provider with one thread whatever the
+embedder uses (moving 512 bytes per face to a GPU would cost more than the product).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from app.config import HeadSettings, Provider, RuntimeSettings
+from app.errors import ModelUnavailable
+from app.vision.runtime import LazySession
+from app.vision.types import EMBEDDING_DIM
+
+HEAD_FILE = "head.onnx"
+HEAD_MANIFEST = "head.json"
+HEADS_FOLDER = "heads"
+INPUT = "base"
+OUTPUT = "embeddings"
+
+__all__ = ["EmbeddingHead", "HeadManifest", "heads_dir", "load_head", "read_head_manifest"]
+
+
+@dataclass(frozen=True)
+class HeadManifest:
+    directory: Path
+    name: str
+    version: str
+    base_model_version: str
+    sha256: str
+    opset: int
+    threshold: float
+    raw: dict[str, Any]
+
+    @property
+    def path(self) -> Path:
+        return self.directory / HEAD_FILE
+
+
+def heads_dir(settings: HeadSettings, models_dir: Path) -> Path:
+    return Path(settings.dir) if settings.dir is not None else Path(models_dir) / HEADS_FOLDER
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_head_manifest(directory: Path, *, verify: bool = True) -> HeadManifest:
+    """A registered head's manifest; with `verify`, the ONNX file must be there and match its checksum."""
+    file = Path(directory) / HEAD_MANIFEST
+    if not file.is_file():
+        raise ModelUnavailable(f"no registered head at {Path(directory).name!r}: train one with `facegate train`")
+    try:
+        raw = json.loads(file.read_text())
+        manifest = HeadManifest(
+            directory=Path(directory),
+            name=str(raw["name"]),
+            version=str(raw["version"]),
+            base_model_version=str(raw["base_model_version"]),
+            sha256=str(raw["sha256"]),
+            opset=int(raw["opset"]),
+            threshold=float(raw["threshold"]),
+            raw=raw,
+        )
+    except (ValueError, KeyError, TypeError) as error:
+        raise ModelUnavailable(f"head manifest of {Path(directory).name!r} is unreadable: {error}") from None
+    if verify:
+        if not manifest.path.is_file():
+            raise ModelUnavailable(f"head {manifest.name!r} has no {HEAD_FILE}")
+        if _sha256(manifest.path) != manifest.sha256:
+            raise ModelUnavailable(f"head {manifest.name!r}: {HEAD_FILE} does not match its checksum")
+    return manifest
+
+
+class EmbeddingHead:
+    """The head's ONNX graph, opened on first use or at `load()`."""
+
+    def __init__(self, manifest: HeadManifest) -> None:
+        self.manifest = manifest
+        cpu = RuntimeSettings(providers=[Provider.CPU], intra_op_threads=1, inter_op_threads=1)
+        self._session = LazySession(manifest.path, cpu)
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def threshold(self) -> float:
+        return self.manifest.threshold
+
+    def load(self) -> None:
+        session = self._session.load()
+        inputs = [(i.name, i.type) for i in session.get_inputs()]
+        outputs = [o.name for o in session.get_outputs()]
+        if inputs != [(INPUT, "tensor(float)")] or outputs != [OUTPUT]:
+            raise ModelUnavailable(f"head {self.manifest.name!r} is not a facegate head (inputs {inputs})")
+
+    def apply(self, base: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """(n, 128) base embeddings -> (n, 128) served embeddings (n may be 0)."""
+        x = np.ascontiguousarray(np.asarray(base, np.float32).reshape(-1, EMBEDDING_DIM))
+        if len(x) == 0:
+            return x.copy()
+        if not self._session.loaded:
+            self.load()
+        (out,) = self._session.load().run([OUTPUT], {INPUT: x})
+        return np.asarray(out, np.float32)
+
+
+def load_head(settings: HeadSettings, models_dir: Path, base_model_version: str) -> EmbeddingHead | None:
+    """The configured head (its manifest checked now, its graph opened lazily), or None when none is set."""
+    if not settings.name:
+        return None
+    if Path(settings.name).name != settings.name or settings.name in (".", ".."):
+        raise ModelUnavailable(f"head name {settings.name!r} must be a plain folder name")
+    manifest = read_head_manifest(heads_dir(settings, models_dir) / settings.name)
+    if manifest.base_model_version != base_model_version:
+        raise ModelUnavailable(
+            f"head {manifest.name!r} was trained on {manifest.base_model_version}, but the embedder is "
+            f"{base_model_version}: train it again on this model"
+        )
+    return EmbeddingHead(manifest)

@@ -1,0 +1,114 @@
+"""Structured logs: one access line per request (route template, status, latency, decision, key prefix), JSON on
+request, and nothing personal in any log record: no embeddings, image bytes, names or keys."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.auth import Scope
+from app.auth import store
+from app.config import LogFormat, LogSettings
+from app.logs import JsonFormatter, TextFormatter, uvicorn_log_config
+from tests.api.conftest import api_settings, running
+
+pytestmark = pytest.mark.model
+
+Photo = Callable[[str], tuple[str, bytes, str]]
+OBAMA = "barack_obama/face_recognition__obama.jpg"
+OBAMA_2 = "barack_obama/face_recognition__obama2.jpg"
+BIDEN = "joe_biden/face_recognition__biden.jpg"
+NAME = "Zebulon Quartermain"  # personal data: must appear in no log line
+FLOAT = re.compile(r"-?\d+\.\d{3,}")
+
+
+@pytest.fixture
+def app_and_key(models_dir: Path, tmp_path: Path) -> Iterator[tuple[TestClient, str, str]]:
+    # cache 0: the key created below turns auth on for the very next request (else within auth.cache_seconds)
+    settings = api_settings(models_dir, f"sqlite:///{tmp_path / 'g.db'}", auth={"cache_seconds": 0})
+    with running(settings) as client:
+        with client.app.state.service.gallery.session() as session:  # type: ignore[attr-defined]
+            created = store.create_key(session, name="logs", scope=Scope.write)
+        yield client, created.key, created.record.prefix
+
+
+def test_one_json_line_per_request_without_personal_data(
+    app_and_key: tuple[TestClient, str, str], photo: Photo, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, key, prefix = app_and_key
+    headers = {"X-API-Key": key}
+    caplog.set_level(logging.INFO)  # every logger at the level `facegate serve` runs at: nothing personal anywhere
+    caplog.clear()
+    enrol = {"name": NAME, "metadata": '{"badge": 4711}'}
+    r = client.post("/enroll", files={"image": photo(OBAMA)}, data=enrol, headers=headers)
+    assert r.status_code == 201, r.text
+    identity = r.json()["identity_id"]
+    for probe, same in ((OBAMA_2, True), (BIDEN, False)):
+        r = client.post("/verify", files={"image": photo(probe)}, data={"identity_id": identity}, headers=headers)
+        assert r.json()["match"] is same
+    assert client.post("/identify", files={"image": photo(OBAMA_2)}, headers=headers).status_code == 200
+    assert client.get(f"/identities/{identity}", headers=headers).status_code == 200
+    assert client.get("/identities").status_code == 401
+    assert client.get("/no/such/route/" + "x" * 50).status_code == 404
+
+    records = [r for r in caplog.records if not r.name.startswith("httpx")]  # the test client's own log, not ours
+    lines = [JsonFormatter().format(r) for r in records]
+    access = [json.loads(line) for line, rec in zip(lines, records) if rec.name == "facegate.access"]
+    assert [(a["method"], a["route"], a["status"]) for a in access] == [
+        ("POST", "/enroll", 201),
+        ("POST", "/verify", 200),
+        ("POST", "/verify", 200),
+        ("POST", "/identify", 200),
+        ("GET", "/identities/{identity_id}", 200),  # the template: no id in the log
+        ("GET", "/identities", 401),
+        ("GET", "unmatched", 404),
+    ]
+    assert [a.get("decision") for a in access] == [None, "match", "no_match", "match", None, None, None]
+    assert [a.get("key") for a in access] == [prefix] * 5 + [None, None]
+    assert access[5]["error"] == "unauthorized"
+    for a in access:
+        assert isinstance(a["latency_ms"], float) and a["latency_ms"] >= 0 and a["level"] == "INFO"
+    text = "\n".join(lines)
+    assert NAME not in text and "Quartermain" not in text and "4711" not in text
+    assert key not in text and key.split("_", 2)[2] not in text
+    assert identity not in text  # ids stay out too: routes are logged by template
+    for line in lines:  # an embedding would be 128 floats; no line carries more than a handful of numbers
+        assert len(FLOAT.findall(line)) < 10, line
+
+
+def test_text_format_puts_the_fields_after_the_message() -> None:
+    record = logging.LogRecord("facegate.access", logging.INFO, __file__, 1, "GET %s", ("/x",), None)
+    record.fields = {"status": 200, "key": "1a2b3c4d", "decision": None}
+    assert TextFormatter().format(record).endswith("facegate.access: GET /x status=200 key=1a2b3c4d")
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "GET /x" and line["status"] == 200 and line["key"] == "1a2b3c4d"
+
+
+def test_uvicorn_log_config_routes_everything_through_one_formatter(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging.config
+
+    config = uvicorn_log_config(LogSettings(format=LogFormat.json, level="info"))
+    assert config["root"]["level"] == "INFO"
+    touched = [logging.getLogger(), *(logging.getLogger(name) for name in config["loggers"])]
+    saved = [(lg, lg.level, list(lg.handlers), lg.propagate) for lg in touched]
+    # Pillow logs every EXIF tag (camera owner, GPS, ...) at DEBUG: kept quiet even when the service debugs.
+    assert uvicorn_log_config(LogSettings(level="DEBUG"))["loggers"]["PIL"]["level"] == "INFO"
+    logging.config.dictConfig(config)
+    try:
+        logging.getLogger("uvicorn.error").info("Uvicorn running on %s", "http://127.0.0.1:1")
+        logging.getLogger("facegate.access").info("GET /healthz 200", extra={"fields": {"status": 200}})
+        err = capsys.readouterr().err.strip().splitlines()
+    finally:  # leave logging as it was for the other tests
+        for lg, level, handlers, propagate in saved:
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
+    parsed = [json.loads(line) for line in err[-2:]]
+    assert parsed[0]["logger"] == "uvicorn.error" and parsed[0]["message"].endswith("127.0.0.1:1")
+    assert parsed[1]["status"] == 200

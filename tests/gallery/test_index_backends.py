@@ -1,0 +1,280 @@
+"""Search backends side by side: exact (GalleryIndex) and approximate (faiss IVF) on face-like synthetic galleries,
+through changes, through the database's change log, and the bulk load/copy paths."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from sqlalchemy import func, select
+
+from app.config import IndexBackend, IndexSettings
+from app.gallery import Gallery, bulk, store, synthetic
+from app.gallery.ann import ApproximateIndex, auto_nlist
+from app.gallery.index import GalleryIndex, IdentityCandidate, create_index
+from app.gallery.store import Change, ChangeOp
+from app.gallery.tables import Face
+from app.vision.types import Box
+
+MODEL = "test-model-1"
+GALLERY_FACES = 20_000
+
+
+def _ids(n: int) -> list[str]:
+    return [uuid.uuid4().hex for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def faces() -> tuple[synthetic.SyntheticGallery, list[str], list[str]]:
+    gallery = synthetic.gallery(GALLERY_FACES, seed=3)
+    identity_ids = _ids(len(gallery.centres))
+    return gallery, _ids(GALLERY_FACES), [identity_ids[o] for o in gallery.owners]
+
+
+def _adds(face_ids: list[str], owners: list[str], vectors: npt.NDArray[np.float32], first: int = 1) -> list[Change]:
+    return [
+        Change(first + i, ChangeOp.ADD, f, o, v, MODEL) for i, (f, o, v) in enumerate(zip(face_ids, owners, vectors))
+    ]
+
+
+def _pair(
+    faces: tuple[synthetic.SyntheticGallery, list[str], list[str]], **options: int
+) -> tuple[GalleryIndex, ApproximateIndex]:
+    gallery, face_ids, owners = faces
+    exact, approximate = GalleryIndex(MODEL), ApproximateIndex(MODEL, min_size=1000, **options)
+    changes = _adds(face_ids, owners, gallery.embeddings)
+    exact.apply(changes)
+    approximate.apply(changes)
+    return exact, approximate
+
+
+def _top1(results: list[list[IdentityCandidate]]) -> list[str | None]:
+    return [r[0].identity_id if r else None for r in results]
+
+
+def test_auto_nlist_is_near_the_square_root() -> None:
+    assert [auto_nlist(n) for n in (0, 1_000, 20_000, 100_000, 1_000_000, 10**8)] == [16, 32, 128, 256, 1024, 1024]
+
+
+def test_approximate_top1_agrees_with_exact_and_never_beats_it(
+    faces: tuple[synthetic.SyntheticGallery, list[str], list[str]],
+) -> None:
+    gallery, _, owners = faces
+    exact, approximate = _pair(faces, nprobe=32)  # 32 of 128 cells: really approximate
+    assert approximate.ivf_cells == auto_nlist(GALLERY_FACES) == 128
+    queries, who = synthetic.probes(gallery, enrolled=300, strangers=100)
+    want, got = exact.search(queries, top_k=5), approximate.search(queries, top_k=5)
+    enrolled_agree = np.mean([a == b for a, b in zip(_top1(want)[:300], _top1(got)[:300])])
+    assert enrolled_agree >= 0.99
+    for w, g in zip(want, got):
+        assert len(g) == 5 and len({c.identity_id for c in g}) == 5
+        assert [c.distance for c in g] == sorted(c.distance for c in g)
+        assert g[0].distance >= w[0].distance - 1e-6  # exact is the floor: the IVF can miss, never invent
+    same_face = [g[0].face_id == w[0].face_id for w, g in zip(want[:300], got[:300])]
+    assert np.mean(same_face) >= 0.99
+    for w, g in zip(want, got):
+        if g[0].face_id == w[0].face_id:  # the same face: the same exact distance
+            assert g[0].distance == pytest.approx(w[0].distance, abs=1e-6)
+    # The enrolled probes find their own identity (the data are separable at this size).
+    found = [c[0].identity_id for c in got[:300]]
+    assert np.mean([f == owners[int(np.flatnonzero(gallery.owners == w)[0])] for f, w in zip(found, who[:300])]) >= 0.99
+
+
+def test_probing_every_cell_gives_exactly_the_exact_answer(
+    faces: tuple[synthetic.SyntheticGallery, list[str], list[str]],
+) -> None:
+    gallery, _, _ = faces
+    exact, approximate = _pair(faces, nprobe=128, candidates=400)
+    queries, _ = synthetic.probes(gallery, enrolled=20, strangers=10, seed=5)
+    for top_k in (1, 10, 150):  # 150: more identities than 400 candidate faces may hold -> exact fallback
+        for w, g in zip(exact.search(queries, top_k=top_k), approximate.search(queries, top_k=top_k)):
+            assert [(c.identity_id, c.face_id) for c in g] == [(c.identity_id, c.face_id) for c in w]
+            np.testing.assert_allclose([c.distance for c in g], [c.distance for c in w], rtol=0, atol=1e-6)
+
+
+def test_adds_and_removes_keep_the_backends_in_step(
+    faces: tuple[synthetic.SyntheticGallery, list[str], list[str]],
+) -> None:
+    gallery, face_ids, owners = faces
+    exact, approximate = _pair(faces, nprobe=32)
+    rng = np.random.default_rng(11)
+    queries, _ = synthetic.probes(gallery, enrolled=40, strangers=0, seed=7)
+    next_id = GALLERY_FACES + 1
+    # Remove the nearest face of every query: both must move to the next one.
+    nearest = {c[0].face_id: c[0].identity_id for c in exact.search(queries, top_k=1)}
+    removes = [Change(next_id + i, ChangeOp.REMOVE, f, o) for i, (f, o) in enumerate(nearest.items())]
+    next_id += len(removes)
+    for index in (exact, approximate):
+        index.apply(removes)
+        assert not any(index.contains(f) for f in nearest)
+    # (A query whose person had one face is now a stranger's: the IVF may pick another near-tie.)
+    after = zip(_top1(approximate.search(queries, top_k=1)), _top1(exact.search(queries, top_k=1)))
+    assert np.mean([a == b for a, b in after]) >= 0.9
+    assert not {c[0].face_id for c in approximate.search(queries, top_k=1)} & set(nearest)
+    # New people enrolled right on the queries: both answer them at once.
+    newcomers, new_faces = _ids(len(queries)), _ids(len(queries))
+    adds = _adds(new_faces, newcomers, queries + rng.normal(0, 0.001, queries.shape).astype(np.float32), next_id)
+    next_id += len(adds)
+    for index in (exact, approximate):
+        index.apply(adds)
+    assert _top1(approximate.search(queries, top_k=1)) == newcomers == _top1(exact.search(queries, top_k=1))
+    # Remove more than half of the gallery: storage is compacted, the IVF rebuilt over the renumbered rows.
+    gone = [Change(next_id + i, ChangeOp.REMOVE, f, o) for i, (f, o) in enumerate(zip(face_ids[:12_000], owners))]
+    for index in (exact, approximate):
+        index.apply(gone)
+    assert approximate.stats() == exact.stats() and approximate.face_ids() == exact.face_ids()
+    assert approximate.ivf_cells > 0
+    assert _top1(approximate.search(queries, top_k=1)) == newcomers
+    probe_rest, _ = synthetic.probes(gallery, enrolled=100, strangers=0, seed=9)
+    agree = np.mean([a == b for a, b in zip(_top1(exact.search(probe_rest, top_k=1)), _top1(approximate.search(probe_rest, top_k=1)))])
+    assert agree >= 0.98
+
+
+def test_small_galleries_are_searched_exactly_until_min_size() -> None:
+    rng = np.random.default_rng(2)
+    index = ApproximateIndex(MODEL, min_size=500)
+    vectors = synthetic.faces_of(rng, synthetic.identity_centres(rng, 600))
+    face_ids, owners = _ids(600), _ids(600)
+    index.apply(_adds(face_ids[:499], owners[:499], vectors[:499]))
+    assert index.ivf_cells == 0 and index.ivf_bytes() == 0
+    index.apply(_adds(face_ids[499:], owners[499:], vectors[499:], first=500))
+    assert index.ivf_cells == auto_nlist(600) and index.ivf_bytes() > 600 * 512
+    assert index.search(vectors[598], top_k=1)[0][0].face_id == face_ids[598]
+
+
+def test_background_build_takes_in_the_changes_made_meanwhile(
+    faces: tuple[synthetic.SyntheticGallery, list[str], list[str]],
+) -> None:
+    gallery, face_ids, owners = faces
+    exact = GalleryIndex(MODEL)
+    approximate = ApproximateIndex(MODEL, min_size=1000, nprobe=32, background_above=1000)
+    changes = _adds(face_ids, owners, gallery.embeddings)
+    queries, _ = synthetic.probes(gallery, enrolled=50, strangers=0, seed=13)
+    exact.apply(changes)
+    nearest = exact.search(queries[:10], top_k=1)
+    removes = [Change(GALLERY_FACES + 1 + i, ChangeOp.REMOVE, c[0].face_id, c[0].identity_id) for i, c in enumerate(nearest)]
+    newcomers, new_faces = _ids(10), _ids(10)
+    adds = _adds(new_faces, newcomers, queries[10:20] + np.float32(0.001), first=GALLERY_FACES + 11)
+    exact.apply(removes + adds)
+    # The IVF is trained on its thread (for far longer than the next call takes): the gallery changes meanwhile,
+    # and exact search answers until the IVF, brought up to date, takes over.
+    approximate.apply(changes)
+    approximate.apply(removes + adds)
+    assert _top1(approximate.search(queries[10:20], top_k=1)) == newcomers
+    assert approximate.wait_until_built(timeout=60)
+    assert approximate.ivf_cells == auto_nlist(GALLERY_FACES)
+    snap = approximate._snapshot()
+    assert snap.extra.index.ntotal == approximate.stats().size == exact.stats().size  # adds in, removals out
+    got = approximate.search(queries, top_k=1)
+    assert [c[0].identity_id for c in got[10:20]] == newcomers
+    assert not {c[0].face_id for c in got} & {c[0].face_id for c in nearest}
+    assert np.mean([a == b for a, b in zip(_top1(got), _top1(exact.search(queries, top_k=1)))]) >= 0.96
+
+
+def test_create_index_follows_the_settings() -> None:
+    assert type(create_index(MODEL)) is GalleryIndex
+    assert type(create_index(MODEL, IndexSettings(backend=IndexBackend.EXACT))) is GalleryIndex
+    chosen = create_index(MODEL, IndexSettings(backend=IndexBackend.APPROXIMATE, min_size=7, nprobe=3, candidates=9))
+    assert isinstance(chosen, ApproximateIndex) and (chosen.min_size, chosen.nprobe, chosen.candidates) == (7, 3, 9)
+    assert chosen.backend == "approximate"
+    with pytest.raises(ValueError, match="engine"):
+        create_index(MODEL, IndexSettings(backend=IndexBackend.PGVECTOR))
+
+
+# ------------------------------------------------------------------------------------- through the database
+
+APPROXIMATE = IndexSettings(backend=IndexBackend.APPROXIMATE, min_size=1000, nprobe=8)
+
+
+@pytest.fixture
+def open_approximate(database_url: str) -> Iterator[Callable[[], Gallery]]:
+    opened: list[Gallery] = []
+
+    def _open() -> Gallery:
+        gallery = Gallery.open(database_url, MODEL, index=APPROXIMATE)
+        opened.append(gallery)
+        return gallery
+
+    yield _open
+    for gallery in opened:
+        gallery.close()
+
+
+def test_change_log_sync_with_the_approximate_backend(open_approximate: Callable[[], Gallery]) -> None:
+    seeded = synthetic.gallery(3000, faces_per_identity=1, seed=4)
+    writer = open_approximate()
+    records = writer.bulk_enrol(names=[f"p{i}" for i in range(3000)], embeddings=seeded.embeddings)
+    reader = open_approximate()  # loads the 3000 faces: builds its IVF
+    assert isinstance(reader.index, ApproximateIndex) and reader.index.ivf_cells == auto_nlist(3000)
+    queries, who = synthetic.probes(seeded, enrolled=30, strangers=0, seed=8)
+    face_of = np.argsort(seeded.owners)  # one face per identity: identity number -> its row in `records`
+    expected = [records[int(face_of[w])].identity_id for w in who]
+    assert [c[0].identity_id for c in reader.search(queries, top_k=1)] == expected
+    # The writer deletes one person and enrols a new one; the reader replays both before its next search.
+    victim = records[int(face_of[who[0]])]
+    writer.delete_identity(victim.identity_id)
+    newcomer = writer.create_identity(name="newcomer")
+    fresh = writer.enroll_face(
+        identity_id=newcomer.id, embedding=queries[1] + 0.001, box=Box(0, 0, 9, 9), score=1.0
+    )
+    results = reader.search(queries[:2], top_k=1)
+    assert not reader.index.contains(victim.id)
+    assert results[0][0].identity_id != victim.identity_id
+    assert (results[1][0].identity_id, results[1][0].face_id) == (newcomer.id, fresh.face.id)
+    writer.refresh()
+    assert reader.stats() == writer.stats()
+    assert reader.index.face_ids() == writer.index.face_ids()
+
+
+@pytest.mark.postgres
+def test_bulk_read_and_copy_on_postgres(pg_schema_url: str) -> None:
+    gallery = Gallery.open(pg_schema_url, MODEL)
+    try:
+        seeded = synthetic.gallery(2000, seed=6)
+        enrolled = gallery.bulk_enrol(names=["a", "b"], embeddings=seeded.embeddings[:2])
+        with gallery.session() as session:
+            identities, count = bulk.copy_synthetic_gallery(
+                session, embeddings=seeded.embeddings, owners=seeded.owners, model_version=MODEL
+            )
+        assert (identities, count) == (len(seeded.centres), 2000)
+        with gallery.session() as session:
+            fast = bulk.read_faces(session)
+            plain = store.all_faces(session)
+            assert session.execute(select(func.count()).select_from(Face)).scalar_one() == 2002
+        order_fast, order_plain = np.argsort(fast[0]), np.argsort(plain[0])
+        assert [fast[0][i] for i in order_fast] == [plain[0][i] for i in order_plain]
+        assert [fast[1][i] for i in order_fast] == [plain[1][i] for i in order_plain]
+        np.testing.assert_array_equal(fast[3][order_fast], plain[3][order_plain])
+        # The copy left no log entries, only a jump of the head: this worker sees the gap and reloads in full.
+        report = gallery.refresh()
+        assert report.reloaded and gallery.stats().size == 2002
+        assert {r.id for r in enrolled} <= gallery.index.face_ids()
+        queries, who = synthetic.probes(seeded, enrolled=10, strangers=0)
+        names = gallery.identity_names(c[0].identity_id for c in gallery.search(queries, top_k=1))
+        assert sorted(names.values()) == sorted(f"synthetic-{int(w):08d}" for w in who)
+    finally:
+        gallery.close()
+
+
+@pytest.mark.postgres
+def test_cli_load_synthetic_fills_a_postgres_gallery(pg_schema_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+    from app.config import Settings
+    from app.vision.pipeline import Pipeline
+
+    monkeypatch.setenv("FACEGATE_DATABASE_URL", pg_schema_url)
+    result = CliRunner().invoke(cli, ["db", "load-synthetic", "--faces", "3000"])
+    assert result.exit_code == 0, result.output
+    identities = int(result.output.split(" faces of ")[1].split()[0])
+    gallery = Gallery.open(pg_schema_url, Pipeline.from_settings(Settings()).model_version, index=APPROXIMATE)
+    try:
+        assert (gallery.stats().size, gallery.stats().identities) == (3000, identities)
+        names = gallery.identity_names(c[0].identity_id for c in gallery.search(np.zeros((1, 128)), top_k=1))
+        assert next(iter(names.values())).startswith("synthetic-")
+    finally:
+        gallery.close()

@@ -1,0 +1,671 @@
+"""The hostile-input corpus (issue 6): bad photos and bad requests generated in code, as cases for
+tests/api/test_hostile_input.py.
+
+A case is one HTTP request and the answer it must get: a 4xx with a stable error code (the database unchanged), or,
+for photo formats facegate supports (CMYK, 16-bit, palette with alpha, animated GIF, EXIF-rotated, WebP, ...), a 2xx
+that proves the face was found. Requests are built lazily from a `Ctx` (real face photos and the ids the test
+enrolled), so that the expensive photos (a 100-megapixel JPEG, a PNG bomb) are made once and only when used.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import io
+import struct
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image as PILImage
+
+# --------------------------------------------------------------------------------------------- images
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What a case may use: a real colour face photo (JPEG) of the enrolled identity `colin`, a greyscale face photo
+    (PNG) of the enrolled identity `amy`, and their ids (`colin`, `colin_face`, `amy`, `amy_face`)."""
+
+    colin: bytes
+    amy: bytes
+    ids: Mapping[str, str]
+
+    @functools.cached_property
+    def colin_image(self) -> PILImage.Image:
+        return PILImage.open(io.BytesIO(self.colin)).convert("RGB")
+
+
+def encode(im: PILImage.Image, fmt: str, **params: Any) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_from_rows(width: int, height: int, *, rows: int | None = None, colour_type: int = 2) -> bytes:
+    """A PNG whose header declares width x height (8-bit RGB by default) and whose data holds `rows` rows of zeros
+    (all of them by default), compressed: a decompression bomb is a few hundred kB for 48 megapixels."""
+    channels = {0: 1, 2: 3}[colour_type]
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + width * channels)
+    body = b"".join(compressor.compress(row) for _ in range(height if rows is None else rows)) + compressor.flush()
+    return (
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", body) + png_chunk(b"IEND", b"")
+    )
+
+
+@functools.cache
+def png_bomb() -> bytes:
+    """8000 x 6000 RGB (48 megapixels, 144 MB decoded) in ~140 kB: over image.max_pixels (40 M)."""
+    return png_from_rows(8000, 6000)
+
+
+@functools.cache
+def png_header_bomb() -> bytes:
+    """A header declaring 100000 x 100000 (10 gigapixels, beyond Pillow's own bomb limit) and one row of data."""
+    return png_from_rows(100_000, 100_000, rows=1, colour_type=0)
+
+
+@functools.cache
+def jpeg_100_megapixels() -> bytes:
+    """A real, complete 10000 x 10000 JPEG (one grey colour: ~1.2 MB on disk, cheap to make)."""
+    return encode(PILImage.new("L", (10_000, 10_000), 128), "JPEG", quality=50)
+
+
+def one_pixel() -> bytes:
+    return encode(PILImage.new("RGB", (1, 1), (200, 150, 120)), "PNG")
+
+
+def zero_width_png() -> bytes:
+    ihdr = struct.pack(">IIBBBBB", 0, 10, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IEND", b"")
+
+
+def corrupt_png(ctx: Ctx) -> bytes:
+    """A real face PNG with bytes of its compressed data overwritten (the chunk checksum fixed up, so that only the
+    deflate stream is wrong)."""
+    data = bytearray(encode(ctx.colin_image, "PNG"))
+    at = data.index(b"IDAT")
+    length = struct.unpack(">I", data[at - 4 : at])[0]
+    middle = at + 4 + length // 2
+    data[middle : middle + 64] = b"\xff" * 64
+    data[at + 4 + length : at + 8 + length] = struct.pack(">I", zlib.crc32(bytes(data[at : at + 4 + length])))
+    return bytes(data)
+
+
+def truncated(data: bytes, keep: float = 0.5) -> bytes:
+    return data[: int(len(data) * keep)]
+
+
+def jpeg_garbage_after_header(ctx: Ctx) -> bytes:
+    data = ctx.colin
+    return data[:200] + bytes(range(256)) * 20
+
+
+def cmyk_jpeg(ctx: Ctx) -> bytes:
+    return encode(ctx.colin_image.convert("CMYK"), "JPEG", quality=95)
+
+
+def png_16_bit(ctx: Ctx) -> bytes:
+    grey = np.asarray(ctx.colin_image.convert("L"), dtype=np.uint16) * 257  # full 16-bit range
+    return encode(PILImage.fromarray(grey), "PNG")  # Pillow writes I;16 as a 16-bit greyscale PNG
+
+
+def palette_with_alpha(ctx: Ctx) -> bytes:
+    """256-colour palette PNG with a tRNS chunk: the border is transparent, the face opaque."""
+    rgba = np.array(ctx.colin_image.convert("RGBA"))
+    rgba[:12, :, 3] = 0
+    rgba[-12:, :, 3] = 0
+    pal = PILImage.fromarray(rgba, "RGBA").quantize(colors=255, method=PILImage.Quantize.FASTOCTREE)
+    data = encode(pal, "PNG")
+    assert PILImage.open(io.BytesIO(data)).mode == "P" and b"tRNS" in data
+    return data
+
+
+def animated_gif(ctx: Ctx) -> bytes:
+    """Three frames: the face first, then two blank frames (facegate reads the first frame)."""
+    face = ctx.colin_image
+    frames = [face, PILImage.new("RGB", face.size, "white"), PILImage.new("RGB", face.size, "black")]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert getattr(PILImage.open(io.BytesIO(buf.getvalue())), "n_frames", 1) == 3
+    return buf.getvalue()
+
+
+def exif_rotated(ctx: Ctx, *, tag: bool = True) -> bytes:
+    """The face stored turned a quarter to the left, with EXIF Orientation 6 ("rotate 90 CW to view"): a viewer (and
+    facegate) shows it upright. Without the tag the same pixels are a sideways face."""
+    stored = ctx.colin_image.transpose(PILImage.Transpose.ROTATE_90)
+    if not tag:
+        return encode(stored, "JPEG", quality=95)
+    exif = PILImage.Exif()
+    exif[0x0112] = 6
+    return encode(stored, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def exif_orientation_invalid(ctx: Ctx) -> bytes:
+    """An upright photo whose EXIF Orientation is 99 (no such value): read as stored."""
+    exif = PILImage.Exif()
+    exif[0x0112] = 99
+    return encode(ctx.colin_image, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def png_text_bomb(ctx: Ctx) -> bytes:
+    """A real face PNG with a zTXt chunk that inflates to 50 MB (110 kB on disk)."""
+    data = encode(ctx.colin_image, "PNG")
+    at = data.index(b"IDAT") - 4
+    compressor = zlib.compressobj(9)
+    payload = b"Comment\x00\x00" + compressor.compress(b"\x00" * 50_000_000) + compressor.flush()
+    return data[:at] + png_chunk(b"zTXt", payload) + data[at:]
+
+
+def jpeg_header_claims_65535_square(ctx: Ctx) -> bytes:
+    """The face JPEG with its frame header (SOF0) saying 65535 x 65535: 4.3 gigapixels claimed, 12 kB sent."""
+    data = bytearray(ctx.colin)
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = b"\xff\xff\xff\xff"
+    return bytes(data)
+
+
+def webp(ctx: Ctx) -> bytes:
+    return encode(ctx.colin_image, "WEBP", quality=90)
+
+
+def avif(ctx: Ctx) -> bytes:
+    return encode(ctx.colin_image, "AVIF", quality=90)
+
+
+def mpo(ctx: Ctx) -> bytes:
+    """A multi-picture JPEG (what many cameras write): the face, then a second picture."""
+    face = ctx.colin_image
+    return encode(face, "MPO", save_all=True, append_images=[PILImage.new("RGB", face.size, "white")])
+
+
+def tiff(ctx: Ctx) -> bytes:
+    return encode(ctx.colin_image, "TIFF")
+
+
+def bmp(ctx: Ctx) -> bytes:
+    return encode(ctx.colin_image, "BMP")
+
+
+def fake_heic() -> bytes:
+    """The start of an iPhone HEIC file (ISO-BMFF `ftyp` box, brand heic): a real format facegate does not decode."""
+    ftyp = b"ftypheic" + b"\x00\x00\x00\x00" + b"mif1heicmiaf"
+    return struct.pack(">I", 8 + len(ftyp) - 4) + ftyp + b"\x00" * 64
+
+
+def eps() -> bytes:
+    """A PostScript header Pillow recognises (decoding it would run Ghostscript): refused by the format allow-list."""
+    return b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n%%EndComments\nshowpage\n"
+
+
+def pdf() -> bytes:
+    return b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
+
+
+def psd(ctx: Ctx) -> bytes:
+    """A Photoshop file Pillow could read, but not in facegate's allow-list."""
+    im = ctx.colin_image.resize((32, 32))
+    header = b"8BPS" + struct.pack(">H6sHIIHH", 1, b"\x00" * 6, 3, 32, 32, 8, 3)
+    planes = b"".join(np.asarray(im)[:, :, c].tobytes() for c in range(3))
+    return header + struct.pack(">I", 0) * 3 + struct.pack(">H", 0) + planes
+
+
+def blank_png() -> bytes:
+    return encode(PILImage.new("RGB", (200, 200), (180, 180, 180)), "PNG")
+
+
+# --------------------------------------------------------------------------------------- raw requests
+
+
+def raw_multipart(parts: list[tuple[bytes, bytes | None, bytes]], boundary: bytes = b"hostileboundary") -> bytes:
+    """A multipart body from raw bytes (name, filename or None, content): lets a field's name or value be bytes
+    that are not UTF-8, which httpx would never send."""
+    out = b""
+    for name, filename, content in parts:
+        disposition = b'form-data; name="' + name + b'"'
+        if filename is not None:
+            disposition += b'; filename="' + filename + b'"'
+        out += b"--" + boundary + b"\r\nContent-Disposition: " + disposition + b"\r\n"
+        if filename is not None:
+            out += b"Content-Type: application/octet-stream\r\n"
+        out += b"\r\n" + content + b"\r\n"
+    return out + b"--" + boundary + b"--\r\n"
+
+
+MULTIPART = {"content-type": "multipart/form-data; boundary=hostileboundary"}
+
+
+# ------------------------------------------------------------------------------------------- the cases
+
+Value = Any  # a value, or a callable taking the Ctx (photos are built only when the case runs)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One request and the answer it must get. `status` 4xx: the error JSON with `code`, nothing stored. 2xx: the
+    request worked; `check` looks at the body."""
+
+    id: str
+    method: str
+    path: str  # formatted with Ctx.ids: "/identities/{colin}"
+    status: int
+    code: str | None = None
+    files: Value = None
+    data: Value = None
+    json: Value = None
+    content: Value = None
+    headers: Mapping[str, str] | None = None
+    params: Mapping[str, Any] | None = None
+    app: str = "shared"  # "small_limit": the app whose image.max_upload_bytes is 64 kB
+    check: Callable[[Any, Ctx], None] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.method} {self.path.split('?')[0]}"
+
+    def request(self, ctx: Ctx) -> tuple[str, str, dict[str, Any]]:
+        kwargs: dict[str, Any] = {}
+        for key in ("files", "data", "json", "content"):
+            value = _resolve(getattr(self, key), ctx)
+            if value is not None:
+                kwargs[key] = value
+        if self.headers is not None:
+            kwargs["headers"] = dict(self.headers)
+        if self.params is not None:
+            kwargs["params"] = dict(self.params)
+        return self.method, self.path.format(**ctx.ids), kwargs
+
+
+def _resolve(value: Value, ctx: Ctx) -> Any:
+    if callable(value):
+        return _resolve(value(ctx), ctx)
+    if isinstance(value, dict):
+        return {k: _resolve(v, ctx) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve(v, ctx) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_resolve(v, ctx) for v in value)
+    return value
+
+
+def upload(make: Callable[..., bytes], name: str = "photo.jpg", kind: str = "image/jpeg") -> Callable[[Ctx], Any]:
+    """A file tuple for httpx whose content is made when the case runs (`make` takes the Ctx or nothing)."""
+
+    takes_ctx = bool(inspect.signature(make).parameters)
+
+    def build(ctx: Ctx) -> tuple[str, bytes, str]:
+        return name, make(ctx) if takes_ctx else make(), kind
+
+    return build
+
+
+def colin(ctx: Ctx) -> bytes:
+    return ctx.colin
+
+
+def amy(ctx: Ctx) -> bytes:
+    return ctx.amy
+
+
+COLIN = upload(colin, "colin.jpg")
+AMY = upload(amy, "amy.png", "image/png")
+ZERO_ID = "0" * 32
+
+
+def _verify_matches(r: Any, ctx: Ctx) -> None:
+    body = r.json()
+    assert body["mode"] == "identity" and body["identity_id"] == ctx.ids["colin"], body
+    assert body["match"] is True and body["distance"] < 0.2, body
+
+
+def _identify_finds_colin(r: Any, ctx: Ctx) -> None:
+    faces = r.json()["faces"]
+    assert len(faces) == 1 and faces[0]["candidates"][0]["identity_id"] == ctx.ids["colin"], faces
+    assert faces[0]["candidates"][0]["distance"] < 0.2
+
+
+def _cluster_problems(expected: dict[str, str]) -> Callable[[Any, Ctx], None]:
+    def check(r: Any, ctx: Ctx) -> None:
+        body = r.json()
+        assert {p["photo"]: p["code"] for p in body["problems"]} == expected, body
+        assert body["n_faces"] == 0 and body["clusters"] == []
+
+    return check
+
+
+def _per_photo(expected: list[str | None], *, key: str) -> Callable[[Any, Ctx], None]:
+    """A many-photo reply (/embed, /identify/batch): photo i has the error code expected[i], or (None) a result
+    under `key` that finds Colin."""
+
+    def check(r: Any, ctx: Ctx) -> None:
+        images = r.json()["images"]
+        assert [p["index"] for p in images] == list(range(len(expected))), images
+        for photo, code in zip(images, expected, strict=True):
+            if code is not None:
+                assert photo["error"]["code"] == code and photo["error"]["message"], photo
+                continue
+            assert photo.get("error") is None, photo
+            if key == "faces":
+                assert len(photo["faces"]) == 1 and len(photo["faces"][0]["embedding"]) == 128, photo
+            else:
+                assert photo["result"]["faces"][0]["candidates"][0]["identity_id"] == ctx.ids["colin"], photo
+
+    return check
+
+
+BAD_PHOTOS = [
+    ("images", upload(png_bomb, "bomb.png")),
+    ("images", upload(fake_heic, "x.heic")),
+    ("images", upload(lambda ctx: truncated(ctx.colin), "half.jpg")),
+    ("images", upload(one_pixel, "tiny.png")),
+    ("images", upload(lambda: b"", "empty.jpg")),
+    ("images", upload(blank_png, "blank.png")),
+]
+BAD_PHOTO_CODES = [
+    "image_too_large", "unsupported_image", "invalid_image", "image_too_small", "invalid_image", "no_face"
+]
+
+
+def verify_colin(make: Callable[..., bytes], kind: str = "image/jpeg") -> dict[str, Any]:
+    return {"files": {"image": upload(make, "probe", kind)}, "data": lambda ctx: {"identity_id": ctx.ids["colin"]}}
+
+
+def _cases() -> list[Case]:
+    C = Case
+    enroll_new = {"name": "Nobody New"}
+    cases = [
+        # --- photos that are not photos -------------------------------------------------------------------
+        C("not-an-image", "POST", "/enroll", 422, "invalid_image", files={"image": upload(lambda: b"hello")},
+          data=enroll_new),
+        C("empty-file", "POST", "/enroll", 422, "invalid_image", files={"image": upload(lambda: b"")}, data=enroll_new),
+        C("empty-file-verify-b", "POST", "/verify", 422, "invalid_image",
+          files={"image_a": COLIN, "image_b": upload(lambda: b"")}),
+        C("truncated-jpeg-verify", "POST", "/verify", 422, "invalid_image",
+          **{**verify_colin(lambda ctx: truncated(ctx.colin))}),
+        C("truncated-png-identify", "POST", "/identify", 422, "invalid_image",
+          files={"image": upload(lambda ctx: truncated(encode(ctx.colin_image, "PNG")), "t.png", "image/png")}),
+        C("truncated-jpeg-add-face", "POST", "/identities/{colin}/faces", 422, "invalid_image",
+          files={"image": upload(lambda ctx: truncated(ctx.colin, 0.8))}),
+        C("truncated-gif", "POST", "/identify", 422, "invalid_image",
+          files={"image": upload(lambda ctx: truncated(animated_gif(ctx), 0.3), "t.gif", "image/gif")}),
+        C("jpeg-garbage-after-header", "POST", "/enroll", 422, "invalid_image",
+          files={"image": upload(jpeg_garbage_after_header)}, data=enroll_new),
+        C("png-corrupt-data", "POST", "/verify", 422, "invalid_image",
+          files={"image_a": upload(corrupt_png, "a.png", "image/png"), "image_b": COLIN}),
+        C("png-zero-width", "POST", "/enroll", 422, "invalid_image",
+          files={"image": upload(zero_width_png, "z.png", "image/png")}, data=enroll_new),
+        C("text-as-image-field", "POST", "/identify", 422, "invalid_request", data={"image": "not a file"}),
+        # --- too big, too small ------------------------------------------------------------------------------
+        C("png-decompression-bomb", "POST", "/enroll", 413, "image_too_large",
+          files={"image": upload(png_bomb, "bomb.png", "image/png")}, data=enroll_new),
+        C("png-header-bomb-10-gigapixels", "POST", "/identify", 413, "image_too_large",
+          files={"image": upload(png_header_bomb, "bomb.png", "image/png")}),
+        C("jpeg-100-megapixels", "POST", "/enroll", 413, "image_too_large",
+          files={"image": upload(jpeg_100_megapixels)}, data=enroll_new),
+        C("jpeg-100-megapixels-add-face", "POST", "/identities/{colin}/faces", 413, "image_too_large",
+          files={"image": upload(jpeg_100_megapixels)}),
+        C("png-text-chunk-bomb", "POST", "/verify", 422, "invalid_image",
+          **verify_colin(png_text_bomb, "image/png")),
+        C("jpeg-header-claims-4-gigapixels", "POST", "/enroll", 413, "image_too_large",
+          files={"image": upload(jpeg_header_claims_65535_square)}, data=enroll_new),
+        C("one-pixel-enroll", "POST", "/enroll", 422, "image_too_small",
+          files={"image": upload(one_pixel, "1.png", "image/png")}, data=enroll_new),
+        C("one-pixel-verify-photos", "POST", "/verify", 422, "image_too_small",
+          files={"image_a": COLIN, "image_b": upload(one_pixel, "1.png", "image/png")}),
+        C("blank-photo-no-face", "POST", "/identities/{colin}/faces", 422, "no_face",
+          files={"image": upload(blank_png, "b.png", "image/png")}),
+        # --- formats facegate decodes: the face must be found (2xx) --------------------------------------------
+        C("cmyk-jpeg", "POST", "/verify", 200, **verify_colin(cmyk_jpeg), check=_verify_matches),
+        C("png-16-bit", "POST", "/verify", 200, **verify_colin(png_16_bit, "image/png"), check=_verify_matches),
+        C("palette-with-alpha", "POST", "/verify", 200, **verify_colin(palette_with_alpha, "image/png"),
+          check=_verify_matches),
+        C("animated-gif", "POST", "/identify", 200, files={"image": upload(animated_gif, "a.gif", "image/gif")},
+          check=_identify_finds_colin),
+        C("exif-rotated", "POST", "/verify", 200, **verify_colin(exif_rotated), check=_verify_matches),
+        C("exif-rotation-missing-is-sideways", "POST", "/verify", 422, "no_face",
+          **verify_colin(lambda ctx: exif_rotated(ctx, tag=False))),
+        C("exif-orientation-invalid", "POST", "/verify", 200, **verify_colin(exif_orientation_invalid),
+          check=_verify_matches),
+        C("webp", "POST", "/verify", 200, **verify_colin(webp, "image/webp"), check=_verify_matches),
+        C("avif", "POST", "/verify", 200, **verify_colin(avif, "image/avif"), check=_verify_matches),
+        C("mpo-camera-jpeg", "POST", "/verify", 200, **verify_colin(mpo), check=_verify_matches),
+        C("tiff", "POST", "/verify", 200, **verify_colin(tiff, "image/tiff"), check=_verify_matches),
+        C("bmp", "POST", "/verify", 200, **verify_colin(bmp, "image/bmp"), check=_verify_matches),
+        # --- formats facegate does not decode (415) -------------------------------------------------------------
+        C("heic", "POST", "/enroll", 415, "unsupported_image", files={"image": upload(fake_heic, "x.heic")},
+          data=enroll_new),
+        C("eps-ghostscript", "POST", "/identify", 415, "unsupported_image", files={"image": upload(eps, "x.eps")}),
+        C("psd", "POST", "/verify", 415, "unsupported_image", **verify_colin(psd)),
+        C("pdf", "POST", "/identities/{colin}/faces", 422, "invalid_image", files={"image": upload(pdf, "x.pdf")}),
+        C("cluster-lists-bad-photos", "POST", "/cluster", 200, files=[
+            ("images", upload(png_bomb, "bomb.png")),
+            ("images", upload(fake_heic, "x.heic")),
+            ("images", upload(lambda ctx: truncated(ctx.colin), "half.jpg")),
+            ("images", upload(one_pixel, "tiny.png")),
+        ], check=_cluster_problems({
+            "bomb.png": "image_too_large", "x.heic": "unsupported_image", "half.jpg": "invalid_image",
+            "tiny.png": "image_too_small",
+        })),
+        # --- fields: wrong, missing, repeated, unknown -----------------------------------------------------------
+        C("enroll-wrong-file-field", "POST", "/enroll", 422, "invalid_request", files={"photo": COLIN},
+          data=enroll_new),
+        C("enroll-missing-image", "POST", "/enroll", 422, "invalid_request", data=enroll_new),
+        C("enroll-neither-name-nor-id", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN}),
+        C("enroll-name-and-id", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN},
+          data=lambda ctx: {"name": "X", "identity_id": ctx.ids["colin"]}),
+        C("enroll-unknown-face-policy", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN},
+          data={"name": "X", "face": "all"}),
+        C("enroll-bool-not-bool", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN},
+          data={"name": "X", "allow_low_quality": "maybe"}),
+        C("identify-wrong-field", "POST", "/identify", 422, "invalid_request", files={"img": COLIN}),
+        C("identify-extra-field", "POST", "/identify", 422, "invalid_request", files={"image": COLIN},
+          data={"name": "x"}),
+        C("verify-image-without-identity", "POST", "/verify", 422, "invalid_request", files={"image": COLIN}),
+        C("verify-image-a-only", "POST", "/verify", 422, "invalid_request", files={"image_a": COLIN}),
+        C("verify-mixed-forms", "POST", "/verify", 422, "invalid_request", files={"image": COLIN, "image_b": COLIN}),
+        C("verify-nothing", "POST", "/verify", 422, "invalid_request", data={"threshold": "0.3"}),
+        C("add-face-with-name-field", "POST", "/identities/{colin}/faces", 422, "invalid_request",
+          files={"image": COLIN}, data={"name": "x"}),
+        C("add-face-two-images", "POST", "/identities/{colin}/faces", 422, "invalid_request",
+          files=[("image", COLIN), ("image", COLIN)]),
+        C("cluster-no-images", "POST", "/cluster", 422, "invalid_request", data={"threshold": "0.3"}),
+        C("cluster-wrong-field", "POST", "/cluster", 422, "invalid_request", files={"image": COLIN}),
+        C("cluster-too-many-photos", "POST", "/cluster", 422, "invalid_request",
+          files=[("images", (f"{i}.png", b"x", "image/png")) for i in range(101)]),
+        C("too-many-files", "POST", "/cluster", 400, "invalid_request",
+          files=[("images", (f"{i}.png", b"x", "image/png")) for i in range(1001)]),
+        C("too-many-form-fields", "POST", "/identify", 400, "invalid_request",
+          files={"image": COLIN}, data={f"f{i}": "x" for i in range(1001)}),
+        C("text-field-over-1-mb", "POST", "/enroll", 400, "invalid_request", files={"image": COLIN},
+          data={"name": "x", "metadata": "{" + " " * 1_100_000 + "}"}),
+        # --- metadata -------------------------------------------------------------------------------------------
+        C("metadata-huge", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN},
+          data={"name": "X", "metadata": '{"blob": "' + "x" * 20_000 + '"}'}),
+        C("metadata-not-json", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN},
+          data={"name": "X", "metadata": "{'single': 'quotes'}"}),
+        C("metadata-array", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN},
+          data={"name": "X", "metadata": "[1, 2, 3]"}),
+        C("metadata-deep-nesting", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN},
+          data={"name": "X", "metadata": '{"a": ' + "[" * 5000 + "]" * 5000 + "}"}),
+        C("metadata-nan", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN},
+          data={"name": "X", "metadata": '{"score": NaN, "max": Infinity}'}),
+        C("metadata-with-identity-id", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN},
+          data=lambda ctx: {"identity_id": ctx.ids["colin"], "metadata": "{}"}),
+        C("patch-metadata-over-store-limit", "PATCH", "/identities/{colin}", 422, "invalid_request",
+          json={"metadata": {"blob": "x" * 70_000}}),
+        C("patch-metadata-deep-nesting", "PATCH", "/identities/{colin}", 400, "invalid_request",
+          content=b'{"metadata": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}",
+          headers={"content-type": "application/json"}),
+        C("patch-metadata-nul", "PATCH", "/identities/{colin}", 422, "invalid_request",
+          json={"metadata": {"a": "x\u0000y"}}),
+        C("patch-unknown-field", "PATCH", "/identities/{colin}", 422, "invalid_request", json={"nmae": "x"}),
+        C("patch-body-is-a-list", "PATCH", "/identities/{colin}", 422, "invalid_request", json=[{"name": "x"}]),
+        C("patch-malformed-json", "PATCH", "/identities/{colin}", 422, "invalid_request", content=b'{"name": ',
+          headers={"content-type": "application/json"}),
+        # --- content types ----------------------------------------------------------------------------------------
+        C("json-to-enroll", "POST", "/enroll", 422, "invalid_request", json={"image": "aGVsbG8=", "name": "x"}),
+        C("text-plain-to-verify", "POST", "/verify", 422, "invalid_request", content=b"image=1",
+          headers={"content-type": "text/plain"}),
+        C("urlencoded-to-identify", "POST", "/identify", 422, "invalid_request", data={"top_k": "3"}),
+        C("multipart-without-boundary", "POST", "/identify", 400, "invalid_request", content=b"--x\r\n",
+          headers={"content-type": "multipart/form-data"}),
+        C("multipart-garbage", "POST", "/enroll", 400, "invalid_request", content=b"\x00\xff" * 500,
+          headers=MULTIPART),
+        C("multipart-to-calibrate", "POST", "/calibrate", 422, "invalid_request", files={"source": ("s", b"gallery")}),
+        C("calibrate-text-plain", "POST", "/calibrate", 422, "invalid_request", content=b'{"source": "gallery"}',
+          headers={"content-type": "text/plain"}),
+        C("patch-form-encoded", "PATCH", "/identities/{colin}", 422, "invalid_request", data={"name": "x"}),
+        # --- names -------------------------------------------------------------------------------------------------
+        C("name-not-utf8", "POST", "/enroll", 400, "invalid_request", headers=MULTIPART,
+          content=lambda ctx: raw_multipart([(b"image", b"c.jpg", ctx.colin), (b"name", None, b"Jos\xe9 \xff\xfe")])),
+        C("metadata-not-utf8", "POST", "/enroll", 400, "invalid_request", headers=MULTIPART,
+          content=lambda ctx: raw_multipart(
+              [(b"image", b"c.jpg", ctx.colin), (b"name", None, b"X"), (b"metadata", None, b'{"a": "\xc3\x28"}')]
+          )),
+        C("field-name-not-utf8", "POST", "/identify", 400, "invalid_request", headers=MULTIPART,
+          content=lambda ctx: raw_multipart([(b"image", b"c.jpg", ctx.colin), (b"top\xff_k", None, b"3")])),
+        C("identity-id-not-utf8", "POST", "/verify", 400, "invalid_request", headers=MULTIPART,
+          content=lambda ctx: raw_multipart(
+              [(b"image", b"c.jpg", ctx.colin), (b"identity_id", None, b"\xed\xa0\x80")]
+          )),
+        C("name-very-long", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN},
+          data={"name": "N" * 100_000}),
+        C("name-201-characters", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN},
+          data={"name": "é" * 201}),
+        C("name-blank", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN}, data={"name": " \t "}),
+        C("name-invisible-only", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN},
+          data={"name": "\u200b\u200d\u0301"}),
+        C("name-nul", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN}, data={"name": "Bob\x00"}),
+        C("name-ansi-escape", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN},
+          data={"name": "Bob\x1b[31mRed"}),
+        C("name-newline-log-injection", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN},
+          data={"name": "Bob\r\nINFO forged log line"}),
+        C("patch-name-control-character", "PATCH", "/identities/{colin}", 422, "invalid_request",
+          json={"name": "Colin\u0085Powell"}),
+        C("patch-name-too-long", "PATCH", "/identities/{colin}", 422, "invalid_request", json={"name": "x" * 201}),
+        C("list-name-filter-too-long", "GET", "/identities", 422, "invalid_request", params={"name": "x" * 201}),
+        # --- ids ---------------------------------------------------------------------------------------------------
+        C("get-unknown-identity", "GET", f"/identities/{ZERO_ID}", 404, "unknown_identity"),
+        C("get-malformed-id", "GET", "/identities/not-an-id", 404, "unknown_identity"),
+        C("get-sql-in-id", "GET", "/identities/'%20OR%201=1%20--", 404, "unknown_identity"),
+        C("get-nul-in-id", "GET", "/identities/%00", 404, "unknown_identity"),
+        C("get-id-too-long", "GET", "/identities/" + "a" * 65, 422, "invalid_request"),
+        C("patch-unknown-identity", "PATCH", f"/identities/{ZERO_ID}", 404, "unknown_identity",
+          json={"name": "x"}),
+        C("delete-unknown-identity", "DELETE", f"/identities/{ZERO_ID}", 404, "unknown_identity"),
+        C("delete-malformed-id", "DELETE", "/identities/DROP%20TABLE%20faces", 404, "unknown_identity"),
+        C("add-face-unknown-identity", "POST", f"/identities/{ZERO_ID}/faces", 404, "unknown_identity",
+          files={"image": COLIN}),
+        C("delete-unknown-face", "DELETE", "/identities/{colin}/faces/" + ZERO_ID, 404, "unknown_face"),
+        C("delete-malformed-face-id", "DELETE", "/identities/{colin}/faces/not-a-face", 404, "unknown_face"),
+        C("delete-face-of-another-identity", "DELETE", "/identities/{colin}/faces/{amy_face}", 404,
+          "unknown_face"),
+        C("delete-face-unknown-identity", "DELETE", f"/identities/{ZERO_ID}/faces/" + "{colin_face}", 404,
+          "unknown_identity"),
+        C("verify-unknown-identity", "POST", "/verify", 404, "unknown_identity", files={"image": COLIN},
+          data={"identity_id": ZERO_ID}),
+        C("verify-malformed-identity", "POST", "/verify", 404, "unknown_identity", files={"image": COLIN},
+          data={"identity_id": "'; DROP TABLE identities; --"}),
+        C("enroll-unknown-identity", "POST", "/enroll", 404, "unknown_identity", files={"image": COLIN},
+          data={"identity_id": ZERO_ID}),
+        C("enroll-identity-id-too-long", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN},
+          data={"identity_id": "f" * 65}),
+        # --- thresholds, top_k, paging ------------------------------------------------------------------------------
+        *[
+            C(f"verify-threshold-{label}", "POST", "/verify", 422, "invalid_request",
+              files={"image_a": COLIN, "image_b": COLIN}, data={"threshold": value})
+            for label, value in [("negative", "-0.5"), ("zero", "0"), ("nan", "NaN"), ("inf", "inf"),
+                                 ("string", "strict"), ("over-4", "4.0001")]
+        ],
+        *[
+            C(f"identify-top-k-{label}", "POST", "/identify", 422, "invalid_request", files={"image": COLIN},
+              data={"top_k": value})
+            for label, value in [("zero", "0"), ("negative", "-3"), ("over-100", "101"), ("float", "2.5"),
+                                 ("string", "five"), ("huge", "9" * 40), ("nan", "NaN")]
+        ],
+        C("identify-threshold-nan", "POST", "/identify", 422, "invalid_request", files={"image": COLIN},
+          data={"threshold": "nan"}),
+        C("identify-threshold-negative-inf", "POST", "/identify", 422, "invalid_request", files={"image": COLIN},
+          data={"threshold": "-inf"}),
+        C("cluster-threshold-negative", "POST", "/cluster", 422, "invalid_request", files={"images": COLIN},
+          data={"threshold": "-1"}),
+        C("list-limit-zero", "GET", "/identities", 422, "invalid_request", params={"limit": 0}),
+        C("list-offset-negative", "GET", "/identities", 422, "invalid_request", params={"offset": -1}),
+        C("list-limit-huge", "GET", "/identities", 422, "invalid_request", params={"limit": "1e9"}),
+        # --- calibration ----------------------------------------------------------------------------------------------
+        C("calibrate-target-far-zero", "POST", "/calibrate", 422, "invalid_request",
+          json={"source": "gallery", "target_far": 0}),
+        C("calibrate-target-far-one", "POST", "/calibrate", 422, "invalid_request",
+          json={"source": "gallery", "target_far": 1}),
+        C("calibrate-target-far-nan", "POST", "/calibrate", 422, "invalid_request",
+          content=b'{"source": "pairs", "same": [0.1], "different": [0.9], "target_far": NaN}',
+          headers={"content-type": "application/json"}),
+        C("calibrate-distance-infinity", "POST", "/calibrate", 422, "invalid_request",
+          content=b'{"source": "pairs", "same": [0.1], "different": [Infinity], "target_far": 0.01}',
+          headers={"content-type": "application/json"}),
+        C("calibrate-distance-negative", "POST", "/calibrate", 422, "invalid_request",
+          json={"source": "pairs", "same": [-0.1], "different": [0.9], "target_far": 0.01}),
+        C("calibrate-distances-strings", "POST", "/calibrate", 422, "invalid_request",
+          json={"source": "pairs", "same": ["near"], "different": [0.9]}),
+        C("calibrate-unknown-source", "POST", "/calibrate", 422, "invalid_request", json={"source": "oracle"}),
+        C("calibrate-pairs-without-distances", "POST", "/calibrate", 422, "invalid_request",
+          json={"source": "pairs"}),
+        C("calibrate-gallery-too-small", "POST", "/calibrate", 409, "insufficient_data",
+          json={"source": "gallery", "apply": True}),
+        C("calibrate-empty-body", "POST", "/calibrate", 422, "invalid_request", content=b"",
+          headers={"content-type": "application/json"}),
+        C("calibration-curve-unknown-source", "GET", "/calibration/curve", 422, "invalid_request",
+          params={"source": "oracle"}),
+        C("calibration-curve-gallery-too-small", "GET", "/calibration/curve", 409, "insufficient_data",
+          params={"source": "gallery"}),
+        # --- many-photo endpoints: a bad photo gets its own error, the request does not fail ------------------------
+        C("embed-lists-bad-photos", "POST", "/embed", 200, files=[*BAD_PHOTOS, ("images", COLIN)],
+          check=_per_photo([*BAD_PHOTO_CODES, None], key="faces")),
+        C("identify-batch-lists-bad-photos", "POST", "/identify/batch", 200, files=[("images", COLIN), *BAD_PHOTOS],
+          data={"top_k": "2"}, check=_per_photo([None, *BAD_PHOTO_CODES], key="result")),
+        C("embed-no-images", "POST", "/embed", 422, "invalid_request"),
+        C("embed-wrong-field", "POST", "/embed", 422, "invalid_request", files={"image": COLIN}),
+        C("embed-too-many-photos", "POST", "/embed", 422, "invalid_request",
+          files=[("images", (f"{i}.png", b"x", "image/png")) for i in range(33)]),
+        C("embed-field-not-utf8", "POST", "/embed", 400, "invalid_request", headers=MULTIPART,
+          content=lambda ctx: raw_multipart([(b"images", b"c.jpg", ctx.colin), (b"note", None, b"\xff\xfe")])),
+        C("identify-batch-no-images", "POST", "/identify/batch", 422, "invalid_request", data={"top_k": "3"}),
+        C("identify-batch-extra-field", "POST", "/identify/batch", 422, "invalid_request",
+          files={"images": COLIN}, data={"name": "x"}),
+        C("identify-batch-too-many-photos", "POST", "/identify/batch", 422, "invalid_request",
+          files=[("images", (f"{i}.png", b"x", "image/png")) for i in range(33)]),
+        C("identify-batch-top-k-zero", "POST", "/identify/batch", 422, "invalid_request", files={"images": COLIN},
+          data={"top_k": "0"}),
+        C("identify-batch-threshold-nan", "POST", "/identify/batch", 422, "invalid_request",
+          files={"images": COLIN}, data={"threshold": "NaN"}),
+        # --- body size (the app whose limit is 64 kB) ------------------------------------------------------------
+        C("body-over-limit-enroll", "POST", "/enroll", 413, "request_too_large", app="small_limit",
+          files={"image": upload(lambda: b"\xff\xd8" + b"\x00" * 100_000)}, data={"name": "x"}),
+        C("body-over-limit-cluster", "POST", "/cluster", 413, "request_too_large", app="small_limit",
+          files=[("images", COLIN)] * 8),
+        C("body-over-limit-verify", "POST", "/verify", 413, "request_too_large", app="small_limit",
+          files={"image_a": upload(png_bomb, "bomb.png"), "image_b": COLIN}),
+        C("body-over-limit-patch", "PATCH", f"/identities/{ZERO_ID}", 413, "request_too_large", app="small_limit",
+          json={"metadata": {"blob": "x" * 100_000}}),
+        C("body-over-limit-calibrate", "POST", "/calibrate", 413, "request_too_large", app="small_limit",
+          json={"source": "pairs", "same": [0.1] * 20_000, "different": [0.9] * 20_000}),
+        C("body-over-limit-embed", "POST", "/embed", 413, "request_too_large", app="small_limit",
+          files=[("images", COLIN)] * 8),
+        C("body-over-limit-identify-batch", "POST", "/identify/batch", 413, "request_too_large", app="small_limit",
+          files=[("images", COLIN)] * 8),
+        C("body-over-limit-chunked", "POST", "/identify", 413, "request_too_large", app="small_limit",
+          content=lambda ctx: iter([b"x" * 10_000] * 10), headers=MULTIPART),
+    ]
+    return cases
+
+
+CASES: list[Case] = _cases()

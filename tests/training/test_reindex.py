@@ -1,0 +1,109 @@
+"""`facegate reindex`: served embeddings recomputed from stored base embeddings when the head changes, in one
+transaction, with every worker's index following through the change log (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.config import HeadSettings
+from app.gallery import Gallery, store
+from app.gallery.reindex import reindex
+from app.training import TrainConfig, register_head, split_identities, train_head
+from app.vision.head import EmbeddingHead, load_head
+from app.vision.types import Box
+from tests.gallery.conftest import MODEL, open_gallery, random_embeddings  # noqa: F401
+from tests.gallery.conftest import database_url, pg_schema_url, postgres_server  # noqa: F401
+from tests.training.conftest import synthetic_set
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory: pytest.TempPathFactory) -> EmbeddingHead:
+    """A small head trained on synthetic embeddings and registered for MODEL."""
+    heads = tmp_path_factory.mktemp("heads")
+    train, val = split_identities(synthetic_set(16, 5), val_fraction=0.25, seed=0)
+    result = train_head(train, val, TrainConfig(epochs=2, p=4, k=3, arch="mlp", hidden=32, seed=0))
+    register_head(result, name="h1", heads_dir=heads, base_model_version=MODEL, opset=17)
+    loaded = load_head(HeadSettings(name="h1", dir=heads), Path("unused"), MODEL)
+    assert loaded is not None
+    return loaded
+
+
+def _searchable(gallery: Gallery, queries: np.ndarray) -> list[str]:
+    """The nearest identity of each query, after replaying the change log."""
+    return [r[0].identity_id if r else "" for r in gallery.search(queries, top_k=1)]
+
+
+def test_reindex_keeps_every_identity_searchable(open_gallery: Callable[..., Gallery], head: EmbeddingHead) -> None:
+    target = f"{MODEL}+{head.version}"
+    rng = np.random.default_rng(0)
+    base = random_embeddings(rng, 8)
+    writer = open_gallery(MODEL)
+    ids = []
+    for k in range(6):  # faces of the bare embedder: their embedding is the base one (no base column needed)
+        ids.append(writer.enroll_face(embedding=base[k], box=Box(0, 0, 9, 9), score=1.0, name=f"p{k}").identity_id)
+    ids.append(  # a face enrolled with base_embedding stored (as the service does since migration 0003)
+        writer.enroll_face(
+            embedding=base[6], base_embedding=base[6], box=Box(0, 0, 9, 9), score=1.0, name="p6"
+        ).identity_id
+    )
+    served_elsewhere = open_gallery(target)  # a worker already serving the head: everything stale so far
+    assert served_elsewhere.stats().size == 0 and served_elsewhere.stats().stale == 7
+    old_worker = open_gallery(MODEL)
+    assert _searchable(old_worker, base[:7]) == ids
+
+    report = reindex(open_gallery(MODEL), target_version=target, base_version=MODEL, transform=head.apply)
+    assert (report.updated, report.already_current, report.skipped) == (7, 0, 0)
+    assert report.from_versions == {MODEL: 7}
+
+    served = head.apply(base[:7])
+    assert _searchable(served_elsewhere, served) == ids  # replayed: every identity found, by its new vector
+    assert served_elsewhere.stats().size == 7 and served_elsewhere.stats().stale == 0
+    hits = served_elsewhere.search(served, top_k=1)
+    assert max(r[0].distance for r in hits) < 1e-6
+    # the base worker now sees only faces of another version
+    old_worker.refresh()
+    assert old_worker.stats().size == 0 and old_worker.stats().stale == 7
+    # a freshly started worker agrees
+    assert _searchable(open_gallery(target), served) == ids
+
+    # again: nothing to do; and back to the base, from the stored base embeddings
+    assert reindex(served_elsewhere, target_version=target, base_version=MODEL, transform=head.apply).updated == 0
+    back = reindex(served_elsewhere, target_version=MODEL, base_version=MODEL, transform=None)
+    assert back.updated == 7 and back.from_versions == {target: 7}
+    assert _searchable(old_worker, base[:7]) == ids
+    with writer.session() as session:
+        for identity_id, k in zip(ids, range(7), strict=True):
+            _, vectors = store.face_embeddings(session, identity_id=identity_id)
+            np.testing.assert_array_equal(vectors[0], base[k])
+
+
+def test_faces_without_a_base_embedding_are_left_stale_and_counted(
+    open_gallery: Callable[..., Gallery], head: EmbeddingHead
+) -> None:
+    rng = np.random.default_rng(1)
+    older_head = open_gallery(f"{MODEL}+older-head")  # faces made by a head before migration 0003: no base stored
+    older_head.enroll_face(embedding=random_embeddings(rng, 1)[0], box=Box(0, 0, 9, 9), score=1.0, name="old")
+    target = f"{MODEL}+{head.version}"
+    report = reindex(open_gallery(MODEL), target_version=target, base_version=MODEL, transform=head.apply)
+    assert (report.updated, report.skipped) == (0, 1)
+    fresh = open_gallery(target)
+    assert fresh.stats().stale == 1 and fresh.stats().size == 0
+
+
+def test_a_failing_head_changes_nothing(open_gallery: Callable[..., Gallery]) -> None:
+    gallery = open_gallery(MODEL)
+    vector = random_embeddings(np.random.default_rng(2), 1)[0]
+    identity = gallery.enroll_face(embedding=vector, box=Box(0, 0, 9, 9), score=1.0, name="a").identity_id
+
+    def broken(x: np.ndarray) -> np.ndarray:
+        return np.full_like(x, np.nan)
+
+    with pytest.raises(ValueError):
+        reindex(gallery, target_version=f"{MODEL}+broken", base_version=MODEL, transform=broken)
+    with gallery.session() as session:
+        assert store.last_change_id(session) == 1  # only the enrolment's 'add'
+    assert _searchable(open_gallery(MODEL), vector[None]) == [identity]

@@ -1,0 +1,52 @@
+"""`facegate train --images DIR`: the dev photos' embeddings come from a cache written from the shared
+`dev_results` (so nothing is embedded again), training runs, and the head is registered where the service finds it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from app.cli import cli
+from app.config import Settings
+from app.evaluate import Embedded, EmbeddingCache, pipeline_signature
+from app.vision.head import read_head_manifest
+from app.vision.models import load_manifest
+from tests.dev_embeddings import DevResults
+
+pytestmark = pytest.mark.model
+
+
+def test_train_command_registers_a_head(
+    dev_results: DevResults, dev_faces: Path, models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base_version = load_manifest(models_dir, verify=False).model_version
+    cache = EmbeddingCache(pipeline_signature(base_version, Settings().detector))
+    largest = dev_results.largest("ours")
+    for relative in dev_results.photos:
+        found = largest.get(relative)
+        value = Embedded(np.asarray(found, np.float32)) if found is not None else Embedded(
+            np.full(128, np.nan, np.float32), "no_face"
+        )
+        cache.put(relative, dev_faces / relative, value)
+    cache.save(tmp_path / "dev.npz")
+    monkeypatch.setenv("FACEGATE_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("FACEGATE_RUNTIME__PROVIDERS", '["CPUExecutionProvider"]')
+    monkeypatch.setenv("FACEGATE_HEAD__DIR", str(tmp_path / "heads"))
+
+    args = ["train", "--images", str(dev_faces), "--cache", str(tmp_path / "dev.npz"), "--name", "dev-head"]
+    result = CliRunner().invoke(cli, [*args, "--epochs", "3", "--p", "8", "--mining", "batch_hard", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert "validation VAL@FAR 0.001: base" in result.output
+    assert "FACEGATE_HEAD__NAME=dev-head" in result.output
+    manifest = read_head_manifest(tmp_path / "heads" / "dev-head")
+    assert manifest.base_model_version == base_version
+    assert manifest.raw["training"]["mining"] == "batch_hard" and manifest.raw["training"]["seed"] == 1
+    assert manifest.raw["validation"]["train_identities"] + manifest.raw["validation"]["val_identities"] >= 50
+    assert json.loads((tmp_path / "heads" / "dev-head" / "head.json").read_text())["opset"] == 17
+
+    bad = CliRunner().invoke(cli, [*args, "--loss", "nonsense"])
+    assert bad.exit_code == 2 and "nonsense" in bad.output

@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Extras installed into the venv; the Docker image asks for `build` only (same command, fewer packages).
+# Extras installed into the venv; the Docker image asks for `build,ann` only (same command, fewer packages).
 EXTRAS ?= build,report,test,ann,train
 PIP_FLAGS ?= -e
 MODELS_DIR ?= models/dist

@@ -42,6 +42,7 @@ from app.matching.calibration import binomial_interval
 from app.matching.openset import OpenSetModel
 from app.matching.openset_eval import (
     IdentificationReport,
+    Split,
     enrolment_split,
     evaluate_identification,
 )
@@ -133,7 +134,13 @@ def evaluate_embeddings(
             f"{split.stranger_rows.size} strangers",
             field="images",
         )
-    emb = np.asarray(embeddings, np.float32)
+    return _evaluate_split(np.asarray(embeddings, np.float32), split, settings=settings, model=model)
+
+
+def _evaluate_split(
+    emb: np.ndarray, split: Split, *, settings: Settings, model: OpenSetModel | None
+) -> IdentificationReport:
+    """The split's gallery, probes and strangers through `evaluate_identification` at the deployment settings."""
     return evaluate_identification(
         emb[split.gallery_rows],
         split.gallery_ids,
@@ -176,18 +183,7 @@ def evaluate_gallery(
             f"an odd-position one (a stranger); this gallery gives {len(split.gallery_ids)} enrolled, "
             f"{split.probe_rows.size} probes, {split.stranger_rows.size} strangers"
         )
-    emb = faces.embeddings
-    report = evaluate_identification(
-        emb[split.gallery_rows],
-        split.gallery_ids,
-        emb[split.probe_rows],
-        split.probe_ids,
-        emb[split.stranger_rows],
-        model=model,
-        target_fpir=settings.identify_fpir,
-        max_distance=settings.threshold,
-        ambiguity_margin=settings.ambiguity_margin,
-    )
+    report = _evaluate_split(faces.embeddings, split, settings=settings, model=model)
     accepted = round(report.default_point["fpir"] * report.n_strangers)
     return GalleryEvaluation(
         report=report,

@@ -151,9 +151,9 @@ def jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def bench_photos(pipeline: Any) -> list[BenchPhoto]:
-    """Every large dev photo whose 640x480 crop still shows a face to the service's detector policy (upsample 0
-    at this size), in path order. `pipeline` is an app.vision.pipeline.Pipeline."""
+def bench_photos(pipeline: Any, limit: int | None = None) -> list[BenchPhoto]:
+    """Every large dev photo (or the first `limit`) whose 640x480 crop still shows a face to the service's detector
+    policy (upsample 0 at this size), in path order. `pipeline` is an app.vision.pipeline.Pipeline."""
     from app.vision.decode import decode_image, load_image
 
     photos = []
@@ -168,6 +168,8 @@ def bench_photos(pipeline: Any) -> list[BenchPhoto]:
         decoded = decode_image(data, max_pixels=100_000_000)  # what the service will see after JPEG
         if pipeline.find_faces(decoded):
             photos.append(BenchPhoto(path.parent.name, str(path.relative_to(FACES_DIR)), decoded, data))
+        if limit is not None and len(photos) == limit:
+            break
     if not photos:
         raise SystemExit("no large dev photo keeps a detectable face at 640x480")
     return photos

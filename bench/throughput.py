@@ -37,9 +37,8 @@ from typing import Any
 import httpx
 
 from app.config import Settings
-from app.vision.decode import decode_image, load_image
 from app.vision.pipeline import Pipeline
-from bench.common import BenchPhoto, crop_640x480, jpeg, large_photos, load_average, summary, write
+from bench.common import bench_photos, load_average, summary, write
 from bench.http import seed_gallery, server
 
 TARGET_RATIO_AT_8 = 1.5
@@ -47,27 +46,6 @@ TARGET_RATIO_AT_8 = 1.5
 
 def log(message: str) -> None:
     print(f"[throughput] {message} (load {load_average()[0]})", file=sys.stderr, flush=True)
-
-
-def photos(pipeline: Pipeline, count: int) -> list[BenchPhoto]:
-    """The first `count` large dev photos (by path) whose 640x480 crop around the largest face still shows a face
-    after JPEG (what the server will see)."""
-    chosen: list[BenchPhoto] = []
-    for path in large_photos():
-        original = load_image(path, max_pixels=100_000_000)
-        faces = pipeline.find_faces(original)
-        if not faces:
-            continue
-        box = max(faces, key=lambda f: f.box.area).box
-        data = jpeg(crop_640x480(original, ((box.left + box.right) / 2, (box.top + box.bottom) / 2)))
-        decoded = decode_image(data, max_pixels=100_000_000)
-        if pipeline.find_faces(decoded):
-            chosen.append(BenchPhoto(path.parent.name, path.name, decoded, data))
-        if len(chosen) == count:
-            break
-    if not chosen:
-        raise SystemExit("no large dev photo keeps a detectable face at 640x480")
-    return chosen
 
 
 def server_pid(base: str) -> int | None:
@@ -203,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = Settings()
     pipeline = Pipeline.from_settings(settings.model_copy(update={"batching": settings.batching.model_copy(
         update={"enabled": False})}))  # fmt: skip
-    chosen = photos(pipeline, args.photos)
+    chosen = bench_photos(pipeline, limit=args.photos)
     model_version = pipeline.model_version
     del pipeline  # the bench process keeps no model while the servers run
     log(f"{len(chosen)} photos: {', '.join(p.person for p in chosen)}")

@@ -7,16 +7,17 @@
 - `key` is the API key's prefix (8 hex characters), never the key.
 Never logged: embeddings, image bytes, names, metadata, query strings, client addresses (personal data).
 
-Plain ASGI (like MetricsMiddleware): uploads stream through untouched.
+A `RequestObserver` like MetricsMiddleware: uploads stream through untouched.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
+
+from app.api.middleware import RequestObserver, route_template
 
 log = logging.getLogger("facegate.access")
 
@@ -24,44 +25,27 @@ log = logging.getLogger("facegate.access")
 STATE_FIELDS = {"decision": "decision", "error_code": "error", "key_prefix": "key"}
 
 
-class AccessLogMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+class AccessLogMiddleware(RequestObserver):
+    def enabled(self) -> bool:
+        return log.isEnabledFor(logging.INFO)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not log.isEnabledFor(logging.INFO):
-            await self.app(scope, receive, send)
-            return
-        # request.state is a view of this dict; creating it here makes sure the app writes into the one we read.
-        state: dict[str, Any] = scope.setdefault("state", {})
-        start = time.perf_counter()
-        status = 500  # if the app dies before answering, the server sends a 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = scope.get("route")
-            fields: dict[str, Any] = {
-                "method": scope.get("method", "GET"),
-                "route": getattr(route, "path", None) or "unmatched",
-                "status": status,
-                "latency_ms": round((time.perf_counter() - start) * 1000, 1),
-            }
-            for attribute, field in STATE_FIELDS.items():
-                value = state.get(attribute)
-                if value is not None:
-                    fields[field] = str(value)
-            log.info(
-                "%s %s %d %.1f ms",
-                fields["method"],
-                fields["route"],
-                status,
-                fields["latency_ms"],
-                extra={"fields": fields},
-            )
+    def observe(self, scope: Scope, status: int, seconds: float) -> None:
+        state: dict[str, Any] = scope.get("state", {})
+        fields: dict[str, Any] = {
+            "method": scope.get("method", "GET"),
+            "route": route_template(scope),
+            "status": status,
+            "latency_ms": round(seconds * 1000, 1),
+        }
+        for attribute, field in STATE_FIELDS.items():
+            value = state.get(attribute)
+            if value is not None:
+                fields[field] = str(value)
+        log.info(
+            "%s %s %d %.1f ms",
+            fields["method"],
+            fields["route"],
+            status,
+            fields["latency_ms"],
+            extra={"fields": fields},
+        )

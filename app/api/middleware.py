@@ -88,19 +88,28 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
-class MetricsMiddleware:
-    """Request latency by route template (not raw path: ids would explode the label set) and status."""
+class RequestObserver:
+    """Base of the middlewares that watch every HTTP request end: subclasses get `observe(scope, status, seconds)`
+    with the status the server sent (500 if the app died before answering) once the response is done. Plain ASGI:
+    uploads stream through untouched."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.metrics = metrics
+
+    def enabled(self) -> bool:
+        return True
+
+    def observe(self, scope: Scope, status: int, seconds: float) -> None:
+        raise NotImplementedError
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not self.enabled():
             await self.app(scope, receive, send)
             return
+        # request.state is a view of this dict; creating it here makes sure the app writes into the one we read.
+        scope.setdefault("state", {})
         start = time.perf_counter()
-        status = 500
+        status = 500  # if the app dies before answering, the server sends a 500
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -111,6 +120,20 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            self.metrics.observe_request(scope.get("method", "GET"), template, status, time.perf_counter() - start)
+            self.observe(scope, status, time.perf_counter() - start)
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's template (`/identities/{identity_id}`), never the raw path; `unmatched` otherwise."""
+    return getattr(scope.get("route"), "path", None) or "unmatched"
+
+
+class MetricsMiddleware(RequestObserver):
+    """Request latency by route template (not raw path: ids would explode the label set) and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        super().__init__(app)
+        self.metrics = metrics
+
+    def observe(self, scope: Scope, status: int, seconds: float) -> None:
+        self.metrics.observe_request(scope.get("method", "GET"), route_template(scope), status, seconds)

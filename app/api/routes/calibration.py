@@ -28,6 +28,7 @@ from app.api.schemas import (
     DeploymentCalibrationOut,
 )
 from app.auth import Scope
+from app.matching.calibration import CalibrationTable
 from app.service import CurveSource
 
 router = APIRouter(tags=["admin"])
@@ -97,10 +98,7 @@ async def calibration(service: ServiceDep) -> CalibrationResponse:
             n_same=table.n_same,
             n_different=table.n_different,
             n_missing=table.n_missing,
-            rows=[
-                CalibrationRow(threshold=float(t), far=float(f), val=float(v), far_upper=float(u))
-                for t, f, v, u in zip(table.thresholds, table.far, table.val, table.far_upper, strict=True)
-            ],
+            rows=_rows(table),
         )
         if table is not None
         else None,
@@ -144,10 +142,15 @@ async def calibration_curve(
         n_same=table.n_same,
         n_different=table.n_different,
         n_identities=curve.n_identities,
-        rows=[
-            CalibrationRow(threshold=float(t), far=float(f), val=float(v), far_upper=float(u))
-            for t, f, v, u in zip(table.thresholds, table.far, table.val, table.far_upper, strict=True)
-        ],
+        rows=_rows(table),
         threshold=curve.threshold.value,
         threshold_source=curve.threshold.source,
     )
+
+
+def _rows(table: CalibrationTable) -> list[CalibrationRow]:
+    """A calibration table's FAR, its upper bound and VAL at each threshold."""
+    return [
+        CalibrationRow(threshold=float(t), far=float(f), val=float(v), far_upper=float(u))
+        for t, f, v, u in zip(table.thresholds, table.far, table.val, table.far_upper, strict=True)
+    ]

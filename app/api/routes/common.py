@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import UploadFile
+from typing import Annotated
+
+from fastapi import Form, UploadFile
 
 from app.api.schemas import (
+    THRESHOLD_MAX,
+    TOP_K_MAX,
     BoxOut,
     CandidateOut,
     EnrollResponse,
@@ -22,6 +26,18 @@ from app.errors import FacegateError, InvalidImage
 from app.gallery import FaceRecord, IdentityRecord
 from app.service import Candidate, EnrollResult, FoundFace, IdentifyResult
 from app.vision.types import Box
+
+# Form fields /identify and /identify/batch share.
+TopKForm = Annotated[int, Form(ge=1, le=TOP_K_MAX, description="Candidates returned per face (identities).")]
+IdentifyThresholdForm = Annotated[
+    float | None,
+    Form(
+        gt=0.0,
+        le=THRESHOLD_MAX,
+        description="Largest distance at which anyone is named (default: the deployment threshold). Lower: fewer "
+        "strangers taken for someone enrolled, more enrolled people answered unknown.",
+    ),
+]
 
 
 async def read_photo(upload: UploadFile, field: str) -> bytes:

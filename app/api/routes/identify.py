@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
 from app.api.auth import require
 from app.api.forms import FormRoute
 from app.api.deps import MetricsDep, ServiceDep, form_fields
-from app.api.routes.common import identify_response, read_photo
-from app.api.schemas import THRESHOLD_MAX, TOP_K_MAX, IdentifyResponse
+from app.api.routes.common import IdentifyThresholdForm, TopKForm, identify_response, read_photo
+from app.api.schemas import IdentifyResponse
 from app.auth import Scope
 
 router = APIRouter(tags=["identify"], route_class=FormRoute)
@@ -30,16 +30,8 @@ async def identify(
     service: ServiceDep,
     metrics: MetricsDep,
     image: Annotated[UploadFile, File(description="The photo; every face in it is searched.")],
-    top_k: Annotated[int, Form(ge=1, le=TOP_K_MAX, description="Candidates returned per face (identities).")] = 5,
-    threshold: Annotated[
-        float | None,
-        Form(
-            gt=0.0,
-            le=THRESHOLD_MAX,
-            description="Largest distance at which anyone is named (default: the deployment threshold). Lower: "
-            "fewer strangers taken for someone enrolled, more enrolled people answered unknown.",
-        ),
-    ] = None,
+    top_k: TopKForm = 5,
+    threshold: IdentifyThresholdForm = None,
 ) -> IdentifyResponse:
     photo = await read_photo(image, "image")
     result = await run_in_threadpool(service.identify, photo, top_k=top_k, threshold=threshold)

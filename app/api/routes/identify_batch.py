@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
 from app.api.auth import require
 from app.api.deps import MetricsDep, ServiceDep, form_fields
 from app.api.forms import FormRoute
-from app.api.routes.common import error_out, identify_response, read_photos
-from app.api.schemas import THRESHOLD_MAX, TOP_K_MAX, IdentifyBatchResponse, IdentifyPhotoOut
+from app.api.routes.common import IdentifyThresholdForm, TopKForm, error_out, identify_response, read_photos
+from app.api.schemas import IdentifyBatchResponse, IdentifyPhotoOut
 from app.auth import Scope
 from app.errors import FacegateError
 
@@ -39,16 +39,8 @@ async def identify_batch(
     service: ServiceDep,
     metrics: MetricsDep,
     images: Annotated[list[UploadFile], File(description="The photos (repeat the field).")],
-    top_k: Annotated[int, Form(ge=1, le=TOP_K_MAX, description="Candidates returned per face (identities).")] = 5,
-    threshold: Annotated[
-        float | None,
-        Form(
-            gt=0.0,
-            le=THRESHOLD_MAX,
-            description="Largest distance at which anyone is named (default: the deployment threshold), for every "
-            "photo.",
-        ),
-    ] = None,
+    top_k: TopKForm = 5,
+    threshold: IdentifyThresholdForm = None,
 ) -> IdentifyBatchResponse:
     photos = await read_photos(images)
     results = await run_in_threadpool(

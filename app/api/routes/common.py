@@ -22,6 +22,7 @@ from app.api.schemas import (
     QualityOut,
 )
 from app.api.errors import error_object
+from app.api.metrics import Metrics
 from app.errors import FacegateError, InvalidImage
 from app.gallery import FaceRecord, IdentityRecord
 from app.service import Candidate, EnrollResult, FoundFace, IdentifyResult
@@ -115,6 +116,16 @@ def enroll_response(result: EnrollResult) -> EnrollResponse:
         model_version=result.model_version,
         possible_duplicate=candidate_out(result.possible_duplicate) if result.possible_duplicate else None,
     )
+
+
+def observe_identify(metrics: Metrics, result: IdentifyResult) -> list[str]:
+    """Count each face's outcome (match, unknown, ambiguous) and nearest distance in the metrics; the outcomes."""
+    outcomes = []
+    for face in result.faces:
+        outcome = "match" if face.match is not None else face.reason.value
+        metrics.observe_decision("identify", outcome, face.candidates[0].distance if face.candidates else None)
+        outcomes.append(outcome)
+    return outcomes
 
 
 def identify_response(result: IdentifyResult) -> IdentifyResponse:

@@ -37,7 +37,10 @@ async def evaluate_identify(service: ServiceDep) -> IdentifyEvaluationResponse:
         n_probes=r.n_probes,
         n_strangers=r.n_strangers,
         rank1=r.rank1,
-        rules=[RuleDirOut(rule=rule, dir_at_fpir=table) for rule, table in r.dir_at_fpir.items()],  # type: ignore[arg-type]
+        rules=[
+            RuleDirOut(rule=rule, dir_at_fpir=table)  # type: ignore[arg-type]
+            for rule, table in r.dir_at_fpir.items()
+        ],
         default=IdentifyDefaultPointOut(
             target_fpir=p["target_fpir"],
             gallery_size=p["gallery_size"],

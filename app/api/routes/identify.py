@@ -11,7 +11,7 @@ from app.api import responses
 from app.api.auth import require
 from app.api.forms import FormRoute
 from app.api.deps import MetricsDep, ServiceDep, form_fields
-from app.api.routes.common import IdentifyThresholdForm, TopKForm, identify_response, read_photo
+from app.api.routes.common import IdentifyThresholdForm, TopKForm, identify_response, observe_identify, read_photo
 from app.api.schemas import IdentifyResponse
 from app.auth import Scope
 
@@ -35,10 +35,6 @@ async def identify(
 ) -> IdentifyResponse:
     photo = await read_photo(image, "image")
     result = await run_in_threadpool(service.identify, photo, top_k=top_k, threshold=threshold)
-    outcomes: list[str] = []
-    for face in result.faces:
-        outcome = "match" if face.match is not None else face.reason.value
-        outcomes.append(outcome)
-        metrics.observe_decision("identify", outcome, face.candidates[0].distance if face.candidates else None)
-    request.state.decision = ",".join(outcomes)  # for the access log: each face's outcome, never a name
+    # for the access log: each face's outcome, never a name
+    request.state.decision = ",".join(observe_identify(metrics, result))
     return identify_response(result)

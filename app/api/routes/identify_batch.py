@@ -11,7 +11,14 @@ from app.api import responses
 from app.api.auth import require
 from app.api.deps import MetricsDep, ServiceDep, form_fields
 from app.api.forms import FormRoute
-from app.api.routes.common import IdentifyThresholdForm, TopKForm, error_out, identify_response, read_photos
+from app.api.routes.common import (
+    IdentifyThresholdForm,
+    TopKForm,
+    error_out,
+    identify_response,
+    observe_identify,
+    read_photos,
+)
 from app.api.schemas import IdentifyBatchResponse, IdentifyPhotoOut
 from app.auth import Scope
 from app.errors import FacegateError
@@ -51,9 +58,7 @@ async def identify_batch(
         if isinstance(result, FacegateError):
             out.append(IdentifyPhotoOut(index=index, filename=filename, error=error_out(result)))
             continue
-        for face in result.faces:
-            outcome = "match" if face.match is not None else face.reason.value
-            metrics.observe_decision("identify", outcome, face.candidates[0].distance if face.candidates else None)
+        observe_identify(metrics, result)
         out.append(IdentifyPhotoOut(index=index, filename=filename, result=identify_response(result)))
     return IdentifyBatchResponse(
         n_images=len(out), n_errors=sum(p.error is not None for p in out), images=out

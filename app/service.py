@@ -477,10 +477,14 @@ class FaceService:
         """Open-set 1:N for every face of the photo: candidates nearest first; a `match` only when the open-set rule
         accepts the nearest identity (within the threshold, clear of the runner-up, and scoring better than
         strangers do at this gallery size for `identify_fpir`)."""
+        resolved = self._identify_threshold(top_k, threshold)
+        return self.identify_faces(self.pipeline.find_faces(self.decode(photo)), top_k=top_k, resolved=resolved)
+
+    def _identify_threshold(self, top_k: int, threshold: float | None) -> Threshold:
+        """Checks an identify request's numbers before any photo is decoded; the threshold it will use."""
         if not 1 <= top_k <= 1000:
             raise InvalidRequest("top_k must be between 1 and 1000")
-        resolved = self.resolve_threshold(threshold)
-        return self.identify_faces(self.pipeline.find_faces(self.decode(photo)), top_k=top_k, resolved=resolved)
+        return self.resolve_threshold(threshold)
 
     def identify_faces(self, faces: Sequence[Face], *, top_k: int, resolved: Threshold) -> IdentifyResult:
         """`identify` for faces already found (and embedded) in one photo."""
@@ -549,9 +553,7 @@ class FaceService:
     ) -> list[IdentifyResult | FacegateError]:
         """`identify` for each photo (POST /identify/batch): per photo its result, or its error in its place. One
         threshold (resolved once) for all."""
-        if not 1 <= top_k <= 1000:
-            raise InvalidRequest("top_k must be between 1 and 1000")
-        resolved = self.resolve_threshold(threshold)
+        resolved = self._identify_threshold(top_k, threshold)
         return [
             found if isinstance(found, FacegateError) else self.identify_faces(found, top_k=top_k, resolved=resolved)
             for found in self._faces_of_photos(photos)

@@ -34,6 +34,14 @@ class RuntimeSettings(BaseModel):
     intra_op_threads: int = Field(default=0, ge=0, description="Threads inside one operator (0 = ONNX Runtime's default: one per core).")
     inter_op_threads: int = Field(default=1, ge=0, description="Threads running independent operators in parallel (0 = default).")
     cuda_tf32: bool = Field(default=False, description="Allow TF32 on CUDA: faster, but embeddings differ from CPU by ~3e-4.")
+    blas_threads: int = Field(
+        default=1,
+        ge=0,
+        description=(
+            "Threads numpy's BLAS may use (the exact search's matmul) in the service (0 = its default, one per core). "
+            "1 by default: BLAS threads busy-wait after each search and slowed the next photo's detector by ~40 % on 2 cores."
+        ),
+    )
 
 
 class DetectorSettings(BaseModel):

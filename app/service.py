@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
+from app.blas import limit_blas_threads
 from app.config import Settings
 from app.errors import (
     FacegateError,
@@ -290,6 +291,7 @@ class FaceService:
     def open(cls, settings: Settings, *, load_models: bool | None = None) -> FaceService:
         """Verify and (if `load_models`, default `settings.preload_models`) load the models, open the gallery with
         its migrations applied and build the search index."""
+        limit_blas_threads(settings.runtime.blas_threads)
         pipeline = Pipeline.from_settings(settings)
         if settings.preload_models if load_models is None else load_models:
             pipeline.load()

@@ -10,9 +10,13 @@ Writes into gpu_inputs/ at the repository root (git-ignored through .git/info/ex
                 and the CPU score map of its tiled pyramid. The float32 pyramid tensor itself (8-30 MB each) does
                 not travel: gpu_check.py rebuilds it with app.vision.pyramid (numpy only) and checks it against
                 the sha256 recorded here, so its CPU reference applies bit for bit.
+  photos/       16 of the bench's 640x480 JPEG crops of dev photos (bench/common.py), for the end-to-end /embed
+                run (bench/embed_throughput.py --photos-dir).
   inputs.json   what was built: model sha256s, cases (upsample, tensor shape and sha256), counts, versions.
-and copies the two networks the references came from (models/dist/embedder.onnx, detector.onnx, 23 MB) into
-gpu_models/ (git-ignored too), a folder the `device` tool can carry in a call of its own (bench/gpu_run.md).
+and copies the two networks the references came from (models/dist/embedder.onnx, detector.onnx, 23 MB) and the
+manifest into gpu_models/, and the landmark model (5.8 MB) into gpu_landmarks/ (both git-ignored too): folders
+the `device` tool carries in calls of their own (bench/gpu_run.md); together they are a models folder the
+service can serve from.
 
 PRIVACY: the chips and photos are crops of real people from ../shared/faces. They travel only to the lent GPU
 machine for this check (in the `device` tool's working-tree copy, copied to ~/gpu_inputs there), are gone
@@ -41,7 +45,7 @@ from app.vision.decode import load_image
 from app.vision.detect import MEANS, upsample_times
 from app.vision.pipeline import Pipeline, working_image
 from app.vision.pyramid import tiled_layout, tiled_pyramid
-from bench.common import FACES_DIR
+from bench.common import FACES_DIR, bench_photos
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png"}
 # The lent machine's working tree carries gpu_inputs/ beside the first onnxruntime-gpu chunk (55 MB) in a
@@ -134,14 +138,18 @@ def main() -> None:
     parser.add_argument("--faces", type=int, default=64, help="how many face chips (one per photo)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "gpu_inputs", help="output folder (git-ignored)")
     parser.add_argument("--models-out", type=Path, default=REPO_ROOT / "gpu_models", help="copies of the two ONNX models (git-ignored)")
+    parser.add_argument("--landmarks-out", type=Path, default=REPO_ROOT / "gpu_landmarks", help="copy of the landmark model (git-ignored)")
+    parser.add_argument("--photos", type=int, default=16, help="640x480 JPEG photos for the /embed run")
     args = parser.parse_args()
 
     started = time.perf_counter()
     out = args.out if args.out.is_absolute() else Path.cwd() / args.out
     models_out = args.models_out if args.models_out.is_absolute() else Path.cwd() / args.models_out
-    for folder in (out, models_out):
+    landmarks_out = args.landmarks_out if args.landmarks_out.is_absolute() else Path.cwd() / args.landmarks_out
+    for folder in (out, models_out, landmarks_out):
         folder.mkdir(parents=True, exist_ok=True)
         _exclude_from_git(folder)
+    (out / "photos").mkdir(exist_ok=True)
 
     settings = Settings(runtime=RuntimeSettings(providers=[Provider.CPU]))
     pipeline = Pipeline.from_settings(settings)
@@ -174,15 +182,23 @@ def main() -> None:
         )
     np.savez_compressed(out / "detect.npz", **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds badly
 
+    photos = bench_photos(pipeline, limit=args.photos)
+    for index, photo in enumerate(photos):
+        (out / "photos" / f"{index:02d}.jpg").write_bytes(photo.jpeg)
+
     models = {name: settings.models_dir / f"{name}.onnx" for name in ("embedder", "detector")}
     for path in models.values():
         shutil.copyfile(path, models_out / path.name)
+    shutil.copyfile(settings.models_dir / "manifest.json", models_out / "manifest.json")
+    landmarks = pipeline.manifest.path("landmarks")
+    shutil.copyfile(landmarks, landmarks_out / landmarks.name)
     info = {
         "note": "crops of real people: for the GPU check only; delete after (rm -rf gpu_inputs)",
         "models_sha256": {name: _sha256_file(path) for name, path in models.items()},
         "model_version": pipeline.model_version,
         "embed": {"faces": len(chips), "photos": len(sources), "people": len({s.split("/")[1] for s in sources}), "batch_size": 32},
         "detect": cases,
+        "embed_photos": len(photos),
         "built_with": {
             "python": platform.python_version(),
             "numpy": np.__version__,
@@ -191,7 +207,7 @@ def main() -> None:
         },
     }
     (out / "inputs.json").write_text(json.dumps(info, indent=2) + "\n")
-    total = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(json.dumps(info, indent=2))
     print(f"wrote {out} ({total / 1e6:.1f} MB) and {models_out} in {time.perf_counter() - started:.0f} s")
     if total > MAX_BYTES:

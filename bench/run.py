@@ -1,8 +1,9 @@
-"""`make bench`: the vision bench, then the HTTP bench, each in its own process; then one markdown report.
+"""`make bench`: the vision, HTTP, throughput, /embed and gallery-scale benches, each in its own process; then one
+markdown report.
 
-    python -m bench.run [--quick] [--postgres] [--only vision|http] [--report-only]
+    python -m bench.run [--quick] [--postgres] [--only vision|http|throughput|embed_throughput|gallery_scale] [--report-only]
 
-Writes bench/results/vision.json, http.json and report.md (git-ignored) and prints the report, ready for the
+Writes bench/results/<bench>.json and report.md (git-ignored) and prints the report, ready for the
 README. --report-only re-renders the report from the JSON already there.
 """
 
@@ -260,12 +261,30 @@ def throughput_report(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def embed_throughput_report(doc: dict[str, Any]) -> list[str]:
+    lines = [
+        f"### POST /embed end to end ({doc['per_request']} photos per request, uvicorn, 1 worker)",
+        "",
+        "| Concurrency | faces/s | photos/s | p50 | p95 | server CPU per face | wrong answers |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["runs"]:
+        cpu = r.get("server_cpu_ms_per_face")
+        lines.append(
+            f"| {r['concurrency']} | {r['faces_per_s']:.1f} | {r['photos_per_s']:.1f} | {_ms(r['p50_ms'])} | "
+            f"{_ms(r['p95_ms'])} | {_ms(cpu) if cpu else '?'} | {r['wrong'] or 'none'} |"
+        )
+    lines += ["", f"Providers {doc['providers']}. Machine: {_machine_line(doc)}."]
+    return lines
+
+
 def report() -> str:
     parts = ["## Measured performance", ""]
     for name, render in (
         ("vision", vision_report),
         ("http", http_report),
         ("throughput", throughput_report),
+        ("embed_throughput", embed_throughput_report),
         ("gallery_scale", gallery_scale_report),
     ):
         path = RESULTS_DIR / f"{name}.json"
@@ -288,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and requests (a smoke run)")
     parser.add_argument("--postgres", action="store_true", help="HTTP bench on PostgreSQL too")
-    parser.add_argument("--only", choices=["vision", "http", "throughput", "gallery_scale"])
+    parser.add_argument("--only", choices=["vision", "http", "throughput", "embed_throughput", "gallery_scale"])
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
         "--quiet-load",
@@ -303,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "vision": ["--repeats", "3", "--photos", "2"] if args.quick else [],
             "http": (["--requests", "8", "--gallery", "10000"] if args.quick else []) + (["--postgres"] if args.postgres else []),
             "throughput": ["--seconds", "5", "--rounds", "1", "--gallery", "1000"] if args.quick else [],
+            "embed_throughput": ["--seconds", "5", "--concurrency", "1,4"] if args.quick else [],
             "gallery_scale": ["--sizes", "10000,100000", "--queries", "100", "--pg-faces", "100000"] if args.quick else [],
         }
         for name, extra in commands.items():

@@ -8,9 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
+from onnx import numpy_helper
 
 from models import detector
 from models.build import source_dir
@@ -119,3 +121,16 @@ class TestGraph:
     def test_output_size(self, session: ort.InferenceSession, n: int, height: int, width: int) -> None:
         (scores,) = session.run(["scores"], {"image": np.zeros((n, 3, height, width), np.float32)})
         assert scores.shape == (n, 1, _side(height), _side(width))
+
+    def test_hidden_channels_fill_onnx_runtimes_blocks(self, onnx_path: Path) -> None:
+        """The 45-channel layers are zero-padded to 48, so every hidden convolution has a blocked (NCHWc) kernel;
+        the padding adds zero filters only (the scores test above proves the maths unchanged)."""
+        model = onnx.load(str(onnx_path))
+        weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        convs = [weights[n.input[1]] for n in model.graph.node if n.op_type == "Conv"]
+        hidden = convs[:-2]  # the score layer's 1x9 and 9x1 halves are the network's output side
+        assert [w.shape[0] for w in hidden] == [16, 32, 32, 48, 48, 48]
+        for w in hidden[3:]:
+            assert np.all(w[45:] == 0.0)  # the padded filters
+        for w in hidden[4:] + convs[-2:-1]:
+            assert np.all(w[:, 45:] == 0.0)  # the next layer ignores them

@@ -960,7 +960,7 @@ def train(
             result,
             name=name,
             heads_dir=heads_dir(settings.head, settings.models_dir),
-            base_model_version=pipeline.manifest.model_version,
+            base_model_version=pipeline.base_model_version,
             opset=pipeline.manifest.opset,
             extra={"data": {"photos": count, "faces": len(data), "no_face": data.missing}},
         )
@@ -999,7 +999,7 @@ def reindex_command() -> None:
         report = reindex(
             gallery,
             target_version=pipeline.model_version,
-            base_version=pipeline.manifest.model_version,
+            base_version=pipeline.base_model_version,
             transform=pipeline.head.apply if pipeline.head is not None else None,
         )
     except FacegateError as error:

@@ -39,7 +39,8 @@ from app.config import Settings
 from app.errors import InsufficientData, InvalidRequest
 from app.evaluate import EmbeddingCache, embed_photos, pipeline_signature
 from app.matching.calibration import binomial_interval
-from app.matching.openset import OpenSetModel
+from app.matching.data_files import OPENSET_FILE, data_dir
+from app.matching.openset import OpenSetModel, load_default_model
 from app.matching.openset_eval import (
     IdentificationReport,
     Split,
@@ -140,7 +141,10 @@ def evaluate_embeddings(
 def _evaluate_split(
     emb: np.ndarray, split: Split, *, settings: Settings, model: OpenSetModel | None
 ) -> IdentificationReport:
-    """The split's gallery, probes and strangers through `evaluate_identification` at the deployment settings."""
+    """The split's gallery, probes and strangers through `evaluate_identification` at the deployment settings (the
+    shipped open-set calibration of its embedding variant unless `model` is given)."""
+    if model is None:
+        model = load_default_model(data_dir(settings.embedding.flip) / OPENSET_FILE)
     return evaluate_identification(
         emb[split.gallery_rows],
         split.gallery_ids,

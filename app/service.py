@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,7 @@ from app.matching.calibration import (
     pairs_from_gallery,
 )
 from app.matching.distances import pairwise_squared_l2
+from app.matching.data_files import OPENSET_FILE, TABLE_FILE, data_dir
 from app.matching.openset import OpenSetModel, Reason, decide, load_default_model
 from app.matching.thresholds import is_match, validate_threshold
 from app.vision.decode import decode_image
@@ -311,9 +313,11 @@ class FaceService:
             gallery,
             # The shipped table is the base's: with a head (another distance scale) no FAR estimate is given.
             calibration=_default_calibration(
-                pipeline.model_version, pipeline.manifest.model_name if pipeline.head is None else ""
+                pipeline.model_version,
+                pipeline.embedding_name if pipeline.head is None else "",
+                data_dir(pipeline.flip) / TABLE_FILE,
             ),
-            openset=load_default_model(),
+            openset=load_default_model(data_dir(pipeline.flip) / OPENSET_FILE),
         )
 
     def close(self) -> None:
@@ -606,11 +610,10 @@ class FaceService:
             return None
         value: Any = record.value.get("threshold") if isinstance(record.value, dict) else record.value
         made_by = record.value.get("model_version") if isinstance(record.value, dict) else None
-        base = self.pipeline.manifest.model_version
-        if made_by and made_by != self.pipeline.model_version and (
-            self.pipeline.head is not None or str(made_by).startswith(base + "+")
-        ):  # calibrated on another head's (or the base's) distance scale: meaningless here
-            serving = self.pipeline.model_version
+        serving = self.pipeline.model_version
+        if made_by and _distance_scale(str(made_by)) != _distance_scale(serving):
+            # calibrated on another distance scale (a head's, mirror-averaged or not): meaningless here. Another build
+            # of the same network and scale (an older converter) keeps it.
             log.warning("ignoring the deployment threshold calibrated for %s (serving %s)", made_by, serving)
             return None
         try:
@@ -865,11 +868,19 @@ def _clean_name(name: str) -> str:
 _NOT_IN_NAMES = {"Cc", "Zl", "Zp", "Cs"}  # controls (C0, DEL, C1), line and paragraph separators, lone surrogates
 
 
-def _default_calibration(model_version: str, model_name: str) -> CalibrationTable | None:
-    """The shipped calibration table, if it was computed for this network: its `model_version` must be the served
-    model's version or its name (the network, whatever the ONNX build). Otherwise no FAR estimate is given."""
+def _distance_scale(model_version: str) -> str:
+    """What sets a version's distances apart, whatever the ONNX build: the parts after "<network>+onnx...-<digest>"
+    ("" for the embedder's own output, "+flip", "+<head>", "+flip+<head>")."""
+    parts = model_version.split("+")
+    return "+".join(parts[2:]) if len(parts) > 2 and parts[1].startswith("onnx") else "+".join(parts[1:])
+
+
+def _default_calibration(model_version: str, model_name: str, path: Path) -> CalibrationTable | None:
+    """The shipped calibration table at `path`, if it was computed for these embeddings: its `model_version` must
+    be the served model's version or its embedding name (the network and how it is applied, whatever the ONNX
+    build). Otherwise no FAR estimate is given."""
     try:
-        table = load_default_table()
+        table = load_default_table(path)
     except FileNotFoundError:
         log.info("no default calibration table: responses carry no far_estimate")
         return None

@@ -1,6 +1,6 @@
 """Regenerate the two tables shipped in app/matching/data/ from labelled photos, with facegate's own pipeline.
 
-    python -m models.calibration_tables --faces DIR [--out app/matching/data] [--cache FILE]
+    [FACEGATE_EMBEDDING__FLIP=true] python -m models.calibration_tables --faces DIR [--out DIR] [--cache FILE]
 
 DIR holds `dev/` (53 people, 476 photos, with `pairs.csv`) and `lfw-dev/` (828 LFW people), one folder per person (the
 project's ../shared/faces). Every photo of both sets is embedded with the built models (`make models`) through
@@ -14,6 +14,9 @@ involve one are counted in the table's `n_missing`; such photos are no reference
 - `openset.json` (1:N: stranger-score quantiles per gallery size and FPIR, behind /identify's acceptance) comes
   from LFW-DEV: every photo against the first photo of every other person, leave-one-identity-out
   (`app.matching.openset.leave_one_identity_out`, then `build_model` with 128 seeded draws per photo).
+
+With FACEGATE_EMBEDDING__FLIP=true the same run makes the tables of the mirror-averaged embeddings, keyed
+"<network>+flip", into app/matching/data/flip/ (the service picks the folder of its variant).
 
 The two sets are kept apart on purpose: the 1:N rule is calibrated on lfw-dev, so dev stays an independent check
 of it (issue 9: calibrated on lfw-dev, FPIR <= 3 % on dev).
@@ -50,13 +53,12 @@ from app.evaluate import (
 )
 from app.identify_eval import person_photos
 from app.matching.calibration import (
-    DEFAULT_TABLE_PATH,
     CalibrationTable,
     compute_default_table,
 )
+from app.matching.data_files import OPENSET_FILE, TABLE_FILE, data_dir
 from app.matching.distances import pairwise_squared_l2
 from app.matching.openset import (
-    DEFAULT_MODEL_PATH,
     OpenSetModel,
     build_model,
     leave_one_identity_out,
@@ -74,7 +76,8 @@ TAIL_CHOICE = (
 
 def _settings_note(settings: Settings) -> str:
     default = settings.detector == DetectorSettings() and settings.image == ImageSettings()
-    return f"{'default' if default else 'non-default'} settings, CPU, largest face; python -m models.calibration_tables"
+    flip = ", mirror-averaged (embedding.flip)" if settings.embedding.flip else ""
+    return f"{'default' if default else 'non-default'} settings{flip}, CPU, largest face; python -m models.calibration_tables"
 
 
 def embed_set(
@@ -129,14 +132,15 @@ def openset_model(photos: list[str], embedded: dict[str, Embedded], *, model_nam
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--faces", type=Path, required=True, help="folder holding dev/ (with pairs.csv) and lfw-dev/")
-    parser.add_argument("--out", type=Path, default=DEFAULT_TABLE_PATH.parent, help="where the two JSON files go")
+    parser.add_argument("--out", type=Path, help="where the two JSON files go (default: the package's, per variant)")
     parser.add_argument("--cache", type=Path, help="embeddings .npz kept between runs (created if missing)")
     args = parser.parse_args(argv)
 
     settings = Settings(runtime=RuntimeSettings(providers=[Provider.CPU]))
     pipeline = Pipeline.from_settings(settings)
     pipeline.load()
-    model_name = pipeline.manifest.model_name
+    model_name = pipeline.embedding_name  # "+flip" with FACEGATE_EMBEDDING__FLIP: those tables go to data/flip/
+    out = args.out or data_dir(pipeline.flip)
     note = _settings_note(settings)
     cache = (
         EmbeddingCache.load(args.cache, pipeline_signature(pipeline.model_version, settings.detector))
@@ -153,12 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         missing = sorted(p for p in photos if embedded[p].error)
         print(f"{name}: {len(photos)} photos, {len(missing)} without a face {missing}", file=sys.stderr)
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     table = calibration_table(args.faces, dev, model_name=model_name, note=note)
-    table.save(args.out / DEFAULT_TABLE_PATH.name)
+    table.save(out / TABLE_FILE)
     model = openset_model(lfw_photos, lfw, model_name=model_name, note=note)
-    model.save(args.out / DEFAULT_MODEL_PATH.name)
-    print(f"wrote {args.out / DEFAULT_TABLE_PATH.name} and {args.out / DEFAULT_MODEL_PATH.name}", file=sys.stderr)
+    model.save(out / OPENSET_FILE)
+    print(f"wrote {out / TABLE_FILE} and {out / OPENSET_FILE}", file=sys.stderr)
     return 0
 
 

@@ -20,7 +20,15 @@ from sqlalchemy.orm import Session
 
 from app.errors import UnknownIdentity
 from app.gallery import db, store
-from app.gallery.index import GalleryIndex, IdentityCandidate, IndexStats, SearchIndex, SyncReport, create_index
+from app.gallery.index import (
+    MAX_REPLAY,
+    GalleryIndex,
+    IdentityCandidate,
+    IndexStats,
+    SearchIndex,
+    SyncReport,
+    create_index,
+)
 from app.gallery.store import (
     DeletionReport,
     DeploymentSettingRecord,
@@ -76,6 +84,11 @@ def face_ids_digest(face_ids: Iterable[str]) -> str:
 
 class Gallery:
     """Engine + sessions + the index of `model_version`'s faces."""
+
+    # The change log only serves other workers catching up (a lag over MAX_REPLAY reloads in full anyway): every
+    # `prune_every` changes, the rows older than the last `keep_changes` are deleted, so it does not grow forever.
+    prune_every = 10_000
+    keep_changes = MAX_REPLAY
 
     def __init__(self, engine: Engine, model_version: str, index: IndexSettings | None = None) -> None:
         self.engine = engine
@@ -134,7 +147,16 @@ class Gallery:
             except BaseException:
                 store.take_pending_changes(session)
                 raise
-            self.index.apply(store.take_pending_changes(session))
+            changes = store.take_pending_changes(session)
+            self.index.apply(changes)
+        ids = [c.id for c in changes]
+        if ids and max(ids) // self.prune_every > (min(ids) - 1) // self.prune_every:  # crossed a multiple
+            self.prune_changes()
+
+    def prune_changes(self) -> int:
+        """Delete the change-log rows older than the last `keep_changes`; how many went."""
+        with self._sessions() as session, session.begin():
+            return store.prune_changes(session, keep_last=self.keep_changes)
 
     def ping(self) -> None:
         """Raises if the database cannot be reached."""

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from app.matching.data_files import DATA_DIR, TABLE_FILE
 from app.matching.thresholds import validate_rate
 
 __all__ = [
@@ -48,7 +49,7 @@ __all__ = [
     "threshold_for_far",
 ]
 
-DEFAULT_TABLE_PATH = Path(__file__).resolve().parent / "data" / "default_calibration.json"
+DEFAULT_TABLE_PATH = DATA_DIR / TABLE_FILE
 DEFAULT_GRID = np.round(np.arange(0.0, 1.2 + 1e-9, 0.01), 2)
 
 

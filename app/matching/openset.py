@@ -70,6 +70,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from app.matching.data_files import DATA_DIR, OPENSET_FILE
 from app.matching.distances import squared_l2
 from app.matching.thresholds import DEFAULT_THRESHOLD, validate_rate
 
@@ -94,7 +95,7 @@ __all__ = [
     "simulate_stranger_scores",
 ]
 
-DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "data" / "openset.json"
+DEFAULT_MODEL_PATH = DATA_DIR / OPENSET_FILE
 DEFAULT_BETA = 0.75
 DEFAULT_CAP = 0.45
 DEFAULT_FPIR = 0.01

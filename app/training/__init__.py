@@ -7,7 +7,7 @@ Needs the `train` extra (PyTorch, CPU build). Imported only by `facegate train` 
     data = embed_folder(pipeline, Path("photos"), cache_path=Path("photos.npz"))
     train, val = split_identities(data, val_fraction=0.2, seed=0)
     result = train_head(train, val, TrainConfig(loss="triplet", mining="semi_hard", margin=0.2))
-    register_head(result, name="office", heads_dir=..., base_model_version=pipeline.manifest.model_version, opset=17)
+    register_head(result, name="office", heads_dir=..., base_model_version=pipeline.base_model_version, opset=17)
 """
 
 from app.training.data import EmbeddingSet, embed_folder, folder_photos, pair_indices, split_identities

@@ -14,7 +14,8 @@ Semantics, in order of importance:
 - each caller gets exactly its own result, or its own exception: when a batched call raises, its items are run again
   one by one, so that only the item that fails gets the error and the others still get results;
 - a lone item waits at most `max_wait_ms` (measured from when it was submitted, so time spent queued behind running
-  batches counts) and never for a batch to fill; items waiting when a worker becomes free are taken at once;
+  batches counts) and never for a batch to fill, nor at all when `companions` says nothing else is on its way;
+  items waiting when a worker becomes free are taken at once;
 - items with different `key`s (e.g. detector inputs of different shapes) are never in one batch; order is kept;
 - `close()` runs what is queued, then stops the threads; `submit` after `close` raises `BatcherClosed`.
 
@@ -143,6 +144,9 @@ class MicroBatcher(Generic[In, Out]):
     key: items with different keys never share a call (default: all compatible).
     gate: turns at the runtime, shared with other batchers (default: none, calls run as soon as a worker is free).
     on_batch: called on the worker thread with each batch's BatchInfo just before `run`.
+    companions: how many items may still arrive soon (e.g. photos whose detection is under way on request threads);
+        when it says 0 the oldest item waits for no company, since none can come within max_wait_ms. None: always
+        wait up to max_wait_ms.
     """
 
     def __init__(
@@ -157,6 +161,7 @@ class MicroBatcher(Generic[In, Out]):
         key: Callable[[In], Hashable] = _no_key,
         gate: InferenceGate | None = None,
         on_batch: Callable[[BatchInfo], None] | None = None,
+        companions: Callable[[], int] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch < 1:
@@ -174,6 +179,7 @@ class MicroBatcher(Generic[In, Out]):
         self._size = size
         self._key = key
         self._gate = gate
+        self._companions = companions
         self._clock = clock
         self._pending: deque[_Pending[In, Out]] = deque()
         self._cond = threading.Condition()
@@ -261,7 +267,7 @@ class MicroBatcher(Generic[In, Out]):
             deadline = self._pending[0].submitted + self.max_wait
             _, full = self._select()
             remaining = deadline - self._clock()
-            if full or remaining <= 0:
+            if full or remaining <= 0 or (self._companions is not None and self._companions() == 0):
                 return
             self._cond.wait(remaining)
 

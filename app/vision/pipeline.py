@@ -106,9 +106,11 @@ class Pipeline:
         self.landmarks = LandmarkPredictor(manifest.path("landmarks"))
         self.embedder = FaceEmbedder(manifest.path("embedder"), settings.runtime, require_gpu=gpu)
         # A trained head (FACEGATE_HEAD__NAME) maps the embedder's output to the served embeddings; None: base.
-        self.head: EmbeddingHead | None = load_head(settings.head, manifest.directory, manifest.model_version)
+        self.flip = settings.embedding.flip
+        self.head: EmbeddingHead | None = load_head(settings.head, manifest.directory, self.base_model_version)
         self.on_batch: Callable[[BatchInfo], None] | None = None
         self._load_lock = threading.Lock()
+        self._preparing = _Counter()  # photos between the start of detection and their chips' embedding call
         self._embed_queue: MicroBatcher[Chips, Embeddings] | None = None
         batching = settings.batching
         self._narrow_detector = self.detector
@@ -123,6 +125,9 @@ class Pipeline:
         gate = InferenceGate(slots)
         self._embed_queue = MicroBatcher(
             self._embed_batch,
+            # Chips only come from photos being detected and aligned: with none under way, waiting for company
+            # would only add max_wait_ms to a lone request.
+            companions=self._preparing.count,
             name="embedder",
             max_batch=batching.max_batch,
             max_wait_ms=batching.max_wait_ms,
@@ -149,11 +154,21 @@ class Pipeline:
         return cls(settings, load_manifest(settings.models_dir))
 
     @property
+    def base_model_version(self) -> str:
+        """The version of the embeddings before any head: the models', plus "+flip" with mirror averaging."""
+        return f"{self.manifest.model_version}+flip" if self.flip else self.manifest.model_version
+
+    @property
+    def embedding_name(self) -> str:
+        """The network and how it is applied, whatever the ONNX build: what the shipped calibrations are made for."""
+        return f"{self.manifest.model_name}+flip" if self.flip else self.manifest.model_name
+
+    @property
     def model_version(self) -> str:
-        """The served embeddings' version: the embedder's, plus the head's when one is applied."""
+        """The served embeddings' version: the base's, plus the head's when one is applied."""
         if self.head is None:
-            return self.manifest.model_version
-        return f"{self.manifest.model_version}+{self.head.version}"
+            return self.base_model_version
+        return f"{self.base_model_version}+{self.head.version}"
 
     def load(self) -> None:
         with self._load_lock:
@@ -181,12 +196,15 @@ class Pipeline:
             hook(info)
 
     def embed(self, chips: Chips) -> Embeddings:
-        """Embeddings of N chips: through the embedder's micro-batcher (with other requests' chips) or directly."""
+        """Embeddings of N chips: through the embedder's micro-batcher (with other requests' chips) or directly.
+        With `embedding.flip`, each chip's and its mirror image's embeddings averaged (both in one call)."""
         if len(chips) == 0:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
-        if self._embed_queue is None:
-            return self.embedder.embed(chips)
-        return self._embed_queue(chips)
+        batch = np.concatenate([chips, chips[:, :, ::-1]]) if self.flip else chips
+        embeddings = self.embedder.embed(batch) if self._embed_queue is None else self._embed_queue(batch)
+        if not self.flip:
+            return embeddings
+        return (embeddings[: len(chips)] + embeddings[len(chips) :]) * np.float32(0.5)
 
     def _embed_batch(self, items: list[Chips], wide: bool) -> list[Embeddings]:
         """The embedder's batched call: every caller's chips in one array, split back per caller."""
@@ -215,27 +233,33 @@ class Pipeline:
 
     def find_faces(self, image: Image) -> list[Face]:
         """Every face in the photo with its embedding, highest detector score first."""
-        work, detections = self.detect(image)
-        return self._faces(work, detections)
+        with self._preparing:
+            work, detections = self.detect(image)
+            if not detections:
+                return []
+            prepared = self._prepare(work, detections)
+        return prepared.finish(self.embed(prepared.chips), self.head)
 
     def embed_photo(self, image: Image, *, face: str = "single") -> Face:
         """The one face of a photo: `single` refuses photos with several faces, `largest` takes the biggest box.
 
         The choice is made on the detections, so only the chosen face gets landmarks, a chip and an embedding.
         """
-        work, detections = self.detect(image)
-        if not detections:
-            raise NoFace("no face was found in the photo")
-        if len(detections) > 1:
-            boxes = [_original_box(d.box, work.scale) for d in detections]
-            if face != "largest":
-                raise MultipleFaces(
-                    f"{len(detections)} faces were found; send a photo with one face or ask for face=largest",
-                    boxes=[b.as_dict() for b in boxes],
-                )
-            chosen = max(range(len(detections)), key=lambda i: (boxes[i].area, detections[i].score))
-            detections = [detections[chosen]]
-        return self._faces(work, detections)[0]
+        with self._preparing:
+            work, detections = self.detect(image)
+            if not detections:
+                raise NoFace("no face was found in the photo")
+            if len(detections) > 1:
+                boxes = [_original_box(d.box, work.scale) for d in detections]
+                if face != "largest":
+                    raise MultipleFaces(
+                        f"{len(detections)} faces were found; send a photo with one face or ask for face=largest",
+                        boxes=[b.as_dict() for b in boxes],
+                    )
+                chosen = max(range(len(detections)), key=lambda i: (boxes[i].area, detections[i].score))
+                detections = [detections[chosen]]
+            prepared = self._prepare(work, detections)
+        return prepared.finish(self.embed(prepared.chips), self.head)[0]
 
     def find_faces_many(self, images: Sequence[Image | Callable[[], Image]]) -> list[list[Face] | FacegateError]:
         """`find_faces` for several photos, their chips embedded together (in calls of up to `batching.max_batch`).
@@ -247,8 +271,9 @@ class Pipeline:
         prepared: list[_Prepared | FacegateError] = []
         for image in images:
             try:
-                pixels = image() if callable(image) else image
-                prepared.append(self._prepare(*self.detect(pixels)))
+                with self._preparing:
+                    pixels = image() if callable(image) else image
+                    prepared.append(self._prepare(*self.detect(pixels)))
             except ModelUnavailable:
                 raise
             except FacegateError as error:
@@ -267,13 +292,6 @@ class Pipeline:
             start += count
         return results
 
-    def _faces(self, work: WorkingImage, detections: list[Detection]) -> list[Face]:
-        """Landmarks, chips, quality and embeddings of the given detections, in the original photo's pixels."""
-        if not detections:
-            return []
-        prepared = self._prepare(work, detections)
-        return prepared.finish(self.embed(prepared.chips), self.head)
-
     def _prepare(self, work: WorkingImage, detections: list[Detection]) -> _Prepared:
         """Everything but the embeddings: landmarks, chips and quality of each detection."""
         points = [self.landmarks.predict(work.pixels, d.box) for d in detections]
@@ -284,6 +302,25 @@ class Pipeline:
             for d, p, c in zip(detections, points, chips, strict=True)
         ]
         return _Prepared(work, detections, points, chips, qualities)
+
+
+class _Counter:
+    """How many threads are inside `with counter:` (read without the lock: a momentary value is all it serves)."""
+
+    def __init__(self) -> None:
+        self._value = 0
+        self._lock = threading.Lock()
+
+    def count(self) -> int:
+        return self._value
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self._value += 1
+
+    def __exit__(self, *_: object) -> None:
+        with self._lock:
+            self._value -= 1
 
 
 @dataclass(frozen=True)

@@ -299,3 +299,19 @@ def test_bulk_enrol_matches_single_enrolments(open_gallery: OpenGallery) -> None
     with pytest.raises(ValueError):
         seeder.bulk_enrol(names=["a", "b"], embeddings=vectors[:3])
     assert seeder.list_identities()[1] == 50
+
+
+def test_change_log_is_pruned_as_it_grows_and_a_lagging_worker_reloads(open_gallery: OpenGallery) -> None:
+    """Every `prune_every` changes the log keeps only its last `keep_changes` rows (it does not grow forever); a
+    worker that fell behind the pruned part notices the gap and reloads in full."""
+    rng = np.random.default_rng(5)
+    writer, lagging = open_gallery(), open_gallery()
+    writer.prune_every, writer.keep_changes = 4, 2
+    enrolled = [writer.enroll_face(embedding=v, box=BOX, score=1, name="x") for v in random_embeddings(rng, 9)]
+    writer.delete_face(enrolled[0].identity_id, enrolled[0].face.id)  # change 10
+    with writer.engine.connect() as connection:
+        ids = [row[0] for row in connection.execute(text("SELECT id FROM gallery_changes ORDER BY id"))]
+    assert ids == [7, 8, 9, 10]  # pruned at change 8 (to 7, 8); 9 and 10 came after
+    report = lagging.refresh()
+    assert report.reloaded
+    assert lagging.index.face_ids() == _face_rows(lagging) and lagging.stats().size == 8

@@ -159,6 +159,22 @@ class TestMaxWait:
         assert results([first, *rest]) == [2, 4, 6]
         assert run.calls == [[1, 2, 3]]
 
+    def test_no_wait_when_no_companion_is_on_its_way(self, closing: Any) -> None:
+        """With `companions` saying 0 (no photo being prepared) the item runs at once, though the clock stands
+        still and the batch is far from full; while one is on its way, it waits for it."""
+        run, on_its_way = Doubler(), [1]
+        batcher = closing(run, max_batch=8, max_wait_ms=60_000, clock=FakeClock(), companions=lambda: on_its_way[0])
+        first = batcher.submit(1)
+        wait_until(lambda: batcher.running, "the worker")
+        second = batcher.submit(2)  # wakes the worker, which still sees one on its way
+        assert not first.done() and not second.done()  # held for company
+        on_its_way[0] = 0
+        third = batcher.submit(3)  # wakes it again: nothing else is coming, the partial batch runs
+        assert results([first, second, third]) == [2, 4, 6]
+        assert run.calls[0][:2] == [1, 2] and sum(run.calls, []) == [1, 2, 3]
+        assert results([batcher.submit(4)]) == [8]  # alone, at once (the clock never reaches any deadline)
+        assert run.calls[-1] == [4]
+
     def test_the_deadline_closes_a_partial_batch(self, closing: Any) -> None:
         """Items whose deadline has passed (here while they queued behind a running batch) run with max_batch
         unmet; the deadline counts from submission, not from when the worker first sees them."""

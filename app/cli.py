@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -239,6 +240,10 @@ def serve(
             "(facegate keys create --name NAME --scope admin), set FACEGATE_AUTH__REQUIRED=true, listen on "
             "127.0.0.1, or pass --allow-no-auth behind an authenticating proxy."
         )
+    shared = share_cores(settings, workers, os.cpu_count() or 1)
+    if shared:
+        os.environ.update(shared)  # the worker processes read their settings from the environment
+        typer.echo(f"{workers} workers share {os.cpu_count()} cores: " + ", ".join(f"{k}={v}" for k, v in shared.items()))
     level = (log_level or settings.log.level).upper()
     uvicorn.run(
         "app.main:create_app",
@@ -250,6 +255,20 @@ def serve(
         log_level=level.lower(),
         access_log=False,  # app/api/access_log.py logs each request (route template, no client address)
     )
+
+
+def share_cores(settings: Settings, workers: int, cores: int) -> dict[str, str]:
+    """Thread settings for `workers` processes on `cores` cores, where left at "one per core": each process's
+    ONNX Runtime threads and micro-batcher calls get its share, so that N workers do not each ask for every core."""
+    if workers <= 1:
+        return {}
+    share = str(max(1, cores // workers))
+    out = {}
+    if settings.runtime.intra_op_threads == 0 and "FACEGATE_RUNTIME__INTRA_OP_THREADS" not in os.environ:
+        out["FACEGATE_RUNTIME__INTRA_OP_THREADS"] = share
+    if settings.batching.workers == 0 and "FACEGATE_BATCHING__WORKERS" not in os.environ:
+        out["FACEGATE_BATCHING__WORKERS"] = share
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- keys

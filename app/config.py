@@ -31,7 +31,11 @@ class RuntimeSettings(BaseModel):
         default=[Provider.CUDA, Provider.CPU],
         description="Preferred execution providers, in order; those ONNX Runtime cannot use are skipped (and reported).",
     )
-    intra_op_threads: int = Field(default=0, ge=0, description="Threads inside one operator (0 = ONNX Runtime's default: one per core).")
+    intra_op_threads: int = Field(
+        default=0,
+        ge=0,
+        description="Threads inside one operator (0 = ONNX Runtime's default: one per core; `facegate serve --workers N` makes it cores/N).",
+    )
     inter_op_threads: int = Field(default=1, ge=0, description="Threads running independent operators in parallel (0 = default).")
     cuda_tf32: bool = Field(default=False, description="Allow TF32 on CUDA: faster, but embeddings differ from CPU by ~3e-4.")
     blas_threads: int = Field(
@@ -179,8 +183,8 @@ class BatchingSettings(BaseModel):
         ge=0,
         le=64,
         description="Network calls that may run at once under load, each on one intra-op thread (0: one per CPU "
-        "core). A call made while nothing else runs uses every thread instead (runtime.intra_op_threads). Set 1 on "
-        "a GPU.",
+        "core; `facegate serve --workers N` makes it cores/N). A call made while nothing else runs uses every thread "
+        "instead (runtime.intra_op_threads). Set 1 on a GPU.",
     )
     detector_max_batch: int = Field(
         default=1,

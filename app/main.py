@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise
         metrics.info.labels(service.pipeline.model_version).set(1)
         metrics.watch(lambda: service.gallery.stats().size, service.pipeline.providers)
+        service.pipeline.on_batch = metrics.observe_batch
         try:
             yield
         finally:

@@ -12,10 +12,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from app.vision.batcher import BatchInfo
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 # Squared L2 between dlib embeddings: same person mostly 0.1-0.3, different 0.5-1.0; 0.36 is the default cut.
+DISTANCE_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.33, 0.36, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 1.0, 1.5, 2.0, 4.0)
+# Requests or inputs per network call (max_batch is 32 by default).
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 # Recent requests kept for GET /metrics/summary (the web console's health page): enough for stable percentiles.
 RECENT_WINDOW = 500
 
@@ -29,8 +34,6 @@ class RouteLatency:
     p95_ms: float
     max_ms: float
 
-
-DISTANCE_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.33, 0.36, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 1.0, 1.5, 2.0, 4.0)
 
 
 class _LiveGauges(Collector):
@@ -82,12 +85,32 @@ class Metrics:
             registry=self.registry,
         )
         self.enrolments = Counter("facegate_enrolments", "Faces enrolled", registry=self.registry)
+        self.batch_items = Histogram(
+            "facegate_inference_batch_items",
+            "Requests served by one network call of the micro-batcher (network: detector or embedder; "
+            "wide: the call had every core)",
+            ["network", "wide"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "facegate_inference_batch_size",
+            "Inputs of one network call of the micro-batcher: photos (detector) or face chips (embedder)",
+            ["network"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
         self.info = Gauge("facegate_model_info", "Model version served (1)", ["model_version"], registry=self.registry)
         # (method, route, seconds) of the latest requests: histograms cannot say what is recent.
         self.recent: deque[tuple[str, str, float]] = deque(maxlen=RECENT_WINDOW)
 
     def watch(self, gallery_size: Callable[[], int | None], providers: Callable[[], Mapping[str, str | None]]) -> None:
         self.registry.register(_LiveGauges(gallery_size, providers))
+
+    def observe_batch(self, info: BatchInfo) -> None:
+        """The pipeline's `on_batch` hook (inference threads): how much work each network call shared."""
+        self.batch_items.labels(info.name, "true" if info.wide else "false").observe(info.items)
+        self.batch_size.labels(info.name).observe(info.size)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).observe(seconds)

@@ -38,15 +38,30 @@ def _preload_cuda_dlls() -> None:
             log.debug("onnxruntime.preload_dlls() failed: %s", exc)
 
 
+# Device nodes of an NVIDIA driver (Linux; /dev/dxg: WSL 2). Without any, CUDA cannot run.
+_NVIDIA_DEVICES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/proc/driver/nvidia")
+
+
+def nvidia_device_present() -> bool:
+    """Whether an NVIDIA GPU driver is visible to this process (a container needs the device reservation)."""
+    return any(Path(p).exists() for p in _NVIDIA_DEVICES)
+
+
 def requested_providers(settings: RuntimeSettings) -> list[tuple[str, dict[str, Any]]]:
-    """The preferred providers that this ONNX Runtime build offers, in preference order, with their options."""
-    if Provider.CUDA in settings.providers:
+    """The preferred providers that this ONNX Runtime build offers and this machine can run, in preference order,
+    with their options."""
+    gpu = nvidia_device_present()
+    if Provider.CUDA in settings.providers and gpu:
         _preload_cuda_dlls()
     available = set(ort.get_available_providers())
     chosen: list[tuple[str, dict[str, Any]]] = []
     for provider in settings.providers:
         if provider.value not in available:
             log.info("ONNX Runtime provider %s is not available in this build; skipped", provider.value)
+            continue
+        if provider is Provider.CUDA and not gpu:
+            # Asking ONNX Runtime anyway only prints CUDA library errors before it falls back to CPU.
+            log.info("no NVIDIA GPU device found (%s): %s skipped", ", ".join(_NVIDIA_DEVICES), provider.value)
             continue
         options: dict[str, Any] = {}
         if provider is Provider.CUDA:
@@ -81,10 +96,12 @@ def open_session(path: Path, settings: RuntimeSettings, *, require_gpu: bool = F
     applied = session.get_providers()
     log.info("%s: ONNX Runtime providers in use %s (asked for %s)", path.name, applied, [n for n, _ in providers])
     if require_gpu and applied[0] != Provider.CUDA.value:
+        device = "" if nvidia_device_present() else " No NVIDIA GPU device is visible to this process."
         raise ModelUnavailable(
             "FACEGATE_REQUIRE_GPU is set but the CUDA provider is not usable "
-            f"(in use: {applied}; available in this build: {ort.get_available_providers()}). "
-            "Check the NVIDIA driver and that onnxruntime-gpu's CUDA 13 / cuDNN 9 libraries are installed."
+            f"(in use: {applied}; available in this build: {ort.get_available_providers()}).{device} "
+            "Check the NVIDIA driver (and a container's GPU reservation) and that onnxruntime-gpu's CUDA 13 / "
+            "cuDNN 9 libraries are installed."
         )
     return session
 

@@ -133,3 +133,20 @@ def test_serve_without_api_keys_stays_on_loopback(env: Path, tmp_path: Path) -> 
         server.terminate()
         server.wait(timeout=30)
     assert "every route is open, so facegate listens on 127.0.0.1 only" in log.read_text()
+
+
+def test_several_workers_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`facegate serve --workers N` gives each process its share of the cores where threads are left at "one per
+    core", and leaves alone what the operator set."""
+    from app.cli import share_cores
+    from app.config import Settings
+
+    for name in ("FACEGATE_RUNTIME__INTRA_OP_THREADS", "FACEGATE_BATCHING__WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    assert share_cores(Settings(), 1, 16) == {}
+    assert share_cores(Settings(), 4, 16) == {"FACEGATE_RUNTIME__INTRA_OP_THREADS": "4", "FACEGATE_BATCHING__WORKERS": "4"}
+    assert share_cores(Settings(), 4, 2) == {"FACEGATE_RUNTIME__INTRA_OP_THREADS": "1", "FACEGATE_BATCHING__WORKERS": "1"}
+    monkeypatch.setenv("FACEGATE_BATCHING__WORKERS", "3")
+    settings = Settings()
+    assert settings.batching.workers == 3
+    assert share_cores(settings, 2, 16) == {"FACEGATE_RUNTIME__INTRA_OP_THREADS": "8"}

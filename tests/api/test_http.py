@@ -172,6 +172,10 @@ class TestHealth:
             "facegate_gallery_faces 0.0",
             'facegate_provider_info{network="detector",provider="CPUExecutionProvider"} 1.0',
             'facegate_provider_info{network="embedder",provider="CPUExecutionProvider"} 1.0',
+            # the micro-batcher's calls: two photos, each alone (so with every core), one face each
+            'facegate_inference_batch_items_count{network="detector",wide="true"} 2.0',
+            'facegate_inference_batch_size_sum{network="detector"} 2.0',
+            'facegate_inference_batch_size_sum{network="embedder"} 2.0',
         ):
             assert expected in text, expected
         assert "0" * 32 not in text

@@ -1,0 +1,42 @@
+"""ONNX Runtime sessions (app/vision/runtime.py): the provider actually in use is the one reported, CUDA is only asked
+for where a GPU can be, and FACEGATE_REQUIRE_GPU refuses to start without it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.config import Provider, RuntimeSettings, Settings
+from app.errors import ModelUnavailable
+from app.service import FaceService
+from app.vision.runtime import nvidia_device_present, open_session, requested_providers
+
+
+def test_cuda_is_asked_for_only_where_an_nvidia_device_is() -> None:
+    names = [name for name, _ in requested_providers(RuntimeSettings())]  # default: CUDA, then CPU
+    if nvidia_device_present():
+        assert names[0] == Provider.CUDA.value
+    else:
+        assert names == [Provider.CPU.value]  # no CUDA library errors printed on a CPU machine
+
+
+def test_cpu_is_always_kept_as_the_last_resort() -> None:
+    assert requested_providers(RuntimeSettings(providers=[]))[-1][0] == Provider.CPU.value
+
+
+def test_the_session_reports_the_provider_it_runs_on(models_dir: Path) -> None:
+    session = open_session(models_dir / "embedder.onnx", RuntimeSettings(providers=[Provider.CPU]))
+    assert session.get_providers()[0] == Provider.CPU.value
+
+
+def test_require_gpu_refuses_a_cpu_session_with_a_clear_message(models_dir: Path) -> None:
+    with pytest.raises(ModelUnavailable, match="FACEGATE_REQUIRE_GPU is set but the CUDA provider is not usable"):
+        open_session(models_dir / "detector.onnx", RuntimeSettings(providers=[Provider.CPU]), require_gpu=True)
+
+
+@pytest.mark.skipif(nvidia_device_present(), reason="this machine has a GPU: start-up would succeed")
+def test_the_service_does_not_start_without_a_gpu_when_one_is_required(settings: Settings) -> None:
+    required = settings.model_copy(update={"require_gpu": True, "runtime": RuntimeSettings()})
+    with pytest.raises(ModelUnavailable, match="No NVIDIA GPU device is visible"):
+        FaceService.open(required, load_models=True)

@@ -1,8 +1,9 @@
 """dlib's ResNet face embedder (dlib_face_recognition_resnet_model_v1.dat) -> ONNX (dlib-models.md, sections 4, 10).
 
-Graph: input "chips" uint8 [N,150,150,3] RGB -> Cast -> Transpose(0,3,1,2) -> Sub(means) -> Div(256) -> the
-network (29 convs with their affines folded, down blocks with end-padding before Add, global average
-pool, MatMul with W 256x128 as stored) -> output "embeddings" float32 [N,128], not normalised.
+Graph: input "chips" uint8 [N,150,150,3] RGB -> Cast -> Transpose(0,3,1,2) -> the network (29 convs with their
+affines folded, the input normalisation (v - mean_c)/256 folded into the first, down blocks with end-padding before
+Add as identity 1x1 convs, global average pool, MatMul with W 256x128 as stored) -> output "embeddings" float32
+[N,128], not normalised.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from models.dlib_dnn import (
     AddPrevSpec,
     AffineSpec,
     ConSpec,
+    Conv,
     FcSpec,
     LayerSpec,
     Network,
@@ -33,6 +35,7 @@ from models.serialization import FormatError, Reader
 
 CHIP_SIZE = 150
 EMBEDDING_DIM = 128
+INPUT_SCALE = 256.0  # dlib's input_rgb_image_sized: (v - mean_c) / 256
 
 
 def _block(n: int, stride: int) -> list[LayerSpec]:
@@ -91,9 +94,11 @@ def build_graph(embedder: Embedder) -> onnx.ModelProto:
     chips = g.input("chips", onnx.TensorProto.UINT8, ["N", CHIP_SIZE, CHIP_SIZE, 3])
     x = g.node("Cast", [chips], to=onnx.TensorProto.FLOAT)
     x = g.node("Transpose", [x], perm=[0, 3, 1, 2])
-    x = g.node("Sub", [x, g.const("means", np.array(embedder.means, dtype=np.float32).reshape(1, 3, 1, 1))])
-    x = g.node("Div", [x, g.const("scale", np.float32(256.0))])
-    x, shape = emit_layers(g, x, embedder.network.layers, (3, CHIP_SIZE, CHIP_SIZE))
+    first, *rest = embedder.network.layers
+    if not isinstance(first, Conv) or first.spec.padding != 0:
+        raise FormatError("embedder: the input normalisation folds only into an unpadded first convolution")
+    layers = [_normalising(first, embedder.means), *rest]
+    x, shape = emit_layers(g, x, layers, (3, CHIP_SIZE, CHIP_SIZE))
     if shape != (EMBEDDING_DIM, 1, 1):
         raise FormatError(f"embedder output shape {shape}, expected ({EMBEDDING_DIM}, 1, 1)")
     g.output(g.identity(x, "embeddings"), onnx.TensorProto.FLOAT, ["N", EMBEDDING_DIM])
@@ -110,6 +115,16 @@ def convert(source: Path, dest: Path) -> dict[str, Any]:
         "means": list(embedder.means),
         "distance_threshold": embedder.distance_threshold,
     }
+
+
+def _normalising(conv: Conv, means: tuple[float, float, float]) -> Conv:
+    """The first convolution taking raw pixel values: conv((v - mean_c)/256) = conv'(v) with W' = W/256 and
+    b' = b - sum W*mean_c/256 (float64, stored float32). Exact up to rounding only because this convolution is
+    unpadded (dlib pads stride-2 convolutions by 0): every window sees pixels, never padding. Saves the graph two
+    whole-image operations (Sub, Div) per chip."""
+    w = conv.weights.astype(np.float64) / INPUT_SCALE
+    shift = (w * np.asarray(means, np.float64)[None, :, None, None]).sum(axis=(1, 2, 3))
+    return Conv(conv.spec, w.astype(np.float32), (conv.bias.astype(np.float64) - shift).astype(np.float32))
 
 
 def _read_input(r: Reader) -> tuple[float, float, float]:

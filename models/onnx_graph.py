@@ -2,8 +2,8 @@
 
 `emit_layers` turns a dlib layer list into nodes: each affine (or batch norm) is folded into the
 convolution before it, tags/skips are resolved at build time, and `add_prev` pads both operands at the end
-of C, H and W to their element-wise maximum size (static Pads, or a 1x1 identity convolution when only the
-channels grow: the shapes must be known there).
+of C, H and W to their element-wise maximum size (a 1x1 identity convolution with end padding: the shapes must be
+known there).
 """
 
 from __future__ import annotations
@@ -60,11 +60,20 @@ class GraphBuilder:
     def identity(self, x: str, out: str) -> str:
         return self.node("Identity", [x], out=out)
 
-    def conv(self, x: str, weights: npt.NDArray[np.float32], bias: npt.NDArray[np.float32], stride: int, pad: int) -> str:
+    def conv(
+        self,
+        x: str,
+        weights: npt.NDArray[np.float32],
+        bias: npt.NDArray[np.float32],
+        stride: int,
+        pad: int | Sequence[int],
+    ) -> str:
+        """pad: the same on every side, or ONNX's [top, left, bottom, right]."""
         kh, kw = weights.shape[2:]
         w = self.const("W", weights)
         b = self.const("B", bias)
-        return self.node("Conv", [x, w, b], kernel_shape=[kh, kw], strides=[stride, stride], pads=[pad] * 4)
+        pads = [pad] * 4 if isinstance(pad, int) else list(pad)
+        return self.node("Conv", [x, w, b], kernel_shape=[kh, kw], strides=[stride, stride], pads=pads)
 
     def model(self, *, doc: str) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
@@ -161,13 +170,10 @@ def _pad_to(g: GraphBuilder, x: str, shape: tuple[int, int, int], target: tuple[
     """Zero-pad at the end of C, H and W (ONNX pads: begins of N, C, H, W, then ends)."""
     if shape == target:
         return x
-    if shape[1:] == target[1:]:
-        # Channels only (the down blocks' pooled shortcut): a 1x1 convolution with identity weights gives the same
-        # values (x*1 plus zeros) but, unlike Pad, has a blocked-layout kernel in ONNX Runtime's CPU provider, so the
-        # following blocks no longer convert between layouts around every Add.
-        weights = np.zeros((target[0], shape[0], 1, 1), np.float32)
-        weights[np.arange(shape[0]), np.arange(shape[0])] = 1.0
-        return g.conv(x, weights, np.zeros(target[0], np.float32), 1, 0)
-    ends = [t - s for s, t in zip(shape, target, strict=True)]
-    pads = g.const("pads", [0, 0, 0, 0, 0, *ends], dtype=np.int64)
-    return g.node("Pad", [x, pads], mode="constant")
+    # A 1x1 convolution with identity weights, zero-padded at the bottom and right, gives the same values (x*1, and
+    # zeros in the new channels, rows and columns) but, unlike Pad, has a blocked-layout kernel in ONNX Runtime's CPU
+    # provider, so the blocks around it no longer convert between layouts at every Add.
+    rows, cols = target[1] - shape[1], target[2] - shape[2]
+    weights = np.zeros((target[0], shape[0], 1, 1), np.float32)
+    weights[np.arange(shape[0]), np.arange(shape[0])] = 1.0
+    return g.conv(x, weights, np.zeros(target[0], np.float32), 1, [0, 0, rows, cols])

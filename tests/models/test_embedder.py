@@ -121,3 +121,16 @@ class TestGraph:
         one_by_one = np.concatenate([session.run(None, {"chips": chip[None]})[0] for chip in chips])
         batched = session.run(None, {"chips": chips})[0]
         assert np.abs(one_by_one - batched).max() <= 1e-6
+
+
+def test_graph_is_convolutions_and_pooling_only(source_bytes: bytes) -> None:
+    """The input normalisation lives in the first convolution and the down blocks' end-padding in identity 1x1
+    convolutions: no whole-tensor Sub/Div/Pad that would break ONNX Runtime's blocked layout (the dlib parity test
+    above proves the maths unchanged)."""
+    graph = embedder.build_graph(embedder.parse(source_bytes)).graph
+    ops = Counter(node.op_type for node in graph.node)
+    assert set(ops) == {"Cast", "Transpose", "Conv", "Relu", "Add", "MaxPool", "AveragePool", "GlobalAveragePool",
+                        "Flatten", "MatMul", "Identity"}  # fmt: skip
+    # the network's 29, plus the identities: 3 shortcuts that gain channels (32->64->128->256), 2 branches a row and
+    # a column short of their shortcut (the two smallest levels)
+    assert ops["Conv"] == 29 + 3 + 2

@@ -298,7 +298,16 @@ class FaceService:
         if settings.preload_models if load_models is None else load_models:
             pipeline.load()
             log.info("models loaded: %s, providers %s", pipeline.model_version, pipeline.providers())
-        gallery = Gallery.open(settings.database_url, pipeline.model_version, migrate=True, index=settings.index)
+        # Faces made by an earlier build of the same plain embeddings are this model's (mirror-averaged or head
+        # embeddings are another scale: those stay stale).
+        plain = pipeline.model_version == pipeline.manifest.model_version
+        gallery = Gallery.open(
+            settings.database_url,
+            pipeline.model_version,
+            migrate=True,
+            index=settings.index,
+            adopt=pipeline.manifest.earlier_versions if plain else (),
+        )
         stats = gallery.stats()
         log.info(
             "gallery: %d faces searchable, %d identities, %d stale faces; %s search",

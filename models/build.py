@@ -33,6 +33,10 @@ OPSET = 17
 MANIFEST = "manifest.json"
 MODEL_NAME = "dlib-resnet-v1"
 EMBEDDING_INPUTS = ("embedder", "landmarks")  # the models whose output the model version covers
+# Model versions that earlier converters gave these same dlib files (a digest of their ONNX output then). Their
+# embeddings are this build's within the parity tolerance, so the service relabels faces stored under them instead
+# of reporting them stale.
+EARLIER_VERSIONS = ("dlib-resnet-v1+onnx1-2ea5231aed27", "dlib-resnet-v1+onnx2-5d326777ddf3")
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,7 @@ def build(out: Path, *, force: bool = False) -> dict[str, Any]:
     manifest = {
         "model_name": MODEL_NAME,
         "model_version": f"{MODEL_NAME}+onnx-{digest}",
+        "earlier_versions": list(EARLIER_VERSIONS),
         "converter_version": CONVERTER_VERSION,
         "opset": OPSET,
         "source_package": "face_recognition_models==0.3.0",

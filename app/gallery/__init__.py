@@ -8,6 +8,7 @@ with `refresh()` (called by `search` and `identity_distances` unless told not to
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from app.vision.types import Box
 
 if TYPE_CHECKING:
     from app.config import IndexSettings
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DeletionReport",
@@ -104,9 +107,11 @@ class Gallery:
         *,
         migrate: bool = True,
         index: IndexSettings | None = None,
+        adopt: Sequence[str] = (),
         **engine_options: Any,
     ) -> Gallery:
-        """Connect, apply the migrations (unless `migrate=False`: then the schema must already be at head) and
+        """Connect, apply the migrations (unless `migrate=False`: then the schema must already be at head), relabel
+        the faces stored under `adopt` (earlier builds' versions of the same embeddings) as `model_version`, and
         load the index (`index`: which search backend, see app/gallery/index.py; None: exact)."""
         engine = db.make_engine(database_url, **engine_options)
         try:
@@ -119,11 +124,22 @@ class Gallery:
                         f"database schema is at {current}, expected {head}: run `facegate db upgrade`"
                     )
             gallery = cls(engine, model_version, index)
+            adopted = gallery.adopt_versions(adopt)
+            if adopted:
+                log.info("%d faces made by an earlier build of %s relabelled (same embeddings)", adopted, model_version)
             gallery.load()
         except BaseException:
             engine.dispose()
             raise
         return gallery
+
+    def adopt_versions(self, versions: Sequence[str]) -> int:
+        """Faces stored under `versions` now carry this gallery's model version; how many (see `store.relabel_faces`)."""
+        stale = [v for v in versions if v != self.model_version]
+        if not stale:
+            return 0
+        with self._sessions() as session, session.begin():
+            return store.relabel_faces(session, old_versions=stale, new_version=self.model_version)
 
     def close(self) -> None:
         self.engine.dispose()

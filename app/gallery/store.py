@@ -458,6 +458,18 @@ def all_faces(session: Session) -> tuple[list[str], list[str], list[str], npt.ND
     )
 
 
+def relabel_faces(session: Session, *, old_versions: Sequence[str], new_version: str) -> int:
+    """Faces stored under `old_versions` (earlier builds of the same model) now carry `new_version`; how many.
+    Not a change-log event: no face is added or removed, and every worker loads its index after this."""
+    if not old_versions:
+        return 0
+    _lock_gallery(session)
+    result = session.execute(
+        update(Face).where(Face.model_version.in_(list(old_versions))).values(model_version=new_version)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 def prune_changes(session: Session, *, keep_last: int) -> int:
     """Delete all but the last `keep_last` change-log rows; returns how many went. A worker whose index lags
     behind the pruned part notices the gap and reloads in full."""

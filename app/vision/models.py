@@ -20,6 +20,8 @@ class Manifest:
     model_version: str
     opset: int
     models: dict[str, dict[str, Any]]
+    # Versions earlier builds gave the same embeddings (within the parity tolerance): their faces are adopted.
+    earlier_versions: tuple[str, ...] = ()
 
     def path(self, name: str) -> Path:
         return self.directory / self.models[name]["file"]
@@ -45,6 +47,7 @@ def load_manifest(directory: Path, *, verify: bool = True) -> Manifest:
         model_version=raw["model_version"],
         opset=int(raw["opset"]),
         models=dict(raw["models"]),
+        earlier_versions=tuple(raw.get("earlier_versions", ())),
     )
     for name in ("embedder", "detector", "landmarks"):
         if name not in manifest.models:

@@ -315,3 +315,24 @@ def test_change_log_is_pruned_as_it_grows_and_a_lagging_worker_reloads(open_gall
     report = lagging.refresh()
     assert report.reloaded
     assert lagging.index.face_ids() == _face_rows(lagging) and lagging.stats().size == 8
+
+
+def test_faces_of_an_earlier_build_of_the_same_model_are_adopted(open_gallery: OpenGallery) -> None:
+    """A converter upgrade that keeps the embeddings (within the parity tolerance) relabels the stored faces instead
+    of leaving them stale; versions not listed stay stale."""
+    rng = np.random.default_rng(6)
+    vectors = random_embeddings(rng, 3)
+    old = open_gallery("model+onnx2-aaaaaaaaaaaa")
+    kept = [old.enroll_face(embedding=v, box=BOX, score=1, name="x") for v in vectors[:2]]
+    other = open_gallery("other-model")
+    other.enroll_face(embedding=vectors[2], box=BOX, score=1, name="y")
+    assert open_gallery("model+onnx-bbbbbbbbbbbb").stats().stale == 3  # not adopted: reported stale
+
+    new = Gallery.open(old.engine.url.render_as_string(hide_password=False), "model+onnx-bbbbbbbbbbbb",
+                       adopt=["model+onnx2-aaaaaaaaaaaa"])  # fmt: skip
+    try:
+        assert (new.stats().size, new.stats().stale) == (2, 1)
+        assert new.search(vectors[0], top_k=1)[0][0].face_id == kept[0].face.id
+        assert new.adopt_versions(["model+onnx2-aaaaaaaaaaaa"]) == 0  # idempotent: every worker may run it
+    finally:
+        new.close()

@@ -40,7 +40,6 @@ from app.errors import (
     NoEnrolledFaces,
     NoFace,
     PossibleDuplicate,
-    UnknownIdentity,
 )
 from app.gallery import (
     DeletionReport,

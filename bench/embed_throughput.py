@@ -23,7 +23,6 @@ What it does, bounded and on loopback only:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import threading

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.config import REPO_ROOT, Settings
+from app.config import REPO_ROOT, BatchingSettings, Provider, RuntimeSettings, Settings
 from app.evaluate import evaluate_distances
 from app.matching.thresholds import DEFAULT_THRESHOLD
 from app.training import EmbeddingSet, TrainConfig, embed_folder, pair_indices, split_identities, train_head
@@ -75,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # the head is tiny: one thread is as fast and leaves the other core free
 
-    settings = Settings(runtime={"providers": ["CPUExecutionProvider"]}, batching={"enabled": False})
+    settings = Settings(runtime=RuntimeSettings(providers=[Provider.CPU]), batching=BatchingSettings(enabled=False))
     pipeline = Pipeline.from_settings(settings)
     dev = embed_folder(pipeline, args.dev, cache_path=args.cache_dir / "dev.npz")
     lfw = embed_folder(pipeline, args.lfw, cache_path=args.cache_dir / "lfw-dev.npz")

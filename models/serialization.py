@@ -7,6 +7,7 @@ tensor payloads are raw IEEE float32.
 
 from __future__ import annotations
 
+import builtins
 import math
 from dataclasses import dataclass
 
@@ -72,7 +73,7 @@ class Reader:
         length = self.int()
         return self.raw(length).decode("latin-1")
 
-    def expect_int(self, expected: int, what: str) -> None:
+    def expect_int(self, expected: builtins.int, what: str) -> None:
         got = self.int()
         if got != expected:
             raise FormatError(f"{what}: expected version {expected}, got {got} at byte {self.pos}")
@@ -97,6 +98,6 @@ class Reader:
         data = np.frombuffer(self.raw(4 * count), dtype="<f4").astype(np.float32)
         return Tensor(shape, data)
 
-    def alias_tensor(self) -> tuple[int, int, int, int]:
+    def alias_tensor(self) -> tuple[builtins.int, builtins.int, builtins.int, builtins.int]:
         self.expect_int(1, "alias tensor")
         return (self.int(), self.int(), self.int(), self.int())

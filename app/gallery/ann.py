@@ -190,7 +190,8 @@ class ApproximateIndex(GalleryIndex):
     def _on_removed(self, rows: list[int]) -> None:
         if self._ivf is not None:
             with self._ivf.lock.write():
-                self._ivf.index.remove_ids(np.asarray(rows, dtype=np.int64))
+                # faiss's Python wrapper takes an id array where its stubs say IDSelector
+                self._ivf.index.remove_ids(np.asarray(rows, dtype=np.int64))  # type: ignore[arg-type]
 
     def _alive_rows(self) -> npt.NDArray[np.int64]:
         rows = np.fromiter(self._rows.values(), dtype=np.int64, count=len(self._rows))
@@ -227,7 +228,7 @@ class ApproximateIndex(GalleryIndex):
             ivf.index.add_with_ids(self._vectors[added], added)
         removed = rows[~np.isfinite(self._norms[rows])]
         if len(removed):
-            ivf.index.remove_ids(removed)
+            ivf.index.remove_ids(removed)  # type: ignore[arg-type]  # an id array, as above
         self._ivf = ivf
         log.info("IVF ready: %d faces in %d cells", ivf.index.ntotal, ivf.nlist)
 

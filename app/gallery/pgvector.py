@@ -16,6 +16,9 @@ approximate backend. The process keeps `GalleryIndex`'s bookkeeping (counts, rep
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 from sqlalchemy import Connection, Engine, text
@@ -204,7 +207,7 @@ def _upsert_vectors(connection: Connection, adds: list[Change]) -> None:
     )
 
 
-def _rank(rows: list, query: npt.NDArray[np.float32], top_k: int, needed: int) -> list[IdentityCandidate] | None:
+def _rank(rows: Sequence[Any], query: npt.NDArray[np.float32], top_k: int, needed: int) -> list[IdentityCandidate] | None:
     if not rows:
         return None
     vectors = np.asarray([row.embedding for row in rows], dtype=np.float32)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import warnings
@@ -41,7 +42,7 @@ def onnx_bytes(model: HeadNet, *, opset: int) -> bytes:
         torch.onnx.export(
             model,
             (torch.zeros(2, EMBEDDING_DIM),),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # torch.onnx.export writes to any binary file object
             input_names=[INPUT],
             output_names=[OUTPUT],
             dynamic_axes={INPUT: {0: "N"}, OUTPUT: {0: "N"}},
@@ -100,7 +101,7 @@ def register_head(
 
 
 def _num(value: float) -> float | None:
-    return None if value != value else value  # NaN (epoch 0 has no training loss) is not JSON
+    return None if math.isnan(value) else value  # NaN (epoch 0 has no training loss) is not JSON
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

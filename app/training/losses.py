@@ -128,7 +128,7 @@ class CenterLoss(nn.Module):
     @torch.no_grad()
     def init_centers(self, embeddings: Tensor, labels: Tensor) -> None:
         """Start each centre at its identity's mean (otherwise every centre starts at the origin)."""
-        for c in labels.unique():
+        for c in labels.unique():  # type: ignore[no-untyped-call]  # unannotated in torch
             self.centers[c] = embeddings[labels == c].mean(dim=0)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:

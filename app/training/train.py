@@ -128,7 +128,8 @@ def _loss(
 
 def _squared(a: npt.NDArray[np.float32], i: npt.NDArray[np.int64], j: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
     diff = a[i].astype(np.float64) - a[j].astype(np.float64)
-    return np.einsum("ij,ij->i", diff, diff)
+    squared: npt.NDArray[np.float64] = np.einsum("ij,ij->i", diff, diff)
+    return squared
 
 
 class _Validation:
@@ -218,7 +219,7 @@ def train_head(
             b = torch.from_numpy(batch)
             loss = _loss(config, model(x[b]), y[b], center)
             optimiser.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             optimiser.step()
             losses.append(loss.item())
         figures = validation.figures(model)

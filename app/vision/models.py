@@ -24,7 +24,7 @@ class Manifest:
     earlier_versions: tuple[str, ...] = ()
 
     def path(self, name: str) -> Path:
-        return self.directory / self.models[name]["file"]
+        return self.directory / str(self.models[name]["file"])
 
 
 def _sha256(path: Path) -> str:

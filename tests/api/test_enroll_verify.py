@@ -256,3 +256,20 @@ def test_deleted_faces_leave_nothing_to_verify(client: TestClient, photo: Photo)
         409,
         "no_enrolled_faces",
     )
+
+
+def test_largest_face_is_the_largest_area_then_score(client: TestClient, lfw_faces: Path) -> None:
+    """face=largest picks by area, then detector score: in this photo two faces are 69 px wide and 69 / 70 px high,
+    and the less sure one is the larger. The system tests' `top_candidate` must find the same face again."""
+    from tests.system.traffic import top_candidate
+
+    photo = lfw_faces / "mikhail_gorbachev" / "lfw__Mikhail_Gorbachev_0001.jpg"
+    data = {"name": "Gorbachev", "face": "largest", "allow_low_quality": "true"}  # as the system tests enrol
+    enrolled = client.post("/enroll", files={"image": (photo.name, photo.read_bytes(), "image/jpeg")}, data=data)
+    assert enrolled.status_code == 201, enrolled.text
+    body = enrolled.json()
+    box = body["face"]["box"]
+    assert (box["right"] - box["left"] + 1, box["bottom"] - box["top"] + 1) == (69, 70)
+    best = top_candidate(client, photo)
+    assert best is not None and (best["identity_id"], best["face_id"]) == (body["identity_id"], body["face_id"])
+    assert best["distance"] < 1e-3

@@ -96,9 +96,16 @@ def enrol(client: httpx.Client, ledger: Ledger, photo: Path, name: str) -> httpx
 
 
 def top_candidate(client: httpx.Client, photo: Path) -> dict[str, Any] | None:
-    """The nearest identity /identify names for the photo's largest face (None: no candidate)."""
+    """The nearest identity /identify names for the photo's largest face (None: no candidate): largest as /enroll's
+    face=largest chooses, by area then score (two faces can be equally wide, e.g. 69x69 and 69x70 px in one LFW
+    photo)."""
     response = client.post("/identify", files=upload(photo), data={"top_k": "1"})
     assert response.status_code == 200, response.text
     faces = response.json()["faces"]
-    largest = max(faces, key=lambda f: (f["face"]["box"]["right"] - f["face"]["box"]["left"]))
+
+    def area_then_score(found: dict[str, Any]) -> tuple[int, float]:
+        box = found["face"]["box"]
+        return (box["right"] - box["left"] + 1) * (box["bottom"] - box["top"] + 1), found["face"]["score"]
+
+    largest = max(faces, key=area_then_score)
     return largest["candidates"][0] if largest["candidates"] else None

@@ -25,17 +25,15 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.common import load_average, summary, write
+from bench.common import load_average, write
 from bench.http import server
-from bench.throughput import cpu_seconds, environment, server_pid
+from bench.throughput import environment, server_pid, timed_load
 
 
 def log(message: str) -> None:
@@ -82,63 +80,22 @@ def load(
     base: str, photos: Sequence[tuple[str, bytes]], expected: dict[str, int], *, concurrency: int, per_request: int,
     seconds: float,
 ) -> dict[str, Any]:  # fmt: skip
-    """`concurrency` threads POST /embed with `per_request` photos each (in turn) for `seconds`."""
-    lock = threading.Lock()
-    latencies: list[float] = []
-    faces = 0
-    images = 0
-    wrong: dict[str, int] = {}
+    """`concurrency` threads POST /embed with `per_request` photos each (taken in turn) for `seconds`
+    (bench.throughput.timed_load); a reply counts only if it is a 200 with each photo's expected face count."""
 
-    def worker(offset: int) -> None:
-        nonlocal faces, images
-        with httpx.Client(base_url=base, timeout=300.0) as client:
-            batch = [photos[(offset + i) % len(photos)] for i in range(per_request)]
-            post_embed(client, batch)  # warm-up: the connection and the server's first call of this shape
-            barrier.wait()
-            deadline = time.perf_counter() + seconds
-            step = offset
-            while time.perf_counter() < deadline:
-                batch = [photos[(step + i) % len(photos)] for i in range(per_request)]
-                step += per_request
-                t0 = time.perf_counter()
-                response = post_embed(client, batch)
-                elapsed = (time.perf_counter() - t0) * 1000
-                counts = face_counts(response)
-                with lock:
-                    if counts is None or counts != [expected[name] for name, _ in batch]:
-                        key = str(response.status_code) if counts is None else "wrong_face_counts"
-                        wrong[key] = wrong.get(key, 0) + 1
-                        continue
-                    latencies.append(elapsed)
-                    faces += sum(counts)
-                    images += len(counts)
+    def embed(client: httpx.Client, turn: int) -> tuple[str, int, int]:
+        batch = [photos[(turn * per_request + i) % len(photos)] for i in range(per_request)]
+        response = post_embed(client, batch)
+        counts = face_counts(response)
+        if counts is None:
+            return str(response.status_code), 0, 0
+        if counts != [expected[name] for name, _ in batch]:
+            return "wrong_face_counts", 0, 0
+        return "200", sum(counts), len(counts)
 
-    barrier = threading.Barrier(concurrency + 1)
-    threads = [threading.Thread(target=worker, args=(i * per_request,)) for i in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    pid = server_pid(base)
-    barrier.wait()
-    cpu0 = cpu_seconds(pid)
-    start = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start
-    cpu = cpu_seconds(pid) - cpu0 if pid is not None else None
-    stats = summary(latencies) if latencies else {"median_ms": None, "p95_ms": None}
-    return {
-        "concurrency": concurrency,
-        "per_request": per_request,
-        "requests": len(latencies),
-        "faces_per_s": faces / wall,
-        "photos_per_s": images / wall,
-        "requests_per_s": len(latencies) / wall,
-        "p50_ms": stats["median_ms"],
-        "p95_ms": stats["p95_ms"],
-        "server_cpu_ms_per_face": cpu * 1000 / faces if cpu is not None and faces else None,
-        "wrong": wrong,
-        "load_avg": load_average(),
-    }
+    run = timed_load(base, embed, concurrency=concurrency, seconds=seconds, pid=server_pid(base))
+    wrong = {outcome: n for outcome, n in run["statuses"].items() if outcome != "200"}
+    return {"concurrency": concurrency, "per_request": per_request, **run, "wrong": wrong}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -84,40 +84,45 @@ def environment(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def load(
-    base: str, uploads: Sequence[bytes], *, concurrency: int, seconds: float, pid: int | None
+def timed_load(
+    base: str,
+    request: Callable[[httpx.Client, int], tuple[str, int, int]],
+    *,
+    concurrency: int,
+    seconds: float,
+    pid: int | None,
 ) -> dict[str, Any]:
-    """`concurrency` threads POST /identify (photos in turn) until `seconds` have passed; faces/s over the wall time
-    from the start to the last reply, and the server's CPU time per face (what bounds faces/s on a busy machine:
-    at most cores x 1000 / cpu_ms_per_face)."""
+    """`concurrency` threads (one keep-alive client each) call `request(client, turn)` -> (outcome, faces, photos)
+    until `seconds` have passed, turns numbered across threads; each thread makes one warm-up call first. Rates are
+    over the wall time from the start to the last reply; outcomes are counted ("200" for a right answer) and only
+    those count faces and photos; the server's CPU time per face bounds faces/s on a busy machine (at most
+    cores x 1000 / cpu_ms_per_face)."""
     lock = threading.Lock()
     latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    faces = 0
+    outcomes: dict[str, int] = {}
+    faces = photos = 0
     turn = itertools.count()
     barrier = threading.Barrier(concurrency + 1)
     deadline = 0.0
 
-    def post(client: httpx.Client) -> tuple[int, int]:
+    def next_turn() -> int:
         with lock:
-            data = uploads[next(turn) % len(uploads)]
-        response = client.post("/identify", files={"image": ("photo.jpg", data, "image/jpeg")})
-        found = len(response.json().get("faces", ())) if response.status_code == 200 else 0
-        return response.status_code, found
+            return next(turn)
 
     def worker() -> None:
-        nonlocal faces
+        nonlocal faces, photos
         with httpx.Client(base_url=base, timeout=300.0) as client:
-            post(client)  # warm the connection and the server's thread
+            request(client, next_turn())  # warm the connection and the server's thread
             barrier.wait()
             while time.perf_counter() < deadline:
                 t0 = time.perf_counter()
-                status, found = post(client)
+                outcome, found, sent = request(client, next_turn())
                 elapsed = (time.perf_counter() - t0) * 1000
                 with lock:
                     latencies.append(elapsed)
-                    statuses[status] = statuses.get(status, 0) + 1
+                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
                     faces += found
+                    photos += sent
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for thread in threads:
@@ -136,13 +141,28 @@ def load(
         "faces": faces,
         "wall_s": wall,
         "faces_per_s": faces / wall,
+        "photos_per_s": photos / wall,
         "requests_per_s": len(latencies) / wall,
         "server_cpu_ms_per_face": cpu * 1000 / faces if faces and pid is not None else None,
         "p50_ms": stats["median_ms"],
         "p95_ms": stats["p95_ms"],
-        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "statuses": {k: v for k, v in sorted(outcomes.items())},
         "load_avg": load_average(),
     }
+
+
+def load(
+    base: str, uploads: Sequence[bytes], *, concurrency: int, seconds: float, pid: int | None
+) -> dict[str, Any]:
+    """`timed_load` of POST /identify with the photos in turn: every face of a 200 reply counts."""
+
+    def identify(client: httpx.Client, turn: int) -> tuple[str, int, int]:
+        data = uploads[turn % len(uploads)]
+        response = client.post("/identify", files={"image": ("photo.jpg", data, "image/jpeg")})
+        found = len(response.json().get("faces", ())) if response.status_code == 200 else 0
+        return str(response.status_code), found, 1
+
+    return timed_load(base, identify, concurrency=concurrency, seconds=seconds, pid=pid)
 
 
 def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -93,10 +93,8 @@ def _settings() -> Settings:
 
 
 def _open_service(settings: Settings) -> FaceService:
-    try:
+    with _failing_on_errors():
         return FaceService.open(settings, load_models=True)
-    except FacegateError as error:
-        _fail(error.message)
 
 
 @contextmanager
@@ -104,20 +102,17 @@ def _service_call() -> Iterator[FaceService]:
     """A service for one command; a FacegateError inside becomes `code: message` and exit status 2."""
     service = _open_service(_settings())
     try:
-        yield service
-    except FacegateError as error:
-        _fail(f"{error.code}: {error.message}")
+        with _failing_on_errors(with_code=True):
+            yield service
     finally:
         service.close()
 
 
 def _open_pipeline(settings: Settings) -> Pipeline:
     """The models alone (no gallery database) for commands that only embed photos."""
-    try:
+    with _failing_on_errors():
         pipeline = Pipeline.from_settings(settings)
         pipeline.load()
-    except FacegateError as error:
-        _fail(error.message)
     return pipeline
 
 
@@ -131,6 +126,15 @@ def _default_threshold(settings: Settings, pipeline: Pipeline) -> float:
 def _fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+@contextmanager
+def _failing_on_errors(*, with_code: bool = False) -> Iterator[None]:
+    """A FacegateError inside ends the command with exit status 2 and its message (`code: message` if asked)."""
+    try:
+        yield
+    except FacegateError as error:
+        _fail(f"{error.code}: {error.message}" if with_code else error.message)
 
 
 def _read(path: Path) -> bytes:
@@ -290,10 +294,8 @@ def _keys_session() -> Iterator[Session]:
     db.upgrade(settings.database_url)
     engine = db.make_engine(settings.database_url)
     try:
-        with db.make_session_factory(engine)() as session, session.begin():
+        with _failing_on_errors(with_code=True), db.make_session_factory(engine)() as session, session.begin():
             yield session
-    except FacegateError as error:
-        _fail(f"{error.code}: {error.message}")
     finally:
         engine.dispose()
 
@@ -648,13 +650,11 @@ def eval_pairs(
     1e-3 and 1e-2, same/different distance histograms. Photos without a face are counted and listed, not dropped.
     """
     settings = _settings()
-    try:
+    with _failing_on_errors():
         pair_list = evaluation.read_pairs(pairs)
-    except FacegateError as error:
-        _fail(error.message)
     pipeline = _open_pipeline(settings)
     distances, embedded = _pair_distances(pipeline, pair_list, images, cache)
-    try:
+    with _failing_on_errors():
         result = evaluation.evaluate_distances(
             distances,
             [p.same for p in pair_list],
@@ -664,8 +664,6 @@ def eval_pairs(
             missing_photos={path: e.error for path, e in embedded.items() if e.error},
             pairs_file=str(pairs),
         )
-    except FacegateError as error:
-        _fail(error.message)
     json_path, png_path = evaluation.write_report(result, out, title=f"facegate 1:1 on {pairs.name}")
     if as_json:
         typer.echo(json_path.read_text(), nl=False)
@@ -701,14 +699,12 @@ def eval_identify(
 
     settings = _settings()
     pipeline = _open_pipeline(settings)
-    try:
+    with _failing_on_errors():
         n_photos = len(person_photos(images))
         with typer.progressbar(length=n_photos, label="Embedding", show_pos=True, file=sys.stderr) as bar:
             result = run_identify_eval(
                 images, settings=settings, out_dir=out, cache=cache, pipeline=pipeline, progress=bar.update
             )
-    except FacegateError as error:
-        _fail(error.message)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=1))
         return
@@ -744,17 +740,15 @@ def calibrate(
 ) -> None:
     """The threshold for a target FAR on labelled photo pairs, with the VAL it gives and confidence intervals."""
     settings = _settings()
-    try:
+    with _failing_on_errors():
         pair_list = evaluation.read_pairs(pairs)
-    except FacegateError as error:
-        _fail(error.message)
     service = _open_service(settings) if apply else None
     pipeline = service.pipeline if service is not None else _open_pipeline(settings)
     try:
         distances, embedded = _pair_distances(pipeline, pair_list, images, cache)
         same = np.array([p.same for p in pair_list], bool)
         found = ~np.isnan(distances)
-        try:
+        with _failing_on_errors(with_code=True):
             if service is not None:
                 result = service.calibrate(
                     CalibrationSource.pairs,
@@ -767,8 +761,6 @@ def calibrate(
                 c = result.calibration
             else:
                 c = evaluation.calibrate(distances, same, far)
-        except FacegateError as error:
-            _fail(f"{error.code}: {error.message}")
     finally:
         if service is not None:
             service.close()
@@ -1009,20 +1001,17 @@ def reindex_command() -> None:
     from app.gallery.reindex import reindex
 
     settings = _settings()
-    try:
+    with _failing_on_errors():
         pipeline = Pipeline.from_settings(settings)  # only the head's graph is opened (lazily), not the networks
         gallery = Gallery.open(settings.database_url, pipeline.model_version, index=settings.index)
-    except FacegateError as error:
-        _fail(error.message)
     try:
-        report = reindex(
-            gallery,
-            target_version=pipeline.model_version,
-            base_version=pipeline.base_model_version,
-            transform=pipeline.head.apply if pipeline.head is not None else None,
-        )
-    except FacegateError as error:
-        _fail(f"{error.code}: {error.message}")
+        with _failing_on_errors(with_code=True):
+            report = reindex(
+                gallery,
+                target_version=pipeline.model_version,
+                base_version=pipeline.base_model_version,
+                transform=pipeline.head.apply if pipeline.head is not None else None,
+            )
     finally:
         gallery.close()
     sources = ", ".join(f"{n} from {v}" for v, n in sorted(report.from_versions.items())) or "none"

@@ -3,7 +3,8 @@
 The graph is the bare network: input "image" float32 [N,3,H,W], already normalised ((v - mean_c)/256, the
 tiled pyramid of section 9.3), output "scores" float32 [N,1,h,w] with h = f(f(f(H))), f(n) = (n-5)//2 + 1.
 The six batch norms are folded into their convolutions, the 45-channel layers are zero-padded to 48
-(`_pad_channels`), and the final 9x9 convolution to one channel is split in two (`_score_conv`). Pyramid tiling and decoding stay in numpy.
+(`_pad_channels`), and the final 9x9 convolution to one channel is split in two (`_score_conv`). Pyramid tiling
+and decoding stay in numpy.
 """
 
 from __future__ import annotations

@@ -107,6 +107,7 @@ class Pipeline:
         self.embedder = FaceEmbedder(manifest.path("embedder"), settings.runtime, require_gpu=gpu)
         # A trained head (FACEGATE_HEAD__NAME) maps the embedder's output to the served embeddings; None: base.
         self.flip = settings.embedding.flip
+        self._variant = "+flip" if self.flip else ""  # how the embedder is applied, in versions and names
         self.head: EmbeddingHead | None = load_head(settings.head, manifest.directory, self.base_model_version)
         self.on_batch: Callable[[BatchInfo], None] | None = None
         self._load_lock = threading.Lock()
@@ -156,12 +157,12 @@ class Pipeline:
     @property
     def base_model_version(self) -> str:
         """The version of the embeddings before any head: the models', plus "+flip" with mirror averaging."""
-        return f"{self.manifest.model_version}+flip" if self.flip else self.manifest.model_version
+        return self.manifest.model_version + self._variant
 
     @property
     def embedding_name(self) -> str:
         """The network and how it is applied, whatever the ONNX build: what the shipped calibrations are made for."""
-        return f"{self.manifest.model_name}+flip" if self.flip else self.manifest.model_name
+        return self.manifest.model_name + self._variant
 
     @property
     def model_version(self) -> str:

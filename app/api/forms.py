@@ -1,82 +1,144 @@
 """Multipart forms whose text must be valid in the request's charset (UTF-8 unless the request says otherwise).
 
 Starlette decodes a form field's name or value that is not valid in the charset as latin-1, silently: a name sent in
-another encoding (or raw bytes) would be enrolled garbled. Routes that read forms use `FormRoute`, whose requests
-parse multipart bodies with `StrictMultiPartParser`: such a field is refused with 400 `invalid_request` naming it.
-File parts (photos) are bytes and are not decoded; their file names are only echoed, never stored, and are left to
-Starlette.
+another encoding (or raw bytes) would be enrolled garbled. Routes that read forms use `FormRoute`: before FastAPI
+parses a multipart body, `undecodable_field` reads it once more with python-multipart's own parser (its public
+callback API, so no Starlette internals are involved) and such a field is refused with 400 `invalid_request` naming
+it. File parts (photos) are bytes and are not decoded; their file names are only echoed, never stored, and are left
+to Starlette.
+
+The body is read whole first (`Request.body()`, which Starlette caches for the form parser that follows). The body
+limit (`BodyLimitMiddleware`) has bounded it already, and the route decodes the photos in memory anyway.
 """
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Callable, Coroutine
-from contextlib import aclosing
 from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
+from python_multipart import MultipartParser
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
-from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
+
+__all__ = ["FormRoute", "undecodable_field"]
 
 
-class StrictMultiPartParser(MultiPartParser):
-    """Starlette's parser, refusing field names and text values that do not decode in the request's charset."""
+class _Undecodable(Exception):
+    pass
+
+
+class _TextChecker:
+    """python-multipart callbacks that raise `_Undecodable` at the first field name or text value that does not
+    decode in `charset`. A part without a filename is a text field, as Starlette reads it."""
+
+    def __init__(self, charset: str) -> None:
+        self.charset = charset
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._name = ""
+        self._is_file = False
+        self._data = bytearray()
+
+    def callbacks(self) -> dict[str, Callable[..., None]]:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+        }
+
+    def on_part_begin(self) -> None:
+        self._headers.clear()
+        self._data.clear()
+        self._is_file = False
+        self._name = ""
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self._headers.append((bytes(self._header_name).lower(), bytes(self._header_value)))
+        self._header_name.clear()
+        self._header_value.clear()
 
     def on_headers_finished(self) -> None:
-        _, options = parse_options_header(self._current_part.content_disposition)
+        disposition = next((value for name, value in self._headers if name == b"content-disposition"), b"")
+        _, options = parse_options_header(disposition)
         if b"name" in options:
-            self._check(options[b"name"], "a field name")
-        super().on_headers_finished()
+            self._name = self._decode(options[b"name"], "a field name")
+        self._is_file = b"filename" in options
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if not self._is_file:
+            self._data += data[start:end]
 
     def on_part_end(self) -> None:
-        part = self._current_part
-        if part.file is None:
-            # A part without a filename is a text field, whatever its Content-Type: say so for binary ones.
-            hint = " (a file part needs a filename in its Content-Disposition)" if any(
-                name == b"content-type" and not value.lower().startswith(b"text/") for name, value in part.item_headers
-            ) else ""
-            self._check(part.data, f"field {part.field_name!r}", hint)
-        super().on_part_end()
+        if self._is_file:
+            return
+        # A part without a filename is a text field, whatever its Content-Type: say so for binary ones.
+        binary = any(name == b"content-type" and not value.lower().startswith(b"text/") for name, value in self._headers)
+        hint = " (a file part needs a filename in its Content-Disposition)" if binary else ""
+        self._decode(bytes(self._data), f"field {self._name!r}", hint)
 
-    def _check(self, raw: bytes | bytearray, what: str, hint: str = "") -> None:
-        charset = self._charset or "utf-8"
+    def _decode(self, raw: bytes, what: str, hint: str = "") -> str:
         try:
-            raw.decode(charset)
-        except (UnicodeDecodeError, LookupError):
-            raise MultiPartException(f"{what} is not valid {charset} text{hint}") from None
+            return raw.decode(self.charset)
+        except UnicodeDecodeError:
+            raise _Undecodable(f"{what} is not valid {self.charset} text{hint}") from None
 
 
-class StrictFormRequest(Request):
-    async def _get_form(
-        self,
-        *,
-        max_files: int | float = 1000,
-        max_fields: int | float = 1000,
-        max_part_size: int = 1024 * 1024,
-    ) -> FormData:
-        content_type, _ = parse_options_header(self.headers.get("Content-Type"))
-        if self._form is None and content_type == b"multipart/form-data":
-            try:
-                async with aclosing(self.stream()) as stream:
-                    parser = StrictMultiPartParser(
-                        self.headers, stream, max_files=max_files, max_fields=max_fields, max_part_size=max_part_size
-                    )
-                    self._form = await parser.parse()
-            except MultiPartException as exc:
-                raise HTTPException(status_code=400, detail=exc.message) from None
-        # parsed above (or not multipart): Starlette's own code returns the cached form or parses url-encoded forms
-        return await super()._get_form(max_files=max_files, max_fields=max_fields, max_part_size=max_part_size)
+def _charset(params: dict[bytes, bytes]) -> str | None:
+    """The request's charset as Starlette resolves it (UTF-8 by default); None for one Python does not know, which
+    Starlette reads as latin-1, where every byte is text."""
+    try:
+        return codecs.lookup(params.get(b"charset", b"utf-8").decode("latin-1")).name
+    except LookupError:
+        return None
+
+
+def undecodable_field(body: bytes, content_type: str | None) -> str | None:
+    """Why this multipart body must be refused (a field name or text value not valid in its charset), else None.
+
+    A body that is not well-formed multipart is left to Starlette's parser, which refuses it with its own message."""
+    kind, params = parse_options_header(content_type)
+    charset = _charset(params)
+    if kind != b"multipart/form-data" or b"boundary" not in params or charset is None:
+        return None
+    checker = _TextChecker(charset)
+    try:
+        parser = MultipartParser(params[b"boundary"], checker.callbacks())  # type: ignore[arg-type]
+        parser.write(body)
+        parser.finalize()
+    except _Undecodable as exc:
+        return str(exc)
+    except (MultipartParseError, ValueError):
+        return None
+    return None
 
 
 class FormRoute(APIRoute):
-    """`APIRouter(route_class=FormRoute)`: the route's handler sees a `StrictFormRequest`."""
+    """`APIRouter(route_class=FormRoute)`: multipart bodies with undecodable text are refused before the handler."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def strict_handler(request: Request) -> Response:
-            return await handler(StrictFormRequest(request.scope, request.receive))
+            content_type = request.headers.get("Content-Type")
+            if content_type and content_type.lower().startswith("multipart/form-data"):
+                problem = undecodable_field(await request.body(), content_type)
+                if problem is not None:
+                    raise HTTPException(status_code=400, detail=problem)
+            return await handler(request)
 
         return strict_handler

@@ -1,0 +1,95 @@
+"""`facegate cluster`: group the faces of a folder of photos by person."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.cli.common import cli, fail, load_settings, open_pipeline
+from app.grouping import ClusterMember, ClusterReport, cluster_files
+from app.identify_eval import PHOTO_SUFFIXES
+
+
+def _photos_under(directory: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in PHOTO_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
+
+
+def _member_text(m: ClusterMember) -> str:
+    b = m.box
+    return f"{m.photo} ({b.left},{b.top})-({b.right},{b.bottom})"
+
+
+def _cluster_json(report: ClusterReport) -> dict[str, object]:
+    def member(m: ClusterMember) -> dict[str, object]:
+        return {"photo": m.photo, "box": m.box.as_dict(), "score": m.score}
+
+    return {
+        "threshold": report.threshold,
+        "n_photos": report.n_photos,
+        "n_faces": report.n_faces,
+        "sizes": report.sizes,
+        "clusters": [[member(m) for m in c] for c in report.clusters],
+        "unclustered": [member(m) for m in report.unclustered],
+        "problems": [{"photo": p.photo, "code": p.code, "message": p.message} for p in report.problems],
+    }
+
+
+@cli.command()
+def cluster(
+    directory: Annotated[
+        Path, typer.Argument(exists=True, file_okay=False, help="Folder of photos (sub-folders included).")
+    ],
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=4.0,
+            help="Faces within this squared distance are linked (default FACEGATE_CLUSTER__THRESHOLD, 0.25: stricter "
+            "than the 1:1 threshold, as clusters grow along chains of links). Lower it for purer clusters and more "
+            "faces left unclustered; raise it for fewer, larger clusters that may merge different people.",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the clusters as JSON.")] = False,
+) -> None:
+    """Group the faces of every photo under DIRECTORY by person (chinese whispers, as dlib)."""
+    files = _photos_under(directory)
+    if not files:
+        fail(f"no photos under {directory}")
+    settings = load_settings()
+    pipeline = open_pipeline(settings)
+    with typer.progressbar(length=len(files), label="Finding faces", show_pos=True, file=sys.stderr) as bar:
+        report = cluster_files(
+            pipeline,
+            directory,
+            files,
+            settings.cluster.threshold if threshold is None else threshold,
+            progress=bar.update,
+        )
+    if as_json:
+        typer.echo(json.dumps(_cluster_json(report)))
+        return
+    typer.echo(
+        f"{report.n_photos} photos, {report.n_faces} faces: {len(report.clusters)} clusters, "
+        f"{len(report.unclustered)} unclustered faces, {len(report.problems)} photos without a face "
+        f"(threshold {report.threshold:g})"
+    )
+    for i, members in enumerate(report.clusters, 1):
+        typer.echo(f"cluster {i}: {len(members)} faces")
+        for m in members:
+            typer.echo(f"    {_member_text(m)}")
+    if report.unclustered:
+        typer.echo("unclustered:")
+        for m in report.unclustered:
+            typer.echo(f"    {_member_text(m)}")
+    for p in report.problems:
+        typer.echo(f"  {p.photo}: {p.code}: {p.message}")

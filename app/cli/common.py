@@ -1,0 +1,125 @@
+"""What every command shares: the Typer apps, common options, settings, opening the service or the models,
+and turning errors into exit status 2."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from app.config import Settings
+from app.errors import FacegateError
+from app.service import FacePolicy, FaceService
+from app.vision.pipeline import Pipeline
+
+cli = typer.Typer(
+    name="facegate",
+    help="Face verification service: enrol people from photos, verify and identify faces, run the HTTP API.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+db_cli = typer.Typer(help="Gallery database maintenance.", no_args_is_help=True)
+cli.add_typer(db_cli, name="db")
+
+ThresholdOption = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        max=4.0,
+        help="Squared L2 distance at or below which two faces are the same person (default: the deployment's "
+        "calibrated threshold, else FACEGATE_THRESHOLD, 0.36). Lower it for fewer false accepts (strangers taken for "
+        "someone) at the cost of more false rejects; raise it for the opposite.",
+    ),
+]
+FaceOption = Annotated[
+    FacePolicy,
+    typer.Option(
+        "--face",
+        help="Photos with several faces: 'single' refuses them, 'largest' uses the largest face.",
+    ),
+]
+CacheOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache",
+        dir_okay=False,
+        help="An .npz file of embeddings kept between runs: photos already embedded with the same model and "
+        "detection settings (and unchanged on disk) are not embedded again. Created if missing.",
+    ),
+]
+
+
+class PhotoSelection(StrEnum):
+    first = "first"
+    all = "all"
+
+
+@cli.callback()
+def main_callback(
+    log_level: Annotated[
+        str, typer.Option(help="Logging level of the core (DEBUG shows provider choices).")
+    ] = "WARNING",
+) -> None:
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, read when a command runs (not cached: one command per process anyway)."""
+    return Settings()
+
+
+def open_service(settings: Settings) -> FaceService:
+    with failing_on_errors():
+        return FaceService.open(settings, load_models=True)
+
+
+@contextmanager
+def service_call() -> Iterator[FaceService]:
+    """A service for one command; a FacegateError inside becomes `code: message` and exit status 2."""
+    service = open_service(load_settings())
+    try:
+        with failing_on_errors(with_code=True):
+            yield service
+    finally:
+        service.close()
+
+
+def open_pipeline(settings: Settings) -> Pipeline:
+    """The models alone (no gallery database) for commands that only embed photos."""
+    with failing_on_errors():
+        pipeline = Pipeline.from_settings(settings)
+        pipeline.load()
+    return pipeline
+
+
+def default_threshold(settings: Settings, pipeline: Pipeline) -> float:
+    """FACEGATE_THRESHOLD, or the served head's calibrated threshold when one is active and it is not set."""
+    if pipeline.head is not None and "threshold" not in settings.model_fields_set:
+        return pipeline.head.threshold
+    return settings.threshold
+
+
+def fail(message: str) -> NoReturn:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def failing_on_errors(*, with_code: bool = False) -> Iterator[None]:
+    """A FacegateError inside ends the command with exit status 2 and its message (`code: message` if asked)."""
+    try:
+        yield
+    except FacegateError as error:
+        fail(f"{error.code}: {error.message}" if with_code else error.message)
+
+
+def read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        fail(f"cannot read {path}: {error.strerror}")

@@ -1,0 +1,54 @@
+"""`facegate db ...`: gallery database maintenance (migrations, synthetic galleries for benchmarks)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from app.cli.common import db_cli, fail, load_settings
+from app.vision.pipeline import Pipeline
+
+
+@db_cli.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the gallery's database migrations (the server also applies them at start)."""
+    from app.gallery import db
+
+    settings = load_settings()
+    db.upgrade(settings.database_url)
+    engine = db.make_engine(settings.database_url)
+    try:
+        revision = db.schema_revision(engine)
+    finally:
+        engine.dispose()
+    typer.echo(f"database at revision {revision} (head {db.head_revision()})")
+
+
+@db_cli.command("load-synthetic")
+def db_load_synthetic(
+    faces: Annotated[int, typer.Option(min=1, help="Synthetic faces to write (about half as many identities).")],
+    seed: Annotated[int, typer.Option(help="Random seed of the synthetic gallery.")] = 0,
+) -> None:
+    """Bulk-load face-like synthetic embeddings (PostgreSQL, COPY) for trying large galleries: identities named
+    synthetic-NNNNNNNN with 1-3 faces each, of the served model version. Not for a production gallery."""
+    import time
+
+    from app.gallery import bulk, db, synthetic
+
+    settings = load_settings()
+    model_version = Pipeline.from_settings(settings).model_version
+    engine = db.make_engine(settings.database_url)
+    try:
+        if engine.dialect.name != "postgresql":
+            fail("load-synthetic needs a PostgreSQL gallery (FACEGATE_DATABASE_URL=postgresql+psycopg://...)")
+        db.upgrade(engine)
+        data = synthetic.gallery(faces, seed=seed)
+        start = time.perf_counter()
+        with db.make_session_factory(engine).begin() as session:  # one transaction: all rows or none
+            identities, count = bulk.copy_synthetic_gallery(
+                session, embeddings=data.embeddings, owners=data.owners, model_version=model_version
+            )
+    finally:
+        engine.dispose()
+    typer.echo(f"{count} faces of {identities} synthetic identities written in {time.perf_counter() - start:.1f} s")

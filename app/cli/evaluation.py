@@ -1,0 +1,224 @@
+"""`facegate eval`, `eval-identify`, `calibrate`: how well the model separates people on labelled photos, and the
+threshold for a target false-accept rate."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from app import evaluate as evaluation
+from app.cli.common import (
+    CacheOption,
+    cli,
+    default_threshold,
+    failing_on_errors,
+    load_settings,
+    open_pipeline,
+    open_service,
+)
+from app.service import CalibrationSource
+from app.vision.pipeline import Pipeline
+
+PairsOption = Annotated[
+    Path,
+    typer.Option(
+        "--pairs",
+        exists=True,
+        dir_okay=False,
+        help="CSV of labelled pairs with the header img_a,img_b,same (same: 1 or 0), paths relative to --images "
+        "(the format of the dev set's pairs.csv).",
+    ),
+]
+ImagesOption = Annotated[
+    Path, typer.Option("--images", exists=True, file_okay=False, help="Folder the pair paths are relative to.")
+]
+
+
+def _pair_distances(
+    pipeline: Pipeline, pairs: list[evaluation.Pair], images: Path, cache_path: Path | None
+) -> tuple[np.ndarray, dict[str, evaluation.Embedded]]:
+    cache = (
+        evaluation.EmbeddingCache.load(
+            cache_path, evaluation.pipeline_signature(pipeline.model_version, pipeline.settings.detector)
+        )
+        if cache_path is not None
+        else None
+    )
+    photos = list(dict.fromkeys(p for pair in pairs for p in (pair.img_a, pair.img_b)))
+    try:
+        with typer.progressbar(length=len(photos), label="Embedding", show_pos=True, file=sys.stderr) as bar:
+            embedded = evaluation.embed_photos(pipeline, images, photos, cache=cache, progress=bar.update)
+    finally:
+        if cache is not None and cache_path is not None:
+            cache.save(cache_path)
+    return evaluation.pair_distances(pairs, embedded), embedded
+
+
+@cli.command("eval")
+def eval_pairs(
+    pairs: PairsOption,
+    images: ImagesOption,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=4.0,
+            help="Distance at which accuracy, TAR and FAR are reported and the histograms are marked (default "
+            "FACEGATE_THRESHOLD, 0.36). The ROC, AUC, EER, 10-fold accuracy and VAL@FAR do not depend on it.",
+        ),
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option(file_okay=False, help="Folder for eval.json (every number) and eval.png (ROC + histograms)."),
+    ] = Path("facegate-eval"),
+    cache: CacheOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report instead of the table.")] = False,
+) -> None:
+    """1:1 accuracy on labelled photo pairs (ROC, AUC, EER, 10-fold accuracy, VAL@FAR), as a table, JSON and PNG.
+
+    Accuracy at the threshold, 10-fold accuracy with the threshold chosen on 9 folds (the LFW protocol), VAL at FAR
+    1e-3 and 1e-2, same/different distance histograms. Photos without a face are counted and listed, not dropped.
+    """
+    settings = load_settings()
+    with failing_on_errors():
+        pair_list = evaluation.read_pairs(pairs)
+    pipeline = open_pipeline(settings)
+    distances, embedded = _pair_distances(pipeline, pair_list, images, cache)
+    with failing_on_errors():
+        result = evaluation.evaluate_distances(
+            distances,
+            [p.same for p in pair_list],
+            threshold=default_threshold(settings, pipeline) if threshold is None else threshold,
+            model_version=pipeline.model_version,
+            n_photos=len(embedded),
+            missing_photos={path: e.error for path, e in embedded.items() if e.error},
+            pairs_file=str(pairs),
+        )
+    json_path, png_path = evaluation.write_report(result, out, title=f"facegate 1:1 on {pairs.name}")
+    if as_json:
+        typer.echo(json_path.read_text(), nl=False)
+        return
+    typer.echo(evaluation.format_table(result))
+    for path, code in sorted(result.missing_photos.items()):
+        typer.echo(f"  no face: {path} ({code})")
+    if png_path is None:
+        typer.echo(f"report: {json_path}; no plot: matplotlib is not installed (pip install 'facegate[report]')")
+    else:
+        typer.echo(f"report: {json_path}, plot: {png_path}")
+
+
+@cli.command("eval-identify")
+def eval_identify(
+    images: Annotated[
+        Path, typer.Option("--images", exists=True, file_okay=False, help="Folder with one sub-folder of photos per person.")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(file_okay=False, help="Folder for eval-identify.json (every number) and eval-identify.png (DIR vs FPIR)."),
+    ] = Path("facegate-eval"),
+    cache: CacheOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report instead of the table.")] = False,
+) -> None:
+    """1:N open-set accuracy: DIR / FNIR at FPIR 1 %, 5 %, 10 % for the raw-distance rule and facegate's rule.
+
+    Protocol: people sorted by folder name; every other person is enrolled with their first photo (sorted file
+    names), their other photos are probes, every photo of the others is a stranger. FPIR = share of strangers
+    named as someone; DIR = share of probes named correctly; FNIR = 1 - DIR.
+    """
+    from app.identify_eval import (
+        format_identify_table,
+        person_photos,
+        run_identify_eval,
+    )
+
+    settings = load_settings()
+    pipeline = open_pipeline(settings)
+    with failing_on_errors():
+        n_photos = len(person_photos(images))
+        with typer.progressbar(length=n_photos, label="Embedding", show_pos=True, file=sys.stderr) as bar:
+            result = run_identify_eval(
+                images, settings=settings, out_dir=out, cache=cache, pipeline=pipeline, progress=bar.update
+            )
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=1))
+        return
+    typer.echo(format_identify_table(result))
+    for path, code in sorted(result.missing_photos.items()):
+        typer.echo(f"  no face: {path} ({code})")
+    typer.echo(f"report: {', '.join(str(f) for f in result.files)}")
+
+
+@cli.command()
+def calibrate(
+    pairs: PairsOption,
+    images: ImagesOption,
+    far: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Target false-accept rate: the share of different-person pairs the threshold may accept. Lower it "
+            "for a stricter threshold (fewer strangers accepted, more genuine users refused); it needs many "
+            "different-person pairs (well over 1/FAR) to be measured.",
+        ),
+    ] = 1e-3,
+    apply: Annotated[
+        bool,
+        typer.Option(
+            help="Store the threshold as the deployment threshold in the gallery database (FACEGATE_DATABASE_URL); "
+            "verify and identify then use it when a request gives none.",
+        ),
+    ] = False,
+    cache: CacheOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """The threshold for a target FAR on labelled photo pairs, with the VAL it gives and confidence intervals."""
+    settings = load_settings()
+    with failing_on_errors():
+        pair_list = evaluation.read_pairs(pairs)
+    service = open_service(settings) if apply else None
+    pipeline = service.pipeline if service is not None else open_pipeline(settings)
+    try:
+        distances, embedded = _pair_distances(pipeline, pair_list, images, cache)
+        same = np.array([p.same for p in pair_list], bool)
+        found = ~np.isnan(distances)
+        with failing_on_errors(with_code=True):
+            if service is not None:
+                result = service.calibrate(
+                    CalibrationSource.pairs,
+                    target_far=far,
+                    same=distances[found & same].tolist(),
+                    different=distances[found & ~same].tolist(),
+                    apply=True,
+                    note=f"facegate calibrate --pairs {pairs}",
+                )
+                c = result.calibration
+            else:
+                c = evaluation.calibrate(distances, same, far)
+    finally:
+        if service is not None:
+            service.close()
+    missing = sorted(path for path, e in embedded.items() if e.error)
+    if as_json:
+        extra = {"applied": apply, "missing_photos": missing, "n_missing_pairs": int((~found).sum())}
+        typer.echo(json.dumps({**c.to_dict(), **extra}))
+        return
+    typer.echo(f"threshold {c.threshold:.4f} for target FAR {c.target_far:g}")
+    typer.echo(
+        f"  FAR {c.far:.4%} ({c.false_accepts}/{c.n_different} different pairs), {c.confidence:.0%} interval "
+        f"[{c.far_interval[0]:.4%}, {c.far_interval[1]:.4%}]"
+    )
+    typer.echo(
+        f"  VAL {c.val:.2%} ({c.true_accepts}/{c.n_same} same pairs), {c.confidence:.0%} interval "
+        f"[{c.val_interval[0]:.2%}, {c.val_interval[1]:.2%}]"
+    )
+    typer.echo(f"  {int((~found).sum())} pairs left out: no face in {len(missing)} photos")
+    if apply:
+        typer.echo("stored as the deployment threshold.")
+    else:
+        typer.echo("not stored (use --apply to make it the deployment threshold).")

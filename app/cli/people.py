@@ -1,0 +1,210 @@
+"""`facegate enroll`, `verify`, `identify`: photos against the gallery, through `app.service` as the HTTP
+routes do."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.cli.common import (
+    FaceOption,
+    PhotoSelection,
+    ThresholdOption,
+    cli,
+    fail,
+    load_settings,
+    open_service,
+    read_bytes,
+    service_call,
+)
+from app.errors import FacegateError
+from app.identify_eval import PHOTO_SUFFIXES
+from app.service import FacePolicy, FaceService, IdentifyResult, VerifyResult
+
+
+@dataclass(frozen=True)
+class _Failure:
+    path: Path
+    code: str
+    message: str
+
+
+def _people(directory: Path, selection: PhotoSelection) -> Iterator[tuple[str, list[Path]]]:
+    for person in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        photos = sorted(p for p in person.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+        if photos:
+            yield person.name, photos[:1] if selection is PhotoSelection.first else photos
+
+
+@cli.command()
+def enroll(
+    directory: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, file_okay=False, dir_okay=True, help="One sub-folder per person, named after them."
+        ),
+    ],
+    photos: Annotated[
+        PhotoSelection,
+        typer.Option(
+            help="'first': one photo per person (the first by file name; one is enough to enrol); 'all': every photo "
+            "(more faces per identity make verification more tolerant of pose and age, and enrolment slower).",
+        ),
+    ] = PhotoSelection.first,
+    face: FaceOption = FacePolicy.single,
+    allow_low_quality: Annotated[
+        bool,
+        typer.Option(
+            help="Enrol faces that fail a quality limit (FACEGATE_QUALITY__*: too small, blurred, too dark or "
+            "bright, cut off). Without it they are reported as low_quality and skipped.",
+        ),
+    ] = False,
+    allow_duplicate: Annotated[
+        bool,
+        typer.Option(
+            help="Create a person's identity even if their first face matches another enrolled identity within the "
+            "threshold. Without it such a folder is reported as possible_duplicate and skipped.",
+        ),
+    ] = False,
+) -> None:
+    """Enrol every person of DIRECTORY. A folder whose name is already an identity's name adds faces to it."""
+    people = list(_people(directory, photos))
+    if not people:
+        fail(f"no photos in sub-folders of {directory}")
+    service = open_service(load_settings())
+    failures: list[_Failure] = []
+    created = added = 0
+    try:
+        total = sum(len(p) for _, p in people)
+        with typer.progressbar(length=total, label="Enrolling", show_pos=True) as bar:
+            for name, paths in people:
+                identity_id = _existing_identity(service, name)
+                for path in paths:
+                    try:
+                        if identity_id is None:
+                            result = service.enroll(
+                                read_bytes(path),
+                                name=name,
+                                face=face,
+                                allow_low_quality=allow_low_quality,
+                                allow_duplicate=allow_duplicate,
+                            )
+                            identity_id = result.identity_id
+                            created += 1
+                        else:
+                            service.enroll(
+                                read_bytes(path), identity_id=identity_id, face=face, allow_low_quality=allow_low_quality
+                            )
+                            added += 1
+                    except FacegateError as error:
+                        failures.append(_Failure(path, error.code, error.message))
+                    bar.update(1)
+    finally:
+        service.close()
+    typer.echo(f"{created} identities created, {added} faces added to existing ones, {len(failures)} photos failed.")
+    for failure in failures:
+        typer.echo(f"  {failure.path}: {failure.code}: {failure.message}")
+    if failures:
+        raise typer.Exit(1)
+
+
+def _existing_identity(service: FaceService, name: str) -> str | None:
+    offset = 0
+    while True:
+        page = service.list_identities(offset=offset, limit=500, name=name)
+        for identity in page.items:
+            if identity.name == name:
+                return identity.id
+        offset += len(page.items)
+        if not page.items or offset >= page.total:
+            return None
+
+
+# ------------------------------------------------------------------------------------------ verify / identify
+
+
+def _decision_line(result: VerifyResult | IdentifyResult) -> str:
+    far = f", estimated FAR {result.far_estimate:.2g}" if result.far_estimate is not None else ""
+    return f"threshold {result.threshold.value:.4f} ({result.threshold.source.value}{far})"
+
+
+@cli.command()
+def verify(
+    photo_a: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="First photo.")],
+    photo_b: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Second photo.")],
+    threshold: ThresholdOption = None,
+    face: FaceOption = FacePolicy.single,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Are the faces of two photos the same person? Exit status 0: match, 1: no match, 2: error."""
+    with service_call() as service:
+        result = service.verify_photos(read_bytes(photo_a), read_bytes(photo_b), threshold=threshold, face=face)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "match": result.match,
+                    "distance": result.distance,
+                    "threshold": result.threshold.value,
+                    "threshold_source": result.threshold.source.value,
+                    "far_estimate": result.far_estimate,
+                }
+            )
+        )
+    else:
+        verdict = "MATCH" if result.match else "NO MATCH"
+        typer.echo(f"{verdict}: distance {result.distance:.4f}, {_decision_line(result)}")
+    raise typer.Exit(0 if result.match else 1)
+
+
+@cli.command()
+def identify(
+    image: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="The photo; every face in it is searched.")
+    ],
+    top_k: Annotated[
+        int,
+        typer.Option(
+            min=1, max=100, help="Candidates listed per face. Only the list grows; the decision uses the best."
+        ),
+    ] = 5,
+    threshold: ThresholdOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Who is in IMAGE? Each face: the best enrolled identity if within the threshold, else unknown."""
+    with service_call() as service:
+        result = service.identify(read_bytes(image), top_k=top_k, threshold=threshold)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "threshold": result.threshold.value,
+                    "threshold_source": result.threshold.source.value,
+                    "faces": [
+                        {
+                            "box": f.face.box.as_dict(),
+                            "match": f.match.identity_id if f.match else None,
+                            "reason": f.reason.value,
+                            "candidates": [
+                                {"identity_id": c.identity_id, "name": c.name, "distance": c.distance}
+                                for c in f.candidates
+                            ],
+                        }
+                        for f in result.faces
+                    ],
+                }
+            )
+        )
+        return
+    typer.echo(f"{len(result.faces)} face(s), gallery of {result.gallery_size} faces, {_decision_line(result)}")
+    for i, f in enumerate(result.faces, 1):
+        b = f.face.box
+        who = f"{f.match.name} ({f.match.identity_id}), distance {f.match.distance:.4f}" if f.match else f.reason.value
+        typer.echo(f"face {i} at ({b.left},{b.top})-({b.right},{b.bottom}): {who}")
+        for c in f.candidates:
+            typer.echo(f"    {c.distance:.4f}  {c.name}  {c.identity_id}")

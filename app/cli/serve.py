@@ -1,0 +1,140 @@
+"""`facegate serve`: the HTTP API under uvicorn (refuses to listen beyond loopback without API keys)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Annotated
+
+import typer
+
+from app.cli.common import cli, fail, load_settings
+from app.config import Settings
+
+
+def api_keys_configured(settings: Settings) -> bool:
+    """Whether the server will ask clients for an API key: `auth.required`, a bootstrap key, or any key in the
+    database (revoked ones count, as in app/auth/verifier.py). Reads the database; creates nothing."""
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.orm import Session
+
+    from app.auth.store import key_count, keys_table_exists
+    from app.gallery import db
+
+    if settings.auth.required or settings.auth.bootstrap_key is not None:
+        return True
+    path = db.sqlite_path(settings.database_url)
+    if path is not None and not path.exists():
+        return False  # a gallery not created yet has no keys
+    engine = db.make_engine(settings.database_url)
+    try:
+        with engine.connect() as connection:
+            if not keys_table_exists(connection):
+                return False
+        with Session(engine) as session:
+            return key_count(session) > 0
+    except SQLAlchemyError as error:
+        fail(f"cannot read the API keys from the database: {type(error).__name__}")
+    finally:
+        engine.dispose()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@cli.command()
+def serve(
+    host: Annotated[
+        str | None,
+        typer.Option(
+            help="Address to listen on (default FACEGATE_HOST, else 127.0.0.1: this machine only). 0.0.0.0 exposes "
+            "the API to the network: do that only with API keys or behind an authenticating proxy.",
+        ),
+    ] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="TCP port (default FACEGATE_PORT, 8000).")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes. More serve more requests at once on more cores, but each loads its own copy of "
+            "the models (~150 MB) and search index; on a GPU one or two are usually enough.",
+        ),
+    ] = 1,
+    log_level: Annotated[
+        str | None, typer.Option(help="Log level (default FACEGATE_LOG__LEVEL, INFO: one access line per request).")
+    ] = None,
+    allow_no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--allow-no-auth",
+            help="Listen on a non-loopback address although no API key exists (every route open to the network): "
+            "only behind a proxy that authenticates. Without it such a start is refused.",
+        ),
+    ] = False,
+) -> None:
+    """Run the HTTP API (uvicorn, app.main:create_app).
+
+    Without any API key (and FACEGATE_AUTH__REQUIRED off) every route is open, so facegate listens on 127.0.0.1 only
+    and refuses another address unless --allow-no-auth is given.
+    """
+    import uvicorn
+
+    from app.logs import uvicorn_log_config
+
+    settings = load_settings()
+    bind = host or settings.host  # an explicit --host or FACEGATE_HOST is honoured; the default is 127.0.0.1
+    if api_keys_configured(settings):
+        typer.echo(f"API keys are required (X-API-Key header); listening on {bind}.")
+    elif _is_loopback(bind):
+        typer.echo(
+            f"No API key exists and FACEGATE_AUTH__REQUIRED is off: every route is open, so facegate listens on {bind} "
+            "only (this machine). `facegate keys create` turns authentication on."
+        )
+    elif allow_no_auth:
+        typer.secho(
+            f"warning: no API key exists and host {bind} exposes every route to the network without authentication "
+            "(--allow-no-auth).",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    else:
+        fail(
+            f"refusing to listen on {bind} without API keys: every route would be open to the network. Create a key "
+            "(facegate keys create --name NAME --scope admin), set FACEGATE_AUTH__REQUIRED=true, listen on "
+            "127.0.0.1, or pass --allow-no-auth behind an authenticating proxy."
+        )
+    shared = share_cores(settings, workers, os.cpu_count() or 1)
+    if shared:
+        os.environ.update(shared)  # the worker processes read their settings from the environment
+        typer.echo(f"{workers} workers share {os.cpu_count()} cores: " + ", ".join(f"{k}={v}" for k, v in shared.items()))
+    level = (log_level or settings.log.level).upper()
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=bind,
+        port=port or settings.port,
+        workers=workers,
+        log_config=uvicorn_log_config(settings.log.model_copy(update={"level": level})),
+        log_level=level.lower(),
+        access_log=False,  # app/api/access_log.py logs each request (route template, no client address)
+    )
+
+
+def share_cores(settings: Settings, workers: int, cores: int) -> dict[str, str]:
+    """Thread settings for `workers` processes on `cores` cores, where left at "one per core": each process's
+    ONNX Runtime threads and micro-batcher calls get its share, so that N workers do not each ask for every core."""
+    if workers <= 1:
+        return {}
+    share = str(max(1, cores // workers))
+    out = {}
+    if settings.runtime.intra_op_threads == 0 and "FACEGATE_RUNTIME__INTRA_OP_THREADS" not in os.environ:
+        out["FACEGATE_RUNTIME__INTRA_OP_THREADS"] = share
+    if settings.batching.workers == 0 and "FACEGATE_BATCHING__WORKERS" not in os.environ:
+        out["FACEGATE_BATCHING__WORKERS"] = share
+    return out

@@ -9,7 +9,7 @@ MODELS_DIR ?= models/dist
 export FACEGATE_MODELS_DIR ?= $(abspath $(MODELS_DIR))
 PYTEST_ARGS ?=
 
-.PHONY: venv models run test typecheck bench docker-test clean browser
+.PHONY: venv models run test typecheck lint bench docker-test clean browser
 
 comma := ,
 venv: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -26,12 +26,16 @@ models: venv
 run: models
 	$(BIN)/facegate serve
 
-test: models browser typecheck
+test: models browser typecheck lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # mypy --strict over the code that ships and the benches (pyproject.toml [tool.mypy]); tests are left out.
 typecheck: venv
 	$(BIN)/python -m mypy app models bench
+
+# ruff (pyproject.toml [tool.ruff.lint]): pyflakes, import order, bugbear and pyupgrade over everything, tests included.
+lint: venv
+	$(BIN)/python -m ruff check app models bench tests migrations
 
 # The web console's tests (tests/ui) drive Debian's Chromium through Playwright, which downloads no browser of its
 # own: install the distribution's package when it is missing (as root, as on CI; elsewhere say what to install).

@@ -38,6 +38,7 @@ import numpy as np
 from app.config import Settings
 from app.errors import InsufficientData, InvalidRequest
 from app.evaluate import EmbeddingCache, embed_photos, pipeline_signature
+from app.gallery.store import EvaluationFaces
 from app.matching.calibration import binomial_interval
 from app.matching.data_files import OPENSET_FILE, data_dir
 from app.matching.openset import OpenSetModel, load_default_model
@@ -47,7 +48,6 @@ from app.matching.openset_eval import (
     enrolment_split,
     evaluate_identification,
 )
-from app.gallery.store import EvaluationFaces
 from app.vision.pipeline import Pipeline
 
 __all__ = [

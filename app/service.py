@@ -58,8 +58,8 @@ from app.matching.calibration import (
     load_default_table,
     pairs_from_gallery,
 )
-from app.matching.distances import pairwise_squared_l2
 from app.matching.data_files import OPENSET_FILE, TABLE_FILE, data_dir
+from app.matching.distances import pairwise_squared_l2
 from app.matching.openset import OpenSetModel, Reason, decide, load_default_model
 from app.matching.thresholds import is_match, validate_threshold
 from app.vision.decode import decode_image

@@ -13,6 +13,7 @@ import json
 import re
 import threading
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,7 @@ def test_concurrent_delete_of_one_identity(models_dir: Path, database_url: str, 
             second = client.post(f"/identities/{identity_id}/faces", files={"image": colin})
             assert second.status_code == 201, second.text
 
-            answers = _race([lambda: client.delete(f"/identities/{identity_id}/faces/{face_id}")] * 4)
+            answers = _race([partial(client.delete, f"/identities/{identity_id}/faces/{face_id}")] * 4)
             assert sorted(a.status_code for a in answers) == [200, 404, 404, 404], [a.text for a in answers]
             for a in answers:
                 if a.status_code == 404:
@@ -163,7 +164,7 @@ def test_concurrent_delete_of_one_identity(models_dir: Path, database_url: str, 
                 second.json()["face_id"]
             ]
 
-            answers = _race([lambda: client.delete(f"/identities/{identity_id}")] * 4)
+            answers = _race([partial(client.delete, f"/identities/{identity_id}")] * 4)
             assert sorted(a.status_code for a in answers) == [200, 404, 404, 404], [a.text for a in answers]
             ok = next(a for a in answers if a.status_code == 200)
             assert ok.json() == {

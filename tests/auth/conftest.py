@@ -10,10 +10,11 @@ from sqlalchemy.orm import Session
 
 from app.gallery import db
 
-# An empty database per test: SQLite, and PostgreSQL (marked `postgres`); see tests/gallery/conftest.py.
-from tests.gallery.conftest import database_url, pg_schema_url, postgres_server  # noqa: F401
 # The API tests' app fixtures (real models, fresh SQLite gallery) and photo loader.
 from tests.api.conftest import client, photo  # noqa: F401
+
+# An empty database per test: SQLite, and PostgreSQL (marked `postgres`); see tests/gallery/conftest.py.
+from tests.gallery.conftest import database_url, pg_schema_url, postgres_server  # noqa: F401
 
 Sessions = Callable[[], AbstractContextManager[Session]]
 

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.auth import Scope
-from app.auth import store
+from app.auth import Scope, store
 from app.config import LogFormat, LogSettings
 from app.logs import JsonFormatter, TextFormatter, uvicorn_log_config
 from tests.api.conftest import api_settings, running

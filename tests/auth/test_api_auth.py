@@ -11,8 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.api.auth import _api_routes, route_scope
-from app.auth import Scope
-from app.auth import store
+from app.auth import Scope, store
 from app.auth.keys import generate_key
 from tests.api.conftest import api_settings, error_of, running
 

@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text
 
-from app.auth import Scope
-from app.auth import store
+from app.auth import Scope, store
 from app.auth.keys import generate_key, hash_key, key_matches, key_prefix, prefix_of
 from app.auth.verifier import KeyVerifier, open_verifier
 from app.config import AuthSettings

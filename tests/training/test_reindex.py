@@ -15,8 +15,7 @@ from app.gallery.reindex import reindex
 from app.training import TrainConfig, register_head, split_identities, train_head
 from app.vision.head import EmbeddingHead, load_head
 from app.vision.types import Box
-from tests.gallery.conftest import MODEL, open_gallery, random_embeddings  # noqa: F401
-from tests.gallery.conftest import database_url, pg_schema_url, postgres_server  # noqa: F401
+from tests.gallery.conftest import MODEL, database_url, open_gallery, pg_schema_url, postgres_server, random_embeddings  # noqa: F401
 from tests.training.conftest import synthetic_set
 
 

@@ -9,8 +9,8 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
 from app.api.auth import require
-from app.api.forms import FormRoute
 from app.api.deps import ServiceDep, form_fields
+from app.api.forms import FormRoute
 from app.api.routes.common import box_out, read_photo
 from app.api.schemas import (
     THRESHOLD_MAX,

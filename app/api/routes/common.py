@@ -6,6 +6,8 @@ from typing import Annotated
 
 from fastapi import Form, UploadFile
 
+from app.api.errors import error_object
+from app.api.metrics import Metrics
 from app.api.schemas import (
     THRESHOLD_MAX,
     TOP_K_MAX,
@@ -21,8 +23,6 @@ from app.api.schemas import (
     QualityIssueOut,
     QualityOut,
 )
-from app.api.errors import error_object
-from app.api.metrics import Metrics
 from app.errors import FacegateError, InvalidImage
 from app.gallery import FaceRecord, IdentityRecord
 from app.service import Candidate, EnrollResult, FoundFace, IdentifyResult

@@ -7,8 +7,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
-from app.api.deps import MetricsDep, ServiceDep
 from app.api.auth import require
+from app.api.deps import MetricsDep, ServiceDep
 from app.api.metrics import CONTENT_TYPE, RECENT_WINDOW
 from app.api.schemas import Health, LatencySummary, Readiness, RouteLatencyOut
 from app.auth import Scope

@@ -9,8 +9,8 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
 from app.api.auth import require
-from app.api.forms import FormRoute
 from app.api.deps import MetricsDep, ServiceDep, form_fields
+from app.api.forms import FormRoute
 from app.api.routes.common import IdentifyThresholdForm, TopKForm, identify_response, observe_identify, read_photo
 from app.api.schemas import IdentifyResponse
 from app.auth import Scope

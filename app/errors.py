@@ -85,6 +85,12 @@ class UnknownFace(FacegateError):
     code = "unknown_face"
 
 
+class ImageNotStored(FacegateError):
+    """The face exists but its photo was not kept (FACEGATE_STORE_IMAGES was off when it was enrolled)."""
+
+    code = "image_not_stored"
+
+
 class LowQuality(FacegateError):
     """Enrolment refused: the face fails the quality limits (`details.reasons`: issue, measured value, limit each;
     `details.quality`: every measurement). Override with allow_low_quality."""

@@ -34,6 +34,7 @@ from app.blas import limit_blas_threads
 from app.config import Settings
 from app.errors import (
     FacegateError,
+    ImageNotStored,
     InsufficientData,
     InvalidRequest,
     LowQuality,
@@ -62,7 +63,7 @@ from app.matching.data_files import OPENSET_FILE, TABLE_FILE, data_dir
 from app.matching.distances import pairwise_squared_l2
 from app.matching.openset import OpenSetModel, Reason, decide, load_default_model
 from app.matching.thresholds import is_match, validate_threshold
-from app.vision.decode import decode_image
+from app.vision.decode import decode_image, media_type
 from app.vision.pipeline import Pipeline
 from app.vision.quality import FaceQuality, QualityFailure, QualityThresholds, assess
 from app.vision.types import Box, Face, Image
@@ -806,6 +807,18 @@ class FaceService:
         allow_low_quality: bool = False,
     ) -> EnrollResult:
         return self.enroll(photo, identity_id=identity_id, face=face, allow_low_quality=allow_low_quality)
+
+    def face_photo(self, identity_id: str, face_id: str) -> tuple[bytes, str]:
+        """The photo a face was enrolled from, as uploaded, and its MIME type. Raises UnknownFace, or ImageNotStored
+        when photos were not kept (FACEGATE_STORE_IMAGES off at its enrolment)."""
+        photo = self.gallery.face_image(identity_id, face_id)
+        if photo is None:
+            raise ImageNotStored(
+                "this face's photo was not kept (FACEGATE_STORE_IMAGES was off when it was enrolled)",
+                identity_id=identity_id,
+                face_id=face_id,
+            )
+        return photo, media_type(photo)
 
     def delete_identity(self, identity_id: str) -> DeletionReport:
         return self.gallery.delete_identity(identity_id)

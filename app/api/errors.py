@@ -18,6 +18,7 @@ Status map (also in the OpenAPI document of every route):
 | image_too_large               | 413    | more pixels than `image.max_pixels`                           |
 | request_too_large             | 413    | body larger than `image.max_upload_bytes`                     |
 | unknown_identity/unknown_face | 404    | no such id                                                    |
+| image_not_stored              | 404    | the face's photo was not kept (`store_images` off)            |
 | no_enrolled_faces             | 409    | verify against an identity whose faces were all deleted       |
 | low_quality                   | 422    | enrol: the face fails a quality limit; details.reasons        |
 | possible_duplicate            | 409    | enrol a new identity whose face matches an enrolled one       |
@@ -62,6 +63,7 @@ STATUS_BY_CODE: dict[str, int] = {
     errors.ModelUnavailable.code: 503,
     "unknown_identity": 404,
     "unknown_face": 404,
+    errors.ImageNotStored.code: 404,
     # issue 5 / 6 codes, mapped ahead so that adding the exception is enough
     errors.LowQuality.code: 422,
     errors.PossibleDuplicate.code: 409,

@@ -11,7 +11,7 @@ _DESCRIPTIONS = {
     "is not UTF-8 or is nested too deeply)",
     401: "unauthorized: no API key, or an unknown or revoked one (when keys are in use)",
     403: "forbidden: the API key's scope is too small for this route",
-    404: "unknown_identity / unknown_face / not_found",
+    404: "unknown_identity / unknown_face / image_not_stored / not_found",
     405: "method_not_allowed",
     409: "no_enrolled_faces: the identity has no face left to compare with / possible_duplicate (enrol: the face "
     "already matches an enrolled identity; details name it) / insufficient_data (calibrate: not enough pairs)",

@@ -307,6 +307,11 @@ class Gallery:
         with self.session() as session:
             return store.get_identity(session, identity_id=identity_id)
 
+    def face_image(self, identity_id: str, face_id: str) -> bytes | None:
+        """The face's stored photo, None when photos were not kept. Raises UnknownFace."""
+        with self.session() as session:
+            return store.face_image(session, identity_id=identity_id, face_id=face_id)
+
     def identity_names(self, identity_ids: Iterable[str]) -> dict[str, str]:
         with self.session() as session:
             return store.identity_names(session, identity_ids=identity_ids)

@@ -63,6 +63,16 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image:
     return _decode(io.BytesIO(data), max_pixels=max_pixels)
 
 
+def media_type(data: bytes) -> str:
+    """The MIME type of a photo facegate accepted (one of FORMATS), from its header alone; else
+    application/octet-stream."""
+    try:
+        with PILImage.open(io.BytesIO(data), formats=FORMATS) as im:
+            return PILImage.MIME.get(im.format or "", "application/octet-stream")
+    except (UnidentifiedImageError, OSError, ValueError):
+        return "application/octet-stream"
+
+
 def load_image(path: str | Path, *, max_pixels: int) -> Image:
     """Decode a photo file as `decode_image` does. A missing or unreadable file raises OSError as usual."""
     with Path(path).open("rb") as f:

@@ -33,6 +33,7 @@ EXPECTED = {
     ("DELETE", "/identities/{identity_id}"): Scope.write,
     ("POST", "/identities/{identity_id}/faces"): Scope.write,
     ("DELETE", "/identities/{identity_id}/faces/{face_id}"): Scope.write,
+    ("GET", "/identities/{identity_id}/faces/{face_id}/image"): Scope.admin,
     ("POST", "/calibrate"): Scope.admin,
     ("GET", "/calibration"): Scope.read,
     ("DELETE", "/calibration"): Scope.admin,

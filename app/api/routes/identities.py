@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile, status
+from fastapi import APIRouter, Depends, File, Form, Path, Query, Response, UploadFile, status
 from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
@@ -124,6 +124,26 @@ async def add_face(
 async def delete_face(service: ServiceDep, identity_id: IdentityId, face_id: FaceId) -> DeletionResponse:
     report = await run_in_threadpool(service.delete_face, identity_id, face_id)
     return _deletion(report)
+
+
+@router.get(
+    "/{identity_id}/faces/{face_id}/image",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/*": {}}, "description": "The photo as it was uploaded at enrolment."},
+        **responses.errors(404),
+    },
+    dependencies=[require(Scope.admin)],
+    summary="The photo a face was enrolled from (only kept with FACEGATE_STORE_IMAGES=true; admin scope)",
+)
+async def face_image(service: ServiceDep, identity_id: IdentityId, face_id: FaceId) -> Response:
+    photo, media_type = await run_in_threadpool(service.face_photo, identity_id, face_id)
+    # A photo of a person: never cached on the way, never re-typed by a browser.
+    return Response(
+        photo,
+        media_type=media_type,
+        headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
+    )
 
 
 def _deletion(report: DeletionReport) -> DeletionResponse:

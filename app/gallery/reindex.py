@@ -2,8 +2,16 @@
 (the embedder's, or embedder + a trained head), from the stored base embeddings: no photo is needed.
 
 Which base embedding a face has: its `base_embedding` column (written at enrolment since migration 0003), else its
-`embedding` when it was made by the bare embedder (`model_version` == the base version). A face with neither (made
-by a head before 0003) cannot be recomputed: it is counted as `skipped` and stays stale (enrol it again).
+`embedding` when it was made by the bare embedder (`model_version` == the base version). Either is used only when
+the face was made by the same base as the target's: its version is the base version, or the base version plus a
+head's (`<name>-<12 hex>`). A face of another base (the embedder applied otherwise, e.g. with or without mirror
+averaging, "+flip") has base numbers on another scale, and relabelling them would silently mix scales. Such a face,
+or one with no base embedding at all (made by a head before 0003), is recomputed from its stored photo when the
+caller gives `photo_base` and the photo was kept (FACEGATE_STORE_IMAGES); otherwise it is counted as `skipped` and
+stays stale (enrol it again).
+
+Photos are embedded before the write lock is taken (it can take minutes: ~60 ms a face on 2 cores); the face in the
+photo is the detection that overlaps the stored box best (IoU >= 0.5).
 
 Everything happens in ONE transaction under the gallery's write lock (enrolments wait, searches go on): the
 embeddings and model versions change together, and for each face the change log gets a 'remove' then an 'add', so
@@ -14,6 +22,7 @@ faces not already at the target version are touched (a second run reports 0 upda
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,11 +34,23 @@ from sqlalchemy.orm import Session
 from app.gallery import Gallery
 from app.gallery.store import ChangeOp, _lock_gallery, decode_embeddings
 from app.gallery.tables import GALLERY_STATE_ID, Face, GalleryChange, GalleryState, utcnow
-from app.vision.types import EMBEDDING_DIM
+from app.vision.types import EMBEDDING_DIM, Box
 
-__all__ = ["ReindexReport", "reindex"]
+__all__ = ["PhotoBase", "ReindexReport", "reindex", "same_base"]
 
 Transform = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
+# The base embedding of the face at this box of this photo (the bytes as uploaded), None when it cannot be found.
+PhotoBase = Callable[[bytes, Box], npt.NDArray[np.float32] | None]
+_HEAD_VERSION = re.compile(r"[^+]+-[0-9a-f]{12}")  # app/training/export.py: f"{name}-{sha256[:12]}"
+
+
+def same_base(model_version: str, base_version: str) -> bool:
+    """Whether a face of `model_version` was made by the embedder as `base_version` applies it (with or without a
+    head): only then are its base numbers those the target expects."""
+    if model_version == base_version:
+        return True
+    head = model_version.removeprefix(base_version + "+")
+    return head != model_version and _HEAD_VERSION.fullmatch(head) is not None
 
 
 @dataclass(frozen=True)
@@ -37,17 +58,31 @@ class ReindexReport:
     target_version: str
     updated: int  # faces whose embedding and model version were rewritten
     already_current: int  # faces already at the target version
-    skipped: int  # faces without a base embedding (left stale)
+    skipped: int  # faces without a usable base embedding or photo (left stale)
     from_versions: dict[str, int]  # model version -> faces updated from it
+    from_photos: int = 0  # of `updated`, faces embedded again from their stored photo
 
 
 def reindex(
-    gallery: Gallery, *, target_version: str, base_version: str, transform: Transform | None, chunk: int = 1024
+    gallery: Gallery,
+    *,
+    target_version: str,
+    base_version: str,
+    transform: Transform | None,
+    photo_base: PhotoBase | None = None,
+    chunk: int = 1024,
 ) -> ReindexReport:
-    """Rewrite every face not at `target_version`: embedding = transform(base) (None: the base itself)."""
+    """Rewrite every face not at `target_version`: embedding = transform(base) (None: the base itself), the base
+    from the face's stored base embedding, or from its stored photo through `photo_base` (module docstring)."""
+    photo_bases = _bases_from_photos(gallery, target_version, base_version, photo_base) if photo_base else {}
     with gallery.session() as session:
         report = _reindex(
-            session, target_version=target_version, base_version=base_version, transform=transform, chunk=chunk
+            session,
+            target_version=target_version,
+            base_version=base_version,
+            transform=transform,
+            photo_bases=photo_bases,
+            chunk=chunk,
         )
     # This process's index skips re-adding faces it has itself just removed (its guard against stale replays), so
     # it is rebuilt from the database; other workers replay the change log.
@@ -55,8 +90,36 @@ def reindex(
     return report
 
 
+def _bases_from_photos(
+    gallery: Gallery, target_version: str, base_version: str, photo_base: PhotoBase
+) -> dict[str, bytes]:
+    """Face id -> base embedding (bytes) from the stored photo, for faces the stored numbers cannot serve."""
+    with gallery.session() as session:
+        rows = session.execute(
+            select(Face.id, Face.model_version, Face.box_left, Face.box_top, Face.box_right, Face.box_bottom)
+            .where(Face.model_version != target_version, Face.image.is_not(None))
+            .order_by(Face.id)
+        ).all()
+        needed = [r for r in rows if not same_base(r.model_version, base_version)]
+        out: dict[str, bytes] = {}
+        for r in needed:  # one photo in memory at a time
+            photo = session.execute(select(Face.image).where(Face.id == r.id)).scalar_one_or_none()
+            if photo is None:
+                continue
+            base = photo_base(photo, Box(r.box_left, r.box_top, r.box_right, r.box_bottom))
+            if base is not None:
+                out[r.id] = np.asarray(base, dtype="<f4").reshape(EMBEDDING_DIM).tobytes()
+    return out
+
+
 def _reindex(
-    session: Session, *, target_version: str, base_version: str, transform: Transform | None, chunk: int
+    session: Session,
+    *,
+    target_version: str,
+    base_version: str,
+    transform: Transform | None,
+    photo_bases: dict[str, bytes],
+    chunk: int,
 ) -> ReindexReport:
     _lock_gallery(session)
     rows = session.execute(
@@ -64,13 +127,18 @@ def _reindex(
     ).all()
     current = sum(1 for r in rows if r.model_version == target_version)
     todo = []
-    skipped = 0
+    skipped = from_photos = 0
     for r in rows:
         if r.model_version == target_version:
             continue
-        blob = r.base_embedding if r.base_embedding is not None else (
-            r.embedding if r.model_version == base_version else None
-        )
+        blob = None
+        if same_base(r.model_version, base_version):
+            blob = r.base_embedding if r.base_embedding is not None else (
+                r.embedding if r.model_version == base_version else None
+            )
+        if blob is None and r.id in photo_bases:
+            blob = photo_bases[r.id]
+            from_photos += 1
         if blob is None:
             skipped += 1
             continue
@@ -79,7 +147,7 @@ def _reindex(
     for _, _, version, _ in todo:
         from_versions[version] = from_versions.get(version, 0) + 1
     if not todo:
-        return ReindexReport(target_version, 0, current, skipped, from_versions)
+        return ReindexReport(target_version, 0, current, skipped, from_versions, from_photos)
     now = utcnow()
     count = len(todo)
     # Change ids for every face's 'remove' then 'add', reserved in one statement (gap-free, as bulk_enrol does).
@@ -115,4 +183,4 @@ def _reindex(
                     for k, (f, i, _, _) in enumerate(todo[start : start + chunk], start=start)
                 ],
             )
-    return ReindexReport(target_version, count, current, skipped, from_versions)
+    return ReindexReport(target_version, count, current, skipped, from_versions, from_photos)

@@ -45,6 +45,14 @@ class Box:
     def area(self) -> int:
         return max(self.width, 0) * max(self.height, 0)
 
+    def iou(self, other: Box) -> float:
+        """Intersection over union (pixel-inclusive boxes, as dlib's)."""
+        inner = Box(
+            max(self.left, other.left), max(self.top, other.top), min(self.right, other.right), min(self.bottom, other.bottom)
+        ).area
+        union = self.area + other.area - inner
+        return inner / union if union > 0 else 0.0
+
     def scaled(self, factor: float) -> Box:
         """The box in a photo `factor` times larger (rounded half away from zero)."""
         return Box(*(int(_round_half_away(v * factor)) for v in (self.left, self.top, self.right, self.bottom)))

@@ -11,7 +11,7 @@ import pytest
 
 from app.config import HeadSettings
 from app.gallery import Gallery, store
-from app.gallery.reindex import reindex
+from app.gallery.reindex import reindex, same_base
 from app.training import TrainConfig, register_head, split_identities, train_head
 from app.vision.head import EmbeddingHead, load_head
 from app.vision.types import Box
@@ -84,7 +84,7 @@ def test_faces_without_a_base_embedding_are_left_stale_and_counted(
     open_gallery: Callable[..., Gallery], head: EmbeddingHead
 ) -> None:
     rng = np.random.default_rng(1)
-    older_head = open_gallery(f"{MODEL}+older-head")  # faces made by a head before migration 0003: no base stored
+    older_head = open_gallery(f"{MODEL}+older-0123456789ab")  # made by a head before migration 0003: no base stored
     older_head.enroll_face(embedding=random_embeddings(rng, 1)[0], box=Box(0, 0, 9, 9), score=1.0, name="old")
     target = f"{MODEL}+{head.version}"
     report = reindex(open_gallery(MODEL), target_version=target, base_version=MODEL, transform=head.apply)
@@ -106,3 +106,25 @@ def test_a_failing_head_changes_nothing(open_gallery: Callable[..., Gallery]) ->
     with gallery.session() as session:
         assert store.last_change_id(session) == 1  # only the enrolment's 'add'
     assert _searchable(open_gallery(MODEL), vector[None]) == [identity]
+
+
+def test_same_base_tells_heads_from_other_bases() -> None:
+    assert same_base(MODEL, MODEL)
+    assert same_base(f"{MODEL}+office-0123456789ab", MODEL)  # a head on this base
+    assert not same_base(f"{MODEL}+flip", MODEL)  # the embedder applied otherwise
+    assert not same_base(f"{MODEL}+flip+office-0123456789ab", MODEL)
+    assert not same_base(MODEL, f"{MODEL}+flip")
+    assert same_base(f"{MODEL}+flip+office-0123456789ab", f"{MODEL}+flip")
+    assert not same_base("other-model", MODEL)
+
+
+def test_faces_of_another_base_are_not_relabelled(open_gallery: Callable[..., Gallery]) -> None:
+    """Switching the embedder's variant (e.g. mirror averaging, "+flip") changes every base number: a plain face's
+    stored base must not be relabelled as the new base's; without a photo it stays stale."""
+    rng = np.random.default_rng(3)
+    plain = open_gallery(MODEL)
+    plain.enroll_face(embedding=random_embeddings(rng, 1)[0], box=Box(0, 0, 9, 9), score=1.0, name="plain")
+    flipped = open_gallery(f"{MODEL}+flip")
+    report = reindex(flipped, target_version=f"{MODEL}+flip", base_version=f"{MODEL}+flip", transform=None)
+    assert (report.updated, report.skipped) == (0, 1)
+    assert flipped.stats().size == 0 and flipped.stats().stale == 1

@@ -10,8 +10,9 @@ load) the first worker to get the state row's lock copies the new adds and appli
 or a first start, copies every face with binary COPY and rebuilds the HNSW index). PostgreSQL proposes the
 `candidates` nearest faces (HNSW with `hnsw.ef_search` = index.pgvector_ef_search, at least 2 x candidates;
 iterative scans from pgvector 0.8 so that the model-version filter cannot starve the result); they are ranked by
-identity with exact float32 distances, as in the approximate backend. The process keeps `GalleryIndex`'s bookkeeping (counts, replay position, 1:1 distances), so
-`stats()` and `identity_distances()` stay in memory.
+identity with exact float32 distances, as in the approximate backend. The process keeps `GalleryIndex`'s
+bookkeeping (counts, replay position, 1:1 distances), so `stats()` and `identity_distances()` stay in memory.
+A deletion made through this process leaves `face_vectors` before it returns (`apply`).
 """
 
 from __future__ import annotations
@@ -201,10 +202,11 @@ class PgvectorIndex(GalleryIndex):
         if self._iterative_scan:
             settings["hnsw.iterative_scan"] = "relaxed_order"
         # one round trip: a search is a handful of milliseconds, each statement ~0.3 ms more
-        connection.execute(
-            text("SELECT " + ", ".join(f"set_config(:n{i}, :v{i}, true)" for i in range(len(settings)))),
-            {f"{kind}{i}": value for i, item in enumerate(settings.items()) for kind, value in zip("nv", item)},
-        )
+        params: dict[str, str] = {}
+        for i, (name, value) in enumerate(settings.items()):
+            params[f"n{i}"], params[f"v{i}"] = name, value
+        calls = ", ".join(f"set_config(:n{i}, :v{i}, true)" for i in range(len(settings)))
+        connection.execute(text(f"SELECT {calls}"), params)
 
     def _search(self, snap: _Snapshot, q: npt.NDArray[np.float32], top_k: int) -> list[list[IdentityCandidate]]:
         k = max(self.candidates, 4 * top_k)

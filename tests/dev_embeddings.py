@@ -20,6 +20,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +37,7 @@ class PhotoResult:
     ours_scores: list[float]
     ours_points: list[np.ndarray]  # 5 x 2 int64 each
     ours_embeddings: np.ndarray  # (k, 128) float32
-    dlib: list  # list[tests.oracle.OracleFace]
+    dlib: list[Any]  # list[tests.oracle.OracleFace]
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def compute(dev_faces: Path, models_dir: Path) -> DevResults:
 
 def save(results: DevResults, path: Path) -> None:
     names = list(results.photos)
-    arrays: dict[str, np.ndarray] = {"photos": np.array(names, dtype=str)}
+    arrays: dict[str, Any] = {"photos": np.array(names, dtype=str)}
     ours = [(i, b, s, p, e) for i, n in enumerate(names) for b, s, p, e in _ours(results.photos[n])]
     theirs = [
         (i, f.box, f.score, f.landmarks, f.embedding) for i, n in enumerate(names) for f in results.photos[n].dlib

@@ -9,7 +9,7 @@ validation figures are about people the head never saw).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +60,7 @@ class EmbeddingSet:
         )
 
     @classmethod
-    def from_mapping(cls, embeddings: dict[str, npt.ArrayLike], *, identity_of: Callable[[str], str]) -> EmbeddingSet:
+    def from_mapping(cls, embeddings: Mapping[str, npt.ArrayLike], *, identity_of: Callable[[str], str]) -> EmbeddingSet:
         """From {photo path: embedding} (NaN rows = no face, left out), the identity read from each path."""
         paths = sorted(embeddings)
         found = [p for p in paths if np.all(np.isfinite(np.asarray(embeddings[p], np.float64)))]

@@ -143,9 +143,9 @@ def test_good_photo_passes_with_its_measurements(gate: TestClient, dev_faces: Pa
     assert r.status_code == 201, r.text
     quality = r.json()["face"]["quality"]
     assert quality["issues"] == []
-    assert quality["inter_ocular_px"] > LIMITS.min_inter_ocular_px  # type: ignore[operator]
-    assert quality["sharpness"] > LIMITS.min_sharpness  # type: ignore[operator]
-    assert 0.0 <= quality["outside_fraction"] <= LIMITS.max_outside_fraction  # type: ignore[operator]
+    assert quality["inter_ocular_px"] > LIMITS.min_inter_ocular_px
+    assert quality["sharpness"] > LIMITS.min_sharpness
+    assert 0.0 <= quality["outside_fraction"] <= LIMITS.max_outside_fraction
 
 
 def test_verify_and_identify_report_quality_without_refusing(

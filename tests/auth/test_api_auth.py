@@ -76,7 +76,7 @@ def _protected(client: TestClient) -> dict[tuple[str, str], Scope]:
     for route in _api_routes(client.app.routes):  # type: ignore[attr-defined]
         scope = route_scope(route)
         if scope is not None:
-            for method in route.methods:
+            for method in route.methods or ():
                 routes[(method, route.path)] = scope
     return routes
 

@@ -11,6 +11,7 @@ from sqlalchemy import text
 
 from app.errors import UnknownFace, UnknownIdentity
 from app.gallery import DeletionReport, Gallery, db, store
+from app.gallery.index import GalleryIndex
 from app.vision.types import Box
 from tests.gallery.conftest import MODEL, random_embeddings
 
@@ -172,6 +173,7 @@ def test_replay_batch_read_before_a_local_delete_cannot_resurrect_the_face(open_
     assert worker.index.replay(batch)  # ... then the refresh applies its stale batch
     assert not worker.index.contains(enrolment.face.id)
     worker.refresh()
+    assert isinstance(worker.index, GalleryIndex)
     assert worker.index.face_ids() == set() and worker.index._pending_removed == {}
 
 

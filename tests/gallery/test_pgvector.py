@@ -76,7 +76,7 @@ def test_pgvector_search_follows_the_gallery(pgvector_url: str) -> None:
         # A worker started later finds the table up to date (nothing to copy) and answers the same.
         late = Gallery.open(pgvector_url, MODEL, index=PGVECTOR)
         try:
-            assert late.index.mirror() == 0
+            assert isinstance(late.index, PgvectorIndex) and late.index.mirror() == 0
             assert [c[0].face_id for c in late.search(queries, top_k=1)] == [
                 c[0].face_id for c in reader.search(queries, top_k=1)
             ]
@@ -167,6 +167,7 @@ def test_pgvector_table_follows_a_reindex(pgvector_url: str) -> None:
     reader = Gallery.open(pgvector_url, MODEL, index=PGVECTOR)
     try:
         old.bulk_enrol(names=[f"p{i}" for i in range(1000)], embeddings=seeded.embeddings)
+        assert isinstance(reader.index, PgvectorIndex)
         assert reader.index.mirror() == 1000 and reader.stats().size == 0  # copied, but of another model
         reindex(old, target_version=MODEL, base_version="old-model", transform=lambda base: base * np.float32(1.01))
         queries, _ = synthetic.probes(seeded, enrolled=20, strangers=0, seed=22)
@@ -180,7 +181,9 @@ def test_pgvector_table_follows_a_reindex(pgvector_url: str) -> None:
         assert [c[0].face_id for c in got] == [c[0].face_id for c in want]
         np.testing.assert_allclose([c[0].distance for c in got], [c[0].distance for c in want], atol=1e-6)
         with psycopg.connect(pgvector_url.replace("+psycopg", "")) as connection:
-            counts = dict(connection.execute("SELECT model_version, count(*) FROM face_vectors GROUP BY 1").fetchall())
+            counts: dict[str, int] = dict(
+                connection.execute("SELECT model_version, count(*) FROM face_vectors GROUP BY 1").fetchall()
+            )
         assert counts == {MODEL: 1000}
     finally:
         reader.close()

@@ -10,6 +10,12 @@ from app.training import CenterLoss, Mining, PKSampler, contrastive_loss, semi_h
 from app.training.losses import pairwise_squared_distances
 
 
+def grad(t: torch.Tensor) -> torch.Tensor:
+    """The gradient backward() left on a leaf tensor."""
+    assert t.grad is not None
+    return t.grad
+
+
 def points(*xs: float) -> torch.Tensor:
     """1-d embeddings at the given positions (distances are then (xi - xj)^2)."""
     return torch.tensor([[x] for x in xs], dtype=torch.float64, requires_grad=True)
@@ -25,7 +31,7 @@ def test_triplet_is_zero_with_zero_gradient_when_the_negative_is_beyond_the_marg
     loss = triplet_loss(x, torch.tensor([0, 0, 1]), margin=0.2, mining=mining)
     loss.backward()
     assert loss.item() == 0.0
-    assert torch.count_nonzero(x.grad) == 0
+    assert torch.count_nonzero(grad(x)) == 0
 
 
 def test_triplet_value_and_gradient_of_one_violating_triplet() -> None:
@@ -38,7 +44,7 @@ def test_triplet_value_and_gradient_of_one_violating_triplet() -> None:
     loss.backward()
     # d/da [(a-p)^2 - (a-n)^2] = 2(a-p) - 2(a-n) = 2(n-p) = 0.2 (anchor a's triplet);
     # from anchor p's triplet, a is the positive: d/da (p-a)^2 = -2(p-a) = -1.0; halved by the mean.
-    assert float(x.grad[0, 0]) == pytest.approx((0.2 - 1.0) / 2)
+    assert float(grad(x)[0, 0]) == pytest.approx((0.2 - 1.0) / 2)
 
 
 def test_batch_all_averages_only_the_triplets_that_violate_the_margin() -> None:
@@ -77,11 +83,11 @@ def test_batch_hard_uses_each_anchors_farthest_positive_and_nearest_negative() -
     y = x.detach().clone().requires_grad_(True)
     hand = []
     for a in range(5):
-        pos = max((p for p in range(5) if p != a and labels[p] == labels[a]), key=lambda p: d[a, p])
-        neg = min((n for n in range(5) if labels[n] != labels[a]), key=lambda n: d[a, n])
-        hand.append(torch.relu((y[a] - y[pos]) ** 2 - (y[a] - y[neg]) ** 2 + 0.2).sum())
+        far = max((p for p in range(5) if p != a and labels[p] == labels[a]), key=lambda p: d[a, p])
+        near = min((n for n in range(5) if labels[n] != labels[a]), key=lambda n: d[a, n])
+        hand.append(torch.relu((y[a] - y[far]) ** 2 - (y[a] - y[near]) ** 2 + 0.2).sum())
     torch.stack(hand).mean().backward()
-    assert torch.allclose(x.grad, y.grad)
+    assert torch.allclose(grad(x), grad(y))
 
 
 def test_semi_hard_picks_the_nearest_negative_farther_than_the_positive() -> None:
@@ -117,7 +123,7 @@ def test_semi_hard_loss_value_and_gradient() -> None:
     # only the triplets (0,1,2) and (2,3,0) are active: d/dx0 = [2(x0-x1) - 2(x0-x2)] + [-(-2)(x2-x0)... computed:
     # triplet (a=0,p=1,n=2): d/dx0 = 2(x0 - x1) - 2(x0 - x2) = 2(x2 - x1) = 0.2
     # triplet (a=2,p=3,n=0): x0 is the negative: d/dx0 of -(x2 - x0)^2 = 2(x2 - x0) = 0.8
-    assert float(x.grad[0, 0]) == pytest.approx((0.2 + 0.8) / 4)
+    assert float(grad(x)[0, 0]) == pytest.approx((0.2 + 0.8) / 4)
 
 
 # ---------------------------------------------------------------------------------------------- contrastive
@@ -131,7 +137,7 @@ def test_contrastive_value_and_gradient() -> None:
     assert loss.item() == pytest.approx(0.5 * (0.25 + 0.04 + 0.49) / 3)
     loss.backward()
     # d/dx0: same pair (x0-x1)^2 -> 2(x0-x1) = -1; different (0,2): (1 - (x2-x0))^2 -> 2(1 - 0.8) * 1 = 0.4
-    assert float(x.grad[0, 0]) == pytest.approx(0.5 * (-1.0 + 0.4) / 3)
+    assert float(grad(x)[0, 0]) == pytest.approx(0.5 * (-1.0 + 0.4) / 3)
 
 
 def test_contrastive_ignores_different_pairs_beyond_the_margin() -> None:
@@ -139,7 +145,7 @@ def test_contrastive_ignores_different_pairs_beyond_the_margin() -> None:
     loss = contrastive_loss(x, torch.tensor([0, 0, 1]), margin=1.0)
     loss.backward()
     assert loss.item() == 0.0
-    assert torch.count_nonzero(x.grad) == 0
+    assert torch.count_nonzero(grad(x)) == 0
 
 
 # ------------------------------------------------------------------------------------------------- center
@@ -155,10 +161,10 @@ def test_center_loss_pulls_each_embedding_to_its_centre() -> None:
     assert loss.item() == pytest.approx(0.5 * (0.25 + 0.25 + 0.0) / 3)
     loss.backward()
     # the gradient points away from the centre, so a descent step moves each embedding toward it
-    assert x.grad[:, 0].tolist() == pytest.approx([0.5 / 3, 0.5 / 3, 0.0])
-    assert center.centers.grad[:, 0].tolist() == pytest.approx([-0.5 / 3, -0.5 / 3])
+    assert grad(x)[:, 0].tolist() == pytest.approx([0.5 / 3, 0.5 / 3, 0.0])
+    assert grad(center.centers)[:, 0].tolist() == pytest.approx([-0.5 / 3, -0.5 / 3])
     with torch.no_grad():
-        moved = x - 0.5 * x.grad
+        moved = x - 0.5 * grad(x)
     assert center(moved, labels).item() < loss.item()
 
 

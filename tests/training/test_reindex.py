@@ -12,7 +12,7 @@ import pytest
 from app.config import HeadSettings
 from app.gallery import Gallery, store
 from app.gallery.reindex import reindex, same_base
-from app.training import TrainConfig, register_head, split_identities, train_head
+from app.training import Arch, TrainConfig, register_head, split_identities, train_head
 from app.vision.head import EmbeddingHead, load_head
 from app.vision.types import Box
 from tests.gallery.conftest import MODEL, database_url, open_gallery, pg_schema_url, postgres_server, random_embeddings  # noqa: F401
@@ -24,7 +24,7 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> EmbeddingHead:
     """A small head trained on synthetic embeddings and registered for MODEL."""
     heads = tmp_path_factory.mktemp("heads")
     train, val = split_identities(synthetic_set(16, 5), val_fraction=0.25, seed=0)
-    result = train_head(train, val, TrainConfig(epochs=2, p=4, k=3, arch="mlp", hidden=32, seed=0))
+    result = train_head(train, val, TrainConfig(epochs=2, p=4, k=3, arch=Arch.mlp, hidden=32, seed=0))
     register_head(result, name="h1", heads_dir=heads, base_model_version=MODEL, opset=17)
     loaded = load_head(HeadSettings(name="h1", dir=heads), Path("unused"), MODEL)
     assert loaded is not None

@@ -79,7 +79,7 @@ def test_onnx_export_gives_pytorchs_output(arch: Arch) -> None:
 def test_a_registered_head_loads_and_serves_what_was_trained(tmp_path: Path) -> None:
     data = synthetic_set(16, 5)
     train, val = split_identities(data, val_fraction=0.25, seed=0)
-    result = train_head(train, val, TrainConfig(epochs=3, p=4, k=3, arch="mlp", hidden=32, seed=0))
+    result = train_head(train, val, TrainConfig(epochs=3, p=4, k=3, arch=Arch.mlp, hidden=32, seed=0))
     folder = register_head(result, name="office", heads_dir=tmp_path, base_model_version=BASE, opset=17)
     manifest = read_head_manifest(folder)
     assert manifest.version.startswith("office-") and manifest.base_model_version == BASE

@@ -10,7 +10,7 @@ a broken batcher fails instead of hanging; nothing asserts a duration.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,7 +76,7 @@ class FakeClock:
 def closing() -> Iterator[Callable[..., MicroBatcher[int, int]]]:
     made: list[MicroBatcher[int, int]] = []
 
-    def make(run: Callable[[list[int]], list[int]], **options: Any) -> MicroBatcher[int, int]:
+    def make(run: Callable[[list[int], bool], Sequence[int]], **options: Any) -> MicroBatcher[int, int]:
         batcher: MicroBatcher[int, int] = MicroBatcher(run, **{"name": "test", **options})
         made.append(batcher)
         return batcher
@@ -434,7 +434,7 @@ class TestPipeline:
             with ThreadPoolExecutor(4) as pool:
                 warm = pool.submit(pipeline.embed, synthetic_chips(1, seed=4))
                 assert recorder.holding.wait(TIMEOUT)
-                futures = [pool.submit(pipeline.embed, c) for c in (good[0], bad, good[1])]
+                futures = [pool.submit(pipeline.embed, c) for c in (good[0], bad, good[1])]  # type: ignore[arg-type]
                 queue = pipeline._embed_queue
                 assert queue is not None
                 wait_until(lambda: queue.queued == 3, "the three callers to queue")

@@ -160,7 +160,7 @@ class TestResize:
 
         image = random_image(np.random.default_rng(11), 120, 90)
         layout = pyramid.tiled_layout(120, 90)
-        tensor = detect.tiled_pyramid(image, layout, detect.MEANS)
+        tensor = pyramid.tiled_pyramid(image, layout, detect.MEANS)
         assert tensor.shape == (1, 3, layout.rows, layout.cols) and tensor.dtype == np.float32
         planes = tensor[0]
         filled = np.zeros(planes.shape[1:], bool)

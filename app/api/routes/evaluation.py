@@ -38,7 +38,7 @@ async def evaluate_identify(service: ServiceDep) -> IdentifyEvaluationResponse:
         n_strangers=r.n_strangers,
         rank1=r.rank1,
         rules=[
-            RuleDirOut(rule=rule, dir_at_fpir=table)  # type: ignore[arg-type]
+            RuleDirOut(rule=rule, dir_at_fpir=table)
             for rule, table in r.dir_at_fpir.items()
         ],
         default=IdentifyDefaultPointOut(

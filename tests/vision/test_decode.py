@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import GifImagePlugin
 from PIL import Image as PILImage
 
 from app.errors import ImageTooLarge, InvalidImage
@@ -142,7 +143,8 @@ class TestFormatsAndModes:
         frames = [PILImage.new("RGB", (30, 20), colour) for colour in ("red", "blue", "green")]
         buf = io.BytesIO()
         frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
-        assert PILImage.open(io.BytesIO(buf.getvalue())).n_frames == 3
+        gif = PILImage.open(io.BytesIO(buf.getvalue()))
+        assert isinstance(gif, GifImagePlugin.GifImageFile) and gif.n_frames == 3
         out = decode_image(buf.getvalue(), max_pixels=LIMIT)
         _check_array(out, (20, 30))
         assert (out == (255, 0, 0)).all()

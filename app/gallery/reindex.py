@@ -96,11 +96,24 @@ def _bases_from_photos(
     """Face id -> base embedding (bytes) from the stored photo, for faces the stored numbers cannot serve."""
     with gallery.session() as session:
         rows = session.execute(
-            select(Face.id, Face.model_version, Face.box_left, Face.box_top, Face.box_right, Face.box_bottom)
+            select(
+                Face.id,
+                Face.model_version,
+                Face.base_embedding.is_(None).label("no_base"),
+                Face.box_left,
+                Face.box_top,
+                Face.box_right,
+                Face.box_bottom,
+            )
             .where(Face.model_version != target_version, Face.image.is_not(None))
             .order_by(Face.id)
         ).all()
-        needed = [r for r in rows if not same_base(r.model_version, base_version)]
+        # the faces `_reindex` could not serve from stored numbers: another base, or a head's face without its base
+        needed = [
+            r
+            for r in rows
+            if not same_base(r.model_version, base_version) or (r.no_base and r.model_version != base_version)
+        ]
         out: dict[str, bytes] = {}
         for r in needed:  # one photo in memory at a time
             photo = session.execute(select(Face.image).where(Face.id == r.id)).scalar_one_or_none()

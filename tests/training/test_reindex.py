@@ -128,3 +128,38 @@ def test_faces_of_another_base_are_not_relabelled(open_gallery: Callable[..., Ga
     report = reindex(flipped, target_version=f"{MODEL}+flip", base_version=f"{MODEL}+flip", transform=None)
     assert (report.updated, report.skipped) == (0, 1)
     assert flipped.stats().size == 0 and flipped.stats().stale == 1
+
+
+def test_photos_serve_faces_the_stored_numbers_cannot(open_gallery: Callable[..., Gallery], head: EmbeddingHead) -> None:
+    """With `photo_base`, a face made by a head before migration 0003 (no base stored) and a face of another base
+    are embedded again from their stored photos (the function gets the photo's bytes and the stored box); a face
+    without a photo stays stale, and a face whose stored base serves is not re-embedded."""
+    rng = np.random.default_rng(4)
+    target = f"{MODEL}+{head.version}"
+    old_head = open_gallery(f"{MODEL}+older-0123456789ab")
+    no_base = old_head.enroll_face(
+        embedding=random_embeddings(rng, 1)[0], box=Box(1, 2, 30, 40), score=1.0, name="old head", image=b"photo 1"
+    )
+    flipped = open_gallery(f"{MODEL}+flip")
+    other_base = flipped.enroll_face(
+        embedding=random_embeddings(rng, 1)[0], box=Box(3, 4, 50, 60), score=1.0, name="flip", image=b"photo 2"
+    )
+    flipped.enroll_face(embedding=random_embeddings(rng, 1)[0], box=Box(0, 0, 9, 9), score=1.0, name="no photo")
+    plain = open_gallery(MODEL)
+    served = plain.enroll_face(embedding=random_embeddings(rng, 1)[0], box=Box(0, 0, 9, 9), score=1.0, name="plain")
+    fresh = {b"photo 1": random_embeddings(rng, 1)[0], b"photo 2": random_embeddings(rng, 1)[0]}
+    asked: list[tuple[bytes, Box]] = []
+
+    def photo_base(photo: bytes, box: Box) -> np.ndarray | None:
+        asked.append((photo, box))
+        return fresh[photo]
+
+    report = reindex(plain, target_version=target, base_version=MODEL, transform=head.apply, photo_base=photo_base)
+    assert sorted(asked, key=lambda a: a[0]) == [(b"photo 1", Box(1, 2, 30, 40)), (b"photo 2", Box(3, 4, 50, 60))]
+    assert (report.updated, report.from_photos, report.skipped) == (3, 2, 1)
+    gallery = open_gallery(target)
+    ids, distances = gallery.index.identity_distances(head.apply(fresh[b"photo 1"][None])[0], no_base.face.identity_id)
+    assert ids == [no_base.face.id] and float(distances[0]) < 1e-6
+    ids, distances = gallery.index.identity_distances(head.apply(fresh[b"photo 2"][None])[0], other_base.face.identity_id)
+    assert ids == [other_base.face.id] and float(distances[0]) < 1e-6
+    assert gallery.index.contains(served.face.id)

@@ -141,6 +141,8 @@ def create_index(model_version: str, settings: IndexSettings | None = None, engi
             candidates=settings.candidates,
             ef_search=settings.pgvector_ef_search,
             build_memory=settings.pgvector_build_memory,
+            m=settings.pgvector_m,
+            ef_construction=settings.pgvector_ef_construction,
         )
     raise ValueError(f"unknown index backend {settings.backend!r}")
 

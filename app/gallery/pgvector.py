@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, TextClause, text
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -58,6 +58,8 @@ class PgvectorIndex(GalleryIndex):
         candidates: int = 64,
         ef_search: int = MAX_EF_SEARCH,
         build_memory: str = "1GB",
+        m: int = 16,
+        ef_construction: int = 64,
     ) -> None:
         if engine.dialect.name != "postgresql":
             raise PgvectorUnavailable(
@@ -69,6 +71,7 @@ class PgvectorIndex(GalleryIndex):
         self.candidates = candidates
         self.ef_search = ef_search
         self.build_memory = build_memory
+        self.build_options = {"m": m, "ef_construction": ef_construction}  # pgvector's HNSW build parameters
         self._mirrored = -1  # change-log id the table was seen to mirror (it only moves forward)
         super().__init__(model_version)
         self.extension_version = self._prepare()
@@ -107,14 +110,33 @@ class PgvectorIndex(GalleryIndex):
                     f" embedding vector({EMBEDDING_DIM}) NOT NULL)"
                 )
             )
-            connection.execute(text(_CREATE_HNSW))
+            built_with = connection.execute(
+                text(
+                    "SELECT c.reloptions FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE c.relname = 'ix_face_vectors_embedding' AND n.nspname = current_schema()"
+                )
+            ).first()
+            rebuild = built_with is not None and _options(built_with[0]) != self.build_options
+            if rebuild:  # other build parameters asked for: the next mirror copies every face and builds anew
+                connection.execute(text("DROP INDEX ix_face_vectors_embedding"))
+            else:
+                connection.execute(self._create_hnsw())
             connection.execute(
                 text("CREATE TABLE IF NOT EXISTS face_vectors_state (id integer PRIMARY KEY, last_change_id bigint NOT NULL)")
             )
             # -1: never mirrored, the first worker copies every face.
             connection.execute(text("INSERT INTO face_vectors_state VALUES (1, -1) ON CONFLICT (id) DO NOTHING"))
+            if rebuild:
+                connection.execute(text("UPDATE face_vectors_state SET last_change_id = -1 WHERE id = 1"))
             version = connection.execute(text("SELECT extversion FROM pg_extension WHERE extname = 'vector'")).scalar()
         return str(version)
+
+    def _create_hnsw(self) -> TextClause:
+        o = self.build_options  # integers, validated by the settings
+        return text(
+            "CREATE INDEX IF NOT EXISTS ix_face_vectors_embedding ON face_vectors USING hnsw (embedding vector_l2_ops)"
+            f" WITH (m = {int(o['m'])}, ef_construction = {int(o['ef_construction'])})"
+        )
 
     # ---------------------------------------------------------------------------------------- mirror
 
@@ -165,7 +187,7 @@ class PgvectorIndex(GalleryIndex):
                 connection.execute(
                     text("SELECT set_config('maintenance_work_mem', :memory, true)"), {"memory": self.build_memory}
                 )
-                connection.execute(text(_CREATE_HNSW))
+                connection.execute(self._create_hnsw())
                 applied = -1
             else:
                 # In log order, run by run: a face removed and added again (`facegate reindex`) ends up present.
@@ -226,7 +248,13 @@ class PgvectorIndex(GalleryIndex):
         return results
 
 
-_CREATE_HNSW = "CREATE INDEX IF NOT EXISTS ix_face_vectors_embedding ON face_vectors USING hnsw (embedding vector_l2_ops)"
+def _options(reloptions: Sequence[str] | None) -> dict[str, int]:
+    """An HNSW index's build parameters from pg_class.reloptions (["m=16", ...]; None: pgvector's defaults)."""
+    options = {"m": 16, "ef_construction": 64}
+    for item in reloptions or ():
+        key, _, value = item.partition("=")
+        options[key] = int(value)
+    return options
 NEAREST_FACES = text(
     "SELECT face_id, identity_id, embedding::real[] AS embedding FROM face_vectors"
     " WHERE model_version = :model ORDER BY embedding <-> CAST(:query AS vector) LIMIT :k"

@@ -133,6 +133,42 @@ def test_deleted_faces_leave_the_vector_table_at_once(pgvector_url: str) -> None
         gallery.close()
 
 
+@pytest.mark.pgvector
+def test_other_hnsw_build_parameters_rebuild_the_index(pgvector_url: str) -> None:
+    seeded = synthetic.gallery(500, faces_per_identity=1, seed=51)
+    first = Gallery.open(pgvector_url, MODEL, index=PGVECTOR)
+    try:
+        first.bulk_enrol(names=[f"p{i}" for i in range(500)], embeddings=seeded.embeddings)
+        first.search(seeded.embeddings[:1], top_k=1)
+    finally:
+        first.close()
+
+    def built_with() -> list[str] | None:
+        with psycopg.connect(pgvector_url.replace("+psycopg", "")) as connection:
+            row = connection.execute("SELECT reloptions FROM pg_class WHERE relname = 'ix_face_vectors_embedding'")
+            found = row.fetchone()
+            return None if found is None else found[0]
+
+    assert built_with() == ["m=16", "ef_construction=64"]
+    settings = PGVECTOR.model_copy(update={"pgvector_m": 8, "pgvector_ef_construction": 40})
+    again = Gallery.open(pgvector_url, MODEL, index=settings)  # the load mirrors every face and builds anew
+    try:
+        assert built_with() == ["m=8", "ef_construction=40"]
+        queries, _ = synthetic.probes(seeded, enrolled=10, strangers=0, seed=52)
+        exact = Gallery.open(pgvector_url, MODEL)
+        try:
+            want = [c[0].face_id for c in exact.search(queries, top_k=1)]
+        finally:
+            exact.close()
+        assert [c[0].face_id for c in again.search(queries, top_k=1)] == want
+        with psycopg.connect(pgvector_url.replace("+psycopg", "")) as connection:
+            assert connection.execute("SELECT count(*) FROM face_vectors").fetchone() == (500,)
+    finally:
+        again.close()
+    with pytest.raises(ValueError, match="at least 2 x"):
+        IndexSettings(pgvector_m=32, pgvector_ef_construction=40)
+
+
 def test_pgvector_build_memory_is_a_postgresql_size() -> None:
     assert IndexSettings(pgvector_build_memory="256MB").pgvector_build_memory == "256MB"
     for bad in ("1 GB", "lots", "0MB", "1GB; DROP TABLE faces"):

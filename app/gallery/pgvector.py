@@ -1,7 +1,8 @@
 """Search inside PostgreSQL with pgvector (FACEGATE_INDEX__BACKEND=pgvector), when the server has the extension.
 
 No migration of the main chain: the extension, the `face_vectors` table (face id, identity id, model version,
-`vector(128)`), its HNSW index (`vector_l2_ops`) and `face_vectors_state` (the change-log id mirrored so far) are
+`vector(128)`), its HNSW index (`vector_l2_ops`, with the settings' m and ef_construction; one built with others
+is dropped, and the first mirror builds it anew) and `face_vectors_state` (the change-log id mirrored so far) are
 created when this backend starts, under an advisory lock. A server without pgvector makes start-up fail with
 `PgvectorUnavailable`, which says so; nothing falls back silently.
 

@@ -191,12 +191,11 @@ def _photo_base(pipeline: Pipeline, max_pixels: int) -> PhotoBase:
 
     def base(photo: bytes, box: Box) -> np.ndarray | None:
         try:
-            faces = pipeline.find_faces(decode_image(photo, max_pixels=max_pixels))
+            face = pipeline.embed_face_at(decode_image(photo, max_pixels=max_pixels), box, min_iou=0.5)
         except FacegateError:
             return None
-        best = max(faces, key=lambda f: f.box.iou(box), default=None)
-        if best is None or best.box.iou(box) < 0.5:
+        if face is None:
             return None
-        return best.embedding if best.base_embedding is None else best.base_embedding
+        return face.embedding if face.base_embedding is None else face.base_embedding
 
     return base

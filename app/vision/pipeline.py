@@ -262,6 +262,17 @@ class Pipeline:
             prepared = self._prepare(work, detections)
         return prepared.finish(self.embed(prepared.chips), self.head)[0]
 
+    def embed_face_at(self, image: Image, box: Box, *, min_iou: float = 0.5) -> Face | None:
+        """The face of the photo whose box overlaps `box` (original photo pixels) best, if by at least `min_iou`;
+        else None. As in `embed_photo`, only the chosen detection gets landmarks, a chip and an embedding."""
+        with self._preparing:
+            work, detections = self.detect(image)
+            overlap = [_original_box(d.box, work.scale).iou(box) for d in detections]
+            if not detections or max(overlap) < min_iou:
+                return None
+            prepared = self._prepare(work, [detections[overlap.index(max(overlap))]])
+        return prepared.finish(self.embed(prepared.chips), self.head)[0]
+
     def find_faces_many(self, images: Sequence[Image | Callable[[], Image]]) -> list[list[Face] | FacegateError]:
         """`find_faces` for several photos, their chips embedded together (in calls of up to `batching.max_batch`).
 

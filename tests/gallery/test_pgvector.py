@@ -3,7 +3,6 @@ refusal on servers without it."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from app.gallery import Gallery, synthetic
 from app.gallery.index import GalleryIndex
 from app.gallery.pgvector import NEAREST_FACES, PgvectorIndex, PgvectorUnavailable, _vector_text
 from app.vision.types import Box
+from bench.pgvector_scale import new_database
 
 MODEL = "test-model-1"
 PGVECTOR = IndexSettings(backend=IndexBackend.PGVECTOR, candidates=32)
@@ -35,12 +35,8 @@ def pgvector_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def pgvector_url(pgvector_server: str) -> str:
-    """A fresh database on the pgvector server (the extension is per database), as a SQLAlchemy URL."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pgvector_server, autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{name}"')
-    base, _, query = pgvector_server.partition("?")
-    return f"postgresql+psycopg{base.removeprefix('postgresql').rsplit('/', 1)[0]}/{name}?{query}"
+    """A fresh database on the pgvector server, as a SQLAlchemy URL."""
+    return new_database(pgvector_server, prefix="t")
 
 
 @pytest.mark.pgvector

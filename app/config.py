@@ -7,6 +7,7 @@ Core code never reads the environment: it receives these values as arguments.
 from __future__ import annotations
 
 import json
+import re
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -17,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS_DIR = REPO_ROOT / "models" / "dist"
+_ORIGIN = re.compile(r"https?://[^/?#\s]+")
 
 
 class Provider(StrEnum):
@@ -333,6 +335,34 @@ class AuthSettings(BaseModel):
         return value
 
 
+class CorsSettings(BaseModel):
+    """Browser calls from pages of other origins (a face-login page on its own site): CORS headers, Starlette's
+    CORSMiddleware. Keys travel in headers, never cookies, so credentials are not allowed."""
+
+    allow_origins: list[str] = Field(
+        default=[],
+        description="Origins (`scheme://host[:port]`, no path or trailing slash) whose pages may call the API from a "
+        "browser, e.g. `[\"https://login.example.com\"]`; `[\"*\"]`: any origin. Empty: no CORS headers, so only "
+        "same-origin pages (the web console) can read the answers.",
+    )
+    max_age: int = Field(
+        default=600, ge=0, le=86_400, description="Seconds a browser may cache a preflight (OPTIONS) answer."
+    )
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        # A browser sends its Origin without a path or trailing slash; an origin written with one never matches and
+        # every cross-origin call would fail silently in the browser, so refuse it at start-up instead.
+        for origin in value:
+            if origin != "*" and _ORIGIN.fullmatch(origin) is None:
+                raise ValueError(
+                    f"cors.allow_origins: {origin!r} is not an origin; write scheme://host[:port] with no path or "
+                    "trailing slash (e.g. https://login.example.com), or * for any origin"
+                )
+        return value
+
+
 class EmbeddingSettings(BaseModel):
     """How a face's embedding is computed from its aligned chip."""
 
@@ -399,6 +429,7 @@ class Settings(BaseSettings):
     batching: BatchingSettings = BatchingSettings()
     batch: BatchRequestSettings = BatchRequestSettings()
     auth: AuthSettings = AuthSettings()
+    cors: CorsSettings = CorsSettings()
     log: LogSettings = LogSettings()
     index: IndexSettings = IndexSettings()
     embedding: EmbeddingSettings = EmbeddingSettings()

@@ -20,7 +20,7 @@ from app.api.access_log import AccessLogMiddleware
 from app.api.auth import document_protected
 from app.api.main import api_router
 from app.api.metrics import Metrics
-from app.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.api.middleware import BodyLimitMiddleware, CorsMiddleware, MetricsMiddleware
 from app.auth.verifier import open_verifier
 from app.config import Settings, get_settings
 from app.service import FaceService
@@ -75,5 +75,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added last = outermost: latency includes refused bodies, and the body limit runs before anything reads.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.image.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.cors.allow_origins:
+        # Outside the body limit and the error handlers, so a browser can read a 413 or 401 answer too; inside the
+        # access log, which then also records preflights.
+        app.add_middleware(
+            CorsMiddleware,
+            allow_origins=settings.cors.allow_origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["X-API-Key", "Authorization", "Content-Type"],
+            allow_credentials=False,
+            max_age=settings.cors.max_age,
+        )
     app.add_middleware(AccessLogMiddleware)
     return app

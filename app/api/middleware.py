@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: the request body limit and per-request metrics.
+"""Pure ASGI middleware: the request body limit, per-request metrics and CORS answers in our error format.
 
 Both are plain ASGI (not BaseHTTPMiddleware) so that uploads stream through untouched and nothing is buffered.
 """
@@ -9,6 +9,8 @@ import time
 from typing import TYPE_CHECKING
 
 from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response
@@ -137,3 +139,22 @@ class MetricsMiddleware(RequestObserver):
 
     def observe(self, scope: Scope, status: int, seconds: float) -> None:
         self.metrics.observe_request(scope.get("method", "GET"), route_template(scope), status, seconds)
+
+
+class CorsMiddleware(CORSMiddleware):
+    """Starlette's CORS handling; a refused preflight is answered with our JSON error (400 `cors_refused`, the
+    refused parts in details) instead of Starlette's plain text, like every other error."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ").split(", ")
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in {"content-length", "content-type"}}
+        return error_response(
+            400,
+            "cors_refused",
+            f"cross-origin request refused: {', '.join(refused)} not allowed (FACEGATE_CORS__ALLOW_ORIGINS)",
+            {"refused": refused},
+            headers=headers,
+        )

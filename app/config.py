@@ -448,7 +448,8 @@ class Settings(BaseSettings):
         description=(
             "/identify: when the second-nearest identity is farther than the nearest by less than this (squared L2), "
             "the answer is `ambiguous` and nobody is named. Raise it to refuse more look-alike decisions, lower it to "
-            "refuse fewer (0 = never)."
+            "refuse fewer (0: no margin test; a face whose open-set score fails while the runner-up is also within "
+            "the threshold is still answered `ambiguous`)."
         ),
     )
     identify_fpir: float = Field(

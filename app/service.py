@@ -153,6 +153,10 @@ class IdentifiedFace:
     reason: Reason  # accepted / unknown / ambiguous (app.matching.openset)
     margin: float | None  # second-nearest identity's distance minus the nearest's
     fpir_estimate: float | None  # how often a stranger scores this well at this gallery size
+    ratio: float | None = None  # nearest identity's distance / second nearest's
+    score: float | None = None  # the open-set score s (lower = more confident); None with an empty gallery
+    score_threshold: float | None = None  # t(N, target FPIR): accepted needs score <= this
+    accept_distance: float | None = None  # the same test in distance terms: accepted needs distance <= this
 
     @property
     def ambiguous(self) -> bool:
@@ -526,16 +530,19 @@ class FaceService:
                 model=self.openset,
             )
             match = ranked[0] if decision.match_identity is not None else None
-            margin = decision.features.get("margin")
-            fpir = decision.features.get("fpir_estimate")
+            feature = decision.features.get
             identified.append(
                 IdentifiedFace(
                     self.found(found),
                     tuple(ranked[:top_k]),
                     match,
                     decision.reason,
-                    None if margin is None else float(margin),
-                    None if fpir is None else float(fpir),
+                    _number(feature("margin")),
+                    _number(feature("fpir_estimate")),
+                    ratio=_number(feature("ratio")),
+                    score=_number(feature("score")),
+                    score_threshold=_number(decision.thresholds.get("score")),
+                    accept_distance=_number(decision.thresholds.get("accept_distance")),
                 )
             )
         return IdentifyResult(
@@ -829,11 +836,13 @@ class FaceService:
     # ------------------------------------------------------------------------------------------ health
 
     def readiness(self) -> Readiness:
-        """Models loaded (or loadable on first use), database reachable, index built."""
+        """Models loaded (or loadable on first use), database reachable, index built. The index first replays the
+        changes other workers and processes committed (as a search does), so the counts are the database's."""
         problems = []
         database = True
         try:
             self.gallery.ping()
+            self.gallery.refresh()
         except (SQLAlchemyError, OSError) as error:
             database = False
             problems.append("database unreachable")
@@ -914,3 +923,7 @@ def _default_calibration(model_version: str, model_name: str, path: Path) -> Cal
         )
         return None
     return table
+
+
+def _number(value: float | int | None) -> float | None:
+    return None if value is None else float(value)

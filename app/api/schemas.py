@@ -142,9 +142,11 @@ class IdentifiedFaceOut(Public):
         description="The identity named for this face, only when `reason` is accepted; null otherwise."
     )
     reason: Literal["accepted", "unknown", "ambiguous"] = Field(
-        description="accepted: the nearest identity is named. unknown: nobody is close enough (farther than the "
-        "threshold, or not better than strangers score at this gallery size). ambiguous: the two nearest identities "
-        "are too close to tell apart (within `ambiguity_margin`), so nobody is named."
+        description="accepted: the nearest identity is named (distance <= threshold, and score <= score_threshold). "
+        "unknown: nobody is close enough (farther than the threshold, or not better than strangers score at this "
+        "gallery size). ambiguous: nobody is named because the two nearest identities are too close to tell apart: "
+        "their margin is under `ambiguity_margin`, or the score failed while the runner-up is also within the "
+        "threshold."
     )
     candidates: list[CandidateOut] = Field(
         description="Nearest identities first, one entry per identity, at most top_k."
@@ -158,6 +160,24 @@ class IdentifiedFaceOut(Public):
         default=None,
         description="Share of strangers who would score at least this well against a gallery of this size "
         "(lower = more confident).",
+    )
+    ratio: float | None = Field(
+        default=None, description="Nearest identity's distance / second nearest's (null with one identity)."
+    )
+    score: float | None = Field(
+        default=None,
+        description="Open-set score s = log d1 - 0.75 log min(d2, 0.45), d1 and d2 the two nearest identities' "
+        "distances (lower = more confident; null with an empty gallery).",
+    )
+    score_threshold: float | None = Field(
+        default=None,
+        description="t(N, target_fpir): the largest score accepted at this gallery size, so that about target_fpir "
+        "of strangers are named.",
+    )
+    accept_distance: float | None = Field(
+        default=None,
+        description="The score test in distance terms: the nearest identity is accepted when its distance is at most "
+        "this (and at most `threshold`).",
     )
 
 

@@ -17,6 +17,7 @@ Module-scoped: the gallery is enrolled once and each probe runs once (~130 photo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,16 @@ def test_identify_response_is_consistent(world: World) -> None:
                 assert f["reason"] == "unknown"
             assert f["margin"] == pytest.approx(distances[1] - distances[0], abs=1e-6)
             assert 0 < f["fpir_estimate"] <= 1
+            # The explanation is the rule itself: the score from the two nearest distances, and the decision
+            # follows from score vs score_threshold (or the same test as a distance).
+            d1, d2 = distances[0], distances[1]
+            assert f["ratio"] == pytest.approx(d1 / d2, rel=1e-5)
+            assert f["score"] == pytest.approx(math.log(d1) - 0.75 * math.log(min(d2, 0.45)), abs=1e-4)
+            assert (f["score"] <= f["score_threshold"]) == (d1 <= f["accept_distance"] * (1 + 1e-9))
+            if f["reason"] == "accepted":
+                assert f["score"] <= f["score_threshold"]
+            elif d1 <= body["threshold"] and f["margin"] >= 0.02:
+                assert f["score"] > f["score_threshold"]  # not named although within the threshold: the score failed
     assert {"accepted", "unknown"} <= reasons
 
 

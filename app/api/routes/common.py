@@ -140,6 +140,10 @@ def identify_response(result: IdentifyResult) -> IdentifyResponse:
                 margin=f.margin,
                 ambiguous=f.ambiguous,
                 fpir_estimate=f.fpir_estimate,
+                ratio=f.ratio,
+                score=f.score,
+                score_threshold=f.score_threshold,
+                accept_distance=f.accept_distance,
             )
             for f in result.faces
         ],

@@ -143,6 +143,15 @@ class TestHealth:
         assert client.post("/enroll", files={"image": photo(AMY)}, data={"name": "Amy"}).status_code == 201
         assert client.get("/readyz").json()["gallery_size"] == 1
 
+    def test_readyz_counts_what_other_workers_wrote(self, settings: Settings, photo: Photo) -> None:
+        # Two apps on one database, as two uvicorn workers: a probe of the idle one shows the other's enrolment.
+        with running(settings) as writer, running(settings) as idle:
+            assert idle.get("/readyz").json()["gallery_size"] == 0
+            assert writer.post("/enroll", files={"image": photo(AMY)}, data={"name": "Amy"}).status_code == 201
+            ready = idle.get("/readyz").json()
+            assert (ready["gallery_size"], ready["identities"]) == (1, 1)
+            assert "facegate_gallery_faces 1.0" in idle.get("/metrics").text
+
     def test_not_ready_without_a_database(self, settings: Settings) -> None:
         with running(settings) as client:
             client.app.state.service.gallery.engine.dispose()  # type: ignore[attr-defined]

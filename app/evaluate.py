@@ -58,6 +58,7 @@ __all__ = [
 
 REPORT_JSON = "eval.json"
 REPORT_PNG = "eval.png"
+DISTANCES_JSON = "eval-distances.json"  # {"same": [...], "different": [...]}: the pairs part of a /calibrate body
 
 _TRUE = {"1", "true", "yes", "same", "y", "t"}
 _FALSE = {"0", "false", "no", "different", "n", "f"}
@@ -301,14 +302,22 @@ def evaluate(
 def write_report(
     evaluation: Evaluation, out_dir: Path, *, title: str = "facegate 1:1"
 ) -> tuple[Path, Path | None]:
-    """`eval.json` (everything, ROC thinned to ~200 points) and `eval.png` (ROC + histograms) in `out_dir`. The
-    plot needs matplotlib (extra `report`); without it the PNG is skipped and None returned in its place."""
+    """`eval.json` (everything, ROC thinned to ~200 points), `eval-distances.json` (every found pair's distance,
+    split into same and different: with `source` and `target_far` added, a `POST /calibrate` body) and `eval.png`
+    (ROC + histograms) in `out_dir`. The plot needs matplotlib (extra `report`); without it the PNG is skipped and
+    None returned in its place."""
     from app.matching.report import plot_verification
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / REPORT_JSON
     json_path.write_text(json.dumps(evaluation.to_dict(), indent=1, allow_nan=False) + "\n")
+    found = ~np.isnan(evaluation.distances)
+    labelled = {
+        side: [float(v) for v in evaluation.distances[found & (evaluation.same == same)]]
+        for side, same in (("same", True), ("different", False))
+    }
+    (out / DISTANCES_JSON).write_text(json.dumps(labelled, allow_nan=False) + "\n")
     try:
         png_path = plot_verification(evaluation.report, out / REPORT_PNG, title=title)
     except ModuleNotFoundError as error:

@@ -87,6 +87,9 @@ def test_eval_prints_the_table_and_writes_json_and_png(env: Path, photos: tuple[
     assert sum(report["histograms"]["same_counts"]) == 18 and sum(report["histograms"]["different_counts"]) == 48
     with Image.open(out / "eval.png") as png:
         assert png.format == "PNG" and png.size[0] > 800
+    labelled = json.loads((out / "eval-distances.json").read_text())  # the pairs part of a /calibrate body
+    assert (len(labelled["same"]), len(labelled["different"])) == (18, 48)
+    assert max(labelled["same"]) < 0.3 < 0.45 < min(labelled["different"])
 
     # The cache holds every photo; a second run reads it instead of embedding again. Proof: plant a wrong entry
     # (amy1 marked as faceless) and see it reported although the photo did not change.

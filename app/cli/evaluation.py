@@ -74,7 +74,11 @@ def eval_pairs(
     ] = None,
     out: Annotated[
         Path,
-        typer.Option(file_okay=False, help="Folder for eval.json (every number) and eval.png (ROC + histograms)."),
+        typer.Option(
+            file_okay=False,
+            help="Folder for eval.json (every number), eval-distances.json (the labelled distances, for "
+            "POST /calibrate) and eval.png (ROC + histograms).",
+        ),
     ] = Path("facegate-eval"),
     cache: CacheOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report instead of the table.")] = False,
@@ -110,6 +114,7 @@ def eval_pairs(
         typer.echo(f"report: {json_path}; no plot: matplotlib is not installed (pip install 'facegate[report]')")
     else:
         typer.echo(f"report: {json_path}, plot: {png_path}")
+    typer.echo(f"labelled distances (for POST /calibrate): {json_path.parent / evaluation.DISTANCES_JSON}")
 
 
 @cli.command("eval-identify")

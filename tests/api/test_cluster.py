@@ -43,10 +43,11 @@ def test_three_people_give_three_clusters(shared_client: TestClient, photo: Phot
     files = [("images", photo(n)) for n in order]
     files.insert(4, ("images", _blank()))
     files.append(("images", ("notes.jpg", b"not a photo", "image/jpeg")))
+    files.append(("images", ("empty.jpg", b"", "image/jpeg")))
     r = shared_client.post("/cluster", files=files)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["n_photos"] == 11 and body["n_faces"] == 9
+    assert body["n_photos"] == 12 and body["n_faces"] == 9
     assert body["threshold"] == pytest.approx(0.25) and body["threshold_source"] == "settings"
     assert body["sizes"] == [3, 3, 3] and [c["size"] for c in body["clusters"]] == [3, 3, 3]
     assert body["unclustered"] == []
@@ -63,8 +64,8 @@ def test_three_people_give_three_clusters(shared_client: TestClient, photo: Phot
         groups.append(people.pop())
     assert sorted(groups) == ["amy", "bush", "raj"]
     problems = {p["photo"]: p["code"] for p in body["problems"]}
-    assert problems == {"blank.png": "no_face", "notes.jpg": "invalid_image"}
-    assert [p["photo_index"] for p in body["problems"]] == [4, 10]
+    assert problems == {"blank.png": "no_face", "notes.jpg": "invalid_image", "empty.jpg": "invalid_image"}
+    assert [p["photo_index"] for p in body["problems"]] == [4, 10, 11]
 
 
 def test_a_tiny_threshold_leaves_every_face_alone(shared_client: TestClient, photo: Photo) -> None:

@@ -11,7 +11,7 @@ from app.api import responses
 from app.api.auth import require
 from app.api.deps import ServiceDep, form_fields
 from app.api.forms import FormRoute
-from app.api.routes.common import box_out, read_photo
+from app.api.routes.common import box_out, read_photos
 from app.api.schemas import (
     THRESHOLD_MAX,
     ClusterFaceOut,
@@ -51,7 +51,7 @@ async def cluster(
         ),
     ] = None,
 ) -> ClusterResponse:
-    photos = [(upload.filename or f"image-{i}", await read_photo(upload, "images")) for i, upload in enumerate(images)]
+    photos = await read_photos(images)  # an empty one is listed in problems like any other unusable photo
     result = await run_in_threadpool(service.cluster, photos, threshold=threshold)
     report = result.report
     return ClusterResponse(

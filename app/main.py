@@ -13,12 +13,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
+from starlette.routing import Route
 
 from app import __version__
 from app.api import errors
 from app.api.access_log import AccessLogMiddleware
 from app.api.auth import document_protected
-from app.api.main import api_router
+from app.api.main import api_router, api_routes
 from app.api.metrics import Metrics
 from app.api.middleware import BodyLimitMiddleware, CorsMiddleware, MetricsMiddleware
 from app.auth.verifier import open_verifier
@@ -72,6 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(api_router)
     document_protected(app.routes)
+    # For the access log and metrics: the routes a request that never reached the router is matched against.
+    app.state.route_table = [r for r in app.routes if isinstance(r, Route)] + api_routes()
     # Added last = outermost: latency includes refused bodies, and the body limit runs before anything reads.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.image.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

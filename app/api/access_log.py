@@ -17,7 +17,8 @@ from typing import Any
 
 from starlette.types import Scope
 
-from app.api.middleware import RequestObserver, route_template
+from app.api.middleware import RequestObserver
+from app.api.route_names import route_template
 
 log = logging.getLogger("facegate.access")
 

@@ -44,8 +44,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from app import errors
+from app.api.route_names import route_template
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,19 @@ def error_object(exc: errors.FacegateError) -> dict[str, Any]:
     return body
 
 
+class ErrorResponse(JSONResponse):
+    """An error answer. When sent, it puts its code on the request's state, where the access log reads it: every
+    refusal is logged with its code, whichever layer answered (handlers, body limit, CORS)."""
+
+    def __init__(self, status: int, code: str, body: dict[str, Any], headers: Mapping[str, str] | None) -> None:
+        super().__init__(body, status_code=status, headers=dict(headers or {}))
+        self.code = code
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope.setdefault("state", {})["error_code"] = self.code
+        await super().__call__(scope, receive, send)
+
+
 def error_response(
     status: int,
     code: str,
@@ -113,16 +128,17 @@ def error_response(
     details: Mapping[str, Any] | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(error_body(code, message, details), status_code=status, headers=dict(headers or {}))
+    return ErrorResponse(status, code, error_body(code, message, details), headers)
 
 
 def _internal_error(request: Request, exc: BaseException) -> JSONResponse:
     incident = uuid.uuid4().hex[:12]
+    # The route's template, not the raw path: ids stay out of the log (as in the access log).
     log.error(
         "unhandled error %s on %s %s",
         incident,
         request.method,
-        request.url.path,
+        route_template(request.scope),
         exc_info=(type(exc), exc, exc.__traceback__),
     )
     return error_response(500, "internal_error", f"internal error (incident {incident}); it has been logged")
@@ -133,7 +149,6 @@ async def facegate_error_handler(request: Request, exc: Exception) -> JSONRespon
     status = status_for(exc)
     if status is None:
         return _internal_error(request, exc)
-    request.state.error_code = exc.code  # for the access log (app/api/access_log.py)
     # RFC 9110: a 401 names the scheme to use; `ApiKey` is ours (X-API-Key header), Bearer the standard alternative.
     headers = {"WWW-Authenticate": 'ApiKey header="X-API-Key", Bearer'} if status == 401 else None
     return error_response(status, exc.code, exc.message, _jsonable(exc.details), headers=headers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+from starlette.routing import BaseRoute
 
 from app.api.routes import (
     admin,
@@ -19,8 +20,14 @@ from app.api.routes import (
     verify,
 )
 
+_MODULES = (enroll, verify, identify, identify_batch, embed, identities, cluster, calibration, evaluation, health, ui, admin)
+
 api_router = APIRouter()
-for module in (
-    enroll, verify, identify, identify_batch, embed, identities, cluster, calibration, evaluation, health, ui, admin
-):
+for module in _MODULES:
     api_router.include_router(module.router)
+
+
+def api_routes() -> list[BaseRoute]:
+    """Every route of the API in one flat list (each resource router's own routes), for naming the route of a
+    request that the router never saw (refused before routing)."""
+    return [route for module in _MODULES for route in module.router.routes]

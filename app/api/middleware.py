@@ -14,6 +14,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response
+from app.api.route_names import route_template
 from app.errors import RequestTooLarge
 
 if TYPE_CHECKING:
@@ -121,13 +122,12 @@ class RequestObserver:
 
         try:
             await self.app(scope, receive, send_status)
+        except BaseException:
+            # The JSON 500 is sent outside every middleware (Starlette's ServerErrorMiddleware), after this returns.
+            scope["state"].setdefault("error_code", "internal_error")
+            raise
         finally:
             self.observe(scope, status, time.perf_counter() - start)
-
-
-def route_template(scope: Scope) -> str:
-    """The matched route's template (`/identities/{identity_id}`), never the raw path; `unmatched` otherwise."""
-    return getattr(scope.get("route"), "path", None) or "unmatched"
 
 
 class MetricsMiddleware(RequestObserver):

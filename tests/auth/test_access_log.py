@@ -81,6 +81,49 @@ def test_one_json_line_per_request_without_personal_data(
         assert len(FLOAT.findall(line)) < 10, line
 
 
+def test_every_refusal_is_logged_with_its_route_and_code(
+    models_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refusals by the framework and the middlewares too (validation, unparsable body, body limit before routing,
+    method, CORS), and the routes FastAPI serves itself; a 500 logs the template, not the path with its id."""
+    settings = api_settings(
+        models_dir,
+        f"sqlite:///{tmp_path / 'g.db'}",
+        image={"max_upload_bytes": 10_000},
+        cors={"allow_origins": ["https://login.example.com"]},
+    )
+    with running(settings) as client:
+        service = client.app.state.service  # type: ignore[attr-defined]
+
+        def broken(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("a bug")
+
+        service.delete_identity = broken
+        caplog.set_level(logging.INFO)
+        caplog.clear()
+        multipart = {"content-type": "multipart/form-data; boundary=b"}
+        assert client.post("/identify", content=b"x" * 20_000, headers=multipart).status_code == 413
+        assert client.post("/identify", content=b"garbage", headers=multipart).status_code == 400
+        assert client.post("/identify", files={"image": ("a.jpg", b"x")}, data={"top_k": "0"}).status_code == 422
+        assert client.delete("/healthz").status_code == 405
+        preflight = {"Origin": "https://evil.example.net", "Access-Control-Request-Method": "POST"}
+        assert client.options("/verify", headers=preflight).status_code == 400
+        assert client.get("/docs").status_code == 200
+        assert client.delete(f"/identities/{'ab' * 16}").status_code == 500
+    access = [r.__dict__["fields"] for r in caplog.records if r.name == "facegate.access"]
+    assert [(a["method"], a["route"], a["status"], a.get("error")) for a in access] == [
+        ("POST", "/identify", 413, "request_too_large"),
+        ("POST", "/identify", 400, "invalid_request"),
+        ("POST", "/identify", 422, "invalid_request"),
+        ("DELETE", "/healthz", 405, "method_not_allowed"),
+        ("OPTIONS", "/verify", 400, "cors_refused"),
+        ("GET", "/docs", 200, None),
+        ("DELETE", "/identities/{identity_id}", 500, "internal_error"),
+    ]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name == "app.api.errors"]
+    assert len(errors) == 1 and "/identities/{identity_id}" in errors[0] and "ab" * 16 not in errors[0]
+
+
 def test_text_format_puts_the_fields_after_the_message() -> None:
     record = logging.LogRecord("facegate.access", logging.INFO, __file__, 1, "GET %s", ("/x",), None)
     record.fields = {"status": 200, "key": "1a2b3c4d", "decision": None}

@@ -1,0 +1,23 @@
+"""The name of the route a request went to, for logs and metrics: its template, never the raw path (ids stay out)."""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute, Match
+from starlette.types import Scope
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's template (`/identities/{identity_id}`), never the raw path; `unmatched` otherwise.
+
+    The router records the route it ran in the scope; a request refused before routing (a declared body over the
+    limit) or answered by a route that does not record itself (/docs, /openapi.json) is matched against the app's
+    flat route table (`app.state.route_table`, set by create_app) instead."""
+    path = getattr(scope.get("route"), "path", None)
+    if path:
+        return str(path)
+    table: list[BaseRoute] = getattr(getattr(scope.get("app"), "state", None), "route_table", [])
+    for route in table:
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            return str(getattr(route, "path", "unmatched"))
+    return "unmatched"

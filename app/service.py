@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
@@ -45,6 +45,8 @@ from app.errors import (
 from app.gallery import (
     DeletionReport,
     DeploymentSettingRecord,
+    DuplicateFace,
+    DuplicateGuard,
     Gallery,
     IdentityRecord,
     store,
@@ -392,18 +394,18 @@ class FaceService:
                 box=public.box.as_dict(),  # so a client can show which face was judged
                 landmarks=[list(p) for p in public.landmarks],
             )
-        duplicate = self.nearest_within_threshold(found.embedding) if identity_id is None else None
-        if duplicate is not None and not allow_duplicate:
-            raise PossibleDuplicate(
-                f"this face already matches identity {duplicate.name!r} ({duplicate.identity_id}) at distance "
-                f"{duplicate.distance:.4f}: add the face to it (identity_id), or allow_duplicate=true to create "
-                "a new identity anyway",
-                identity_id=duplicate.identity_id,
-                name=duplicate.name,
-                face_id=duplicate.face_id,
-                distance=duplicate.distance,
-                threshold=self.resolve_threshold().value,
-            )
+        duplicate, guard = None, None
+        if identity_id is None:
+            threshold = self.resolve_threshold().value
+            self.gallery.refresh()
+            checked_upto = self.gallery.stats().last_change_id  # before the search: the search sees at least this
+            duplicate = self.nearest_within_threshold(found.embedding, refresh=False)
+            if duplicate is not None and not allow_duplicate:
+                self._refuse_duplicate(duplicate, threshold)
+            if not allow_duplicate:
+                # Checked again under the write lock against the faces added since: two concurrent enrolments
+                # of one new face cannot both pass.
+                guard = DuplicateGuard(threshold=threshold, checked_upto=checked_upto)
         try:
             enrolment = self.gallery.enroll_face(
                 embedding=found.embedding,
@@ -414,7 +416,13 @@ class FaceService:
                 metadata=metadata,
                 image=photo if self.settings.store_images else None,
                 base_embedding=found.embedding if found.base_embedding is None else found.base_embedding,
+                unless_near=guard,
             )
+        except DuplicateFace as near:
+            assert guard is not None
+            names = self._names({near.identity_id})
+            name_of = names.get(near.identity_id, "")
+            self._refuse_duplicate(Candidate(near.identity_id, name_of, near.face_id, near.distance), guard.threshold)
         except ValueError as error:  # the store's input checks (name/metadata); the message names the field
             raise InvalidRequest(str(error)) from None
         return EnrollResult(
@@ -427,10 +435,23 @@ class FaceService:
             possible_duplicate=duplicate,
         )
 
-    def nearest_within_threshold(self, embedding: Any) -> Candidate | None:
+    @staticmethod
+    def _refuse_duplicate(duplicate: Candidate, threshold: float) -> NoReturn:
+        raise PossibleDuplicate(
+            f"this face already matches identity {duplicate.name!r} ({duplicate.identity_id}) at distance "
+            f"{duplicate.distance:.4f}: add the face to it (identity_id), or allow_duplicate=true to create "
+            "a new identity anyway",
+            identity_id=duplicate.identity_id,
+            name=duplicate.name,
+            face_id=duplicate.face_id,
+            distance=duplicate.distance,
+            threshold=threshold,
+        )
+
+    def nearest_within_threshold(self, embedding: Any, *, refresh: bool = True) -> Candidate | None:
         """The enrolled identity nearest to `embedding` if it is within the deployment threshold, else None."""
         threshold = self.resolve_threshold().value
-        results = self.gallery.search(np.asarray(embedding, np.float32)[None, :], top_k=1)
+        results = self.gallery.search(np.asarray(embedding, np.float32)[None, :], top_k=1, refresh=refresh)
         if not results or not results[0] or results[0][0].distance > threshold:
             return None
         best = results[0][0]

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DeletionReport",
     "DeploymentSettingRecord",
+    "DuplicateFace",
+    "DuplicateGuard",
     "Enrolment",
     "FaceRecord",
     "Gallery",
@@ -63,6 +65,22 @@ __all__ = [
 
 class SchemaOutOfDate(RuntimeError):
     """The database is not at the migrations' head and `migrate=False` was asked for (run `facegate db upgrade`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DuplicateGuard:
+    """See `Gallery.enroll_face`: no face within `threshold` as of change `checked_upto`."""
+
+    threshold: float
+    checked_upto: int
+
+
+class DuplicateFace(Exception):
+    """An enrolment's face is within the guard's threshold of a face added while it was being checked."""
+
+    def __init__(self, face_id: str, identity_id: str, distance: float) -> None:
+        super().__init__(f"face {face_id} of identity {identity_id} is at distance {distance:.4f}")
+        self.face_id, self.identity_id, self.distance = face_id, identity_id, distance
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,14 +257,26 @@ class Gallery:
         metadata: dict[str, Any] | None = None,
         image: bytes | None = None,
         base_embedding: npt.ArrayLike | None = None,
+        unless_near: DuplicateGuard | None = None,
     ) -> Enrolment:
         """Add a face to `identity_id`, or to a new identity called `name` (exactly one of the two), in one
-        transaction. `metadata` only with `name`. Raises UnknownIdentity."""
+        transaction. `metadata` only with `name`. Raises UnknownIdentity.
+
+        `unless_near`: the caller searched the gallery up to change `checked_upto` and found no face within
+        `threshold`; under the write lock, the faces added since are compared too, and DuplicateFace is raised
+        (nothing written) if one is that close. Two concurrent enrolments of one new face cannot both pass."""
         if (identity_id is None) == (name is None):
             raise ValueError("give exactly one of identity_id and name")
         if identity_id is not None and metadata is not None:
             raise ValueError("metadata can only be given with a new identity's name")
         with self.session() as session:
+            if unless_near is not None:
+                store.lock_gallery(session)
+                near = store.nearest_added_since(
+                    session, after=unless_near.checked_upto, embedding=embedding, model_version=self.model_version
+                )
+                if near is not None and near[2] <= unless_near.threshold:
+                    raise DuplicateFace(*near)
             created = False
             if identity_id is None:
                 assert name is not None

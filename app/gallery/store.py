@@ -492,6 +492,36 @@ def take_pending_changes(session: Session) -> list[Change]:
     return list(session.info.pop(_PENDING_KEY, ()))
 
 
+def lock_gallery(session: Session) -> None:
+    """Take the gallery's write lock now, held to the end of the transaction: a check that must see every committed
+    write, and keep new ones out until this transaction's own write commits (an enrolment's duplicate check)."""
+    _lock_gallery(session)
+
+
+def nearest_added_since(
+    session: Session, *, after: int, embedding: npt.ArrayLike, model_version: str
+) -> tuple[str, str, float] | None:
+    """(face id, identity id, squared distance) of the face nearest to `embedding` among the faces of this model
+    version added after change `after` and still stored; None if there are none. Every stored face is compared
+    instead when the log no longer holds every change since `after` (pruned)."""
+    head = last_change_id(session)
+    changes = changes_after(session, after=after, upto=head)
+    if [c.id for c in changes] == list(range(after + 1, head + 1)):
+        added = [c for c in changes if c.op is ChangeOp.ADD and c.embedding is not None and c.model_version == model_version]
+        face_ids = [c.face_id for c in added]
+        identity_ids = [c.identity_id for c in added]
+        vectors = np.array([c.embedding for c in added], np.float32).reshape(-1, EMBEDDING_DIM)
+    else:
+        face_ids, identity_ids, versions, vectors = all_faces(session)
+        keep = [i for i, v in enumerate(versions) if v == model_version]
+        face_ids, identity_ids, vectors = [face_ids[i] for i in keep], [identity_ids[i] for i in keep], vectors[keep]
+    if not face_ids:
+        return None
+    distances = ((vectors - np.asarray(embedding, np.float32)) ** 2).sum(axis=1)
+    best = int(np.argmin(distances))
+    return face_ids[best], identity_ids[best], float(distances[best])
+
+
 def _lock_gallery(session: Session) -> None:
     # A write as the transaction's first statement: PostgreSQL row lock, SQLite write lock (BEGIN is issued by
     # pysqlite right before it), both held to commit. Re-running it in the same transaction costs one no-op update.

@@ -5,7 +5,10 @@ Distances measured with this pipeline (CPU): amy1-amy2 0.148, amy2-amy3 0.144, a
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -51,6 +54,26 @@ def test_new_identity_matching_an_enrolled_one_is_refused_then_allowed(client: T
     duplicate = body["possible_duplicate"]
     assert duplicate["identity_id"] == amy["identity_id"] and duplicate["name"] == "Amy"
     assert duplicate["distance"] <= 0.36
+
+
+def test_concurrent_enrolments_of_one_new_face_create_one_identity(client: TestClient, photo: Photo) -> None:
+    """Six requests enrol the same new face at once under different names: one is created, the others get 409
+    (each checked again under the write lock against faces added while it was embedding)."""
+    barrier = threading.Barrier(6)
+
+    def enrol(k: int) -> Any:
+        barrier.wait()
+        return client.post("/enroll", files={"image": photo(AMY[k % 3])}, data={"name": f"Amy {k}"})
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        replies = list(pool.map(enrol, range(6)))
+    statuses = sorted(r.status_code for r in replies)
+    assert statuses == [201] + [409] * 5, [r.text for r in replies]
+    created = next(r.json() for r in replies if r.status_code == 201)
+    for r in replies:
+        if r.status_code == 409:
+            assert error_of(r, 409, "possible_duplicate")["details"]["identity_id"] == created["identity_id"]
+    assert client.get("/identities").json()["total"] == 1
 
 
 def test_duplicate_check_uses_the_deployment_threshold(client: TestClient, photo: Photo) -> None:

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import text
 
 from app.errors import UnknownFace, UnknownIdentity
-from app.gallery import DeletionReport, Gallery, db, store
+from app.gallery import DeletionReport, DuplicateFace, DuplicateGuard, Gallery, db, store
 from app.gallery.index import GalleryIndex
 from app.vision.types import Box
 from tests.gallery.conftest import MODEL, random_embeddings
@@ -338,3 +338,41 @@ def test_faces_of_an_earlier_build_of_the_same_model_are_adopted(open_gallery: O
         assert new.adopt_versions(["model+onnx2-aaaaaaaaaaaa"]) == 0  # idempotent: every worker may run it
     finally:
         new.close()
+
+
+def test_duplicate_guard_sees_faces_added_after_the_callers_search(open_gallery: OpenGallery) -> None:
+    """Two workers enrol one new face at once: both searched before either wrote. Under the write lock the second
+    sees the first's face (added after its search) and writes nothing; another model's face, a far face, or a
+    face already removed do not count."""
+    first, second = open_gallery(), open_gallery()
+    other_model = open_gallery("other-model")
+    rng = np.random.default_rng(7)
+    face, far, removed = random_embeddings(rng, 3)
+    second.refresh()
+    checked = second.stats().last_change_id  # second's search: nobody near
+    guard = DuplicateGuard(threshold=0.36, checked_upto=checked)
+    first_id = first.enroll_face(embedding=face, box=BOX, score=1, name="first").identity_id
+    other_model.enroll_face(embedding=face, box=BOX, score=1, name="other model")
+    gone = first.enroll_face(embedding=removed, box=BOX, score=1, name="removed")
+    first.delete_identity(gone.identity_id)
+    with pytest.raises(DuplicateFace) as caught:
+        second.enroll_face(embedding=face * 1.01, box=BOX, score=1, name="second", unless_near=guard)
+    assert caught.value.identity_id == first_id
+    assert caught.value.distance == pytest.approx(float(((face * 0.01) ** 2).sum()), rel=1e-4)
+    assert sorted(i.name for i in second.list_identities()[0]) == ["first", "other model"]  # nothing written
+    # A face far from everything added since passes; so does the removed one's embedding.
+    assert second.enroll_face(embedding=far, box=BOX, score=1, name="far", unless_near=guard).identity_created
+    assert second.enroll_face(embedding=removed, box=BOX, score=1, name="again", unless_near=guard).identity_created
+
+
+def test_duplicate_guard_compares_every_face_when_the_log_was_pruned(open_gallery: OpenGallery) -> None:
+    writer, checker = open_gallery(), open_gallery()
+    writer.prune_every, writer.keep_changes = 2, 1
+    rng = np.random.default_rng(8)
+    vectors = random_embeddings(rng, 4)
+    for k, v in enumerate(vectors):
+        writer.enroll_face(embedding=v, box=BOX, score=1, name=f"p{k}")
+    with pytest.raises(DuplicateFace):  # changes 1..3 are pruned: the guard reads every stored face instead
+        checker.enroll_face(
+            embedding=vectors[0], box=BOX, score=1, name="dup", unless_near=DuplicateGuard(0.36, checked_upto=0)
+        )

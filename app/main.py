@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
+from starlette.formparsers import MultiPartParser
 from starlette.routing import Route
 
 from app import __version__
@@ -42,6 +43,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; nothing is opened until the lifespan starts (`with TestClient(app)` / uvicorn startup)."""
     settings = settings if settings is not None else get_settings()
     metrics = Metrics()
+    # Starlette writes an uploaded file over `spool_max_size` (1 MB) to a temporary file on disk: a photo is
+    # biometric data and must never touch the disk. No upload can exceed the body limit, so up to that, it stays in
+    # memory. (A class attribute, shared by every app of the process: only ever raised.)
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.image.max_upload_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

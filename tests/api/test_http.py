@@ -212,3 +212,32 @@ def test_openapi_documents_every_error(shared_client: TestClient) -> None:
                 assert ref.endswith("/ErrorResponse"), (path, method, status)
     assert {"404", "413", "422"} <= set(schema["paths"]["/enroll"]["post"]["responses"])
     assert shared_client.get("/docs").status_code == 200
+
+
+@pytest.mark.model
+def test_large_photos_never_touch_the_disk(
+    shared_client: TestClient, dev_faces: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starlette spools uploads over 1 MB to a temporary file; a photo (biometric data) must stay in memory."""
+    import io
+    import tempfile
+
+    from PIL import Image
+
+    rolled: list[int] = []
+    original = tempfile.SpooledTemporaryFile.rollover
+
+    def watched(self: tempfile.SpooledTemporaryFile[bytes]) -> None:
+        rolled.append(1)
+        original(self)
+
+    monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", watched)
+    with Image.open(dev_faces / AMY) as small:
+        big = small.convert("RGB").resize((small.width * 6, small.height * 6))
+    buffer = io.BytesIO()
+    big.save(buffer, format="PNG", compress_level=0)  # uncompressed: over the 1 MB spool size
+    data = buffer.getvalue()
+    assert 1_500_000 < len(data) < 20 * 1024 * 1024
+    r = shared_client.post("/identify", files={"image": ("big.png", data, "image/png")})
+    assert r.status_code in (200, 422), r.text  # whatever the answer, the bytes were read in memory
+    assert rolled == []

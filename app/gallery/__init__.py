@@ -321,15 +321,34 @@ class Gallery:
         self, identity_id: str, *, name: str | None = None, metadata: dict[str, Any] | None = None
     ) -> IdentityRecord:
         with self.session() as session:
-            return store.update_identity(session, identity_id=identity_id, name=name, metadata=metadata)
+            updated = store.update_identity(session, identity_id=identity_id, name=name, metadata=metadata)
+        self.scrub_log()  # the old name and metadata
+        return updated
 
     def delete_identity(self, identity_id: str) -> DeletionReport:
         with self.session() as session:
-            return store.delete_identity(session, identity_id=identity_id)
+            report = store.delete_identity(session, identity_id=identity_id)
+        self.scrub_log()
+        return report
 
     def delete_face(self, identity_id: str, face_id: str) -> DeletionReport:
         with self.session() as session:
-            return store.delete_face(session, identity_id=identity_id, face_id=face_id)
+            report = store.delete_face(session, identity_id=identity_id, face_id=face_id)
+        self.scrub_log()
+        return report
+
+    def scrub_log(self) -> bool:
+        """SQLite: after data was erased, copy the WAL into the database file (where `secure_delete` zeroes the
+        freed rows) and truncate the WAL, which otherwise keeps the erased rows' old pages until they happen to be
+        overwritten. True when done; False when a reader still uses an older snapshot (the WAL is then cut at its
+        next restart: `journal_size_limit` 0). PostgreSQL: nothing to do here (dead tuples wait for VACUUM)."""
+        if self.backend != "sqlite":
+            return True
+        with self.engine.connect() as connection:
+            busy, _, _ = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+        if busy:
+            log.info("SQLite WAL not truncated after an erasure: a reader is active (done at its next restart)")
+        return not busy
 
     # ------------------------------------------------------------------------------------------ reads
 

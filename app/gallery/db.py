@@ -65,6 +65,9 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL", **kwargs: Any) ->
             cursor.execute("PRAGMA foreign_keys=ON")
             # Deleted rows are overwritten with zeros, not left in free pages: deleting a face deletes its embedding.
             cursor.execute("PRAGMA secure_delete=ON")
+            # ... and the WAL file, which keeps old pages after a checkpoint until they are overwritten, is cut back
+            # to nothing whenever it restarts (see also Gallery.scrub_log).
+            cursor.execute("PRAGMA journal_size_limit=0")
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         finally:
             cursor.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -376,3 +377,30 @@ def test_duplicate_guard_compares_every_face_when_the_log_was_pruned(open_galler
         checker.enroll_face(
             embedding=vectors[0], box=BOX, score=1, name="dup", unless_near=DuplicateGuard(0.36, checked_upto=0)
         )
+
+
+def test_sqlite_keeps_no_copy_of_erased_data(tmp_path: Path) -> None:
+    """Deleting a face or an identity, or renaming one, leaves none of the old bytes in the database file or its
+    WAL (secure_delete zeroes the rows; the WAL is checkpointed and truncated)."""
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    gallery = Gallery.open(url, MODEL)
+    try:
+        vector = random_embeddings(np.random.default_rng(3), 2)
+        kept = gallery.enroll_face(embedding=vector[1], box=BOX, score=1, name="Kept Person")
+        erased = gallery.enroll_face(
+            embedding=vector[0], box=BOX, score=1, name="Zebediah Scrubwell", metadata={"badge": "marker-7f3a"}
+        )
+        extra = gallery.enroll_face(
+            embedding=vector[0] * 0.9, box=BOX, score=1, identity_id=kept.identity_id, image=b"PHOTO-BYTES-91c2" * 64
+        )
+        gallery.update_identity(kept.identity_id, name="Renamed Person")
+        gallery.delete_face(kept.identity_id, extra.face.id)
+        gallery.delete_identity(erased.identity_id)
+        blobs = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("g.db"))
+        for secret in (b"Zebediah", b"marker-7f3a", b"PHOTO-BYTES-91c2", b"Kept Person", vector[0].tobytes()[:64]):
+            assert secret not in blobs, secret
+        assert b"Renamed Person" in blobs  # what was not erased is still there
+        wal = tmp_path / "g.db-wal"
+        assert not wal.exists() or wal.stat().st_size == 0
+    finally:
+        gallery.close()

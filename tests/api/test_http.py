@@ -131,6 +131,11 @@ class TestHealth:
         r = shared_client.get("/healthz")
         assert r.status_code == 200 and r.json() == {"status": "ok"}
 
+    def test_probes_may_use_head(self, shared_client: TestClient) -> None:
+        for path in ("/healthz", "/readyz"):
+            r = shared_client.head(path)
+            assert r.status_code == 200 and r.content == b"", path
+
     def test_readyz(self, client: TestClient, photo: Photo) -> None:
         ready = client.get("/readyz")
         assert ready.status_code == 200, ready.text

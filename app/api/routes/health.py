@@ -16,13 +16,20 @@ from app.auth import Scope
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health, summary="The process is up (does not touch models or database)")
+# HEAD too: some load balancers and probes check with HEAD (the status, no body).
+@router.api_route(
+    "/healthz",
+    methods=["GET", "HEAD"],
+    response_model=Health,
+    summary="The process is up (does not touch models or database)",
+)
 async def healthz() -> Health:
     return Health()
 
 
-@router.get(
+@router.api_route(
     "/readyz",
+    methods=["GET", "HEAD"],
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "Not ready: see `problems`."}, **responses.errors()},
     summary="Ready to serve: models loaded, database reachable, index built",

@@ -25,10 +25,10 @@ import numpy.typing as npt
 from PIL import Image as PILImage
 
 from app.config import DetectorSettings, RuntimeSettings, Settings
-from app.errors import FacegateError, ModelUnavailable, MultipleFaces, NoFace
+from app.errors import FacegateError, ImageTooSmall, ModelUnavailable, MultipleFaces, NoFace
 from app.vision.align import face_chips
 from app.vision.batcher import BatchInfo, InferenceGate, MicroBatcher
-from app.vision.detect import FaceDetector
+from app.vision.detect import MIN_COLS, MIN_ROWS, FaceDetector, check_size
 from app.vision.embed import FaceEmbedder
 from app.vision.head import EmbeddingHead, load_head
 from app.vision.landmarks import LandmarkPredictor
@@ -60,6 +60,19 @@ def working_image(image: Image, settings: DetectorSettings) -> WorkingImage:
         upsample = 1 if max(pixels.shape[:2]) < settings.auto_upsample_below else 0
     else:
         upsample = settings.upsample
+    if scale != 1.0:
+        try:
+            check_size(pixels.shape[0], pixels.shape[1], upsample)
+        except ImageTooSmall:  # name the photo's own size, not only the shrunk one the detector saw
+            raise ImageTooSmall(
+                f"image of {width}x{height} px, shrunk to {pixels.shape[1]}x{pixels.shape[0]} px (longer side "
+                f"FACEGATE_DETECTOR__MAX_SIDE = {settings.max_side}), is too small for the face detector: it needs "
+                f"at least {MIN_COLS}x{MIN_ROWS} px",
+                width=width,
+                height=height,
+                upsample=upsample,
+                shrunk_to={"width": int(pixels.shape[1]), "height": int(pixels.shape[0])},
+            ) from None
     return WorkingImage(np.ascontiguousarray(pixels), scale, upsample)
 
 

@@ -94,7 +94,9 @@ class TestLayout:
             Box(22, 50, 22, 54),
         )
 
-    @pytest.mark.parametrize(("height", "width"), [(480, 640), (640, 480), (250, 250), (112, 112), (961, 1282), (40, 300)])
+    @pytest.mark.parametrize(
+        ("height", "width"), [(480, 640), (640, 480), (250, 250), (112, 112), (961, 1282), (40, 300)]
+    )
     def test_levels_fit_without_overlap(self, height: int, width: int) -> None:
         layout = pyramid.tiled_layout(height, width)
         sizes = pyramid.level_sizes(height, width)
@@ -116,7 +118,13 @@ class TestLayout:
 class TestResize:
     """Bit-exact against dlib.resize_image, which runs the same code as the detector's pyramid levels."""
 
-    SIZES = (((480, 640), (400, 533)), ((37, 91), (30, 75)), ((7, 10), (5, 8)), ((50, 60), (101, 122)), ((20, 33), (47, 13)))
+    SIZES = (
+        ((480, 640), (400, 533)),
+        ((37, 91), (30, 75)),
+        ((7, 10), (5, 8)),
+        ((50, 60), (101, 122)),
+        ((20, 33), (47, 13)),
+    )
 
     @pytest.mark.parametrize(("src", "dst"), SIZES)
     def test_float_planes_match_dlib(self, src: tuple[int, int], dst: tuple[int, int]) -> None:
@@ -141,7 +149,9 @@ class TestResize:
         for _ in range(60):
             h, w, oh, ow = (int(v) for v in rng.integers(1, 90, 4))
             plane = rng.standard_normal((h, w)).astype(np.float32)
-            np.testing.assert_array_equal(pyramid.resize_plane(plane[None], oh, ow)[0], dlib.resize_image(plane, oh, ow))
+            np.testing.assert_array_equal(
+                pyramid.resize_plane(plane[None], oh, ow)[0], dlib.resize_image(plane, oh, ow)
+            )
             image = random_image(rng, h, w)
             np.testing.assert_array_equal(pyramid.resize_rgb(image, oh, ow), dlib.resize_image(image, oh, ow))
 
@@ -171,7 +181,9 @@ class TestResize:
             else:
                 prev = layout.levels[i - 1]
                 source = planes[:, prev.top : prev.bottom + 1, prev.left : prev.right + 1]
-                expected = np.stack([dlib.resize_image(np.ascontiguousarray(c), rect.height, rect.width) for c in source])
+                expected = np.stack(
+                    [dlib.resize_image(np.ascontiguousarray(c), rect.height, rect.width) for c in source]
+                )
             np.testing.assert_array_equal(region, expected)
             filled[rect.top : rect.bottom + 1, rect.left : rect.right + 1] = True
         assert not planes[:, ~filled].any()  # zero (the mean colour) everywhere else
@@ -228,7 +240,9 @@ class TestNms:
 
     def test_contained_and_disjoint_boxes_survive(self) -> None:
         big, small, far = Box(0, 0, 99, 99), Box(10, 10, 39, 39), Box(200, 200, 279, 279)
-        kept = detect.nms([Candidate(2.0, big), Candidate(1.5, small), Candidate(1.0, far), Candidate(0.5, Box(1, 1, 98, 98))])
+        kept = detect.nms(
+            [Candidate(2.0, big), Candidate(1.5, small), Candidate(1.0, far), Candidate(0.5, Box(1, 1, 98, 98))]
+        )
         assert [c.box for c in kept] == [big, small, far]  # covered-fraction threshold 1.0 never fires
 
     def test_higher_score_wins(self) -> None:
@@ -252,14 +266,26 @@ class TestMapBack:
 
 class TestTooSmall:
     # (height, width, upsample): dlib refuses the first two, takes the rest.
-    DLIB_SAFE = ((6, 40, 0), (6, 10, 0), (6, 40, 1), (7, 40, 0), (40, 10, 0), (7, 10, 0), (6, 10, 1), (40, 9, 1), (4, 4, 1))
+    DLIB_SAFE = (
+        (6, 40, 0),
+        (6, 10, 0),
+        (6, 40, 1),
+        (7, 40, 0),
+        (40, 10, 0),
+        (7, 10, 0),
+        (6, 10, 1),
+        (40, 9, 1),
+        (4, 4, 1),
+    )
     NARROW = ((40, 9, 0), (7, 9, 0), (3, 3, 1), (2, 3, 1), (1, 1, 0), (1, 1, 1), (0, 0, 0))
 
     def test_refuses_what_dlib_refuses(self) -> None:
         """Rows: dlib throws for fewer than 7 (after upsampling) and takes the others, as check_size does."""
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:  # its own worker: see dlib_pool
-            answers = list(pool.map(dlib_detect, [(np.full((h, w, 3), 128, np.uint8), up) for h, w, up in self.DLIB_SAFE]))
+            answers = list(
+                pool.map(dlib_detect, [(np.full((h, w, 3), 128, np.uint8), up) for h, w, up in self.DLIB_SAFE])
+            )
         assert [a is None for a in answers] == [True, True] + [False] * (len(self.DLIB_SAFE) - 2)
         with pytest.raises(ImageTooSmall):
             detect.check_size(6, 40, 0)
@@ -287,6 +313,20 @@ class TestTooSmall:
             detector.detect(np.zeros((5, 40, 3), np.uint8))
         assert info.value.code == "image_too_small" and info.value.details["height"] == 5
         assert detector.provider is None
+
+    def test_a_shrunk_photo_is_named_by_its_own_size(self) -> None:
+        from app.config import DetectorSettings
+        from app.vision.pipeline import working_image
+
+        with pytest.raises(ImageTooSmall) as info:
+            working_image(np.zeros((1, 6000, 3), np.uint8), DetectorSettings(upsample=0, max_side=1024))
+        assert "image of 6000x1 px, shrunk to 1024x1 px" in info.value.message
+        assert info.value.details == {
+            "width": 6000,
+            "height": 1,
+            "upsample": 0,
+            "shrunk_to": {"width": 1024, "height": 1},
+        }
 
     def test_rejects_non_rgb_input(self, tmp_path: Path) -> None:
         detector = FaceDetector(tmp_path / "absent.onnx", CPU)
@@ -347,7 +387,9 @@ def detector(models_dir: Path) -> FaceDetector:
 
 @pytest.mark.model
 @pytest.mark.slow
-def test_parity_with_dlib_on_dev_photos(dev_faces: Path, detector: FaceDetector, dlib_pool: ProcessPoolExecutor) -> None:
+def test_parity_with_dlib_on_dev_photos(
+    dev_faces: Path, detector: FaceDetector, dlib_pool: ProcessPoolExecutor
+) -> None:
     jobs = parity_jobs(dev_faces)
     expected = dlib_pool.map(dlib_detect, [(pixels, up) for _, pixels, up in jobs])
     faces, worst_iou, worst_score = 0, 1.0, 0.0

@@ -76,7 +76,7 @@ class DetectorSettings(BaseModel):
 
 class ImageSettings(BaseModel):
     max_pixels: int = Field(default=40_000_000, ge=1, description="Photos with more pixels are refused (decompression-bomb guard).")
-    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="Largest accepted upload, in bytes.")
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="Largest accepted request body, in bytes (the photos with their multipart framing).")
 
 
 class QualitySettings(BaseModel):
@@ -252,15 +252,15 @@ class IndexSettings(BaseModel):
         ge=8,
         le=10_000,
         description="approximate and pgvector: nearest faces fetched per query before they are ranked by identity "
-        "(at least 4 x top_k; pgvector's hnsw.ef_search is at least twice this); a query whose candidates hold too few "
-        "identities is searched exactly.",
+        "(at least 4 x top_k; pgvector's hnsw.ef_search is at least twice this, up to its maximum of 1000, so pgvector "
+        "returns at most 1000); a query whose candidates hold too few identities is searched exactly.",
     )
     pgvector_ef_search: int = Field(
         default=1000,
         ge=10,
         le=1000,
-        description="pgvector: hnsw.ef_search, the HNSW search's candidate list (at least 2 x index.candidates; 1000 is "
-        "pgvector's maximum). On 100k synthetic faces (pgvector's default build: m 16, ef_construction 64) the exact "
+        description="pgvector: hnsw.ef_search, the HNSW search's candidate list (raised to 2 x index.candidates when "
+        "smaller, but never above 1000, pgvector's maximum). On 100k synthetic faces (pgvector's default build: m 16, ef_construction 64) the exact "
         "nearest face was among the candidates for 93 % of queries at 128, 98 % at 512, 99.5 % at 1000; each "
         "doubling costs ~1.7x the search time.",
     )
@@ -372,7 +372,8 @@ class EmbeddingSettings(BaseModel):
             "Average each face's embedding with its mirror image's (one more embedder pass per face). Measured: 1:1 "
             "VAL at FAR 0.1 % +0.9 (lfw-dev) / +2.0 (dev) points, 1:N DIR at FPIR 1 % 75 -> 81 % on lfw-dev; distances "
             "are smaller, so FAR at 0.36 doubles (use FAR-based thresholds). Changes the model version (+flip): "
-            "enrolled faces must be enrolled again."
+            "enrolled faces must be enrolled again, or recomputed from their stored photos (`facegate reindex "
+            "--from-photos`, when FACEGATE_STORE_IMAGES kept them)."
         ),
     )
 
@@ -385,7 +386,8 @@ class HeadSettings(BaseModel):
         description=(
             "Registered head to serve (a folder under the heads folder with head.onnx and head.json, as `facegate "
             "train` writes it); unset = the base embeddings (the default). Changing it changes the model version: "
-            "run `facegate reindex` so enrolled faces are searchable again."
+            "run `facegate reindex` so enrolled faces are searchable again. Its calibrated threshold replaces 0.36 "
+            "unless FACEGATE_THRESHOLD is set or a threshold calibrated on its distances is stored (POST /calibrate)."
         ),
     )
     dir: Path | None = Field(
@@ -403,7 +405,8 @@ class LogSettings(BaseModel):
 
     format: LogFormat = Field(
         default=LogFormat.text,
-        description="text: one readable line per record; json: one JSON object per line (for log collectors).",
+        description="text: one readable line per record; json: one JSON object per line (for log collectors). "
+        "Applies to `facegate serve`.",
     )
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Least severe level logged; INFO includes the access lines, WARNING drops them."

@@ -533,6 +533,20 @@ def _cases() -> list[Case]:
           )),
         C("field-name-not-utf8", "POST", "/identify", 400, "invalid_request", headers=MULTIPART,
           content=lambda ctx: raw_multipart([(b"image", b"c.jpg", ctx.colin), (b"top\xff_k", None, b"3")])),
+        *[
+            C(f"multipart-charset-{codec}-{path.strip('/').replace('/', '-')}", "POST", path, 400, "invalid_request",
+              headers={"content-type": MULTIPART["content-type"] + f"; charset={codec}"},
+              content=lambda ctx, field=field: raw_multipart([(field, b"c.jpg", ctx.colin)]))
+            for codec, path, field in [
+                ("hex", "/identify", b"image"), ("base64", "/enroll", b"image"), ("rot13", "/verify", b"image_a"),
+                ("zlib", "/cluster", b"images"), ("bz2", "/embed", b"images"), ("uu", "/identify/batch", b"images"),
+                ("quopri", "/identities/{colin}/faces", b"image"), ("no-such-charset", "/enroll", b"image"),
+                ("undefined", "/identify", b"image"),
+            ]
+        ],
+        C("multipart-charset-idna-file-name", "POST", "/identify", 400, "invalid_request",
+          headers={"content-type": MULTIPART["content-type"] + "; charset=idna"},
+          content=lambda ctx: raw_multipart([(b"image", b"xn--abc-", ctx.colin)])),
         C("identity-id-not-utf8", "POST", "/verify", 400, "invalid_request", headers=MULTIPART,
           content=lambda ctx: raw_multipart(
               [(b"image", b"c.jpg", ctx.colin), (b"identity_id", None, b"\xed\xa0\x80")]

@@ -9,7 +9,8 @@ Status map (also in the OpenAPI document of every route):
 |-------------------------------|--------|---------------------------------------------------------------|
 | invalid_request               | 422    | missing/unknown/repeated/out-of-range fields, contradictions  |
 | invalid_request               | 400    | a body that cannot be parsed at all (malformed multipart, a   |
-|                               |        | form field that is not UTF-8, JSON not UTF-8 or too deep)     |
+|                               |        | form field that is not UTF-8, an unusable multipart charset,  |
+|                               |        | JSON not UTF-8 or too deep)                                   |
 | invalid_image                 | 422    | not an image, truncated or corrupt                            |
 | unsupported_image             | 415    | an image format facegate does not decode (HEIC, PSD, EPS, ...)|
 | image_too_small               | 422    | too small for the detector                                    |
@@ -170,9 +171,9 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
         default = "HTTP error"
     message = exc.detail if isinstance(exc.detail, str) and exc.detail else default
     if exc.status_code == 404 and message == "Not Found":
-        message = f"no route {request.method} {_short(request.url.path)}"
+        message = f"no route {request.method} {shorten(request.url.path)}"
     elif exc.status_code == 405:
-        message = f"method {request.method} is not allowed on {_short(request.url.path)}"
+        message = f"method {request.method} is not allowed on {shorten(request.url.path)}"
     return error_response(exc.status_code, code, message, headers=exc.headers)
 
 
@@ -193,7 +194,8 @@ MAX_LISTED_ERRORS = 20  # a body with 100k unknown keys gets 20 of its errors ba
 MAX_ECHOED_CHARS = 64  # a location part that comes from the client (an unknown JSON key, a path) is cut to this
 
 
-def _short(text: str) -> str:
+def shorten(text: str) -> str:
+    """Client-chosen text (a field name, a key, a path) as an error may echo it: at most MAX_ECHOED_CHARS."""
     return text if len(text) <= MAX_ECHOED_CHARS else f"{text[:MAX_ECHOED_CHARS]}..."
 
 
@@ -205,7 +207,7 @@ def _clean_validation_errors(raw: Iterable[Mapping[str, Any]]) -> Iterable[dict[
             return
         loc = [part for part in e.get("loc", ()) if part not in ("body",)] or list(e.get("loc", ()))
         yield {
-            "loc": [_short(str(p)) for p in loc],
+            "loc": [shorten(str(p)) for p in loc],
             "message": str(e.get("msg", "invalid")),
             "type": str(e.get("type", "value_error")),
         }

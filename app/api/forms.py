@@ -5,7 +5,14 @@ another encoding (or raw bytes) would be enrolled garbled. Routes that read form
 parses a multipart body, `undecodable_field` reads it once more with python-multipart's own parser (its public
 callback API, so no Starlette internals are involved) and such a field is refused with 400 `invalid_request` naming
 it. File parts (photos) are bytes and are not decoded; their file names are only echoed, never stored, and are left
-to Starlette.
+to Starlette (which reads one that is not valid in the charset as latin-1).
+
+The declared charset itself must be a text encoding Python knows: Starlette would read an unknown one as latin-1 (a
+name in it would be stored garbled), and Python also registers codecs that are not text encodings at all (`hex`,
+`base64`, `rot13`, `zlib`, ...), which `bytes.decode` refuses with LookupError. Either is refused with 400
+`invalid_request`, as is a decoder failing with a bare UnicodeError instead of UnicodeDecodeError (`undefined`,
+`idna`, `punycode`), on field names and values and on file names alike (Starlette's own latin-1 fallback does not
+catch it).
 
 The body is read whole first (`Request.body()`, which Starlette caches for the form parser that follows). The body
 limit (`BodyLimitMiddleware`) has bounded it already, and the route decodes the photos in memory anyway.
@@ -23,6 +30,8 @@ from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 from starlette.exceptions import HTTPException
+
+from app.api.errors import shorten
 
 __all__ = ["FormRoute", "undecodable_field"]
 
@@ -78,6 +87,13 @@ class _TextChecker:
         if b"name" in options:
             self._name = self._decode(options[b"name"], "a field name")
         self._is_file = b"filename" in options
+        if self._is_file:
+            try:
+                options[b"filename"].decode(self.charset)
+            except UnicodeDecodeError:
+                pass  # Starlette reads it as latin-1; a file name is only echoed
+            except UnicodeError:
+                raise _Undecodable(f"a file name cannot be read as {self.charset} text") from None
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if not self._is_file:
@@ -94,27 +110,40 @@ class _TextChecker:
     def _decode(self, raw: bytes, what: str, hint: str = "") -> str:
         try:
             return raw.decode(self.charset)
-        except UnicodeDecodeError:
+        except UnicodeError:  # UnicodeDecodeError, or the bare UnicodeError of `idna`, `punycode`, `undefined`
             raise _Undecodable(f"{what} is not valid {self.charset} text{hint}") from None
 
 
-def _charset(params: dict[bytes, bytes]) -> str | None:
-    """The request's charset as Starlette resolves it (UTF-8 by default); None for one Python does not know, which
-    Starlette reads as latin-1, where every byte is text."""
+class _UnusableCharset(Exception):
+    pass
+
+
+def _charset(params: dict[bytes, bytes]) -> str:
+    """The request's charset as Starlette resolves it (UTF-8 by default). Raises `_UnusableCharset` for one Python
+    does not know, or a codec that is not a text encoding."""
+    declared = params.get(b"charset", b"utf-8").decode("latin-1")
     try:
-        return codecs.lookup(params.get(b"charset", b"utf-8").decode("latin-1")).name
-    except LookupError:
-        return None
+        info = codecs.lookup(declared)
+    except (LookupError, ValueError):  # ValueError: a NUL in the name
+        raise _UnusableCharset(f"unknown charset {shorten(declared)!r}; send UTF-8 (or no charset)") from None
+    # What `bytes.decode` checks: `hex`, `base64`, `zlib`, ... are codecs between bytes, not text encodings.
+    if not getattr(info, "_is_text_encoding", True):
+        raise _UnusableCharset(f"charset {shorten(declared)!r} is not a text encoding; send UTF-8 (or no charset)")
+    return info.name
 
 
 def undecodable_field(body: bytes, content_type: str | None) -> str | None:
-    """Why this multipart body must be refused (a field name or text value not valid in its charset), else None.
+    """Why this multipart body must be refused (an unusable charset, a field name or text value not valid in its
+    charset), else None.
 
     A body that is not well-formed multipart is left to Starlette's parser, which refuses it with its own message."""
     kind, params = parse_options_header(content_type)
-    charset = _charset(params)
-    if kind != b"multipart/form-data" or b"boundary" not in params or charset is None:
+    if kind != b"multipart/form-data" or b"boundary" not in params:
         return None
+    try:
+        charset = _charset(params)
+    except _UnusableCharset as exc:
+        return str(exc)
     checker = _TextChecker(charset)
     try:
         parser = MultipartParser(params[b"boundary"], checker.callbacks())  # type: ignore[arg-type]

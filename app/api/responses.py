@@ -7,8 +7,8 @@ from typing import Any
 from app.api.schemas import ErrorResponse
 
 _DESCRIPTIONS = {
-    400: "invalid_request: the body cannot be parsed (malformed multipart, a text field that is not UTF-8, JSON that "
-    "is not UTF-8 or is nested too deeply)",
+    400: "invalid_request: the body cannot be parsed (malformed multipart, a text field that is not UTF-8, a "
+    "multipart charset that is unknown or not a text encoding, JSON that is not UTF-8 or is nested too deeply)",
     401: "unauthorized: no API key, or an unknown or revoked one (when keys are in use)",
     403: "forbidden: the API key's scope is too small for this route",
     404: "unknown_identity / unknown_face / image_not_stored / not_found",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from app.api.forms import undecodable_field
 from tests.hostile_cases import raw_multipart
 
@@ -13,8 +15,47 @@ def test_text_fields_in_the_request_charset_pass() -> None:
     assert undecodable_field(body, CT) is None
     latin = raw_multipart([(b"name", None, "Zoë".encode("latin-1"))])
     assert undecodable_field(latin, CT + "; charset=iso-8859-1") is None
-    # a charset Python does not know: Starlette reads it as latin-1, where every byte is text
-    assert undecodable_field(latin, CT + "; charset=no-such-charset") is None
+    assert undecodable_field(latin, CT + '; charset="ISO-8859-1"') is None
+
+
+def test_unknown_charset_is_refused() -> None:
+    """Starlette would read it as latin-1: a name in it would be stored garbled."""
+    latin = raw_multipart([(b"name", None, "Zoë".encode("latin-1"))])
+    assert undecodable_field(latin, CT + "; charset=no-such-charset") == (
+        "unknown charset 'no-such-charset'; send UTF-8 (or no charset)"
+    )
+    problem = undecodable_field(latin, CT + "; charset=" + "x" * 5000)
+    assert problem is not None and len(problem) < 120  # the client's text is echoed cut short
+    assert undecodable_field(latin, CT + "; charset=utf-8\x00") == (
+        "unknown charset 'utf-8\\x00'; send UTF-8 (or no charset)"
+    )
+
+
+@pytest.mark.parametrize("codec", ["hex", "base64", "rot13", "zlib", "bz2", "uu", "quopri", "HEX_CODEC"])
+def test_codec_that_is_not_a_text_encoding_is_refused(codec: str) -> None:
+    """Python registers these as codecs, but `bytes.decode` refuses them (LookupError: a 500 before the fix)."""
+    photo_only = raw_multipart([(b"image", b"c.jpg", b"xx")])
+    assert undecodable_field(photo_only, CT + f"; charset={codec}") == (
+        f"charset {codec!r} is not a text encoding; send UTF-8 (or no charset)"
+    )
+
+
+@pytest.mark.parametrize(("codec", "bad"), [("undefined", b"abc"), ("idna", b"xn--abc-"), ("punycode", b"c.jpg")])
+def test_decoder_raising_a_bare_unicode_error_is_refused(codec: str, bad: bytes) -> None:
+    """These decoders fail with UnicodeError, not UnicodeDecodeError: neither our check nor Starlette's latin-1
+    fallback would catch it (a 500), for field names, values or file names."""
+    ct = CT + f"; charset={codec}"
+    assert undecodable_field(raw_multipart([(bad, None, b"")]), ct) == f"a field name is not valid {codec} text"
+    if codec != "undefined":  # it decodes nothing, not even the field's name
+        value = undecodable_field(raw_multipart([(b"name", None, bad)]), ct)
+        assert value is not None and value.startswith("field ") and value.endswith(f" is not valid {codec} text")
+        filename = undecodable_field(raw_multipart([(b"name", bad, b"")]), ct)
+        assert filename == f"a file name cannot be read as {codec} text"
+
+
+def test_file_name_not_valid_in_the_charset_is_left_to_starlette() -> None:
+    """A file name is only echoed: Starlette reads one that is not UTF-8 as latin-1, as before."""
+    assert undecodable_field(raw_multipart([(b"image", b"caf\xe9.jpg", b"xx")]), CT) is None
 
 
 def test_undecodable_value_and_name_are_named() -> None:

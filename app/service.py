@@ -376,6 +376,11 @@ class FaceService:
             raise InvalidRequest("give either name (a new identity) or identity_id (add a face), not both or neither")
         if identity_id is not None and metadata is not None:
             raise InvalidRequest("metadata can only be given when creating an identity; use PATCH /identities/{id}")
+        if metadata is not None:
+            try:
+                store.check_metadata(metadata)  # before any model work (the store checks it again as it writes)
+            except ValueError as error:
+                raise InvalidRequest(str(error), field="metadata") from None
         if name is not None:
             name = _clean_name(name)
         else:

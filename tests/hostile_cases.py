@@ -244,6 +244,11 @@ def raw_multipart(parts: list[tuple[bytes, bytes | None, bytes]], boundary: byte
 MULTIPART = {"content-type": "multipart/form-data; boundary=hostileboundary"}
 
 
+def nested_json(levels: int) -> str:
+    """A JSON object `levels` deep ({"a": [[...]]}, the object itself being the first level)."""
+    return '{"a": ' + "[" * (levels - 1) + "]" * (levels - 1) + "}"
+
+
 # ------------------------------------------------------------------------------------------- the cases
 
 Value = Any  # a value, or a callable taking the Ctx (photos are built only when the case runs)
@@ -496,6 +501,17 @@ def _cases() -> list[Case]:
           data={"name": "X", "metadata": "[1, 2, 3]"}),
         C("metadata-deep-nesting", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN},
           data={"name": "X", "metadata": '{"a": ' + "[" * 5000 + "]" * 5000 + "}"}),
+        *[
+            C(f"metadata-nested-{levels}-levels", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN},
+              data={"name": "X", "metadata": nested_json(levels)})
+            for levels in (33, 300, 500)  # 300 was stored (then unreadable), 500 a RecursionError
+        ],
+        *[
+            C(f"patch-metadata-nested-{levels}-levels", "PATCH", "/identities/{colin}", 422, "invalid_request",
+              content=b'{"metadata": ' + nested_json(levels).encode() + b"}",
+              headers={"content-type": "application/json"})
+            for levels in (33, 256)  # 256 was stored, then every read of the identity was a 500
+        ],
         C("metadata-nan", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN},
           data={"name": "X", "metadata": '{"score": NaN, "max": Infinity}'}),
         C("metadata-with-identity-id", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN},

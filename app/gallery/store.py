@@ -44,6 +44,10 @@ from app.vision.types import EMBEDDING_DIM, Box
 _ID_RE = re.compile(r"[0-9a-f]{32}")
 _PENDING_KEY = "facegate.gallery.pending_changes"
 MAX_METADATA_BYTES = 64 * 1024
+# Levels of objects and arrays in metadata, the metadata object itself being the first. Far below what the JSON
+# parsers and pydantic's serializer handle (about 255 levels; deeper metadata was stored, then every read of the
+# identity failed), and far more than any real record needs.
+MAX_METADATA_DEPTH = 32
 
 
 class ChangeOp(StrEnum):
@@ -118,9 +122,10 @@ def is_valid_id(value: object) -> bool:
 
 
 def create_identity(session: Session, *, name: str, metadata: dict[str, Any] | None = None) -> IdentityRecord:
-    """Insert a new identity (no faces yet). `name`: 1-255 characters, no NUL; `metadata`: a JSON object."""
+    """Insert a new identity (no faces yet). `name`: 1-255 characters, no NUL; `metadata`: a JSON object (see
+    `check_metadata`)."""
     _check_name(name)
-    meta = _check_metadata(metadata)
+    meta = check_metadata(metadata)
     now = utcnow()
     identity_id = new_id()
     session.execute(insert(Identity).values(id=identity_id, name=name, meta=meta, created_at=now, updated_at=now))
@@ -183,7 +188,7 @@ def update_identity(
         _check_name(name)
         values["name"] = name
     if metadata is not None:
-        values["meta"] = _check_metadata(metadata)
+        values["meta"] = check_metadata(metadata)
     _lock_gallery(session)
     result = session.execute(update(Identity).where(Identity.id == identity_id).values(**values))
     if result.rowcount != 1:  # type: ignore[attr-defined]
@@ -642,7 +647,23 @@ def _faces_of(session: Session, identity_ids: list[str]) -> dict[str, list[FaceR
 
 
 def _identity_record(row: Row[Any], faces: tuple[FaceRecord, ...]) -> IdentityRecord:
-    return IdentityRecord(row.id, row.name, dict(row.meta or {}), _aware(row.created_at), _aware(row.updated_at), faces)
+    meta = dict(row.meta or {})
+    if _nested_too_deeply(meta):
+        # Stored before the depth limit existed: readable all the same (a PATCH replaces it).
+        meta = _cut_nesting(meta, MAX_METADATA_DEPTH)
+    return IdentityRecord(row.id, row.name, meta, _aware(row.created_at), _aware(row.updated_at), faces)
+
+
+def _cut_nesting(value: Any, levels: int) -> Any:
+    """`value` (level 1) with every object or array at level `levels` replaced by its JSON text: nothing is lost,
+    and the recursion is bounded by `levels`."""
+    if not isinstance(value, (dict, list)):
+        return value
+    if levels <= 1:
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, dict):
+        return {k: _cut_nesting(v, levels - 1) for k, v in value.items()}
+    return [_cut_nesting(v, levels - 1) for v in value]
 
 
 def _aware(value: datetime) -> datetime:
@@ -655,15 +676,19 @@ def _check_name(name: str) -> None:
         raise ValueError(f"name must be 1-{MAX_NAME_LENGTH} characters of valid Unicode, not blank, without NUL")
 
 
-def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
-    """A JSON object both databases can store: no NaN/Infinity, no NUL character, at most MAX_METADATA_BYTES."""
+def check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of `metadata`, a JSON object both databases can store and every reader can read back: at most
+    MAX_METADATA_DEPTH levels deep, no NaN/Infinity, no NUL character or lone surrogate, at most MAX_METADATA_BYTES.
+    Raises ValueError. The depth is checked first, without recursion: the checks after it recurse."""
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
         raise ValueError("metadata must be a JSON object")  # noqa: TRY004 - every store validation error is a ValueError
+    if _nested_too_deeply(metadata):
+        raise ValueError(f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep (objects and arrays)")
     try:
         text = json.dumps(metadata, allow_nan=False, ensure_ascii=True)
-    except (TypeError, ValueError, RecursionError) as error:
+    except (TypeError, ValueError) as error:
         raise ValueError(f"metadata is not plain JSON: {error}") from None
     if _bad_text(metadata):
         raise ValueError("metadata strings must be valid Unicode without NUL characters")
@@ -673,8 +698,24 @@ def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
     return copy
 
 
+def _nested_too_deeply(value: dict[str, Any]) -> bool:
+    """More than MAX_METADATA_DEPTH levels of objects and arrays (tuples too), found with an explicit stack: a value
+    nested thousands of levels deep costs no recursion."""
+    stack: list[tuple[Any, int]] = [(value, 1)]  # (an object or array, its level)
+    while stack:
+        current, depth = stack.pop()
+        children = current.values() if isinstance(current, dict) else current
+        for child in children:
+            if isinstance(child, (dict, list, tuple)):
+                if depth == MAX_METADATA_DEPTH:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
 def _bad_text(value: Any) -> bool:
-    """True if a string inside `value` has a NUL or a lone surrogate (neither database can store them)."""
+    """True if a string inside `value` has a NUL or a lone surrogate (neither database can store them). Recursive:
+    metadata reaches it only once its depth is checked."""
     if isinstance(value, str):
         if "\x00" in value:
             return True

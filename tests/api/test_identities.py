@@ -7,14 +7,17 @@ second app on the same database (another worker) follows, and a restart finds on
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, text, update
 
+from app.gallery.tables import Identity
 from tests.api.conftest import api_settings, error_of, running
+from tests.hostile_cases import nested_json
 
 pytestmark = pytest.mark.model
 
@@ -142,3 +145,34 @@ def test_malformed_ids_are_unknown(client: TestClient, bad_id: str) -> None:
 )
 def test_listing_parameters_are_validated(client: TestClient, params: dict[str, object]) -> None:
     error_of(client.get("/identities", params=params), 422, "invalid_request")
+
+
+def test_metadata_depth_limit_and_rows_stored_before_it(client: TestClient) -> None:
+    """Metadata 32 levels deep round-trips; 33 and 256 (which pydantic cannot serialise back: stored, then every
+    read was a 500) are refused and change nothing; a row stored before the limit still reads and lists."""
+    gallery = client.app.state.service.gallery  # type: ignore[attr-defined]
+    identity_id = gallery.create_identity(name="Deep", metadata={"keep": 1}).id
+    deepest = json.loads(nested_json(32))
+    ok = client.patch(f"/identities/{identity_id}", json={"metadata": deepest})
+    assert ok.status_code == 200, ok.text
+    assert client.get(f"/identities/{identity_id}").json()["metadata"] == deepest
+    for levels in (33, 256):
+        body = '{"metadata": ' + nested_json(levels) + "}"
+        error = error_of(
+            client.patch(f"/identities/{identity_id}", content=body, headers={"content-type": "application/json"}),
+            422,
+            "invalid_request",
+        )
+        assert "nested more than 32 levels" in error["message"]
+    assert client.get(f"/identities/{identity_id}").json()["metadata"] == deepest  # unchanged
+
+    engine = create_engine(client.app.state.settings.database_url)  # type: ignore[attr-defined]
+    with engine.begin() as connection:  # as the bug stored it
+        connection.execute(update(Identity).where(Identity.id == identity_id).values(meta=json.loads(nested_json(300))))
+    engine.dispose()
+    one = client.get(f"/identities/{identity_id}")
+    page = client.get("/identities")
+    assert one.status_code == page.status_code == 200, (one.text[:200], page.text[:200])
+    assert page.json()["items"][0]["metadata"] == one.json()["metadata"]
+    # levels 2-31 stay arrays, the 269 levels below are the JSON text of the array at level 32
+    assert json.dumps(one.json()["metadata"]).endswith("]" * 269 + '"' + "]" * 30 + "}")

@@ -7,17 +7,25 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from sqlalchemy import Engine, insert, inspect, select, text
+from sqlalchemy import Engine, insert, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import UnknownFace, UnknownIdentity
 from app.gallery import db, store
-from app.gallery.tables import Face, GalleryChange, utcnow
+from app.gallery.tables import Face, GalleryChange, Identity, utcnow
 from app.vision.types import Box
 from tests.gallery.conftest import MODEL, random_embeddings
 
 BOX = Box(10, 20, 109, 119)
+
+
+def nested(levels: int) -> dict[str, object]:
+    """Metadata `levels` deep: {"a": [[...]]}, the object itself being the first level (built without recursion)."""
+    inner: list[object] = []
+    for _ in range(levels - 2):
+        inner = [inner]
+    return {"a": inner}
 
 
 @pytest.fixture
@@ -116,6 +124,9 @@ class TestIdentities:
             ("ok", {"v": "nul\x00"}),
             ("ok", {"v": object()}),
             ("ok", {"v": "x" * (store.MAX_METADATA_BYTES + 1)}),
+            ("ok", nested(store.MAX_METADATA_DEPTH + 1)),
+            ("ok", nested(256)),  # pydantic could not serialise it back: every read of the identity failed
+            ("ok", nested(100_000)),  # no RecursionError
         ]
         for name, metadata in cases:
             with pytest.raises(ValueError), sessions.begin() as session:
@@ -139,6 +150,36 @@ class TestIdentities:
         with sessions.begin() as session:
             got = store.get_identity(session, identity_id=identity_id)
         assert (got.name, got.metadata) == (name, {"ключ": "значение"})
+
+    def test_metadata_depth_limit(self, sessions: sessionmaker[Session]) -> None:
+        deepest = nested(store.MAX_METADATA_DEPTH)
+        with sessions.begin() as session:
+            identity_id = store.create_identity(session, name="deep", metadata=deepest).id
+        with sessions.begin() as session:
+            assert store.get_identity(session, identity_id=identity_id).metadata == deepest
+            with pytest.raises(ValueError, match="nested more than 32 levels"):
+                store.update_identity(session, identity_id=identity_id, metadata={"b": [deepest]})
+        loop: dict[str, object] = {}
+        loop["self"] = loop  # a Python caller's cycle is too deep, not an endless walk
+        with pytest.raises(ValueError, match="nested more than"), sessions.begin() as session:
+            store.create_identity(session, name="loop", metadata=loop)
+
+    def test_metadata_stored_too_deep_is_still_readable(self, sessions: sessionmaker[Session]) -> None:
+        """Metadata stored before the depth limit: read with its deepest part as JSON text, never failing."""
+        with sessions.begin() as session:
+            identity_id = store.create_identity(session, name="old row").id
+            session.execute(update(Identity).where(Identity.id == identity_id).values(meta=nested(300)))
+        with sessions.begin() as session:
+            got = store.get_identity(session, identity_id=identity_id).metadata
+            listed = store.list_identities(session)[0][0].metadata
+        assert got == listed
+        cut: object = got["a"]
+        for _ in range(store.MAX_METADATA_DEPTH - 2):
+            assert isinstance(cut, list) and len(cut) == 1
+            cut = cut[0]
+        # levels 1 to 31 as stored, the 269 levels below as the JSON text of the array at level 32
+        assert cut == "[" * 269 + "]" * 269
+        assert store.check_metadata(got) == got  # what a client reads can be written back
 
     def test_list_paging_and_filter(self, sessions: sessionmaker[Session]) -> None:
         names = [f"person {i:02d}" for i in range(7)] + ["100% real_name", "100 percent"]

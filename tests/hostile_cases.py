@@ -490,6 +490,8 @@ def _cases() -> list[Case]:
           files=[("images", (f"{i}.png", b"x", "image/png")) for i in range(1001)]),
         C("too-many-form-fields", "POST", "/identify", 400, "invalid_request",
           files={"image": COLIN}, data={f"f{i}": "x" for i in range(1001)}),
+        C("many-long-unknown-fields", "POST", "/identify", 422, "invalid_request", files={"image": COLIN},
+          data={f"{i:03d}" + "y" * 4000: "x" for i in range(999)}),  # was an 8 MB reply
         C("text-field-over-1-mb", "POST", "/enroll", 400, "invalid_request", files={"image": COLIN},
           data={"name": "x", "metadata": "{" + " " * 1_100_000 + "}"}),
         # --- metadata -------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from app.api.errors import listed
 from app.api.metrics import Metrics
 from app.config import Settings
 from app.errors import InvalidRequest
@@ -58,9 +59,11 @@ def form_fields(*allowed: str, repeatable: tuple[str, ...] = ()) -> Callable[[Re
         form = await request.form()  # already parsed (and cached) by FastAPI for the route's Form/File parameters
         unknown = sorted({key for key in form if key not in allowed})
         if unknown:
+            shown, words = listed(unknown)  # names are the client's: 1,000 names of 4 kB would make an 8 MB reply
             raise InvalidRequest(
-                f"unknown field(s) {', '.join(map(repr, unknown))}; this endpoint takes {', '.join(allowed)}",
-                unknown_fields=unknown,
+                f"unknown field(s) {words}; this endpoint takes {', '.join(allowed)}",
+                unknown_fields=shown,
+                n_unknown_fields=len(unknown),
                 allowed_fields=list(allowed),
             )
         repeated = sorted({key for key in form if key not in repeatable and len(form.getlist(key)) > 1})

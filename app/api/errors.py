@@ -157,9 +157,14 @@ async def facegate_error_handler(request: Request, exc: Exception) -> JSONRespon
 
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    problems = list(_clean_validation_errors(exc.errors()))
+    raw = exc.errors()
+    problems = list(_clean_validation_errors(raw))
     summary = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'request'}: {p['message']}" for p in problems[:5])
-    return error_response(422, "invalid_request", f"invalid request: {summary}", {"errors": problems})
+    if len(raw) > 5:
+        summary += f"; and {len(raw) - 5} more"
+    return error_response(
+        422, "invalid_request", f"invalid request: {summary}", {"errors": problems, "n_errors": len(raw)}
+    )
 
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -195,8 +200,19 @@ MAX_ECHOED_CHARS = 64  # a location part that comes from the client (an unknown 
 
 
 def shorten(text: str) -> str:
-    """Client-chosen text (a field name, a key, a path) as an error may echo it: at most MAX_ECHOED_CHARS."""
+    """Client-chosen text (a field name, a JSON key, a file name, a path) as a reply may echo it: at most
+    MAX_ECHOED_CHARS."""
     return text if len(text) <= MAX_ECHOED_CHARS else f"{text[:MAX_ECHOED_CHARS]}..."
+
+
+def listed(names: list[str]) -> tuple[list[str], str]:
+    """Client-chosen names as an error lists them: at most MAX_LISTED_ERRORS, each shortened, and the list in words
+    for the message (saying how many more there are)."""
+    shown = [shorten(name) for name in names[:MAX_LISTED_ERRORS]]
+    words = ", ".join(map(repr, shown))
+    if len(names) > len(shown):
+        words += f" and {len(names) - len(shown)} more"
+    return shown, words
 
 
 def _clean_validation_errors(raw: Iterable[Mapping[str, Any]]) -> Iterable[dict[str, Any]]:

@@ -105,7 +105,7 @@ class _TextChecker:
         # A part without a filename is a text field, whatever its Content-Type: say so for binary ones.
         binary = any(name == b"content-type" and not value.lower().startswith(b"text/") for name, value in self._headers)
         hint = " (a file part needs a filename in its Content-Disposition)" if binary else ""
-        self._decode(bytes(self._data), f"field {self._name!r}", hint)
+        self._decode(bytes(self._data), f"field {shorten(self._name)!r}", hint)
 
     def _decode(self, raw: bytes, what: str, hint: str = "") -> str:
         try:

@@ -206,7 +206,7 @@ class EmbeddedFaceOut(FaceOut):
 
 class PhotoResultBase(Public):
     index: int = Field(description="Position of the photo among the uploaded `images` (from 0).")
-    filename: str = Field(description="The uploaded file's name (echoed, not stored).")
+    filename: str = Field(description="The uploaded file's name (echoed, cut to 64 characters; not stored).")
     error: ErrorBody | None = Field(
         default=None,
         description="Why this photo gave no result (invalid_image, unsupported_image, image_too_large, "
@@ -398,7 +398,7 @@ class CalibrationReset(Public):
 
 
 class ClusterFaceOut(Public):
-    photo: str = Field(description="The uploaded file's name.")
+    photo: str = Field(description="The uploaded file's name (cut to 64 characters).")
     photo_index: int = Field(description="Position of the photo among the uploaded `images` (from 0).")
     box: BoxOut
     score: float

@@ -49,6 +49,33 @@ class TestNoEcho:
         r = shared_client.patch(f"/identities/{'0' * 32}", json={f"k{i}": 1 for i in range(20_000)})
         error = error_of(r, 422, "invalid_request")
         assert len(error["details"]["errors"]) == 20 and len(r.content) < 5_000
+        assert error["details"]["n_errors"] == 20_000 and error["message"].endswith("; and 19995 more")
+
+    def test_many_long_unknown_form_fields_are_cut_and_capped(self, shared_client: TestClient) -> None:
+        """999 unknown fields with 4 kB names were an 8 MB reply, every name in full twice."""
+        names = [f"{i:03d}" + "y" * 4000 for i in range(999)]
+        image = {"image": ("a.jpg", b"x", "image/jpeg")}
+        r = shared_client.post("/identify", data=dict.fromkeys(names, "x"), files=image)
+        error = error_of(r, 422, "invalid_request")
+        assert len(r.content) < 5_000
+        details = error["details"]
+        assert details["unknown_fields"] == [name[:64] + "..." for name in names[:20]]
+        assert details["n_unknown_fields"] == 999 and details["allowed_fields"] == ["image", "top_k", "threshold"]
+        assert f"'{names[19][:64]}...' and 979 more; this endpoint takes image" in error["message"]
+        assert names[20][:64] not in r.text
+
+    def test_a_few_short_unknown_form_fields_are_named_in_full(self, shared_client: TestClient) -> None:
+        image = {"image": ("a.jpg", b"x", "image/jpeg")}
+        error = error_of(shared_client.post("/identify", data={"topk": "3"}, files=image), 422, "invalid_request")
+        assert error["message"] == "unknown field(s) 'topk'; this endpoint takes image, top_k, threshold"
+        assert error["details"]["unknown_fields"] == ["topk"] and error["details"]["n_unknown_fields"] == 1
+
+    def test_a_huge_file_name_is_cut(self, shared_client: TestClient) -> None:
+        """Many-photo replies echo each file name (never stored): cut like any client text."""
+        name = "C" * 4000 + ".jpg"  # a multipart header line holds at most 4 kB
+        r = shared_client.post("/embed", files=[("images", (name, b"x", "image/jpeg"))])
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["images"][0]["filename"] == "C" * 64 + "..." and len(r.content) < 1_000
 
     def test_a_huge_path_is_not_echoed(self, shared_client: TestClient) -> None:
         r = shared_client.get("/" + "B" * 5_000)

@@ -67,6 +67,11 @@ def test_undecodable_value_and_name_are_named() -> None:
     assert undecodable_field(value, CT + "; charset=latin-1") is None
 
 
+def test_a_long_field_name_is_cut_in_the_message() -> None:
+    body = raw_multipart([(b"n" * 4000, None, b"\xff")])  # a multipart header line holds at most 4 kB
+    assert undecodable_field(body, CT) == f"field '{'n' * 64}...' is not valid utf-8 text"
+
+
 def test_binary_part_without_filename_gets_a_hint() -> None:
     body = (
         b"--hostileboundary\r\nContent-Disposition: form-data; name=\"image\"\r\n"

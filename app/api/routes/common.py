@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Form, UploadFile
 
-from app.api.errors import error_object
+from app.api.errors import error_object, shorten
 from app.api.metrics import Metrics
 from app.api.schemas import (
     THRESHOLD_MAX,
@@ -50,8 +50,8 @@ async def read_photo(upload: UploadFile, field: str) -> bytes:
 
 async def read_photos(uploads: list[UploadFile]) -> list[tuple[str, bytes]]:
     """(file name, bytes) of each upload of a many-photo request. An empty one is not refused here: it becomes that
-    photo's own invalid_image error."""
-    return [(upload.filename or f"image-{i}", await upload.read()) for i, upload in enumerate(uploads)]
+    photo's own invalid_image error. The name is only echoed, cut short like any client text in a reply."""
+    return [(shorten(upload.filename or f"image-{i}"), await upload.read()) for i, upload in enumerate(uploads)]
 
 
 def error_out(error: FacegateError) -> ErrorBody:

@@ -64,7 +64,7 @@ from app.matching.calibration import (
 from app.matching.data_files import OPENSET_FILE, TABLE_FILE, data_dir
 from app.matching.distances import pairwise_squared_l2
 from app.matching.openset import OpenSetModel, Reason, decide, load_default_model
-from app.matching.thresholds import is_match, validate_threshold
+from app.matching.thresholds import MAX_THRESHOLD, is_match, validate_threshold
 from app.vision.decode import decode_image, media_type
 from app.vision.pipeline import Pipeline
 from app.vision.quality import FaceQuality, QualityFailure, QualityThresholds, assess
@@ -695,10 +695,8 @@ class FaceService:
         else:
             if not same or not different:
                 raise InvalidRequest("source 'pairs' needs both `same` and `different` distances (non-empty)")
-            same_d = np.asarray(same, np.float64)
-            diff_d = np.asarray(different, np.float64)
-            if not (np.all(np.isfinite(same_d)) and np.all(np.isfinite(diff_d))) or min(same_d.min(), diff_d.min()) < 0:
-                raise InvalidRequest("distances must be finite and >= 0")
+            same_d = _pair_distances("same", same)
+            diff_d = _pair_distances("different", different)
         try:
             calibration = calibrate_far(same_d, diff_d, target_far)
         except ValueError as error:
@@ -707,6 +705,13 @@ class FaceService:
             raise InsufficientData(
                 f"no threshold above 0 keeps the FAR at or below {target_far:g} on these pairs "
                 f"({calibration.n_different} different pairs; the nearest are at distance 0)"
+            )
+        if calibration.threshold > MAX_THRESHOLD:
+            # Only a gallery of embeddings far from unit norm could give it: never stored (deployment_threshold()
+            # would ignore it, after it had replaced a usable one) nor reported as usable.
+            raise InsufficientData(
+                f"the threshold for FAR {target_far:g} on these pairs, {calibration.threshold:g}, is over "
+                f"{MAX_THRESHOLD:g}: not a usable threshold"
             )
         result = CalibrationResult(
             calibration=calibration,
@@ -905,6 +910,20 @@ _ISSUE_TEXT = {
 def _describe(issue: QualityFailure) -> str:
     what, how = _ISSUE_TEXT.get(issue.issue.value, (issue.issue.value, "{m:g} vs limit {l:g}"))
     return f"{what} ({how.format(m=issue.measured, l=issue.limit)})"
+
+
+def _pair_distances(field: str, values: Sequence[float]) -> np.ndarray:
+    """A calibration request's `same` or `different` distances: squared L2 distances of unit-norm embeddings, so
+    finite and in [0, 4] (the threshold range). A value outside could only give a threshold no decision can use."""
+    distances = np.asarray(values, np.float64)
+    bad = ~(np.isfinite(distances) & (distances >= 0.0) & (distances <= MAX_THRESHOLD))
+    if bad.any():
+        raise InvalidRequest(
+            f"`{field}` distances must be squared L2 distances in [0, {MAX_THRESHOLD:g}] ({int(bad.sum())} outside, "
+            f"the first at index {int(np.argmax(bad))}: {float(distances[bad][0])!r})",
+            field=field,
+        )
+    return distances
 
 
 def _clean_name(name: str) -> str:

@@ -305,10 +305,14 @@ class CalibrateRequest(BaseModel):
         "threshold (fewer strangers accepted, more genuine users refused).",
     )
     same: list[float] | None = Field(
-        default=None, max_length=MAX_CALIBRATION_DISTANCES, description="source=pairs: same-person distances."
+        default=None,
+        max_length=MAX_CALIBRATION_DISTANCES,
+        description="source=pairs: same-person distances (squared L2, each in [0, 4]).",
     )
     different: list[float] | None = Field(
-        default=None, max_length=MAX_CALIBRATION_DISTANCES, description="source=pairs: different-person distances."
+        default=None,
+        max_length=MAX_CALIBRATION_DISTANCES,
+        description="source=pairs: different-person distances (squared L2, each in [0, 4]).",
     )
     apply: bool = Field(
         default=False,

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from app.matching.calibration import load_default_table, threshold_for_far
 from app.vision.models import load_manifest
+from app.vision.types import Box
 from tests.api.conftest import error_of
 
 pytestmark = pytest.mark.model
@@ -145,9 +146,61 @@ def test_calibrate_from_the_gallery(client: TestClient, photo: Photo) -> None:
         {"source": "gallery", "same": [0.1], "different": [0.5]},
         {"source": "pairs", "same": [0.1], "different": [0.5], "target_far": 1.5},
         {"source": "pairs", "same": [0.1], "different": [-0.5]},
+        {"source": "pairs", "same": [0.1], "different": [0.5, 4.0000001]},
         {"source": "somewhere"},
         {"source": "gallery", "threshold": 0.3},
     ],
 )
 def test_calibrate_refuses_bad_requests(shared_client: TestClient, body: dict[str, object]) -> None:
     error_of(shared_client.post("/calibrate", json=body), 422, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    ("same", "different", "field", "outside"),
+    [
+        ([5, 5.5], [7, 8], "same", "2 outside, the first at index 0: 5.0"),  # was applied: 7.99, then ignored
+        ([0.1], [0.5, 1e308], "different", "1 outside, the first at index 1: 1e+308"),  # was applied: 1.7e308
+        ([0.1, -0.0001], [0.5], "same", "1 outside, the first at index 1: -0.0001"),
+    ],
+)
+def test_calibrate_refuses_distances_outside_0_4_and_keeps_the_stored_threshold(
+    shared_client: TestClient, same: list[float], different: list[float], field: str, outside: str
+) -> None:
+    """Squared L2 distances of unit-norm embeddings lie in [0, 4]: anything else is refused, naming the field, and
+    the threshold stored before stays (it was overwritten by one that deployment_threshold() then ignored)."""
+    client = shared_client
+    good = {"source": "pairs", "same": [0.1, 0.2], "different": [0.5, 0.6, 0.7], "target_far": 0.5, "apply": True}
+    assert client.post("/calibrate", json=good).status_code == 200
+    before = client.get("/calibration").json()
+    assert before["threshold_source"] == "deployment" and 0 < before["threshold"] < 1
+
+    body = {"source": "pairs", "same": same, "different": different, "target_far": 0.5, "apply": True}
+    error = error_of(client.post("/calibrate", json=body), 422, "invalid_request")
+    assert error["details"] == {"field": field}
+    assert error["message"] == f"`{field}` distances must be squared L2 distances in [0, 4] ({outside})"
+    assert client.get("/calibration").json() == before
+    assert client.delete("/calibration").json()["removed"] is True
+
+
+def test_calibrate_accepts_the_ends_of_the_range(shared_client: TestClient) -> None:
+    body = {"source": "pairs", "same": [0.0, 0.1], "different": [3.9, 4.0], "target_far": 0.5}
+    r = shared_client.post("/calibrate", json=body)
+    assert r.status_code == 200, r.text
+    assert 0 < r.json()["threshold"] < 4 and r.json()["applied"] is False
+
+
+def test_calibrate_never_stores_a_threshold_over_4(client: TestClient) -> None:
+    """A gallery whose embeddings are far from unit norm (none the served model makes) could give a threshold over
+    4: refused, and nothing stored."""
+    gallery = client.app.state.service.gallery  # type: ignore[attr-defined]
+    directions = np.eye(128, dtype=np.float32)[:3] * 10  # different people 200 apart, the same person 0.01
+    for person, direction in enumerate(directions):
+        first = gallery.enroll_face(embedding=direction, box=Box(0, 0, 9, 9), score=1.0, name=f"Far {person}")
+        nudged = direction + np.float32(0.1) * np.eye(128, dtype=np.float32)[100]
+        gallery.enroll_face(embedding=nudged, box=Box(0, 0, 9, 9), score=1.0, identity_id=first.identity_id)
+    before = client.get("/calibration").json()
+
+    r = client.post("/calibrate", json={"source": "gallery", "target_far": 0.5, "apply": True})
+    error = error_of(r, 409, "insufficient_data")
+    assert "is over 4: not a usable threshold" in error["message"]
+    assert client.get("/calibration").json() == before and before["deployment"] is None

@@ -581,6 +581,20 @@ def _cases() -> list[Case]:
           data={"name": "Bob\x1b[31mRed"}),
         C("name-newline-log-injection", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN},
           data={"name": "Bob\r\nINFO forged log line"}),
+        *[
+            C(f"name-{label}", "POST", "/enroll", 422, "invalid_request", files={"image": COLIN}, data={"name": name})
+            for label, name in [
+                ("bidi-override", "Alice\u202egnp.exe"), ("bidi-embedding", "\u202bBob"),
+                ("bidi-isolate", "Bob\u2067x"), ("right-to-left-mark", "Bob\u200f"),
+                ("arabic-letter-mark", "Bob\u061c1"), ("byte-order-mark", "\ufeffBob"),
+                ("tag-characters", "Bob\U000e0041\U000e007f"), ("noncharacter-ffff", "Bob\uffff"),
+                ("noncharacter-fdd0", "Bob\ufdd0"), ("noncharacter-plane-1", "Bob\U0001fffe"),
+            ]
+        ],
+        C("patch-name-bidi-override", "PATCH", "/identities/{colin}", 422, "invalid_request",
+          json={"name": "Colin\u202eNIL"}),
+        C("patch-name-byte-order-mark", "PATCH", "/identities/{colin}", 422, "invalid_request",
+          json={"name": "Colin\ufeff"}),
         C("patch-name-control-character", "PATCH", "/identities/{colin}", 422, "invalid_request",
           json={"name": "Colin\u0085Powell"}),
         C("patch-name-too-long", "PATCH", "/identities/{colin}", 422, "invalid_request", json={"name": "x" * 201}),

@@ -96,6 +96,17 @@ def test_enroll_directory_then_identify(env: Path, dev_faces: Path, tmp_path: Pa
     assert code == 0 and "bbt_amy" in out and "1 face(s), gallery of 6 faces" in out
 
 
+def test_enroll_refuses_a_folder_name_with_a_bidi_override(env: Path, dev_faces: Path, tmp_path: Path) -> None:
+    """The command line takes names from folder names: the same rule as the API."""
+    person = tmp_path / "people" / "Alice\u202egnp.exe"
+    person.mkdir(parents=True)
+    (person / "a.png").symlink_to(dev_faces / AMY[0])
+    code, out = run("enroll", str(tmp_path / "people"))
+    assert code == 1, out
+    assert "0 identities created, 0 faces added to existing ones, 1 photos failed." in out
+    assert "a.png: invalid_request: name must not contain invisible bidirectional controls" in out
+
+
 def test_option_help_says_what_raising_or_lowering_does() -> None:
     result = CliRunner().invoke(cli, ["verify", "--help"], env={"COLUMNS": "200", "TERM": "dumb"})
     assert result.exit_code == 0

@@ -195,3 +195,33 @@ def test_names_in_any_script_survive_intact(hostile: tuple[TestClient, Ctx]) -> 
         assert r.json()["name"] == expected
         assert client.get(f"/identities/{r.json()['identity_id']}").json()["name"] == expected
         assert client.delete(f"/identities/{r.json()['identity_id']}").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "\U0001f469\u200d\U0001f4bb Ada",  # ZWJ: an emoji sequence (woman technologist)
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # ZWNJ: Persian spelling
+        "\u0915\u094d\u200d\u0937",  # ZWJ in Devanagari (half form)
+        "\u845b\U000e0100\u98fe",  # an ideographic variation selector (a Japanese family name's glyph)
+        "\u05e9\u05e8\u05d4 Sara 2",  # Hebrew and Latin without any bidi character
+    ],
+)
+def test_names_with_joiners_and_selectors_are_kept(hostile: tuple[TestClient, Ctx], name: str) -> None:
+    """Refusing invisible bidi controls, marks, tags and noncharacters leaves the invisible characters that are part
+    of a spelling alone."""
+    client, ctx = hostile
+    r = client.post("/enroll", files={"image": ("c.jpg", ctx.colin)}, data={"name": name, "allow_duplicate": "1"})
+    assert r.status_code == 201, r.text
+    identity_id = r.json()["identity_id"]
+    assert client.get(f"/identities/{identity_id}").json()["name"] == name
+    renamed = client.patch(f"/identities/{identity_id}", json={"name": name + " B"})
+    assert renamed.status_code == 200 and renamed.json()["name"] == name + " B"
+    assert client.delete(f"/identities/{identity_id}").status_code == 200
+
+
+def test_a_refused_name_says_which_character(hostile: tuple[TestClient, Ctx]) -> None:
+    client, ctx = hostile
+    r = client.post("/enroll", files={"image": ("c.jpg", ctx.colin)}, data={"name": "Alice\u202egnp.exe"})
+    error = error_of(r, 422, "invalid_request")
+    assert error["message"].endswith("(U+202E at index 5)") and error["details"] == {"field": "name"}

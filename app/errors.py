@@ -17,7 +17,8 @@ class FacegateError(Exception):
 
 
 class InvalidImage(FacegateError):
-    """The bytes are not a photo we can decode (not an image, truncated, unsupported format)."""
+    """The bytes are not a photo we can decode (not an image, truncated or corrupt, an unsupported mode), or one whose
+    decoding would cost far more than its size (a JPEG with thousands of scans: app/vision/decode.py)."""
 
     code = "invalid_image"
 
@@ -30,7 +31,7 @@ class UnsupportedImage(FacegateError):
 
 
 class ImageTooLarge(FacegateError):
-    """Too many pixels (decompression-bomb guard) or too many bytes."""
+    """Too many pixels (decompression-bomb guard; a lower limit for RLE-compressed BMP) or too many bytes."""
 
     code = "image_too_large"
 

@@ -223,6 +223,112 @@ def blank_png() -> bytes:
     return encode(PILImage.new("RGB", (200, 200), (180, 180, 180)), "PNG")
 
 
+def jpeg_segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def entropy_coded(bits: str) -> bytes:
+    """Huffman-coded bits as scan data: padded with 1s to whole bytes, every 0xFF byte stuffed with 0x00."""
+    bits += "1" * (-len(bits) % 8)
+    out = bytearray()
+    for i in range(0, len(bits), 8):
+        out.append(int(bits[i : i + 8], 2))
+        if out[-1] == 0xFF:
+            out.append(0)
+    return bytes(out)
+
+
+def progressive_jpeg(width: int, height: int, scans: int) -> bytes:
+    """A greyscale progressive JPEG with `scans` scans, every coefficient zero (uniform grey 128): one DC scan, then
+    AC scans that each code the whole image as end-of-band runs in a few bytes, so that a small file costs one pass
+    over the whole image per scan to decode (the audit's scan bomb)."""
+    blocks = -(-width // 8) * -(-height // 8)
+    out = b"\xff\xd8" + jpeg_segment(0xDB, b"\x00" + b"\x01" * 64)  # SOI; quantisation table 0: all ones
+    out += jpeg_segment(0xC2, struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00")  # SOF2, 1 component
+    out += jpeg_segment(0xC4, b"\x00" + bytes([1] + [0] * 15) + b"\x00")  # DC table 0: "0" = difference 0
+    out += jpeg_segment(0xC4, b"\x10" + bytes([1, 1] + [0] * 14) + b"\xe0\x00")  # AC table 0: "0" = EOB14, "1" = EOB
+    out += jpeg_segment(0xDA, b"\x01\x01\x00\x00\x00\x00") + entropy_coded("0" * blocks)  # the DC scan
+    eob_runs = entropy_coded(("0" + "1" * 14) * -(-blocks // 32767))  # EOB14 with all 14 bits set: 32767 blocks
+    out += (jpeg_segment(0xDA, b"\x01\x01\x00\x01\x3f\x00") + eob_runs) * (scans - 1)  # AC scans, bands 1-63
+    return out + b"\xff\xd9"
+
+
+def exif_with_a_rational(tag: int, orientation: int) -> bytes:
+    """An EXIF block (little-endian TIFF, one IFD) with an Orientation and `tag` stored as a RATIONAL, a type that tag
+    never has: Pillow reads the block, but cannot write it back (which ImageOps.exif_transpose does)."""
+    entries = sorted([struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0), struct.pack("<HHII", tag, 5, 1, 38)])
+    ifd = struct.pack("<H", len(entries)) + b"".join(entries) + struct.pack("<I", 0)
+    return b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<II", 1, 1)  # the rational at 38
+
+
+def rle_bmp(width: int, height: int, codes: bytes, *, bits: int) -> bytes:
+    """A BMP compressed with RLE8 (bits=8) or RLE4 (bits=4) with a grey palette (index i: i * 255 // (colours - 1));
+    `codes`: the RLE data, bottom row first."""
+    colours = 1 << bits
+    palette = b"".join(bytes([i * 255 // (colours - 1)] * 3 + [0]) for i in range(colours))
+    offset = 14 + 40 + len(palette)
+    compression = 1 if bits == 8 else 2
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, bits, compression, len(codes), 2835, 2835, colours, 0)
+    return b"BM" + struct.pack("<IHHI", offset + len(codes), 0, 0, offset) + info + palette + codes
+
+
+def avif_corrupt_picture(ctx: Ctx) -> bytes:
+    """The face as AVIF with its coded picture zeroed: the container is intact, libavif fails to decode the picture
+    (Pillow raises RuntimeError from load)."""
+    data = encode(ctx.colin_image, "AVIF", quality=90)
+    coded = data.index(b"mdat") + 4
+    return data[:coded] + bytes(len(data) - coded)
+
+
+def avif_without_item_locations(ctx: Ctx) -> bytes:
+    """The face as AVIF with its `iloc` box renamed: the primary image is missing (RuntimeError from Image.open)."""
+    return encode(ctx.colin_image, "AVIF", quality=90).replace(b"iloc", b"xloc", 1)
+
+
+def exif_junk_rotated(ctx: Ctx, fmt: str = "JPEG") -> bytes:
+    """`exif_rotated` whose EXIF also holds an ImageDescription stored as a RATIONAL: the orientation is readable, the
+    block cannot be written back; the face must still come out upright."""
+    stored = ctx.colin_image.transpose(PILImage.Transpose.ROTATE_90)
+    params: dict[str, Any] = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    return encode(stored, fmt, exif=exif_with_a_rational(0x010E, 6), **params)
+
+
+@functools.cache
+def jpeg_scan_bomb() -> bytes:
+    """The audit's scan bomb: 6000 x 6000 (36 megapixels, under image.max_pixels) with 10,000 scans in 670 kB; it took
+    50 s of CPU to decode."""
+    return progressive_jpeg(6000, 6000, 10_000)
+
+
+def jpeg_many_comments(ctx: Ctx) -> bytes:
+    """The face JPEG with 2,000 empty comment segments in its header (Pillow walks them in Python)."""
+    return ctx.colin[:2] + b"\xff\xfe\x00\x02" * 2000 + ctx.colin[2:]
+
+
+def jpeg_fill_bytes(ctx: Ctx) -> bytes:
+    """The face JPEG with 1 MB of 0xFF fill bytes after its SOI (Pillow reads them one at a time)."""
+    return ctx.colin[:2] + b"\xff" * 1_000_000 + ctx.colin[2:]
+
+
+def jpeg_fill_bytes_in_image_data(ctx: Ctx) -> bytes:
+    """The face JPEG with 1 MB of 0xFF fill bytes before its EOI (a long run makes Pillow's feeding of libjpeg
+    quadratic: 20 MB took 5 s)."""
+    eoi = ctx.colin.rindex(b"\xff\xd9")
+    return ctx.colin[:eoi] + b"\xff" * 1_000_000 + ctx.colin[eoi:]
+
+
+def eps_ten_million_lines() -> bytes:
+    """An EPS header and 10 million comment lines (20 MB): Pillow's EPS reader took 19 s to scan it."""
+    return b"%!PS-Adobe-3.0 EPSF-3.0\n" + b"%\n" * 10_000_000
+
+
+@functools.cache
+def rle4_bmp_36_megapixels() -> bytes:
+    """6000 x 6000 RLE4 in 300 kB (runs of 254 pixels): Pillow's Python RLE decoder took 3 s."""
+    row = b"".join(bytes([min(254, 6000 - x), 0x12]) for x in range(0, 6000, 254)) + b"\x00\x00"
+    return rle_bmp(6000, 6000, row * 6000 + b"\x00\x01", bits=4)
+
+
 # --------------------------------------------------------------------------------------- raw requests
 
 
@@ -374,10 +480,16 @@ BAD_PHOTOS = [
     ("images", upload(one_pixel, "tiny.png")),
     ("images", upload(lambda: b"", "empty.jpg")),
     ("images", upload(blank_png, "blank.png")),
+    ("images", upload(avif_corrupt_picture, "bad.avif", "image/avif")),
+    ("images", upload(jpeg_scan_bomb, "scans.jpg")),
+    ("images", upload(rle4_bmp_36_megapixels, "rle.bmp", "image/bmp")),
 ]
 BAD_PHOTO_CODES = [
-    "image_too_large", "unsupported_image", "invalid_image", "image_too_small", "invalid_image", "no_face"
+    "image_too_large", "unsupported_image", "invalid_image", "image_too_small", "invalid_image", "no_face",
+    "invalid_image", "invalid_image", "image_too_large",
 ]
+# A good photo that once failed the whole request (500): sideways, with junk EXIF beside its orientation.
+JUNK_EXIF = ("images", upload(exif_junk_rotated, "junk-exif.jpg"))
 
 
 def verify_colin(make: Callable[..., bytes], kind: str = "image/jpeg") -> dict[str, Any]:
@@ -422,6 +534,21 @@ def _cases() -> list[Case]:
           **verify_colin(png_text_bomb, "image/png")),
         C("jpeg-header-claims-4-gigapixels", "POST", "/enroll", 413, "image_too_large",
           files={"image": upload(jpeg_header_claims_65535_square)}, data=enroll_new),
+        # --- photos far costlier to decode than their size: refused before decoding --------------------------------
+        C("jpeg-10000-scans", "POST", "/identify", 422, "invalid_image", files={"image": upload(jpeg_scan_bomb)}),
+        C("jpeg-2000-comment-segments", "POST", "/verify", 422, "invalid_image", **verify_colin(jpeg_many_comments)),
+        C("jpeg-1-mb-of-fill-bytes", "POST", "/identities/{colin}/faces", 422, "invalid_image",
+          files={"image": upload(jpeg_fill_bytes)}),
+        C("jpeg-1-mb-of-fill-bytes-in-image-data", "POST", "/identify", 422, "invalid_image",
+          files={"image": upload(jpeg_fill_bytes_in_image_data)}),
+        C("bmp-rle4-36-megapixels", "POST", "/enroll", 413, "image_too_large",
+          files={"image": upload(rle4_bmp_36_megapixels, "rle.bmp", "image/bmp")}, data=enroll_new),
+        C("eps-10-million-lines", "POST", "/identify", 415, "unsupported_image",
+          files={"image": upload(eps_ten_million_lines, "x.eps", "application/postscript")}),
+        C("avif-corrupt-picture", "POST", "/identify", 422, "invalid_image",
+          files={"image": upload(avif_corrupt_picture, "x.avif", "image/avif")}),
+        C("avif-without-item-locations", "POST", "/enroll", 422, "invalid_image",
+          files={"image": upload(avif_without_item_locations, "x.avif", "image/avif")}, data=enroll_new),
         C("one-pixel-enroll", "POST", "/enroll", 422, "image_too_small",
           files={"image": upload(one_pixel, "1.png", "image/png")}, data=enroll_new),
         C("one-pixel-verify-photos", "POST", "/verify", 422, "image_too_small",
@@ -440,6 +567,11 @@ def _cases() -> list[Case]:
           **verify_colin(lambda ctx: exif_rotated(ctx, tag=False))),
         C("exif-orientation-invalid", "POST", "/verify", 200, **verify_colin(exif_orientation_invalid),
           check=_verify_matches),
+        *[
+            C(f"exif-junk-rotated-{fmt.lower()}", "POST", "/verify", 200,
+              **verify_colin(functools.partial(exif_junk_rotated, fmt=fmt)), check=_verify_matches)
+            for fmt in ("JPEG", "PNG", "WEBP")
+        ],
         C("webp", "POST", "/verify", 200, **verify_colin(webp, "image/webp"), check=_verify_matches),
         C("avif", "POST", "/verify", 200, **verify_colin(avif, "image/avif"), check=_verify_matches),
         C("mpo-camera-jpeg", "POST", "/verify", 200, **verify_colin(mpo), check=_verify_matches),
@@ -456,9 +588,13 @@ def _cases() -> list[Case]:
             ("images", upload(fake_heic, "x.heic")),
             ("images", upload(lambda ctx: truncated(ctx.colin), "half.jpg")),
             ("images", upload(one_pixel, "tiny.png")),
+            ("images", upload(avif_corrupt_picture, "bad.avif", "image/avif")),
+            ("images", upload(jpeg_scan_bomb, "scans.jpg")),
+            ("images", upload(rle4_bmp_36_megapixels, "rle.bmp", "image/bmp")),
         ], check=_cluster_problems({
             "bomb.png": "image_too_large", "x.heic": "unsupported_image", "half.jpg": "invalid_image",
-            "tiny.png": "image_too_small",
+            "tiny.png": "image_too_small", "bad.avif": "invalid_image", "scans.jpg": "invalid_image",
+            "rle.bmp": "image_too_large",
         })),
         # --- fields: wrong, missing, repeated, unknown -----------------------------------------------------------
         C("enroll-wrong-file-field", "POST", "/enroll", 422, "invalid_request", files={"photo": COLIN},
@@ -684,10 +820,11 @@ def _cases() -> list[Case]:
         C("calibration-curve-gallery-too-small", "GET", "/calibration/curve", 409, "insufficient_data",
           params={"source": "gallery"}),
         # --- many-photo endpoints: a bad photo gets its own error, the request does not fail ------------------------
-        C("embed-lists-bad-photos", "POST", "/embed", 200, files=[*BAD_PHOTOS, ("images", COLIN)],
-          check=_per_photo([*BAD_PHOTO_CODES, None], key="faces")),
-        C("identify-batch-lists-bad-photos", "POST", "/identify/batch", 200, files=[("images", COLIN), *BAD_PHOTOS],
-          data={"top_k": "2"}, check=_per_photo([None, *BAD_PHOTO_CODES], key="result")),
+        C("embed-lists-bad-photos", "POST", "/embed", 200, files=[*BAD_PHOTOS, ("images", COLIN), JUNK_EXIF],
+          check=_per_photo([*BAD_PHOTO_CODES, None, None], key="faces")),
+        C("identify-batch-lists-bad-photos", "POST", "/identify/batch", 200,
+          files=[("images", COLIN), *BAD_PHOTOS, JUNK_EXIF], data={"top_k": "2"},
+          check=_per_photo([None, *BAD_PHOTO_CODES, None], key="result")),
         C("embed-no-images", "POST", "/embed", 422, "invalid_request"),
         C("embed-wrong-field", "POST", "/embed", 422, "invalid_request", files={"image": COLIN}),
         C("embed-too-many-photos", "POST", "/embed", 422, "invalid_request",

@@ -4,15 +4,20 @@ What decoding guarantees:
 
 * Only photo formats are decoded: JPEG (and MPO, the multi-picture JPEG of many cameras), PNG (and APNG), GIF, WebP,
   AVIF, BMP and TIFF (`FORMATS`). Pillow reads some 40 formats; every parser is attack surface and some hand the data
-  to other programs (EPS runs Ghostscript), so any other image Pillow recognises (PSD, EPS, ICO, TGA, ...) and HEIC/HEIF
-  or JPEG XL, which it does not read, raise `UnsupportedImage`; anything else raises `InvalidImage`.
+  to other programs (EPS runs Ghostscript), so other image formats (PSD, EPS, ICO, TGA, ..., and HEIC/HEIF or JPEG XL,
+  which Pillow does not read) raise `UnsupportedImage`, named from their first bytes alone (no parser of theirs runs);
+  anything else raises `InvalidImage`.
+* Data whose decoding costs far more than its size says is refused before it is decoded: a JPEG (or MPO) with more
+  than `MAX_JPEG_SCANS` scans or `MAX_JPEG_MARKERS` markers, or padded with more than `MAX_JPEG_JUNK` bytes (`InvalidImage`); an
+  RLE-compressed BMP over `MAX_RLE_BMP_PIXELS` or `MAX_RLE_BMP_BYTES` (`ImageTooLarge`).
 * The pixel count is checked from the header, before any pixel is decoded: more than `max_pixels` raises
   `ImageTooLarge`. Pillow's own decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`, left at its default) also applies:
   images over it are refused with `ImageTooLarge` too (Pillow raises `DecompressionBombError` above twice that limit
   and warns above it; facegate refuses both cases), so the effective limit is min(max_pixels, MAX_IMAGE_PIXELS).
 * The whole image is decoded: truncated or corrupt data raises `InvalidImage` (Pillow's global
   `LOAD_TRUNCATED_IMAGES` is never set, so missing data is never filled in silently).
-* The EXIF orientation tag is applied, so the array is upright as a viewer shows it.
+* The EXIF orientation tag is applied, so the array is upright as a viewer shows it; EXIF that cannot be read is
+  ignored (the pixels as stored), and a readable orientation tag is applied even when other tags are malformed.
 * Animated images (GIF, APNG, WebP, multi-page TIFF) give their first frame.
 * Colour modes: greyscale and 1-bit are replicated to RGB; palettes are expanded; CMYK and YCbCr use Pillow's
   conversion; 16-bit greyscale (I;16*) and 32-bit integer (I) images are scaled from 0..65535 to 0..255 with
@@ -25,26 +30,114 @@ What decoding guarantees:
 from __future__ import annotations
 
 import io
+import re
+import struct
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image as PILImage
-from PIL import ImageOps, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from app.errors import ImageTooLarge, InvalidImage, UnsupportedImage
 from app.vision.types import Image
 
 # Pillow plugin ids of the formats decoded (JPEG also opens MPO files).
 FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF")
-# ISO-BMFF brands of HEIF (HEIC is the iPhone's default) and the JPEG XL signatures: photo formats Pillow cannot read,
-# named so that the client knows to convert rather than being told the photo is not an image.
-_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
-_JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
 
-# Errors Pillow's decoders raise for malformed or truncated data.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError)
+# Errors Pillow's decoders raise for malformed or truncated data. RuntimeError: libavif reports corrupt AVIF data
+# with it ("Decoding of color planes failed", "Missing or empty image item"), from Image.open as well as from load;
+# struct.error: Pillow's readers written in Python unpack header fields with struct.
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    TypeError,
+    KeyError,
+    RuntimeError,
+    struct.error,
+)
+
+# A progressive JPEG's decoder makes one pass over the whole image's coefficients per scan (about 8 ms per scan at
+# 36 megapixels), and a scan can be a dozen bytes: 670 kB with 10,000 scans took 50 s of CPU. Encoders write far
+# fewer (libjpeg's progressive script: 10 scans for a colour photo, 18 for CMYK); 100 bounds the decode of a
+# 40-megapixel photo to about a second.
+MAX_JPEG_SCANS = 100
+# Markers (segments and scans) in the first picture of a JPEG. A photo has a few dozen (APPn metadata, tables,
+# scans; even 20 MB of 64 kB metadata segments is 320); the header before the first scan is walked in Python by
+# Pillow, marker by marker (5 million empty comments: 6 s), and the limit keeps our own walk short too.
+MAX_JPEG_MARKERS = 1000
+# Padding and junk in a JPEG's first picture: bytes before the first scan that belong to no segment, and runs of 0xFF
+# fill bytes anywhere (valid scan data never has two in a row). libjpeg skips both, but Pillow's header parser reads
+# the first kind one byte at a time (20 MB: 10 s), and a long run of fill bytes makes Pillow's feeding of libjpeg
+# quadratic (libjpeg rereads the run from its start each time Pillow hands it more data: 20 MB took 5 s). A photo
+# has none, or a byte or two.
+MAX_JPEG_JUNK = 65_536
+_JPEG_FILL_RUN = b"\xff" * (MAX_JPEG_JUNK + 1)
+# What Pillow's JPEG reader (and so MPO) requires at the start: SOI and the first byte of the next marker.
+_JPEG_START = b"\xff\xd8\xff"
+# The next marker (0xFF and its code) where entropy-coded data may come first: in that data every 0xFF is followed
+# by 0x00 (byte stuffing) or is a restart marker RST0-7 (no length, part of the scan); 0xFF fill bytes may precede a
+# marker (the match is the last of them). libjpeg looks for markers the same way. (No `\xff+`: with it, re searches
+# some 50 times slower.)
+_JPEG_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_JPEG_SOS, _JPEG_EOI = 0xDA, 0xD9
+_JPEG_NO_LENGTH = {0x01, 0xD8}  # TEM, SOI: markers without a length field
+
+# Pillow decodes RLE-compressed BMP (RLE8, RLE4; palette images, not photos) in a Python loop: about 0.1 us per
+# pixel for RLE4 (6000 x 6000 in 300 kB: 3 s) and 0.25 us per byte of codes that draw little or nothing (20 MB on a
+# 16 x 16 image: 5 s). These limits keep one photo under about a quarter of a second; PNG needs no such limit.
+MAX_RLE_BMP_PIXELS = 2_000_000
+MAX_RLE_BMP_BYTES = 1_000_000
+_BMP_RLE = {1: "RLE8", 2: "RLE4"}  # BMP compression field (BI_RLE8, BI_RLE4)
+
+# EXIF orientation (tag 0x0112) -> the transpose that shows the stored pixels as a viewer does.
+_ORIENTATION_TAG = 0x0112
+_UPRIGHT = {
+    2: PILImage.Transpose.FLIP_LEFT_RIGHT,
+    3: PILImage.Transpose.ROTATE_180,
+    4: PILImage.Transpose.FLIP_TOP_BOTTOM,
+    5: PILImage.Transpose.TRANSPOSE,
+    6: PILImage.Transpose.ROTATE_270,
+    7: PILImage.Transpose.TRANSVERSE,
+    8: PILImage.Transpose.ROTATE_90,
+}
+
+# Image formats facegate does not decode, recognised by their first bytes (named as Pillow names them, plus HEIF/HEIC
+# and JPEG XL, photo formats Pillow cannot read) so that the client knows to convert rather than being told the
+# photo is not an image. No parser of these formats runs: some are slow on hostile data (Pillow's EPS reader reads a
+# 20 MB file line by line: 19 s), and the point of the allow-list is that they are not attack surface.
+_SIGNATURES: tuple[tuple[str, tuple[bytes, ...]], ...] = (
+    ("JPEG XL", (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")),
+    ("EPS", (b"%!PS", b"\xc5\xd0\xd3\xc6")),  # PostScript text, or the binary header of DOS EPS
+    ("PSD", (b"8BPS",)),
+    ("JPEG2000", (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  \r\n\x87\n")),
+    ("ICNS", (b"icns",)),
+    ("QOI", (b"qoif",)),
+    ("DDS", (b"DDS ",)),
+    ("BLP", (b"BLP1", b"BLP2")),
+    ("FITS", (b"SIMPLE  =",)),
+    ("XPM", (b"/* XPM */",)),
+    ("XVTHUMB", (b"P7 332",)),
+    ("SUN", (b"\x59\xa6\x6a\x95",)),
+    ("DCX", (b"\xb1\x68\xde\x3a",)),
+    ("FTEX", (b"FTEX",)),
+    ("MSP", (b"DanM", b"LinS")),
+    ("PIXAR", (b"\x80\xe8\x00\x00",)),
+    ("WMF", (b"\xd7\xcd\xc6\x9a",)),  # placeable WMF (EMF: below)
+    ("MPEG", (b"\x00\x00\x01\xb3",)),
+    ("GRIB", (b"GRIB",)),
+    ("BUFR", (b"BUFR",)),
+    ("HDF5", (b"\x89HDF\r\n\x1a\n",)),
+    ("IM", (b"Image type:",)),  # the first header line Pillow's IM writer puts
+)
+# ISO-BMFF brands of HEIF (HEIC is the iPhone's default); AVIF's is "avif".
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+_XBM = re.compile(rb"\s{0,16}#define[ \t]+\S*_width[ \t]+[0-9]+")
+# Netpbm: "P1".."P6" or "Pf", white space (and comment lines), then the width.
+_PNM = re.compile(rb"P[1-6f]\s+(?:#[^\n]*\n\s*)*[0-9]")
 
 _WITH_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
@@ -53,14 +146,15 @@ _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 def decode_image(data: bytes, *, max_pixels: int) -> Image:
     """Decode an uploaded photo.
 
-    data: the file's bytes (JPEG, PNG, GIF, WebP, BMP, TIFF, ... anything Pillow reads).
+    data: the file's bytes (JPEG, PNG, GIF, WebP, AVIF, BMP or TIFF).
     max_pixels: refuse images with more pixels than this (width x height, checked before decoding).
     Returns a C-contiguous, read-only H x W x 3 uint8 RGB array, upright (EXIF orientation applied).
-    Raises InvalidImage (empty, not an image, truncated or corrupt, unsupported mode) or ImageTooLarge.
+    Raises InvalidImage (empty, not an image, truncated or corrupt, unsupported mode, too costly a structure),
+    UnsupportedImage (an image in another format) or ImageTooLarge.
     """
     if not data:
         raise InvalidImage("the upload is empty: no image data")
-    return _decode(io.BytesIO(data), max_pixels=max_pixels)
+    return _decode(data, max_pixels=max_pixels)
 
 
 def media_type(data: bytes) -> str:
@@ -69,28 +163,29 @@ def media_type(data: bytes) -> str:
     try:
         with PILImage.open(io.BytesIO(data), formats=FORMATS) as im:
             return PILImage.MIME.get(im.format or "", "application/octet-stream")
-    except (UnidentifiedImageError, OSError, ValueError):
+    except _DECODE_ERRORS:
         return "application/octet-stream"
 
 
 def load_image(path: str | Path, *, max_pixels: int) -> Image:
     """Decode a photo file as `decode_image` does. A missing or unreadable file raises OSError as usual."""
-    with Path(path).open("rb") as f:
-        if f.seek(0, io.SEEK_END) == 0:
-            raise InvalidImage(f"{Path(path).name} is empty: no image data")
-        f.seek(0)
-        return _decode(f, max_pixels=max_pixels)
+    data = Path(path).read_bytes()
+    if not data:
+        raise InvalidImage(f"{Path(path).name} is empty: no image data")
+    return _decode(data, max_pixels=max_pixels)
 
 
-def _decode(stream: IO[bytes], *, max_pixels: int) -> Image:
+def _decode(data: bytes, *, max_pixels: int) -> Image:
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
+    if data.startswith(_JPEG_START):
+        _check_jpeg_structure(data)  # before Image.open: Pillow's own header walk is the slow part for some
     try:
-        im = PILImage.open(stream, formats=FORMATS)  # reads the header only
+        im = PILImage.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
     except PILImage.DecompressionBombError as exc:
         raise ImageTooLarge(f"the image has too many pixels ({exc})", max_pixels=max_pixels) from exc
     except UnidentifiedImageError as exc:
-        unsupported = _unsupported_format(stream)
+        unsupported = _unsupported_format(data)
         if unsupported is not None:
             raise UnsupportedImage(
                 f"{unsupported} images are not supported; send JPEG, PNG, WebP, AVIF, GIF, BMP or TIFF",
@@ -112,36 +207,147 @@ def _decode(stream: IO[bytes], *, max_pixels: int) -> Image:
             )
         if pixels == 0:
             raise InvalidImage(f"the image is empty ({width}x{height})")
+        if im.format == "BMP" and im.info.get("compression") in _BMP_RLE:
+            _check_rle_bmp(_BMP_RLE[im.info["compression"]], width, height, len(data))
         try:
             im.load()  # decodes the first frame completely; truncated data raises here
         except PILImage.DecompressionBombError as exc:
             raise ImageTooLarge(f"the image has too many pixels ({exc})", max_pixels=max_pixels) from exc
         except _DECODE_ERRORS as exc:
             raise InvalidImage(f"the image data is truncated or corrupt: {exc}") from exc
-        try:
-            upright = ImageOps.exif_transpose(im)
-        except _DECODE_ERRORS:
-            upright = im  # unreadable EXIF: keep the pixels as stored rather than refusing the photo
+        upright = _upright(im)
         try:
             return _to_rgb(upright)
         except ValueError as exc:
             raise InvalidImage(f"unsupported image mode {upright.mode}: {exc}") from exc
 
 
-def _unsupported_format(stream: IO[bytes]) -> str | None:
-    """The name of the image format of data that none of `FORMATS` opened, if it is an image format at all."""
-    stream.seek(0)
-    head = stream.read(32)
-    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:  # the major brand (AVIF's is "avif")
-        return "HEIF/HEIC"
-    if head.startswith(_JXL_SIGNATURES):
-        return "JPEG XL"
-    stream.seek(0)
+def _check_jpeg_structure(data: bytes) -> None:
+    """Refuse JPEG data whose first picture (the one decoded; an MPO's others and anything after its EOI, such as a
+    phone's motion-photo video, are not) has more than MAX_JPEG_SCANS scans, more than MAX_JPEG_MARKERS markers, more
+    than MAX_JPEG_JUNK bytes outside any segment before its first scan, or a longer run of fill bytes after it.
+
+    The segments are followed by their lengths, as libjpeg reads them, so the payload of an APPn segment (an EXIF
+    thumbnail is a whole JPEG) is never mistaken for markers; a scan's entropy-coded data is skipped by a search for
+    the next marker. At most MAX_JPEG_MARKERS + 1 steps, each a length read or a search in C (about 1 ms per MB of
+    photo data, some 20 ms per MB at worst), and the header's junk is searched no further than its limit.
+    """
+    scans = markers = junk = 0
+    pos = 2  # after SOI
+    scan_data_at = picture_end = len(data)
+    while True:
+        # before the first scan a header marker is expected at pos: look no further than the junk allowed
+        end = len(data) if scans else min(len(data), pos + MAX_JPEG_JUNK - junk + 2)
+        found = _JPEG_NEXT_MARKER.search(data, pos, end)
+        if scans == 0:
+            junk += max(0, (end if found is None else found.start()) - pos)
+            if junk > MAX_JPEG_JUNK:
+                raise InvalidImage(
+                    f"the JPEG has more than {MAX_JPEG_JUNK:,} bytes of padding or junk between its header segments",
+                    max_junk_bytes=MAX_JPEG_JUNK,
+                )
+        if found is None:
+            break  # no end marker: the decoder will say the data is truncated
+        code = data[found.start() + 1]
+        if code == _JPEG_EOI:
+            picture_end = found.start()
+            break
+        markers += 1
+        if markers > MAX_JPEG_MARKERS:
+            raise InvalidImage(
+                f"the JPEG has more than {MAX_JPEG_MARKERS:,} markers (segments and scans); a photo has a few dozen",
+                max_markers=MAX_JPEG_MARKERS,
+            )
+        pos = found.end()
+        if code in _JPEG_NO_LENGTH:
+            continue
+        if code == _JPEG_SOS:
+            scans += 1
+            scan_data_at = min(scan_data_at, pos)
+            if scans > MAX_JPEG_SCANS:
+                raise InvalidImage(
+                    f"the JPEG has more than {MAX_JPEG_SCANS} scans (progressive passes; a photo has about 10):"
+                    " too costly to decode",
+                    max_scans=MAX_JPEG_SCANS,
+                )
+        pos += int.from_bytes(data[pos : pos + 2], "big")  # the length counts its own 2 bytes
+    if data.find(_JPEG_FILL_RUN, scan_data_at, picture_end) >= 0:
+        raise InvalidImage(
+            f"the JPEG has a run of more than {MAX_JPEG_JUNK:,} fill bytes (0xFF) in its image data",
+            max_junk_bytes=MAX_JPEG_JUNK,
+        )
+
+
+def _check_rle_bmp(compression: str, width: int, height: int, size: int) -> None:
+    """Refuse an RLE-compressed BMP too large for Pillow's Python decoder (MAX_RLE_BMP_PIXELS, MAX_RLE_BMP_BYTES)."""
+    if width * height > MAX_RLE_BMP_PIXELS or size > MAX_RLE_BMP_BYTES:
+        raise ImageTooLarge(
+            f"the BMP is {compression}-compressed ({width}x{height}, {size:,} bytes): at most {MAX_RLE_BMP_PIXELS:,}"
+            f" pixels and {MAX_RLE_BMP_BYTES:,} bytes are accepted in that encoding; send PNG or an uncompressed BMP",
+            width=width,
+            height=height,
+            max_pixels=MAX_RLE_BMP_PIXELS,
+            max_bytes=MAX_RLE_BMP_BYTES,
+        )
+
+
+def _upright(im: PILImage.Image) -> PILImage.Image:
+    """The image as a viewer shows it: turned as its EXIF orientation tag says, when that tag can be read.
+
+    Only the tag is read and applied: ImageOps.exif_transpose also rewrites the EXIF block without the tag, and fails
+    on a malformed tag elsewhere in it (an ImageDescription stored as a RATIONAL), which would leave a sideways phone
+    photo sideways. EXIF that cannot be parsed at all means no orientation: the pixels as stored.
+    """
     try:
-        with PILImage.open(stream) as other:  # any Pillow format; the header only: nothing of it is decoded
-            return str(other.format)
-    except Exception:  # noqa: BLE001 - not recognised by any parser, whatever it raised: simply not an image
-        return None
+        orientation = im.getexif().get(_ORIENTATION_TAG)
+    except (*_DECODE_ERRORS, AttributeError):
+        return im
+    method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return im if method is None else im.transpose(method)
+
+
+def _unsupported_format(data: bytes) -> str | None:
+    """The name of the image format of data that none of `FORMATS` opened, from its first bytes alone, if they are
+    those of an image format. Formats without a signature, which Pillow recognises only by running its parser on
+    anything (SPIDER, IPTC, IMT, McIDAS, DIB, GIMP brushes), are not named: to facegate they are not images."""
+    head = data[:64]
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:  # the major brand
+        return "HEIF/HEIC"
+    for name, signatures in _SIGNATURES:
+        if head.startswith(signatures):
+            return name
+    if head[:4] in (b"\x00\x00\x01\x00", b"\x00\x00\x02\x00") and head[4:6] != b"\x00\x00":  # reserved, type, count
+        return "ICO" if head[2] == 1 else "CUR"
+    if head[:4] == b"\x01\x00\x00\x00" and head[40:44] == b" EMF":  # EMF: Pillow's WMF reader opens both
+        return "WMF"
+    if _PNM.match(head):
+        return "PPM"  # PBM, PGM, PPM (ASCII or binary) and PFM
+    if head[:2] == b"\x01\xda" and head[2] in (0, 1) and head[3] in (1, 2):  # SGI: magic, storage, bytes per channel
+        return "SGI"
+    if head[:1] == b"\x0a" and len(head) >= 4 and head[1] in (0, 2, 3, 4, 5) and head[3] in (1, 2, 4, 8):
+        return "PCX"  # manufacturer 10, version, encoding, bits per pixel
+    if len(head) >= 16 and head[4:6] in (b"\x11\xaf", b"\x12\xaf") and head[14:16] in (b"\x00\x00", b"\x03\x00"):
+        return "FLI"  # FLI/FLC animation: magic at 4, flags at 14
+    if _XBM.match(data[:512]):
+        return "XBM"
+    if _is_tga(head):
+        return "TGA"
+    return None
+
+
+def _is_tga(head: bytes) -> bool:
+    """Whether an 18-byte TGA header (the format has no signature) is plausible, as Pillow's TGA reader checks it: a
+    colour map type of 0 or 1, a known image type, a non-zero size and a known depth."""
+    if len(head) < 18:
+        return False
+    width, height = struct.unpack_from("<HH", head, 12)
+    return (
+        head[1] in (0, 1)
+        and head[2] in (1, 2, 3, 9, 10, 11)
+        and width > 0
+        and height > 0
+        and head[16] in (1, 8, 16, 24, 32)
+    )
 
 
 def _to_rgb(im: PILImage.Image) -> Image:

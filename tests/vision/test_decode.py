@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -13,8 +14,17 @@ import pytest
 from PIL import GifImagePlugin
 from PIL import Image as PILImage
 
-from app.errors import ImageTooLarge, InvalidImage
-from app.vision.decode import decode_image, load_image
+from app.errors import ImageTooLarge, InvalidImage, UnsupportedImage
+from app.vision.decode import (
+    MAX_JPEG_JUNK,
+    MAX_JPEG_MARKERS,
+    MAX_JPEG_SCANS,
+    MAX_RLE_BMP_BYTES,
+    MAX_RLE_BMP_PIXELS,
+    decode_image,
+    load_image,
+)
+from tests.hostile_cases import exif_with_a_rational, progressive_jpeg, rle_bmp
 
 LIMIT = 10_000_000
 
@@ -149,6 +159,53 @@ class TestFormatsAndModes:
         _check_array(out, (20, 30))
         assert (out == (255, 0, 0)).all()
 
+    @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+    @pytest.mark.parametrize("tag", [0x010E, 0x0156])  # ImageDescription (text), TransferRange (numbers)
+    def test_orientation_is_applied_when_another_exif_tag_is_malformed(self, fmt: str, tag: int) -> None:
+        """A sideways phone photo with junk elsewhere in its EXIF still comes out upright (Orientation 6)."""
+        params: dict[str, object] = {"quality": 95} if fmt == "JPEG" else {"lossless": True} if fmt == "WEBP" else {}
+        data = _encode(PILImage.fromarray(_marked_rgb()), fmt, exif=exif_with_a_rational(tag, 6), **params)
+        out = decode_image(data, max_pixels=LIMIT)
+        _check_array(out, (60, 40))
+        block = out[2:18, 32:38].astype(int)  # the red block, turned 90 degrees clockwise for display
+        assert (block[..., 0] > 200).all() and (block[..., 1:] < 60).all()
+
+    def test_unreadable_exif_keeps_the_stored_pixels(self) -> None:
+        img = _marked_rgb()
+        data = _encode(PILImage.fromarray(img), "PNG", exif=b"Exif\x00\x00not a TIFF header")
+        assert np.array_equal(decode_image(data, max_pixels=LIMIT), img)
+
+    def test_progressive_jpeg_with_up_to_the_scan_limit(self) -> None:
+        out = decode_image(progressive_jpeg(64, 48, MAX_JPEG_SCANS), max_pixels=LIMIT)
+        _check_array(out, (48, 64))
+        assert (out == 128).all()
+
+    def test_scans_outside_the_first_picture_are_not_counted(self) -> None:
+        """An EXIF thumbnail (a JPEG inside an APP1 segment) and data after the picture's end (an MPO's other pictures,
+        a phone's motion-photo video) are not decoded, so their scans do not count."""
+        im = PILImage.fromarray(_marked_rgb())
+        many_scans = progressive_jpeg(8, 8, 3 * MAX_JPEG_SCANS)
+        plain = decode_image(_encode(im, "JPEG", quality=95), max_pixels=LIMIT)
+        for data in (
+            _encode(im, "JPEG", quality=95, exif=b"Exif\x00\x00" + many_scans),
+            _encode(im, "JPEG", quality=95) + many_scans,
+        ):
+            assert np.array_equal(decode_image(data, max_pixels=LIMIT), plain)
+
+    def test_jpeg_with_a_few_fill_bytes_and_comments(self) -> None:
+        jpeg = _encode(PILImage.fromarray(_marked_rgb()), "JPEG", quality=95)
+        padded = jpeg[:2] + b"\xff" * 16 + b"\xff\xfe\x00\x05hi!" * 100 + jpeg[2:]
+        assert np.array_equal(decode_image(padded, max_pixels=LIMIT), decode_image(jpeg, max_pixels=LIMIT))
+
+    def test_smallrle_bmp(self) -> None:
+        rle8_row = b"\x0a\xff" + b"\x14\x00" + b"\x00\x00"  # 10 pixels of index 255, 20 of index 0, end of line
+        out = decode_image(rle_bmp(30, 20, rle8_row * 20 + b"\x00\x01", bits=8), max_pixels=LIMIT)
+        _check_array(out, (20, 30))
+        assert (out[:, :10] == 255).all() and (out[:, 10:] == 0).all()
+        rle4_row = b"\x0a\xff" + b"\x14\x00" + b"\x00\x00"  # index 15 (white) twice per byte, then black
+        out = decode_image(rle_bmp(30, 20, rle4_row * 20 + b"\x00\x01", bits=4), max_pixels=LIMIT)
+        assert (out[:, :10] == 255).all() and (out[:, 10:] == 0).all()
+
     def test_load_image_reads_a_file(self, tmp_path: Path) -> None:
         path = tmp_path / "photo.png"
         img = _marked_rgb()
@@ -197,3 +254,144 @@ class TestRefusals:
         assert decode_image(data, max_pixels=5000).shape == (50, 100, 3)
         with pytest.raises(ImageTooLarge):
             decode_image(data, max_pixels=4999)
+
+    def test_corrupt_avif(self) -> None:
+        avif = _encode(PILImage.fromarray(_marked_rgb()), "AVIF", quality=90)
+        coded = avif.index(b"mdat") + 4
+        for bad in (
+            avif[:coded] + bytes(len(avif) - coded),  # the coded picture zeroed: libavif cannot decode it
+            avif.replace(b"iloc", b"xloc", 1),  # no item locations: the primary image is missing
+        ):
+            with pytest.raises(InvalidImage):
+                decode_image(bad, max_pixels=LIMIT)
+
+    def test_jpeg_with_too_many_scans_is_refused_before_decoding(self) -> None:
+        with pytest.raises(InvalidImage, match=f"more than {MAX_JPEG_SCANS} scans") as info:
+            decode_image(progressive_jpeg(64, 48, MAX_JPEG_SCANS + 1), max_pixels=LIMIT)
+        assert info.value.details == {"max_scans": MAX_JPEG_SCANS}
+        # the audit's bomb: 36 megapixels and 10,000 scans in 670 kB took 50 s of CPU to decode
+        bomb = progressive_jpeg(6000, 6000, 10_000)
+        start = time.process_time()
+        with pytest.raises(InvalidImage, match="scans"):
+            decode_image(bomb, max_pixels=40_000_000)
+        assert time.process_time() - start < 0.5
+
+    def test_jpeg_with_too_many_markers_or_too_much_padding_is_refused(self) -> None:
+        """Pillow walks a JPEG's header in Python, marker by marker and junk byte by junk byte: 5 million empty comment
+        segments took 6 s, 20 MB of fill bytes 10 s; 20 MB of fill bytes after the scan data took 5 s to decode."""
+        jpeg = _encode(PILImage.fromarray(_marked_rgb()), "JPEG", quality=95)
+        with pytest.raises(InvalidImage, match="markers") as info:
+            decode_image(jpeg[:2] + b"\xff\xfe\x00\x02" * MAX_JPEG_MARKERS + jpeg[2:], max_pixels=LIMIT)
+        assert info.value.details == {"max_markers": MAX_JPEG_MARKERS}
+        after_app0 = 4 + int.from_bytes(jpeg[4:6], "big")  # the end of the first segment
+        for junk in (b"\xff", b"\x00"):  # fill bytes, anything else
+            with pytest.raises(InvalidImage, match="junk"):
+                padded = jpeg[:after_app0] + junk * (MAX_JPEG_JUNK + 1) + jpeg[after_app0:]
+                decode_image(padded, max_pixels=LIMIT)
+        start = time.process_time()
+        with pytest.raises(InvalidImage):
+            decode_image(jpeg[:2] + b"\xff" * 20_000_000 + jpeg[2:], max_pixels=LIMIT)
+        assert time.process_time() - start < 0.5
+        # fill bytes in or after the scan data: a few are fine, a long run is refused
+        eoi = jpeg.rindex(b"\xff\xd9")
+        stuffed = jpeg.index(b"\xff\x00", jpeg.index(b"\xff\xda"))  # an 0xFF of the scan data
+        assert np.array_equal(
+            decode_image(jpeg[:eoi] + b"\xff" * 16 + jpeg[eoi:], max_pixels=LIMIT), decode_image(jpeg, max_pixels=LIMIT)
+        )
+        for at in (eoi, stuffed):
+            with pytest.raises(InvalidImage, match="fill bytes"):
+                decode_image(jpeg[:at] + b"\xff" * (MAX_JPEG_JUNK + 1) + jpeg[at:], max_pixels=LIMIT)
+
+    def test_large_rle_bmp_is_refused_before_decoding(self) -> None:
+        """Pillow decodes RLE BMP in a Python loop: 6000 x 6000 RLE4 in 300 kB took 3 s, and 20 MB of codes that draw
+        nothing 5 s on a 16 x 16 image."""
+        side = 1415  # just over MAX_RLE_BMP_PIXELS (2 M)
+        row = b"".join(bytes([min(254, side - x), 0x12]) for x in range(0, side, 254)) + b"\x00\x00"
+        with pytest.raises(ImageTooLarge, match="RLE4") as info:
+            decode_image(rle_bmp(side, side, row * side + b"\x00\x01", bits=4), max_pixels=LIMIT)
+        assert info.value.details["max_pixels"] == MAX_RLE_BMP_PIXELS
+        moves = b"\x00\x02\x00\x00" * (MAX_RLE_BMP_BYTES // 4)  # "move by 0, 0", over and over
+        with pytest.raises(ImageTooLarge, match="RLE8"):
+            decode_image(rle_bmp(16, 16, moves + b"\x00\x01", bits=8), max_pixels=LIMIT)
+        # the limit is RLE's: an uncompressed BMP of as many pixels decodes
+        big = _encode(PILImage.new("RGB", (side, side), (10, 20, 30)), "BMP")
+        assert decode_image(big, max_pixels=LIMIT).shape == (side, side, 3)
+
+
+class TestOtherFormats:
+    """Formats outside the allow-list are named (415 unsupported_image, details.format as Pillow names them) from
+    their first bytes, without running their parsers; data that is no image format stays invalid_image."""
+
+    @pytest.mark.parametrize(
+        ("fmt", "mode", "params"),
+        [
+            ("BLP", "P", {}),
+            ("DDS", "RGB", {}),
+            ("EPS", "RGB", {}),
+            ("ICNS", "RGB", {}),
+            ("ICO", "RGB", {}),
+            ("JPEG2000", "RGB", {}),
+            ("JPEG2000", "RGB", {"no_jp2": True}),  # a bare codestream
+            ("MSP", "1", {}),
+            ("PCX", "RGB", {}),
+            ("PPM", "RGB", {}),
+            ("PPM", "L", {}),
+            ("PPM", "1", {}),
+            ("PPM", "F", {}),  # PFM
+            ("QOI", "RGB", {}),
+            ("SGI", "RGB", {}),
+            ("TGA", "RGB", {}),
+            ("TGA", "L", {"compression": "tga_rle"}),
+            ("XBM", "1", {}),
+        ],
+    )
+    def test_formats_pillow_writes(self, fmt: str, mode: str, params: dict[str, object]) -> None:
+        data = _encode(PILImage.new(mode, (24, 16)), fmt, **params)
+        with pytest.raises(UnsupportedImage) as info:
+            decode_image(data, max_pixels=LIMIT)
+        assert info.value.details == {"format": PILImage.open(io.BytesIO(data)).format}
+
+    @pytest.mark.parametrize(
+        ("name", "data"),
+        [
+            pytest.param("HEIF/HEIC", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), id="heic"),
+            pytest.param("JPEG XL", b"\xff\x0a" + bytes(64), id="jxl-codestream"),
+            pytest.param("JPEG XL", b"\x00\x00\x00\x0cJXL \r\n\x87\n" + bytes(64), id="jxl-container"),
+            pytest.param("PSD", b"8BPS\x00\x01" + bytes(64), id="psd"),
+            pytest.param("EPS", b"\xc5\xd0\xd3\xc6" + bytes(64), id="eps-dos-binary"),  # DOS EPS binary header
+            pytest.param("SUN", b"\x59\xa6\x6a\x95" + bytes(64), id="sun-raster"),
+            pytest.param("FITS", b"SIMPLE  =                    T" + b" " * 50, id="fits"),
+            pytest.param("WMF", b"\xd7\xcd\xc6\x9a" + bytes(64), id="wmf-placeable"),
+            pytest.param("WMF", b"\x01\x00\x00\x00" + bytes(36) + b" EMF" + bytes(64), id="emf"),
+            pytest.param("CUR", b"\x00\x00\x02\x00\x01\x00" + bytes(64), id="cur"),
+            pytest.param("IM", b"Image type: RGB image\r\nName: x\r\nImage size (x*y): 24*16\r\n" + bytes(64), id="im"),
+        ],
+    )
+    def test_formats_named_by_signature(self, name: str, data: bytes) -> None:
+        with pytest.raises(UnsupportedImage) as info:
+            decode_image(data, max_pixels=LIMIT)
+        assert info.value.details == {"format": name}
+
+    def test_eps_is_refused_without_being_parsed(self) -> None:
+        """Pillow's EPS reader scans a file line by line in Python: 10 million comment lines took 19 s to refuse."""
+        data = b"%!PS-Adobe-3.0 EPSF-3.0\n" + b"%\n" * 10_000_000
+        start = time.process_time()
+        with pytest.raises(UnsupportedImage) as info:
+            decode_image(data, max_pixels=LIMIT)
+        assert time.process_time() - start < 0.5
+        assert info.value.details == {"format": "EPS"}
+
+    @pytest.mark.parametrize(
+        "data",
+        [
+            b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\n",
+            b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+            b"P1 is not a bitmap header",
+            b"/* a C comment, not an XPM */",
+            b"\x00\x00\x01\x00\x00\x00" + bytes(64),  # an icon header with no icon
+        ],
+        ids=["pdf", "svg", "text-like-pbm", "text-like-xpm", "empty-icon"],
+    )
+    def test_data_that_is_no_image_format(self, data: bytes) -> None:
+        with pytest.raises(InvalidImage):
+            decode_image(data, max_pixels=LIMIT)

@@ -8,8 +8,9 @@ What decoding guarantees:
   which Pillow does not read) raise `UnsupportedImage`, named from their first bytes alone (no parser of theirs runs);
   anything else raises `InvalidImage`.
 * Data whose decoding costs far more than its size says is refused before it is decoded: a JPEG (or MPO) with more
-  than `MAX_JPEG_SCANS` scans or `MAX_JPEG_MARKERS` markers, or padded with more than `MAX_JPEG_JUNK` bytes (`InvalidImage`); an
-  RLE-compressed BMP over `MAX_RLE_BMP_PIXELS` or `MAX_RLE_BMP_BYTES` (`ImageTooLarge`).
+  than `MAX_JPEG_SCANS` scans or `MAX_JPEG_MARKERS` markers, or padded with more than `MAX_JPEG_JUNK` bytes, and a PNG
+  with more than `MAX_PNG_CHUNKS` chunks (`InvalidImage`); an RLE-compressed BMP over `MAX_RLE_BMP_PIXELS` or
+  `MAX_RLE_BMP_BYTES` (`ImageTooLarge`).
 * The pixel count is checked from the header, before any pixel is decoded: more than `max_pixels` raises
   `ImageTooLarge`. Pillow's own decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`, left at its default) also applies:
   images over it are refused with `ImageTooLarge` too (Pillow raises `DecompressionBombError` above twice that limit
@@ -85,6 +86,13 @@ _JPEG_START = b"\xff\xd8\xff"
 _JPEG_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _JPEG_SOS, _JPEG_EOI = 0xDA, 0xD9
 _JPEG_NO_LENGTH = {0x01, 0xD8}  # TEM, SOI: markers without a length field
+
+# Chunks in a PNG (APNG included), up to IEND. Pillow reads them one by one in Python, before the image data and after
+# it: 1.6 million empty ancillary chunks (19 MB) took 5-6 s, and were accepted. A photo has a few dozen (the dev set's
+# PNGs: at most 38); encoders cut the image data into chunks of 8 kB or more (a 20 MB PNG: some 2,500), and an
+# animation adds two per frame. 20,000 leaves room for all of these and bounds the walk below to ~10 ms.
+MAX_PNG_CHUNKS = 20_000
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # Pillow decodes RLE-compressed BMP (RLE8, RLE4; palette images, not photos) in a Python loop: about 0.1 us per
 # pixel for RLE4 (6000 x 6000 in 300 kB: 3 s) and 0.25 us per byte of codes that draw little or nothing (20 MB on a
@@ -180,6 +188,8 @@ def _decode(data: bytes, *, max_pixels: int) -> Image:
         raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
     if data.startswith(_JPEG_START):
         _check_jpeg_structure(data)  # before Image.open: Pillow's own header walk is the slow part for some
+    elif data.startswith(_PNG_SIGNATURE):
+        _check_png_structure(data)
     try:
         im = PILImage.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
     except PILImage.DecompressionBombError as exc:
@@ -276,6 +286,22 @@ def _check_jpeg_structure(data: bytes) -> None:
             f"the JPEG has a run of more than {MAX_JPEG_JUNK:,} fill bytes (0xFF) in its image data",
             max_junk_bytes=MAX_JPEG_JUNK,
         )
+
+
+def _check_png_structure(data: bytes) -> None:
+    """Refuse a PNG with more than MAX_PNG_CHUNKS chunks before IEND, following the chunks by their lengths (a
+    truncated or malformed chain is left to the decoder, which says so)."""
+    pos, chunks = len(_PNG_SIGNATURE), 0
+    while pos + 8 <= len(data):
+        chunks += 1
+        if chunks > MAX_PNG_CHUNKS:
+            raise InvalidImage(
+                f"the PNG has more than {MAX_PNG_CHUNKS:,} chunks; a photo has a few dozen: too costly to read",
+                max_chunks=MAX_PNG_CHUNKS,
+            )
+        if data[pos + 4 : pos + 8] == b"IEND":
+            return
+        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")  # length, type, data, CRC
 
 
 def _check_rle_bmp(compression: str, width: int, height: int, size: int) -> None:

@@ -19,12 +19,13 @@ from app.vision.decode import (
     MAX_JPEG_JUNK,
     MAX_JPEG_MARKERS,
     MAX_JPEG_SCANS,
+    MAX_PNG_CHUNKS,
     MAX_RLE_BMP_BYTES,
     MAX_RLE_BMP_PIXELS,
     decode_image,
     load_image,
 )
-from tests.hostile_cases import exif_with_a_rational, progressive_jpeg, rle_bmp
+from tests.hostile_cases import exif_with_a_rational, png_chunk, progressive_jpeg, rle_bmp
 
 LIMIT = 10_000_000
 
@@ -301,6 +302,27 @@ class TestRefusals:
         for at in (eoi, stuffed):
             with pytest.raises(InvalidImage, match="fill bytes"):
                 decode_image(jpeg[:at] + b"\xff" * (MAX_JPEG_JUNK + 1) + jpeg[at:], max_pixels=LIMIT)
+
+    def test_png_with_too_many_chunks_is_refused_before_decoding(self) -> None:
+        """Pillow reads a PNG's chunks one by one in Python: 1.6 million empty ones (19 MB) took 5-6 s."""
+        png = _encode(PILImage.fromarray(_marked_rgb()), "PNG")
+        assert png.count(b"IDAT") == 1  # IHDR, IDAT, IEND: 3 chunks
+
+        def with_extra(count: int) -> bytes:
+            return png[:33] + png_chunk(b"zzZz", b"") * count + png[33:]
+
+        expected = decode_image(png, max_pixels=LIMIT)
+        assert np.array_equal(decode_image(with_extra(MAX_PNG_CHUNKS - 3), max_pixels=LIMIT), expected)
+        with pytest.raises(InvalidImage, match="chunks") as info:
+            decode_image(with_extra(MAX_PNG_CHUNKS - 2), max_pixels=LIMIT)
+        assert info.value.details == {"max_chunks": MAX_PNG_CHUNKS}
+        bomb = with_extra(1_600_000)
+        start = time.process_time()
+        with pytest.raises(InvalidImage, match="chunks"):
+            decode_image(bomb, max_pixels=LIMIT)
+        assert time.process_time() - start < 0.5
+        # chunks after IEND are not the image's: not counted
+        assert np.array_equal(decode_image(png + png_chunk(b"zzZz", b"") * MAX_PNG_CHUNKS, max_pixels=LIMIT), expected)
 
     def test_large_rle_bmp_is_refused_before_decoding(self) -> None:
         """Pillow decodes RLE BMP in a Python loop: 6000 x 6000 RLE4 in 300 kB took 3 s, and 20 MB of codes that draw

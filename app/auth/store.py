@@ -20,6 +20,7 @@ from app.auth.keys import generate_key, hash_key, key_matches, key_prefix, prefi
 from app.auth.scopes import Scope
 from app.errors import InvalidRequest, UnknownApiKey
 from app.gallery.tables import MAX_NAME_LENGTH, ApiKey
+from app.names import clean_name
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,10 @@ def utcnow() -> datetime:
 
 def create_key(session: Session, *, name: str, scope: Scope, key: str | None = None) -> CreatedKey:
     """Store a new key (a random one unless `key` is given, e.g. the bootstrap key) and return it with its record."""
-    name = name.strip()
-    if not name or len(name) > MAX_NAME_LENGTH:
+    # The name is printed by `facegate keys list` and logged: the rule of people's names (no control characters,
+    # no invisible reordering), then the length.
+    name = clean_name(name, what="a key's name")
+    if len(name) > MAX_NAME_LENGTH:
         raise InvalidRequest(f"a key's name must be 1-{MAX_NAME_LENGTH} characters", field="name")
     key = key if key is not None else generate_key()
     prefix = key_prefix(key)

@@ -71,6 +71,16 @@ class TestStore:
         assert not any(isinstance(v, str) and secret in v for v in raw)  # the secret part is nowhere in the row
         assert created.record.scope is Scope.write and created.record.active and created.record.last_used_at is None
 
+    @pytest.mark.parametrize("name", ["", "   ", "door\x1b[31m3", "door\n3", "door\u202e3", "\ufeffdoor", "x" * 256])
+    def test_a_key_name_follows_the_name_rule(self, sessions: Sessions, name: str) -> None:
+        """Printed by `facegate keys list` and logged: no control characters (terminal escapes, forged lines), no
+        invisible reordering, not blank, at most 255 characters. Nothing is stored for a refused name."""
+        with sessions() as session, pytest.raises(InvalidRequest) as info:
+            store.create_key(session, name=name, scope=Scope.read)
+        assert info.value.details.get("field") == "name" and "key's name" in info.value.message
+        with sessions() as session:
+            assert store.list_keys(session) == []
+
     def test_authenticate_list_revoke(self, sessions: Sessions) -> None:
         with sessions() as session:
             reader = store.create_key(session, name="reader", scope=Scope.read)

@@ -1,0 +1,55 @@
+"""What a name may hold: the names of people (identities) and of API keys, shown in consoles, lists and terminals."""
+
+from __future__ import annotations
+
+import unicodedata
+
+from app.errors import InvalidRequest
+
+__all__ = ["clean_name"]
+
+
+def clean_name(name: str, *, what: str = "name") -> str:
+    """The name without surrounding white space. Refused (before any model work): blank; holding a control
+    character or line break (NUL, ESC, CR/LF, ...: they forge log lines and terminal output and are never part of a
+    person's name); or holding an invisible character that reorders or hides text (`_hidden_in_names`). Every name
+    a person gives comes here (enrolment, PATCH /identities/{id}, `facegate enroll`), and an API key's name."""
+    cleaned = name.strip()
+    if not cleaned:
+        raise InvalidRequest(f"{what} must not be blank", field="name")
+    if any(unicodedata.category(c) in _NOT_IN_NAMES for c in cleaned):
+        raise InvalidRequest(f"{what} must not contain control characters or line breaks", field="name")
+    hidden = next((i for i, c in enumerate(cleaned) if _hidden_in_names(c)), None)
+    if hidden is not None:
+        raise InvalidRequest(
+            f"{what} must not contain invisible bidirectional controls or marks, byte order marks, tag characters or "
+            f"noncharacters (U+{ord(cleaned[hidden]):04X} at index {hidden})",
+            field="name",
+        )
+    if not any(unicodedata.category(c)[0] in "LNPS" for c in cleaned):  # only zero-width or combining characters
+        raise InvalidRequest(f"{what} must have a visible character", field="name")
+    return cleaned
+
+
+_NOT_IN_NAMES = {"Cc", "Zl", "Zp", "Cs"}  # controls (C0, DEL, C1), line and paragraph separators, lone surrogates
+
+# Bidirectional embeddings, overrides and isolates reorder the text after them: "Alice\u202egnp.exe" shows as
+# "Aliceexe.png". The marks (LRM, RLM, ALM) are refused too: they draw nothing and reorder only the punctuation and
+# digits around them, so they serve no name (a name is shown in its own isolated element) and make distinct names
+# that look the same. Not refused: ZWJ and ZWNJ (U+200D, U+200C), which change how letters join and are part of the
+# spelling (emoji sequences, Persian and Indic names).
+_BIDI_CONTROLS = frozenset(chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C))
+
+
+def _hidden_in_names(c: str) -> bool:
+    """An invisible character that reorders text, hides text or is no character at all."""
+    cp = ord(c)
+    return (
+        c in _BIDI_CONTROLS
+        or cp == 0xFEFF  # byte order mark (zero-width no-break space): an encoding artefact, never part of a name
+        or 0xE0000 <= cp <= 0xE007F  # tag characters: invisible ASCII, text a reader cannot see
+        or 0x206A <= cp <= 0x206F  # deprecated format characters (Unicode: not to be used)
+        or 0xFFF9 <= cp <= 0xFFFB  # interlinear annotation controls (Unicode: not to be exchanged)
+        or 0xFDD0 <= cp <= 0xFDEF  # noncharacters ...
+        or cp & 0xFFFE == 0xFFFE  # ... and the last two code points of every plane (U+FFFE, U+FFFF, U+1FFFF, ...)
+    )

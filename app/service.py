@@ -831,10 +831,15 @@ class FaceService:
     ) -> IdentityRecord:
         if name is not None:
             name = clean_name(name)
+        if metadata is not None:
+            try:
+                store.check_metadata(metadata)  # the store checks it again as it writes; here to name the field
+            except ValueError as error:
+                raise InvalidRequest(str(error), field="metadata") from None
         try:
             return self.gallery.update_identity(identity_id, name=name, metadata=metadata)
-        except ValueError as error:
-            raise InvalidRequest(str(error)) from None
+        except ValueError as error:  # the store's remaining check: the name's length
+            raise InvalidRequest(str(error), field="name") from None
 
     def add_face(
         self,

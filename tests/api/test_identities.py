@@ -164,6 +164,7 @@ def test_metadata_depth_limit_and_rows_stored_before_it(client: TestClient) -> N
             "invalid_request",
         )
         assert "nested more than 32 levels" in error["message"]
+        assert error["details"] == {"field": "metadata"}  # as enrolment names it
     assert client.get(f"/identities/{identity_id}").json()["metadata"] == deepest  # unchanged
 
     engine = create_engine(client.app.state.settings.database_url)  # type: ignore[attr-defined]

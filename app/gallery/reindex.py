@@ -32,7 +32,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from app.gallery import Gallery
-from app.gallery.store import ChangeOp, _lock_gallery, decode_embeddings
+from app.gallery.store import ChangeOp, decode_embeddings, lock_gallery
 from app.gallery.tables import GALLERY_STATE_ID, Face, GalleryChange, GalleryState, utcnow
 from app.vision.types import EMBEDDING_DIM, Box
 
@@ -134,7 +134,7 @@ def _reindex(
     photo_bases: dict[str, bytes],
     chunk: int,
 ) -> ReindexReport:
-    _lock_gallery(session)
+    lock_gallery(session)
     rows = session.execute(
         select(Face.id, Face.identity_id, Face.model_version, Face.embedding, Face.base_embedding).order_by(Face.id)
     ).all()

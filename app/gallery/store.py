@@ -189,7 +189,7 @@ def update_identity(
         values["name"] = name
     if metadata is not None:
         values["meta"] = check_metadata(metadata)
-    _lock_gallery(session)
+    lock_gallery(session)
     result = session.execute(update(Identity).where(Identity.id == identity_id).values(**values))
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise UnknownIdentity(f"unknown identity {identity_id!r}", identity_id=identity_id)
@@ -200,7 +200,7 @@ def delete_identity(session: Session, *, identity_id: str) -> DeletionReport:
     """Delete the identity and all its faces (rows really deleted) and log a 'remove' per face. Raises UnknownIdentity."""
     if not is_valid_id(identity_id):
         raise UnknownIdentity(f"unknown identity {identity_id!r}", identity_id=identity_id)
-    _lock_gallery(session)
+    lock_gallery(session)
     face_ids = tuple(
         session.execute(
             select(Face.id).where(Face.identity_id == identity_id).order_by(Face.created_at, Face.id)
@@ -242,7 +242,7 @@ def add_face(
         raise ValueError(f"model_version must be 1-{MAX_MODEL_VERSION_LENGTH} characters")
     if not is_valid_id(identity_id):
         raise UnknownIdentity(f"unknown identity {identity_id!r}", identity_id=identity_id)
-    _lock_gallery(session)
+    lock_gallery(session)
     if not identity_exists(session, identity_id=identity_id):
         raise UnknownIdentity(f"unknown identity {identity_id!r}", identity_id=identity_id)
     face_id = new_id()
@@ -309,7 +309,7 @@ def bulk_enrol(
     now = utcnow()
     identity_ids = [new_id() for _ in range(count)]
     face_ids = [new_id() for _ in range(count)]
-    _lock_gallery(session)
+    lock_gallery(session)
     session.execute(
         insert(Identity),
         [
@@ -373,7 +373,7 @@ def delete_face(session: Session, *, identity_id: str, face_id: str) -> Deletion
         raise UnknownIdentity(f"unknown identity {identity_id!r}", identity_id=identity_id)
     if not is_valid_id(face_id):
         raise UnknownFace(f"unknown face {face_id!r}", identity_id=identity_id, face_id=face_id)
-    _lock_gallery(session)
+    lock_gallery(session)
     if not identity_exists(session, identity_id=identity_id):
         raise UnknownIdentity(f"unknown identity {identity_id!r}", identity_id=identity_id)
     result = session.execute(delete(Face).where(Face.id == face_id, Face.identity_id == identity_id))
@@ -468,7 +468,7 @@ def relabel_faces(session: Session, *, old_versions: Sequence[str], new_version:
     Not a change-log event: no face is added or removed, and every worker loads its index after this."""
     if not old_versions:
         return 0
-    _lock_gallery(session)
+    lock_gallery(session)
     result = session.execute(
         update(Face).where(Face.model_version.in_(list(old_versions))).values(model_version=new_version)
     )
@@ -480,7 +480,7 @@ def prune_changes(session: Session, *, keep_last: int) -> int:
     behind the pruned part notices the gap and reloads in full."""
     if keep_last < 0:
         raise ValueError("keep_last must be >= 0")
-    _lock_gallery(session)
+    lock_gallery(session)
     cutoff = last_change_id(session) - keep_last
     result = session.execute(delete(GalleryChange).where(GalleryChange.id <= cutoff))
     return int(result.rowcount)  # type: ignore[attr-defined]
@@ -495,12 +495,6 @@ def take_pending_changes(session: Session) -> list[Change]:
     """Remove and return the changes written so far: after a commit, for the local index; after a rollback, to
     discard them."""
     return list(session.info.pop(_PENDING_KEY, ()))
-
-
-def lock_gallery(session: Session) -> None:
-    """Take the gallery's write lock now, held to the end of the transaction: a check that must see every committed
-    write, and keep new ones out until this transaction's own write commits (an enrolment's duplicate check)."""
-    _lock_gallery(session)
 
 
 def nearest_added_since(
@@ -527,7 +521,10 @@ def nearest_added_since(
     return face_ids[best], identity_ids[best], float(distances[best])
 
 
-def _lock_gallery(session: Session) -> None:
+def lock_gallery(session: Session) -> None:
+    """Take the gallery's write lock now, held to the end of the transaction. Every function here that changes faces
+    takes it first; a caller takes it for a check that must see every committed write and keep new ones out until
+    its own write commits (an enrolment's duplicate check, reindex)."""
     # A write as the transaction's first statement: PostgreSQL row lock, SQLite write lock (BEGIN is issued by
     # pysqlite right before it), both held to commit. Re-running it in the same transaction costs one no-op update.
     session.execute(

@@ -404,7 +404,7 @@ class FaceService:
             threshold = self.resolve_threshold().value
             self.gallery.refresh()
             checked_upto = self.gallery.stats().last_change_id  # before the search: the search sees at least this
-            duplicate = self.nearest_within_threshold(found.embedding, refresh=False)
+            duplicate = self.nearest_within_threshold(found.embedding, threshold)
             if duplicate is not None and not allow_duplicate:
                 self._refuse_duplicate(duplicate, threshold)
             if not allow_duplicate:
@@ -453,10 +453,10 @@ class FaceService:
             threshold=threshold,
         )
 
-    def nearest_within_threshold(self, embedding: Any, *, refresh: bool = True) -> Candidate | None:
-        """The enrolled identity nearest to `embedding` if it is within the deployment threshold, else None."""
-        threshold = self.resolve_threshold().value
-        results = self.gallery.search(np.asarray(embedding, np.float32)[None, :], top_k=1, refresh=refresh)
+    def nearest_within_threshold(self, embedding: Any, threshold: float) -> Candidate | None:
+        """The enrolled identity nearest to `embedding` if it is within `threshold`, else None, in the index as this
+        process holds it (the caller refreshes it first, to know how far the search saw)."""
+        results = self.gallery.search(np.asarray(embedding, np.float32)[None, :], top_k=1, refresh=False)
         if not results or not results[0] or results[0][0].distance > threshold:
             return None
         best = results[0][0]

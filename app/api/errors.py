@@ -109,7 +109,7 @@ def error_object(exc: errors.FacegateError) -> dict[str, Any]:
     return body
 
 
-class ErrorResponse(JSONResponse):
+class CodedErrorResponse(JSONResponse):
     """An error answer. When sent, it puts its code on the request's state, where the access log reads it: every
     refusal is logged with its code, whichever layer answered (handlers, body limit, CORS)."""
 
@@ -129,7 +129,7 @@ def error_response(
     details: Mapping[str, Any] | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    return ErrorResponse(status, code, error_body(code, message, details), headers)
+    return CodedErrorResponse(status, code, error_body(code, message, details), headers)
 
 
 def _internal_error(request: Request, exc: BaseException) -> JSONResponse:

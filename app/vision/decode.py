@@ -6,7 +6,8 @@ What decoding guarantees:
   AVIF, BMP and TIFF (`FORMATS`). Pillow reads some 40 formats; every parser is attack surface and some hand the data
   to other programs (EPS runs Ghostscript), so other image formats (PSD, EPS, ICO, TGA, ..., and HEIC/HEIF or JPEG XL,
   which Pillow does not read) raise `UnsupportedImage`, named from their first bytes alone (no parser of theirs runs);
-  anything else raises `InvalidImage`.
+  anything else raises `InvalidImage`. A TIFF whose pixel layout Pillow does not decode (floating-point colour, 12-bit
+  samples, ...) raises `UnsupportedImage` too.
 * Data whose decoding costs far more than its size says is refused before it is decoded: a JPEG (or MPO) with more
   than `MAX_JPEG_SCANS` scans or `MAX_JPEG_MARKERS` markers, or padded with more than `MAX_JPEG_JUNK` bytes, and a PNG
   with more than `MAX_PNG_CHUNKS` chunks (`InvalidImage`); an RLE-compressed BMP over `MAX_RLE_BMP_PIXELS` or
@@ -38,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 from PIL import Image as PILImage
-from PIL import UnidentifiedImageError
+from PIL import TiffImagePlugin, UnidentifiedImageError
 
 from app.errors import ImageTooLarge, InvalidImage, UnsupportedImage
 from app.vision.types import Image
@@ -117,6 +118,9 @@ _UPRIGHT = {
 # and JPEG XL, photo formats Pillow cannot read) so that the client knows to convert rather than being told the
 # photo is not an image. No parser of these formats runs: some are slow on hostile data (Pillow's EPS reader reads a
 # 20 MB file line by line: 19 s), and the point of the allow-list is that they are not attack surface.
+# Classic TIFF, little- and big-endian, and BigTIFF (which Pillow reads too).
+_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
 _SIGNATURES: tuple[tuple[str, tuple[bytes, ...]], ...] = (
     ("JPEG XL", (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")),
     ("EPS", (b"%!PS", b"\xc5\xd0\xd3\xc6")),  # PostScript text, or the binary header of DOS EPS
@@ -195,6 +199,12 @@ def _decode(data: bytes, *, max_pixels: int) -> Image:
     except PILImage.DecompressionBombError as exc:
         raise ImageTooLarge(f"the image has too many pixels ({exc})", max_pixels=max_pixels) from exc
     except UnidentifiedImageError as exc:
+        if _is_unreadable_tiff_layout(data):
+            raise UnsupportedImage(
+                "this TIFF's pixel layout (sample format, bits per sample or colour space, e.g. floating-point colour "
+                "or 12-bit samples) is not supported; send an 8- or 16-bit greyscale or RGB TIFF, or JPEG or PNG",
+                format="TIFF",
+            ) from exc
         unsupported = _unsupported_format(data)
         if unsupported is not None:
             raise UnsupportedImage(
@@ -330,6 +340,21 @@ def _upright(im: PILImage.Image) -> PILImage.Image:
         return im
     method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
     return im if method is None else im.transpose(method)
+
+
+def _is_unreadable_tiff_layout(data: bytes) -> bool:
+    """Whether data is a TIFF that no reader opened because Pillow does not decode its pixel layout (an RGB of 32-bit
+    floats, 12-bit samples, ...): a real TIFF, so 415 like any other unsupported image, not 422 "not an image".
+    Image.open drops its readers' reasons, so the TIFF reader runs again (on the header only, as Image.open did)."""
+    if not data.startswith(_TIFF_SIGNATURES):
+        return False
+    try:
+        TiffImagePlugin.TiffImageFile(io.BytesIO(data)).close()
+    except SyntaxError as exc:
+        return str(exc) == "unknown pixel mode"
+    except _DECODE_ERRORS:
+        return False
+    return False
 
 
 def _unsupported_format(data: bytes) -> str | None:

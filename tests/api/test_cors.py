@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
@@ -22,7 +22,7 @@ AMY = "bbt_amy/face-api__amy1.png"
 
 def preflight(
     client: TestClient, path: str, origin: str, method: str = "POST", headers: str = "x-api-key"
-) -> httpx.Response:
+) -> httpx2.Response:
     return client.options(
         path,
         headers={

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx2
 
 # Every enrolment takes the photo's largest face, accepts any quality and lets a lookalike through: the tests are
 # about storage, so every photo with a face must become a row.
@@ -95,7 +96,7 @@ def enrol(client: httpx.Client, ledger: Ledger, photo: Path, name: str) -> httpx
     return response
 
 
-def top_candidate(client: httpx.Client, photo: Path) -> dict[str, Any] | None:
+def top_candidate(client: httpx.Client | httpx2.Client, photo: Path) -> dict[str, Any] | None:
     """The nearest identity /identify names for the photo's largest face (None: no candidate): largest as /enroll's
     face=largest chooses, by area then score (two faces can be equally wide, e.g. 69x69 and 69x70 px in one LFW
     photo)."""

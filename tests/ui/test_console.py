@@ -44,7 +44,12 @@ def test_enrol_test_match_and_stranger_then_delete(
 
     # Enrol with the keyboard only: the file input opens its chooser from the keyboard (no drag-and-drop needed).
     p.get_by_role("link", name="Enrol").click()
-    p.locator("#enrol-file").focus()
+    # The page is shown on the hashchange event, after the click returns; focus() does not wait for that (a hidden
+    # input takes no focus, and Space then opened nothing: CI saw it), so wait until the input is visible and focused.
+    file_input = p.locator("#enrol-file")
+    file_input.wait_for(state="visible")
+    file_input.focus()
+    assert p.evaluate("document.activeElement.id") == "enrol-file"
     with p.expect_file_chooser() as chooser:
         p.keyboard.press("Space")
     chooser.value.set_files(dev_faces / AMY[0])

@@ -417,3 +417,54 @@ class TestOtherFormats:
     def test_data_that_is_no_image_format(self, data: bytes) -> None:
         with pytest.raises(InvalidImage):
             decode_image(data, max_pixels=LIMIT)
+
+    @pytest.mark.parametrize(("samples", "bits", "sample_format"), [(3, 32, 3), (3, 12, 1), (1, 64, 3)])
+    def test_tiff_layouts_pillow_does_not_decode(self, samples: int, bits: int, sample_format: int) -> None:
+        """A real TIFF in a layout Pillow cannot decode (RGB of floats, 12-bit RGB, 64-bit float grey) is an
+        unsupported image (415), not "not an image" (422)."""
+        data = _tiff_header(samples, bits, sample_format)
+        assert decode_image(_tiff_header(samples, 8, 1), max_pixels=LIMIT).shape == (4, 4, 3)  # the writer is right
+        with pytest.raises(UnsupportedImage) as info:
+            decode_image(data, max_pixels=LIMIT)
+        assert info.value.details == {"format": "TIFF"} and "pixel layout" in str(info.value)
+
+    def test_a_tiff_cut_in_its_header_stays_invalid(self) -> None:
+        with pytest.raises(InvalidImage):
+            decode_image(_tiff_header(3, 32, 3)[:20], max_pixels=LIMIT)
+
+
+def _tiff_header(samples: int, bits: int, sample_format: int, width: int = 4, height: int = 4) -> bytes:
+    """A little-endian, uncompressed, chunky TIFF of zero pixels, written by hand: Pillow writes no such layouts."""
+    pixels = bytes(width * height * samples * bits // 8)
+    photometric = 2 if samples == 3 else 1
+    count = 10
+    arrays = 8 + 2 + count * 12 + 4  # BitsPerSample, then SampleFormat, then the pixels
+    pixel_at = arrays + 4 * samples
+
+    def entry(tag: int, kind: int, n: int, value: int) -> bytes:
+        if kind == 3 and n == 1:
+            return struct.pack("<HHIHH", tag, kind, n, value, 0)
+        return struct.pack("<HHII", tag, kind, n, value)
+
+    def per_sample(value: int, at: int) -> tuple[int, int]:
+        return (value, 1) if samples == 1 else (at, samples)
+
+    bps_value, bps_n = per_sample(bits, arrays)
+    sf_value, sf_n = per_sample(sample_format, arrays + 2 * samples)
+    entries = [
+        entry(256, 3, 1, width),
+        entry(257, 3, 1, height),
+        entry(258, 3, bps_n, bps_value),
+        entry(259, 3, 1, 1),  # no compression
+        entry(262, 3, 1, photometric),
+        entry(273, 4, 1, pixel_at),
+        entry(277, 3, 1, samples),
+        entry(278, 3, 1, height),
+        entry(279, 4, 1, len(pixels)),
+        entry(339, 3, sf_n, sf_value),
+    ]
+    arrays_data = struct.pack(f"<{2 * samples}H", *[bits] * samples, *[sample_format] * samples)
+    if samples == 1:
+        arrays_data = bytes(4)  # keeps pixel_at right: the values are in the entries themselves
+    head = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", count) + b"".join(entries) + struct.pack("<I", 0)
+    return head + arrays_data + pixels

@@ -16,10 +16,11 @@ from app.auth import Scope
 router = APIRouter(tags=["health"])
 
 
-# HEAD too: some load balancers and probes check with HEAD (the status, no body).
-@router.api_route(
+# HEAD too: some load balancers and probes check with HEAD (the status, no body). Each method is its own route so
+# that each has its own OpenAPI operation id (one route with both methods gave both the same id).
+@router.head("/healthz", response_model=Health, summary="The process is up (status only, no body)")
+@router.get(
     "/healthz",
-    methods=["GET", "HEAD"],
     response_model=Health,
     summary="The process is up (does not touch models or database)",
 )
@@ -27,9 +28,14 @@ async def healthz() -> Health:
     return Health()
 
 
-@router.api_route(
+@router.head(
     "/readyz",
-    methods=["GET", "HEAD"],
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Not ready."}, **responses.errors()},
+    summary="Ready to serve (status only, no body)",
+)
+@router.get(
+    "/readyz",
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "Not ready: see `problems`."}, **responses.errors()},
     summary="Ready to serve: models loaded, database reachable, index built",

@@ -75,6 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    # No automatic `/enroll/` -> `/enroll` redirect: Starlette's is absolute (http:// behind a TLS proxy) and a 307
+    # makes a client post the photo again; the 404 handler answers trailing slashes instead (app/api/errors.py).
+    app.router.redirect_slashes = False
     errors.install(app)
     app.include_router(api_router)
     document_protected(app.routes)

@@ -25,7 +25,8 @@ Status map (also in the OpenAPI document of every route):
 | low_quality                   | 422    | enrol: the face fails a quality limit; details.reasons        |
 | possible_duplicate            | 409    | enrol a new identity whose face matches an enrolled one       |
 | insufficient_data             | 409    | calibrate on a gallery without 2 identities of >= 2 faces     |
-| not_found / method_not_allowed| 404/405| no such route / method                                        |
+| not_found / method_not_allowed| 404/405| no such route / method (a trailing slash: GET/HEAD get a 308  |
+|                               |        | to the path without it, other methods a 404 that names it)    |
 | model_unavailable             | 503    | models missing, corrupt or the required GPU is not usable     |
 | internal_error                | 500    | anything else (logged with a request id, nothing leaked)      |
 
@@ -44,12 +45,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from app import errors
-from app.api.route_names import route_template
+from app.api.route_names import path_without_slash, route_template
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     )
 
 
-async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+async def http_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     try:
@@ -178,6 +179,15 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) and exc.detail else default
     if exc.status_code == 404 and message == "Not Found":
         message = f"no route {request.method} {shorten(request.url.path)}"
+        meant = path_without_slash(request.scope)
+        if meant is not None and request.method in ("GET", "HEAD"):
+            # A relative redirect: Starlette's own (redirect_slashes, turned off) wrote an absolute http:// URL
+            # behind a TLS proxy. Other methods are not redirected: a client that follows would send the photo again.
+            query = request.url.query
+            location = request.scope.get("root_path", "") + meant + ("?" + query if query else "")
+            return RedirectResponse(location, status_code=308)
+        if meant is not None:
+            message += f"; did you mean {shorten(meant)}? (facegate's paths have no trailing slash)"
     elif exc.status_code == 405:
         message = f"method {request.method} is not allowed on {shorten(request.url.path)}"
     return error_response(exc.status_code, code, message, headers=exc.headers)

@@ -21,3 +21,17 @@ def route_template(scope: Scope) -> str:
         if match is not Match.NONE:
             return str(getattr(route, "path", "unmatched"))
     return "unmatched"
+
+
+def path_without_slash(scope: Scope) -> str | None:
+    """The request's path without its trailing slash when that names a route (for any method), else None: facegate's
+    paths have none, and the answer to `/enroll/` says which path was meant."""
+    path = str(scope.get("path", ""))
+    if len(path) < 2 or not path.endswith("/"):
+        return None
+    stripped = path.rstrip("/") or "/"
+    if stripped.startswith("//"):
+        return None  # as a Location, "//host" names another host: never redirect there (no route matches it today)
+    table: list[BaseRoute] = getattr(getattr(scope.get("app"), "state", None), "route_table", [])
+    probe = {**scope, "path": stripped}
+    return stripped if any(route.matches(probe)[0] is not Match.NONE for route in table) else None

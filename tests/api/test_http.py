@@ -60,6 +60,24 @@ class TestErrorShape:
         error_of(shared_client.delete("/healthz"), 405, "method_not_allowed")
         error_of(shared_client.get("/enroll"), 405, "method_not_allowed")
 
+    def test_trailing_slashes(self, shared_client: TestClient, photo: Photo) -> None:
+        """No absolute http:// redirect (wrong behind a TLS proxy) and no 307 that makes a client upload again: reads
+        get a relative 308, writes a 404 that names the path meant."""
+        for method, path, location in [
+            ("GET", "/identities/?limit=2", "/identities?limit=2"),
+            ("HEAD", "/healthz/", "/healthz"),
+            ("GET", "/docs/", "/docs"),
+        ]:
+            r = shared_client.request(method, path, follow_redirects=False)
+            assert (r.status_code, r.headers["location"]) == (308, location), path
+        assert shared_client.get("/identities/").status_code == 200  # followed
+        enrol = shared_client.post("/enroll/", files={"image": photo(AMY)}, data={"name": "x"})
+        message = error_of(enrol, 404, "not_found")["message"]
+        assert message == "no route POST /enroll/; did you mean /enroll? (facegate's paths have no trailing slash)"
+        error_of(shared_client.get("/no/such/route/"), 404, "not_found")
+        # A path that would become another host as a Location ("//host") is never a redirect.
+        error_of(shared_client.get("http://testserver//identities/", follow_redirects=False), 404, "not_found")
+
     def test_validation_errors_are_never_fastapis_default_shape(self, shared_client: TestClient) -> None:
         r = shared_client.post("/enroll", data={"name": "x"})  # no image
         error = error_of(r, 422, "invalid_request")

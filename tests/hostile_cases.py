@@ -329,6 +329,56 @@ def png_chunk_bomb(ctx: Ctx) -> bytes:
     return png_with_chunks(ctx, 100_000)
 
 
+def gif_comment_bomb(ctx: Ctx) -> bytes:
+    """The face as a GIF with 3 million empty comment extensions before its image (9 MB; Pillow reads them one by one
+    in Python: 0.9 s, and accepted)."""
+    gif = encode(ctx.colin_image.convert("P"), "GIF")
+    first = 13 + (3 << ((gif[10] & 7) + 1))  # after the header, screen descriptor and global palette
+    return gif[:first] + b"\x21\xfe\x00" * 3_000_000 + gif[first:]
+
+
+def tiff_of(samples: int, bits: int, sample_format: int, width: int = 4, height: int = 4) -> bytes:
+    """A little-endian, uncompressed, chunky TIFF, all pixels 0, written by hand: Pillow writes none of the layouts
+    it cannot read."""
+    pixels = bytes(width * height * samples * bits // 8)
+    photometric = 2 if samples == 3 else 1
+    count = 10
+    arrays = 8 + 2 + count * 12 + 4  # BitsPerSample, then SampleFormat, then the pixels
+    pixel_at = arrays + 4 * samples
+
+    def entry(tag: int, kind: int, n: int, value: int) -> bytes:
+        if kind == 3 and n == 1:
+            return struct.pack("<HHIHH", tag, kind, n, value, 0)
+        return struct.pack("<HHII", tag, kind, n, value)
+
+    def per_sample(value: int, at: int) -> tuple[int, int]:
+        return (value, 1) if samples == 1 else (at, samples)
+
+    bps_value, bps_n = per_sample(bits, arrays)
+    sf_value, sf_n = per_sample(sample_format, arrays + 2 * samples)
+    entries = [
+        entry(256, 3, 1, width),
+        entry(257, 3, 1, height),
+        entry(258, 3, bps_n, bps_value),
+        entry(259, 3, 1, 1),  # no compression
+        entry(262, 3, 1, photometric),
+        entry(273, 4, 1, pixel_at),
+        entry(277, 3, 1, samples),
+        entry(278, 3, 1, height),
+        entry(279, 4, 1, len(pixels)),
+        entry(339, 3, sf_n, sf_value),
+    ]
+    # (one sample: the values are in the entries themselves, and these 4 bytes are unused)
+    arrays_data = struct.pack(f"<{2 * samples}H", *[bits] * samples, *[sample_format] * samples)
+    head = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", count) + b"".join(entries) + struct.pack("<I", 0)
+    return head + arrays_data + pixels
+
+
+def tiff_of_float_rgb() -> bytes:
+    """A TIFF of 32-bit float RGB samples: a layout Pillow does not decode."""
+    return tiff_of(3, 32, 3)
+
+
 def eps_ten_million_lines() -> bytes:
     """An EPS header and 10 million comment lines (20 MB): Pillow's EPS reader took 19 s to scan it."""
     return b"%!PS-Adobe-3.0 EPSF-3.0\n" + b"%\n" * 10_000_000
@@ -554,8 +604,12 @@ def _cases() -> list[Case]:
         C("jpeg-1-mb-of-fill-bytes-in-image-data", "POST", "/identify", 422, "invalid_image",
           files={"image": upload(jpeg_fill_bytes_in_image_data)}),
         C("png-100000-chunks", "POST", "/identify", 422, "invalid_image", files={"image": upload(png_chunk_bomb)}),
+        C("gif-3-million-comment-extensions", "POST", "/enroll", 422, "invalid_image",
+          files={"image": upload(gif_comment_bomb, "x.gif", "image/gif")}, data=enroll_new),
         C("bmp-rle4-36-megapixels", "POST", "/enroll", 413, "image_too_large",
           files={"image": upload(rle4_bmp_36_megapixels, "rle.bmp", "image/bmp")}, data=enroll_new),
+        C("tiff-of-float-rgb", "POST", "/identify", 415, "unsupported_image",
+          files={"image": upload(tiff_of_float_rgb, "x.tif", "image/tiff")}),
         C("eps-10-million-lines", "POST", "/identify", 415, "unsupported_image",
           files={"image": upload(eps_ten_million_lines, "x.eps", "application/postscript")}),
         C("avif-corrupt-picture", "POST", "/identify", 422, "invalid_image",

@@ -10,8 +10,8 @@ What decoding guarantees:
   samples, ...) raises `UnsupportedImage` too.
 * Data whose decoding costs far more than its size says is refused before it is decoded: a JPEG (or MPO) with more
   than `MAX_JPEG_SCANS` scans or `MAX_JPEG_MARKERS` markers, or padded with more than `MAX_JPEG_JUNK` bytes, and a PNG
-  with more than `MAX_PNG_CHUNKS` chunks (`InvalidImage`); an RLE-compressed BMP over `MAX_RLE_BMP_PIXELS` or
-  `MAX_RLE_BMP_BYTES` (`ImageTooLarge`).
+  with more than `MAX_PNG_CHUNKS` chunks or a GIF with more than `MAX_GIF_BLOCKS` extension blocks before its image
+  (`InvalidImage`); an RLE-compressed BMP over `MAX_RLE_BMP_PIXELS` or `MAX_RLE_BMP_BYTES` (`ImageTooLarge`).
 * The pixel count is checked from the header, before any pixel is decoded: more than `max_pixels` raises
   `ImageTooLarge`. Pillow's own decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`, left at its default) also applies:
   images over it are refused with `ImageTooLarge` too (Pillow raises `DecompressionBombError` above twice that limit
@@ -34,6 +34,7 @@ from __future__ import annotations
 import io
 import re
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,13 @@ from PIL import TiffImagePlugin, UnidentifiedImageError
 
 from app.errors import ImageTooLarge, InvalidImage, UnsupportedImage
 from app.vision.types import Image
+
+# Warnings Pillow gives for uploads refused or handled here, which only put lines in the server's log (one per
+# distinct message: the image's size or byte counts are in it): an image over MAX_IMAGE_PIXELS but under twice that
+# (refused: ImageTooLarge), and EXIF or TIFF directories cut short (a corrupt TIFF is InvalidImage; unreadable EXIF
+# in another photo is ignored).
+warnings.filterwarnings("ignore", category=PILImage.DecompressionBombWarning)
+warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning, module=r"PIL\.")
 
 # Pillow plugin ids of the formats decoded (JPEG also opens MPO files).
 FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF")
@@ -102,6 +110,16 @@ MAX_RLE_BMP_PIXELS = 2_000_000
 MAX_RLE_BMP_BYTES = 1_000_000
 _BMP_RLE = {1: "RLE8", 2: "RLE4"}  # BMP compression field (BI_RLE8, BI_RLE4)
 
+# Blocks of a GIF before its first image: extensions and their sub-blocks, which Pillow reads one by one in Python
+# (9 MB of empty comment extensions, or of 1-byte comment sub-blocks: 0.9 s, and accepted). A photo's GIF has a few
+# (a graphic control extension, a loop count, perhaps an XMP packet: some hundreds of sub-blocks for a large one);
+# 65,536 bounds the walk below to some 30 ms.
+MAX_GIF_BLOCKS = 65_536
+_GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
+
+# Classic TIFF, little- and big-endian, and BigTIFF (which Pillow reads too).
+_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
 # EXIF orientation (tag 0x0112) -> the transpose that shows the stored pixels as a viewer does.
 _ORIENTATION_TAG = 0x0112
 _UPRIGHT = {
@@ -118,8 +136,6 @@ _UPRIGHT = {
 # and JPEG XL, photo formats Pillow cannot read) so that the client knows to convert rather than being told the
 # photo is not an image. No parser of these formats runs: some are slow on hostile data (Pillow's EPS reader reads a
 # 20 MB file line by line: 19 s), and the point of the allow-list is that they are not attack surface.
-# Classic TIFF, little- and big-endian, and BigTIFF (which Pillow reads too).
-_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 _SIGNATURES: tuple[tuple[str, tuple[bytes, ...]], ...] = (
     ("JPEG XL", (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")),
@@ -194,6 +210,8 @@ def _decode(data: bytes, *, max_pixels: int) -> Image:
         _check_jpeg_structure(data)  # before Image.open: Pillow's own header walk is the slow part for some
     elif data.startswith(_PNG_SIGNATURE):
         _check_png_structure(data)
+    elif data.startswith(_GIF_SIGNATURES):
+        _check_gif_structure(data)
     try:
         im = PILImage.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
     except PILImage.DecompressionBombError as exc:
@@ -312,6 +330,30 @@ def _check_png_structure(data: bytes) -> None:
         if data[pos + 4 : pos + 8] == b"IEND":
             return
         pos += 12 + int.from_bytes(data[pos : pos + 4], "big")  # length, type, data, CRC
+
+
+def _check_gif_structure(data: bytes) -> None:
+    """Refuse a GIF with more than MAX_GIF_BLOCKS extension blocks and sub-blocks before its first image, following
+    them by their lengths (a truncated or malformed chain is left to the decoder, which says so)."""
+    if len(data) < 13:
+        return
+    flags = data[10]  # of the logical screen descriptor: bit 7, a global colour table of 2^(bits 0-2 + 1) entries
+    pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    blocks = 0
+    while pos < len(data) and data[pos] == 0x21:  # an extension: introducer, label, then sub-blocks up to a 0 size
+        pos += 2
+        while pos < len(data):
+            blocks += 1
+            if blocks > MAX_GIF_BLOCKS:
+                raise InvalidImage(
+                    f"the GIF has more than {MAX_GIF_BLOCKS:,} extension blocks before its image; a photo has a few: "
+                    "too costly to read",
+                    max_blocks=MAX_GIF_BLOCKS,
+                )
+            size = data[pos]
+            pos += 1 + size
+            if size == 0:
+                break
 
 
 def _check_rle_bmp(compression: str, width: int, height: int, size: int) -> None:

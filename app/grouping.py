@@ -1,9 +1,9 @@
 """`POST /cluster` and `facegate cluster DIR`: group the faces of a set of photos by person.
 
-Every face of every photo is embedded (`Pipeline.find_faces`), then `app.matching.clustering.chinese_whispers`
+Every face of every photo (up to `detector.max_faces` per photo) is embedded (`Pipeline.photo_faces`), then `app.matching.clustering.chinese_whispers`
 (dlib's algorithm) groups them over the graph "distance <= threshold". A cluster is a group of at least 2 faces;
 a face that matches nobody else is UNCLUSTERED (a singleton). Photos that cannot be used (not an image, no face)
-are listed with the error code, not dropped silently.
+are listed with the error code, not dropped silently, and so are photos whose faces were capped (too_many_faces).
 """
 
 from __future__ import annotations
@@ -87,10 +87,20 @@ def _collect(
     for index, (name, load) in enumerate(named):
         n += 1
         try:
-            found = pipeline.find_faces(load())
-            if not found:
+            found = pipeline.photo_faces(load())
+            if not found.faces:
                 problems.append(PhotoProblem(name, index, "no_face", "no face was found in the photo"))
-            faces.extend((index, name, f) for f in found)
+            elif found.capped:
+                problems.append(
+                    PhotoProblem(
+                        name,
+                        index,
+                        "too_many_faces",
+                        f"{found.detected} faces were found; the {len(found.faces)} most confident were clustered "
+                        "(FACEGATE_DETECTOR__MAX_FACES)",
+                    )
+                )
+            faces.extend((index, name, f) for f in found.faces)
         except FacegateError as error:
             problems.append(PhotoProblem(name, index, error.code, error.message))
         except OSError as error:

@@ -68,7 +68,7 @@ from app.names import clean_name
 from app.vision.decode import decode_image, media_type
 from app.vision.pipeline import Pipeline
 from app.vision.quality import FaceQuality, QualityFailure, QualityThresholds, assess
-from app.vision.types import Box, Face, Image
+from app.vision.types import Box, Face, Image, PhotoFaces
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,7 @@ class EmbeddedFace:
 class EmbeddedPhoto:
     faces: tuple[EmbeddedFace, ...]  # highest detector score first
     model_version: str
+    faces_detected: int  # more than len(faces) when the photo had over detector.max_faces
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +188,7 @@ class IdentifyResult:
     far_estimate: float | None
     gallery_size: int  # faces searched
     identities: int  # identities searched
+    faces_detected: int  # more than len(faces) when the photo had over detector.max_faces
 
 
 @dataclass(frozen=True)
@@ -523,7 +525,7 @@ class FaceService:
         accepts the nearest identity (within the threshold, clear of the runner-up, and scoring better than
         strangers do at this gallery size for `identify_fpir`)."""
         resolved = self._identify_threshold(top_k, threshold)
-        return self.identify_faces(self.pipeline.find_faces(self.decode(photo)), top_k=top_k, resolved=resolved)
+        return self.identify_faces(self.pipeline.photo_faces(self.decode(photo)), top_k=top_k, resolved=resolved)
 
     def _identify_threshold(self, top_k: int, threshold: float | None) -> Threshold:
         """Checks an identify request's numbers before any photo is decoded; the threshold it will use."""
@@ -531,8 +533,9 @@ class FaceService:
             raise InvalidRequest("top_k must be between 1 and 1000")
         return self.resolve_threshold(threshold)
 
-    def identify_faces(self, faces: Sequence[Face], *, top_k: int, resolved: Threshold) -> IdentifyResult:
+    def identify_faces(self, found_faces: PhotoFaces, *, top_k: int, resolved: Threshold) -> IdentifyResult:
         """`identify` for faces already found (and embedded) in one photo."""
+        faces = found_faces.faces
         if not faces:
             raise NoFace("no face was found in the photo")
         # The rule needs the runner-up even when one candidate is asked for.
@@ -578,6 +581,7 @@ class FaceService:
             far_estimate=self.far_estimate(resolved.value),
             gallery_size=stats.size,
             identities=stats.identities,
+            faces_detected=found_faces.detected,
         )
 
     # ---------------------------------------------------------------------------------- many photos
@@ -590,8 +594,9 @@ class FaceService:
             found
             if isinstance(found, FacegateError)
             else EmbeddedPhoto(
-                tuple(EmbeddedFace(self.found(f), tuple(float(v) for v in f.embedding)) for f in found),
+                tuple(EmbeddedFace(self.found(f), tuple(float(v) for v in f.embedding)) for f in found.faces),
                 self.pipeline.model_version,
+                found.detected,
             )
             for found in self._faces_of_photos(photos)
         ]
@@ -607,7 +612,7 @@ class FaceService:
             for found in self._faces_of_photos(photos)
         ]
 
-    def _faces_of_photos(self, photos: Sequence[bytes]) -> list[list[Face] | FacegateError]:
+    def _faces_of_photos(self, photos: Sequence[bytes]) -> list[PhotoFaces | FacegateError]:
         """Decode and find the faces of up to `settings.batch.max_images` photos; per photo its faces (never
         empty) or the error it alone caused (a model failure concerns them all and is raised)."""
         limit = self.settings.batch.max_images
@@ -620,8 +625,10 @@ class FaceService:
                 limit=limit,
             )
         # Decoded one at a time, inside the pipeline: only one photo is held at full size.
-        found = self.pipeline.find_faces_many([functools.partial(self.decode, photo) for photo in photos])
-        return [NoFace("no face was found in the photo") if faces == [] else faces for faces in found]
+        found = self.pipeline.photo_faces_many([functools.partial(self.decode, photo) for photo in photos])
+        return [
+            NoFace("no face was found in the photo") if isinstance(r, PhotoFaces) and not r.faces else r for r in found
+        ]
 
     def _names(self, identity_ids: set[str]) -> dict[str, str]:
         """One query; an identity deleted by another request since the search is absent."""

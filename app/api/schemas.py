@@ -189,6 +189,10 @@ class IdentifyResponse(Public):
     far_estimate: float | None = Field(default=None, description="1:1 false-accept rate at `threshold`, if known.")
     gallery_size: int = Field(description="Faces searched.")
     identities: int = Field(description="Identities searched.")
+    faces_detected: int = Field(
+        description="Faces the detector found in the photo: more than `faces` lists when it found over "
+        "FACEGATE_DETECTOR__MAX_FACES (the most confident are identified)."
+    )
 
 
 # --- many photos (POST /embed, POST /identify/batch) ----------------------------------------------------------------
@@ -219,6 +223,11 @@ class EmbedPhotoOut(PhotoResultBase):
         default=None, description="Every face in the photo, highest detector score first; null on error."
     )
     model_version: str | None = Field(default=None, description="The model the embeddings come from; null on error.")
+    faces_detected: int | None = Field(
+        default=None,
+        description="Faces the detector found: more than `faces` lists when it found over "
+        "FACEGATE_DETECTOR__MAX_FACES (the most confident are embedded); null on error.",
+    )
 
 
 class EmbedResponse(Public):
@@ -416,7 +425,7 @@ class ClusterOut(Public):
 class PhotoProblemOut(Public):
     photo: str
     photo_index: int
-    code: str = Field(description="no_face, invalid_image, image_too_large, ...")
+    code: str = Field(description="no_face, invalid_image, image_too_large, ..., or too_many_faces")
     message: str
 
 
@@ -428,7 +437,10 @@ class ClusterResponse(Public):
     clusters: list[ClusterOut] = Field(description="Groups of >= 2 faces taken for one person, largest first.")
     sizes: list[int]
     unclustered: list[ClusterFaceOut] = Field(description="Faces that match no other face (singletons).")
-    problems: list[PhotoProblemOut] = Field(description="Photos that gave no face, with the reason.")
+    problems: list[PhotoProblemOut] = Field(
+        description="Photos that gave no face, with the reason, and photos with more faces than "
+        "FACEGATE_DETECTOR__MAX_FACES (too_many_faces: their most confident faces were clustered)."
+    )
 
 
 # --- health ---------------------------------------------------------------------------------------------------------

@@ -34,7 +34,18 @@ from app.vision.head import EmbeddingHead, load_head
 from app.vision.landmarks import LandmarkPredictor
 from app.vision.models import Manifest, load_manifest
 from app.vision.quality import FaceQuality, measure
-from app.vision.types import CHIP_SIZE, EMBEDDING_DIM, Box, Chips, Detection, Embeddings, Face, Image, Landmarks
+from app.vision.types import (
+    CHIP_SIZE,
+    EMBEDDING_DIM,
+    Box,
+    Chips,
+    Detection,
+    Embeddings,
+    Face,
+    Image,
+    Landmarks,
+    PhotoFaces,
+)
 
 
 @dataclass(frozen=True)
@@ -246,13 +257,21 @@ class Pipeline:
         return work, detections
 
     def find_faces(self, image: Image) -> list[Face]:
-        """Every face in the photo with its embedding, highest detector score first."""
+        """Every face in the photo (up to `detector.max_faces`) with its embedding, highest detector score first."""
+        return self.photo_faces(image).faces
+
+    def photo_faces(self, image: Image) -> PhotoFaces:
+        """`find_faces`, with how many faces the detector found (more than it returns when the photo is capped)."""
         with self._preparing:
             work, detections = self.detect(image)
             if not detections:
-                return []
-            prepared = self._prepare(work, detections)
-        return prepared.finish(self.embed(prepared.chips), self.head)
+                return PhotoFaces([], 0)
+            prepared = self._prepare(work, self._capped(detections))
+        return PhotoFaces(prepared.finish(self.embed(prepared.chips), self.head), len(detections))
+
+    def _capped(self, detections: list[Detection]) -> list[Detection]:
+        """The `detector.max_faces` most confident detections (they come sorted by descending score)."""
+        return detections[: self.settings.detector.max_faces]
 
     def embed_photo(self, image: Image, *, face: str = "single") -> Face:
         """The one face of a photo: `single` refuses photos with several faces, `largest` takes the biggest box.
@@ -287,18 +306,25 @@ class Pipeline:
         return prepared.finish(self.embed(prepared.chips), self.head)[0]
 
     def find_faces_many(self, images: Sequence[Image | Callable[[], Image]]) -> list[list[Face] | FacegateError]:
-        """`find_faces` for several photos, their chips embedded together (in calls of up to `batching.max_batch`).
+        """`find_faces` for several photos: `photo_faces_many` without the counts."""
+        return [r if isinstance(r, FacegateError) else r.faces for r in self.photo_faces_many(images)]
+
+    def photo_faces_many(self, images: Sequence[Image | Callable[[], Image]]) -> list[PhotoFaces | FacegateError]:
+        """`photo_faces` for several photos, their chips embedded together (in calls of up to `batching.max_batch`).
 
         images: photos, or functions returning one (e.g. decoding it): each is then loaded only for its own
             detection, so that a request of many large photos never holds more than one at full size.
         A photo that fails to load (any FacegateError) or that the detector refuses (ImageTooSmall) gives its error
         in its place; the others still give faces. ModelUnavailable concerns every photo and is raised."""
         prepared: list[_Prepared | FacegateError] = []
+        detected: list[int] = []
         for image in images:
             try:
                 with self._preparing:
                     pixels = image() if callable(image) else image
-                    prepared.append(self._prepare(*self.detect(pixels)))
+                    work, detections = self.detect(pixels)
+                    prepared.append(self._prepare(work, self._capped(detections)))
+                    detected.append(len(detections))
             except ModelUnavailable:
                 raise
             except FacegateError as error:
@@ -306,14 +332,15 @@ class Pipeline:
         ready = [p for p in prepared if isinstance(p, _Prepared)]
         chips = [p.chips for p in ready if len(p.chips)]
         embeddings = self.embed(np.concatenate(chips)) if chips else np.zeros((0, EMBEDDING_DIM), np.float32)
-        results: list[list[Face] | FacegateError] = []
+        results: list[PhotoFaces | FacegateError] = []
         start = 0
+        found = iter(detected)
         for p in prepared:
             if isinstance(p, FacegateError):
                 results.append(p)
                 continue
             count = len(p.detections)
-            results.append(p.finish(embeddings[start : start + count], self.head))
+            results.append(PhotoFaces(p.finish(embeddings[start : start + count], self.head), next(found)))
             start += count
         return results
 

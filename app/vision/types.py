@@ -84,5 +84,17 @@ class Face:
     base_embedding: npt.NDArray[np.float32] | None = None
 
 
+@dataclass(frozen=True)
+class PhotoFaces:
+    """The faces taken from one photo (at most `detector.max_faces`: the most confident) and how many were found."""
+
+    faces: list[Face]
+    detected: int
+
+    @property
+    def capped(self) -> bool:
+        return self.detected > len(self.faces)
+
+
 def _round_half_away(v: float) -> float:
     return float(np.sign(v) * np.floor(abs(v) + 0.5))

@@ -153,4 +153,5 @@ def identify_response(result: IdentifyResult) -> IdentifyResponse:
         far_estimate=result.far_estimate,
         gallery_size=result.gallery_size,
         identities=result.identities,
+        faces_detected=result.faces_detected,
     )

@@ -45,7 +45,15 @@ async def embed(
             out.append(EmbedPhotoOut(index=index, filename=filename, error=error_out(result)))
             continue
         faces = [EmbeddedFaceOut(**face_out(f.face).model_dump(), embedding=list(f.embedding)) for f in result.faces]
-        out.append(EmbedPhotoOut(index=index, filename=filename, faces=faces, model_version=result.model_version))
+        out.append(
+            EmbedPhotoOut(
+                index=index,
+                filename=filename,
+                faces=faces,
+                model_version=result.model_version,
+                faces_detected=result.faces_detected,
+            )
+        )
     return EmbedResponse(
         model_version=service.pipeline.model_version,
         n_images=len(out),

@@ -13,8 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS_DIR = REPO_ROOT / "models" / "dist"
@@ -503,6 +503,35 @@ def settings_reference() -> list[tuple[str, str, str]]:
 
     walk(Settings, "FACEGATE_")
     return rows
+
+
+def describe_settings_error(error: ValidationError | SettingsError) -> str:
+    """One line naming each refused environment variable and the rule it breaks, for an operator.
+
+    pydantic's own text lists the model's field paths and echoes every input value (a bootstrap key included);
+    this names the FACEGATE_ variable instead and never the value.
+    """
+    if isinstance(error, SettingsError):  # a group or list that is not JSON: pydantic-settings stops at the first
+        quoted = re.search(r'field "(\w+)"', str(error))
+        name = f"FACEGATE_{quoted.group(1).upper()}" if quoted else "a FACEGATE_ variable"
+        return (
+            f"{name} (or one of its {name}__ variables) is not valid JSON ({error.__cause__}): lists and groups are "
+            "JSON, e.g. FACEGATE_RUNTIME__PROVIDERS='[\"CPUExecutionProvider\"]'"
+        )
+    problems: dict[str, list[str]] = {}
+    for item in error.errors():
+        parts: list[str] = []
+        model: type[BaseModel] | None = Settings
+        for part in item["loc"]:  # field names, then pydantic's own parts (a union member, a list index)
+            field = model.model_fields.get(str(part)) if model is not None else None
+            if field is None:
+                break
+            parts.append(str(part).upper())
+            annotation = field.annotation
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        name = "FACEGATE_" + "__".join(parts) if parts else "settings"
+        problems.setdefault(name, []).append(item["msg"].removeprefix("Value error, "))
+    return "; ".join(f"{name}: {' or '.join(messages)}" for name, messages in problems.items())
 
 
 @lru_cache

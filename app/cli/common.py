@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
-from app.config import Settings
+from app.config import Settings, describe_settings_error
 from app.errors import FacegateError
 from app.service import FacePolicy, FaceService
 from app.vision.pipeline import Pipeline
@@ -69,8 +71,12 @@ def main_callback(
 
 
 def load_settings() -> Settings:
-    """Settings from the environment, read when a command runs (not cached: one command per process anyway)."""
-    return Settings()
+    """Settings from the environment, read when a command runs (not cached: one command per process anyway). A value
+    that is refused ends the command with exit status 2 and the variable's name, not a traceback."""
+    try:
+        return Settings()
+    except (ValidationError, SettingsError) as error:
+        fail(f"invalid settings: {describe_settings_error(error)}")
 
 
 def open_service(settings: Settings) -> FaceService:

@@ -1,0 +1,47 @@
+"""The command line's answer to wrong settings and an unusable database: exit status 2 and one line naming the
+FACEGATE_ variable, never a traceback (no models needed: these fail before any is loaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from app.cli import cli
+
+
+def run(env: dict[str, str], *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args), env=env)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.stderr
+
+
+@pytest.fixture
+def sqlite_env(tmp_path: Path) -> dict[str, str]:
+    return {"FACEGATE_DATABASE_URL": f"sqlite:///{tmp_path / 'gallery.db'}"}
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"FACEGATE_THRESHOLD": "abc"}, "FACEGATE_THRESHOLD: Input should be a valid number"),
+        ({"FACEGATE_PORT": "0"}, "FACEGATE_PORT: Input should be greater than or equal to 1"),
+        ({"FACEGATE_DETECTOR__UPSAMPLE": "3"}, "FACEGATE_DETECTOR: detector upsample must be 'auto', 0, 1 or 2"),
+        ({"FACEGATE_LOG__LEVEL": "verbose"}, "FACEGATE_LOG__LEVEL: Input should be 'DEBUG'"),
+        ({"FACEGATE_RUNTIME__PROVIDERS": "CPUExecutionProvider"}, "FACEGATE_RUNTIME (or one of its FACEGATE_RUNTIME__"),
+    ],
+)
+def test_a_refused_setting_is_named_without_a_traceback(
+    sqlite_env: dict[str, str], env: dict[str, str], expected: str
+) -> None:
+    code, err = run({**sqlite_env, **env}, "keys", "list")
+    assert code == 2, err
+    assert err.startswith("error: invalid settings: ") and expected in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_refused_secret_is_not_echoed(sqlite_env: dict[str, str]) -> None:
+    code, err = run({**sqlite_env, "FACEGATE_AUTH__BOOTSTRAP_KEY": "hunter2-not-a-key"}, "serve")
+    assert code == 2 and "FACEGATE_AUTH__BOOTSTRAP_KEY" in err
+    assert "hunter2" not in err

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS_DIR = REPO_ROOT / "models" / "dist"
 _ORIGIN = re.compile(r"https?://[^/?#\s]+")
+_DATABASE_SCHEMES = frozenset({"sqlite", "sqlite+pysqlite", "postgresql+psycopg"})  # what app/gallery is tested on
 
 
 class Provider(StrEnum):
@@ -480,6 +481,26 @@ class Settings(BaseSettings):
     store_images: bool = Field(default=False, description="Keep the enrolled photos in the database (off: only embeddings are stored).")
     host: str = Field(default="127.0.0.1", description="Address `facegate serve` listens on (127.0.0.1: this machine only).")
     port: int = Field(default=8000, ge=1, le=65535, description="Port `facegate serve` listens on.")
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        # Checked at start-up: an unparsable URL, another database or another driver (`postgresql://` means
+        # psycopg2, which is not installed) would otherwise fail at the first query, with a traceback.
+        from sqlalchemy.engine import make_url  # here, not at the top: the settings import nothing heavy
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            scheme = make_url(value).drivername
+        except ArgumentError:
+            scheme = ""
+        if scheme not in _DATABASE_SCHEMES:
+            shown = f"{scheme}:// is not supported" if scheme else "not a database URL"
+            raise ValueError(
+                f"{shown}: facegate uses SQLite (sqlite:///path/to/facegate.db) or PostgreSQL through psycopg 3 "
+                "(postgresql+psycopg://user:password@host/database)"
+            )
+        return value
 
 
 def settings_reference() -> list[tuple[str, str, str]]:

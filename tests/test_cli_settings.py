@@ -30,6 +30,11 @@ def sqlite_env(tmp_path: Path) -> dict[str, str]:
         ({"FACEGATE_DETECTOR__UPSAMPLE": "3"}, "FACEGATE_DETECTOR: detector upsample must be 'auto', 0, 1 or 2"),
         ({"FACEGATE_LOG__LEVEL": "verbose"}, "FACEGATE_LOG__LEVEL: Input should be 'DEBUG'"),
         ({"FACEGATE_RUNTIME__PROVIDERS": "CPUExecutionProvider"}, "FACEGATE_RUNTIME (or one of its FACEGATE_RUNTIME__"),
+        # Database URLs SQLAlchemy cannot parse, other databases, and PostgreSQL without psycopg 3 (psycopg2's scheme)
+        ({"FACEGATE_DATABASE_URL": ""}, "FACEGATE_DATABASE_URL: not a database URL"),
+        ({"FACEGATE_DATABASE_URL": "gallery.db"}, "FACEGATE_DATABASE_URL: not a database URL"),
+        ({"FACEGATE_DATABASE_URL": "mysql://u@host/db"}, "FACEGATE_DATABASE_URL: mysql:// is not supported"),
+        ({"FACEGATE_DATABASE_URL": "postgresql://u:pw@host/db"}, "postgresql:// is not supported: facegate uses"),
     ],
 )
 def test_a_refused_setting_is_named_without_a_traceback(
@@ -39,6 +44,19 @@ def test_a_refused_setting_is_named_without_a_traceback(
     assert code == 2, err
     assert err.startswith("error: invalid settings: ") and expected in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_database_url_is_checked_with_the_settings() -> None:
+    """The server refuses it at start-up too (it reads the same settings), before any connection is tried."""
+    from pydantic import ValidationError
+
+    from app.config import Settings
+
+    for url in ("sqlite:///gallery.db", "sqlite://", "postgresql+psycopg://u:pw@127.0.0.1/db"):
+        assert Settings(database_url=url).database_url == url
+    with pytest.raises(ValidationError, match="is not supported") as refused:
+        Settings(database_url="postgresql://u:secret-pw@127.0.0.1/db")
+    assert "secret-pw" not in str(refused.value.errors()[0]["msg"])
 
 
 def test_a_refused_secret_is_not_echoed(sqlite_env: dict[str, str]) -> None:

@@ -63,3 +63,28 @@ def test_a_refused_secret_is_not_echoed(sqlite_env: dict[str, str]) -> None:
     code, err = run({**sqlite_env, "FACEGATE_AUTH__BOOTSTRAP_KEY": "hunter2-not-a-key"}, "serve")
     assert code == 2 and "FACEGATE_AUTH__BOOTSTRAP_KEY" in err
     assert "hunter2" not in err
+
+
+@pytest.mark.parametrize("command", [["db", "upgrade"], ["keys", "list"], ["serve"]])
+def test_a_database_that_cannot_be_opened_is_one_line(tmp_path: Path, command: list[str]) -> None:
+    env = {"FACEGATE_DATABASE_URL": f"sqlite:///{tmp_path / 'no-such-folder' / 'gallery.db'}"}
+    if command == ["serve"]:
+        env["FACEGATE_AUTH__REQUIRED"] = "false"
+        (tmp_path / "no-such-folder").mkdir()
+        (tmp_path / "no-such-folder" / "gallery.db").mkdir()  # a folder where the database file should be
+    code, err = run(env, *command)
+    assert code == 2, err
+    assert err.startswith("error: cannot ") and "(FACEGATE_DATABASE_URL): unable to open database file" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_database_migrated_by_a_newer_version_is_one_line(sqlite_env: dict[str, str]) -> None:
+    from sqlalchemy import create_engine, text
+
+    assert run(sqlite_env, "db", "upgrade")[0] == 0
+    engine = create_engine(sqlite_env["FACEGATE_DATABASE_URL"])
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    code, err = run(sqlite_env, "keys", "list")
+    assert code == 2 and err.startswith("error: cannot migrate the database") and "'9999'" in err, err

@@ -8,18 +8,37 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
+import alembic.util
 import typer
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from typer.core import TyperGroup
 
 from app.config import Settings, describe_settings_error
 from app.errors import FacegateError
 from app.service import FacePolicy, FaceService
 from app.vision.pipeline import Pipeline
 
+
+class _Commands(TyperGroup):
+    """The `facegate` group: a database that cannot be opened or reached (no such folder, server down, wrong
+    password, a schema the migrations do not know) ends any command with exit status 2 and the driver's own
+    first line, not a traceback."""
+
+    def invoke(self, ctx: Any) -> Any:  # Any: the Context of the click copy typer vendors (typer._click, private)
+        try:
+            return super().invoke(ctx)
+        except SQLAlchemyError as error:
+            fail(f"cannot use the database (FACEGATE_DATABASE_URL): {database_problem(error)}")
+        except alembic.util.CommandError as error:  # e.g. a revision this version does not have
+            fail(f"cannot migrate the database (FACEGATE_DATABASE_URL): {error} (migrated by a newer facegate?)")
+
+
 cli = typer.Typer(
+    cls=_Commands,
     name="facegate",
     help="Face verification service: enrol people from photos, verify and identify faces, run the HTTP API.",
     no_args_is_help=True,
@@ -108,6 +127,14 @@ def default_threshold(settings: Settings, pipeline: Pipeline) -> float:
     if pipeline.head is not None and "threshold" not in settings.model_fields_set:
         return pipeline.head.threshold
     return settings.threshold
+
+
+def database_problem(error: SQLAlchemyError) -> str:
+    """The driver's first line (connection refused, unknown database, no such table), without SQLAlchemy's SQL
+    and link."""
+    cause = error.orig if isinstance(error, DBAPIError) else error
+    text = str(cause).strip()
+    return text.splitlines()[0] if text else type(cause).__name__
 
 
 def fail(message: str) -> NoReturn:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import cli, fail, load_settings
+from app.cli.common import cli, database_problem, fail, load_settings
 from app.config import Settings
 
 
@@ -34,7 +34,7 @@ def api_keys_configured(settings: Settings) -> bool:
         with Session(engine) as session:
             return key_count(session) > 0
     except SQLAlchemyError as error:
-        fail(f"cannot read the API keys from the database: {type(error).__name__}")
+        fail(f"cannot read the API keys from the database (FACEGATE_DATABASE_URL): {database_problem(error)}")
     finally:
         engine.dispose()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,7 +147,9 @@ class EmbeddingCache:
                     strict=True,
                 ):
                     cache.entries[str(p)] = (int(size), int(mtime), Embedded(emb.astype(np.float32), str(err)))
-        except (OSError, KeyError, ValueError):  # unreadable or foreign file: start afresh (it is rewritten)
+        # Unreadable or foreign file: start afresh (it is rewritten). numpy raises EOFError for an empty file and
+        # BadZipFile for a cut one (a copy or disk that failed): neither is an OSError or a ValueError.
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
             return cls(signature)
         return cache
 

@@ -1,0 +1,40 @@
+"""The --cache file of eval, eval-identify, calibrate and train: a file that is not a whole cache is started
+afresh (and rewritten), whatever is wrong with it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.evaluate import Embedded, EmbeddingCache
+
+SIGNATURE = "model-1|test"
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    cache = EmbeddingCache(SIGNATURE)
+    photo = tmp_path / "a.png"
+    photo.write_bytes(b"photo")
+    cache.put("a.png", photo, Embedded(np.ones(128, np.float32)))
+    path = tmp_path / "cache.npz"
+    cache.save(path)
+    assert len(EmbeddingCache.load(path, SIGNATURE).entries) == 1
+    return path
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda data: b"", id="empty"),  # numpy: EOFError (the command ended 'Aborted.', exit 1)
+        pytest.param(lambda data: data[: len(data) // 2], id="cut"),  # zipfile.BadZipFile (a traceback)
+        pytest.param(lambda data: b"some notes, not a cache\n", id="text"),
+    ],
+)
+def test_a_damaged_cache_starts_afresh(saved: Path, damage: Callable[[bytes], bytes]) -> None:
+    saved.write_bytes(damage(saved.read_bytes()))
+    cache = EmbeddingCache.load(saved, SIGNATURE)
+    assert cache.entries == {} and cache.signature == SIGNATURE

@@ -11,6 +11,7 @@ import csv
 import io
 import itertools
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +161,20 @@ def test_cluster_a_folder(env: Path, photos: tuple[Path, Path]) -> None:
     assert code == 0, text
     assert text.startswith("13 photos, 12 faces: 3 clusters, 0 unclustered faces, 1 photos without a face")
     assert "cluster 1: 4 faces" in text and f"{BLANK}: no_face" in text
+
+
+def test_commands_stop_their_inference_threads(env: Path, photos: tuple[Path, Path], tmp_path: Path) -> None:
+    """Every command that embeds photos stops the micro-batcher's threads before it returns, as it would on Ctrl-C:
+    left inside an ONNX Runtime call while the interpreter exits, they aborted the process ('terminate called
+    without an active exception', SIGABRT) instead of exit status 130."""
+    images, pairs = photos
+
+    def started_and_alive(*args: str) -> list[str]:
+        before = set(threading.enumerate())
+        code, text = run(*args)
+        assert code == 0, text
+        return [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
+
+    assert started_and_alive("cluster", str(images)) == []
+    assert started_and_alive("eval", "--pairs", str(pairs), "--images", str(images), "--out", str(tmp_path / "r")) == []
+    assert started_and_alive("calibrate", "--pairs", str(pairs), "--images", str(images), "--far", "0.05") == []

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import cli, fail, load_settings, open_pipeline
+from app.cli.common import cli, fail, load_settings, pipeline_call
 from app.grouping import ClusterMember, ClusterReport, cluster_files
 from app.identify_eval import PHOTO_SUFFIXES
 
@@ -66,8 +66,10 @@ def cluster(
     if not files:
         fail(f"no photos under {directory}")
     settings = load_settings()
-    pipeline = open_pipeline(settings)
-    with typer.progressbar(length=len(files), label="Finding faces", show_pos=True, file=sys.stderr) as bar:
+    with (
+        pipeline_call(settings) as pipeline,
+        typer.progressbar(length=len(files), label="Finding faces", show_pos=True, file=sys.stderr) as bar,
+    ):
         report = cluster_files(
             pipeline,
             directory,

@@ -122,6 +122,18 @@ def open_pipeline(settings: Settings) -> Pipeline:
     return pipeline
 
 
+@contextmanager
+def pipeline_call(settings: Settings) -> Iterator[Pipeline]:
+    """The models for one command, their inference threads stopped on the way out, Ctrl-C included: daemon threads
+    left inside an ONNX Runtime call while the interpreter exits abort it ('terminate called without an active
+    exception', SIGABRT) instead of exit status 130."""
+    pipeline = open_pipeline(settings)
+    try:
+        yield pipeline
+    finally:
+        pipeline.close()
+
+
 def default_threshold(settings: Settings, pipeline: Pipeline) -> float:
     """FACEGATE_THRESHOLD, or the served head's calibrated threshold when one is active and it is not set."""
     if pipeline.head is not None and "threshold" not in settings.model_fields_set:

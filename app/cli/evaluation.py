@@ -20,6 +20,7 @@ from app.cli.common import (
     load_settings,
     open_pipeline,
     open_service,
+    pipeline_call,
 )
 from app.service import CalibrationSource
 from app.vision.pipeline import Pipeline
@@ -91,8 +92,8 @@ def eval_pairs(
     settings = load_settings()
     with failing_on_errors():
         pair_list = evaluation.read_pairs(pairs)
-    pipeline = open_pipeline(settings)
-    distances, embedded = _pair_distances(pipeline, pair_list, images, cache)
+    with pipeline_call(settings) as pipeline:
+        distances, embedded = _pair_distances(pipeline, pair_list, images, cache)
     with failing_on_errors():
         result = evaluation.evaluate_distances(
             distances,
@@ -142,8 +143,7 @@ def eval_identify(
     )
 
     settings = load_settings()
-    pipeline = open_pipeline(settings)
-    with failing_on_errors():
+    with pipeline_call(settings) as pipeline, failing_on_errors():
         n_photos = len(person_photos(images))
         with typer.progressbar(length=n_photos, label="Embedding", show_pos=True, file=sys.stderr) as bar:
             result = run_identify_eval(
@@ -207,7 +207,9 @@ def calibrate(
                 c = evaluation.calibrate(distances, same, far)
     finally:
         if service is not None:
-            service.close()
+            service.close()  # its pipeline's too
+        else:
+            pipeline.close()
     missing = sorted(path for path, e in embedded.items() if e.error)
     if as_json:
         extra = {"applied": apply, "missing_photos": missing, "n_missing_pairs": int((~found).sum())}

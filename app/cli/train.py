@@ -10,7 +10,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from app.cli.common import CacheOption, cli, fail, failing_on_errors, load_settings, open_pipeline
+from app.cli.common import CacheOption, cli, fail, failing_on_errors, load_settings, pipeline_call
 from app.errors import FacegateError
 from app.gallery.reindex import PhotoBase
 from app.vision.decode import decode_image
@@ -101,9 +101,11 @@ def train(
             lr=lr,
             seed=seed,
         )
-        pipeline = open_pipeline(settings)
         count = len(folder_photos(images))
-        with typer.progressbar(length=count, label="Embedding", show_pos=True, file=sys.stderr) as bar:
+        with (
+            pipeline_call(settings) as pipeline,
+            typer.progressbar(length=count, label="Embedding", show_pos=True, file=sys.stderr) as bar,
+        ):
             data = embed_folder(pipeline, images, cache_path=cache, progress=bar.update)
         train_set, val_set = split_identities(data, val_fraction=val_fraction, seed=seed)
         with tqdm(total=epochs + 1, desc="Training", unit="epoch", file=sys.stderr) as epochs_bar:
@@ -174,6 +176,7 @@ def reindex_command(
             )
     finally:
         gallery.close()
+        pipeline.close()  # --from-photos: its inference threads
     sources = ", ".join(f"{n} from {v}" for v, n in sorted(report.from_versions.items())) or "none"
     photos = f", {report.from_photos} of them from their photos" if from_photos else ""
     typer.echo(

@@ -3,6 +3,7 @@ FACEGATE_ variable, never a traceback (no models needed: these fail before any i
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,17 @@ def test_a_database_migrated_by_a_newer_version_is_one_line(sqlite_env: dict[str
     engine.dispose()
     code, err = run(sqlite_env, "keys", "list")
     assert code == 2 and err.startswith("error: cannot migrate the database") and "'9999'" in err, err
+
+
+def test_serve_checks_the_models_and_database_before_starting_workers(tmp_path: Path) -> None:
+    """Each uvicorn worker would print its own start-up traceback and uvicorn exit 3; serve says it once. Auth is
+    required here, so the API-key check does not read the database first."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {"FACEGATE_AUTH__REQUIRED": "true", "FACEGATE_DATABASE_URL": f"sqlite:///{tmp_path / 'gallery.db'}"}
+    code, err = run({**env, "FACEGATE_MODELS_DIR": str(tmp_path / "no-models")}, "serve", "--port", port)
+    assert code == 2 and err.strip() == f"error: no manifest.json in {tmp_path / 'no-models'}: build the models with `make models`"
+    missing_folder = {**env, "FACEGATE_DATABASE_URL": f"sqlite:///{tmp_path / 'no-folder' / 'gallery.db'}"}
+    code, err = run(missing_folder, "serve", "--port", port)
+    assert code == 2 and "cannot use the database (FACEGATE_DATABASE_URL): unable to open database file" in err

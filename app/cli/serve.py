@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import cli, database_problem, fail, load_settings
+from app.cli.common import cli, database_problem, fail, failing_on_errors, load_settings
 from app.config import Settings
+from app.vision.pipeline import Pipeline
 
 
 def api_keys_configured(settings: Settings) -> bool:
@@ -88,6 +89,7 @@ def serve(
     from app.logs import uvicorn_log_config
 
     settings = load_settings()
+    _preflight(settings)
     bind = host or settings.host  # an explicit --host or FACEGATE_HOST is honoured; the default is 127.0.0.1
     if api_keys_configured(settings):
         typer.echo(f"API keys are required (X-API-Key header); listening on {bind}.")
@@ -124,6 +126,22 @@ def serve(
         log_level=level.lower(),
         access_log=False,  # app/api/access_log.py logs each request (route template, no client address)
     )
+
+
+def _preflight(settings: Settings) -> None:
+    """What would fail every worker's start-up, checked once before uvicorn starts: each worker would otherwise
+    print its own traceback and uvicorn exit 3. The models' manifests (the networks load in the workers) and a
+    connection to the database (a SQLite file is created, as the first worker would)."""
+    from app.gallery import db
+
+    with failing_on_errors():
+        Pipeline.from_settings(settings)
+    engine = db.make_engine(settings.database_url)
+    try:
+        with engine.connect():
+            pass  # a SQLAlchemyError ends the command in one line (app/cli/common.py)
+    finally:
+        engine.dispose()
 
 
 def share_cores(settings: Settings, workers: int, cores: int) -> dict[str, str]:

@@ -6,8 +6,10 @@ Core code never reads the environment: it receives these values as arguments.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
+from collections.abc import Mapping
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -553,6 +555,45 @@ def describe_settings_error(error: ValidationError | SettingsError) -> str:
         name = "FACEGATE_" + "__".join(parts) if parts else "settings"
         problems.setdefault(name, []).append(item["msg"].removeprefix("Value error, "))
     return "; ".join(f"{name}: {' or '.join(messages)}" for name, messages in problems.items())
+
+
+# FACEGATE_ variables that are not settings of the service: the tests', the benchmarks' and docker compose's own.
+OTHER_VARIABLES = frozenset(
+    {
+        "FACEGATE_FACES_DIR",
+        "FACEGATE_TEST_POSTGRES_URL",
+        "FACEGATE_TEST_CHROMIUM",
+        "FACEGATE_UI_SCREENSHOTS",
+        "FACEGATE_BENCH_OUT",
+        "FACEGATE_BENCH_POSTGRES_URL",
+        "FACEGATE_BASE_IMAGE",
+        "FACEGATE_POSTGRES_IMAGE",
+        "FACEGATE_PUBLISH_PORT",
+    }
+)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """FACEGATE_ variables that name no setting, each with the setting it most resembles (or None).
+
+    pydantic-settings ignores them silently, so a typo (FACEGATE_TRESHOLD, FACEGATE_DETECTOR__UPSAMPL) would leave
+    the default in force without a word. Names are compared in capitals, as the settings read them.
+    """
+    settings = [name for name, _, _ in settings_reference()]
+    groups = [
+        f"FACEGATE_{name.upper()}"
+        for name, field in Settings.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    ]
+    known = {*settings, *groups, *OTHER_VARIABLES}
+    unknown = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if upper.startswith("FACEGATE_") and upper not in known:
+            # compared without the prefix, which every name shares (FACEGATE_FOO is not "close to" FACEGATE_PORT)
+            close = difflib.get_close_matches(upper[9:], [setting[9:] for setting in settings], n=1, cutoff=0.75)
+            unknown.append((name, f"FACEGATE_{close[0]}" if close else None))
+    return unknown
 
 
 @lru_cache

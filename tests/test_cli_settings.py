@@ -103,3 +103,19 @@ def test_serve_checks_the_models_and_database_before_starting_workers(tmp_path: 
     missing_folder = {**env, "FACEGATE_DATABASE_URL": f"sqlite:///{tmp_path / 'no-folder' / 'gallery.db'}"}
     code, err = run(missing_folder, "serve", "--port", port)
     assert code == 2 and "cannot use the database (FACEGATE_DATABASE_URL): unable to open database file" in err
+
+
+def test_an_unknown_facegate_variable_is_reported(sqlite_env: dict[str, str]) -> None:
+    """pydantic-settings ignores variables that name no setting: a typo left the default in force silently."""
+    env = {**sqlite_env, "FACEGATE_TRESHOLD": "0.3", "FACEGATE_DETECTOR__UPSAMPL": "1", "FACEGATE_FOO": "1"}
+    env |= {"FACEGATE_DETECTOR__UPSAMPLE": "1", "FACEGATE_FACES_DIR": "/faces"}  # a setting, the tests' own
+    code, err = run(env, "keys", "list")
+    assert code == 0, err
+    lines = err.splitlines()
+    assert {
+        "warning: FACEGATE_DETECTOR__UPSAMPL is not a facegate setting and is ignored (did you mean "
+        "FACEGATE_DETECTOR__UPSAMPLE?)",
+        "warning: FACEGATE_FOO is not a facegate setting and is ignored",
+        "warning: FACEGATE_TRESHOLD is not a facegate setting and is ignored (did you mean FACEGATE_THRESHOLD?)",
+    } <= set(lines)
+    assert not [line for line in lines if "FACEGATE_DETECTOR__UPSAMPLE " in line or "FACEGATE_FACES_DIR" in line]

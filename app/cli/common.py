@@ -4,6 +4,7 @@ and turning errors into exit status 2."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -17,7 +18,7 @@ from pydantic_settings import SettingsError
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from typer.core import TyperGroup
 
-from app.config import Settings, describe_settings_error
+from app.config import Settings, describe_settings_error, unknown_variables
 from app.errors import FacegateError
 from app.service import FacePolicy, FaceService
 from app.vision.pipeline import Pipeline
@@ -92,6 +93,9 @@ def main_callback(
 def load_settings() -> Settings:
     """Settings from the environment, read when a command runs (not cached: one command per process anyway). A value
     that is refused ends the command with exit status 2 and the variable's name, not a traceback."""
+    for name, close in unknown_variables(os.environ):
+        hint = f" (did you mean {close}?)" if close else ""
+        typer.secho(f"warning: {name} is not a facegate setting and is ignored{hint}", fg=typer.colors.YELLOW, err=True)
     try:
         return Settings()
     except (ValidationError, SettingsError) as error:

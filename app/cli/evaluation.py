@@ -16,6 +16,7 @@ from app.cli.common import (
     CacheOption,
     cli,
     default_threshold,
+    fail,
     failing_on_errors,
     load_settings,
     open_pipeline,
@@ -183,6 +184,8 @@ def calibrate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """The threshold for a target FAR on labelled photo pairs, with the VAL it gives and confidence intervals."""
+    if not 0.0 < far < 1.0:  # the option's range includes its ends; refused here, not after every photo is embedded
+        fail(f"--far must be above 0 and below 1, got {far:g}")
     settings = load_settings()
     with failing_on_errors():
         pair_list = evaluation.read_pairs(pairs)

@@ -567,6 +567,7 @@ OTHER_VARIABLES = frozenset(
         "FACEGATE_BENCH_OUT",
         "FACEGATE_BENCH_POSTGRES_URL",
         "FACEGATE_BASE_IMAGE",
+        "FACEGATE_API_IMAGE",  # not FACEGATE_IMAGE: that would be read as the `image` settings group
         "FACEGATE_POSTGRES_IMAGE",
         "FACEGATE_PUBLISH_PORT",
     }

@@ -3,7 +3,10 @@ FACEGATE_ variable, never a traceback (no models needed: these fail before any i
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +133,11 @@ def test_calibrate_refuses_a_target_far_at_its_ends_before_embedding(tmp_path: P
     env = {"FACEGATE_MODELS_DIR": str(tmp_path / "no-models")}
     code, err = run(env, "calibrate", "--pairs", str(pairs), "--images", str(tmp_path), "--far", far)
     assert code == 2 and err.strip() == f"error: --far must be above 0 and below 1, got {far}"
+
+
+def test_python_m_app_cli_is_the_command(tmp_path: Path) -> None:
+    """`python -m app.cli` runs the command where the installed `facegate` script is not the checkout's own."""
+    env = {**os.environ, "FACEGATE_DATABASE_URL": f"sqlite:///{tmp_path / 'gallery.db'}"}
+    run = subprocess.run([sys.executable, "-m", "app.cli", "keys", "list"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("no API keys")

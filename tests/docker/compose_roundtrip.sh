@@ -78,7 +78,7 @@ trap 'exit 130' INT TERM
 log "building (base ${FACEGATE_BASE_IMAGE:-debian:bookworm-slim}, db ${FACEGATE_POSTGRES_IMAGE:-postgres:16})"
 started=$SECONDS
 dc build api
-log "built in $((SECONDS - started)) s: $(docker image inspect --format '{{.Size}}' "${FACEGATE_IMAGE:-facegate:latest}" | awk '{printf "%.0f MB", $1 / 1e6}')"
+log "built in $((SECONDS - started)) s: $(docker image inspect --format '{{.Size}}' "${FACEGATE_API_IMAGE:-facegate:latest}" | awk '{printf "%.0f MB", $1 / 1e6}')"
 
 log "starting db and api on 127.0.0.1:$FACEGATE_PUBLISH_PORT"
 dc up -d

@@ -33,6 +33,17 @@ def test_console_files_are_served_without_a_key_and_only_from_this_origin(client
     assert not any(path.startswith("/ui") for path in client.get("/openapi.json").json()["paths"])
 
 
+def test_console_files_send_security_headers(client: TestClient) -> None:
+    for path in ("/ui", "/ui/app.js", "/ui/app.css"):
+        headers = client.get(path).headers
+        csp = {d.split()[0]: d.split()[1:] for d in headers["content-security-policy"].split("; ")}
+        assert csp["script-src"] == ["'self'"] and csp["style-src"] == ["'self'"]  # no inline script or style
+        assert csp["object-src"] == csp["form-action"] == csp["frame-ancestors"] == ["'none'"], path
+        assert headers["x-frame-options"] == "DENY", path  # clickjacking, for browsers without frame-ancestors
+        assert headers["x-content-type-options"] == "nosniff" and headers["referrer-policy"] == "no-referrer"
+        assert headers["cache-control"] == "no-cache", path
+
+
 def test_enrol_reply_has_the_five_landmarks_inside_the_box(client: TestClient, photo: Upload) -> None:
     face = client.post("/enroll", files={"image": photo(AMY[0])}, data={"name": "Amy"}).json()["face"]
     box, points = face["box"], face["landmarks"]

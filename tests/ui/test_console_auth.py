@@ -80,3 +80,23 @@ def test_key_is_asked_for_kept_in_the_tab_and_refusals_are_readable(
     p.get_by_role("button", name="Forget").click()
     assert p.evaluate("sessionStorage.length") == 0
     assert failed_loads(console.errors()) == [401, 401, 403]
+
+
+def test_the_key_never_goes_into_a_url_even_without_the_script(browser: Any, secured: tuple[LiveServer, str]) -> None:
+    """The key form is sent by the script; if the script has not run (slow, blocked, failed), pressing Enter must not
+    submit the key the browser's way, as a query string (address bar, history, access logs): the input has no name,
+    and the page's CSP (form-action 'none') blocks the submission, saying where it would have gone."""
+    live, read_key = secured
+    context = browser.new_context(java_script_enabled=False)
+    try:
+        p = context.new_page()
+        sent: list[str] = []
+        p.on("request", lambda request: sent.append(request.url))
+        p.goto(f"{live.url}/ui")
+        p.get_by_label("API key").fill(read_key)
+        with p.expect_console_message(lambda m: "form-action" in m.text) as blocked:
+            p.get_by_label("API key").press("Enter", no_wait_after=True)
+        assert f"'{live.url}/ui?'" in blocked.value.text and "has been blocked" in blocked.value.text
+        assert not any(read_key in url for url in [*sent, p.url])
+    finally:
+        context.close()

@@ -3,7 +3,8 @@
 The page calls the JSON API from the browser with the API key the operator typed (kept in the tab's
 sessionStorage), so these files themselves need no key. Nothing is fetched from elsewhere: the Content-Security-
 Policy allows only this origin (and data:/blob: images: the photos being tested never leave the browser except to
-this service).
+this service). The API key's input has no name, so even a form submitted without the script would not put it
+in a URL (the address bar, history, access logs); form-action 'none' blocks such a submission anyway.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ ASSETS = {
 }
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
-    "script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
+    # Every form is sent by the script; a native submission (the script not loaded yet, or failing) goes nowhere.
+    "form-action 'none'",
     "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }

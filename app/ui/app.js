@@ -117,6 +117,10 @@ async function api(path, options) {
   } catch (error) {
     throw new ApiError(0, "network", "The service did not answer (" + error.message + ").");
   }
+  if (response.status === 401 && key && apiKey() === key) {
+    sessionStorage.removeItem(KEY_STORAGE); // refused (unknown or revoked): not kept, not sent again
+    showKeyState();
+  }
   let data = null;
   if ((response.headers.get("content-type") || "").includes("json")) {
     try {
@@ -729,7 +733,6 @@ async function loadHealth() {
 
 function showKeyState() {
   $("#key-state").textContent = apiKey() ? "key in use for this tab" : "no key";
-  $("#key-input").value = "";
   $("#key-input").placeholder = apiKey() ? "••••••••" : "not set";
 }
 
@@ -738,14 +741,15 @@ function wireKey() {
     event.preventDefault();
     const value = $("#key-input").value.trim();
     if (value) sessionStorage.setItem(KEY_STORAGE, value);
+    $("#key-input").value = "";
     showKeyState();
     clearMessage();
     route();
   });
   $("#key-forget").addEventListener("click", () => {
     sessionStorage.removeItem(KEY_STORAGE);
-    showKeyState();
-    clearMessage();
+    // The page starts afresh: nothing read with the key (names, metadata, faces, photos tested) stays on screen.
+    location.reload();
   });
 }
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from app.auth import Scope
@@ -54,6 +55,8 @@ def test_key_is_asked_for_kept_in_the_tab_and_refusals_are_readable(
 
     use_key(p, "fg_0123abcd_" + "x" * 43)  # well-formed, unknown
     p.locator("#message.error", has_text="unknown or revoked API key").wait_for()
+    # A refused key is not kept (nor sent again): the tab says so.
+    assert p.locator("#key-state").inner_text() == "no key" and p.evaluate("sessionStorage.length") == 0
     p.screenshot(path=screenshots / "auth-401.png", full_page=True)
 
     # A read key: the gallery opens; enrolling needs write.
@@ -78,8 +81,34 @@ def test_key_is_asked_for_kept_in_the_tab_and_refusals_are_readable(
     assert p.evaluate("sessionStorage.getItem('facegate.apiKey')") == ADMIN_KEY
     assert p.evaluate("localStorage.length") == 0 and p.evaluate("document.cookie") == ""
     p.get_by_role("button", name="Forget").click()
-    assert p.evaluate("sessionStorage.length") == 0
-    assert failed_loads(console.errors()) == [401, 401, 403]
+    p.locator("#message.error", has_text="Not authorised (401)").wait_for()  # the page, reloaded, asks again
+    assert p.evaluate("sessionStorage.length") == 0 and p.locator("#key-state").inner_text() == "no key"
+    assert failed_loads(console.errors()) == [401, 401, 403, 401]
+
+
+def test_forget_leaves_nothing_read_with_the_key_on_the_page(
+    page: tuple[Any, Console], secured: tuple[LiveServer, str], dev_faces: Path
+) -> None:
+    p, console = page
+    live, read_key = secured
+    with httpx.Client(base_url=live.url, headers={"X-API-Key": ADMIN_KEY}) as api:
+        photo = (dev_faces / AMY[0]).read_bytes()
+        enrolled = api.post("/enroll", files={"image": ("a.png", photo, "image/png")}, data={"name": "Amy Secret"})
+        identity = enrolled.json()["identity_id"]
+        try:
+            open_page(p, live, "gallery")
+            use_key(p, read_key)
+            p.get_by_role("link", name="Amy Secret").click()
+            p.locator("#faces-table tbody tr").first.wait_for()
+            p.get_by_role("button", name="Forget").click()
+            # The page asks again (401) and shows nothing of her: not her name, id, metadata or faces.
+            p.locator("#message.error", has_text="Not authorised (401)").wait_for()
+            assert p.locator("#key-state").inner_text() == "no key"
+            assert "Amy Secret" not in p.locator("body").inner_text() and identity not in p.content()
+            assert p.locator("#faces-table tbody tr").count() == 0
+        finally:
+            assert api.delete(f"/identities/{identity}").status_code == 200
+    assert failed_loads(console.errors()) == [401, 401]
 
 
 def test_the_key_never_goes_into_a_url_even_without_the_script(browser: Any, secured: tuple[LiveServer, str]) -> None:

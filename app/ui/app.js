@@ -136,6 +136,24 @@ async function api(path, options) {
   return data;
 }
 
+// Every load of a page (a navigation, a search, another page of the gallery, a reload after a change) takes the next
+// number; its answer, or refusal, is dropped (Stale, which guarded() ignores) if a newer load has begun meanwhile: a
+// slow answer never replaces what the operator has asked for since.
+class Stale extends Error {}
+let loads = 0;
+
+async function latest(request) {
+  const ticket = ++loads;
+  let data;
+  try {
+    data = await request();
+  } catch (error) {
+    if (ticket === loads) throw error;
+  }
+  if (ticket !== loads) throw new Stale("a newer load has begun");
+  return data;
+}
+
 // ------------------------------------------------------------------------------------------------ messages
 
 let keepMessage = false;
@@ -184,7 +202,7 @@ async function guarded(button, action) {
   try {
     return await action();
   } catch (error) {
-    showError(error);
+    if (!(error instanceof Stale)) showError(error);
     return undefined;
   } finally {
     if (button) button.disabled = false;
@@ -282,7 +300,18 @@ async function loadGallery() {
   const params = new URLSearchParams({ offset: String(gallery.offset), limit: String(PAGE_SIZE) });
   if (gallery.name) params.set("name", gallery.name);
   const tbody = $("#gallery-table tbody");
-  const page = await api("/identities?" + params.toString());
+  let page;
+  try {
+    page = await latest(() => api("/identities?" + params.toString()));
+  } catch (error) {
+    if (!(error instanceof Stale)) tbody.replaceChildren(); // refused (key): the names read before are not left shown
+    throw error;
+  }
+  if (!page.items.length && page.offset > 0 && page.total > 0) {
+    // Past the end (its last person deleted, or the gallery shrank): the last page instead of an empty one.
+    gallery.offset = Math.floor((page.total - 1) / PAGE_SIZE) * PAGE_SIZE;
+    return loadGallery();
+  }
   gallery.total = page.total;
   tbody.replaceChildren();
   for (const item of page.items) {
@@ -324,17 +353,29 @@ function wireGallery() {
 
 let current = null; // the identity shown on the identity page
 
+function clearIdentity() {
+  current = null;
+  $("#identity-body").hidden = true; // no form to act on nobody
+  $("#identity-title").textContent = "Person";
+  $("#identity-facts").replaceChildren();
+  $("#faces-table tbody").replaceChildren();
+  $("#addface-result").hidden = true;
+}
+
 async function loadIdentity(id) {
-  if (!current || current.id !== id) {
-    // Another person: show nothing of the previous one while (or if) this one fails to load.
-    current = null;
-    $("#identity-title").textContent = "Person";
-    $("#identity-facts").replaceChildren();
-    $("#faces-table tbody").replaceChildren();
-    $("#addface-result").hidden = true;
+  // Another person: show nothing of the previous one while this one loads.
+  if (!current || current.id !== id) clearIdentity();
+  let identity;
+  try {
+    // "." and ".." would be resolved away by the URL parser (asking /identities/ or /): no person has either id.
+    if (id === "." || id === "..") throw new ApiError(404, "unknown_identity", "unknown identity '" + id + "'");
+    identity = await latest(() => api("/identities/" + encodeURIComponent(id)));
+  } catch (error) {
+    if (!(error instanceof Stale)) clearIdentity(); // deleted, or the key refused: nothing of them stays shown
+    throw error;
   }
-  const identity = await api("/identities/" + encodeURIComponent(id));
   current = identity;
+  $("#identity-body").hidden = false;
   $("#identity-title").textContent = identity.name;
   $("#rename-input").value = identity.name;
   const facts = $("#identity-facts");
@@ -352,7 +393,7 @@ async function loadIdentity(id) {
   for (const face of identity.faces || []) {
     const b = face.box;
     const button = el("button", { type: "button", className: "danger small", "aria-label": "Delete face " + shortId(face.id), text: "Delete face" });
-    button.addEventListener("click", () => deleteFace(button, face.id));
+    button.addEventListener("click", (event) => deleteFace(event, button, face.id));
     tbody.append(el("tr", {},
       el("td", {}, el("code", { text: shortId(face.id), title: face.id })),
       el("td", { text: when(face.created_at) }),
@@ -368,13 +409,15 @@ async function loadIdentity(id) {
   $("#delete-person").hidden = false;
 }
 
-// Deleting a face asks once more on the same button (keyboard users keep their place).
-async function deleteFace(button, faceId) {
+// Deleting a face asks once more on the same button (keyboard users keep their place). The second click of a double
+// click (event.detail 2) is not an answer to the question it raised (a keyboard's click has detail 0).
+async function deleteFace(event, button, faceId) {
   if (button.dataset.armed !== "yes") {
     button.dataset.armed = "yes";
     button.textContent = "Really delete?";
     return;
   }
+  if (event.detail > 1) return;
   await guarded(button, async () => {
     const report = await api("/identities/" + encodeURIComponent(current.id) + "/faces/" + encodeURIComponent(faceId), { method: "DELETE" });
     say("info", "Deleted face " + shortId(faceId) + " of " + current.name + ": " + report.deleted_face_ids.length + " embedding removed.");
@@ -421,6 +464,7 @@ function wireIdentity() {
       const ids = report.deleted_face_ids.map(shortId).join(", ");
       say("info", "Deleted " + current.name + (report.identity_deleted ? " (the person" : " (") + " and " + report.deleted_face_ids.length +
         (report.deleted_face_ids.length === 1 ? " face" : " faces") + (ids ? ": " + ids : "") + "). Nothing of them is kept.");
+      clearIdentity();
       keepMessage = true;
       location.hash = "#gallery";
     });
@@ -608,7 +652,7 @@ function interp(rows, t, field) {
 
 async function loadCurve() {
   const source = $("#curve-source").value;
-  curve = await api("/calibration/curve?source=" + encodeURIComponent(source));
+  curve = await latest(() => api("/calibration/curve?source=" + encodeURIComponent(source)));
   $("#curve-description").textContent = "Measured on " + curve.description + ": " + curve.n_same.toLocaleString("en") + " same-person and " +
     curve.n_different.toLocaleString("en") + " different-person pairs (model " + curve.model_version + ").";
   $("#threshold-active").textContent = "In use now: " + fmt(curve.threshold, 2) + ", from " + (THRESHOLD_SOURCES[curve.threshold_source] || curve.threshold_source) +
@@ -764,7 +808,12 @@ const LOADERS = {
 };
 
 function route() {
-  const hash = decodeURIComponent(location.hash.replace(/^#/, ""));
+  let hash = location.hash.replace(/^#/, "");
+  try {
+    hash = decodeURIComponent(hash);
+  } catch (error) {
+    // A malformed %-escape (a link edited by hand) is taken as it is: it names no page, nor anyone.
+  }
   let page = hash || "gallery";
   let load;
   if (page.startsWith("identity/")) {
@@ -784,6 +833,7 @@ function route() {
   if (keepMessage) keepMessage = false;
   else clearMessage();
   document.title = $("#page-" + page + " h2").textContent + " · facegate";
+  loads++; // what an earlier page was still loading is no longer wanted
   guarded(null, load);
 }
 

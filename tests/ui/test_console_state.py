@@ -1,0 +1,184 @@
+"""The console's state as an operator moves around: paging past a deleted person, answers that come back late, a
+person deleted or unknown, hand-edited links, and double clicks. People are enrolled through the API (same photo,
+allow_duplicate) to set each scene up quickly."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.ui.conftest import Console, LiveServer
+from tests.ui.test_console import AMY, failed_loads, open_page
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+# Counts the JSON answers the page has read; the script's own code after each such read runs in the same task
+# (microtasks), so once page.wait_for_function sees the count go up, the page has done all it does with that answer.
+COUNT_ANSWERS = """
+window.__answers = 0;
+const json = Response.prototype.json;
+Response.prototype.json = function () {
+  return json.call(this).then((value) => { window.__answers++; return value; });
+};
+"""
+
+
+class Gallery:
+    def __init__(self, live: LiveServer, photo: bytes) -> None:
+        self.client = httpx.Client(base_url=live.url, timeout=60)
+        self.photo = photo
+
+    def enrol(self, name: str) -> str:
+        files = {"image": ("face.png", self.photo, "image/png")}
+        r = self.client.post("/enroll", files=files, data={"name": name, "allow_duplicate": "true"})
+        assert r.status_code == 201, r.text
+        return str(r.json()["identity_id"])
+
+    def add_face(self, identity: str) -> None:
+        r = self.client.post(f"/identities/{identity}/faces", files={"image": ("face.png", self.photo, "image/png")})
+        assert r.status_code == 201, r.text
+
+    def empty(self) -> None:
+        while items := self.client.get("/identities", params={"limit": 100}).json()["items"]:
+            for item in items:
+                self.client.delete(f"/identities/{item['id']}")
+
+
+@pytest.fixture
+def gallery(live: LiveServer, dev_faces: Path) -> Iterator[Gallery]:
+    g = Gallery(live, (dev_faces / AMY[0]).read_bytes())
+    g.empty()
+    try:
+        yield g
+    finally:
+        g.empty()
+        g.client.close()
+
+
+def test_deleting_the_only_person_of_the_last_page_shows_the_last_full_page(
+    page: tuple[Any, Console], live: LiveServer, gallery: Gallery
+) -> None:
+    p, console = page
+    for i in range(21):
+        gallery.enrol(f"Person {i + 1:02d}")
+    open_page(p, live, "gallery")
+    summary = p.locator("#gallery-summary")
+    summary.get_by_text("1–20 of 21 people").wait_for()
+    p.get_by_role("button", name="Next page").click()
+    summary.get_by_text("21–21 of 21 people").wait_for()
+    p.get_by_role("link", name="Person 21").click()
+    p.get_by_role("button", name="Delete person…").click()
+    p.get_by_role("button", name="Yes, delete").click()
+    p.locator("#message", has_text="Deleted Person 21").wait_for()
+    p.locator("#gallery-summary", has_text=re.compile(r" of 20 people$")).wait_for()
+    # Not an empty table "0–20 of 20 people" on page 2: page 1, whole.
+    assert summary.inner_text() == "1–20 of 20 people"
+    assert p.locator("#gallery-table tbody tr").count() == 20
+    assert p.get_by_role("button", name="Next page").is_disabled()
+    assert p.get_by_role("button", name="Previous page").is_disabled()
+    assert console.errors() == []
+
+
+def test_a_late_answer_for_the_person_left_does_not_replace_the_person_shown(
+    page: tuple[Any, Console], live: LiveServer, gallery: Gallery
+) -> None:
+    p, console = page
+    first, second = gallery.enrol("First Person"), gallery.enrol("Second Person")
+    p.add_init_script(COUNT_ANSWERS)
+    held: list[Any] = []
+    p.route(f"**/identities/{first}", lambda route: held.append(route))  # her answer waits until released
+    open_page(p, live, f"identity/{first}")
+    open_page(p, live, f"identity/{second}")
+    p.locator("#identity-title", has_text="Second Person").wait_for()
+    p.locator("#identity-facts dd", has_text=second).wait_for()
+    assert len(held) == 1
+    answers = p.evaluate("window.__answers")
+    held[0].continue_()
+    p.wait_for_function(f"window.__answers > {answers}")  # the first person's answer has reached the page
+    assert p.locator("#identity-title").inner_text() == "Second Person"
+    assert p.locator("#identity-facts dd").first.inner_text() == second
+    assert p.locator("#message").is_hidden()
+    assert console.errors() == []
+
+
+def test_a_deleted_person_is_not_shown_again_on_going_back(
+    page: tuple[Any, Console], live: LiveServer, gallery: Gallery
+) -> None:
+    p, console = page
+    gallery.enrol("Gone Person")
+    open_page(p, live, "gallery")
+    p.get_by_role("link", name="Gone Person").click()
+    p.locator("#faces-table tbody tr").first.wait_for()
+    p.get_by_role("button", name="Delete person…").click()
+    p.get_by_role("button", name="Yes, delete").click()
+    p.get_by_text("The gallery is empty.").wait_for()
+    p.go_back()
+    message = p.locator("#message.error", has_text="(unknown_identity, HTTP 404)")
+    message.wait_for()
+    assert p.locator("#identity-title").inner_text() == "Person"
+    assert p.locator("#identity-body").is_hidden()
+    assert "Gone Person" not in p.locator("body").inner_text()
+    assert failed_loads(console.errors()) == [404]
+
+
+def test_hand_edited_links_to_a_person_say_nobody_has_that_id(
+    page: tuple[Any, Console], live: LiveServer, gallery: Gallery
+) -> None:
+    p, console = page
+    open_page(p, live, "enrol")
+    p.locator("#page-enrol").wait_for()
+    # A malformed %-escape: the page still changes (it threw URIError in the hashchange handler and stayed put).
+    p.evaluate("location.hash = '#identity/%E0%A4%A'")
+    message = p.locator("#message.error", has_text="(unknown_identity, HTTP 404)")
+    message.wait_for()
+    assert p.locator("#page-identity").is_visible() and p.locator("#identity-body").is_hidden()
+    # Dot segments: the URL parser would turn /identities/. into /identities/ (the gallery's list, shown as a person
+    # with no name) and /identities/.. into /.
+    for dots in (".", "%2e", ".."):
+        open_page(p, live, "enrol")
+        p.locator("#page-enrol").wait_for()
+        p.evaluate(f"location.hash = '#identity/{dots}'")
+        message.wait_for()
+        assert p.locator("#identity-title").inner_text() == "Person" and p.locator("#identity-body").is_hidden()
+    assert failed_loads(console.errors()) == [404]
+
+
+def test_a_double_click_on_delete_face_asks_and_does_not_delete(
+    page: tuple[Any, Console], live: LiveServer, gallery: Gallery
+) -> None:
+    p, console = page
+    identity = gallery.enrol("Two Faces")
+    gallery.add_face(identity)
+    open_page(p, live, f"identity/{identity}")
+    rows = p.locator("#faces-table tbody tr")
+    rows.nth(1).wait_for()
+    button = rows.first.get_by_role("button")
+    button.dblclick()
+    # The second click of the double click is not the confirmation: nothing is sent, the question stays.
+    assert button.inner_text() == "Really delete?" and button.is_enabled()
+    button.click()
+    p.locator("#message", has_text=re.compile(r"^Deleted face \w{8} of Two Faces")).wait_for()
+    p.locator("#identity-facts dd", has_text=re.compile(r"^1$")).wait_for()
+    assert rows.count() == 1
+    assert console.errors() == []
+
+
+def test_a_double_click_on_enrol_enrols_once(
+    page: tuple[Any, Console], live: LiveServer, gallery: Gallery, dev_faces: Path
+) -> None:
+    p, console = page
+    posts: list[str] = []
+    p.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    open_page(p, live, "enrol")
+    p.locator("#enrol-file").set_input_files(dev_faces / AMY[0])
+    p.locator("#enrol-name").fill("Once")
+    p.get_by_role("button", name="Enrol").dblclick()
+    p.locator("#enrol-ok").wait_for()
+    assert posts == [f"{live.url}/enroll"]
+    assert gallery.client.get("/identities").json()["total"] == 1
+    assert console.errors() == []

@@ -99,7 +99,8 @@ def test_a_late_answer_for_the_person_left_does_not_replace_the_person_shown(
     assert len(held) == 1
     answers = p.evaluate("window.__answers")
     held[0].continue_()
-    p.wait_for_function(f"window.__answers > {answers}")  # the first person's answer has reached the page
+    # A function, not a string (which Playwright's polling would eval: the page's CSP forbids that).
+    p.wait_for_function("(seen) => window.__answers > seen", arg=answers)  # the first person's answer has come
     assert p.locator("#identity-title").inner_text() == "Second Person"
     assert p.locator("#identity-facts dd").first.inner_text() == second
     assert p.locator("#message").is_hidden()

@@ -130,6 +130,29 @@ class RequestObserver:
             self.observe(scope, status, time.perf_counter() - start)
 
 
+class NoStoreMiddleware:
+    """`Cache-Control: no-store` on every answer that sets no cache policy of its own: names, metadata, embeddings
+    and decisions about people are personal (biometric) data, for no browser or proxy cache to keep. The console's
+    files and a stored photo set their own."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_no_store(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"cache-control" for name, _ in headers):
+                    message = {**message, "headers": [*headers, (b"cache-control", b"no-store")]}
+            await send(message)
+
+        await self.app(scope, receive, send_no_store)
+
+
 class MetricsMiddleware(RequestObserver):
     """Request latency by route template (not raw path: ids would explode the label set) and status."""
 

@@ -571,7 +571,9 @@ async function runIdentify() {
   showPhoto(figure, file, r.faces.map((f, i) => ({
     box: f.face.box, landmarks: f.face.landmarks, kind: f.reason,
     label: (i + 1) + (f.match ? " " + f.match.name : ""),
-  })), r.faces.length + (r.faces.length === 1 ? " face" : " faces") + " found");
+  })), r.faces_detected > r.faces.length
+    ? r.faces.length + " of " + r.faces_detected + " faces found: the most confident (FACEGATE_DETECTOR__MAX_FACES)"
+    : r.faces.length + (r.faces.length === 1 ? " face" : " faces") + " found");
   out.append(el("p", { className: "muted", id: "test-threshold-used", text: thresholdLine(r) }),
     el("p", { className: "muted", text: "Searched " + plural(r.gallery_size, "face", "faces") + " of " + plural(r.identities, "person", "people") + "; target share of strangers named (FPIR): " + pct(r.target_fpir) + "." }));
   if (!r.faces.length) out.append(el("p", { className: "bad", text: "No face was found in the photo." }));

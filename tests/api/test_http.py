@@ -60,6 +60,26 @@ class TestErrorShape:
         error_of(shared_client.delete("/healthz"), 405, "method_not_allowed")
         error_of(shared_client.get("/enroll"), 405, "method_not_allowed")
 
+    def test_answers_are_not_cached(self, shared_client: TestClient, photo: Photo, settings: Settings) -> None:
+        """Names, metadata and decisions about people are personal data: no browser or proxy cache keeps them."""
+        enrolled = shared_client.post("/enroll", files={"image": photo(AMY)}, data={"name": "Cache Test"})
+        identity = enrolled.json()["identity_id"]
+        answers = [
+            enrolled,
+            shared_client.get("/identities"),
+            shared_client.get(f"/identities/{identity}"),
+            shared_client.post("/identify", files={"image": photo(AMY)}),
+            shared_client.get("/no/such/route"),  # errors too
+            shared_client.post("/enroll", data={"name": "x"}),
+        ]
+        for r in answers:
+            assert r.headers["cache-control"] == "no-store", r.request.url
+        assert shared_client.delete(f"/identities/{identity}").headers["cache-control"] == "no-store"
+        assert shared_client.get("/ui").headers["cache-control"] == "no-cache"  # the console's own policy stays
+        with running(api_settings(settings.models_dir, settings.database_url, image={"max_upload_bytes": 1000})) as c:
+            refused = c.post("/identify", files={"image": photo(AMY)})
+            assert (refused.status_code, refused.headers["cache-control"]) == (413, "no-store")
+
     def test_trailing_slashes(self, shared_client: TestClient, photo: Photo) -> None:
         """No absolute http:// redirect (wrong behind a TLS proxy) and no 307 that makes a client upload again: reads
         get a relative 308, writes a 404 that names the path meant."""

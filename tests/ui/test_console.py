@@ -257,3 +257,23 @@ def test_readable_on_a_phone(browser: Any, live: LiveServer, screenshots: Path) 
     finally:
         context.close()
     assert errors == []
+
+
+@pytest.fixture(scope="module")
+def capped_live(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A server that takes at most 2 faces from a photo."""
+    db = tmp_path_factory.mktemp("ui-capped") / "gallery.db"
+    yield from serve(ui_settings(models_dir, db, detector={"max_faces": 2}))
+
+
+def test_a_capped_photo_says_how_many_faces_were_found(
+    page: tuple[Any, Console], capped_live: LiveServer, dev_faces: Path
+) -> None:
+    p, console = page
+    open_page(p, capped_live, "test")
+    p.locator("#test-file-a").set_input_files(dev_faces / "ariel_sharon/krasserm__Ariel_Sharon_0004.jpg")  # 3 faces
+    p.get_by_role("button", name="Test", exact=True).click()
+    p.locator("#face-2 .decision").wait_for()
+    assert p.locator("#test-result figcaption").inner_text().startswith("2 of 3 faces found: the most confident")
+    assert p.locator("#face-3").count() == 0
+    assert console.errors() == []

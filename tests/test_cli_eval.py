@@ -117,6 +117,22 @@ def test_eval_refuses_a_malformed_pairs_file(env: Path, photos: tuple[Path, Path
     assert result.exit_code == 2 and "img_a, img_b and same" in result.output
 
 
+def test_a_cache_that_is_no_npz_is_not_overwritten(env: Path, photos: tuple[Path, Path], tmp_path: Path) -> None:
+    """`--cache` is rewritten at the end of a run: a mistyped `--cache pairs.csv` must not destroy the pairs."""
+    images, pairs = photos
+    kept = tmp_path / "pairs-copy.csv"
+    kept.write_bytes(pairs.read_bytes())
+    for command in ("eval", "calibrate"):
+        result = CliRunner().invoke(cli, [command, "--pairs", str(pairs), "--images", str(images), "--cache", str(kept)])
+        assert result.exit_code == 2 and "is not an embedding cache (.npz)" in result.output, result.output
+    assert kept.read_bytes() == pairs.read_bytes()
+    empty = tmp_path / "new.npz"
+    empty.write_bytes(b"")  # e.g. made by `touch`: a cache is written there
+    code, text = run("eval", "--pairs", str(pairs), "--images", str(images), "--cache", str(empty))
+    assert code == 0, text
+    assert empty.read_bytes()[:4] == b"PK\x03\x04"
+
+
 def test_calibrate_prints_the_threshold_and_apply_stores_it(
     env: Path, photos: tuple[Path, Path], dev_faces: Path
 ) -> None:

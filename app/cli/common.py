@@ -65,13 +65,29 @@ FaceOption = Annotated[
         help="Photos with several faces: 'single' refuses them, 'largest' uses the largest face.",
     ),
 ]
+def _check_cache(path: Path | None) -> Path | None:
+    """--cache is rewritten at the end of a run: refuse a file that is no .npz (a zip archive), so that a mistyped
+    `--cache pairs.csv` does not destroy the pairs. An empty file, or a cut or other program's .npz, is rewritten."""
+    if path is not None and path.is_file():
+        try:
+            with path.open("rb") as f:
+                head = f.read(4)
+        except OSError as error:
+            raise typer.BadParameter(f"cannot read {path}: {error.strerror}") from None
+        if head and head not in (b"PK\x03\x04", b"PK\x05\x06"):
+            raise typer.BadParameter(f"{path} is not an embedding cache (.npz); it would be overwritten")
+    return path
+
+
 CacheOption = Annotated[
     Path | None,
     typer.Option(
         "--cache",
         dir_okay=False,
+        callback=_check_cache,
         help="An .npz file of embeddings kept between runs: photos already embedded with the same model and "
-        "detection settings (and unchanged on disk) are not embedded again. Created if missing.",
+        "detection settings (and unchanged on disk) are not embedded again. Created if missing; an existing file "
+        "that is no .npz is refused, not overwritten.",
     ),
 ]
 

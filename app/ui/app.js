@@ -296,8 +296,10 @@ function wireDropZones() {
 
 const gallery = { offset: 0, name: "", total: 0 };
 
-async function loadGallery() {
-  const params = new URLSearchParams({ offset: String(gallery.offset), limit: String(PAGE_SIZE) });
+// The page at `offset` (default: the one shown); gallery.offset moves only once it has come, so a failed Next or
+// Previous leaves the position where it was and trying again asks for the same page.
+async function loadGallery(offset = gallery.offset) {
+  const params = new URLSearchParams({ offset: String(offset), limit: String(PAGE_SIZE) });
   if (gallery.name) params.set("name", gallery.name);
   const tbody = $("#gallery-table tbody");
   let page;
@@ -309,9 +311,9 @@ async function loadGallery() {
   }
   if (!page.items.length && page.offset > 0 && page.total > 0) {
     // Past the end (its last person deleted, or the gallery shrank): the last page instead of an empty one.
-    gallery.offset = Math.floor((page.total - 1) / PAGE_SIZE) * PAGE_SIZE;
-    return loadGallery();
+    return loadGallery(Math.floor((page.total - 1) / PAGE_SIZE) * PAGE_SIZE);
   }
+  gallery.offset = offset;
   gallery.total = page.total;
   tbody.replaceChildren();
   for (const item of page.items) {
@@ -340,12 +342,10 @@ function wireGallery() {
     guarded(event.submitter, loadGallery);
   });
   $("#gallery-prev").addEventListener("click", (event) => {
-    gallery.offset = Math.max(0, gallery.offset - PAGE_SIZE);
-    guarded(event.currentTarget, loadGallery);
+    guarded(event.currentTarget, () => loadGallery(Math.max(0, gallery.offset - PAGE_SIZE)));
   });
   $("#gallery-next").addEventListener("click", (event) => {
-    gallery.offset += PAGE_SIZE;
-    guarded(event.currentTarget, loadGallery);
+    guarded(event.currentTarget, () => loadGallery(gallery.offset + PAGE_SIZE));
   });
 }
 

@@ -183,3 +183,24 @@ def test_a_double_click_on_enrol_enrols_once(
     assert posts == [f"{live.url}/enroll"]
     assert gallery.client.get("/identities").json()["total"] == 1
     assert console.errors() == []
+
+
+def test_a_failed_next_page_leaves_the_position_where_it_was(
+    page: tuple[Any, Console], live: LiveServer, gallery: Gallery
+) -> None:
+    """Before, Next moved the position before its request: after a failure, trying again skipped a page."""
+    p, console = page
+    for i in range(41):
+        gallery.enrol(f"Person {i + 1:02d}")
+    open_page(p, live, "gallery")
+    summary = p.locator("#gallery-summary")
+    summary.get_by_text("1–20 of 41 people").wait_for()
+    refusal = {"error": {"code": "model_unavailable", "message": "the service is not ready"}}
+    p.route("**/identities?offset=20*", lambda route: route.fulfill(status=503, json=refusal))
+    p.get_by_role("button", name="Next page").click()
+    p.locator("#message.error", has_text="model_unavailable").wait_for()
+    p.unroute("**/identities?offset=20*")
+    p.get_by_role("button", name="Next page").click()
+    summary.get_by_text("21–40 of 41 people").wait_for()
+    assert p.locator("#gallery-table tbody tr").first.inner_text().startswith("Person 21")
+    assert failed_loads(console.errors()) == [503]

@@ -306,7 +306,10 @@ async function loadGallery(offset = gallery.offset) {
   try {
     page = await latest(() => api("/identities?" + params.toString()));
   } catch (error) {
-    if (!(error instanceof Stale)) tbody.replaceChildren(); // refused (key): the names read before are not left shown
+    if (!(error instanceof Stale)) {
+      tbody.replaceChildren(); // refused (key): the names read before are not left shown
+      $("#gallery-summary").textContent = ""; // nor a count of rows no longer there
+    }
     throw error;
   }
   if (!page.items.length && page.offset > 0 && page.total > 0) {

@@ -199,6 +199,7 @@ def test_a_failed_next_page_leaves_the_position_where_it_was(
     p.route("**/identities?offset=20*", lambda route: route.fulfill(status=503, json=refusal))
     p.get_by_role("button", name="Next page").click()
     p.locator("#message.error", has_text="model_unavailable").wait_for()
+    assert summary.inner_text() == "" and p.locator("#gallery-table tbody tr").count() == 0
     p.unroute("**/identities?offset=20*")
     p.get_by_role("button", name="Next page").click()
     summary.get_by_text("21–40 of 41 people").wait_for()

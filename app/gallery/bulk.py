@@ -81,8 +81,11 @@ def copy_synthetic_gallery(
         for first in range(0, n_identities, COPY_CHUNK):
             buffer = io.StringIO()
             for i in range(first, min(first + COPY_CHUNK, n_identities)):
-                buffer.write(f"{identity_ids[i]}\t{name_prefix}-{i:08d}\t{{}}\t{now}\t{now}\n")
-            with cursor.copy("COPY identities (id, name, metadata, created_at, updated_at) FROM STDIN") as copy:
+                name = f"{name_prefix}-{i:08d}"
+                buffer.write(f"{identity_ids[i]}\t{name}\t{store.name_key(name)}\t{{}}\t{now}\t{now}\n")
+            with cursor.copy(
+                "COPY identities (id, name, name_key, metadata, created_at, updated_at) FROM STDIN"
+            ) as copy:
                 copy.write(buffer.getvalue())
         for first in range(0, len(vectors), COPY_CHUNK):
             buffer = io.StringIO()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -121,6 +122,14 @@ def is_valid_id(value: object) -> bool:
     return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
 
 
+def name_key(text: str) -> str:
+    """A name (or a name filter) as the name filter compares it: NFKC case folding, Unicode's caseless match
+    (`ÉLODIE` = `élodie`, `Straße` = `STRASSE`, `Ｋａｔｅ` = `kate`). Done here, not by the database: SQLite's
+    lower() knows only ASCII and PostgreSQL's depends on the server's locale. Stored in `identities.name_key`:
+    changing this function needs a migration that recomputes the column (see 0004)."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+
+
 def create_identity(session: Session, *, name: str, metadata: dict[str, Any] | None = None) -> IdentityRecord:
     """Insert a new identity (no faces yet). `name`: 1-255 characters, no NUL; `metadata`: a JSON object (see
     `check_metadata`)."""
@@ -128,7 +137,11 @@ def create_identity(session: Session, *, name: str, metadata: dict[str, Any] | N
     meta = check_metadata(metadata)
     now = utcnow()
     identity_id = new_id()
-    session.execute(insert(Identity).values(id=identity_id, name=name, meta=meta, created_at=now, updated_at=now))
+    session.execute(
+        insert(Identity).values(
+            id=identity_id, name=name, name_key=name_key(name), meta=meta, created_at=now, updated_at=now
+        )
+    )
     return IdentityRecord(identity_id, name, dict(meta), now, now, ())
 
 
@@ -159,13 +172,14 @@ def list_identities(
 ) -> tuple[list[IdentityRecord], int]:
     """One page of identities (oldest first, then by id) and the total count matching the filter.
 
-    `name_contains`: case-insensitive substring of the name (`%` and `_` match themselves).
+    `name_contains`: a substring of the name, compared after `name_key` on both sides (case-insensitive for every
+    script, the same on SQLite and PostgreSQL; `%`, `_` and `\\` match themselves).
     """
     if offset < 0 or limit < 0:
         raise ValueError("offset and limit must be >= 0")
     if name_contains is not None and _bad_text(name_contains):
         return [], 0  # no stored name can contain it
-    condition = Identity.name.icontains(name_contains, autoescape=True) if name_contains else None
+    condition = Identity.name_key.contains(name_key(name_contains), autoescape=True) if name_contains else None
     count_query = select(func.count()).select_from(Identity)
     page_query = select(*_IDENTITY_COLUMNS).order_by(Identity.created_at, Identity.id).offset(offset).limit(limit)
     if condition is not None:
@@ -187,6 +201,7 @@ def update_identity(
     if name is not None:
         _check_name(name)
         values["name"] = name
+        values["name_key"] = name_key(name)
     if metadata is not None:
         values["meta"] = check_metadata(metadata)
     lock_gallery(session)
@@ -313,7 +328,7 @@ def bulk_enrol(
     session.execute(
         insert(Identity),
         [
-            {"id": i, "name": n, "meta": {}, "created_at": now, "updated_at": now}
+            {"id": i, "name": n, "name_key": name_key(n), "meta": {}, "created_at": now, "updated_at": now}
             for i, n in zip(identity_ids, names, strict=True)
         ],
     )

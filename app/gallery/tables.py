@@ -1,6 +1,7 @@
 """The gallery's tables (SQLAlchemy 2 declarative). Alembic's migrations in `migrations/` create them.
 
-- `identities`: a person (name + free JSON metadata).
+- `identities`: a person (name + free JSON metadata), and `name_key`, the name as the name filter compares it
+  (`store.name_key`: Unicode case folding done in Python, the same on SQLite and PostgreSQL).
 - `faces`: one enrolled face: its 128 float32 embedding (little-endian bytes), the model version that made it,
   the detector box/score, and the photo only when the `store_images` setting asks for it.
 - `gallery_changes`: the change log ('add'/'remove' of a face) that every worker's in-memory index replays.
@@ -29,6 +30,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -64,6 +66,9 @@ class Identity(Base):
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH), index=True)
+    # store.name_key(name), written with the name (migration 0004). Its server default only serves SQLite's ADD
+    # COLUMN for existing rows: every writer sets it.
+    name_key: Mapped[str] = mapped_column(Text, server_default="")
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JsonType, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -6,7 +6,9 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from app.gallery import Gallery, SchemaOutOfDate, db
+from app.gallery import Gallery, SchemaOutOfDate, db, store
 from app.gallery.tables import Base
 from app.vision.types import Box
 from tests.gallery.conftest import random_embeddings
@@ -70,6 +72,52 @@ def test_downgrade_to_base_and_back(database_url: str) -> None:
         assert not (TABLES - {"alembic_version"}) & set(inspect(engine).get_table_names())
         db.upgrade(engine)
         assert db.schema_revision(engine) == db.head_revision()
+    finally:
+        engine.dispose()
+
+
+def test_name_keys_are_filled_for_identities_stored_before_them(database_url: str) -> None:
+    """0004 on a gallery with data: every existing name gets its key (the name filter finds it), no face is lost,
+    and going back to 0003 and up again keeps every row."""
+    engine = db.make_engine(database_url)
+    try:
+        db.upgrade(engine, "0003")
+        now = datetime.now(UTC)
+        names = ["ÉLODIE", "Straße", "plain"] + [f"P{i}" for i in range(25_000)]  # more than one batch
+        identity_ids = [uuid.uuid4().hex for _ in names]
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO identities (id, name, metadata, created_at, updated_at)"
+                    " VALUES (:id, :name, '{}', :now, :now)"
+                ),
+                [{"id": i, "name": n, "now": now} for i, n in zip(identity_ids, names, strict=True)],
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO faces (id, identity_id, embedding, model_version, box_left, box_top, box_right,"
+                    " box_bottom, detector_score, created_at) VALUES (:id, :identity, :embedding, 'm', 0, 0, 9, 9, 1,"
+                    " :now)"
+                ),
+                {"id": uuid.uuid4().hex, "identity": identity_ids[0], "embedding": bytes(512), "now": now},
+            )
+        for _ in range(2):
+            db.upgrade(engine)
+            sessions = db.make_session_factory(engine)
+            with sessions.begin() as session:
+                assert [r.name for r in store.list_identities(session, name_contains="élodie")[0]] == ["ÉLODIE"]
+                assert [r.name for r in store.list_identities(session, name_contains="STRASSE")[0]] == ["Straße"]
+                assert store.list_identities(session, name_contains="p24999")[1] == 1
+                assert store.list_identities(session, limit=0)[1] == len(names)
+                assert store.get_identity(session, identity_id=identity_ids[0]).face_count == 1
+            config = db.alembic_config()
+            with engine.begin() as connection:
+                config.attributes["connection"] = connection
+                command.downgrade(config, "0003")
+            with engine.connect() as connection:
+                assert "name_key" not in {c["name"] for c in inspect(connection).get_columns("identities")}
+                assert connection.execute(text("SELECT count(*) FROM identities")).scalar_one() == len(names)
+                assert connection.execute(text("SELECT count(*) FROM faces")).scalar_one() == 1
     finally:
         engine.dispose()
 

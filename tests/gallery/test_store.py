@@ -202,6 +202,35 @@ class TestIdentities:
             with pytest.raises(ValueError):
                 store.list_identities(session, offset=-1)
 
+    def test_name_filter_is_the_same_caseless_match_on_both_databases(self, sessions: sessionmaker[Session]) -> None:
+        """Unicode case folding done by facegate, not by the database: SQLite's lower() knows only ASCII, and
+        PostgreSQL's depends on the server's locale (and maps no `ß` to `ss`)."""
+        names = ["Élodie Durand", "ÉLODIE", "Straße 5", "STRASSE", "Ｋａｔｅ", "under_score", "back\\slash", "Ωmega"]
+        with sessions.begin() as session:
+            for name in names:
+                store.create_identity(session, name=name)
+        cases = {
+            "élodie": ["Élodie Durand", "ÉLODIE"],
+            "ÉLODIE DU": ["Élodie Durand"],
+            "straße": ["Straße 5", "STRASSE"],
+            "STRASSE": ["Straße 5", "STRASSE"],
+            "kate": ["Ｋａｔｅ"],
+            "ωMEGA": ["Ωmega"],
+            "_": ["under_score"],
+            "%": [],
+            "\\": ["back\\slash"],
+            "\\_": [],  # a backslash escapes nothing
+        }
+        with sessions.begin() as session:
+            for query, expected in cases.items():
+                found, total = store.list_identities(session, name_contains=query)
+                assert ([r.name for r in found], total) == (expected, len(expected)), query
+        with sessions.begin() as session:  # a rename changes what the filter finds
+            renamed = store.list_identities(session, name_contains="kate")[0][0]
+            store.update_identity(session, identity_id=renamed.id, name="ÅSA")
+            assert store.list_identities(session, name_contains="kate")[1] == 0
+            assert [r.name for r in store.list_identities(session, name_contains="åsa")[0]] == ["ÅSA"]
+
     def test_list_includes_faces(self, sessions: sessionmaker[Session]) -> None:
         _, face_ids = _enrol(sessions, "two faces", 2)
         _enrol(sessions, "none", 0)

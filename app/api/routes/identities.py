@@ -42,7 +42,11 @@ async def list_identities(
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     name: Annotated[
-        str | None, Query(max_length=NAME_MAX_LENGTH, description="Only names containing this (case-insensitive).")
+        str | None,
+        Query(
+            max_length=NAME_MAX_LENGTH,
+            description="Only names containing this, ignoring case in every script; % and _ are plain characters.",
+        ),
     ] = None,
 ) -> IdentityPage:
     page = await run_in_threadpool(service.list_identities, offset=offset, limit=limit, name=name)

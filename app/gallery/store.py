@@ -181,12 +181,20 @@ def list_identities(
         return [], 0  # no stored name can contain it
     condition = Identity.name_key.contains(name_key(name_contains), autoescape=True) if name_contains else None
     count_query = select(func.count()).select_from(Identity)
-    page_query = select(*_IDENTITY_COLUMNS).order_by(Identity.created_at, Identity.id).offset(offset).limit(limit)
     if condition is not None:
         count_query = count_query.where(condition)
+    # The total is counted in the page's own statement (same snapshot): an identity committed by another request
+    # between two statements would otherwise be on the page and not in the total, or the other way round.
+    page_query = (
+        select(*_IDENTITY_COLUMNS, count_query.scalar_subquery().label("total"))
+        .order_by(Identity.created_at, Identity.id)
+        .offset(offset)
+        .limit(limit)
+    )
+    if condition is not None:
         page_query = page_query.where(condition)
-    total = session.execute(count_query).scalar_one()
     rows = session.execute(page_query).all()
+    total = int(rows[0].total) if rows else session.execute(count_query).scalar_one()
     faces = _faces_of(session, [row.id for row in rows])
     return [_identity_record(row, tuple(faces.get(row.id, ()))) for row in rows], total
 

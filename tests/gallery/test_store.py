@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from sqlalchemy import Engine, insert, inspect, select, text, update
+from sqlalchemy import Engine, event, insert, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -230,6 +230,31 @@ class TestIdentities:
             store.update_identity(session, identity_id=renamed.id, name="ÅSA")
             assert store.list_identities(session, name_contains="kate")[1] == 0
             assert [r.name for r in store.list_identities(session, name_contains="åsa")[0]] == ["ÅSA"]
+
+    def test_list_total_agrees_with_the_page_when_another_request_commits_meanwhile(
+        self, sessions: sessionmaker[Session], engine: Engine, database_url: str
+    ) -> None:
+        """Another request's identity is committed right after the listing's first statement: the page and its total
+        still come from one snapshot (either both count it or neither does)."""
+        with sessions.begin() as session:
+            store.create_identity(session, name="first")
+        other = db.make_engine(database_url)
+        committed: list[str] = []
+
+        def commit_another(*_args: object) -> None:
+            if not committed:
+                with db.make_session_factory(other).begin() as session:
+                    committed.append(store.create_identity(session, name="second").id)
+
+        event.listen(engine, "after_cursor_execute", commit_another)
+        try:
+            with sessions.begin() as session:
+                page, total = store.list_identities(session, limit=10)
+        finally:
+            event.remove(engine, "after_cursor_execute", commit_another)
+            other.dispose()
+        assert committed
+        assert total == len(page)
 
     def test_list_includes_faces(self, sessions: sessionmaker[Session]) -> None:
         _, face_ids = _enrol(sessions, "two faces", 2)

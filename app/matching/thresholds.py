@@ -5,6 +5,9 @@ argument: the caller resolves request override vs configured default (`Settings.
 
 - `DEFAULT_THRESHOLD = 0.36`: dlib's 0.6 Euclidean, squared.
 - `is_match(distance, threshold)`: bool for a scalar, bool array for an array; NaN (no face) never matches.
+  The comparison is made in float64: distances are float32, and numpy compares a float32 array (or scalar) with a
+  Python float in float32, which would round a threshold one float64 step below a distance (what
+  `calibration.threshold_for_far` returns) up to that distance and accept it.
 - `validate_threshold(t)`, `validate_rate(r, name)`: raise ValueError for values outside their range
   (thresholds in (0, 4] as `Settings.threshold`; rates such as FAR/FPIR in the open interval (0, 1)).
 """
@@ -30,8 +33,8 @@ def is_match(distance: NDArray[np.floating], threshold: float) -> NDArray[np.boo
 def is_match(distance: float | NDArray[np.floating], threshold: float) -> bool | NDArray[np.bool_]:
     """True where `distance <= threshold` (squared L2). NaN distances are never a match."""
     if isinstance(distance, np.ndarray):
-        return np.asarray(distance <= threshold)  # NaN <= t is False
-    return bool(distance <= threshold)
+        return np.asarray(distance.astype(np.float64, copy=False) <= float(threshold))  # NaN <= t is False
+    return bool(float(distance) <= float(threshold))
 
 
 def validate_threshold(threshold: float) -> float:

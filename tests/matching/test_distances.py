@@ -63,6 +63,16 @@ class TestThresholds:
         assert is_match(0.3600001, 0.36) is False
         np.testing.assert_array_equal(is_match(np.array([0.1, 0.36, 0.5, np.nan]), 0.36), [True, True, False, False])
 
+    def test_float32_distances_are_compared_exactly(self) -> None:
+        # A calibrated threshold lies one float64 step below the first rejected distance, a float32: compared in
+        # float32 (numpy's rule for a float32 array or scalar against a Python float) it would round up and match.
+        d = np.array([0.3, 0.2], dtype=np.float32)
+        below = float(np.nextafter(float(d[0]), -np.inf))
+        np.testing.assert_array_equal(is_match(d, below), [False, True])
+        assert is_match(d[0], below) is False
+        assert is_match(float(d[0]), below) is False
+        np.testing.assert_array_equal(is_match(d, float(d[0])), [True, True])
+
     @pytest.mark.parametrize("bad", [0.0, -0.1, 4.5, float("nan"), float("inf")])
     def test_validate_threshold_refuses(self, bad: float) -> None:
         with pytest.raises(ValueError):

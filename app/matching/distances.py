@@ -6,7 +6,10 @@ below the threshold (0.36 = dlib's 0.6 Euclidean, see `thresholds.py`).
 - `squared_l2(a, b)`: all pairs, a (n, d) x b (m, d) -> (n, m) float32, computed as |a|^2 + |b|^2 - 2 a.b
   in blocks of rows (bounded memory for a large gallery), clipped at 0 (the expansion can go slightly negative).
 - `pairwise_squared_l2(a, b)`: aligned pairs, a (n, d) and b (n, d) -> (n,) float32, computed from the
-  difference (exact, no cancellation).
+  difference (no cancellation) as `((a - b) ** 2).sum(axis=1, dtype=float32)` on C-ordered rows: the same
+  expression, so the same float32 value to the last bit, as the gallery's reported distances
+  (`app.gallery.index`), so that a pair at exactly the threshold gets one answer from verify, identify,
+  calibration and clustering (an einsum or a column-major copy sums in another order and can differ by an ulp).
 
 Both accept a single embedding (d,) as a one-row matrix. NaN rows (faces that could not be found) give NaN.
 """
@@ -58,6 +61,6 @@ def pairwise_squared_l2(a: ArrayLike, b: ArrayLike) -> NDArray[np.float32]:
     b32 = _as_matrix(b, "b")
     if a32.shape != b32.shape:
         raise ValueError(f"a and b must have the same shape, got {a32.shape} and {b32.shape}")
-    diff = a32 - b32
-    out: NDArray[np.float32] = np.einsum("ij,ij->i", diff, diff).astype(np.float32, copy=False)
+    diff = np.ascontiguousarray(a32 - b32)
+    out: NDArray[np.float32] = (diff**2).sum(axis=1, dtype=np.float32)
     return out

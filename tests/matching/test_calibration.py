@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from app.gallery.index import GalleryIndex
+from app.gallery.store import Change, ChangeOp
 from app.matching.calibration import (
     CalibrationTable,
     IntervalMethod,
@@ -18,6 +20,7 @@ from app.matching.calibration import (
     pairs_from_gallery,
     threshold_for_far,
 )
+from app.matching.thresholds import is_match
 
 
 class TestThresholdForFar:
@@ -129,3 +132,26 @@ class TestGalleryPairs:
     def test_needs_two_faces(self) -> None:
         with pytest.raises(ValueError):
             pairs_from_gallery(np.array([1, 2]), np.zeros((2, 3)))
+
+    def test_calibrated_far_holds_for_the_gallerys_own_decisions(self) -> None:
+        # The pairs' distances are the ones verify/identify compute (the gallery index's), to the last bit: the
+        # threshold sits one float below the first rejected impostor distance, so an ulp lower there (another
+        # summation order) would be a false accept the calibration never counted.
+        rng = np.random.default_rng(3)
+        n_ids, per_id = 40, 3
+        centres = rng.normal(size=(n_ids, 128)) * 0.09
+        emb = (np.repeat(centres, per_id, axis=0) + rng.normal(size=(n_ids * per_id, 128)) * 0.04).astype(np.float32)
+        owners = [f"{i:032x}" for i in range(n_ids) for _ in range(per_id)]
+        faces = [f"{i:032x}" for i in range(10_000, 10_000 + len(owners))]
+        index = GalleryIndex("m")
+        index.apply(Change(i + 1, ChangeOp.ADD, f, o, v, "m") for i, (f, o, v) in enumerate(zip(faces, owners, emb)))
+        pairs = pairs_from_gallery(np.array(owners), emb)
+        served = np.empty(pairs.distances.size, np.float32)
+        for k, (a, b) in enumerate(zip(pairs.index_a.tolist(), pairs.index_b.tolist(), strict=True)):
+            ids, dist = index.identity_distances(emb[a], owners[b])
+            served[k] = dist[ids.index(faces[b])]
+        np.testing.assert_array_equal(pairs.distances, served)
+        for target in (0.001, 0.01, 0.05):
+            c = calibrate_far(pairs.distances[pairs.same], pairs.distances[~pairs.same], target)
+            false_accepts = int(np.count_nonzero(is_match(served[~pairs.same], c.threshold)))
+            assert false_accepts == c.false_accepts <= target * c.n_different

@@ -48,6 +48,20 @@ class TestSquaredL2:
         with pytest.raises(ValueError):
             squared_l2(np.zeros((2, 3)), np.zeros((2, 4)))
 
+    def test_pairwise_is_the_gallerys_distance_to_the_last_bit(self) -> None:
+        # verify (photo vs photo), verify (photo vs identity) and identify must give one answer for a pair at
+        # exactly the threshold: the same float32 distance, whatever the memory order of the inputs.
+        rng = np.random.default_rng(4)
+        a = (rng.normal(size=(300, 128)) * 0.09).astype(np.float32)
+        b = (rng.normal(size=(300, 128)) * 0.09).astype(np.float32)
+        gallery = ((a - b) ** 2).sum(axis=1, dtype=np.float32)  # app.gallery.index's exact distance
+        np.testing.assert_array_equal(pairwise_squared_l2(a, b), gallery)
+        np.testing.assert_array_equal(pairwise_squared_l2(np.asfortranarray(a), np.asfortranarray(b)), gallery)
+        one = np.array([pairwise_squared_l2(a[i], b[i])[0] for i in range(a.shape[0])])
+        np.testing.assert_array_equal(one, gallery)
+        for i in range(a.shape[0]):  # the threshold set to the distance itself: a match for every path
+            assert is_match(float(pairwise_squared_l2(a[i], b[i])[0]), float(gallery[i]))
+
     def test_pairwise(self) -> None:
         a = np.array([[0.0, 0.0], [1.0, 2.0]])
         b = np.array([[3.0, 4.0], [1.0, 0.0]])

@@ -1,7 +1,8 @@
 """Grouping faces by person: dlib's chinese whispers, and connected components, over the threshold graph.
 
 Graph: one node per embedding; an edge joins i and j (i != j) when their squared L2 distance is <= threshold
-(the same rule as `thresholds.is_match`). As in dlib's `chinese_whispers_clustering`, every node also has a
+(the same rule as `thresholds.is_match`, on the same float32 distance as `distances.pairwise_squared_l2`, so the
+graph is symmetric and a link agrees with /verify on the pair: the fast |a|^2 + |b|^2 - 2 a.b only short-lists). As in dlib's `chinese_whispers_clustering`, every node also has a
 self-edge, and all edges weigh 1.
 
 - `chinese_whispers(embeddings, threshold, *, iterations=100, seed=0)`: dlib's algorithm
@@ -24,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from app.matching.distances import squared_l2
+from app.matching.distances import pairwise_squared_l2, squared_l2
+from app.matching.thresholds import is_match
 
 __all__ = ["Clustering", "chinese_whispers", "connected_components", "neighbour_lists"]
 
@@ -57,13 +59,20 @@ def neighbour_lists(embeddings: ArrayLike, threshold: float) -> list[NDArray[np.
         raise ValueError(f"embeddings must be (n, d), got shape {emb.shape}")
     if np.isnan(emb).any():
         raise ValueError("embeddings contain NaN")
+    norms = np.einsum("ij,ij->i", emb, emb)
     out: list[NDArray[np.int64]] = []
     for start in range(0, emb.shape[0], _BLOCK):
         d = squared_l2(emb[start : start + _BLOCK], emb)
-        hit = d <= threshold
+        # The expansion is off by a few float32 ulps of |a|^2 + |b|^2 (and not symmetric): short-list with a slack
+        # far above that, then decide on the exact distance.
+        slack = 1e-4 * (norms[start : start + d.shape[0], None] + norms[None, :])
+        near = d <= threshold + slack
         for r in range(d.shape[0]):
-            hit[r, start + r] = True  # self-edge even if rounding made it > threshold
-            out.append(np.flatnonzero(hit[r]))
+            i = start + r
+            cand = np.flatnonzero(near[r])
+            keep = is_match(pairwise_squared_l2(emb[cand], np.broadcast_to(emb[i], (cand.size, emb.shape[1]))), threshold)
+            keep[cand == i] = True  # self-edge
+            out.append(cand[keep].astype(np.int64))
     return out
 
 

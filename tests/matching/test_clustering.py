@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.matching.clustering import chinese_whispers, connected_components
+from app.matching.clustering import chinese_whispers, connected_components, neighbour_lists
+from app.matching.distances import pairwise_squared_l2
+from app.matching.thresholds import is_match
 
 
 def _blobs(n_people: int, per_person: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -77,3 +79,26 @@ class TestConnectedComponents:
     def test_empty(self) -> None:
         c = connected_components(np.zeros((0, 128), np.float32), 0.36)
         assert c.n_clusters == 0
+
+
+class TestNeighbourLists:
+    def test_a_link_is_the_1to1_decision_even_at_the_threshold(self) -> None:
+        # Thresholds set to pairs' exact distances: the pair must link (distance <= threshold), both ways, and
+        # every link must be what /verify decides on that pair (not the expansion's ulp-different, asymmetric value).
+        rng = np.random.default_rng(5)
+        emb = (rng.normal(size=(150, 128)) * 0.09).astype(np.float32)
+        n = emb.shape[0]
+        i, j = np.triu_indices(n, k=1)
+        exact = np.zeros((n, n), np.float32)
+        exact[i, j] = exact[j, i] = pairwise_squared_l2(emb[i], emb[j])
+        for threshold in np.sort(exact[i, j])[:40].tolist():
+            nbrs = neighbour_lists(emb, threshold)
+            for a in range(n):
+                expected = np.flatnonzero(is_match(exact[a], threshold) | (np.arange(n) == a))
+                np.testing.assert_array_equal(nbrs[a], expected)
+
+    def test_identical_embeddings_and_one_face(self) -> None:
+        same = np.tile(np.linspace(-0.1, 0.1, 128, dtype=np.float32), (4, 1))
+        assert [x.tolist() for x in neighbour_lists(same, 1e-6)] == [[0, 1, 2, 3]] * 4
+        assert chinese_whispers(same, 1e-6).labels.tolist() == [0, 0, 0, 0]
+        assert chinese_whispers(same[:1], 0.25).labels.tolist() == [-1]

@@ -139,10 +139,11 @@ def evaluate_embeddings(
 
 
 def _evaluate_split(
-    emb: np.ndarray, split: Split, *, settings: Settings, model: OpenSetModel | None
+    emb: np.ndarray, split: Split, *, settings: Settings, model: OpenSetModel | None, max_distance: float | None = None
 ) -> IdentificationReport:
     """The split's gallery, probes and strangers through `evaluate_identification` at the deployment settings (the
-    shipped open-set calibration of its embedding variant unless `model` is given)."""
+    shipped open-set calibration of its embedding variant unless `model` is given; `max_distance`, the 1:1
+    threshold in force, else `settings.threshold`)."""
     if model is None:
         model = load_default_model(data_dir(settings.embedding.flip) / OPENSET_FILE)
     return evaluate_identification(
@@ -153,7 +154,7 @@ def _evaluate_split(
         emb[split.stranger_rows],
         model=model,
         target_fpir=settings.identify_fpir,
-        max_distance=settings.threshold,
+        max_distance=settings.threshold if max_distance is None else max_distance,
         ambiguity_margin=settings.ambiguity_margin,
     )
 
@@ -170,14 +171,21 @@ class GalleryEvaluation:
 
 
 def evaluate_gallery(
-    faces: EvaluationFaces, *, model_version: str, settings: Settings, model: OpenSetModel | None = None
+    faces: EvaluationFaces,
+    *,
+    model_version: str,
+    settings: Settings,
+    model: OpenSetModel | None = None,
+    max_distance: float | None = None,
 ) -> GalleryEvaluation:
     """Issue 9's protocol on the gallery's own faces, as `facegate eval-identify` runs it on a folder.
 
     Identities play the person folders (sorted by name, then id) and their faces, in enrolment order, the photos:
     identities at even positions keep their first face as the gallery and their other faces are probes; every face
     of the identities at odd positions is a stranger. Nothing is written. The default operating point is the rule
-    calibrated for the evaluation's gallery (about half the identities), not for the whole live gallery.
+    calibrated for the evaluation's gallery (about half the identities), not for the whole live gallery, with
+    `max_distance` the 1:1 threshold /identify uses (a stored deployment threshold or a head's; default
+    `settings.threshold`).
     """
     keys = [(name, ident) for name, ident in zip(faces.names, faces.identity_ids, strict=True)]
     split = enrolment_split(keys, list(range(len(keys))))
@@ -187,7 +195,7 @@ def evaluate_gallery(
             f"an odd-position one (a stranger); this gallery gives {len(split.gallery_ids)} enrolled, "
             f"{split.probe_rows.size} probes, {split.stranger_rows.size} strangers"
         )
-    report = _evaluate_split(faces.embeddings, split, settings=settings, model=model)
+    report = _evaluate_split(faces.embeddings, split, settings=settings, model=model, max_distance=max_distance)
     accepted = round(report.default_point["fpir"] * report.n_strangers)
     return GalleryEvaluation(
         report=report,

@@ -768,8 +768,13 @@ class FaceService:
         """Issue 9's open-set protocol on the gallery's own faces of the served model (app.identify_eval)."""
         with self.gallery.session() as session:
             faces = store.faces_for_evaluation(session, model_version=self.pipeline.model_version)
+        # The threshold /identify uses (a calibrated deployment threshold, a head's), not the setting alone.
         return evaluate_gallery(
-            faces, model_version=self.pipeline.model_version, settings=self.settings, model=self.openset
+            faces,
+            model_version=self.pipeline.model_version,
+            settings=self.settings,
+            model=self.openset,
+            max_distance=self.resolve_threshold().value,
         )
 
     def calibration_status(self) -> CalibrationStatus:

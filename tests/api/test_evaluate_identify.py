@@ -77,6 +77,34 @@ def test_live_gallery_gives_the_folder_protocol_numbers(
     assert body["default"]["fpir"] <= 0.03
 
 
+def test_the_threshold_in_force_is_the_one_evaluated(
+    dev_results: DevResults, models_dir: Path, tmp_path: Path
+) -> None:
+    """With a calibrated deployment threshold stored, /identify uses it: so does the evaluation of its rule (it took
+    FACEGATE_THRESHOLD before, and measured a rule /identify did not apply)."""
+    largest = dev_results.largest("ours")
+    photos = sorted(largest)
+    embeddings = np.stack([largest[p] for p in photos]).astype(np.float32)
+    settings = api_settings(models_dir, f"sqlite:///{tmp_path / 'gallery.db'}")
+    _enrol(settings, photos, embeddings)
+    version = load_manifest(settings.models_dir, verify=False).model_version
+    gallery = Gallery.open(settings.database_url, version, migrate=True)
+    try:
+        gallery.set_setting("threshold", {"threshold": 0.25, "model_version": version}, source="test")
+    finally:
+        gallery.close()
+    at_025 = evaluate_embeddings(photos, embeddings, settings=settings.model_copy(update={"threshold": 0.25}))
+    at_setting = evaluate_embeddings(photos, embeddings, settings=settings)
+    assert at_025.raw_threshold_point != at_setting.raw_threshold_point  # the two thresholds differ in effect
+
+    with running(settings) as client:
+        assert client.get("/calibration").json()["threshold"] == 0.25
+        body = client.post("/evaluate/identify").json()
+    assert body["raw_threshold_point"] == pytest.approx(at_025.raw_threshold_point)
+    assert body["default"]["fpir"] == pytest.approx(at_025.default_point["fpir"])
+    assert body["default"]["dir"] == pytest.approx(at_025.default_point["dir"])
+
+
 def test_a_gallery_too_small_for_the_protocol_is_a_409(
     dev_results: DevResults, models_dir: Path, tmp_path: Path
 ) -> None:

@@ -1,9 +1,10 @@
 """`POST /cluster` and `facegate cluster DIR`: group the faces of a set of photos by person.
 
-Every face of every photo (up to `detector.max_faces` per photo) is embedded (`Pipeline.photo_faces`), then `app.matching.clustering.chinese_whispers`
-(dlib's algorithm) groups them over the graph "distance <= threshold". A cluster is a group of at least 2 faces;
-a face that matches nobody else is UNCLUSTERED (a singleton). Photos that cannot be used (not an image, no face)
-are listed with the error code, not dropped silently, and so are photos whose faces were capped (too_many_faces).
+Every face of every photo (up to `detector.max_faces` per photo) is embedded (`Pipeline.photo_faces`), then
+`app.matching.clustering.chinese_whispers` (dlib's algorithm) groups them over the graph "distance <= threshold". A
+cluster is a group of at least 2 faces; a face that matches nobody else is UNCLUSTERED (a singleton). Photos that
+cannot be used (not an image, no face) are listed with the error code, not dropped silently, and so are photos
+whose faces were capped (too_many_faces).
 """
 
 from __future__ import annotations

@@ -266,12 +266,8 @@ class Pipeline:
             work, detections = self.detect(image)
             if not detections:
                 return PhotoFaces([], 0)
-            prepared = self._prepare(work, self._capped(detections))
-        return PhotoFaces(prepared.finish(self.embed(prepared.chips), self.head), len(detections))
-
-    def _capped(self, detections: list[Detection]) -> list[Detection]:
-        """The `detector.max_faces` most confident detections (they come sorted by descending score)."""
-        return detections[: self.settings.detector.max_faces]
+            prepared = self._prepare(work, detections)
+        return PhotoFaces(prepared.finish(self.embed(prepared.chips), self.head), prepared.detected)
 
     def embed_photo(self, image: Image, *, face: str = "single") -> Face:
         """The one face of a photo: `single` refuses photos with several faces, `largest` takes the biggest box.
@@ -317,14 +313,11 @@ class Pipeline:
         A photo that fails to load (any FacegateError) or that the detector refuses (ImageTooSmall) gives its error
         in its place; the others still give faces. ModelUnavailable concerns every photo and is raised."""
         prepared: list[_Prepared | FacegateError] = []
-        detected: list[int] = []
         for image in images:
             try:
                 with self._preparing:
                     pixels = image() if callable(image) else image
-                    work, detections = self.detect(pixels)
-                    prepared.append(self._prepare(work, self._capped(detections)))
-                    detected.append(len(detections))
+                    prepared.append(self._prepare(*self.detect(pixels)))
             except ModelUnavailable:
                 raise
             except FacegateError as error:
@@ -334,18 +327,19 @@ class Pipeline:
         embeddings = self.embed(np.concatenate(chips)) if chips else np.zeros((0, EMBEDDING_DIM), np.float32)
         results: list[PhotoFaces | FacegateError] = []
         start = 0
-        found = iter(detected)
         for p in prepared:
             if isinstance(p, FacegateError):
                 results.append(p)
                 continue
             count = len(p.detections)
-            results.append(PhotoFaces(p.finish(embeddings[start : start + count], self.head), next(found)))
+            results.append(PhotoFaces(p.finish(embeddings[start : start + count], self.head), p.detected))
             start += count
         return results
 
-    def _prepare(self, work: WorkingImage, detections: list[Detection]) -> _Prepared:
-        """Everything but the embeddings: landmarks, chips and quality of each detection."""
+    def _prepare(self, work: WorkingImage, found: list[Detection]) -> _Prepared:
+        """Everything but the embeddings: landmarks, chips and quality of each detection, for the
+        `detector.max_faces` most confident of those found (they come sorted by descending score)."""
+        detections = found[: self.settings.detector.max_faces]
         points = [self.landmarks.predict(work.pixels, d.box) for d in detections]
         chips = face_chips(work.pixels, points) if detections else np.zeros((0, CHIP_SIZE, CHIP_SIZE, 3), np.uint8)
         # Quality is measured where the embedding comes from: the working photo (pixels as the models see them).
@@ -353,7 +347,7 @@ class Pipeline:
             measure(image_shape=work.pixels.shape, box=d.box, landmarks=p, chip=c, score=d.score)
             for d, p, c in zip(detections, points, chips, strict=True)
         ]
-        return _Prepared(work, detections, points, chips, qualities)
+        return _Prepared(work, detections, points, chips, qualities, detected=len(found))
 
 
 class _Counter:
@@ -384,6 +378,7 @@ class _Prepared:
     points: list[Landmarks]
     chips: Chips
     qualities: list[FaceQuality]
+    detected: int  # faces the detector found: more than `detections` when the photo was capped
 
     def finish(self, embeddings: Embeddings, head: EmbeddingHead | None = None) -> list[Face]:
         """The faces with their embeddings (the head's, when one is given), in the original photo's pixels."""

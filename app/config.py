@@ -505,15 +505,20 @@ class Settings(BaseSettings):
         return value
 
 
+def _group(annotation: object) -> type[BaseModel] | None:
+    """The settings group a field holds (its `FACEGATE_<GROUP>__` variables), or None for a plain setting."""
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
 def settings_reference() -> list[tuple[str, str, str]]:
     """(environment variable, default, description) for every setting, nested groups included: the README's table."""
     rows: list[tuple[str, str, str]] = []
 
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
-            annotation = field.annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                walk(annotation, f"{prefix}{name.upper()}__")
+            group = _group(field.annotation)
+            if group is not None:
+                walk(group, f"{prefix}{name.upper()}__")
                 continue
             default = field.default
             if isinstance(default, list):
@@ -550,8 +555,7 @@ def describe_settings_error(error: ValidationError | SettingsError) -> str:
             if field is None:
                 break
             parts.append(str(part).upper())
-            annotation = field.annotation
-            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            model = _group(field.annotation)
         name = "FACEGATE_" + "__".join(parts) if parts else "settings"
         problems.setdefault(name, []).append(item["msg"].removeprefix("Value error, "))
     return "; ".join(f"{name}: {' or '.join(messages)}" for name, messages in problems.items())
@@ -581,11 +585,7 @@ def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]
     the default in force without a word. Names are compared in capitals, as the settings read them.
     """
     settings = [name for name, _, _ in settings_reference()]
-    groups = [
-        f"FACEGATE_{name.upper()}"
-        for name, field in Settings.model_fields.items()
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-    ]
+    groups = [f"FACEGATE_{name.upper()}" for name, field in Settings.model_fields.items() if _group(field.annotation)]
     known = {*settings, *groups, *OTHER_VARIABLES}
     unknown = []
     for name in sorted(environ):

@@ -379,10 +379,7 @@ class FaceService:
         if identity_id is not None and metadata is not None:
             raise InvalidRequest("metadata can only be given when creating an identity; use PATCH /identities/{id}")
         if metadata is not None:
-            try:
-                store.check_metadata(metadata)  # before any model work (the store checks it again as it writes)
-            except ValueError as error:
-                raise InvalidRequest(str(error), field="metadata") from None
+            _check_metadata(metadata)  # before any model work
         if name is not None:
             name = clean_name(name)
         else:
@@ -844,10 +841,7 @@ class FaceService:
         if name is not None:
             name = clean_name(name)
         if metadata is not None:
-            try:
-                store.check_metadata(metadata)  # the store checks it again as it writes; here to name the field
-            except ValueError as error:
-                raise InvalidRequest(str(error), field="metadata") from None
+            _check_metadata(metadata)
         try:
             return self.gallery.update_identity(identity_id, name=name, metadata=metadata)
         except ValueError as error:  # the store's remaining check: the name's length
@@ -968,6 +962,14 @@ def _default_calibration(model_version: str, model_name: str, path: Path) -> Cal
         )
         return None
     return table
+
+
+def _check_metadata(metadata: dict[str, Any]) -> None:
+    """The store's metadata rules, as a request error naming the field (the store checks again as it writes)."""
+    try:
+        store.check_metadata(metadata)
+    except ValueError as error:
+        raise InvalidRequest(str(error), field="metadata") from None
 
 
 def _number(value: float | int | None) -> float | None:

@@ -15,8 +15,7 @@ def route_template(scope: Scope) -> str:
     path = getattr(scope.get("route"), "path", None)
     if path:
         return str(path)
-    table: list[BaseRoute] = getattr(getattr(scope.get("app"), "state", None), "route_table", [])
-    for route in table:
+    for route in _route_table(scope):
         match, _ = route.matches(scope)
         if match is not Match.NONE:
             return str(getattr(route, "path", "unmatched"))
@@ -32,6 +31,11 @@ def path_without_slash(scope: Scope) -> str | None:
     stripped = path.rstrip("/") or "/"
     if stripped.startswith("//"):
         return None  # as a Location, "//host" names another host: never redirect there (no route matches it today)
-    table: list[BaseRoute] = getattr(getattr(scope.get("app"), "state", None), "route_table", [])
     probe = {**scope, "path": stripped}
-    return stripped if any(route.matches(probe)[0] is not Match.NONE for route in table) else None
+    return stripped if any(route.matches(probe)[0] is not Match.NONE for route in _route_table(scope)) else None
+
+
+def _route_table(scope: Scope) -> list[BaseRoute]:
+    """The app's flat route table (`app.state.route_table`, set by create_app); empty for another app."""
+    table: list[BaseRoute] = getattr(getattr(scope.get("app"), "state", None), "route_table", [])
+    return table

@@ -60,15 +60,21 @@ def gallery(live: LiveServer, dev_faces: Path) -> Iterator[Gallery]:
         g.client.close()
 
 
+def open_gallery_of(p: Any, live: LiveServer, gallery: Gallery, people: int) -> Any:
+    """`people` people enrolled (Person 01, 02, ...), the gallery's first page open; its summary line."""
+    for i in range(people):
+        gallery.enrol(f"Person {i + 1:02d}")
+    open_page(p, live, "gallery")
+    summary = p.locator("#gallery-summary")
+    summary.get_by_text(f"1–20 of {people} people").wait_for()
+    return summary
+
+
 def test_deleting_the_only_person_of_the_last_page_shows_the_last_full_page(
     page: tuple[Any, Console], live: LiveServer, gallery: Gallery
 ) -> None:
     p, console = page
-    for i in range(21):
-        gallery.enrol(f"Person {i + 1:02d}")
-    open_page(p, live, "gallery")
-    summary = p.locator("#gallery-summary")
-    summary.get_by_text("1–20 of 21 people").wait_for()
+    summary = open_gallery_of(p, live, gallery, 21)
     p.get_by_role("button", name="Next page").click()
     summary.get_by_text("21–21 of 21 people").wait_for()
     p.get_by_role("link", name="Person 21").click()
@@ -190,11 +196,7 @@ def test_a_failed_next_page_leaves_the_position_where_it_was(
 ) -> None:
     """Before, Next moved the position before its request: after a failure, trying again skipped a page."""
     p, console = page
-    for i in range(41):
-        gallery.enrol(f"Person {i + 1:02d}")
-    open_page(p, live, "gallery")
-    summary = p.locator("#gallery-summary")
-    summary.get_by_text("1–20 of 41 people").wait_for()
+    summary = open_gallery_of(p, live, gallery, 41)
     refusal = {"error": {"code": "model_unavailable", "message": "the service is not ready"}}
     p.route("**/identities?offset=20*", lambda route: route.fulfill(status=503, json=refusal))
     p.get_by_role("button", name="Next page").click()

@@ -30,6 +30,7 @@ def sqlite_env(tmp_path: Path) -> dict[str, str]:
     ("env", "expected"),
     [
         ({"FACEGATE_THRESHOLD": "abc"}, "FACEGATE_THRESHOLD: Input should be a valid number"),
+        ({"FACEGATE_THRESHOLD": ""}, "FACEGATE_THRESHOLD: Input should be a valid number"),  # empty is not unset
         ({"FACEGATE_PORT": "0"}, "FACEGATE_PORT: Input should be greater than or equal to 1"),
         ({"FACEGATE_DETECTOR__UPSAMPLE": "3"}, "FACEGATE_DETECTOR: detector upsample must be 'auto', 0, 1 or 2"),
         ({"FACEGATE_LOG__LEVEL": "verbose"}, "FACEGATE_LOG__LEVEL: Input should be 'DEBUG'"),
@@ -141,3 +142,14 @@ def test_python_m_app_cli_is_the_command(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "app.cli", "keys", "list"], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("no API keys")
+
+
+@pytest.mark.parametrize(
+    "command", [["verify", "a.jpg", "b.jpg"], ["identify", "a.jpg"], ["cluster", "."], ["eval", "--pairs", "p.csv"]]
+)
+@pytest.mark.parametrize("threshold", ["0", "-0.1", "4.5"])
+def test_a_threshold_outside_0_to_4_is_refused(sqlite_env: dict[str, str], command: list[str], threshold: str) -> None:
+    """As in FACEGATE_THRESHOLD and the API's `threshold` field: above 0 (at 0 only a photo and itself match), at
+    most 4 (the largest squared distance between unit vectors). Refused while the arguments are read."""
+    code, err = run(sqlite_env, command[0], "--threshold", threshold, *command[1:])
+    assert code == 2 and f"Invalid value for '--threshold': {float(threshold)} is not in the range 0<x<=4" in err, err

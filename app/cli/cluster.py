@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import cli, fail, load_settings, pipeline_call
+from app.cli.common import cli, fail, load_settings, pipeline_call, positive_distance
 from app.grouping import ClusterMember, ClusterReport, cluster_files
 from app.identify_eval import PHOTO_SUFFIXES
 
@@ -52,8 +52,7 @@ def cluster(
     threshold: Annotated[
         float | None,
         typer.Option(
-            min=0.0,
-            max=4.0,
+            callback=positive_distance,
             help="Faces within this squared distance are linked (default FACEGATE_CLUSTER__THRESHOLD, 0.25: stricter "
             "than the 1:1 threshold, as clusters grow along chains of links). Lower it for purer clusters and more "
             "faces left unclustered; raise it for fewer, larger clusters that may merge different people.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -48,11 +49,20 @@ cli = typer.Typer(
 db_cli = typer.Typer(help="Gallery database maintenance.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
 
+
+
+def positive_distance(value: float | None) -> float | None:
+    """A distance threshold must be above 0, as the settings and the API's `threshold` field require: at 0 only a
+    photo compared with itself matches (typer's `min` is inclusive)."""
+    if value is not None and not 0.0 < value <= 4.0:
+        raise typer.BadParameter(f"{value} is not in the range 0<x<=4 (a squared L2 distance between unit vectors)")
+    return value
+
+
 ThresholdOption = Annotated[
     float | None,
     typer.Option(
-        min=0.0,
-        max=4.0,
+        callback=positive_distance,
         help="Squared L2 distance at or below which two faces are the same person (default: the deployment's "
         "calibrated threshold, else FACEGATE_THRESHOLD, 0.36). Lower it for fewer false accepts (strangers taken for "
         "someone) at the cost of more false rejects; raise it for the opposite.",
@@ -184,7 +194,11 @@ def failing_on_errors(*, with_code: bool = False) -> Iterator[None]:
 
 
 def read_bytes(path: Path) -> bytes:
+    """A photo named on the command line. Only a regular file: reading a FIFO or a device (`/dev/zero`) would block
+    or never end, where the API reads at most FACEGATE_IMAGE__MAX_UPLOAD_BYTES."""
     try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            fail(f"cannot read {path}: not a regular file")
         return path.read_bytes()
     except OSError as error:
         fail(f"cannot read {path}: {error.strerror}")

@@ -22,6 +22,7 @@ from app.cli.common import (
     open_pipeline,
     open_service,
     pipeline_call,
+    positive_distance,
 )
 from app.service import CalibrationSource
 from app.vision.pipeline import Pipeline
@@ -68,8 +69,7 @@ def eval_pairs(
     threshold: Annotated[
         float | None,
         typer.Option(
-            min=0.0,
-            max=4.0,
+            callback=positive_distance,
             help="Distance at which accuracy, TAR and FAR are reported and the histograms are marked (default "
             "FACEGATE_THRESHOLD, 0.36). The ROC, AUC, EER, 10-fold accuracy and VAL@FAR do not depend on it.",
         ),

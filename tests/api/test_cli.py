@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -64,6 +65,26 @@ def test_verify_reports_errors(env: Path, dev_faces: Path, tmp_path: Path) -> No
     text.write_text("not a photo")
     code, out = run("verify", str(text), str(dev_faces / AMY[0]))
     assert code == 2 and "invalid_image" in out
+
+
+def test_a_fifo_or_device_is_refused_not_read(env: Path, dev_faces: Path, tmp_path: Path) -> None:
+    """Opening a FIFO blocks until a writer comes and /dev/zero never ends: both are refused before being opened."""
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+
+    def unblock() -> None:  # if the command did open the FIFO, end its read so that the test fails, not hangs
+        with open(fifo, "wb"):
+            pass
+
+    writer = threading.Timer(20.0, unblock)
+    writer.start()
+    try:
+        code, out = run("identify", str(fifo))
+    finally:
+        writer.cancel()
+    assert code == 2 and f"cannot read {fifo}: not a regular file" in out, out
+    code, out = run("verify", "/dev/zero", str(dev_faces / AMY[0]))
+    assert code == 2 and "cannot read /dev/zero: not a regular file" in out, out
 
 
 def test_enroll_directory_then_identify(env: Path, dev_faces: Path, tmp_path: Path) -> None:

@@ -263,6 +263,7 @@ class IdentityPage:
     total: int
     offset: int
     limit: int
+    next: str | None  # the cursor of the following page (`after`); None on the last page
 
 
 @dataclass(frozen=True, slots=True)
@@ -828,9 +829,22 @@ class FaceService:
 
     # ----------------------------------------------------------------------------------- identities
 
-    def list_identities(self, *, offset: int = 0, limit: int = 50, name: str | None = None) -> IdentityPage:
-        items, total = self.gallery.list_identities(offset=offset, limit=limit, name_contains=name or None)
-        return IdentityPage(tuple(items), total, offset, limit)
+    def list_identities(
+        self, *, offset: int = 0, limit: int = 50, name: str | None = None, after: str | None = None
+    ) -> IdentityPage:
+        """A page by offset, or after the cursor a previous page gave as `next` (not both: the cursor already says
+        where the page starts)."""
+        key = None
+        if after is not None:
+            if offset:
+                raise InvalidRequest("give either offset or after (a page's `next`), not both", field="after")
+            try:
+                key = store.PageKey.parse(after)
+            except ValueError as error:
+                raise InvalidRequest(str(error), field="after") from None
+        listing = self.gallery.list_identities(offset=offset, limit=limit, name_contains=name or None, after=key)
+        token = listing.next.token() if listing.next is not None else None
+        return IdentityPage(tuple(listing.items), listing.total, offset, limit, token)
 
     def get_identity(self, identity_id: str) -> IdentityRecord:
         return self.gallery.get_identity(identity_id)

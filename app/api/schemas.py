@@ -274,9 +274,13 @@ class IdentityPublic(Public):
 
 class IdentityPage(Public):
     items: list[IdentityPublic]
-    total: int
+    total: int = Field(description="Identities matching the filter, in every page.")
     offset: int
     limit: int
+    next: str | None = Field(
+        description="Cursor of the following page: send it as `after`. null on the last page. Opaque; it stays "
+        "valid whatever is added or deleted meanwhile."
+    )
 
 
 class IdentityUpdate(BaseModel):

@@ -114,15 +114,15 @@ def enroll(
 
 
 def _existing_identity(service: FaceService, name: str) -> str | None:
-    offset = 0
+    after = None
     while True:
-        page = service.list_identities(offset=offset, limit=500, name=name)
+        page = service.list_identities(limit=500, name=name, after=after)
         for identity in page.items:
             if identity.name == name:
                 return identity.id
-        offset += len(page.items)
-        if not page.items or offset >= page.total:
+        if page.next is None:
             return None
+        after = page.next
 
 
 # ------------------------------------------------------------------------------------------ verify / identify

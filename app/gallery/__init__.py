@@ -366,10 +366,17 @@ class Gallery:
             return store.identity_names(session, identity_ids=identity_ids)
 
     def list_identities(
-        self, *, offset: int = 0, limit: int = 100, name_contains: str | None = None
-    ) -> tuple[list[IdentityRecord], int]:
+        self,
+        *,
+        offset: int = 0,
+        limit: int = 100,
+        name_contains: str | None = None,
+        after: store.PageKey | None = None,
+    ) -> store.IdentityListing:
         with self.session() as session:
-            return store.list_identities(session, offset=offset, limit=limit, name_contains=name_contains)
+            return store.list_identities(
+                session, offset=offset, limit=limit, name_contains=name_contains, after=after
+            )
 
     def get_setting(self, key: str) -> DeploymentSettingRecord | None:
         with self.session() as session:

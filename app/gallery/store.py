@@ -18,13 +18,13 @@ import unicodedata
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Row, delete, func, insert, select, update
+from sqlalchemy import Row, delete, func, insert, literal, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from app.errors import UnknownFace, UnknownIdentity
@@ -167,18 +167,60 @@ def identity_exists(session: Session, *, identity_id: str) -> bool:
     return session.execute(select(Identity.id).where(Identity.id == identity_id)).first() is not None
 
 
+@dataclass(frozen=True, slots=True)
+class PageKey:
+    """Where a page of the identity listing ended: the sort key (created_at, id) of its last identity. The next
+    page starts after it, whatever was added or deleted meanwhile (an offset would shift by as many rows)."""
+
+    created_at: datetime
+    identity_id: str
+
+    def token(self) -> str:
+        """The cursor clients send back: microseconds since 1970 (UTC) and the id, `<micros>_<id>`."""
+        return f"{(self.created_at - _EPOCH) // timedelta(microseconds=1)}_{self.identity_id}"
+
+    @classmethod
+    def parse(cls, token: str) -> PageKey:
+        """Raises ValueError for anything `token()` does not write."""
+        match = _PAGE_TOKEN_RE.fullmatch(token)
+        if match is None:
+            raise ValueError("not a listing cursor (the `next` of a previous page)")
+        try:
+            created_at = _EPOCH + timedelta(microseconds=int(match[1]))
+        except OverflowError:
+            raise ValueError("not a listing cursor (the `next` of a previous page)") from None
+        return cls(created_at, match[2])
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_PAGE_TOKEN_RE = re.compile(r"(\d{1,18})_([0-9a-f]{32})")
+
+
+class IdentityListing(NamedTuple):
+    items: list[IdentityRecord]
+    total: int  # every identity matching the filter, not only those after the cursor
+    next: PageKey | None  # where the following page starts; None when this page is the last
+
+
 def list_identities(
-    session: Session, *, offset: int = 0, limit: int = 100, name_contains: str | None = None
-) -> tuple[list[IdentityRecord], int]:
+    session: Session,
+    *,
+    offset: int = 0,
+    limit: int = 100,
+    name_contains: str | None = None,
+    after: PageKey | None = None,
+) -> IdentityListing:
     """One page of identities (oldest first, then by id) and the total count matching the filter.
 
     `name_contains`: a substring of the name, compared after `name_key` on both sides (case-insensitive for every
-    script, the same on SQLite and PostgreSQL; `%`, `_` and `\\` match themselves).
+    script, the same on SQLite and PostgreSQL; `%`, `_` and `\\` match themselves). `after`: the page starts after
+    this key (then `offset` counts from there); read from the (created_at, id) index, so a page deep in a large
+    gallery costs what the first one does, where an offset walks past every row before it.
     """
     if offset < 0 or limit < 0:
         raise ValueError("offset and limit must be >= 0")
     if name_contains is not None and _bad_text(name_contains):
-        return [], 0  # no stored name can contain it
+        return IdentityListing([], 0, None)  # no stored name can contain it
     condition = Identity.name_key.contains(name_key(name_contains), autoescape=True) if name_contains else None
     count_query = select(func.count()).select_from(Identity)
     if condition is not None:
@@ -189,14 +231,23 @@ def list_identities(
         select(*_IDENTITY_COLUMNS, count_query.scalar_subquery().label("total"))
         .order_by(Identity.created_at, Identity.id)
         .offset(offset)
-        .limit(limit)
+        .limit(limit + 1)  # one more: whether a next page exists
     )
     if condition is not None:
         page_query = page_query.where(condition)
+    if after is not None:
+        key = tuple_(
+            literal(after.created_at, Identity.created_at.type), literal(after.identity_id, Identity.id.type)
+        )
+        page_query = page_query.where(tuple_(Identity.created_at, Identity.id) > key)
     rows = session.execute(page_query).all()
     total = int(rows[0].total) if rows else session.execute(count_query).scalar_one()
+    more = len(rows) > limit
+    rows = rows[:limit]
     faces = _faces_of(session, [row.id for row in rows])
-    return [_identity_record(row, tuple(faces.get(row.id, ()))) for row in rows], total
+    records = [_identity_record(row, tuple(faces.get(row.id, ()))) for row in rows]
+    last = records[-1] if records else None
+    return IdentityListing(records, total, PageKey(last.created_at, last.id) if more and last else None)
 
 
 def update_identity(

@@ -65,13 +65,18 @@ def test_identity_round_trip(models_dir: Path, database_url: str, photo: Photo) 
         assert page["total"] == 2 and [i["name"] for i in page["items"]] == ["Amy", "Raj"]
         assert page["items"][0]["metadata"] == {"desk": 4} and page["items"][0]["face_count"] == 1
         second = api.get("/identities", params={"offset": 1, "limit": 1}).json()
-        assert second["total"] == 2 and [i["id"] for i in second["items"]] == [raj_id]
+        assert second["total"] == 2 and [i["id"] for i in second["items"]] == [raj_id] and second["next"] is None
+        first = api.get("/identities", params={"limit": 1}).json()
+        assert [i["id"] for i in first["items"]] == [amy_id] and first["next"]
+        by_cursor = api.get("/identities", params={"limit": 1, "after": first["next"]}).json()
+        assert by_cursor == {**second, "offset": 0}
         assert [i["name"] for i in api.get("/identities", params={"name": "AM"}).json()["items"]] == ["Amy"]
         assert api.get("/identities", params={"name": "nobody"}).json() == {
             "items": [],
             "total": 0,
             "offset": 0,
             "limit": 50,
+            "next": None,
         }
 
         # read
@@ -145,6 +150,21 @@ def test_malformed_ids_are_unknown(client: TestClient, bad_id: str) -> None:
 )
 def test_listing_parameters_are_validated(client: TestClient, params: dict[str, int | str]) -> None:
     error_of(client.get("/identities", params=params), 422, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"after": "page2"}, "not a listing cursor"),
+        ({"after": "1_" + "0" * 32 + "'; --"}, "not a listing cursor"),
+        ({"after": "9" * 18 + "_" + "0" * 32}, "not a listing cursor"),  # past the year 9999
+        ({"after": "1_" + "0" * 32, "offset": 3}, "give either offset or after"),
+        ({"after": "1" * 65}, "at most 64 characters"),
+    ],
+)
+def test_a_cursor_that_no_page_gave_is_refused(client: TestClient, params: dict[str, str | int], message: str) -> None:
+    error = error_of(client.get("/identities", params=params), 422, "invalid_request")
+    assert message in error["message"], error
 
 
 def test_metadata_depth_limit_and_rows_stored_before_it(client: TestClient) -> None:

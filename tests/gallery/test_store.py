@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -189,11 +190,12 @@ class TestIdentities:
                 ids.append(store.create_identity(session, name=name).id)
         with sessions.begin() as session:
             pages = [store.list_identities(session, offset=o, limit=4) for o in (0, 4, 8, 12)]
-            assert [total for _, total in pages] == [9, 9, 9, 9]
-            assert [r.id for page, _ in pages for r in page] == ids  # oldest first, every identity once
-            assert [len(page) for page, _ in pages] == [4, 4, 1, 0]
+            assert [page.total for page in pages] == [9, 9, 9, 9]
+            assert [r.id for page in pages for r in page.items] == ids  # oldest first, every identity once
+            assert [len(page.items) for page in pages] == [4, 4, 1, 0]
+            assert [page.next is not None for page in pages] == [True, True, False, False]
 
-            found, total = store.list_identities(session, offset=0, limit=100, name_contains="PERSON 0")
+            found, total, _ = store.list_identities(session, offset=0, limit=100, name_contains="PERSON 0")
             assert total == 7 and [r.name for r in found] == names[:7]
             # LIKE wildcards in the filter match themselves
             assert [r.name for r in store.list_identities(session, name_contains="0% r")[0]] == ["100% real_name"]
@@ -201,6 +203,54 @@ class TestIdentities:
             assert store.list_identities(session, name_contains="nul\x00")[1] == 0
             with pytest.raises(ValueError):
                 store.list_identities(session, offset=-1)
+
+    def test_cursor_pages_neither_skip_nor_repeat_while_the_gallery_changes(
+        self, sessions: sessionmaker[Session]
+    ) -> None:
+        """Paging with `after`: identities deleted or added between pages shift no page (with an offset each
+        deletion skips someone). Identities created in the same microsecond (a bulk load) are ordered by id."""
+        with sessions.begin() as session:
+            ids = [store.create_identity(session, name=f"p{i:02d}").id for i in range(10)]
+            # four identities with p03's timestamp: the cursor's id part orders them
+            same = session.scalar(select(Identity.created_at).where(Identity.id == ids[3]))
+            session.execute(update(Identity).where(Identity.id.in_(ids[3:7])).values(created_at=same))
+        expected = ids[:3] + sorted(ids[3:7]) + ids[7:]
+        seen: list[str] = []
+        after: store.PageKey | None = None
+        pages = 0
+        while True:
+            with sessions.begin() as session:
+                page = store.list_identities(session, limit=3, after=after)
+            pages += 1
+            seen += [r.id for r in page.items]
+            if pages == 1:  # between pages: the first listed and a later one go, a newer one comes
+                with sessions.begin() as session:
+                    store.delete_identity(session, identity_id=expected[0])
+                    store.delete_identity(session, identity_id=expected[5])
+                    newest = store.create_identity(session, name="newest").id
+            if page.next is None:
+                break
+            assert page.next == store.PageKey.parse(page.next.token())  # the cursor survives its text form
+            after = page.next
+        assert seen == expected[:5] + expected[6:] + [newest]
+        assert pages == 4 and page.total == 9
+
+        with sessions.begin() as session:  # a cursor with the name filter, and one past the end
+            first = store.list_identities(session, limit=2, name_contains="P0")
+            second = store.list_identities(session, limit=2, name_contains="P0", after=first.next)
+            whole = store.list_identities(session, limit=100, name_contains="P0")
+            assert first.items + second.items == whole.items[:4] and len(whole.items) == whole.total == 8
+            assert second.total == 8 and second.next is not None
+            last = store.list_identities(session, after=store.PageKey(datetime(9999, 1, 1, tzinfo=UTC), "f" * 32))
+            assert last == ([], 9, None)
+
+    @pytest.mark.parametrize(
+        "token",
+        ["", "12_", "_" + "a" * 32, "12_" + "A" * 32, "12_" + "a" * 31, "-5_" + "a" * 32, "9" * 18 + "_" + "a" * 32],
+    )
+    def test_a_cursor_not_written_by_a_page_is_refused(self, token: str) -> None:
+        with pytest.raises(ValueError, match="not a listing cursor"):
+            store.PageKey.parse(token)
 
     def test_name_filter_is_the_same_caseless_match_on_both_databases(self, sessions: sessionmaker[Session]) -> None:
         """Unicode case folding done by facegate, not by the database: SQLite's lower() knows only ASCII, and
@@ -223,7 +273,7 @@ class TestIdentities:
         }
         with sessions.begin() as session:
             for query, expected in cases.items():
-                found, total = store.list_identities(session, name_contains=query)
+                found, total, _ = store.list_identities(session, name_contains=query)
                 assert ([r.name for r in found], total) == (expected, len(expected)), query
         with sessions.begin() as session:  # a rename changes what the filter finds
             renamed = store.list_identities(session, name_contains="kate")[0][0]
@@ -249,7 +299,7 @@ class TestIdentities:
         event.listen(engine, "after_cursor_execute", commit_another)
         try:
             with sessions.begin() as session:
-                page, total = store.list_identities(session, limit=10)
+                page, total, _ = store.list_identities(session, limit=10)
         finally:
             event.remove(engine, "after_cursor_execute", commit_another)
             other.dispose()
@@ -260,7 +310,7 @@ class TestIdentities:
         _, face_ids = _enrol(sessions, "two faces", 2)
         _enrol(sessions, "none", 0)
         with sessions.begin() as session:
-            records, _ = store.list_identities(session)
+            records, _, _ = store.list_identities(session)
         assert [(r.name, r.face_count) for r in records] == [("two faces", 2), ("none", 0)]
         assert [f.id for f in records[0].faces] == face_ids
 

@@ -313,6 +313,7 @@ class CalibrateRequest(BaseModel):
     target_far: float = Field(
         default=1e-3,
         gt=0.0,
+        allow_inf_nan=False,
         lt=1.0,
         description="Target false-accept rate (share of different-person pairs accepted). Lower: a stricter "
         "threshold (fewer strangers accepted, more genuine users refused).",

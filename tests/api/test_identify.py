@@ -226,6 +226,7 @@ def test_top_k_and_threshold_override(world: World, people: dict[str, list[Path]
         ("threshold", "0"),
         ("threshold", "4.5"),
         ("threshold", "nan"),
+        ("threshold", "-inf"),
     ],
 )
 def test_out_of_range_parameters(world: World, people: dict[str, list[Path]], field: str, value: str) -> None:
@@ -234,6 +235,8 @@ def test_out_of_range_parameters(world: World, people: dict[str, list[Path]], fi
         world.client.post("/identify", files={"image": photo}, data={field: value}), 422, "invalid_request"
     )
     assert any(field in e["loc"] for e in error["details"]["errors"])
+    if value in ("nan", "-inf"):  # not "should be less than or equal to 4", which NaN fails too
+        assert error["message"] == f"invalid request: {field}: Input should be a finite number"
 
 
 def test_metrics_count_the_decisions(world: World) -> None:

@@ -44,6 +44,7 @@ async def cluster(
         float | None,
         Form(
             gt=0.0,
+            allow_inf_nan=False,
             le=THRESHOLD_MAX,
             description="Faces within this squared distance are linked (default FACEGATE_CLUSTER__THRESHOLD, 0.25: "
             "stricter than the 1:1 threshold, as clusters grow along chains of links). Lower: purer clusters and "

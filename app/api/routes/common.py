@@ -34,6 +34,7 @@ IdentifyThresholdForm = Annotated[
     float | None,
     Form(
         gt=0.0,
+        allow_inf_nan=False,  # NaN compares false with both limits: say what is wrong with it
         le=THRESHOLD_MAX,
         description="Largest distance at which anyone is named (default: the deployment threshold). Lower: fewer "
         "strangers taken for someone enrolled, more enrolled people answered unknown.",

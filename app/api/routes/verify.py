@@ -45,6 +45,7 @@ async def verify(
         float | None,
         Form(
             gt=0.0,
+            allow_inf_nan=False,
             le=THRESHOLD_MAX,
             description="Override the deployment threshold. Lower: fewer false accepts, more false rejects.",
         ),

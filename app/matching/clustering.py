@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from app.matching.distances import pairwise_squared_l2, squared_l2
+from app.matching.distances import EXPANSION_ERROR, pairwise_squared_l2, squared_l2
 from app.matching.thresholds import is_match
 
 __all__ = ["Clustering", "chinese_whispers", "connected_components", "neighbour_lists"]
@@ -65,7 +65,7 @@ def neighbour_lists(embeddings: ArrayLike, threshold: float) -> list[NDArray[np.
         d = squared_l2(emb[start : start + _BLOCK], emb)
         # The expansion is off by a few float32 ulps of |a|^2 + |b|^2 (and not symmetric): short-list with a slack
         # far above that, then decide on the exact distance.
-        slack = 1e-4 * (norms[start : start + d.shape[0], None] + norms[None, :])
+        slack = EXPANSION_ERROR * (norms[start : start + d.shape[0], None] + norms[None, :])
         near = d <= threshold + slack
         for r in range(d.shape[0]):
             i = start + r

@@ -13,6 +13,8 @@ identities at odd positions is a stranger. On lfw-dev (828 people, 2,107 photos)
 
 Rules compared (all accept the nearest identity; lower score = more confident):
 raw = d1; ratio = d1 / d2; facegate = `openset.facegate_score` (log d1 - 0.75 log min(d2, 0.45)).
+d1 and d2 are the float32 distances /identify reports for the two nearest identities (`top_two`), so the default
+point decides each probe exactly as /identify would on the same embeddings, also at a threshold's very value.
 
 Public surface: `enrolment_split` -> `Split`, `top_two` -> `TopTwo`, `dir_at_fpir`, `evaluate_identification`
 -> `IdentificationReport` (frozen, `to_dict()` JSON-ready).
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from app.matching.distances import squared_l2
+from app.matching.distances import EXPANSION_ERROR, pairwise_squared_l2, squared_l2
 from app.matching.openset import (
     DEFAULT_AMBIGUITY_MARGIN,
     DEFAULT_FPIR,
@@ -90,8 +92,22 @@ class TopTwo:
 
 
 def top_two(probes: ArrayLike, gallery: ArrayLike, gallery_ids: Sequence[Hashable]) -> TopTwo:
-    """Nearest and second-nearest IDENTITY (a gallery may hold several faces per identity: nearest face counts)."""
-    dist = squared_l2(probes, gallery).astype(np.float64)
+    """Nearest and second-nearest IDENTITY (a gallery may hold several faces per identity: nearest face counts).
+
+    d1 and d2 are the exact float32 distances /identify reports (`pairwise_squared_l2`, the gallery index's sum of
+    (g - q)^2), so a probe is decided here as /identify decides it. The expansion (`squared_l2`) only short-lists:
+    it is within `EXPANSION_ERROR` x (|q|^2 + |g|^2) of the exact distance, so every face whose exact distance can be
+    at or below the runner-up identity's is kept and measured exactly. Ties (equal exact distances): the identity
+    met first in `gallery_ids`.
+    """
+    p = np.asarray(probes, dtype=np.float32)
+    g = np.asarray(gallery, dtype=np.float32)
+    if p.ndim == 1:
+        p = p[None, :]
+    if g.ndim != 2 or p.ndim != 2 or len(gallery_ids) != g.shape[0]:
+        raise ValueError("probes (n, d) and gallery (m, d) with one id per gallery row are needed")
+    if np.isnan(p).any() or np.isnan(g).any():
+        raise ValueError("embeddings contain NaN (a photo without a face must be left out)")
     uniq: list[Hashable] = []
     col_of: dict[Hashable, int] = {}
     for ident in gallery_ids:
@@ -99,17 +115,36 @@ def top_two(probes: ArrayLike, gallery: ArrayLike, gallery_ids: Sequence[Hashabl
             col_of[ident] = len(uniq)
             uniq.append(ident)
     cols = np.array([col_of[i] for i in gallery_ids], dtype=np.int64)
-    per_id = np.full((dist.shape[0], len(uniq)), np.inf)
-    for c in range(len(uniq)):
-        per_id[:, c] = dist[:, cols == c].min(axis=1)
-    if len(uniq) >= 2:
-        part = np.argpartition(per_id, 1, axis=1)[:, :2]
-        pd = np.take_along_axis(per_id, part, axis=1)
-        swap = pd[:, 1] < pd[:, 0]
-        part[swap] = part[swap][:, ::-1]
-        pd[swap] = pd[swap][:, ::-1]
-        return TopTwo(uniq, part[:, 0], pd[:, 0], pd[:, 1])
-    return TopTwo(uniq, np.zeros(dist.shape[0], np.int64), per_id[:, 0], np.full(dist.shape[0], np.inf))
+    n_probes = p.shape[0]
+    if n_probes == 0 or not uniq:
+        nothing = np.full(n_probes, np.inf)
+        return TopTwo(uniq, np.zeros(n_probes, np.int64), nothing, nothing.copy())
+    fast = squared_l2(p, g)
+    # the runner-up identity's expansion distance, per probe (each identity's nearest face)
+    by_col = np.argsort(cols, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(cols[by_col]) != 0])
+    per_id = np.minimum.reduceat(fast[:, by_col], starts, axis=1)
+    runner_up = np.partition(per_id, 1, axis=1)[:, 1] if len(uniq) >= 2 else np.full(n_probes, np.inf, np.float32)
+    p_sq = np.einsum("ij,ij->i", p, p)
+    slack = 2.0 * EXPANSION_ERROR * (p_sq + float(np.einsum("ij,ij->i", g, g).max()))
+    rows, faces = np.nonzero(fast <= (runner_up.astype(np.float64) + slack)[:, None])
+    exact = pairwise_squared_l2(p[rows], g[faces]).astype(np.float64)
+    code = cols[faces]
+    # each (probe, identity)'s nearest face, then each probe's identities nearest first (ties: first-seen identity)
+    order = np.lexsort((exact, code, rows))
+    rows, code, exact = rows[order], code[order], exact[order]
+    first = np.r_[True, (np.diff(rows) != 0) | (np.diff(code) != 0)]
+    rows, code, exact = rows[first], code[first], exact[first]
+    order = np.lexsort((code, exact, rows))
+    rows, code, exact = rows[order], code[order], exact[order]
+    rank = np.arange(rows.size) - np.searchsorted(rows, rows)  # 0 for a probe's nearest identity, 1 for its runner-up
+    top = np.zeros(n_probes, np.int64)
+    d1 = np.full(n_probes, np.inf)
+    d2 = np.full(n_probes, np.inf)
+    top[rows[rank == 0]] = code[rank == 0]
+    d1[rows[rank == 0]] = exact[rank == 0]
+    d2[rows[rank == 1]] = exact[rank == 1]
+    return TopTwo(uniq, top, d1, d2)
 
 
 def dir_at_fpir(

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
 
-from app.matching.openset import load_default_model
+from app.gallery.index import GalleryIndex
+from app.matching.distances import squared_l2
+from app.matching.openset import OpenSetModel, decide, facegate_score, load_default_model
 from app.matching.openset_eval import (
     dir_at_fpir,
     enrolment_split,
@@ -42,6 +45,82 @@ class TestTopTwo:
     def test_single_identity(self) -> None:
         t = top_two(np.zeros((1, 2)), np.ones((2, 2)), ["a", "a"])
         assert np.isinf(t.d2[0])
+
+    def test_exact_distances_as_identify_reports_them(self) -> None:
+        # d1, d2 are the float32 distances the gallery index reports, not the expansion (which differs by ulps on
+        # about half of the pairs), and the nearest face of an identity is chosen on them
+        gallery, ids, probes = _faces(seed=1)
+        t = top_two(probes, gallery, ids)
+        index = _index(gallery, ids)
+        for i, found in enumerate(index.search(probes, top_k=3)):
+            assert found[0].identity_id == t.identities[t.top[i]]
+            assert (t.d1[i], t.d2[i]) == (found[0].distance, found[1].distance)
+        assert np.any(squared_l2(probes, gallery).min(axis=1) != t.d1)  # the case the test is about occurs
+
+    def test_ties_go_to_the_identity_met_first(self) -> None:
+        gallery = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], np.float32)
+        t = top_two(np.zeros((1, 2)), gallery, ["b", "a", "c"])
+        assert t.identities[t.top[0]] == "b" and t.d1[0] == t.d2[0] == 1.0
+        t = top_two(np.zeros((1, 2)), gallery[::-1], ["c", "a", "b"])
+        assert t.identities[t.top[0]] == "c"
+
+
+def _faces(seed: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """A gallery of 12 identities (two faces for some) at dlib's scale and probes near them."""
+    rng = np.random.default_rng(seed)
+    centres = (rng.normal(size=(12, 128)) * 0.09).astype(np.float32)
+    gallery = np.concatenate([centres, centres[:4] + (rng.normal(size=(4, 128)) * 0.02).astype(np.float32)])
+    ids = [f"id{i:02d}" for i in range(12)] + [f"id{i:02d}" for i in range(4)]
+    probes = np.repeat(centres, 8, axis=0) + (rng.normal(size=(96, 128)) * 0.03).astype(np.float32)
+    return gallery, ids, probes
+
+
+def _index(gallery: np.ndarray, ids: list[str]) -> GalleryIndex:
+    index = GalleryIndex("test")
+    index.replace_all([f"f{i}" for i in range(len(ids))], ids, gallery, last_change_id=0)
+    return index
+
+
+class TestDecidesAsIdentify:
+    """The evaluation's default point decides every probe as live /identify does on the same embeddings, also when
+    a threshold lies exactly on a probe's distance (or score) and the expansion puts it on the other side."""
+
+    @staticmethod
+    def _live(index: GalleryIndex, probes: np.ndarray, n: int, model: OpenSetModel, max_distance: float) -> Counter[str]:
+        reasons = Counter[str]()
+        for found in index.search(probes, top_k=5):
+            decision = decide(
+                [c.distance for c in found],
+                [c.identity_id for c in found],
+                max_distance=max_distance,
+                ambiguity_margin=0.0,
+                gallery_size=n,
+                model=model,
+            )
+            reasons[str(decision.reason)] += 1
+        return reasons
+
+    def test_thresholds_on_a_probe_distance_or_score(self) -> None:
+        gallery, ids, probes = _faces(seed=2)
+        probe_ids = list(np.repeat([f"id{i:02d}" for i in range(12)], 8))
+        index = _index(gallery, ids)
+        found = index.search(probes, top_k=2)
+        fast = np.sort(squared_l2(probes, gallery), axis=1)  # one face per identity among the nearest two here
+        flips = [i for i in range(len(probes)) if fast[i, 0] != found[i][0].distance]
+        assert len(flips) >= 10
+        loose = OpenSetModel(np.array([1.0, 2.0]), np.array([0.01, 0.5]), np.array([[9.0, 9.5], [9.0, 9.5]]))
+        for i in flips[:10]:
+            d1, d2 = found[i][0].distance, found[i][1].distance
+            # the 1:1 threshold exactly at the probe's distance (score test always passes)
+            cases = [(loose, d1)]
+            # the score threshold exactly at the probe's score (no distance limit)
+            s = float(facegate_score(d1, d2))
+            cases.append((OpenSetModel(np.array([1.0, 2.0]), np.array([0.01, 0.5]), np.array([[s, s + 1]] * 2)), 4.0))
+            for model, max_distance in cases:
+                report = evaluate_identification(
+                    gallery, ids, probes, probe_ids, probes[:5], model=model, max_distance=max_distance, ambiguity_margin=0.0
+                )
+                assert report.default_point["probe_reasons"] == self._live(index, probes, 12, model, max_distance)
 
 
 class TestDirAtFpir:

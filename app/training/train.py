@@ -27,8 +27,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from app.matching.distances import pairwise_squared_l2
 from app.matching.evaluation import val_at_far
-from app.matching.thresholds import DEFAULT_THRESHOLD
+from app.matching.thresholds import DEFAULT_THRESHOLD, is_match
 from app.training.data import EmbeddingSet, pair_indices
 from app.training.losses import CenterLoss, Mining, contrastive_loss, triplet_loss
 from app.training.model import Arch, HeadNet
@@ -127,9 +128,10 @@ def _loss(
 
 
 def _squared(a: npt.NDArray[np.float32], i: npt.NDArray[np.int64], j: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
-    diff = a[i].astype(np.float64) - a[j].astype(np.float64)
-    squared: npt.NDArray[np.float64] = np.einsum("ij,ij->i", diff, diff)
-    return squared
+    """The float32 distance the service computes for each pair (`pairwise_squared_l2`), held as float64: the head's
+    threshold is set one float64 step below an impostor's distance, which holds only on the distance the service
+    will compare with it (a float64 sum of the same pair can be above its float32 one, and the threshold then too)."""
+    return pairwise_squared_l2(a[i], a[j]).astype(np.float64)
 
 
 class _Validation:
@@ -195,7 +197,7 @@ def train_head(
     validation = _Validation(val, config)
 
     base_same, base_diff = validation.distances(val.embeddings)
-    base_far = float(np.mean(base_diff <= DEFAULT_THRESHOLD))
+    base_far = float(np.mean(is_match(base_diff, DEFAULT_THRESHOLD)))
     result = TrainResult(
         model,
         config,
@@ -245,7 +247,7 @@ def train_head(
 
 def matching_far_threshold(diff_distances: npt.NDArray[np.float64], far: float) -> float:
     """The largest threshold whose FAR over `diff_distances` is at most `far` (0 allowed: just below the nearest
-    different pair)."""
+    different pair), for `is_match` (a float64 comparison) on these same distances."""
     d = np.sort(np.asarray(diff_distances, np.float64))
     allowed = min(math.floor(far * d.size + 1e-9), d.size - 1)
     return float(np.nextafter(d[allowed], -np.inf))

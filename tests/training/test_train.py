@@ -4,6 +4,7 @@ registered head as the service loads it."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ import torch
 
 from app.config import HeadSettings
 from app.errors import ModelUnavailable
+from app.matching.distances import pairwise_squared_l2
+from app.matching.thresholds import DEFAULT_THRESHOLD, is_match
 from app.training import (
     Arch,
     EmbeddingSet,
@@ -23,6 +26,7 @@ from app.training import (
     split_identities,
     train_head,
 )
+from app.training.data import pair_indices
 from app.vision.head import HEAD_FILE, HEAD_MANIFEST, load_head, read_head_manifest
 from tests.training.conftest import synthetic_set
 
@@ -103,3 +107,24 @@ def test_a_registered_head_loads_and_serves_what_was_trained(tmp_path: Path) -> 
     (folder / HEAD_FILE).write_bytes((folder / HEAD_FILE).read_bytes() + b"\0")
     with pytest.raises(ModelUnavailable, match="checksum"):
         load_head(HeadSettings(name="office", dir=tmp_path), Path("unused"), BASE)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_head_threshold_holds_on_the_distances_the_service_computes(seed: int) -> None:
+    # The threshold is set just below the first impostor pair it must reject. The service measures a pair with the
+    # float32 `pairwise_squared_l2` and decides with `is_match`; on those, exactly the allowed impostor pairs match
+    # (a threshold set on float64 distances sits one float64 step below a value the float32 distance can undercut).
+    data = synthetic_set(16, 5, seed=seed, noise=0.3)
+    train, val = split_identities(data, val_fraction=0.25, seed=seed)
+    config = TrainConfig(epochs=2, p=4, k=3, seed=seed)
+    result = train_head(train, val, config)
+    i, j, same = pair_indices(val.labels, seed=config.seed)
+    base = pairwise_squared_l2(val.embeddings[i], val.embeddings[j])[~same]
+    assert result.base_far_at_threshold == float(np.mean(is_match(base, DEFAULT_THRESHOLD)))
+    with torch.no_grad():
+        out = result.model(torch.from_numpy(val.embeddings)).numpy()
+    head = np.sort(pairwise_squared_l2(out[i], out[j])[~same])
+    allowed = math.floor(result.base_far_at_threshold * head.size + 1e-9)
+    assert int(np.count_nonzero(is_match(head, result.threshold))) == allowed
+    below = float(head[allowed - 1]) if allowed else 0.0
+    assert below <= result.threshold < float(head[allowed])

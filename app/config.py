@@ -462,10 +462,11 @@ class Settings(BaseSettings):
         ge=0.0,
         le=4.0,
         description=(
-            "/identify: when the second-nearest identity is farther than the nearest by less than this (squared L2), "
+            "/identify: when the second-nearest identity is farther than the nearest by at most this (squared L2), "
             "the answer is `ambiguous` and nobody is named. Raise it to refuse more look-alike decisions, lower it to "
-            "refuse fewer (0: no margin test; a face whose open-set score fails while the runner-up is also within "
-            "the threshold is still answered `ambiguous`)."
+            "refuse fewer (0: only two identities at exactly the same distance are refused, whichever was found "
+            "first; a face whose open-set score fails while the runner-up is also within the threshold is still "
+            "answered `ambiguous`)."
         ),
     )
     identify_fpir: float = Field(

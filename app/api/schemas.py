@@ -145,8 +145,8 @@ class IdentifiedFaceOut(Public):
         description="accepted: the nearest identity is named (distance <= threshold, and score <= score_threshold). "
         "unknown: nobody is close enough (farther than the threshold, or not better than strangers score at this "
         "gallery size). ambiguous: nobody is named because the two nearest identities are too close to tell apart: "
-        "their margin is under `ambiguity_margin`, or the score failed while the runner-up is also within the "
-        "threshold."
+        "their margin is at most `ambiguity_margin` (so two identities at the same distance always are), or the "
+        "score failed while the runner-up is also within the threshold."
     )
     candidates: list[CandidateOut] = Field(
         description="Nearest identities first, one entry per identity, at most top_k."

@@ -45,11 +45,16 @@ Decision (`decide`)
 -------------------
 1. no identity enrolled -> "unknown".
 2. d1 > max_distance (the 1:1 threshold, 0.36 by default): "unknown" (never name someone you would not verify).
-3. N >= 2 and margin = d2 - d1 < ambiguity_margin: "ambiguous".
+3. N >= 2 and margin = d2 - d1 <= ambiguity_margin (the runner-up within the margin of the nearest): "ambiguous".
+   So two identities at exactly the same distance are never named, even with a margin of 0: which one came first
+   is not a reason to name it.
 4. s <= t(N, target_fpir): "accepted" (match_identity = nearest identity).
 5. otherwise "ambiguous" when the runner-up is also within max_distance (several enrolled people look like this
    face and none stands out), else "unknown".
 Only "accepted" names someone; FPIR counts strangers that end "accepted".
+What the decision reports agrees with it to the last bit: `accept_distance` is the largest distance whose score
+passes (d1 <= accept_distance exactly when s <= t), and `fpir_estimate` is at most the target FPIR exactly when
+the score passes (the interpolation inverts `threshold` only to rounding).
 
 Public surface: `Reason`, `IdentifyDecision`, `OpenSetModel` (+ `load_default_model`, `build_model`,
 `leave_one_identity_out`, `simulate_stranger_scores`), `nearest_identities`, `facegate_score`, `decide`,
@@ -374,6 +379,26 @@ def nearest_identities(
     return [k for k, _ in order], np.array([v for _, v in order], dtype=np.float64)
 
 
+def _accept_distance(m: OpenSetModel, t: float, d2: float) -> float:
+    """The largest distance d with score(d, d2) <= t: exp(t) * min(d2, cap) ** beta, moved by float64 steps onto the
+    boundary the score test draws (the closed form is off by a few ulps either way), so that a response never shows
+    a distance at or below `accept_distance` that failed the score test, or one above it that passed."""
+    a = float(math.exp(t) * min(d2, m.cap) ** m.beta)
+    while a > 0.0 and float(m.score(a, d2)) > t:
+        a = math.nextafter(a, -math.inf)
+    while float(m.score(math.nextafter(a, math.inf), d2)) <= t:
+        a = math.nextafter(a, math.inf)
+    return a
+
+
+def _fpir_estimate(m: OpenSetModel, s: float, n: int, t: float, target: float) -> float:
+    """`fpir_at(s, n)` kept on the side of the target the score test is on: at s = t the interpolation gives the
+    target only to rounding (about half the time one ulp above it), which would show a face accepted with an
+    estimate over the target, or refused with one at or under it."""
+    f = m.fpir_at(s, n)
+    return min(f, target) if s <= t else max(f, math.nextafter(target, math.inf))
+
+
 @dataclass(frozen=True)
 class IdentifyDecision:
     """The 1:N answer with its reasons: `match_identity` is set only when `reason` is "accepted"."""
@@ -431,7 +456,7 @@ def decide(
         m.threshold(1, target_fpir)  # validates target_fpir
         return IdentifyDecision(None, Reason.UNKNOWN, None, {"gallery_size": 0}, thresholds)
 
-    order = np.argsort(d, kind="stable")
+    order = np.argsort(d, kind="stable")  # ties: the identity given first is the candidate (never named: rule 3)
     d1 = float(d[order[0]])
     d2 = float(d[order[1]]) if d.size >= 2 else math.inf
     candidate = ids[int(order[0])]
@@ -444,15 +469,15 @@ def decide(
         "margin": None if second is None else d2 - d1,
         "ratio": None if second is None else (d1 / d2 if d2 > 0 else 1.0),
         "score": s,
-        "fpir_estimate": m.fpir_at(s, n),
+        "fpir_estimate": _fpir_estimate(m, s, n, t, float(target_fpir)),
         "gallery_size": n,
     }
     thresholds["score"] = t
-    thresholds["accept_distance"] = float(math.exp(t) * min(d2, m.cap) ** m.beta)
+    thresholds["accept_distance"] = _accept_distance(m, t, d2)
 
     if d1 > max_distance:
         reason = Reason.UNKNOWN
-    elif second is not None and d2 - d1 < ambiguity_margin:
+    elif second is not None and d2 - d1 <= ambiguity_margin:
         reason = Reason.AMBIGUOUS
     elif s <= t:
         reason = Reason.ACCEPTED

@@ -29,6 +29,8 @@ HAND = OpenSetModel(
     levels=np.array([0.01, 0.1]),
     quantiles=np.array([[-0.4, -0.2], [-0.6, -0.4], [-0.8, -0.6]]),
 )
+# Every score passes: only the distance and margin tests decide.
+LOOSE = OpenSetModel(np.array([1.0, 2.0]), np.array([0.01, 0.5]), np.array([[9.0, 9.5], [9.0, 9.5]]))
 
 
 class TestScore:
@@ -106,6 +108,38 @@ class TestDecide:
         assert d.match_identity is None
         assert d.candidate == "a"
         assert decide([0.10, 0.11, 0.8], ["a", "b", "c"], model=HAND, ambiguity_margin=0.0).reason is Reason.ACCEPTED
+
+    def test_a_tie_is_never_named_even_without_margin(self) -> None:
+        # the README's rule: ambiguous when the runner-up is WITHIN the margin of the nearest, so also at a margin of
+        # 0 when two identities are exactly as far; naming whichever came first would depend on input order
+        for ids in (["b", "a", "c"], ["a", "b", "c"]):
+            d = decide([0.10, 0.10, 0.8], ids, model=HAND, ambiguity_margin=0.0)
+            assert d.reason is Reason.AMBIGUOUS and d.match_identity is None
+            assert d.candidate == ids[0] and d.features["margin"] == 0.0
+        # a margin of exactly the setting is within it (0.25 and 0.375: no rounding in d2 - d1)
+        assert decide([0.25, 0.375], ["a", "b"], model=LOOSE, ambiguity_margin=0.125).reason is Reason.AMBIGUOUS
+        assert decide([0.25, 0.375], ["a", "b"], model=LOOSE, ambiguity_margin=0.124).reason is Reason.ACCEPTED
+
+    def test_reported_thresholds_agree_with_the_decision_to_the_last_bit(self) -> None:
+        # accept_distance and fpir_estimate restate the score test: at its very boundary they must still say what
+        # the decision did (distance <= accept_distance and fpir_estimate <= target exactly when accepted)
+        m = load_default_model()
+        rng = np.random.default_rng(3)
+        for n, target in itertools.product((2, 27, 414, 5000), (0.001, 0.01, 0.05)):
+            for d2 in rng.uniform(0.15, 0.6, 25).tolist():
+                at = decide([0.1, d2], ["a", "b"], target_fpir=target, max_distance=4.0, ambiguity_margin=0.0,
+                            gallery_size=n, model=m)  # fmt: skip
+                boundary = at.thresholds["accept_distance"]
+                if boundary >= d2:
+                    continue  # d1 would become the runner-up
+                for d1 in (boundary, math.nextafter(boundary, math.inf), math.nextafter(boundary, -math.inf)):
+                    d = decide([d1, d2], ["a", "b"], target_fpir=target, max_distance=4.0, ambiguity_margin=0.0,
+                               gallery_size=n, model=m)  # fmt: skip
+                    accepted = d.reason is Reason.ACCEPTED
+                    score, fpir = d.features["score"], d.features["fpir_estimate"]
+                    assert isinstance(score, float) and isinstance(fpir, float)
+                    assert d.thresholds["accept_distance"] == boundary
+                    assert accepted == (d1 <= boundary) == (score <= d.thresholds["score"]) == (fpir <= target)
 
     def test_ambiguous_when_two_identities_match_and_none_stands_out(self) -> None:
         # N = 100: log 0.25 - 0.75 log 0.30 = -0.483 fails the score (-0.8); the runner-up 0.30 is itself a 1:1 match

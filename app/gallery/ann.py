@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from app.gallery.index import GalleryIndex, IdentityCandidate, _Snapshot
+from app.gallery.index import GalleryIndex, IdentityCandidate, _Snapshot, rank_faces, row_faces
 from app.vision.types import EMBEDDING_DIM
 
 try:
@@ -279,15 +279,6 @@ class ApproximateIndex(GalleryIndex):
         if len(rows) == 0:
             return None
         distances = ((snap.vectors[rows] - query) ** 2).sum(axis=1, dtype=np.float32)
-        order = np.argsort(distances, kind="stable")
-        rows, distances = rows[order], distances[order]
-        _, first = np.unique(snap.codes[rows], return_index=True)
-        if len(first) < min(top_k, snap.alive):
+        if np.unique(snap.codes[rows]).size < min(top_k, snap.alive):
             return None
-        chosen = np.sort(first)[:top_k]
-        return [
-            IdentityCandidate(
-                snap.identity_ids[int(snap.codes[rows[j]])], snap.face_ids[int(rows[j])], float(distances[j])
-            )
-            for j in chosen
-        ]
+        return rank_faces(distances, snap.codes[rows], snap.identity_ids.__getitem__, row_faces(snap, rows), top_k)

@@ -14,18 +14,22 @@ Keeping several processes in step:
   read before that removal cannot bring the face back.
 
 Search backends (`SearchIndex` is what `Gallery` relies on; `create_index` picks one from the settings):
-- `GalleryIndex` (exact, the default): every face compared, |q|^2 + |g|^2 - 2 q.g as one float32 matmul.
+- `GalleryIndex` (exact, the default): every face compared, |q|^2 + |g|^2 - 2 q.g as one float32 matmul, which
+  short-lists; the answer is ranked on the exact float32 distance (`rank_faces`).
 - `ApproximateIndex` (app/gallery/ann.py): the same storage and replay plus a faiss IVF over it, for large galleries.
 - `PgvectorIndex` (app/gallery/pgvector.py): the same bookkeeping, nearest faces found inside PostgreSQL.
-Subclasses follow the storage through three hooks (`_on_reset`, `_on_appended`, `_on_removed`), called with the
+Every backend ranks its candidate faces with `rank_faces`: exact distances, identities nearest first, equal
+distances ordered by identity id (an identity's equally near faces by face id), so a ranking depends neither on
+the order faces were enrolled in nor on the backend. Subclasses follow the storage through three hooks (`_on_reset`, `_on_appended`, `_on_removed`), called with the
 state lock held, and answer searches in `_search`.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -35,6 +39,7 @@ from sqlalchemy.orm import Session
 
 from app.gallery import bulk, store
 from app.gallery.store import Change, ChangeOp
+from app.matching.distances import EXPANSION_ERROR
 from app.vision.types import EMBEDDING_DIM
 
 if TYPE_CHECKING:
@@ -89,6 +94,7 @@ class _Snapshot:
     code_of: dict[str, int]  # identity id -> code
     n: int
     alive: int
+    max_norm: float  # at least every searchable face's squared norm (the short-list's error bound)
     extra: Any = None  # a backend's own structure as it was at the snapshot (see `_snapshot_extra`)
 
 
@@ -168,6 +174,7 @@ class GalleryIndex:
         self._face_ids: list[str] = []
         self._rows: dict[str, int] = {}  # alive face id -> row
         self._n = 0
+        self._max_norm = 0.0  # never lowered by a removal: an upper bound is all the search needs
         self._identity_ids: list[str] = []
         self._code_of: dict[str, int] = {}
         self._alive_per_code: dict[int, int] = {}
@@ -202,6 +209,7 @@ class GalleryIndex:
                 self._code_of,
                 n,
                 len(self._rows),
+                self._max_norm,
                 self._snapshot_extra(),
             )
 
@@ -436,6 +444,7 @@ class GalleryIndex:
         block = np.ascontiguousarray(vectors, dtype=np.float32)
         self._vectors[rows] = block
         self._norms[rows] = np.einsum("ij,ij->i", block, block)
+        self._max_norm = max(self._max_norm, float(self._norms[rows].max()))
         self._codes[rows] = codes
         self._rows.update(zip(face_ids, range(self._n, needed)))
         self._face_ids.extend(face_ids)
@@ -459,8 +468,9 @@ class GalleryIndex:
     def search(self, queries: npt.ArrayLike, *, top_k: int) -> list[list[IdentityCandidate]]:
         """For each query (m, 128): up to `top_k` identities, nearest first, each with its nearest face.
 
-        Ranking uses |q|^2 + |g|^2 - 2 q.g in float32 (clipped at 0); the reported distances are then recomputed
-        as sum((g - q)^2) for the chosen faces, so they equal a direct 1:1 comparison.
+        |q|^2 + |g|^2 - 2 q.g in float32 (clipped at 0) short-lists; identities and their nearest faces are chosen
+        and ranked on sum((g - q)^2) in float32, the distance reported, equal to a direct 1:1 comparison (ties:
+        `rank_faces`).
         """
         q = _as_queries(queries)
         if top_k < 1:
@@ -483,28 +493,28 @@ class GalleryIndex:
     def _top_identities(
         snap: _Snapshot, query: npt.NDArray[np.float32], row: npt.NDArray[np.float32], top_k: int
     ) -> list[IdentityCandidate]:
+        """`row` (the expansion) short-lists a window of the k nearest faces, ranked on their exact distances; the
+        window is widened until it holds `top_k` identities and every face outside it is provably farther."""
         n = snap.n
         k = min(n, max(4 * top_k, top_k + 32))
+        # A face's expansion is within `slack` of its exact distance (`EXPANSION_ERROR`).
+        slack = EXPANSION_ERROR * (float(query @ query) + snap.max_norm)
         while True:
-            nearest = np.argpartition(row, k - 1)[:k] if k < n else np.arange(n)
-            nearest = nearest[np.argsort(row[nearest], kind="stable")]
-            finite = np.isfinite(row[nearest])
-            exhausted = k >= n or not finite[-1]  # the window already holds every searchable face
-            nearest = nearest[finite]
-            _, first = np.unique(snap.codes[nearest], return_index=True)
-            # The first `top_k` identities met in ascending distance are the `top_k` nearest identities, as long as
-            # the k nearest faces hold that many; otherwise widen the window (at most to the whole gallery).
-            if len(first) >= top_k or exhausted:
-                break
+            window = np.argpartition(row, k - 1)[:k] if k < n else np.arange(n)
+            edge = float(row[window].max())  # every face outside the window is at least this far by the expansion
+            window = window[np.isfinite(row[window])]
+            distances = ((snap.vectors[window] - query) ** 2).sum(axis=1, dtype=np.float32)
+            ranked = rank_faces(
+                distances,
+                snap.codes[window],
+                snap.identity_ids.__getitem__,
+                row_faces(snap, window),
+                top_k,
+            )
+            exhausted = k >= n or not math.isfinite(edge)  # nothing searchable outside the window
+            if exhausted or (len(ranked) >= top_k and ranked[-1].distance < edge - slack):
+                return ranked
             k = min(n, k * 4)
-        chosen = nearest[np.sort(first)[:top_k]]
-        exact = ((snap.vectors[chosen] - query) ** 2).sum(axis=1, dtype=np.float32)
-        candidates = [
-            IdentityCandidate(snap.identity_ids[int(snap.codes[r])], snap.face_ids[int(r)], float(d))
-            for r, d in zip(chosen, exact, strict=True)
-        ]
-        candidates.sort(key=lambda c: c.distance)
-        return candidates
 
     def identity_distances(self, query: npt.ArrayLike, identity_id: str) -> tuple[list[str], npt.NDArray[np.float32]]:
         """Squared L2 from `query` (128,) to each searchable face of the identity: (face ids, distances), nearest
@@ -518,6 +528,44 @@ class GalleryIndex:
         distances = ((snap.vectors[rows] - q) ** 2).sum(axis=1, dtype=np.float32)
         order = np.argsort(distances, kind="stable")
         return [snap.face_ids[int(r)] for r in rows[order]], distances[order]
+
+
+def rank_faces(
+    distances: npt.NDArray[np.float32],
+    codes: npt.NDArray[np.integer[Any]],
+    identity_of: Callable[[int], str],
+    face_of: Callable[[int], str],
+    top_k: int,
+) -> list[IdentityCandidate]:
+    """Candidate faces -> up to `top_k` identities, nearest first, each with its nearest face.
+
+    Entry j is a face: its exact distance `distances[j]` and identity code `codes[j]`; `identity_of(code)` and
+    `face_of(j)` give the ids, asked only of the faces kept. Equal distances are ordered by identity id, and an
+    identity's equally near faces by face id, so the answer depends on neither the candidates' order (insertion
+    order, an IVF's or PostgreSQL's order) nor the backend.
+    """
+    if distances.size == 0:
+        return []
+    order = np.lexsort((distances, codes))  # by identity, then distance
+    c, d = codes[order], distances[order]
+    starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])  # each identity's nearest face
+    if starts.size > top_k:  # the top_k nearest identities, and any tied with the last of them
+        nearest = d[starts]
+        starts = starts[nearest <= np.partition(nearest, top_k - 1)[top_k - 1]]
+    picked = []
+    for p in starts.tolist():
+        q = p + 1
+        while q < c.size and c[q] == c[p] and d[q] == d[p]:
+            q += 1
+        face = min(face_of(int(j)) for j in order[p:q])
+        picked.append(IdentityCandidate(identity_of(int(c[p])), face, float(d[p])))
+    picked.sort(key=lambda candidate: (candidate.distance, candidate.identity_id))
+    return picked[:top_k]
+
+
+def row_faces(snap: _Snapshot, rows: npt.NDArray[np.int64]) -> Callable[[int], str]:
+    """`rank_faces`'s face_of for candidates that are storage rows of `snap`."""
+    return lambda j: snap.face_ids[int(rows[j])]
 
 
 def _as_queries(queries: npt.ArrayLike) -> npt.NDArray[np.float32]:

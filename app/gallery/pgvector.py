@@ -29,7 +29,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.gallery import bulk, store
-from app.gallery.index import MAX_REPLAY, GalleryIndex, IdentityCandidate, IndexStats, _Snapshot
+from app.gallery.index import MAX_REPLAY, GalleryIndex, IdentityCandidate, IndexStats, _Snapshot, rank_faces
 from app.gallery.store import Change, ChangeOp
 from app.vision.types import EMBEDDING_DIM
 
@@ -290,14 +290,12 @@ def _rank(rows: Sequence[Any], query: npt.NDArray[np.float32], top_k: int, neede
         return None
     vectors = np.asarray([row.embedding for row in rows], dtype=np.float32)
     distances = ((vectors - query) ** 2).sum(axis=1, dtype=np.float32)
-    best: dict[str, IdentityCandidate] = {}
-    for j in np.argsort(distances, kind="stable"):
-        identity_id = rows[j].identity_id
-        if identity_id not in best:
-            best[identity_id] = IdentityCandidate(identity_id, rows[j].face_id, float(distances[j]))
-    if len(best) < needed:
+    code_of: dict[str, int] = {}
+    codes = np.fromiter((code_of.setdefault(row.identity_id, len(code_of)) for row in rows), np.int64, len(rows))
+    if len(code_of) < needed:
         return None
-    return list(best.values())[:top_k]
+    identity_ids = list(code_of)
+    return rank_faces(distances, codes, identity_ids.__getitem__, lambda j: str(rows[j].face_id), top_k)
 
 
 def _vector_text(vector: npt.NDArray[np.float32]) -> str:

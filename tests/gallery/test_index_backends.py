@@ -91,21 +91,43 @@ def test_probing_every_cell_gives_exactly_the_exact_answer(
     queries, _ = synthetic.probes(gallery, enrolled=20, strangers=10, seed=5)
     for top_k in (1, 10, 150):  # 150: more identities than 400 candidate faces may hold -> exact fallback
         for w, g in zip(exact.search(queries, top_k=top_k), approximate.search(queries, top_k=top_k)):
-            np.testing.assert_allclose([c.distance for c in g], [c.distance for c in w], rtol=0, atol=1e-6)
-            assert _tied_groups(g) == _tied_groups(w)
+            # to the last bit and in the same order, also where faces of different people are exactly as far from
+            # a query (the synthetic gallery has such ties): equal distances go by identity id
+            assert [(c.identity_id, c.face_id, c.distance) for c in g] == [
+                (c.identity_id, c.face_id, c.distance) for c in w
+            ]
 
 
-def _tied_groups(candidates: list[IdentityCandidate]) -> list[set[tuple[str, str]]]:
-    """The ranking as runs of equal distance: two faces of different people can be exactly as far from a query (the
-    synthetic gallery has such ties), and the backends may order those two either way."""
-    groups: list[set[tuple[str, str]]] = []
-    last = None
-    for c in candidates:
-        if c.distance != last:
-            groups.append(set())
-            last = c.distance
-        groups[-1].add((c.identity_id, c.face_id))
-    return groups
+def tied_gallery() -> tuple[list[str], list[str], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Faces (ids, owners, vectors) with exact ties, and queries: three people enrolled with the same embedding, one
+    person with the same face twice, among 120 others; the ids' sort order is not their enrolment order."""
+    rng = np.random.default_rng(8)
+    vectors = (rng.normal(size=(126, 128)) * 0.09).astype(np.float32)
+    vectors[1:3] = vectors[0]  # people t2, t0, t1: the same face
+    vectors[4] = vectors[3]  # t3's two faces
+    owners = ["t2", "t0", "t1", "t3", "t3", *(f"p{i:03d}" for i in range(121))]
+    face_ids = ["f9", "f5", "f7", "f4", "f2", *(f"g{i:03d}" for i in range(121))]
+    noise = (rng.normal(size=(4, 128)) * 0.01).astype(np.float32)
+    queries = np.concatenate([vectors[[0, 3]] + noise[:2], vectors[[0, 3]]])
+    return face_ids, owners, vectors, queries
+
+
+def check_tied_ranking(results: list[list[IdentityCandidate]]) -> None:
+    """What `tied_gallery`'s queries must get from any backend, whatever the enrolment order."""
+    for r in (results[0], results[2]):
+        assert [(c.identity_id, c.face_id) for c in r[:3]] == [("t0", "f5"), ("t1", "f7"), ("t2", "f9")]
+        assert r[0].distance == r[1].distance == r[2].distance < r[3].distance
+    for r in (results[1], results[3]):
+        assert (r[0].identity_id, r[0].face_id) == ("t3", "f2")  # the smaller id of its two equally near faces
+
+
+@pytest.mark.parametrize("backend", ["exact", "approximate"])
+def test_ties_are_ranked_by_identity_id_whatever_the_enrolment_order(backend: str) -> None:
+    face_ids, owners, vectors, queries = tied_gallery()
+    for order in (np.arange(len(face_ids)), np.arange(len(face_ids))[::-1]):
+        index = GalleryIndex(MODEL) if backend == "exact" else ApproximateIndex(MODEL, min_size=10, nlist=4, nprobe=4, candidates=20)
+        index.apply(_adds([face_ids[i] for i in order], [owners[i] for i in order], vectors[order]))
+        check_tied_ranking(index.search(queries, top_k=5))
 
 
 def test_adds_and_removes_keep_the_backends_in_step(

@@ -17,6 +17,7 @@ from app.gallery.index import GalleryIndex
 from app.gallery.pgvector import NEAREST_FACES, PgvectorIndex, PgvectorUnavailable, _vector_text
 from app.vision.types import Box
 from bench.pgvector_scale import new_database
+from tests.gallery.test_index_backends import tied_gallery
 
 MODEL = "test-model-1"
 PGVECTOR = IndexSettings(backend=IndexBackend.PGVECTOR, candidates=32)
@@ -220,3 +221,26 @@ def test_pgvector_table_follows_a_reindex(pgvector_url: str) -> None:
     finally:
         reader.close()
         old.close()
+
+
+@pytest.mark.pgvector
+def test_pgvector_ranks_exact_ties_as_the_exact_index(pgvector_url: str) -> None:
+    # PostgreSQL returns equally near faces in an order of its own: the ranking still puts equal distances in
+    # identity-id order (an identity's equally near faces: the smaller face id), as the exact index does.
+    _, owners, vectors, queries = tied_gallery()
+    writer = Gallery.open(pgvector_url, MODEL)
+    reader = Gallery.open(pgvector_url, MODEL, index=PGVECTOR)
+    try:
+        people = {name: writer.create_identity(name=name).id for name in dict.fromkeys(owners[::-1])}
+        for owner, vector in zip(owners[::-1], vectors[::-1]):
+            writer.enroll_face(identity_id=people[owner], embedding=vector, box=Box(0, 0, 9, 9), score=1.0)
+        want, got = writer.search(queries, top_k=5), reader.search(queries, top_k=5)
+        assert isinstance(reader.index, PgvectorIndex) and reader.index.mirror() == 0
+        assert [[(c.identity_id, c.face_id, c.distance) for c in r] for r in got] == [
+            [(c.identity_id, c.face_id, c.distance) for c in r] for r in want
+        ]
+        tied = [c.identity_id for c in got[0][:3]]
+        assert tied == sorted(people[name] for name in ("t0", "t1", "t2")) and got[0][0].distance == got[0][2].distance
+    finally:
+        reader.close()
+        writer.close()

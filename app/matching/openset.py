@@ -384,6 +384,8 @@ def _accept_distance(m: OpenSetModel, t: float, d2: float) -> float:
     boundary the score test draws (the closed form is off by a few ulps either way), so that a response never shows
     a distance at or below `accept_distance` that failed the score test, or one above it that passed."""
     a = float(math.exp(t) * min(d2, m.cap) ** m.beta)
+    if not math.isfinite(a):
+        return a  # no edge to step onto (an infinite score threshold); the loops below would never end
     while a > 0.0 and float(m.score(a, d2)) > t:
         a = math.nextafter(a, -math.inf)
     while float(m.score(math.nextafter(a, math.inf), d2)) <= t:

@@ -14,6 +14,7 @@ from app.matching.openset import (
     DEFAULT_CAP,
     OpenSetModel,
     Reason,
+    _accept_distance,
     build_model,
     decide,
     facegate_score,
@@ -119,6 +120,13 @@ class TestDecide:
         # a margin of exactly the setting is within it (0.25 and 0.375: no rounding in d2 - d1)
         assert decide([0.25, 0.375], ["a", "b"], model=LOOSE, ambiguity_margin=0.125).reason is Reason.AMBIGUOUS
         assert decide([0.25, 0.375], ["a", "b"], model=LOOSE, ambiguity_margin=0.124).reason is Reason.ACCEPTED
+
+    def test_accept_distance_of_an_unbounded_score_threshold_is_returned_not_stepped(self) -> None:
+        # a model whose stranger scores reach +inf (a stranger with d2 = 0) gives t = inf: there is no boundary to
+        # step onto, and stepping from inf would never end
+        m = load_default_model()
+        assert _accept_distance(m, math.inf, 0.5) == math.inf
+        assert _accept_distance(m, -math.inf, 0.5) == 0.0
 
     def test_reported_thresholds_agree_with_the_decision_to_the_last_bit(self) -> None:
         # accept_distance and fpir_estimate restate the score test: at its very boundary they must still say what

@@ -73,7 +73,13 @@ class FaceOut(Public):
 class ErrorBody(BaseModel):
     code: str = Field(description="Stable machine-readable code, e.g. no_face, multiple_faces, unknown_identity.")
     message: str = Field(description="For people; may change between versions.")
-    details: dict[str, Any] | None = Field(default=None, description="Extra data, e.g. `boxes` for multiple_faces.")
+    details: dict[str, Any] | None = Field(
+        default=None,
+        # Left out, not null, when there is nothing to add: a photo's error inside a many-photo reply is then the very
+        # object a refused single-photo request carries (app/api/errors.py error_body).
+        exclude_if=lambda value: value is None,
+        description="Extra data, e.g. `boxes` for multiple_faces; absent when there is none.",
+    )
 
 
 class ErrorResponse(BaseModel):

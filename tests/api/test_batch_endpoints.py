@@ -170,10 +170,17 @@ class TestEmbed:
                          [f["face"] for f in alone["faces"]])  # fmt: skip
 
     def test_bad_photos_get_their_own_errors(self, app_client: TestClient, probes: list[Upload]) -> None:
-        response = app_client.post("/embed", files=files(NO_FACE, probes[1], NOT_AN_IMAGE))
+        response = app_client.post("/embed", files=files(NO_FACE, probes[1], NOT_AN_IMAGE, TOO_SMALL))
         assert response.status_code == 200, response.text
         images = response.json()["images"]
-        assert [e["error"]["code"] if e["error"] else None for e in images] == ["no_face", None, "invalid_image"]
+        codes = [e["error"]["code"] if e["error"] else None for e in images]
+        assert codes == ["no_face", None, "invalid_image", "image_too_small"]
+        # Each error is the object /identify refuses that photo alone with: `details` only where there are some
+        # (image_too_small's sizes), never `"details": null`.
+        for upload, entry in zip((NO_FACE, NOT_AN_IMAGE, TOO_SMALL), (images[0], images[2], images[3]), strict=True):
+            alone = app_client.post("/identify", files={"image": upload})
+            assert entry["error"] == alone.json()["error"], upload[0]
+        assert "details" not in images[0]["error"] and images[3]["error"]["details"]["width"] == 2
         assert images[0]["faces"] is None and len(images[1]["faces"][0]["embedding"]) == 128
         assert "embedding" not in response.text.split('"images"')[0]  # only faces carry embeddings
 

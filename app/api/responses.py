@@ -6,22 +6,28 @@ from typing import Any
 
 from app.api.schemas import ErrorResponse
 
+# Every code of each status, as in the README's error table (tests/test_readme.py checks that they agree); a code
+# only some routes give says which.
 _DESCRIPTIONS = {
     400: "invalid_request: the body cannot be parsed (malformed multipart, a text field that is not UTF-8, a "
-    "multipart charset that is unknown or not a text encoding, JSON that is not UTF-8 or is nested too deeply)",
+    "multipart charset that is unknown or not a text encoding, a text field over 1 MB, over 1,000 fields or files, "
+    "JSON that is not UTF-8 or is nested too deeply)",
     401: "unauthorized: no API key, or an unknown or revoked one (when keys are in use)",
-    403: "forbidden: the API key's scope is too small for this route",
-    404: "unknown_identity / unknown_face / image_not_stored / not_found",
+    403: "forbidden: the API key's scope is too small for this route (details: required_scope, key_scope)",
+    404: "unknown_identity / unknown_face (no such id, a malformed one, or a face of another identity) / "
+    "image_not_stored (a face's photo, kept only with FACEGATE_STORE_IMAGES=true)",
     405: "method_not_allowed",
-    409: "no_enrolled_faces: the identity has no face left to compare with / possible_duplicate (enrol: the face "
-    "already matches an enrolled identity; details name it) / insufficient_data (calibrate: not enough pairs)",
+    409: "no_enrolled_faces: the identity has no face of the served model left to compare with / possible_duplicate "
+    "(enrol: the face already matches an enrolled identity; details name it) / insufficient_data (calibrate, the "
+    "gallery's calibration curve, identify evaluation: too few identities with two faces, or no threshold meets "
+    "the target FAR)",
     413: "request_too_large (body over image.max_upload_bytes) / image_too_large (over image.max_pixels)",
     415: "unsupported_image: an image format facegate does not decode (HEIC, PSD, EPS, ...); details.format names it",
     422: "invalid_request (missing, unknown or out-of-range fields) / invalid_image / image_too_small / no_face / "
     "multiple_faces (details.boxes lists every face) / low_quality (enrol: details.reasons lists each failing "
     "measurement with its value and limit, details.quality every measurement)",
     500: "internal_error: logged; the body names nothing internal",
-    503: "model_unavailable / not ready",
+    503: "model_unavailable: the models (or the served head) are missing or corrupt, or the required GPU is unusable",
 }
 
 

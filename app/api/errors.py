@@ -24,7 +24,8 @@ Status map (also in the OpenAPI document of every route):
 | no_enrolled_faces             | 409    | verify against an identity whose faces were all deleted       |
 | low_quality                   | 422    | enrol: the face fails a quality limit; details.reasons        |
 | possible_duplicate            | 409    | enrol a new identity whose face matches an enrolled one       |
-| insufficient_data             | 409    | calibrate on a gallery without 2 identities of >= 2 faces     |
+| insufficient_data             | 409    | calibrate on a gallery without 2 identities of >= 2 faces;    |
+|                               |        | the gallery's curve or identify evaluation on too few faces   |
 | not_found / method_not_allowed| 404/405| no such route / method (a trailing slash: GET/HEAD get a 308  |
 |                               |        | to the path without it, other methods a 404 that names it)    |
 | model_unavailable             | 503    | models missing, corrupt or the required GPU is not usable     |
@@ -43,7 +44,7 @@ from collections.abc import Iterable, Mapping
 from http import HTTPStatus
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -164,9 +165,28 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     summary = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'request'}: {p['message']}" for p in problems[:5])
     if len(raw) > 5:
         summary += f"; and {len(raw) - 5} more"
+    hint = _body_kind_hint(request)
+    if hint:
+        summary += f" ({hint})"
     return error_response(
         422, "invalid_request", f"invalid request: {summary}", {"errors": problems, "n_errors": len(raw)}
     )
+
+
+def _body_kind_hint(request: Request) -> str | None:
+    """The body kind the route reads, when the request declared another: `curl -d` sends a form unless told
+    otherwise, and a form field or JSON key then reads as missing, which does not say why."""
+    body = getattr(request.scope.get("route"), "body_field", None)
+    declared = request.headers.get("content-type")
+    if body is None or not declared:  # no body read; FastAPI reads an undeclared body as JSON
+        return None
+    sent = declared.split(";")[0].strip().lower()
+    if isinstance(body.field_info, params.Form):  # File is a Form
+        if sent != "multipart/form-data":
+            return f"this endpoint takes multipart/form-data (curl -F), not {shorten(sent)}"
+    elif sent != "application/json" and not sent.endswith("+json"):
+        return f"this endpoint takes a JSON body (Content-Type: application/json), not {shorten(sent)}"
+    return None
 
 
 async def http_error_handler(request: Request, exc: Exception) -> Response:

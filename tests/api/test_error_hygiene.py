@@ -37,6 +37,28 @@ def test_a_database_failure_is_a_generic_500_and_logs_no_parameters(
     assert SECRET not in logged and SECRET.split()[0] not in logged  # ... but not the statement's parameters
 
 
+def test_a_body_of_the_wrong_kind_is_named(models_dir: Path, tmp_path: Path) -> None:
+    """`curl -d '{...}'` without a Content-Type sends a form; JSON sent to a form endpoint reads as missing fields.
+    The 422 says which kind the endpoint takes instead of only what is missing; a body of the right kind gets no
+    such hint."""
+    db = tmp_path / "g.db"
+    with running(api_settings(models_dir, f"sqlite:///{db}", preload_models=False)) as client:
+        form = {"content-type": "application/x-www-form-urlencoded"}
+        for method, path in (("PATCH", f"/identities/{'0' * 32}"), ("POST", "/calibrate")):
+            r = client.request(method, path, content=b'{"name": "Alice"}', headers=form)
+            message = error_of(r, 422, "invalid_request")["message"]
+            assert "takes a JSON body (Content-Type: application/json), not application/x-www-form-urlencoded" in (
+                message
+            ), (path, message)
+        r = client.post("/identify", json={"image": "aGVsbG8="})
+        message = error_of(r, 422, "invalid_request")["message"]
+        assert message.endswith("(this endpoint takes multipart/form-data (curl -F), not application/json)")
+        r = client.post("/calibrate", json={"source": "nowhere"})  # JSON, as the route wants, but wrong
+        assert "this endpoint takes" not in error_of(r, 422, "invalid_request")["message"]
+        r = client.post("/identify", files={"image": ("a.jpg", b"x", "image/jpeg")}, data={"top_k": "0"})
+        assert "this endpoint takes" not in error_of(r, 422, "invalid_request")["message"]
+
+
 @pytest.mark.model
 class TestNoEcho:
     def test_a_huge_unknown_json_key_is_cut(self, shared_client: TestClient) -> None:

@@ -121,7 +121,7 @@ class Decision(Public):
     threshold: float = Field(description="The threshold this decision used.")
     threshold_source: ThresholdSource = Field(
         description="request: the `threshold` field; deployment: the calibrated threshold stored in the gallery; "
-        "settings: FACEGATE_THRESHOLD."
+        "settings: FACEGATE_THRESHOLD (or, with a trained head served and FACEGATE_THRESHOLD unset, the head's own)."
     )
     far_estimate: float | None = Field(
         default=None,
@@ -387,7 +387,7 @@ class DeploymentCalibrationOut(Public):
 
 class CalibrationResponse(Public):
     threshold: float = Field(description="The threshold a request without its own uses.")
-    threshold_source: ThresholdSource = Field(description="deployment (a stored calibration) or settings.")
+    threshold_source: ThresholdSource = Field(description="deployment (a stored calibration) or settings (FACEGATE_THRESHOLD, or a served head's own).")
     far_estimate: float | None = Field(description="FAR at `threshold` from the shipped default table, if it fits.")
     deployment: DeploymentCalibrationOut | None = Field(description="The stored calibration, if any.")
     default_table: DefaultTableOut | None = Field(

@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,  # app/api/routes/docs.py: Swagger UI from the package, not a CDN
         redoc_url=None,
     )
     app.state.settings = settings

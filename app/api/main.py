@@ -9,6 +9,7 @@ from app.api.routes import (
     admin,
     calibration,
     cluster,
+    docs,
     embed,
     enroll,
     evaluation,
@@ -20,7 +21,21 @@ from app.api.routes import (
     verify,
 )
 
-_MODULES = (enroll, verify, identify, identify_batch, embed, identities, cluster, calibration, evaluation, health, ui, admin)
+_MODULES = (
+    enroll,
+    verify,
+    identify,
+    identify_batch,
+    embed,
+    identities,
+    cluster,
+    calibration,
+    evaluation,
+    health,
+    ui,
+    docs,
+    admin,
+)
 
 api_router = APIRouter()
 for module in _MODULES:

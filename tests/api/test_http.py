@@ -254,7 +254,16 @@ def test_openapi_documents_every_error(shared_client: TestClient) -> None:
                 ref = responses[status]["content"]["application/json"]["schema"]["$ref"]
                 assert ref.endswith("/ErrorResponse"), (path, method, status)
     assert {"404", "413", "422"} <= set(schema["paths"]["/enroll"]["post"]["responses"])
-    assert shared_client.get("/docs").status_code == 200
+    docs = shared_client.get("/docs")
+    assert docs.status_code == 200 and "cdn." not in docs.text and "https://" not in docs.text
+    for asset, kind in (("swagger-ui-bundle.js", "text/javascript"), ("swagger-ui.css", "text/css")):
+        served = shared_client.get(f"/docs/{asset}")
+        assert f'"/docs/{asset}"' in docs.text
+        assert served.status_code == 200 and served.headers["content-type"].startswith(kind)
+        assert served.headers["cache-control"] == "public, max-age=86400" and len(served.content) > 100_000
+    error_of(shared_client.get("/docs/..%2Fconfig.py"), 404, "not_found")
+    behind_proxy = TestClient(shared_client.app, root_path="/facegate").get("/docs").text  # a proxy's prefix
+    assert "url: '/facegate/openapi.json'" in behind_proxy and '"/facegate/docs/swagger-ui-bundle.js"' in behind_proxy
     # Client generators name methods after operation ids: two operations with one id collide (GET and HEAD on one route
     # had that), so every id is unique and the probes' HEAD is documented.
     ids = [operation["operationId"] for item in schema["paths"].values() for operation in item.values()]

@@ -575,6 +575,8 @@ OTHER_VARIABLES = frozenset(
         "FACEGATE_API_IMAGE",  # not FACEGATE_IMAGE: that would be read as the `image` settings group
         "FACEGATE_POSTGRES_IMAGE",
         "FACEGATE_PUBLISH_PORT",
+        "FACEGATE_BOOTSTRAP_KEY",  # compose passes it on as FACEGATE_AUTH__BOOTSTRAP_KEY
+        "FACEGATE_LOG_FORMAT",  # compose passes it on as FACEGATE_LOG__FORMAT
     }
 )
 

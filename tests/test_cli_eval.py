@@ -194,3 +194,21 @@ def test_commands_stop_their_inference_threads(env: Path, photos: tuple[Path, Pa
     assert started_and_alive("cluster", str(images)) == []
     assert started_and_alive("eval", "--pairs", str(pairs), "--images", str(images), "--out", str(tmp_path / "r")) == []
     assert started_and_alive("calibrate", "--pairs", str(pairs), "--images", str(images), "--far", "0.05") == []
+
+
+def test_cluster_follows_linked_folders_once(tmp_path: Path) -> None:
+    """As `enroll DIR` does: a folder of links to each person's photo folder is clustered, not "no photos"; a link
+    back up is walked once; hidden names and other files are left out."""
+    from app.cli.cluster import _photos_under
+
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "raj").mkdir(parents=True)
+    (elsewhere / "raj" / "1.png").write_bytes(b"")
+    top = tmp_path / "top"
+    (top / "amy").mkdir(parents=True)
+    (top / ".trash").mkdir()
+    for name in ("amy/1.jpg", "amy/.2.jpg", "amy/notes.txt", ".trash/3.jpg"):
+        (top / name).write_bytes(b"")
+    (top / "raj").symlink_to(elsewhere / "raj")
+    (top / "amy" / "up").symlink_to(top)  # a cycle
+    assert [p.relative_to(top).as_posix() for p in _photos_under(top)] == ["amy/1.jpg", "raj/1.png"]

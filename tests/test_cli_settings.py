@@ -4,6 +4,7 @@ FACEGATE_ variable, never a traceback (no models needed: these fail before any i
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -153,3 +154,14 @@ def test_a_threshold_outside_0_to_4_is_refused(sqlite_env: dict[str, str], comma
     most 4 (the largest squared distance between unit vectors). Refused while the arguments are read."""
     code, err = run(sqlite_env, command[0], "--threshold", threshold, *command[1:])
     assert code == 2 and f"Invalid value for '--threshold': {float(threshold)} is not in the range 0<x<=4" in err, err
+
+
+def test_every_facegate_variable_of_the_deployment_files_is_known() -> None:
+    """Exporting a variable that docker compose reads (FACEGATE_BOOTSTRAP_KEY, as its comment suggests) must not
+    make every command warn that it names no setting."""
+    from app.config import REPO_ROOT, unknown_variables
+
+    files = ["docker-compose.yml", "docker-compose.gpu.yml", "Dockerfile", "Makefile", "tests/docker/compose_roundtrip.sh"]
+    named = {m for f in files for m in re.findall(r"FACEGATE_[A-Z0-9_]*[A-Z0-9]", (REPO_ROOT / f).read_text())}
+    assert {"FACEGATE_BOOTSTRAP_KEY", "FACEGATE_AUTH__BOOTSTRAP_KEY"} <= named
+    assert unknown_variables(dict.fromkeys(named, "x")) == []

@@ -25,7 +25,8 @@ Status map (also in the OpenAPI document of every route):
 | low_quality                   | 422    | enrol: the face fails a quality limit; details.reasons        |
 | possible_duplicate            | 409    | enrol a new identity whose face matches an enrolled one       |
 | insufficient_data             | 409    | calibrate on a gallery without 2 identities of >= 2 faces;    |
-|                               |        | the gallery's curve or identify evaluation on too few faces   |
+|                               |        | the gallery's curve or identify evaluation on too few faces;  |
+|                               |        | apply a calibration from fewer than 1/FAR different pairs     |
 | not_found / method_not_allowed| 404/405| no such route / method (a trailing slash: GET/HEAD get a 308  |
 |                               |        | to the path without it, other methods a 404 that names it)    |
 | model_unavailable             | 503    | models missing, corrupt or the required GPU is not usable     |

@@ -337,7 +337,8 @@ class CalibrateRequest(BaseModel):
     apply: bool = Field(
         default=False,
         description="Store the threshold as the deployment threshold (used by verify/identify requests that give "
-        "none), with when and from what it was computed.",
+        "none), with when and from what it was computed. Refused (409 insufficient_data) with fewer than 1/target_far "
+        "different-person pairs, which cannot show the rate.",
     )
 
 

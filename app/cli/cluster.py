@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,13 +16,22 @@ from app.identify_eval import PHOTO_SUFFIXES
 
 
 def _photos_under(directory: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in directory.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in PHOTO_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
-    )
+    """Photo files below `directory`, hidden names left out. Linked folders are followed, as `enroll DIR` follows
+    them (Path.rglob does not before Python 3.13), each real folder once: a link back up ends no walk."""
+    photos = []
+    seen: set[str] = set()
+    for folder, subfolders, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        for name in files:
+            path = Path(folder) / name
+            if not name.startswith(".") and path.suffix.lower() in PHOTO_SUFFIXES and path.is_file():
+                photos.append(path)
+    return sorted(photos)
 
 
 def _member_text(m: ClusterMember) -> str:

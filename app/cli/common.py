@@ -184,13 +184,33 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+# The service's messages name the API's fields; on the command line the same advice is an option.
+_API_ADVICE = (
+    ("ask for face=largest", "pass --face largest"),
+    ("allow_low_quality=true", "--allow-low-quality"),
+    (
+        "add the face to it (identity_id), or allow_duplicate=true",
+        "name the folder after it to add the face to it, or pass --allow-duplicate",
+    ),
+    ("allow_duplicate=true", "--allow-duplicate"),
+)
+
+
+def error_text(error: FacegateError) -> str:
+    """The error's message as a command-line user acts on it."""
+    message = error.message
+    for api, cli_words in _API_ADVICE:
+        message = message.replace(api, cli_words)
+    return message
+
+
 @contextmanager
 def failing_on_errors(*, with_code: bool = False) -> Iterator[None]:
     """A FacegateError inside ends the command with exit status 2 and its message (`code: message` if asked)."""
     try:
         yield
     except FacegateError as error:
-        fail(f"{error.code}: {error.message}" if with_code else error.message)
+        fail(f"{error.code}: {error_text(error)}" if with_code else error_text(error))
 
 
 def read_bytes(path: Path) -> bytes:

@@ -177,7 +177,7 @@ def calibrate(
         bool,
         typer.Option(
             help="Store the threshold as the deployment threshold in the gallery database (FACEGATE_DATABASE_URL); "
-            "verify and identify then use it when a request gives none.",
+            "verify and identify then use it when a request gives none. Refused below 1/FAR different pairs.",
         ),
     ] = False,
     cache: CacheOption = None,

@@ -16,6 +16,7 @@ from app.cli.common import (
     PhotoSelection,
     ThresholdOption,
     cli,
+    error_text,
     fail,
     load_settings,
     open_service,
@@ -102,7 +103,7 @@ def enroll(
                             )
                             added += 1
                     except FacegateError as error:
-                        failures.append(_Failure(path, error.code, error.message))
+                        failures.append(_Failure(path, error.code, error_text(error)))
                     bar.update(1)
     finally:
         service.close()

@@ -119,7 +119,7 @@ def test_calibrate_from_the_gallery(client: TestClient, photo: Photo) -> None:
     single = client.post("/enroll", files={"image": photo("bbt_penny/face-api__penny1.png")}, data={"name": "Penny"})
     assert single.status_code == 201, single.text
 
-    r = client.post("/calibrate", json={"source": "gallery", "target_far": 0.001, "apply": True})
+    r = client.post("/calibrate", json={"source": "gallery", "target_far": 0.001})
     assert r.status_code == 200, r.text
     result = r.json()
     assert result["n_identities"] == 3
@@ -131,10 +131,23 @@ def test_calibrate_from_the_gallery(client: TestClient, photo: Photo) -> None:
     assert result["far_interval"][1] == pytest.approx(1 - 0.025 ** (1 / 12), rel=1e-6)
     assert result["val"] == 1.0  # same-person pairs measured 0.12-0.2, different ones above 0.5
     assert 0.2 < result["threshold"] < 0.8
+    # ... so that threshold is not stored: it would have verify and identify claim a FAR nothing measured
+    refused = error_of(
+        client.post("/calibrate", json={"source": "gallery", "target_far": 0.001, "apply": True}),
+        409,
+        "insufficient_data",
+    )
+    assert refused["message"].startswith("applying a threshold for FAR 0.001 needs at least 1000 different-person")
+    assert f"{result['threshold']:.4f}" in refused["message"] and "under 0.26" in refused["message"]
+    assert _verify(client, photo)["threshold_source"] == "settings"
 
+    # 12 pairs can show a FAR of 1/10 (one false accept allowed): stored
+    r = client.post("/calibrate", json={"source": "gallery", "target_far": 0.1, "apply": True})
+    assert r.status_code == 200 and r.json()["applied"] is True, r.text
+    assert r.json()["far"] == pytest.approx(1 / 12) and r.json()["threshold"] > result["threshold"]
     verified = _verify(client, photo)
     assert verified["threshold_source"] == "deployment"
-    assert verified["threshold"] == pytest.approx(result["threshold"])
+    assert verified["threshold"] == pytest.approx(r.json()["threshold"])
     assert math.isfinite(verified["far_estimate"])  # type: ignore[arg-type]
 
 

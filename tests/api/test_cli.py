@@ -182,3 +182,18 @@ def test_several_workers_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> Non
     settings = Settings()
     assert settings.batching.workers == 3
     assert share_cores(settings, 2, 16) == {"FACEGATE_RUNTIME__INTRA_OP_THREADS": "8"}
+
+
+def test_advice_in_errors_names_the_command_line_options(env: Path, dev_faces: Path, tmp_path: Path) -> None:
+    """The service's messages name API fields (face=largest, allow_duplicate=true); the CLI says its options."""
+    group = dev_faces / "ariel_sharon/krasserm__Ariel_Sharon_0004.jpg"  # three faces
+    code, out = run("verify", str(group), str(dev_faces / AMY[0]))
+    assert code == 2 and out.strip().endswith("send a photo with one face or pass --face largest"), out
+    people = tmp_path / "people"
+    for folder, photo in (("amy", AMY[0]), ("amy again", AMY[1]), ("group", str(group))):
+        (people / folder).mkdir(parents=True)
+        (people / folder / Path(photo).name).symlink_to(dev_faces / photo)
+    code, out = run("enroll", str(people))
+    assert code == 1 and "1 identities created, 0 faces added to existing ones, 2 photos failed." in out, out
+    assert "name the folder after it to add the face to it, or pass --allow-duplicate" in out
+    assert "pass --face largest" in out and "=true" not in out and "face=largest" not in out

@@ -91,7 +91,8 @@ def test_a_threshold_calibrated_on_plain_distances_is_not_applied_to_flip(models
     """A deployment threshold belongs to the distance scale it was calibrated on; another build of the same scale
     keeps it."""
     url = f"sqlite:///{tmp_path / 'gallery.db'}"
-    body = {"source": "pairs", "same": [0.01], "different": [0.05, 0.9], "target_far": 0.1, "apply": True}
+    # 10 different pairs (applying needs 1/FAR), of which one may be accepted: the threshold sits under 0.05
+    body = {"source": "pairs", "same": [0.01], "different": [0.04, 0.05] + [0.9] * 8, "target_far": 0.1, "apply": True}
     with running(api_settings(models_dir, url)) as plain:
         applied = plain.post("/calibrate", json=body)
         assert applied.status_code == 200, applied.text

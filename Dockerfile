@@ -1,7 +1,8 @@
 # facegate: a face verification service. Two stages:
 #   builder — installs the package and builds the ONNX models with the very commands `make test` uses
 #             (`make models` -> venv + `python -m models.build`), so CI proves the image's install path;
-#   runtime — the venv (with the migrations) and the built models on a plain Debian with Python, as a non-root user.
+#   runtime — the venv (with the migrations) and the built models on a plain Debian with Python, as a non-root user,
+#             under tini (PID 1: passes SIGTERM on to `facegate serve`, reaps orphans). Needs no network at run time.
 #
 #   docker build -t facegate .                      # CPU (onnxruntime-gpu falls back to its CPU provider)
 #   docker build --build-arg CUDA=1 -t facegate:cuda .   # + CUDA 13 / cuDNN 9 from NVIDIA's pip packages
@@ -10,6 +11,8 @@
 #   (auth is on in the image: every request but health/metrics needs that key, or one from
 #    `docker exec CONTAINER facegate keys create --name NAME --scope read`)
 #   docker run --rm --gpus all -e FACEGATE_REQUIRE_GPU=true ... facegate:cuda  (host: NVIDIA driver + container toolkit)
+# `docker stop` sends SIGTERM: the requests in flight get FACEGATE_SHUTDOWN_TIMEOUT (8 s) to finish, then the server
+# exits 0, inside docker's default 10 s; with a longer timeout, give `docker stop -t` / `--stop-timeout` a few more.
 #
 # No CUDA base image is needed: onnxruntime-gpu loads CUDA/cuDNN from the nvidia-* wheels (onnxruntime.preload_dlls()).
 # BASE_IMAGE must be the same Debian release in both stages: the venv links to its /usr/bin/python3 (3.11 on bookworm).
@@ -56,7 +59,7 @@ RUN set -e; \
 
 FROM ${BASE_IMAGE} AS runtime
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 tini \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 facegate \
  && useradd --system --uid 10001 --gid facegate --home-dir /var/lib/facegate --shell /usr/sbin/nologin facegate \
@@ -76,6 +79,11 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER facegate
 VOLUME ["/var/lib/facegate"]
 EXPOSE 8000
+# /readyz: models loaded, database reachable, index built (503, so unhealthy, otherwise). Auth never applies to it.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('FACEGATE_PORT', '8000'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('FACEGATE_PORT', '8000'), timeout=4)"]
+STOPSIGNAL SIGTERM
+# tini as PID 1: a Python PID 1 gets no default signal handling (SIGTERM before uvicorn's handlers are in would be
+# ignored until docker's SIGKILL) and would not reap the orphans of --workers N.
+ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["facegate", "serve", "--host", "0.0.0.0"]

@@ -484,6 +484,17 @@ class Settings(BaseSettings):
     store_images: bool = Field(default=False, description="Keep the enrolled photos in the database (off: only embeddings are stored).")
     host: str = Field(default="127.0.0.1", description="Address `facegate serve` listens on (127.0.0.1: this machine only).")
     port: int = Field(default=8000, ge=1, le=65535, description="Port `facegate serve` listens on.")
+    shutdown_timeout: int = Field(
+        default=8,
+        ge=1,
+        le=3600,
+        description=(
+            "Seconds `facegate serve` gives the requests in flight to finish after SIGTERM (new connections are "
+            "refused at once); those still running then are cut, and the process exits 0. Keep it a few seconds under "
+            "the orchestrator's stop timeout (`docker stop`: 10 s, compose's `stop_grace_period`, Kubernetes' "
+            "`terminationGracePeriodSeconds`: 30 s), after which everything is killed."
+        ),
+    )
 
     @field_validator("database_url")
     @classmethod

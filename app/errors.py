@@ -130,3 +130,9 @@ class UnknownApiKey(FacegateError):
     """No API key with that prefix or id (key management)."""
 
     code = "unknown_api_key"
+
+
+class ShuttingDown(FacegateError):
+    """The server is stopping: a request cut at the end of the shutdown timeout, or a write refused after it."""
+
+    code = "shutting_down"

@@ -22,7 +22,13 @@ from app.api.access_log import AccessLogMiddleware
 from app.api.auth import document_protected
 from app.api.main import api_router, api_routes
 from app.api.metrics import Metrics
-from app.api.middleware import BodyLimitMiddleware, CorsMiddleware, MetricsMiddleware, NoStoreMiddleware
+from app.api.middleware import (
+    BodyLimitMiddleware,
+    CorsMiddleware,
+    MetricsMiddleware,
+    NoStoreMiddleware,
+    ShutdownCutMiddleware,
+)
 from app.auth.verifier import open_verifier
 from app.config import Settings, get_settings
 from app.service import FaceService
@@ -86,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added last = outermost: latency includes refused bodies, and the body limit runs before anything reads.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.image.max_upload_bytes)
     app.add_middleware(NoStoreMiddleware)  # outside the body limit: its 413 answers are covered too
+    app.add_middleware(ShutdownCutMiddleware)  # inside the metrics and access log, which record its 503
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.cors.allow_origins:
         # Outside the body limit and the error handlers, so a browser can read a 413 or 401 answer too; inside the

@@ -339,6 +339,9 @@ class FaceService:
         )
 
     def close(self) -> None:
+        # Writes stop first: at shutdown, the requests still running were cut and answered 503 (shutting_down), so
+        # nothing their threads go on to do once the inference threads have finished the queue may be stored.
+        self.gallery.stop_writes()
         self.pipeline.close()  # the inference threads finish what is queued first
         self.gallery.close()
 

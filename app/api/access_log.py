@@ -18,7 +18,7 @@ from typing import Any
 from starlette.types import Scope
 
 from app.api.middleware import RequestObserver
-from app.api.route_names import route_template
+from app.api.route_names import method_name, route_template
 
 log = logging.getLogger("facegate.access")
 
@@ -33,7 +33,7 @@ class AccessLogMiddleware(RequestObserver):
     def observe(self, scope: Scope, status: int, seconds: float) -> None:
         state: dict[str, Any] = scope.get("state", {})
         fields: dict[str, Any] = {
-            "method": scope.get("method", "GET"),
+            "method": method_name(scope),
             "route": route_template(scope),
             "status": status,
             "latency_ms": round(seconds * 1000, 1),

@@ -30,6 +30,7 @@ Status map (also in the OpenAPI document of every route):
 | not_found / method_not_allowed| 404/405| no such route / method (a trailing slash: GET/HEAD get a 308  |
 |                               |        | to the path without it, other methods a 404 that names it)    |
 | model_unavailable             | 503    | models missing, corrupt or the required GPU is not usable     |
+| shutting_down                 | 503    | still running when the shutdown timeout ran out after SIGTERM |
 | internal_error                | 500    | anything else (logged with a request id, nothing leaked)      |
 
 `invalid_image` is 422, not 415: the request itself (multipart) is fine; it is the content of the `image` field that
@@ -52,7 +53,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from app import errors
-from app.api.route_names import path_without_slash, route_template
+from app.api.route_names import method_name, path_without_slash, route_template
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ STATUS_BY_CODE: dict[str, int] = {
     errors.RequestTooLarge.code: 413,
     errors.NoEnrolledFaces.code: 409,
     errors.ModelUnavailable.code: 503,
+    errors.ShuttingDown.code: 503,
     "unknown_identity": 404,
     "unknown_face": 404,
     errors.ImageNotStored.code: 404,
@@ -142,7 +144,7 @@ def _internal_error(request: Request, exc: BaseException) -> JSONResponse:
     log.error(
         "unhandled error %s on %s %s",
         incident,
-        request.method,
+        method_name(request.scope),
         route_template(request.scope),
         exc_info=(type(exc), exc, exc.__traceback__),
     )

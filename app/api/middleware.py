@@ -1,10 +1,12 @@
-"""Pure ASGI middleware: the request body limit, per-request metrics and CORS answers in our error format.
+"""Pure ASGI middleware: the request body limit, per-request metrics, CORS answers in our error format and the answer
+to a request cut at shutdown.
 
-Both are plain ASGI (not BaseHTTPMiddleware) so that uploads stream through untouched and nothing is buffered.
+All are plain ASGI (not BaseHTTPMiddleware) so that uploads stream through untouched and nothing is buffered.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -14,8 +16,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response
-from app.api.route_names import route_template
-from app.errors import RequestTooLarge
+from app.api.route_names import method_name, route_template
+from app.errors import RequestTooLarge, ShuttingDown
 
 if TYPE_CHECKING:
     from app.api.metrics import Metrics
@@ -130,6 +132,44 @@ class RequestObserver:
             self.observe(scope, status, time.perf_counter() - start)
 
 
+class ShutdownCutMiddleware:
+    """A request still running when the shutdown timeout (FACEGATE_SHUTDOWN_TIMEOUT) after SIGTERM runs out is
+    cancelled by uvicorn, which would log a traceback at ERROR and answer a plain-text 500. Answered here instead: 503
+    `shutting_down` in our error format, with `Connection: close`; the access log and metrics record it as such.
+
+    Its work is abandoned: from the app's shutdown on, the gallery commits nothing (FaceService.close), but a change
+    committed in the moment before the cut may be stored, so the answer does not claim it was not."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except asyncio.CancelledError:
+            if started:
+                raise  # half an answer sent: uvicorn closes the connection
+            response = error_response(
+                503,
+                ShuttingDown.code,
+                "the server is shutting down and cut this request before it finished: a change it was making may or "
+                "may not have been stored (look before retrying it)",
+                headers={"Connection": "close"},
+            )
+            await response(scope, receive, send)
+
+
 class NoStoreMiddleware:
     """`Cache-Control: no-store` on every answer that sets no cache policy of its own: names, metadata, embeddings
     and decisions about people are personal (biometric) data, for no browser or proxy cache to keep. The console's
@@ -154,14 +194,15 @@ class NoStoreMiddleware:
 
 
 class MetricsMiddleware(RequestObserver):
-    """Request latency by route template (not raw path: ids would explode the label set) and status."""
+    """Request latency by method, route template and status: every label bounded (the route's template, not the raw
+    path, whose ids and probes would add a series each; a made-up method is OTHER)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         super().__init__(app)
         self.metrics = metrics
 
     def observe(self, scope: Scope, status: int, seconds: float) -> None:
-        self.metrics.observe_request(scope.get("method", "GET"), route_template(scope), status, seconds)
+        self.metrics.observe_request(method_name(scope), route_template(scope), status, seconds)
 
 
 class CorsMiddleware(CORSMiddleware):

@@ -5,6 +5,16 @@ from __future__ import annotations
 from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
 
+# The methods a metric label or log line names as sent (RFC 9110's, and PATCH). uvicorn's HTTP parser (h11) passes any
+# token as a method: anything else is "OTHER", so that made-up methods cannot add a series (or a log value) each.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+
+
+def method_name(scope: Scope) -> str:
+    """The request's method for metrics and logs: one of KNOWN_METHODS, else "OTHER"."""
+    method = str(scope.get("method", "GET"))
+    return method if method in KNOWN_METHODS else "OTHER"
+
 
 def route_template(scope: Scope) -> str:
     """The matched route's template (`/identities/{identity_id}`), never the raw path; `unmatched` otherwise.

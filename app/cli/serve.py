@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -116,16 +119,32 @@ def serve(
         os.environ.update(shared)  # the worker processes read their settings from the environment
         typer.echo(f"{workers} workers share {os.cpu_count()} cores: " + ", ".join(f"{k}={v}" for k, v in shared.items()))
     level = (log_level or settings.log.level).upper()
-    uvicorn.run(
-        "app.main:create_app",
-        factory=True,
-        host=bind,
-        port=port or settings.port,
-        workers=workers,
-        log_config=uvicorn_log_config(settings.log.model_copy(update={"level": level})),
-        log_level=level.lower(),
-        access_log=False,  # app/api/access_log.py logs each request (route template, no client address)
-    )
+    with _sigterm_ends_cleanly():
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=bind,
+            port=port or settings.port,
+            workers=workers,
+            log_config=uvicorn_log_config(settings.log.model_copy(update={"level": level})),
+            log_level=level.lower(),
+            access_log=False,  # app/api/access_log.py logs each request (route template, no client address)
+            timeout_graceful_shutdown=settings.shutdown_timeout,
+        )
+
+
+@contextmanager
+def _sigterm_ends_cleanly() -> Iterator[None]:
+    """SIGTERM is how Docker, Kubernetes and systemd ask a service to stop. uvicorn catches it (stops accepting,
+    lets the requests in flight finish within FACEGATE_SHUTDOWN_TIMEOUT, runs the app's shutdown), then raises it
+    again under the handler it found: with Python's default one, that killed the process after its clean stop (exit
+    status 143, which an orchestrator reports as a failure). Under this one, which does nothing, uvicorn returns and
+    `facegate serve` exits 0. (With --workers N uvicorn's supervisor handles the signal and already returned.)"""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _preflight(settings: Settings) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import numpy.typing as npt
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-from app.errors import UnknownIdentity
+from app.errors import ShuttingDown, UnknownIdentity
 from app.gallery import db, store
 from app.gallery.index import (
     MAX_REPLAY,
@@ -116,6 +117,10 @@ class Gallery:
         self.model_version = model_version
         self.index: SearchIndex = create_index(model_version, index, engine)  # settings None: exact
         self._sessions = db.make_session_factory(engine)
+        # Commits in progress, and whether new ones are refused (stop_writes), under one condition.
+        self._commits = threading.Condition()
+        self._committing = 0
+        self._writes_stopped = False
 
     @classmethod
     def open(
@@ -159,7 +164,17 @@ class Gallery:
         with self._sessions() as session, session.begin():
             return store.relabel_faces(session, old_versions=stale, new_version=self.model_version)
 
+    def stop_writes(self) -> None:
+        """Refuse every later commit (ShuttingDown; the transaction is rolled back) and wait for those under way.
+
+        At shutdown, before the inference threads drain: the requests still running then were cut at the end of the
+        shutdown timeout and already answered 503, so what their threads would still write must not be stored."""
+        with self._commits:
+            self._writes_stopped = True
+            self._commits.wait_for(lambda: self._committing == 0)
+
     def close(self) -> None:
+        self.stop_writes()
         self.engine.dispose()
 
     @property
@@ -175,17 +190,34 @@ class Gallery:
         (through `store`) are applied to this process's index right after the commit. Do not roll back a savepoint
         around store writes inside it."""
         with self._sessions() as session:
+            committing = False
             try:
                 with session.begin():
                     yield session
+                    committing = self._start_commit()  # the block ends here: begin() commits
             except BaseException:
                 store.take_pending_changes(session)
                 raise
+            finally:
+                if committing:
+                    self._end_commit()
             changes = store.take_pending_changes(session)
             self.index.apply(changes)
         ids = [c.id for c in changes]
         if ids and max(ids) // self.prune_every > (min(ids) - 1) // self.prune_every:  # crossed a multiple
             self.prune_changes()
+
+    def _start_commit(self) -> bool:
+        with self._commits:
+            if self._writes_stopped:
+                raise ShuttingDown("the server is shutting down: nothing more is written")
+            self._committing += 1
+        return True
+
+    def _end_commit(self) -> None:
+        with self._commits:
+            self._committing -= 1
+            self._commits.notify_all()
 
     def prune_changes(self) -> int:
         """Delete the change-log rows older than the last `keep_changes`; how many went."""

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import json
+import logging
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +16,7 @@ from fastapi.testclient import TestClient
 from app import errors
 from app.api.errors import status_for
 from app.config import Settings
+from app.logs import JsonFormatter
 from tests.api.conftest import api_settings, error_of, running
 
 Photo = Callable[[str], tuple[str, bytes, str]]
@@ -30,6 +35,49 @@ def test_every_core_error_has_an_http_status() -> None:
         status = status_for(cls("x"))
         assert status is not None and 400 <= status < 600, cls
     assert status_for(errors.FacegateError("x")) is None  # the base class is not an answer: generic 500
+
+
+@pytest.mark.parametrize("answer_started", [False, True])
+def test_a_request_cut_at_shutdown_is_answered_503(answer_started: bool) -> None:
+    """uvicorn cancels the requests still running when the shutdown timeout runs out: one not yet answering gets 503
+    shutting_down (JSON, Connection: close) instead of uvicorn's plain 500 and a logged traceback; one whose answer had
+    begun is left to uvicorn, which closes the connection."""
+    from starlette.types import Message, Receive, Scope, Send
+
+    from app.api.middleware import ShutdownCutMiddleware
+
+    async def stuck(scope: Scope, receive: Receive, send: Send) -> None:
+        if answer_started:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        await asyncio.Event().wait()  # an upload that never ends, or a request waiting on its thread
+
+    async def main() -> list[Message]:
+        sent: list[Message] = []
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        scope: Scope = {"type": "http", "method": "POST", "path": "/enroll", "headers": []}
+        task = asyncio.create_task(ShutdownCutMiddleware(stuck)(scope, receive, send))
+        await asyncio.sleep(0.01)
+        task.cancel()  # what uvicorn does at the end of --timeout-graceful-shutdown
+        if answer_started:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            await task
+            assert scope["state"]["error_code"] == "shutting_down"
+        return sent
+
+    sent = asyncio.run(main())
+    if answer_started:
+        assert [m["type"] for m in sent] == ["http.response.start"]
+        return
+    assert sent[0]["status"] == 503 and (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"]["code"] == "shutting_down"
 
 
 def test_creating_the_app_opens_nothing(tmp_path: Path) -> None:
@@ -231,6 +279,48 @@ class TestHealth:
         ):
             assert expected in text, expected
         assert "0" * 32 not in text
+
+    def test_metrics_series_are_bounded_and_impersonal(
+        self, client: TestClient, photo: Photo, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A scanner's random paths, ids, methods and query strings add no series after the first round of each
+        kind, and nothing a client sent (a name, metadata, an id, a key in a query) appears in /metrics or a log."""
+        name, badge, key = "Zebulon Quartermain", "badge-Q7ZXW", "fg_0123abcd_" + "k" * 40
+        r = client.post("/enroll", files={"image": photo(AMY)}, data={"name": name, "metadata": f'{{"badge": "{badge}"}}'})
+        assert r.status_code == 201, r.text
+        identity = r.json()["identity_id"]
+        client.get(f"/identities/{identity}")
+        sent: list[str] = [name, badge, key, identity]
+
+        def probe(round_no: int) -> set[str]:
+            token = f"zz{round_no}q{uuid.uuid4().hex[:10]}"
+            sent.append(token)
+            client.get(f"/identities/{token}")
+            client.get(f"/identities/{token}/faces/{token}")
+            client.delete(f"/identities/{token}")
+            client.get(f"/{token}")
+            client.get(f"/{token}/{token}/")
+            client.get(f"/ui/{token}")
+            client.post(f"/enroll/{token}")
+            client.request(token.upper(), "/enroll")  # uvicorn (h11) passes any method token
+            client.request(token.upper(), f"/{token}")
+            client.get(f"/identities?name={token}&api_key={key}")
+            client.get(f"/healthz?api_key={key}&{token}=1")
+            text = client.get("/metrics").text
+            return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+        caplog.set_level(logging.INFO)
+        probe(0)  # each kind of request once (and /metrics itself)
+        series = probe(1)
+        assert probe(2) == series and probe(3) == series  # new random values, no new series
+        text = client.get("/metrics").text
+        assert 'method="OTHER",route="/enroll",status="405"' in text
+        ours = [record for record in caplog.records if not record.name.startswith("httpx")]  # not the test client's
+        logged = "\n".join(JsonFormatter().format(record) for record in ours)
+        assert '"method": "OTHER"' in logged
+        for value in sent:
+            assert value not in text, value
+            assert value not in logged and value.upper() not in logged, value
 
 
 @pytest.mark.model

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
-from app.errors import UnknownFace, UnknownIdentity
+from app.errors import ShuttingDown, UnknownFace, UnknownIdentity
 from app.gallery import DeletionReport, DuplicateFace, DuplicateGuard, Gallery, db, store
 from app.gallery.index import GalleryIndex
 from app.vision.types import Box
@@ -59,6 +59,44 @@ def test_failed_enrolment_leaves_database_and_index_untouched(gallery: Gallery) 
     assert _face_rows(gallery) == set()
     assert gallery.refresh().applied == 0
     assert gallery.stats().size == 0 and gallery.stats().last_change_id == 0
+
+
+def test_stop_writes_refuses_later_commits_and_waits_for_one_under_way(gallery: Gallery) -> None:
+    """Shutdown (FaceService.close): the transactions of requests cut at the shutdown timeout must not commit
+    afterwards, and stop_writes returns only once a commit already under way has ended."""
+    vectors = random_embeddings(np.random.default_rng(7), 3)
+    in_commit, release = threading.Event(), threading.Event()
+
+    def slow_commit(_connection: object) -> None:
+        if not in_commit.is_set():
+            in_commit.set()
+            assert release.wait(timeout=30)
+
+    event.listen(gallery.engine, "commit", slow_commit)
+    enrolled: list[str] = []
+    writer = threading.Thread(
+        target=lambda: enrolled.append(gallery.enroll_face(embedding=vectors[0], box=BOX, score=1, name="Ada").face.id)
+    )
+    writer.start()
+    assert in_commit.wait(timeout=30)
+    stopper = threading.Thread(target=gallery.stop_writes)
+    stopper.start()
+    stopper.join(timeout=0.3)
+    assert stopper.is_alive()  # waits for Ada's commit
+    release.set()
+    stopper.join(timeout=30)
+    writer.join(timeout=30)
+    assert not stopper.is_alive() and len(enrolled) == 1
+
+    with pytest.raises(ShuttingDown):
+        with gallery.session() as session:  # begun before the stop, would commit after it
+            store.create_identity(session, name="Bob")
+    with pytest.raises(ShuttingDown):
+        gallery.enroll_face(embedding=vectors[1], box=BOX, score=1, name="Cy")
+    assert _face_rows(gallery) == set(enrolled)
+    with gallery.engine.connect() as connection:
+        assert list(connection.execute(text("SELECT name FROM identities")).scalars()) == ["Ada"]
+    assert gallery.stats().size == 1
 
 
 def test_workers_see_each_others_enrolments_and_deletions(open_gallery: OpenGallery) -> None:

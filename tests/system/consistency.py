@@ -64,6 +64,15 @@ def read_database(url: str) -> DatabaseState:
     return state
 
 
+def identity_names(url: str) -> dict[str, str]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return {row.id: row.name for row in connection.execute(text("SELECT id, name FROM identities"))}
+    finally:
+        engine.dispose()
+
+
 def assert_workers_agree(states: dict[int, dict[str, object]], database: DatabaseState) -> None:
     """Every worker's index (GET /admin/index, refreshed) holds exactly the database's faces."""
     expected = {

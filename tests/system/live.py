@@ -21,9 +21,18 @@ START_TIMEOUT_S = 180.0  # two workers loading the models on a loaded 2-core mac
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port on 127.0.0.1: any the system hands out, or one of SYSTEM_TEST_PORTS ("8120-8129") when set, for
+    machines where the tests' servers must keep to a range."""
+    first, _, last = os.environ.get("SYSTEM_TEST_PORTS", "").partition("-")
+    candidates = range(int(first), int(last or first) + 1) if first else [0]
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError(f"no free port in SYSTEM_TEST_PORTS={os.environ['SYSTEM_TEST_PORTS']}")
 
 
 @dataclass
@@ -34,6 +43,10 @@ class LiveServer:
     models_dir: Path
     log_dir: Path
     workers: int = 2
+    # `facegate serve` (the CLI, as the Docker image runs it: its logging, signal handling and shutdown timeout)
+    # instead of uvicorn itself.
+    cli: bool = False
+    environment: dict[str, str] = field(default_factory=dict)  # more FACEGATE_* settings
     port: int = field(default_factory=free_port)
     starts: int = 0
     _process: subprocess.Popen[bytes] | None = None
@@ -54,7 +67,20 @@ class LiveServer:
             OPENBLAS_NUM_THREADS="1",
             PYTHONUNBUFFERED="1",
         )
+        env.update(self.environment)
         return env
+
+    def command(self) -> list[str]:
+        if self.cli:
+            return [
+                str(Path(sys.executable).with_name("facegate")), "serve",
+                "--port", str(self.port), "--workers", str(self.workers),
+            ]
+        return [
+            sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers),
+            "--log-level", "warning",
+        ]
 
     def log_path(self, start: int | None = None) -> Path:
         return self.log_dir / f"server-{self.starts if start is None else start}.log"
@@ -66,11 +92,7 @@ class LiveServer:
         self.starts += 1
         log = self.log_path().open("wb")
         self._process = subprocess.Popen(
-            [
-                sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
-                "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers),
-                "--log-level", "warning",
-            ],
+            self.command(),
             cwd=REPO_ROOT,
             env=self.env(),
             stdout=log,
@@ -134,6 +156,20 @@ class LiveServer:
             os.killpg(self._process.pid, signal.SIGKILL)
             self._process.wait(timeout=30)
         self._process = None
+
+    def terminate(self, timeout: float) -> tuple[int, float]:
+        """SIGTERM to the server's process alone, as `docker stop` sends it to PID 1: (exit status, seconds it
+        took). A server still running after `timeout` s is killed (with its workers) and the test fails."""
+        assert self._process is not None, "not running"
+        started = time.monotonic()
+        self._process.send_signal(signal.SIGTERM)
+        try:
+            code = self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"still running {timeout} s after SIGTERM:\n{self.log_text()[-4000:]}") from None
+        self._process = None
+        return code, time.monotonic() - started
 
     def _wait_port_free(self) -> None:
         # Orphaned workers of a killed group could still hold the socket for a moment.

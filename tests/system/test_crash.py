@@ -14,9 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
 
-from tests.system.consistency import DatabaseState, assert_workers_agree, read_database
+from tests.system.consistency import DatabaseState, assert_workers_agree, identity_names, read_database
 from tests.system.live import START_TIMEOUT_S, LiveServer
 from tests.system.traffic import CLIENT_TIMEOUT_S, Ledger, enrol, top_candidate
 
@@ -71,15 +70,6 @@ def enrol_until_killed(
         server.kill()
         for thread in threads:
             thread.join()
-
-
-def identity_names(url: str) -> dict[str, str]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as connection:
-            return {row.id: row.name for row in connection.execute(text("SELECT id, name FROM identities"))}
-    finally:
-        engine.dispose()
 
 
 def check_after_restart(server: LiveServer, url: str, ledger: Ledger) -> DatabaseState:

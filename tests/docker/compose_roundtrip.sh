@@ -3,7 +3,8 @@
 #   build the image, start api + PostgreSQL with auth on and a bootstrap admin key, wait for /readyz, check that a
 #   request without a key gets 401, enrol one photo of a person with the admin key, create a read key inside the
 #   container (`facegate keys create`) and check it may verify but not enrol (403), verify another photo of them
-#   (match) and a photo of someone else (no match), check the JSON access log, then `docker-compose down -v`.
+#   (match) and a photo of someone else (no match), check the JSON access log, stop the api (SIGTERM to tini: exit
+#   status 0 well within stop_grace_period), then `docker-compose down -v`.
 # Needs a docker daemon, docker-compose (or Compose v2), curl and python3 on the host; only loopback traffic.
 #
 # Settings (environment):
@@ -192,5 +193,19 @@ want = {("/enroll", 401, None), ("/enroll", 201, None), ("/enroll", 403, None), 
 assert want <= seen, seen
 ' <<<"$logs" || die "the JSON access log lacks the requests made"
 log "access log: JSON lines for every request, keys by prefix only"
+
+# docker-compose stop: SIGTERM to tini (PID 1), passed on to `facegate serve`, which finishes what is in flight
+# (FACEGATE_SHUTDOWN_TIMEOUT) and exits 0, well before compose's SIGKILL at stop_grace_period.
+[ "$(dc exec -T api cat /proc/1/comm | tr -d '\r')" = tini ] || die "PID 1 of the api container is not tini"
+grace=$(python3 -c 'import re, sys; print(re.search(r"stop_grace_period: (\d+)s", open("docker-compose.yml").read()).group(1))')
+log "docker-compose stop api (SIGTERM; SIGKILL after ${grace} s)"
+stopping=$SECONDS
+dc stop api >/dev/null 2>&1 || die "docker-compose stop api failed"
+took=$((SECONDS - stopping))
+code=$(docker inspect --format '{{.State.ExitCode}}' "$api")
+[ "$code" = 0 ] || die "the api exited with status $code after SIGTERM (expected 0)"
+[ "$took" -lt "$grace" ] || die "the api took ${took} s to stop: killed at the grace period"
+dc logs --no-color api | grep -q '"Application shutdown complete."' || die "no clean application shutdown in the log"
+log "api stopped in ${took} s, exit status 0, after a clean application shutdown"
 
 log "PASS"

@@ -92,27 +92,28 @@ def serve(
     from app.logs import uvicorn_log_config
 
     settings = load_settings()
-    _preflight(settings)
     bind = host or settings.host  # an explicit --host or FACEGATE_HOST is honoured; the default is 127.0.0.1
-    if api_keys_configured(settings):
+    keys = api_keys_configured(settings)
+    if not keys and not _is_loopback(bind) and not allow_no_auth:
+        fail(
+            f"refusing to listen on {bind} without API keys: every route would be open to the network. Create a key "
+            "(facegate keys create --name NAME --scope admin), set FACEGATE_AUTH__REQUIRED=true, listen on "
+            "127.0.0.1, or pass --allow-no-auth behind an authenticating proxy."
+        )
+    _preflight(settings)  # after the refusal: a refused start creates no SQLite file
+    if keys:
         typer.echo(f"API keys are required (X-API-Key header); listening on {bind}.")
     elif _is_loopback(bind):
         typer.echo(
             f"No API key exists and FACEGATE_AUTH__REQUIRED is off: every route is open, so facegate listens on {bind} "
             "only (this machine). `facegate keys create` turns authentication on."
         )
-    elif allow_no_auth:
+    else:
         typer.secho(
             f"warning: no API key exists and host {bind} exposes every route to the network without authentication "
             "(--allow-no-auth).",
             fg=typer.colors.YELLOW,
             err=True,
-        )
-    else:
-        fail(
-            f"refusing to listen on {bind} without API keys: every route would be open to the network. Create a key "
-            "(facegate keys create --name NAME --scope admin), set FACEGATE_AUTH__REQUIRED=true, listen on "
-            "127.0.0.1, or pass --allow-no-auth behind an authenticating proxy."
         )
     shared = share_cores(settings, workers, os.cpu_count() or 1)
     if shared:

@@ -103,6 +103,7 @@ def test_serve_refuses_the_network_without_keys(tmp_path: Path) -> None:
     assert code == 2 and "refusing to listen on 0.0.0.0 without API keys" in " ".join(err.split())
     code, _, err = _run({**env, "FACEGATE_HOST": "0.0.0.0"}, "serve", "--port", "1")
     assert code == 2 and "refusing" in err
+    assert not (tmp_path / "g.db").exists()  # refused before the start-up checks, which create the SQLite file
 
 
 def _free_port() -> int:

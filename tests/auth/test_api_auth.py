@@ -91,10 +91,11 @@ def test_every_route_has_the_scope_it_should(keyed: Keyed) -> None:
     assert {route: protected.get(route) for route in EXPECTED} == EXPECTED
     paths = {path for _, path in protected}
     assert not paths & set(OPEN)
-    # Every other route (those added later included) must be protected: only health, metrics, docs and the
-    # console's static files are open.
+    # Every other route (those added later included) must be protected: only health, metrics, docs (with Swagger
+    # UI's files) and the console's static files are open.
     for route in _api_routes(keyed.client.app.routes):  # type: ignore[attr-defined]
-        assert route.path in OPEN or route.path.startswith("/ui") or route_scope(route) is not None, route.path
+        static = route.path.startswith(("/ui", "/docs/"))  # the console's and the API docs' files
+        assert route.path in OPEN or static or route_scope(route) is not None, route.path
 
 
 def test_each_protected_route_refuses_missing_unknown_revoked_and_narrower_keys(keyed: Keyed) -> None:

@@ -29,6 +29,7 @@ from app.api.middleware import (
     NoStoreMiddleware,
     ShutdownCutMiddleware,
 )
+from app.api.multiprocess import shared_directory
 from app.auth.verifier import open_verifier
 from app.config import Settings, get_settings
 from app.service import FaceService
@@ -48,7 +49,7 @@ Face verification over dlib's ResNet embeddings (128-d), run in ONNX Runtime.
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; nothing is opened until the lifespan starts (`with TestClient(app)` / uvicorn startup)."""
     settings = settings if settings is not None else get_settings()
-    metrics = Metrics()
+    metrics = Metrics(shared_directory())  # several workers (facegate serve --workers N) share their metrics
     # Starlette writes an uploaded file over `spool_max_size` (1 MB) to a temporary file on disk: a photo is
     # biometric data and must never touch the disk. No upload can exceed the body limit, so up to that, it stays in
     # memory. (A class attribute, shared by every app of the process: only ever raised.)
@@ -64,12 +65,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             service.close()
             raise
         metrics.info.labels(service.pipeline.model_version).set(1)
-        metrics.watch(lambda: service.gallery.stats().size, service.pipeline.providers)
+        metrics.watch(service.gallery.stats, service.pipeline.providers)
         service.pipeline.on_batch = metrics.observe_batch
         try:
             yield
         finally:
             service.close()
+            metrics.close()
 
     app = FastAPI(
         title="facegate",

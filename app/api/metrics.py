@@ -1,16 +1,25 @@
-"""Prometheus metrics, one registry per app (no module globals: several apps live side by side in tests)."""
+"""Prometheus metrics, one registry per app (no module globals: several apps live side by side in tests).
+
+With several worker processes (`facegate serve --workers N`) the values live in files shared by the workers
+(app/api/multiprocess.py) and every scrape and summary reports the whole server, whichever worker answers. Only
+plain counters, histograms and gauges work there (no custom collector, no callback gauge, no Info): the gallery size
+and providers are gauges each worker sets when they change.
+"""
 
 from __future__ import annotations
 
+import os
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.multiprocess import MultiProcessCollector
 
+from app.api.multiprocess import SharedRecent, forget_dead_processes, forget_process
+from app.gallery.index import IndexStats
 from app.vision.batcher import BatchInfo
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -35,33 +44,27 @@ class RouteLatency:
 
 
 
-class _LiveGauges(Collector):
-    """Values read when Prometheus scrapes: gallery size and the providers each network runs on."""
+class _LocalRecent:
+    """The latest requests of this process, in memory (one worker)."""
 
-    def __init__(
-        self, gallery_size: Callable[[], int | None], providers: Callable[[], Mapping[str, str | None]]
-    ) -> None:
-        self._gallery_size = gallery_size
-        self._providers = providers
+    def __init__(self, window: int) -> None:
+        self._requests: deque[tuple[str, str, float]] = deque(maxlen=window)
 
-    def collect(self) -> Iterable[Metric]:
-        size = GaugeMetricFamily("facegate_gallery_faces", "Faces in the in-memory search index")
-        value = self._gallery_size()
-        if value is not None:
-            size.add_metric([], float(value))
-        yield size
-        info = GaugeMetricFamily(
-            "facegate_provider_info",
-            "ONNX Runtime execution provider in use per network (1 = in use)",
-            labels=["network", "provider"],
-        )
-        for network, provider in self._providers().items():
-            info.add_metric([network, provider or "not_loaded"], 1.0)
-        yield info
+    def append(self, method: str, route: str, seconds: float) -> None:
+        self._requests.append((method, route, seconds))
+
+    def latest(self) -> tuple[list[tuple[str, str, float]], int]:
+        return list(self._requests), 1
+
+    def close(self) -> None:
+        pass
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, shared: Path | None = None) -> None:
+        """`shared`: the multiprocess directory when prometheus_client runs in that mode
+        (app.api.multiprocess.shared_directory()), else None: this process's registry is the whole story."""
+        self.shared = shared
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Histogram(
             "facegate_request_duration_seconds",
@@ -99,12 +102,66 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
-        self.info = Gauge("facegate_model_info", "Model version served (1)", ["model_version"], registry=self.registry)
+        # Gauge modes for several workers: one series per value whatever the number of workers ("max": every worker
+        # sets the same 1), and a worker's gauges leave with it ("live").
+        self.info = Gauge(
+            "facegate_model_info",
+            "Model version served (1)",
+            ["model_version"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        # Each worker's index converges on the database (every search replays the change log); the one that changed
+        # its index last has applied the newest changes, so its size is the gallery's: "mostrecent", not a sum.
+        self.gallery_faces = Gauge(
+            "facegate_gallery_faces",
+            "Faces in the in-memory search index",
+            registry=self.registry,
+            multiprocess_mode="livemostrecent",
+        )
+        self.providers = Gauge(
+            "facegate_provider_info",
+            "ONNX Runtime execution provider in use per network (1 = in use)",
+            ["network", "provider"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
         # (method, route, seconds) of the latest requests: histograms cannot say what is recent.
-        self.recent: deque[tuple[str, str, float]] = deque(maxlen=RECENT_WINDOW)
+        self.recent = SharedRecent(shared, RECENT_WINDOW) if shared is not None else _LocalRecent(RECENT_WINDOW)
+        self._gallery: Callable[[], IndexStats | None] = lambda: None
+        self._networks: Callable[[], Mapping[str, str | None]] = dict
+        self._gallery_seen: IndexStats | None = None
+        self._providers_seen: dict[str, str] = {}
 
-    def watch(self, gallery_size: Callable[[], int | None], providers: Callable[[], Mapping[str, str | None]]) -> None:
-        self.registry.register(_LiveGauges(gallery_size, providers))
+    def watch(self, gallery: Callable[[], IndexStats | None], providers: Callable[[], Mapping[str, str | None]]) -> None:
+        """Follow the index and the networks' providers (read after each request and at each scrape)."""
+        self._gallery, self._networks = gallery, providers
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Set the gauges that changed: the index (size or replay position: a timestamp for "mostrecent" says
+        this worker's view is the newest) and the providers (a network loads on first use unless preloaded)."""
+        stats = self._gallery()
+        if stats is not None and stats != self._gallery_seen:
+            self.gallery_faces.set(stats.size)
+            self._gallery_seen = stats
+        for network, provider in self._networks().items():
+            now, before = provider or "not_loaded", self._providers_seen.get(network)
+            if now == before:
+                continue
+            if before is not None:
+                if self.shared is not None:
+                    self.providers.labels(network, before).set(0)  # no removal of a series in multiprocess mode
+                else:
+                    self.providers.remove(network, before)
+            self.providers.labels(network, now).set(1)
+            self._providers_seen[network] = now
+
+    def close(self) -> None:
+        """At this worker's clean stop: its gauges and recent requests leave the shared figures."""
+        if self.shared is not None:
+            self.recent.close()
+            forget_process(self.shared, os.getpid())
 
     def observe_batch(self, info: BatchInfo) -> None:
         """The pipeline's `on_batch` hook (inference threads): how much work each network call shared."""
@@ -113,12 +170,18 @@ class Metrics:
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).observe(seconds)
-        self.recent.append((method, route, seconds))
+        self.recent.append(method, route, seconds)
+        if self.shared is not None:
+            # The request may have changed this worker's index (a search replays the change log) or loaded a
+            # model, and no other process can ask this one at a scrape. (Alone, the scrape itself reads them.)
+            self.refresh()
 
-    def recent_latency(self) -> list[RouteLatency]:
-        """p50/p95/max of the recent requests per route, most requested first."""
+    def recent_latency(self) -> tuple[list[RouteLatency], int]:
+        """p50/p95/max of the recent requests per route, most requested first (every running worker's: the
+        `RECENT_WINDOW` latest of them all), and how many workers contributed."""
+        requests, workers = self.recent.latest()
         by_route: dict[tuple[str, str], list[float]] = {}
-        for method, route, seconds in list(self.recent):
+        for method, route, seconds in requests:
             by_route.setdefault((method, route), []).append(seconds * 1000.0)
         rows = [
             RouteLatency(
@@ -131,7 +194,7 @@ class Metrics:
             )
             for (method, route), ms in by_route.items()
         ]
-        return sorted(rows, key=lambda r: (-r.count, r.route, r.method))
+        return sorted(rows, key=lambda r: (-r.count, r.route, r.method)), workers
 
     def observe_decision(self, endpoint: str, outcome: str, distance: float | None) -> None:
         self.decisions.labels(endpoint, outcome).inc()
@@ -139,4 +202,10 @@ class Metrics:
             self.distances.labels(endpoint).observe(distance)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        self.refresh()
+        if self.shared is None:
+            return generate_latest(self.registry)
+        forget_dead_processes(self.shared)  # uvicorn restarted a killed worker: its gauges go, its counts stay
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=str(self.shared))  # type: ignore[no-untyped-call]  # untyped upstream
+        return generate_latest(merged)

@@ -484,10 +484,14 @@ class RouteLatencyOut(Public):
 
 
 class LatencySummary(Public):
-    """GET /metrics/summary: latency of the most recent requests (kept in memory by this worker)."""
+    """GET /metrics/summary: latency of the most recent requests of the whole server (all its worker processes)."""
 
-    window: int = Field(description="How many of the most recent requests are kept.")
+    window: int = Field(description="How many of the most recent requests are kept (of all workers together).")
     requests: int = Field(description="Requests in the window now.")
+    workers: int = Field(
+        description="Running worker processes whose requests are in the window (a worker stopped or killed takes "
+        "its requests with it)."
+    )
     routes: list[RouteLatencyOut] = Field(description="Per route, most requested first.")
 
 

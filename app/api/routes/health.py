@@ -63,7 +63,9 @@ async def readyz(service: ServiceDep) -> JSONResponse:
     summary="Prometheus metrics",
 )
 async def metrics(metrics: MetricsDep) -> Response:
-    return Response(metrics.render(), media_type=CONTENT_TYPE)
+    # Several workers: the figures are merged from their files (disk reads, off the event loop).
+    body = metrics.render() if metrics.shared is None else await run_in_threadpool(metrics.render)
+    return Response(body, media_type=CONTENT_TYPE)
 
 
 @router.get(
@@ -71,12 +73,13 @@ async def metrics(metrics: MetricsDep) -> Response:
     response_model=LatencySummary,
     responses=responses.errors(),
     dependencies=[require(Scope.read)],
-    summary="Latency of the most recent requests per route (JSON, this worker; the web console's health page)",
+    summary="Latency of the most recent requests per route (JSON, every worker; the web console's health page)",
 )
 async def metrics_summary(metrics: MetricsDep) -> LatencySummary:
-    routes = metrics.recent_latency()
+    routes, workers = metrics.recent_latency() if metrics.shared is None else await run_in_threadpool(metrics.recent_latency)
     return LatencySummary(
         window=RECENT_WINDOW,
         requests=sum(r.count for r in routes),
+        workers=workers,
         routes=[RouteLatencyOut(**{f: getattr(r, f) for f in RouteLatencyOut.model_fields}) for r in routes],
     )

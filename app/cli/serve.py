@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
@@ -120,7 +122,7 @@ def serve(
         os.environ.update(shared)  # the worker processes read their settings from the environment
         typer.echo(f"{workers} workers share {os.cpu_count()} cores: " + ", ".join(f"{k}={v}" for k, v in shared.items()))
     level = (log_level or settings.log.level).upper()
-    with _sigterm_ends_cleanly():
+    with _sigterm_ends_cleanly(), shared_metrics(workers):
         uvicorn.run(
             "app.main:create_app",
             factory=True,
@@ -146,6 +148,31 @@ def _sigterm_ends_cleanly() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # app/api/multiprocess.py
+
+
+@contextmanager
+def shared_metrics(workers: int) -> Iterator[str | None]:
+    """With several workers, a fresh private directory for their shared metrics (prometheus_client's multiprocess
+    mode), made here before the workers start (they inherit PROMETHEUS_MULTIPROC_DIR) and removed when the server
+    stops: the next start begins from zero, and two servers never share one. It is made inside
+    $PROMETHEUS_MULTIPROC_DIR when that is set (say, a tmpfs), else in the temporary directory. One worker keeps its
+    metrics in memory, as any single process: the variable is cleared for it, or its metrics would be read from files
+    another run could have left there."""
+    previous = os.environ.pop(METRICS_ENV, None)
+    path = tempfile.mkdtemp(prefix="facegate-metrics-", dir=previous or None) if workers > 1 else None
+    if path is not None:
+        os.environ[METRICS_ENV] = path
+    try:
+        yield path
+    finally:
+        os.environ.pop(METRICS_ENV, None)
+        if previous is not None:
+            os.environ[METRICS_ENV] = previous
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _preflight(settings: Settings) -> None:

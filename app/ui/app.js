@@ -768,8 +768,9 @@ async function loadHealth() {
   ];
   for (const [k, v] of rows) facts.append(el("dt", { text: k }), el("dd", { text: v, "data-fact": k.toLowerCase().replace(" ", "-") }));
   const summary = await api("/metrics/summary");
-  $("#latency-summary").textContent = "The last " + summary.requests + " requests to this worker (it keeps " + summary.window +
-    "), by API route; the console's own files are left out.";
+  const source = summary.workers > 1 ? " to the " + summary.workers + " worker processes together" : "";
+  $("#latency-summary").textContent = "The last " + summary.requests + " requests" + source + " (the server keeps " +
+    summary.window + "), by API route; the console's own files are left out.";
   const tbody = $("#latency-table tbody");
   tbody.replaceChildren();
   for (const r of summary.routes.filter((r) => !r.route.startsWith("/ui"))) {

@@ -92,3 +92,4 @@ def test_metrics_summary_gives_recent_latency_per_route(client: TestClient, phot
     identify = routes[("POST", "/identify")]
     assert identify["count"] == 1 and 0 < identify["p50_ms"] == identify["p95_ms"] == identify["max_ms"]
     assert summary["requests"] == sum(r["count"] for r in summary["routes"]) and summary["window"] == 500
+    assert summary["workers"] == 1  # one process: its own requests

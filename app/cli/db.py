@@ -1,4 +1,5 @@
-"""`facegate db ...`: gallery database maintenance (migrations, synthetic galleries for benchmarks)."""
+"""`facegate db ...`: gallery database maintenance (migrations, copying a gallery to another database, synthetic
+galleries for benchmarks)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import db_cli, fail, load_settings
+from app.cli.common import database_problem, db_cli, fail, load_settings
 from app.vision.pipeline import Pipeline
 
 
@@ -52,3 +53,43 @@ def db_load_synthetic(
     finally:
         engine.dispose()
     typer.echo(f"{count} faces of {identities} synthetic identities written in {time.perf_counter() - start:.1f} s")
+
+
+@db_cli.command("copy")
+def db_copy(
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            metavar="URL",
+            help="SQLAlchemy URL of the database to copy into (sqlite:///path or postgresql+psycopg://user:pass@host/db)."
+            " It is migrated first and must hold no identities, faces, settings or API keys.",
+        ),
+    ],
+) -> None:
+    """Copy the whole gallery at FACEGATE_DATABASE_URL into another database: identities, faces (embeddings
+    unchanged, stored photos), the calibrated threshold and API keys (clients keep working). One transaction on
+    the target: an error or an interruption leaves it empty. SQLite and PostgreSQL, either way."""
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    from app.gallery.copy import CopyRefused, UnusableDatabase, copy_gallery, display_url
+
+    settings = load_settings()
+    try:
+        shown = display_url(to)
+    except ArgumentError:
+        fail("--to is not a database URL (sqlite:///path or postgresql+psycopg://user:pass@host/db)")
+    try:
+        report = copy_gallery(settings.database_url, to)
+    except CopyRefused as error:
+        fail(f"{error}")
+    except UnusableDatabase as error:
+        where = "FACEGATE_DATABASE_URL" if error.role == "source" else shown
+        fail(f"cannot use the {error.role} database ({where}): {database_problem(error.error)}")
+    except SQLAlchemyError as error:  # e.g. the connection lost half-way: the target's transaction was rolled back
+        fail(f"copy failed, nothing was written to {shown}: {database_problem(error)}")
+    settings_word = "setting" if report.settings == 1 else "settings"
+    typer.echo(
+        f"copied {report.identities} identities, {report.faces} faces, {report.api_keys} API keys and "
+        f"{report.settings} {settings_word} to {shown} in {report.seconds:.1f} s"
+    )

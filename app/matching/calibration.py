@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -322,6 +323,10 @@ def load_default_table(path: Path = DEFAULT_TABLE_PATH) -> CalibrationTable:
 
 # ---------------------------------------------------------------------------- pairs from a live gallery
 
+# Below this many pairs of faces, every pair is listed and the different ones sampled from the list; above it the
+# list alone would hold 16 bytes a pair (50k faces: 1.25 billion pairs, 20 GB), so pairs are drawn at random instead.
+_LISTED_PAIRS = 2_000_000
+
 
 @dataclass(frozen=True)
 class GalleryPairs:
@@ -335,12 +340,19 @@ class GalleryPairs:
 
 
 def pairs_from_gallery(
-    identity_ids: ArrayLike, embeddings: ArrayLike, *, max_different: int = 200_000, seed: int = 0
+    identity_ids: ArrayLike,
+    embeddings: ArrayLike,
+    *,
+    max_different: int = 200_000,
+    max_same: int = 200_000,
+    seed: int = 0,
 ) -> GalleryPairs:
-    """All same pairs and (up to `max_different`, sampled with `seed`) different pairs among identities with >= 2 faces.
+    """All same pairs (up to `max_same`) and up to `max_different` different pairs, sampled with `seed`, among
+    identities with >= 2 faces. Memory and time grow with those caps, not with the square of the gallery.
 
     `identity_ids` (n,) labels any hashable-to-numpy type; `embeddings` (n, 128). Faces of identities with a
     single face take no part (they cannot give a same pair, and using them only on one side would skew the mix).
+    A sample is uniform over the pairs of its kind, without repeats.
     """
     ids = np.asarray(identity_ids)
     emb = np.asarray(embeddings, dtype=np.float32)
@@ -351,19 +363,117 @@ def pairs_from_gallery(
     if keep.size == 0:
         raise ValueError("no identity has 2 or more faces")
     labels = inverse[keep]
-    iu, ju = np.triu_indices(keep.size, k=1)
-    same_mask = labels[iu] == labels[ju]
-    si, sj = iu[same_mask], ju[same_mask]
-    di, dj = iu[~same_mask], ju[~same_mask]
-    if di.size > max_different:
-        pick = np.sort(np.random.default_rng(seed).choice(di.size, size=max_different, replace=False))
-        di, dj = di[pick], dj[pick]
+    rng = np.random.default_rng(seed)
+    if keep.size * (keep.size - 1) // 2 <= _LISTED_PAIRS:
+        iu, ju = np.triu_indices(keep.size, k=1)
+        same_mask = labels[iu] == labels[ju]
+        si, sj = _subsample(iu[same_mask], ju[same_mask], max_same, rng)
+        di, dj = _subsample(iu[~same_mask], ju[~same_mask], max_different, rng)
+    else:
+        si, sj = _same_pairs(labels, max_same, rng)
+        di, dj = _different_pairs(labels, max_different, rng)
     a = keep[np.concatenate([si, di])]
     b = keep[np.concatenate([sj, dj])]
     return GalleryPairs(
         index_a=a.astype(np.int64),
         index_b=b.astype(np.int64),
-        distances=pairwise_squared_l2(emb[a], emb[b]),  # bit for bit the distance verify/identify will compute
+        distances=_distances(emb, a, b),
         same=np.concatenate([np.ones(si.size, bool), np.zeros(di.size, bool)]),
         n_identities=int((counts >= 2).sum()),
     )
+
+
+Pairs = tuple[NDArray[np.int64], NDArray[np.int64]]
+_DISTANCE_BLOCK = 16_384  # pairs whose two embeddings are gathered at once (16 MB for 128-d float32)
+
+
+def _distances(emb: NDArray[np.float32], a: NDArray[np.intp], b: NDArray[np.intp]) -> NDArray[np.float32]:
+    """Bit for bit the distances verify/identify will compute, a block of pairs at a time (gathering every pair's
+    embeddings at once would hold 1 kB per pair)."""
+    out = np.empty(a.size, np.float32)
+    for start in range(0, a.size, _DISTANCE_BLOCK):
+        part = slice(start, start + _DISTANCE_BLOCK)
+        out[part] = pairwise_squared_l2(emb[a[part]], emb[b[part]])
+    return out
+
+
+def _subsample(i: NDArray[np.int64], j: NDArray[np.int64], limit: int, rng: np.random.Generator) -> Pairs:
+    if i.size <= limit:
+        return i, j
+    pick = np.sort(rng.choice(i.size, size=limit, replace=False))
+    return i[pick], j[pick]
+
+
+def _same_pairs(labels: NDArray[np.intp], limit: int, rng: np.random.Generator) -> Pairs:
+    """Same-identity pairs (i < j): all of them, or `limit` drawn uniformly without repeats."""
+    order = np.argsort(labels, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(labels[order]) != 0])
+    sizes = np.diff(np.r_[starts, labels.size])
+    per_group = sizes * (sizes - 1) // 2
+    if int(per_group.sum()) <= _LIST_BELOW * limit:
+        pairs = [np.triu_indices(int(s), k=1) for s in sizes]
+        i = np.concatenate([order[start + p] for start, (p, _) in zip(starts, pairs, strict=True)])
+        j = np.concatenate([order[start + q] for start, (_, q) in zip(starts, pairs, strict=True)])
+        return _subsample(*_ordered(i, j), limit, rng)
+
+    def draw(count: int) -> Pairs:
+        # a group in proportion to its pairs, then two different members of it: uniform over all same pairs
+        group = rng.choice(sizes.size, size=count, p=per_group / per_group.sum())
+        first = rng.integers(0, sizes[group])
+        second = (first + rng.integers(1, sizes[group])) % sizes[group]
+        return order[starts[group] + first], order[starts[group] + second]
+
+    return _draw_distinct(draw, labels.size, limit)
+
+
+def _different_pairs(labels: NDArray[np.intp], limit: int, rng: np.random.Generator) -> Pairs:
+    """Different-identity pairs (i < j), `limit` drawn uniformly without repeats (all of them if there are fewer)."""
+    n = labels.size
+    order = np.argsort(labels, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(labels[order]) != 0])
+    ends = np.r_[starts[1:], n]
+    sizes = ends - starts
+    available = (n * n - int((sizes * sizes).sum())) // 2
+    if available <= _LIST_BELOW * limit:  # nearly every face is one person's: list the few pairs across identities
+        i = np.concatenate([np.repeat(order[s:e], n - e) for s, e in zip(starts, ends, strict=True)])
+        j = np.concatenate([np.tile(order[e:], e - s) for s, e in zip(starts, ends, strict=True)])
+        return _subsample(*_ordered(i, j), limit, rng)
+    group = np.empty(n, np.int64)  # each face's group in `order`
+    group[order] = np.repeat(np.arange(sizes.size), sizes)
+    partners = n - sizes[group]  # faces of other identities, per face
+
+    def draw(count: int) -> Pairs:
+        # a face in proportion to its partners, then one of them: every ordered different pair is as likely, and
+        # an unordered pair is drawn as (i, j) or (j, i): uniform, with nothing rejected
+        i = rng.choice(n, size=count, p=partners / partners.sum())
+        g = group[i]
+        r = rng.integers(0, n - sizes[g])
+        return i, order[np.where(r < starts[g], r, r + sizes[g])]
+
+    return _draw_distinct(draw, n, limit)
+
+
+_MAX_DRAW = 4_000_000  # candidate pairs drawn in one round (64 MB of indices)
+# Kinds of pair with at most this many times the sample's size are listed and sampled from the list: drawing nearly
+# all of them at random would take ever more rounds to find the last ones not yet drawn.
+_LIST_BELOW = 4
+
+
+def _draw_distinct(draw: Callable[[int], Pairs], n: int, limit: int) -> Pairs:
+    """`limit` distinct unordered pairs from repeated uniform draws, kept in the order first drawn (so the sample
+    stays uniform), returned sorted."""
+    keys = np.zeros(0, np.int64)
+    while keys.size < limit:
+        i, j = draw(min(_MAX_DRAW, 2 * (limit - keys.size) + 64))
+        new = np.minimum(i, j).astype(np.int64) * n + np.maximum(i, j)
+        keys = np.concatenate([keys, new])
+        _, first = np.unique(keys, return_index=True)
+        keys = keys[np.sort(first)]
+    keys = np.sort(keys[:limit])
+    return keys // n, keys % n
+
+
+def _ordered(i: NDArray[np.int64], j: NDArray[np.int64]) -> Pairs:
+    low, high = np.minimum(i, j), np.maximum(i, j)
+    order = np.lexsort((high, low))
+    return low[order].astype(np.int64), high[order].astype(np.int64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from app.gallery.index import GalleryIndex
 from app.gallery.store import Change, ChangeOp
+from app.gallery.synthetic import gallery
 from app.matching.calibration import (
     CalibrationTable,
     IntervalMethod,
@@ -20,6 +22,7 @@ from app.matching.calibration import (
     pairs_from_gallery,
     threshold_for_far,
 )
+from app.matching.distances import pairwise_squared_l2
 from app.matching.thresholds import is_match
 
 
@@ -155,3 +158,59 @@ class TestGalleryPairs:
             c = calibrate_far(pairs.distances[pairs.same], pairs.distances[~pairs.same], target)
             false_accepts = int(np.count_nonzero(is_match(served[~pairs.same], c.threshold)))
             assert false_accepts == c.false_accepts <= target * c.n_different
+
+
+class TestGalleryPairsBounds:
+    """A large gallery's pairs are drawn, not listed: memory and time follow the caps, not the gallery's square."""
+
+    @staticmethod
+    def _gallery(faces: int) -> tuple[np.ndarray, np.ndarray]:
+        synthetic = gallery(faces, faces_per_identity=3, seed=4)
+        return synthetic.owners, synthetic.embeddings
+
+    def test_large_gallery_memory_follows_the_caps(self) -> None:
+        # 8,000 faces (~5,300 in identities with 2+ faces) have 14 million pairs: listing them held ~450 MB.
+        ids, emb = self._gallery(8_000)
+        tracemalloc.start()
+        try:
+            pairs = pairs_from_gallery(ids, emb, max_different=20_000, max_same=20_000)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert int((~pairs.same).sum()) == 20_000
+        counts = np.bincount(ids)
+        assert int(pairs.same.sum()) == int((counts * (counts - 1) // 2).sum())  # fewer than the cap: all of them
+        assert peak < 40 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+
+    def test_drawn_pairs_are_distinct_labelled_and_match_the_distances(self) -> None:
+        ids, emb = self._gallery(8_000)
+        pairs = pairs_from_gallery(ids, emb, max_different=5_000, max_same=1_000, seed=2)
+        a, b = pairs.index_a, pairs.index_b
+        assert np.all(a < b)
+        assert len(set(zip(a.tolist(), b.tolist(), strict=True))) == a.size
+        np.testing.assert_array_equal(ids[a] == ids[b], pairs.same)
+        np.testing.assert_array_equal(pairs.distances, pairwise_squared_l2(emb[a], emb[b]))
+        again = pairs_from_gallery(ids, emb, max_different=5_000, max_same=1_000, seed=2)
+        np.testing.assert_array_equal(again.index_a, a)
+        np.testing.assert_array_equal(again.index_b, b)
+
+    def test_drawn_different_pairs_are_uniform(self) -> None:
+        # Every face of a 2-face identity is in as many different pairs: each should be drawn about equally often.
+        ids = np.repeat(np.arange(1_500), 2)  # 4.5 million pairs: drawn
+        emb = np.zeros((ids.size, 2), np.float32)
+        hits = np.zeros(ids.size)
+        for seed in range(10):
+            pairs = pairs_from_gallery(ids, emb, max_different=30_000, max_same=10, seed=seed)
+            np.add.at(hits, pairs.index_a[~pairs.same], 1)
+            np.add.at(hits, pairs.index_b[~pairs.same], 1)
+        per_tenth = hits.reshape(10, -1).sum(axis=1)  # 600,000 endpoints over 10 equal slices of the faces
+        assert np.all(np.abs(per_tenth / per_tenth.mean() - 1) < 0.02)
+
+    def test_one_huge_identity(self) -> None:
+        # 6,000 faces of one person and 20 people with 2 faces: same pairs are sampled, the few different ones listed.
+        ids = np.r_[np.zeros(6_000, np.int64), np.repeat(np.arange(1, 21), 2)]
+        emb = np.random.default_rng(0).normal(size=(ids.size, 4)).astype(np.float32)
+        pairs = pairs_from_gallery(ids, emb, max_different=300_000, max_same=1_000)
+        assert int(pairs.same.sum()) == 1_000
+        assert int((~pairs.same).sum()) == 6_000 * 40 + 40 * 39 // 2 - 20
+        assert np.all(ids[pairs.index_a[~pairs.same]] != ids[pairs.index_b[~pairs.same]])

@@ -119,14 +119,30 @@ def top_two(probes: ArrayLike, gallery: ArrayLike, gallery_ids: Sequence[Hashabl
     if n_probes == 0 or not uniq:
         nothing = np.full(n_probes, np.inf)
         return TopTwo(uniq, np.zeros(n_probes, np.int64), nothing, nothing.copy())
+    g_sq_max = float(np.einsum("ij,ij->i", g, g).max())
+    # Probes a block at a time: the probes x gallery distance matrix (and its copies) of a whole evaluation would
+    # grow with the square of the gallery (25k probes x 25k faces: 2.5 GB a copy). Each probe's answer is its own.
+    block = max(1, _BLOCK_CELLS // g.shape[0])
+    parts = [_top_two_block(p[i : i + block], g, cols, len(uniq), g_sq_max) for i in range(0, n_probes, block)]
+    return TopTwo(uniq, *(np.concatenate(column) for column in zip(*parts, strict=True)))
+
+
+_BLOCK_CELLS = 4_000_000  # probe x gallery distances computed at once (16 MB of float32)
+
+
+def _top_two_block(
+    p: NDArray[np.float32], g: NDArray[np.float32], cols: NDArray[np.int64], n_ids: int, g_sq_max: float
+) -> tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]]:
+    """`top_two` for a block of probes: (top, d1, d2)."""
+    n_probes = p.shape[0]
     fast = squared_l2(p, g)
     # the runner-up identity's expansion distance, per probe (each identity's nearest face)
     by_col = np.argsort(cols, kind="stable")
     starts = np.flatnonzero(np.r_[True, np.diff(cols[by_col]) != 0])
     per_id = np.minimum.reduceat(fast[:, by_col], starts, axis=1)
-    runner_up = np.partition(per_id, 1, axis=1)[:, 1] if len(uniq) >= 2 else np.full(n_probes, np.inf, np.float32)
+    runner_up = np.partition(per_id, 1, axis=1)[:, 1] if n_ids >= 2 else np.full(n_probes, np.inf, np.float32)
     p_sq = np.einsum("ij,ij->i", p, p)
-    slack = 2.0 * EXPANSION_ERROR * (p_sq + float(np.einsum("ij,ij->i", g, g).max()))
+    slack = 2.0 * EXPANSION_ERROR * (p_sq + g_sq_max)
     rows, faces = np.nonzero(fast <= (runner_up.astype(np.float64) + slack)[:, None])
     exact = pairwise_squared_l2(p[rows], g[faces]).astype(np.float64)
     code = cols[faces]
@@ -144,7 +160,7 @@ def top_two(probes: ArrayLike, gallery: ArrayLike, gallery_ids: Sequence[Hashabl
     top[rows[rank == 0]] = code[rank == 0]
     d1[rows[rank == 0]] = exact[rank == 0]
     d2[rows[rank == 1]] = exact[rank == 1]
-    return TopTwo(uniq, top, d1, d2)
+    return top, d1, d2
 
 
 def dir_at_fpir(

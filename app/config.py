@@ -90,6 +90,14 @@ class DetectorSettings(BaseModel):
 class ImageSettings(BaseModel):
     max_pixels: int = Field(default=40_000_000, ge=1, description="Photos with more pixels are refused (decompression-bomb guard).")
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="Largest accepted request body, in bytes (the photos with their multipart framing).")
+    max_concurrent_decodes: int = Field(
+        default=2,
+        ge=1,
+        description="Photos one worker process decodes at full size at once; the others wait their turn. A photo "
+        "is held at full size only from its decoding until it is shrunk to detector.max_side, but that can take "
+        "~1 GB for a 40-megapixel one (compressible to 100 kB: 6 such requests at once took 7 GB), so this bounds "
+        "what concurrent requests make the worker hold. Raise it on a machine with many cores and memory to spare.",
+    )
 
 
 class QualitySettings(BaseModel):

@@ -88,7 +88,7 @@ def _collect(
     for index, (name, load) in enumerate(named):
         n += 1
         try:
-            found = pipeline.photo_faces(load())
+            found = pipeline.photo_faces(load)  # decoded under the pipeline's full-size limit
             if not found.faces:
                 problems.append(PhotoProblem(name, index, "no_face", "no face was found in the photo"))
             elif found.capped:

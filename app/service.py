@@ -352,7 +352,7 @@ class FaceService:
 
     def face_of(self, photo: bytes, face: FacePolicy = FacePolicy.single) -> Face:
         """The one face of a photo (NoFace / MultipleFaces otherwise)."""
-        return self.pipeline.embed_photo(self.decode(photo), face=face.value)
+        return self.pipeline.embed_photo(functools.partial(self.decode, photo), face=face.value)
 
     def found(self, face: Face) -> FoundFace:
         """The public view of a face: box, score, quality measurements and the quality limits it fails."""
@@ -526,7 +526,8 @@ class FaceService:
         accepts the nearest identity (within the threshold, clear of the runner-up, and scoring better than
         strangers do at this gallery size for `identify_fpir`)."""
         resolved = self._identify_threshold(top_k, threshold)
-        return self.identify_faces(self.pipeline.photo_faces(self.decode(photo)), top_k=top_k, resolved=resolved)
+        found = self.pipeline.photo_faces(functools.partial(self.decode, photo))
+        return self.identify_faces(found, top_k=top_k, resolved=resolved)
 
     def _identify_threshold(self, top_k: int, threshold: float | None) -> Threshold:
         """Checks an identify request's numbers before any photo is decoded; the threshold it will use."""

@@ -35,7 +35,9 @@ import io
 import re
 import struct
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -448,20 +450,14 @@ def _to_rgb(im: PILImage.Image) -> Image:
     if mode == "RGB":
         rgb = np.asarray(im)
     elif mode in _SIXTEEN_BIT or mode == "I":
-        grey = np.asarray(im).astype(np.int64)
-        grey8 = ((np.clip(grey, 0, 65535) + 128) // 257).astype(np.uint8)  # round(v / 257): 65535 -> 255
-        rgb = np.repeat(grey8[:, :, None], 3, axis=2)
+        rgb = _by_rows(np.asarray(im), _grey_to_8bit)
     elif mode == "F":
-        values = np.nan_to_num(np.asarray(im, dtype=np.float32), nan=0.0, posinf=255.0, neginf=0.0)
-        if values.size and float(values.max()) <= 1.0:
-            values = values * 255.0
-        grey8 = np.floor(np.clip(values, 0.0, 255.0) + 0.5).astype(np.uint8)
-        rgb = np.repeat(grey8[:, :, None], 3, axis=2)
+        values = np.asarray(im, dtype=np.float32)
+        largest = max(float(_finite(values[rows]).max()) for rows in _row_blocks(values))
+        scale = 255.0 if largest <= 1.0 else 1.0  # values in 0..1
+        rgb = _by_rows(values, lambda block: _float_to_8bit(block, scale))
     elif mode in _WITH_ALPHA or "transparency" in im.info:
-        rgba = np.asarray(im.convert("RGBA")).astype(np.uint16)
-        alpha = rgba[:, :, 3:4]
-        # alpha-composite on white, rounded: c * a / 255 + 255 * (255 - a) / 255
-        rgb = ((rgba[:, :, :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+        rgb = _by_rows(np.asarray(im.convert("RGBA")), _composite_on_white)
     else:
         rgb = np.asarray(im.convert("RGB"))  # L, 1, P, CMYK, YCbCr, RGBX, LAB, HSV, ...
     out: npt.NDArray[np.uint8] = np.ascontiguousarray(rgb, dtype=np.uint8)
@@ -469,3 +465,47 @@ def _to_rgb(im: PILImage.Image) -> Image:
         raise ValueError(f"conversion gave shape {out.shape}")
     out.flags.writeable = False
     return out
+
+
+# Rows converted at once: the conversions' wide intermediates (int64, float32) of a whole 40-megapixel photo took
+# ~1 GB beside it; a block of rows keeps them to a few MB.
+_ROW_BLOCK_PIXELS = 1 << 20
+
+
+def _by_rows(pixels: npt.NDArray[Any], convert: Callable[[npt.NDArray[Any]], npt.NDArray[np.uint8]]) -> Image:
+    """`convert` (an H x W [x C] block -> H x W x 3 uint8) applied a block of rows at a time."""
+    out = np.empty((*pixels.shape[:2], 3), np.uint8)
+    for rows in _row_blocks(pixels):
+        out[rows] = convert(pixels[rows])
+    return out
+
+
+def _row_blocks(pixels: npt.NDArray[Any]) -> list[slice]:
+    height, width = pixels.shape[:2]
+    step = max(1, _ROW_BLOCK_PIXELS // max(1, width))
+    return [slice(top, top + step) for top in range(0, height, step)]
+
+
+def _finite(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    return np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
+
+
+def _grey_to_8bit(grey: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
+    wide = grey.astype(np.int64)
+    grey8 = ((np.clip(wide, 0, 65535) + 128) // 257).astype(np.uint8)  # round(v / 257): 65535 -> 255
+    return np.repeat(grey8[:, :, None], 3, axis=2)
+
+
+def _float_to_8bit(block: npt.NDArray[np.float32], scale: float) -> npt.NDArray[np.uint8]:
+    values = _finite(block)
+    if scale != 1.0:
+        values = values * scale
+    grey8 = np.floor(np.clip(values, 0.0, 255.0) + 0.5).astype(np.uint8)
+    return np.repeat(grey8[:, :, None], 3, axis=2)
+
+
+def _composite_on_white(block: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    rgba = block.astype(np.uint16)
+    alpha = rgba[:, :, 3:4]
+    # alpha-composite on white, rounded: c * a / 255 + 255 * (255 - a) / 255
+    return ((rgba[:, :, :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)

@@ -47,6 +47,8 @@ from app.vision.types import (
     PhotoFaces,
 )
 
+Loader = Callable[[], Image]  # a photo loaded on demand (e.g. decoded from upload bytes): see Pipeline.working
+
 
 @dataclass(frozen=True)
 class WorkingImage:
@@ -135,6 +137,8 @@ class Pipeline:
         self.head: EmbeddingHead | None = load_head(settings.head, manifest.directory, self.base_model_version)
         self.on_batch: Callable[[BatchInfo], None] | None = None
         self._load_lock = threading.Lock()
+        # Photos given as loaders are decoded and shrunk under this: a worker holds at most this many at full size.
+        self._full_size = threading.BoundedSemaphore(settings.image.max_concurrent_decodes)
         self._preparing = _Counter()  # photos between the start of detection and their chips' embedding call
         self._embed_queue: MicroBatcher[Chips, Embeddings] | None = None
         batching = settings.batching
@@ -249,18 +253,28 @@ class Pipeline:
         """The ONNX Runtime provider each network actually runs on (None until loaded)."""
         return {"detector": self.detector.provider, "embedder": self.embedder.provider}
 
-    def detect(self, image: Image) -> tuple[WorkingImage, list[Detection]]:
-        work = working_image(image, self.settings.detector)
+    def working(self, image: Image | Loader) -> WorkingImage:
+        """The detector's copy of a photo. A photo given as a loader (a function returning it, e.g. decoding an
+        upload) is loaded and shrunk while holding one of `image.max_concurrent_decodes` slots, and only the shrunk
+        copy outlives this call: however many requests arrive at once, a worker holds at most that many photos at
+        full size (up to ~1 GB each while a 40-megapixel one is decoded and converted)."""
+        if not callable(image):
+            return working_image(image, self.settings.detector)
+        with self._full_size:
+            return working_image(image(), self.settings.detector)
+
+    def detect(self, image: Image | Loader) -> tuple[WorkingImage, list[Detection]]:
+        work = self.working(image)
         detections = self.detector.detect(
             work.pixels, upsample=work.upsample, score_threshold=self.settings.detector.score_threshold
         )
         return work, detections
 
-    def find_faces(self, image: Image) -> list[Face]:
+    def find_faces(self, image: Image | Loader) -> list[Face]:
         """Every face in the photo (up to `detector.max_faces`) with its embedding, highest detector score first."""
         return self.photo_faces(image).faces
 
-    def photo_faces(self, image: Image) -> PhotoFaces:
+    def photo_faces(self, image: Image | Loader) -> PhotoFaces:
         """`find_faces`, with how many faces the detector found (more than it returns when the photo is capped)."""
         with self._preparing:
             work, detections = self.detect(image)
@@ -269,7 +283,7 @@ class Pipeline:
             prepared = self._prepare(work, detections)
         return PhotoFaces(prepared.finish(self.embed(prepared.chips), self.head), prepared.detected)
 
-    def embed_photo(self, image: Image, *, face: str = "single") -> Face:
+    def embed_photo(self, image: Image | Loader, *, face: str = "single") -> Face:
         """The one face of a photo: `single` refuses photos with several faces, `largest` takes the biggest box.
 
         The choice is made on the detections, so only the chosen face gets landmarks, a chip and an embedding.
@@ -290,7 +304,7 @@ class Pipeline:
             prepared = self._prepare(work, detections)
         return prepared.finish(self.embed(prepared.chips), self.head)[0]
 
-    def embed_face_at(self, image: Image, box: Box, *, min_iou: float = 0.5) -> Face | None:
+    def embed_face_at(self, image: Image | Loader, box: Box, *, min_iou: float = 0.5) -> Face | None:
         """The face of the photo whose box overlaps `box` (original photo pixels) best, if by at least `min_iou`;
         else None. As in `embed_photo`, only the chosen detection gets landmarks, a chip and an embedding."""
         with self._preparing:
@@ -301,11 +315,11 @@ class Pipeline:
             prepared = self._prepare(work, [detections[overlap.index(max(overlap))]])
         return prepared.finish(self.embed(prepared.chips), self.head)[0]
 
-    def find_faces_many(self, images: Sequence[Image | Callable[[], Image]]) -> list[list[Face] | FacegateError]:
+    def find_faces_many(self, images: Sequence[Image | Loader]) -> list[list[Face] | FacegateError]:
         """`find_faces` for several photos: `photo_faces_many` without the counts."""
         return [r if isinstance(r, FacegateError) else r.faces for r in self.photo_faces_many(images)]
 
-    def photo_faces_many(self, images: Sequence[Image | Callable[[], Image]]) -> list[PhotoFaces | FacegateError]:
+    def photo_faces_many(self, images: Sequence[Image | Loader]) -> list[PhotoFaces | FacegateError]:
         """`photo_faces` for several photos, their chips embedded together (in calls of up to `batching.max_batch`).
 
         images: photos, or functions returning one (e.g. decoding it): each is then loaded only for its own
@@ -316,8 +330,7 @@ class Pipeline:
         for image in images:
             try:
                 with self._preparing:
-                    pixels = image() if callable(image) else image
-                    prepared.append(self._prepare(*self.detect(pixels)))
+                    prepared.append(self._prepare(*self.detect(image)))
             except ModelUnavailable:
                 raise
             except FacegateError as error:
@@ -347,7 +360,7 @@ class Pipeline:
             measure(image_shape=work.pixels.shape, box=d.box, landmarks=p, chip=c, score=d.score)
             for d, p, c in zip(detections, points, chips, strict=True)
         ]
-        return _Prepared(work, detections, points, chips, qualities, detected=len(found))
+        return _Prepared(work.scale, detections, points, chips, qualities, detected=len(found))
 
 
 class _Counter:
@@ -373,7 +386,7 @@ class _Counter:
 class _Prepared:
     """A photo's faces before embedding: what `find_faces` computes on the calling thread."""
 
-    work: WorkingImage
+    scale: float  # the working photo's (not the photo itself: a many-photo request keeps this for each photo)
     detections: list[Detection]
     points: list[Landmarks]
     chips: Chips
@@ -384,7 +397,7 @@ class _Prepared:
         """The faces with their embeddings (the head's, when one is given), in the original photo's pixels."""
         served = head.apply(embeddings) if head is not None else embeddings
         return [
-            _to_original(d, p, e, self.work.scale, q, base)
+            _to_original(d, p, e, self.scale, q, base)
             for d, p, e, q, base in zip(self.detections, self.points, served, self.qualities, embeddings, strict=True)
         ]
 

@@ -453,7 +453,8 @@ def _to_rgb(im: PILImage.Image) -> Image:
         rgb = _by_rows(np.asarray(im), _grey_to_8bit)
     elif mode == "F":
         values = np.asarray(im, dtype=np.float32)
-        largest = max(float(_finite(values[rows]).max()) for rows in _row_blocks(values))
+        blocks = _row_blocks(values) if values.size else []
+        largest = max((float(_finite(values[rows]).max()) for rows in blocks), default=0.0)
         scale = 255.0 if largest <= 1.0 else 1.0  # values in 0..1
         rgb = _by_rows(values, lambda block: _float_to_8bit(block, scale))
     elif mode in _WITH_ALPHA or "transparency" in im.info:

@@ -59,15 +59,20 @@ class ClusterReport:
 
 
 def cluster_faces(
-    faces: list[tuple[int, str, Face]], threshold: float, *, n_photos: int, problems: Iterable[PhotoProblem] = ()
+    faces: list[tuple[int, str, Face]],
+    threshold: float,
+    *,
+    n_photos: int,
+    problems: Iterable[PhotoProblem] = (),
+    max_links: int | None = None,
 ) -> ClusterReport:
-    """Cluster already-found faces: (photo index, photo name, face) each."""
+    """Cluster already-found faces: (photo index, photo name, face) each. `max_links`: see `neighbour_lists`."""
     embeddings = (
         np.stack([f.embedding for _, _, f in faces]).astype(np.float32)
         if faces
         else np.zeros((0, EMBEDDING_DIM), np.float32)
     )
-    result = chinese_whispers(embeddings, threshold)
+    result = chinese_whispers(embeddings, threshold, max_links=max_links)
     members = [ClusterMember(name, index, f.box, float(f.score)) for index, name, f in faces]
     clusters = tuple(
         tuple(m for m, label in zip(members, result.labels.tolist(), strict=True) if label == c)
@@ -112,12 +117,17 @@ def _collect(
 
 
 def cluster_photos(
-    pipeline: Pipeline, photos: Iterable[tuple[str, bytes]], threshold: float, *, max_pixels: int
+    pipeline: Pipeline,
+    photos: Iterable[tuple[str, bytes]],
+    threshold: float,
+    *,
+    max_pixels: int,
+    max_links: int | None = None,
 ) -> ClusterReport:
     """Uploaded photos (name, bytes) -> every face -> clusters."""
     named = [(name, partial(decode_image, data, max_pixels=max_pixels)) for name, data in photos]
     faces, problems, n = _collect(pipeline, named, None)
-    return cluster_faces(faces, threshold, n_photos=n, problems=problems)
+    return cluster_faces(faces, threshold, n_photos=n, problems=problems, max_links=max_links)
 
 
 def cluster_files(

@@ -60,6 +60,7 @@ from app.matching.calibration import (
     load_default_table,
     pairs_from_gallery,
 )
+from app.matching.clustering import TooManyLinks
 from app.matching.data_files import OPENSET_FILE, TABLE_FILE, data_dir
 from app.matching.distances import pairwise_squared_l2
 from app.matching.openset import OpenSetModel, Reason, decide, load_default_model
@@ -74,6 +75,10 @@ log = logging.getLogger(__name__)
 
 # deployment_settings key of the calibrated threshold: a number, or an object with a numeric "threshold".
 DEPLOYMENT_THRESHOLD_KEY = "threshold"
+# Links of the threshold graph one /cluster request may build (each face to each face it matches, itself included):
+# 16 MB of indices, e.g. 1,400 faces that all match each other. Faces that all match make n^2 links: 10,000 (100
+# photos of 100 faces) took 800 MB and minutes of chinese whispers. The CLI's `cluster DIR` has no such limit.
+CLUSTER_MAX_LINKS = 2_000_000
 
 
 class FacePolicy(StrEnum):
@@ -838,7 +843,23 @@ class FaceService:
             resolved = self.resolve_threshold(threshold)
         else:
             resolved = Threshold(self.settings.cluster.threshold, ThresholdSource.settings)
-        report = cluster_photos(self.pipeline, photos, resolved.value, max_pixels=self.settings.image.max_pixels)
+        try:
+            report = cluster_photos(
+                self.pipeline,
+                photos,
+                resolved.value,
+                max_pixels=self.settings.image.max_pixels,
+                max_links=CLUSTER_MAX_LINKS,
+            )
+        except TooManyLinks as error:
+            raise InvalidRequest(
+                f"the {error.faces} faces of these photos match each other in more than {error.max_links:,} pairs "
+                "(a crowd of look-alikes, or one person in very many faces): cluster fewer photos per request, or "
+                "lower the threshold",
+                field="images",
+                faces=error.faces,
+                max_links=error.max_links,
+            ) from None
         return ClusterResult(report, resolved)
 
     # ----------------------------------------------------------------------------------- identities

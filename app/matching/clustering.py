@@ -28,7 +28,7 @@ from numpy.typing import ArrayLike, NDArray
 from app.matching.distances import EXPANSION_ERROR, pairwise_squared_l2, squared_l2
 from app.matching.thresholds import is_match
 
-__all__ = ["Clustering", "chinese_whispers", "connected_components", "neighbour_lists"]
+__all__ = ["Clustering", "TooManyLinks", "chinese_whispers", "connected_components", "neighbour_lists"]
 
 _BLOCK = 2048
 
@@ -52,8 +52,22 @@ class Clustering:
         }
 
 
-def neighbour_lists(embeddings: ArrayLike, threshold: float) -> list[NDArray[np.int64]]:
-    """For each face, the indices of faces within `threshold` (itself included), computed in row blocks."""
+class TooManyLinks(ValueError):
+    """The threshold graph has more links than the caller allows (`max_links`); it was not built."""
+
+    def __init__(self, faces: int, max_links: int) -> None:
+        super().__init__(f"{faces} faces with more than {max_links} links within the threshold")
+        self.faces, self.max_links = faces, max_links
+
+
+def neighbour_lists(
+    embeddings: ArrayLike, threshold: float, *, max_links: int | None = None
+) -> list[NDArray[np.int64]]:
+    """For each face, the indices of faces within `threshold` (itself included), computed in row blocks.
+
+    `max_links`: raise TooManyLinks as soon as the lists hold more entries (self-edges included) than this. Faces
+    that all match each other make n^2 of them: 10,000 (100 photos of 100 faces) would take 800 MB and minutes of
+    chinese whispers."""
     emb = np.asarray(embeddings, dtype=np.float32)
     if emb.ndim != 2:
         raise ValueError(f"embeddings must be (n, d), got shape {emb.shape}")
@@ -61,6 +75,7 @@ def neighbour_lists(embeddings: ArrayLike, threshold: float) -> list[NDArray[np.
         raise ValueError("embeddings contain NaN")
     norms = np.einsum("ij,ij->i", emb, emb)
     out: list[NDArray[np.int64]] = []
+    links = 0
     for start in range(0, emb.shape[0], _BLOCK):
         d = squared_l2(emb[start : start + _BLOCK], emb)
         # The expansion is off by a few float32 ulps of |a|^2 + |b|^2 (and not symmetric): short-list with a slack
@@ -73,6 +88,9 @@ def neighbour_lists(embeddings: ArrayLike, threshold: float) -> list[NDArray[np.
             keep = is_match(pairwise_squared_l2(emb[cand], np.broadcast_to(emb[i], (cand.size, emb.shape[1]))), threshold)
             keep[cand == i] = True  # self-edge
             out.append(cand[keep].astype(np.int64))
+            links += out[-1].size
+            if max_links is not None and links > max_links:
+                raise TooManyLinks(emb.shape[0], max_links)
     return out
 
 
@@ -94,12 +112,19 @@ def _finish(raw: NDArray[np.int64], min_cluster_size: int) -> Clustering:
 
 
 def chinese_whispers(
-    embeddings: ArrayLike, threshold: float, *, iterations: int = 100, seed: int = 0, min_cluster_size: int = 2
+    embeddings: ArrayLike,
+    threshold: float,
+    *,
+    iterations: int = 100,
+    seed: int = 0,
+    min_cluster_size: int = 2,
+    max_links: int | None = None,
 ) -> Clustering:
-    """dlib's chinese whispers over the threshold graph (see the module docstring)."""
+    """dlib's chinese whispers over the threshold graph (see the module docstring); `max_links` as in
+    `neighbour_lists`."""
     if iterations < 0:
         raise ValueError("iterations must be >= 0")
-    nbrs = neighbour_lists(embeddings, threshold)
+    nbrs = neighbour_lists(embeddings, threshold, max_links=max_links)
     n = len(nbrs)
     labels = np.arange(n, dtype=np.int64)
     if n:

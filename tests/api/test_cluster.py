@@ -85,3 +85,18 @@ def test_photo_count_limit(models_dir: Path, tmp_path: Path, photo: Photo) -> No
         assert error["details"]["limit"] == 2
         error_of(client.post("/cluster", data={"threshold": "0.3"}), 422, "invalid_request")
         error_of(client.post("/cluster", files=files[:2], data={"tolerance": "0.3"}), 422, "invalid_request")
+
+
+def test_a_graph_of_too_many_links_is_refused_before_it_is_built(
+    shared_client: TestClient, photo: Photo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Faces that all match each other make n^2 links (10,000 faces: 800 MB): a request is refused past
+    CLUSTER_MAX_LINKS, here lowered so that three photos of Amy (3 x 3 links, self-links included) pass it."""
+    monkeypatch.setattr("app.service.CLUSTER_MAX_LINKS", 8)
+    files = [("images", photo(n)) for n in list(PEOPLE)[:3]]
+    error = error_of(shared_client.post("/cluster", files=files), 422, "invalid_request")
+    assert error["message"].startswith("the 3 faces of these photos match each other in more than 8 pairs")
+    assert error["details"] == {"field": "images", "faces": 3, "max_links": 8}
+    monkeypatch.setattr("app.service.CLUSTER_MAX_LINKS", 9)
+    r = shared_client.post("/cluster", files=files)
+    assert r.status_code == 200 and r.json()["sizes"] == [3], r.text

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from app.matching.clustering import chinese_whispers, connected_components, neighbour_lists
+from app.matching.clustering import TooManyLinks, chinese_whispers, connected_components, neighbour_lists
 from app.matching.distances import pairwise_squared_l2
 from app.matching.thresholds import is_match
 
@@ -102,3 +103,14 @@ class TestNeighbourLists:
         assert [x.tolist() for x in neighbour_lists(same, 1e-6)] == [[0, 1, 2, 3]] * 4
         assert chinese_whispers(same, 1e-6).labels.tolist() == [0, 0, 0, 0]
         assert chinese_whispers(same[:1], 0.25).labels.tolist() == [-1]
+
+
+def test_neighbour_lists_stop_past_max_links() -> None:
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=128).astype(np.float32)
+    base /= np.linalg.norm(base)
+    same = np.repeat(base[None], 50, axis=0)  # 50 identical faces: 2,500 links, self-links included
+    assert sum(len(n) for n in neighbour_lists(same, 0.25, max_links=2_500)) == 2_500
+    with pytest.raises(TooManyLinks) as refused:
+        neighbour_lists(same, 0.25, max_links=2_499)
+    assert (refused.value.faces, refused.value.max_links) == (50, 2_499)

@@ -17,7 +17,7 @@ import pytest
 
 from tests.system.consistency import DatabaseState, assert_workers_agree, identity_names, read_database
 from tests.system.live import START_TIMEOUT_S, LiveServer
-from tests.system.traffic import CLIENT_TIMEOUT_S, Ledger, enrol, top_candidate
+from tests.system.traffic import CLIENT_TIMEOUT_S, Ledger, enrol_until, top_candidate
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -37,16 +37,7 @@ def enrol_until_killed(
     stop = threading.Event()
 
     def client(k: int) -> None:
-        with httpx.Client(base_url=server.url, timeout=CLIENT_TIMEOUT_S) as http:
-            n = 0
-            while not stop.is_set():
-                photo = ledger.next_photo()
-                assert photo is not None, "ran out of photos"
-                n += 1
-                try:
-                    enrol(http, ledger, photo, f"r{round_no} c{k} n{n} {photo.parent.name}")
-                except httpx.TransportError:
-                    pass  # its worker was killed: the outcome is unknown (it may or may not be stored)
+        enrol_until(stop, server.url, ledger, f"r{round_no} c{k}")  # the kill cuts those in flight
 
     def wait_for_acks(count: int) -> None:
         deadline = time.monotonic() + ROUND_LIMIT_S

@@ -18,7 +18,7 @@ import pytest
 
 from tests.system.consistency import identity_names, read_database
 from tests.system.live import LiveServer
-from tests.system.traffic import CLIENT_TIMEOUT_S, ENROL_FORM, Ledger, enrol
+from tests.system.traffic import CLIENT_TIMEOUT_S, ENROL_FORM, Ledger, enrol_until
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -88,19 +88,12 @@ def test_sigterm_during_enrolments_finishes_them_and_exits_0(
     sigterm_at = float("inf")
     stop = threading.Event()
 
+    def answered(response: httpx.Response) -> None:  # those sent as the server closed are refused or cut
+        if time.monotonic() > sigterm_at:
+            answered_after_sigterm.append(response.status_code)
+
     def client(k: int) -> None:
-        with httpx.Client(base_url=server.url, timeout=CLIENT_TIMEOUT_S) as http:
-            n = 0
-            while not stop.is_set():
-                photo = ledger.next_photo()
-                assert photo is not None, "ran out of photos"
-                n += 1
-                try:
-                    response = enrol(http, ledger, photo, f"c{k} n{n} {photo.parent.name}")
-                except httpx.TransportError:
-                    continue  # sent as the server closed: refused, or cut at the shutdown timeout
-                if time.monotonic() > sigterm_at:
-                    answered_after_sigterm.append(response.status_code)
+        enrol_until(stop, server.url, ledger, f"c{k}", answered)
 
     server.start()
     try:

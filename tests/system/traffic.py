@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,30 @@ def enrol(client: httpx.Client, ledger: Ledger, photo: Path, name: str) -> httpx
     if response.status_code == 201:
         ledger.enrolled(response.json(), photo)
     return response
+
+
+def enrol_until(
+    stop: threading.Event,
+    url: str,
+    ledger: Ledger,
+    tag: str,
+    on_answer: Callable[[httpx.Response], None] | None = None,
+) -> None:
+    """One client: enrols new people (a photo and name never sent before, named `tag` and a count) until `stop` is
+    set. A request the server drops (killed, or closing at shutdown) has an unknown outcome: it may or may not be
+    stored, so it is only left out of the answers given to `on_answer`."""
+    with httpx.Client(base_url=url, timeout=CLIENT_TIMEOUT_S) as http:
+        n = 0
+        while not stop.is_set():
+            photo = ledger.next_photo()
+            assert photo is not None, "ran out of photos"
+            n += 1
+            try:
+                response = enrol(http, ledger, photo, f"{tag} n{n} {photo.parent.name}")
+            except httpx.TransportError:
+                continue
+            if on_answer is not None:
+                on_answer(response)
 
 
 def top_candidate(client: httpx.Client | httpx2.Client, photo: Path) -> dict[str, Any] | None:

@@ -8,13 +8,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.matching.thresholds import MAX_THRESHOLD
 from app.service import CalibrationSource, CurveSource, ThresholdSource
 
 # Limits on what a request may carry besides photos (issue 6: huge JSON, very long names).
 NAME_MAX_LENGTH = 200
 METADATA_MAX_BYTES = 16 * 1024
 TOP_K_MAX = 100
-THRESHOLD_MAX = 4.0  # squared L2 between dlib embeddings stays well under 4 (norms are ~1)
+THRESHOLD_MAX = MAX_THRESHOLD  # the settings' and the core's bound; real distances stay well under it (norms ~1)
 
 
 class Public(BaseModel):

@@ -21,6 +21,7 @@ from typer.core import TyperGroup
 
 from app.config import Settings, describe_settings_error, unknown_variables
 from app.errors import FacegateError
+from app.matching.thresholds import MAX_THRESHOLD, validate_threshold
 from app.service import FacePolicy, FaceService
 from app.vision.pipeline import Pipeline
 
@@ -50,13 +51,17 @@ db_cli = typer.Typer(help="Gallery database maintenance.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
 
 
-
 def positive_distance(value: float | None) -> float | None:
     """A distance threshold must be above 0, as the settings and the API's `threshold` field require: at 0 only a
-    photo compared with itself matches (typer's `min` is inclusive)."""
-    if value is not None and not 0.0 < value <= 4.0:
-        raise typer.BadParameter(f"{value} is not in the range 0<x<=4 (a squared L2 distance between unit vectors)")
-    return value
+    photo compared with itself matches (typer's `min` is inclusive). The rule is `validate_threshold`'s."""
+    if value is None:
+        return None
+    try:
+        return validate_threshold(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value} is not in the range 0<x<={MAX_THRESHOLD:g} (a squared L2 distance between unit vectors)"
+        ) from None
 
 
 ThresholdOption = Annotated[

@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -51,6 +50,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.types import TypeEngine
 
 from app.gallery import db
+from app.gallery.store import as_utc
 from app.gallery.tables import GALLERY_STATE_ID, ApiKey, DeploymentSetting, Face, GalleryState, Identity
 
 BATCH_ROWS = 5_000  # ~7 MB of face rows (two 512-byte embeddings each) per batch
@@ -350,13 +350,8 @@ def _utc(row: Row[Any], times: list[int]) -> list[Any]:
     value = list(row)
     for i in times:
         if value[i] is not None:
-            value[i] = utc(value[i])
+            value[i] = as_utc(value[i])
     return value
-
-
-def utc(value: datetime) -> datetime:
-    """The same instant in UTC; a value without an offset (SQLite's) is UTC already (the gallery writes UTC)."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _no_progress(_table: str, _rows: int) -> None:

@@ -645,7 +645,7 @@ def get_setting(session: Session, *, key: str) -> DeploymentSettingRecord | None
     ).first()
     if row is None:
         return None
-    return DeploymentSettingRecord(row.key, row.value, row.source, _aware(row.updated_at))
+    return DeploymentSettingRecord(row.key, row.value, row.source, as_utc(row.updated_at))
 
 
 def set_setting(session: Session, *, key: str, value: Any, source: str | None = None) -> DeploymentSettingRecord:
@@ -710,7 +710,7 @@ def _faces_of(session: Session, identity_ids: list[str]) -> dict[str, list[FaceR
                 row.model_version,
                 Box(row.box_left, row.box_top, row.box_right, row.box_bottom),
                 float(row.detector_score),
-                _aware(row.created_at),
+                as_utc(row.created_at),
                 bool(row.has_image),
             )
         )
@@ -722,7 +722,7 @@ def _identity_record(row: Row[Any], faces: tuple[FaceRecord, ...]) -> IdentityRe
     if _nested_too_deeply(meta):
         # Stored before the depth limit existed: readable all the same (a PATCH replaces it).
         meta = _cut_nesting(meta, MAX_METADATA_DEPTH)
-    return IdentityRecord(row.id, row.name, meta, _aware(row.created_at), _aware(row.updated_at), faces)
+    return IdentityRecord(row.id, row.name, meta, as_utc(row.created_at), as_utc(row.updated_at), faces)
 
 
 def _cut_nesting(value: Any, levels: int) -> Any:
@@ -737,8 +737,8 @@ def _cut_nesting(value: Any, levels: int) -> Any:
     return [_cut_nesting(v, levels - 1) for v in value]
 
 
-def _aware(value: datetime) -> datetime:
-    """SQLite gives back naive datetimes; everything is stored in UTC."""
+def as_utc(value: datetime) -> datetime:
+    """The same instant in UTC. SQLite gives back naive datetimes, which are UTC already (the gallery writes UTC)."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 

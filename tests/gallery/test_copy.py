@@ -94,7 +94,7 @@ def dump(engine: Engine) -> dict[str, list[dict[str, Any]]]:
         for table in COPIED_TABLES:
             rows = connection.execute(select(table).order_by(*table.primary_key.columns)).mappings()
             tables[table.name] = [
-                {k: copy.utc(v) if isinstance(v, datetime) else v for k, v in row.items()} for row in rows
+                {k: store.as_utc(v) if isinstance(v, datetime) else v for k, v in row.items()} for row in rows
             ]
     return tables
 

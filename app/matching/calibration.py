@@ -404,11 +404,16 @@ def _subsample(i: NDArray[np.int64], j: NDArray[np.int64], limit: int, rng: np.r
     return i[pick], j[pick]
 
 
-def _same_pairs(labels: NDArray[np.intp], limit: int, rng: np.random.Generator) -> Pairs:
-    """Same-identity pairs (i < j): all of them, or `limit` drawn uniformly without repeats."""
+def _groups(labels: NDArray[np.intp]) -> tuple[NDArray[np.intp], NDArray[np.intp], NDArray[np.intp]]:
+    """The faces sorted by identity (`order`, stable), and where each identity's run starts in it and its size."""
     order = np.argsort(labels, kind="stable")
     starts = np.flatnonzero(np.r_[True, np.diff(labels[order]) != 0])
-    sizes = np.diff(np.r_[starts, labels.size])
+    return order, starts, np.diff(np.r_[starts, labels.size])
+
+
+def _same_pairs(labels: NDArray[np.intp], limit: int, rng: np.random.Generator) -> Pairs:
+    """Same-identity pairs (i < j): all of them, or `limit` drawn uniformly without repeats."""
+    order, starts, sizes = _groups(labels)
     per_group = sizes * (sizes - 1) // 2
     if int(per_group.sum()) <= _LIST_BELOW * limit:
         pairs = [np.triu_indices(int(s), k=1) for s in sizes]
@@ -429,10 +434,8 @@ def _same_pairs(labels: NDArray[np.intp], limit: int, rng: np.random.Generator) 
 def _different_pairs(labels: NDArray[np.intp], limit: int, rng: np.random.Generator) -> Pairs:
     """Different-identity pairs (i < j), `limit` drawn uniformly without repeats (all of them if there are fewer)."""
     n = labels.size
-    order = np.argsort(labels, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(labels[order]) != 0])
-    ends = np.r_[starts[1:], n]
-    sizes = ends - starts
+    order, starts, sizes = _groups(labels)
+    ends = starts + sizes
     available = (n * n - int((sizes * sizes).sum())) // 2
     if available <= _LIST_BELOW * limit:  # nearly every face is one person's: list the few pairs across identities
         i = np.concatenate([np.repeat(order[s:e], n - e) for s, e in zip(starts, ends, strict=True)])

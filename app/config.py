@@ -66,7 +66,7 @@ class DetectorSettings(BaseModel):
     max_side: int = Field(
         default=1024,
         ge=64,
-        description="Photos larger than this (longer side, px) are shrunk before detection; boxes are reported in the original photo's pixels.",
+        description="Photos larger than this (longer side, px) are shrunk before detection; boxes are reported in the original photo's pixels. A JPEG at least twice this size is decoded straight to 1/2, 1/4 or 1/8 scale (no smaller than the shrunk photo): a 12-megapixel phone photo takes about a third less time, a 40-megapixel one half, in a fraction of the memory.",
     )
     score_threshold: float = Field(default=0.0, description="Minimum MMOD detector score; dlib's own cut-off is 0. Raise it to drop doubtful faces.")
     max_faces: int = Field(
@@ -95,8 +95,9 @@ class ImageSettings(BaseModel):
         ge=1,
         description="Photos one worker process decodes at full size at once; the others wait their turn. A photo "
         "is held at full size only from its decoding until it is shrunk to detector.max_side, but that can take "
-        "~1 GB for a 40-megapixel one (compressible to 100 kB: 6 such requests at once took 7 GB), so this bounds "
-        "what concurrent requests make the worker hold. Raise it on a machine with many cores and memory to spare.",
+        "~1 GB for a 40-megapixel one (a PNG, compressible to 100 kB: 6 such requests at once took 7 GB; a JPEG "
+        "that large is decoded at 1/4 scale), so this bounds what concurrent requests make the worker hold. Raise "
+        "it on a machine with many cores and memory to spare.",
     )
 
 

@@ -38,7 +38,6 @@ from app.matching.calibration import FarCalibration, calibrate_far
 from app.matching.distances import pairwise_squared_l2
 from app.matching.evaluation import VerificationReport, evaluate_pairs
 from app.matching.thresholds import DEFAULT_THRESHOLD
-from app.vision.decode import load_image
 from app.vision.pipeline import Pipeline
 from app.vision.types import EMBEDDING_DIM
 
@@ -195,8 +194,7 @@ def embed_one(pipeline: Pipeline, file: Path) -> Embedded:
     """The largest face of one photo file; errors (no face, not an image, unreadable) become codes."""
     nan = np.full(EMBEDDING_DIM, np.nan, np.float32)
     try:
-        image = load_image(file, max_pixels=pipeline.settings.image.max_pixels)
-        face = pipeline.embed_photo(image, face="largest")
+        face = pipeline.embed_photo(pipeline.file_loader(file), face="largest")
     except FacegateError as error:
         return Embedded(nan, error.code)
     except OSError:

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from app.errors import FacegateError
 from app.matching.clustering import chinese_whispers
-from app.vision.decode import decode_image, load_image
-from app.vision.pipeline import Pipeline
-from app.vision.types import EMBEDDING_DIM, Box, Face, Image
+from app.vision.pipeline import Loader, Pipeline
+from app.vision.types import EMBEDDING_DIM, Box, Face
 
 __all__ = ["ClusterMember", "ClusterReport", "PhotoProblem", "cluster_faces", "cluster_files", "cluster_photos"]
 
@@ -84,7 +82,7 @@ def cluster_faces(
 
 def _collect(
     pipeline: Pipeline,
-    named: Iterable[tuple[str, Callable[[], Image]]],
+    named: Iterable[tuple[str, Loader]],
     progress: Callable[[int], None] | None,
 ) -> tuple[list[tuple[int, str, Face]], list[PhotoProblem], int]:
     faces: list[tuple[int, str, Face]] = []
@@ -121,11 +119,10 @@ def cluster_photos(
     photos: Iterable[tuple[str, bytes]],
     threshold: float,
     *,
-    max_pixels: int,
     max_links: int | None = None,
 ) -> ClusterReport:
     """Uploaded photos (name, bytes) -> every face -> clusters."""
-    named = [(name, partial(decode_image, data, max_pixels=max_pixels)) for name, data in photos]
+    named = [(name, pipeline.decoder(data)) for name, data in photos]
     faces, problems, n = _collect(pipeline, named, None)
     return cluster_faces(faces, threshold, n_photos=n, problems=problems, max_links=max_links)
 
@@ -139,7 +136,6 @@ def cluster_files(
     progress: Callable[[int], None] | None = None,
 ) -> ClusterReport:
     """Photo files (named by their path relative to `root`) -> every face -> clusters."""
-    max_pixels = pipeline.settings.image.max_pixels
-    named = [(str(f.relative_to(root)), partial(load_image, f, max_pixels=max_pixels)) for f in files]
+    named = [(str(f.relative_to(root)), pipeline.file_loader(f)) for f in files]
     faces, problems, n = _collect(pipeline, named, progress)
     return cluster_faces(faces, threshold, n_photos=n, problems=problems)

@@ -16,7 +16,6 @@ already matches an enrolled identity within the threshold is refused with Possib
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -66,10 +65,10 @@ from app.matching.distances import pairwise_squared_l2
 from app.matching.openset import OpenSetModel, Reason, decide, load_default_model
 from app.matching.thresholds import MAX_THRESHOLD, is_match, validate_threshold
 from app.names import clean_name
-from app.vision.decode import decode_image, media_type
+from app.vision.decode import media_type
 from app.vision.pipeline import Pipeline
 from app.vision.quality import FaceQuality, QualityFailure, QualityThresholds, assess
-from app.vision.types import Box, Face, Image, PhotoFaces
+from app.vision.types import Box, Face, PhotoFaces
 
 log = logging.getLogger(__name__)
 
@@ -352,12 +351,9 @@ class FaceService:
 
     # ----------------------------------------------------------------------------------------- photos
 
-    def decode(self, photo: bytes) -> Image:
-        return decode_image(photo, max_pixels=self.settings.image.max_pixels)
-
     def face_of(self, photo: bytes, face: FacePolicy = FacePolicy.single) -> Face:
         """The one face of a photo (NoFace / MultipleFaces otherwise)."""
-        return self.pipeline.embed_photo(functools.partial(self.decode, photo), face=face.value)
+        return self.pipeline.embed_photo(self.pipeline.decoder(photo), face=face.value)
 
     def found(self, face: Face) -> FoundFace:
         """The public view of a face: box, score, quality measurements and the quality limits it fails."""
@@ -531,7 +527,7 @@ class FaceService:
         accepts the nearest identity (within the threshold, clear of the runner-up, and scoring better than
         strangers do at this gallery size for `identify_fpir`)."""
         resolved = self._identify_threshold(top_k, threshold)
-        found = self.pipeline.photo_faces(functools.partial(self.decode, photo))
+        found = self.pipeline.photo_faces(self.pipeline.decoder(photo))
         return self.identify_faces(found, top_k=top_k, resolved=resolved)
 
     def _identify_threshold(self, top_k: int, threshold: float | None) -> Threshold:
@@ -632,7 +628,7 @@ class FaceService:
                 limit=limit,
             )
         # Decoded one at a time, inside the pipeline: only one photo is held at full size.
-        found = self.pipeline.photo_faces_many([functools.partial(self.decode, photo) for photo in photos])
+        found = self.pipeline.photo_faces_many([self.pipeline.decoder(photo) for photo in photos])
         return [
             NoFace("no face was found in the photo") if isinstance(r, PhotoFaces) and not r.faces else r for r in found
         ]
@@ -848,7 +844,6 @@ class FaceService:
                 self.pipeline,
                 photos,
                 resolved.value,
-                max_pixels=self.settings.image.max_pixels,
                 max_links=CLUSTER_MAX_LINKS,
             )
         except TooManyLinks as error:

@@ -260,12 +260,12 @@ def in_process(url: str, probe: bytes, identity_id: str, query: np.ndarray, repe
                 times.append((time.perf_counter() - t0) * 1000)
             return summary(times)["median_ms"]
 
-        image = service.decode(probe)
+        image = service.pipeline.decoder(probe)()
         top5 = {c.identity_id for c in service.gallery.search(query[None], top_k=5)[0]}
         return {
             "verify_ms": timed(lambda: service.verify_identity(probe, identity_id), repeats),
             "identify_ms": timed(lambda: service.identify(probe, top_k=5), repeats),
-            "decode_ms": timed(lambda: service.decode(probe), repeats),
+            "decode_ms": timed(service.pipeline.decoder(probe), repeats),
             "find_faces_ms": timed(lambda: service.pipeline.find_faces(image), repeats),
             "names_top5_ms": timed(lambda: service._names(top5), repeats),
             "resolve_threshold_ms": timed(service.resolve_threshold, repeats),

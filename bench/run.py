@@ -117,6 +117,24 @@ def vision_report(doc: dict[str, Any]) -> list[str]:
             f"{_ms(d['landmarks']['median_ms'])}, chips + embeddings {_ms(d['chips_and_embed']['median_ms'])}."
         ),
         "",
+    ]
+    phones = res.get("phone_photos")
+    if phones:  # absent from results written before this figure existed
+        lines += [
+            "Camera-sized JPEGs, bytes to faces (facegate, default threads): decoded whole vs at a reduced scale "
+            "(JPEG DCT scaling, what the service does), alternating; memory = peak resident memory one photo adds:",
+            "",
+            "| JPEG | whole: time, memory | reduced: time, memory | faster |",
+            "|---|---|---|---|",
+        ]
+        for size, fig in phones.items():
+            t, peak = fig["timings"], fig["peak_mb"]
+            lines.append(
+                f"| {size} ({fig['jpeg_bytes'] / 1e6:.1f} MB) | {_ms(t['whole']['median_ms'])}, {peak['whole']:.0f} MB | "
+                f"{_ms(t['reduced']['median_ms'])}, {peak['reduced']:.0f} MB | **{fig['ratio']:.1f}x** |"
+            )
+        lines.append("")
+    lines += [
         (
             f"Machine: {_machine_line(doc)}. Providers: {doc['providers']}. Load average (1/5/15 min) "
             f"before {doc['load_avg_before']}, after {doc['load_avg_after']}."

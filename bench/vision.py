@@ -15,24 +15,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import dlib
 import numpy as np
+from PIL import Image as PILImage
 
-from app.config import Provider, RuntimeSettings, Settings
+from app.config import REPO_ROOT, Provider, RuntimeSettings, Settings
 from app.vision.align import face_chips
 from app.vision.decode import decode_image
 from app.vision.detect import MEANS, decode, map_back, nms, upsample_times
 from app.vision.pipeline import Pipeline, working_image
 from app.vision.pyramid import tiled_layout, tiled_pyramid
+from app.vision.types import Face
 from bench.common import (
     FACES_DIR,
     BenchPhoto,
     alternate,
     bench_photos,
+    jpeg,
     load_average,
     ratios,
     write,
@@ -88,6 +92,86 @@ class Dlib:
 
 def _embed(pipeline: Pipeline, chips: np.ndarray) -> Callable[[], object]:
     return lambda: pipeline.embedder.embed(chips, batch_size=32)
+
+
+# Camera photo sizes: a 12-megapixel phone photo and a 40-megapixel camera photo.
+PHONE_SIZES = ((4032, 3024), (7296, 5472))
+
+
+def _phone_photos(pipeline: Pipeline, photo: BenchPhoto, repeats: int) -> dict[str, Any]:
+    """A whole photo (bytes in: decode, shrink to max_side, detect, landmarks, embed) for camera-sized JPEGs, decoded
+    whole (decode_image, as before decode_to_fit) and at a reduced scale (the service's loaders), alternating; and
+    the resident memory each path adds (one run each, in a fresh process). facegate only: dlib would detect on all 12-40
+    megapixels."""
+    source = decode_image((FACES_DIR / photo.source).read_bytes(), max_pixels=100_000_000)
+    max_pixels = pipeline.settings.image.max_pixels
+    out: dict[str, Any] = {}
+    for width, height in PHONE_SIZES:
+        data = jpeg(crop_to(source, width, height), quality=92)
+
+        def whole(data: bytes = data) -> list[Face]:
+            return pipeline.find_faces(decode_image(data, max_pixels=max_pixels))
+
+        def reduced(data: bytes = data) -> list[Face]:
+            return pipeline.find_faces(pipeline.decoder(data))
+
+        t = alternate({"whole": whole, "reduced": reduced}, repeats=repeats)
+        peaks = {name: _peak_rss_mb(data, name) for name in ("whole", "reduced")}
+        out[f"{width}x{height}"] = {
+            "timings": t,
+            "ratio": t["whole"]["median_ms"] / t["reduced"]["median_ms"],
+            "peak_mb": peaks,
+            "jpeg_bytes": len(data),
+            "faces": {"whole": len(whole()), "reduced": len(reduced())},
+        }
+    return out
+
+
+# Run in a fresh process: the models loaded and warmed on a small photo, then the peak resident memory one camera
+# photo adds (Linux: /proc; Pillow's decoded images are outside Python's allocator, so tracemalloc would miss them).
+_PEAK_RSS = """
+import sys
+from app.config import Settings
+from app.vision.decode import decode_image
+from app.vision.pipeline import Pipeline
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+pipeline = Pipeline.from_settings(Settings())
+pipeline.load()
+data = sys.stdin.buffer.read()
+small = pipeline.decoder(data)().pixels[::8, ::8].copy()
+pipeline.find_faces(small)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak (VmHWM) to the current resident size
+before = status("VmRSS")
+if sys.argv[1] == "whole":
+    pipeline.find_faces(decode_image(data, max_pixels=pipeline.settings.image.max_pixels))
+else:
+    pipeline.find_faces(pipeline.decoder(data))
+print(status("VmHWM") - before)
+"""
+
+
+def _peak_rss_mb(data: bytes, mode: str) -> float:
+    """MB of resident memory that finding the faces of the JPEG `data` adds to a warmed-up process, decoded whole
+    (mode "whole") or by the service's loader ("reduced")."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, mode], input=data, capture_output=True, check=True, cwd=REPO_ROOT
+    )
+    return float(done.stdout.decode().split()[-1])
+
+
+def crop_to(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The photo scaled (bicubic) to cover width x height, centre-cropped to it."""
+    h, w = pixels.shape[:2]
+    scale = max(width / w, height / h)
+    size = (round(w * scale), round(h * scale))
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    scaled = PILImage.fromarray(pixels).resize(size, PILImage.Resampling.BICUBIC)
+    return np.asarray(scaled.crop((left, top, left + width, top + height)))
 
 
 def _detect(pipeline: Pipeline, image: np.ndarray, upsample: int) -> Callable[[], object]:
@@ -270,6 +354,8 @@ def run(repeats: int, photo_count: int, threads: Sequence[int]) -> dict[str, Any
         dlib_faces_per_photo=[len(model.detector(p.pixels, u)) for p, u in zip(chosen, ups)],
         upsample=ups,
     )
+    log("phone photos")
+    results["phone_photos"] = _phone_photos(main, detect_photo, repeats)
     log("stages")
     stages = {name: _stages(p, chosen, max(3, repeats // 2)) for name, p in pipelines.items()}
     stages["dlib"] = _dlib_stages(model, chosen, ups[0], max(3, repeats // 3))

@@ -13,7 +13,6 @@ import typer
 from app.cli.common import CacheOption, cli, fail, failing_on_errors, load_settings, pipeline_call
 from app.errors import FacegateError
 from app.gallery.reindex import PhotoBase
-from app.vision.decode import decode_image
 from app.vision.pipeline import Pipeline
 from app.vision.types import Box
 
@@ -172,7 +171,7 @@ def reindex_command(
                 target_version=pipeline.model_version,
                 base_version=pipeline.base_model_version,
                 transform=pipeline.head.apply if pipeline.head is not None else None,
-                photo_base=_photo_base(pipeline, settings.image.max_pixels) if from_photos else None,
+                photo_base=_photo_base(pipeline) if from_photos else None,
             )
     finally:
         gallery.close()
@@ -189,12 +188,12 @@ def reindex_command(
         raise typer.Exit(1)
 
 
-def _photo_base(pipeline: Pipeline, max_pixels: int) -> PhotoBase:
+def _photo_base(pipeline: Pipeline) -> PhotoBase:
     """The base embedding of the detected face that overlaps `box` best (IoU >= 0.5) in a stored photo."""
 
     def base(photo: bytes, box: Box) -> np.ndarray | None:
         try:
-            face = pipeline.embed_face_at(decode_image(photo, max_pixels=max_pixels), box, min_iou=0.5)
+            face = pipeline.embed_face_at(pipeline.decoder(photo), box, min_iou=0.5)
         except FacegateError:
             return None
         if face is None:

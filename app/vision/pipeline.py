@@ -14,6 +14,7 @@ inference threads.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from app.config import DetectorSettings, RuntimeSettings, Settings
 from app.errors import FacegateError, ImageTooSmall, ModelUnavailable, MultipleFaces, NoFace
 from app.vision.align import face_chips
 from app.vision.batcher import BatchInfo, InferenceGate, MicroBatcher
+from app.vision.decode import decode_to_fit, load_to_fit
 from app.vision.detect import MIN_COLS, MIN_ROWS, FaceDetector, check_size
 from app.vision.embed import FaceEmbedder
 from app.vision.head import EmbeddingHead, load_head
@@ -45,9 +47,11 @@ from app.vision.types import (
     Image,
     Landmarks,
     PhotoFaces,
+    SizedImage,
 )
 
-Loader = Callable[[], Image]  # a photo loaded on demand (e.g. decoded from upload bytes): see Pipeline.working
+# A photo loaded on demand (e.g. decoded from upload bytes, perhaps at a reduced scale): see Pipeline.working.
+Loader = Callable[[], Image | SizedImage]
 
 
 @dataclass(frozen=True)
@@ -59,16 +63,22 @@ class WorkingImage:
     upsample: int
 
 
-def working_image(image: Image, settings: DetectorSettings) -> WorkingImage:
-    """Shrink photos larger than `max_side` (Pillow's antialiased resize) and choose the upsample count."""
-    height, width = image.shape[:2]
+def working_image(image: Image | SizedImage, settings: DetectorSettings) -> WorkingImage:
+    """Shrink photos larger than `max_side` (Pillow's antialiased resize) and choose the upsample count.
+
+    A SizedImage is shrunk from its pixels (perhaps decoded smaller already) to the size its photo's own size gives,
+    and `scale` relates the working copy to the photo's own size."""
+    if isinstance(image, SizedImage):
+        pixels, width, height = image.pixels, image.width, image.height
+    else:
+        pixels = image
+        height, width = image.shape[:2]
     scale = 1.0
-    pixels = image
     longest = max(height, width)
     if longest > settings.max_side:
         scale = settings.max_side / longest
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        pixels = np.asarray(PILImage.fromarray(image).resize(size, PILImage.Resampling.LANCZOS, reducing_gap=3.0))
+        pixels = np.asarray(PILImage.fromarray(pixels).resize(size, PILImage.Resampling.LANCZOS, reducing_gap=3.0))
     if settings.upsample == "auto":
         upsample = 1 if max(pixels.shape[:2]) < settings.auto_upsample_below else 0
     else:
@@ -253,28 +263,42 @@ class Pipeline:
         """The ONNX Runtime provider each network actually runs on (None until loaded)."""
         return {"detector": self.detector.provider, "embedder": self.embedder.provider}
 
-    def working(self, image: Image | Loader) -> WorkingImage:
+    def decoder(self, data: bytes) -> Callable[[], SizedImage]:
+        """A loader of photo bytes for this pipeline: decoded under `image.max_pixels`, a large JPEG straight to a
+        reduced scale near the detector's `max_side` (decode_to_fit)."""
+        return functools.partial(
+            decode_to_fit, data, max_pixels=self.settings.image.max_pixels, longest=self.settings.detector.max_side
+        )
+
+    def file_loader(self, path: Path) -> Callable[[], SizedImage]:
+        """`decoder` for a photo file (OSError if it cannot be read, when loaded)."""
+        return functools.partial(
+            load_to_fit, path, max_pixels=self.settings.image.max_pixels, longest=self.settings.detector.max_side
+        )
+
+    def working(self, image: Image | SizedImage | Loader) -> WorkingImage:
         """The detector's copy of a photo. A photo given as a loader (a function returning it, e.g. decoding an
         upload) is loaded and shrunk while holding one of `image.max_concurrent_decodes` slots, and only the shrunk
         copy outlives this call: however many requests arrive at once, a worker holds at most that many photos at
-        full size (up to ~1 GB each while a 40-megapixel one is decoded and converted)."""
+        full size (up to ~1 GB each while a 40-megapixel PNG is decoded and converted; a JPEG that large is decoded
+        at 1/4 scale by `decoder`'s loaders)."""
         if not callable(image):
             return working_image(image, self.settings.detector)
         with self._full_size:
             return working_image(image(), self.settings.detector)
 
-    def detect(self, image: Image | Loader) -> tuple[WorkingImage, list[Detection]]:
+    def detect(self, image: Image | SizedImage | Loader) -> tuple[WorkingImage, list[Detection]]:
         work = self.working(image)
         detections = self.detector.detect(
             work.pixels, upsample=work.upsample, score_threshold=self.settings.detector.score_threshold
         )
         return work, detections
 
-    def find_faces(self, image: Image | Loader) -> list[Face]:
+    def find_faces(self, image: Image | SizedImage | Loader) -> list[Face]:
         """Every face in the photo (up to `detector.max_faces`) with its embedding, highest detector score first."""
         return self.photo_faces(image).faces
 
-    def photo_faces(self, image: Image | Loader) -> PhotoFaces:
+    def photo_faces(self, image: Image | SizedImage | Loader) -> PhotoFaces:
         """`find_faces`, with how many faces the detector found (more than it returns when the photo is capped)."""
         with self._preparing:
             work, detections = self.detect(image)
@@ -283,7 +307,7 @@ class Pipeline:
             prepared = self._prepare(work, detections)
         return PhotoFaces(prepared.finish(self.embed(prepared.chips), self.head), prepared.detected)
 
-    def embed_photo(self, image: Image | Loader, *, face: str = "single") -> Face:
+    def embed_photo(self, image: Image | SizedImage | Loader, *, face: str = "single") -> Face:
         """The one face of a photo: `single` refuses photos with several faces, `largest` takes the biggest box.
 
         The choice is made on the detections, so only the chosen face gets landmarks, a chip and an embedding.
@@ -304,7 +328,7 @@ class Pipeline:
             prepared = self._prepare(work, detections)
         return prepared.finish(self.embed(prepared.chips), self.head)[0]
 
-    def embed_face_at(self, image: Image | Loader, box: Box, *, min_iou: float = 0.5) -> Face | None:
+    def embed_face_at(self, image: Image | SizedImage | Loader, box: Box, *, min_iou: float = 0.5) -> Face | None:
         """The face of the photo whose box overlaps `box` (original photo pixels) best, if by at least `min_iou`;
         else None. As in `embed_photo`, only the chosen detection gets landmarks, a chip and an embedding."""
         with self._preparing:
@@ -315,11 +339,11 @@ class Pipeline:
             prepared = self._prepare(work, [detections[overlap.index(max(overlap))]])
         return prepared.finish(self.embed(prepared.chips), self.head)[0]
 
-    def find_faces_many(self, images: Sequence[Image | Loader]) -> list[list[Face] | FacegateError]:
+    def find_faces_many(self, images: Sequence[Image | SizedImage | Loader]) -> list[list[Face] | FacegateError]:
         """`find_faces` for several photos: `photo_faces_many` without the counts."""
         return [r if isinstance(r, FacegateError) else r.faces for r in self.photo_faces_many(images)]
 
-    def photo_faces_many(self, images: Sequence[Image | Loader]) -> list[PhotoFaces | FacegateError]:
+    def photo_faces_many(self, images: Sequence[Image | SizedImage | Loader]) -> list[PhotoFaces | FacegateError]:
         """`photo_faces` for several photos, their chips embedded together (in calls of up to `batching.max_batch`).
 
         images: photos, or functions returning one (e.g. decoding it): each is then loaded only for its own

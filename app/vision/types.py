@@ -27,6 +27,16 @@ EMBEDDING_DIM = 128
 
 
 @dataclass(frozen=True, slots=True)
+class SizedImage:
+    """A photo's pixels and the size of the photo itself, upright: the pixels may be smaller (a large JPEG decoded at
+    1/2, 1/4 or 1/8 scale for a detector that shrinks it anyway)."""
+
+    pixels: Image
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
 class Box:
     left: int
     top: int

@@ -146,7 +146,9 @@ def threshold_for_far(diff_distances: ArrayLike, target_far: float) -> float:
     d = np.sort(d[~np.isnan(d)])
     if d.size == 0:
         raise ValueError("need at least one different-person distance")
-    allowed = math.floor(target * d.size + 1e-9)  # false accepts allowed; < n because target < 1
+    # False accepts allowed, fewer than n since target < 1. The 1e-9 absorbs float error (0.29 * 100 is
+    # 28.999999999999996) but would round a target within 1e-9/n of 1 up to n, past the last pair.
+    allowed = min(math.floor(target * d.size + 1e-9), d.size - 1)
     return float(np.nextafter(d[allowed], -np.inf))
 
 

@@ -35,6 +35,11 @@ class TestThresholdForFar:
         assert threshold_for_far(diff, 0.05) < 0.2  # none allowed
         assert 0.3 <= threshold_for_far(diff, 0.25) < 0.4  # floor(2.5) = 2
 
+    def test_a_target_just_under_1_keeps_the_last_pair_out(self) -> None:
+        # target * n + 1e-9 was rounded up to n: an index past the last pair (IndexError, a 500 from /calibrate).
+        assert threshold_for_far([0.5], 0.9999999999999999) < 0.5
+        assert 0.6 <= threshold_for_far([0.5, 0.6, 0.7], 1 - 1e-10) < 0.7
+
     def test_nan_ignored(self) -> None:
         assert threshold_for_far([np.nan, 0.2, 0.4], 0.5) == threshold_for_far([0.2, 0.4], 0.5)
 

@@ -723,12 +723,15 @@ class FaceService:
                 f"the threshold for FAR {target_far:g} on these pairs, {calibration.threshold:g}, is over "
                 f"{MAX_THRESHOLD:g}: not a usable threshold"
             )
-        needed = math.ceil(1 / target_far - 1e-9)  # (1e-5: 1 / target_far is 99999.99999999999)
+        # A float: 1 / 5e-324 (a valid target_far) is inf, which math.ceil cannot take, and no count reaches. The
+        # 1e-9: 1 / 1e-5 is 99999.99999999999.
+        needed = 1 / target_far - 1e-9
         if apply and calibration.n_different < needed:
+            shown = f"{math.ceil(needed)}" if needed < 1e15 else f"{needed:.3g}"
             # Fewer pairs cannot show a single false accept at this rate: the threshold is then only "under the
             # nearest different pair", and storing it would have every verify and identify claim a FAR unmeasured.
             raise InsufficientData(
-                f"applying a threshold for FAR {target_far:g} needs at least {needed} different-person pairs "
+                f"applying a threshold for FAR {target_far:g} needs at least {shown} different-person pairs "
                 f"(1/FAR); these are {calibration.n_different}, which cannot show a single false accept at that rate "
                 f"(the threshold they give, {calibration.threshold:.4f}, is only known to keep the FAR under "
                 f"{calibration.far_interval[1]:.2g}). Calibrate without apply to see it, or on more pairs",

@@ -195,6 +195,22 @@ def test_calibrate_refuses_distances_outside_0_4_and_keeps_the_stored_threshold(
     assert client.delete("/calibration").json()["removed"] is True
 
 
+def test_calibrate_takes_any_target_far_in_0_1(shared_client: TestClient) -> None:
+    """The smallest float above 0 (1 / it is inf) and the largest below 1 were 500s (OverflowError, IndexError)."""
+    before = shared_client.get("/calibration").json()
+    body = {"source": "pairs", "same": [0.1, 0.2], "different": [0.5, 0.6], "target_far": 5e-324}
+    r = shared_client.post("/calibrate", json=body)
+    assert r.status_code == 200 and r.json()["threshold"] < 0.5, r.text
+    error = error_of(shared_client.post("/calibrate", json=body | {"apply": True}), 409, "insufficient_data")
+    assert "needs at least inf different-person pairs" in error["message"]
+    tiny = body | {"target_far": 1e-300, "apply": True}
+    error = error_of(shared_client.post("/calibrate", json=tiny), 409, "insufficient_data")
+    assert "needs at least 1e+300 different-person pairs" in error["message"]
+    r = shared_client.post("/calibrate", json=body | {"target_far": 0.9999999999999999})
+    assert r.status_code == 200 and 0.5 <= r.json()["threshold"] < 0.6, r.text
+    assert shared_client.get("/calibration").json() == before
+
+
 def test_calibrate_accepts_the_ends_of_the_range(shared_client: TestClient) -> None:
     body = {"source": "pairs", "same": [0.0, 0.1], "different": [3.9, 4.0], "target_far": 0.5}
     r = shared_client.post("/calibrate", json=body)

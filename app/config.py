@@ -508,22 +508,31 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
-        # Checked at start-up: an unparsable URL, another database or another driver (`postgresql://` means
-        # psycopg2, which is not installed) would otherwise fail at the first query, with a traceback.
-        from sqlalchemy.engine import make_url  # here, not at the top: the settings import nothing heavy
-        from sqlalchemy.exc import ArgumentError
-
-        try:
-            scheme = make_url(value).drivername
-        except ArgumentError:
-            scheme = ""
-        if scheme not in _DATABASE_SCHEMES:
-            shown = f"{scheme}:// is not supported" if scheme else "not a database URL"
-            raise ValueError(
-                f"{shown}: facegate uses SQLite (sqlite:///path/to/facegate.db) or PostgreSQL through psycopg 3 "
-                "(postgresql+psycopg://user:password@host/database)"
-            )
+        # Checked at start-up: an unparsable URL, another database or another driver would otherwise fail at the
+        # first query, with a traceback.
+        problem = database_url_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
+
+
+def database_url_problem(url: str) -> str | None:
+    """Why facegate cannot use `url` as its gallery database (None: it can): not a URL, another database, or a
+    driver that is not installed or not tested (`postgresql+psycopg2://`, `postgresql+asyncpg://`)."""
+    from sqlalchemy.engine import make_url  # here, not at the top: the settings import nothing heavy
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        scheme = make_url(url).drivername
+    except ArgumentError:
+        scheme = ""
+    if scheme in _DATABASE_SCHEMES:
+        return None
+    shown = f"{scheme}:// is not supported" if scheme else "not a database URL"
+    return (
+        f"{shown}: facegate uses SQLite (sqlite:///path/to/facegate.db) or PostgreSQL through psycopg 3 "
+        "(postgresql+psycopg://user:password@host/database)"
+    )
 
 
 def _group(annotation: object) -> type[BaseModel] | None:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from app.cli.common import database_problem, db_cli, fail, load_settings
+from app.config import database_url_problem
 from app.vision.pipeline import Pipeline
 
 
@@ -79,6 +80,11 @@ def db_copy(
         shown = display_url(to)
     except ArgumentError:
         fail("--to is not a database URL (sqlite:///path or postgresql+psycopg://user:pass@host/db)")
+    # What FACEGATE_DATABASE_URL accepts, so that the copy can be served: another driver (postgresql+psycopg2://,
+    # +asyncpg) failed with a traceback when the engine imported it.
+    problem = database_url_problem(to)
+    if problem is not None:
+        fail(f"--to: {problem}")
     try:
         report = copy_gallery(settings.database_url, to)
     except CopyRefused as error:

@@ -116,6 +116,9 @@ def test_cli_errors_are_one_line_without_the_password(
         "(postgresql+psycopg://root:***@127.0.0.1:8139/test): connection failed",
         source_url: "error: the target is the source database itself",
         "not a url": "error: --to is not a database URL",
+        # Drivers that are not installed (or not tested): the engine's import was a traceback, exit status 1.
+        "postgresql+asyncpg://root:s3cret-pw@127.0.0.1/test": "error: --to: postgresql+asyncpg:// is not supported",
+        "postgresql+psycopg2://root:s3cret-pw@127.0.0.1/test": "error: --to: postgresql+psycopg2:// is not supported",
     }
     for target, expected in cases.items():
         result = runner.invoke(cli, ["db", "copy", "--to", target])

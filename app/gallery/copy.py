@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import alembic.util
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -121,7 +122,14 @@ def copy_gallery(
             # Before migrating: a gallery in use is refused without being touched (the check is made again below,
             # under the target's locks, where it counts).
             _refuse_unless_empty(target)
-            db.upgrade(target)
+            try:
+                db.upgrade(target)
+            except alembic.util.CommandError as error:
+                # Not the CLI's generic "cannot migrate FACEGATE_DATABASE_URL": the target is the one at fault.
+                raise CopyRefused(
+                    f"the target database cannot be migrated: {error} (migrated by a newer facegate?); nothing was "
+                    "written"
+                ) from None
         counts = _copy(source, target, batch_rows=batch_rows, progress=progress or _no_progress)
     finally:
         source.dispose()

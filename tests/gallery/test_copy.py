@@ -328,7 +328,9 @@ def test_the_source_itself_is_refused_whatever_its_url(new_database: NewDatabase
         copy_gallery(pg_url, other_host)
 
 
-def test_unsuitable_sources_and_targets_are_refused(new_database: NewDatabase, tmp_path: Path) -> None:
+def test_unsuitable_sources_and_targets_are_refused(
+    new_database: NewDatabase, engines: Callable[[str], Engine], tmp_path: Path
+) -> None:
     missing = tmp_path / "missing.db"
     with pytest.raises(CopyRefused, match="does not exist"):
         copy_gallery(f"sqlite:///{missing}", new_database("sqlite"))
@@ -343,6 +345,13 @@ def test_unsuitable_sources_and_targets_are_refused(new_database: NewDatabase, t
     db.upgrade(old, "0004")
     with pytest.raises(CopyRefused, match="at revision 0004, not at this facegate's head"):
         copy_gallery(old, new_database("sqlite"))
+    # An empty target migrated by a newer facegate: its own refusal (the CLI blamed FACEGATE_DATABASE_URL).
+    newer = new_database("sqlite")
+    db.upgrade(newer)
+    with engines(newer).begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    with pytest.raises(CopyRefused, match="the target database cannot be migrated: .*'0099'.*nothing was written"):
+        copy_gallery(source_url, newer)
 
 
 @pytest.mark.postgres

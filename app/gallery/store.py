@@ -193,7 +193,7 @@ class PageKey:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_PAGE_TOKEN_RE = re.compile(r"(\d{1,18})_([0-9a-f]{32})")
+_PAGE_TOKEN_RE = re.compile(r"([0-9]{1,18})_([0-9a-f]{32})")  # not \d: it takes any script's digits, as int() does
 
 
 class IdentityListing(NamedTuple):

@@ -246,7 +246,16 @@ class TestIdentities:
 
     @pytest.mark.parametrize(
         "token",
-        ["", "12_", "_" + "a" * 32, "12_" + "A" * 32, "12_" + "a" * 31, "-5_" + "a" * 32, "9" * 18 + "_" + "a" * 32],
+        [
+            "",
+            "12_",
+            "_" + "a" * 32,
+            "12_" + "A" * 32,
+            "12_" + "a" * 31,
+            "-5_" + "a" * 32,
+            "9" * 18 + "_" + "a" * 32,
+            "\u0661\u0662_" + "a" * 32,  # Arabic-Indic digits: re's \d took them and int() read them as 12
+        ],
     )
     def test_a_cursor_not_written_by_a_page_is_refused(self, token: str) -> None:
         with pytest.raises(ValueError, match="not a listing cursor"):

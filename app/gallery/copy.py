@@ -168,11 +168,10 @@ def _server_identity(engine: Engine) -> tuple[Any, ...]:
             return ("sqlite", str(path))
         stat = os.stat(path)
         return ("sqlite", stat.st_dev, stat.st_ino)
+    # Not inet_server_port(): it is NULL through a Unix socket, and the server the same through TCP.
     with engine.connect() as connection:
         row = connection.execute(
-            text(
-                "SELECT pg_postmaster_start_time(), inet_server_port(), current_database(), current_schema()"
-            )
+            text("SELECT pg_postmaster_start_time(), current_database(), current_schema()")
         ).one()
     return (engine.dialect.name, *row)
 

@@ -326,6 +326,13 @@ def test_the_source_itself_is_refused_whatever_its_url(new_database: NewDatabase
     other_host = make_url(pg_url).set(host="localhost").render_as_string(hide_password=False)
     with pytest.raises(CopyRefused, match="the target is the source database itself"):
         copy_gallery(pg_url, other_host)
+    sockets = Path("/var/run/postgresql")  # the server's Unix socket, where it has one (not in every container)
+    if make_url(pg_url).host in ("127.0.0.1", "localhost") and any(sockets.glob(".s.PGSQL.*")):
+        # Through the socket inet_server_port() is NULL: it was taken for another server ("not empty" instead).
+        socket_url = make_url(pg_url).set(host=None, port=None).update_query_dict({"host": str(sockets)})
+        through_socket = socket_url.render_as_string(hide_password=False)
+        with pytest.raises(CopyRefused, match="the target is the source database itself"):
+            copy_gallery(pg_url, through_socket)
 
 
 def test_unsuitable_sources_and_targets_are_refused(

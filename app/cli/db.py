@@ -87,6 +87,10 @@ def db_copy(
         fail(f"--to: {problem}")
     try:
         report = copy_gallery(settings.database_url, to)
+    except KeyboardInterrupt:
+        # The target's transaction was rolled back on the way out (the test: kill mid-copy leaves it empty).
+        typer.secho(f"interrupted: nothing was written to {shown}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(130) from None
     except CopyRefused as error:
         fail(f"{error}")
     except UnusableDatabase as error:
@@ -94,8 +98,12 @@ def db_copy(
         fail(f"cannot use the {error.role} database ({where}): {database_problem(error.error)}")
     except SQLAlchemyError as error:  # e.g. the connection lost half-way: the target's transaction was rolled back
         fail(f"copy failed, nothing was written to {shown}: {database_problem(error)}")
-    settings_word = "setting" if report.settings == 1 else "settings"
     typer.echo(
-        f"copied {report.identities} identities, {report.faces} faces, {report.api_keys} API keys and "
-        f"{report.settings} {settings_word} to {shown} in {report.seconds:.1f} s"
+        f"copied {_counted(report.identities, 'identity', 'identities')}, {_counted(report.faces, 'face')}, "
+        f"{_counted(report.api_keys, 'API key')} and {_counted(report.settings, 'setting')} to {shown} in "
+        f"{report.seconds:.1f} s"
     )
+
+
+def _counted(count: int, noun: str, plural: str | None = None) -> str:
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"

@@ -110,6 +110,11 @@ def copy_gallery(
         with _using("source"):
             source_identity = _server_identity(source)
             revision, head = db.schema_revision(source), db.head_revision()
+        if revision is not None and not db.known_revision(revision):
+            raise CopyRefused(
+                f"the source database is at revision {revision}, which this facegate does not know (migrated by a "
+                "newer facegate?): copy it with the facegate that serves it"
+            )
         if revision != head:
             what = "no facegate gallery (never migrated)" if revision is None else f"at revision {revision}"
             raise CopyRefused(
@@ -187,7 +192,7 @@ def _check_empty(connection: Connection, tables: Sequence[Table]) -> None:
     for table in tables:
         count = connection.execute(select(func.count()).select_from(table)).scalar_one()
         if count:
-            filled.append(f"{count} {table.name.replace('_', ' ')}")
+            filled.append(f"{table.name.replace('_', ' ')}: {count}")
     if filled:
         raise CopyRefused(
             f"the target database is not empty ({', '.join(filled)}): copy into a new database or schema; nothing "

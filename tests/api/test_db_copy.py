@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from app.auth import store as keys
 from app.auth.scopes import Scope
 from app.cli import cli
-from app.gallery import Gallery, db
+from app.gallery import Gallery, copy, db
 from tests.api.conftest import api_settings, running
 
 pytestmark = [pytest.mark.model, pytest.mark.postgres]
@@ -129,5 +129,37 @@ def test_cli_errors_are_one_line_without_the_password(
     assert runner.invoke(cli, ["db", "copy", "--to", pg_schema_url]).exit_code == 0
     result = runner.invoke(cli, ["db", "copy", "--to", pg_schema_url])
     assert result.exit_code == 2, result.output
-    assert result.output == "error: the target database is not empty (1 identities): copy into a new database or " \
+    assert result.output == "error: the target database is not empty (identities: 1): copy into a new database or " \
         "schema; nothing was written\n"  # fmt: skip
+
+
+def test_ctrl_c_mid_copy_says_nothing_was_written(
+    models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while rows are being written (the interrupt raised where a SIGINT would land, between batches): exit
+    status 130, one line saying so, and the target left empty."""
+    source_url, target_url = f"sqlite:///{tmp_path / 'source.db'}", f"sqlite:///{tmp_path / 'target.db'}"
+    gallery = Gallery.open(source_url, "some-model")
+    for name in ("One", "Two", "Three"):
+        gallery.create_identity(name=name)
+    gallery.close()
+    monkeypatch.setenv("FACEGATE_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("FACEGATE_DATABASE_URL", source_url)
+    real_copy = copy.copy_gallery
+
+    def interrupted(source: str, target: str) -> object:
+        def ctrl_c(table: str, rows: int) -> None:
+            if table == "identities" and rows >= 2:
+                raise KeyboardInterrupt
+
+        return real_copy(source, target, batch_rows=1, progress=ctrl_c)
+
+    monkeypatch.setattr(copy, "copy_gallery", interrupted)
+    result = CliRunner().invoke(cli, ["db", "copy", "--to", target_url])
+    assert result.exit_code == 130, result.output
+    assert result.output == f"interrupted: nothing was written to {target_url}\n"
+    reopened = Gallery.open(target_url, "some-model")
+    try:
+        assert reopened.list_identities().total == 0
+    finally:
+        reopened.close()

@@ -352,6 +352,13 @@ def test_openapi_documents_every_error(shared_client: TestClient) -> None:
         assert served.status_code == 200 and served.headers["content-type"].startswith(kind)
         assert served.headers["cache-control"] == "public, max-age=86400" and len(served.content) > 100_000
     error_of(shared_client.get("/docs/..%2Fconfig.py"), 404, "not_found")
+    # HEAD, as uptime checks and link checkers send it: the headers of GET, no body (405 before)
+    for path in ("/docs", "/docs/swagger-ui.css", "/ui", "/ui/app.js"):
+        head, get = shared_client.head(path), shared_client.get(path)
+        assert head.status_code == 200 and head.content == b"", path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+        assert head.headers["content-length"] == str(len(get.content)), path
+    assert shared_client.head("/ui/nothing.js").status_code == 404
     behind_proxy = TestClient(shared_client.app, root_path="/facegate").get("/docs").text  # a proxy's prefix
     assert "url: '/facegate/openapi.json'" in behind_proxy and '"/facegate/docs/swagger-ui-bundle.js"' in behind_proxy
     # Client generators name methods after operation ids: two operations with one id collide (GET and HEAD on one route

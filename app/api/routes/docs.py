@@ -30,7 +30,7 @@ def _asset(name: str) -> bytes:
     return (resources.files("fastapi_swagger") / "resources" / name).read_bytes()
 
 
-@router.get("/docs")
+@router.api_route("/docs", methods=["GET", "HEAD"])
 async def swagger_ui(request: Request) -> HTMLResponse:
     root = str(request.scope.get("root_path", "")).rstrip("/")  # behind a proxy that strips a prefix
     return get_swagger_ui_html(
@@ -42,7 +42,7 @@ async def swagger_ui(request: Request) -> HTMLResponse:
     )
 
 
-@router.get("/docs/{name}")
+@router.api_route("/docs/{name}", methods=["GET", "HEAD"])
 async def swagger_asset(name: str) -> Response:
     if name not in ASSETS:
         raise HTTPException(status_code=404)

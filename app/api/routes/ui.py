@@ -44,17 +44,17 @@ def _serve(name: str) -> Response:
     return Response(_asset(name), media_type=ASSETS[name], headers=HEADERS)
 
 
-@router.get("")
+@router.api_route("", methods=["GET", "HEAD"])
 async def console() -> Response:
     return _serve("index.html")
 
 
-@router.get("/")
+@router.api_route("/", methods=["GET", "HEAD"])
 async def console_slash() -> RedirectResponse:
     return RedirectResponse("/ui", status_code=308)
 
 
-@router.get("/{name}")
+@router.api_route("/{name}", methods=["GET", "HEAD"])
 async def asset(name: str) -> Response:
     if name not in ASSETS or name == "index.html":
         raise HTTPException(status_code=404)

@@ -11,6 +11,8 @@ from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 
 from app.api.errors import listed
 from app.api.metrics import Metrics
@@ -71,6 +73,38 @@ def form_fields(*allowed: str, repeatable: tuple[str, ...] = ()) -> Callable[[Re
             raise InvalidRequest(f"field(s) sent more than once: {', '.join(repeated)}", repeated_fields=repeated)
 
     return check
+
+
+async def query_fields(request: Request) -> None:
+    """Refuse query parameters the route does not take, and any sent more than once. Ignored, a misspelt `limt`
+    would give the default page size, and a form field put in the URL (`POST /verify?threshold=0.2`) a decision at
+    the default threshold instead of the one asked for."""
+    route = request.scope.get("route")
+    allowed = _query_names(route.dependant) if isinstance(route, APIRoute) else frozenset()
+    params = request.query_params
+    unknown = sorted(key for key in params if key not in allowed)
+    if unknown:
+        shown, words = listed(unknown)
+        takes = f"this endpoint takes {', '.join(sorted(allowed))}" if allowed else "this endpoint takes none"
+        raise InvalidRequest(
+            f"unknown query parameter(s) {words}; {takes} (form and JSON fields go in the body)",
+            unknown_query_parameters=shown,
+            n_unknown_query_parameters=len(unknown),
+            allowed_query_parameters=sorted(allowed),
+        )
+    repeated = sorted(key for key in params if len(params.getlist(key)) > 1)
+    if repeated:
+        raise InvalidRequest(
+            f"query parameter(s) sent more than once: {', '.join(repeated)}", repeated_query_parameters=repeated
+        )
+
+
+def _query_names(dependant: Dependant) -> frozenset[str]:
+    """The query parameters a route takes: its own and its dependencies'."""
+    names = {field.alias for field in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return frozenset(names)
 
 
 def parse_metadata(raw: str | None) -> dict[str, Any] | None:

@@ -368,6 +368,31 @@ def test_openapi_documents_every_error(shared_client: TestClient) -> None:
     assert {"get", "head"} <= set(schema["paths"]["/healthz"]) and {"get", "head"} <= set(schema["paths"]["/readyz"])
 
 
+def test_unknown_and_repeated_query_parameters_are_refused(shared_client: TestClient) -> None:
+    """Every API route: a query parameter it does not take is refused, not ignored (`POST /verify?threshold=0.2`
+    decided at the default threshold), and so is one sent twice; the probes, metrics, console and docs take any."""
+    schema = shared_client.get("/openapi.json").json()
+    checked = 0
+    for path, item in schema["paths"].items():
+        url = path.replace("{identity_id}", "0" * 32).replace("{face_id}", "1" * 32)
+        for method, operation in item.items():
+            takes = sorted(p["name"] for p in operation.get("parameters", []) if p["in"] == "query")
+            if path in ("/healthz", "/readyz", "/metrics", "/metrics/summary"):
+                assert shared_client.request(method, f"{url}?verbose=1").status_code == 200, (method, path)
+                continue
+            details = error_of(shared_client.request(method, f"{url}?thresold=0.2"), 422, "invalid_request")["details"]
+            assert details["unknown_query_parameters"] == ["thresold"], (method, path)
+            assert details["allowed_query_parameters"] == takes, (method, path)
+            for name in takes:
+                repeated = shared_client.request(method, f"{url}?{name}=1&{name}=2")
+                assert error_of(repeated, 422, "invalid_request")["details"] == {"repeated_query_parameters": [name]}
+            checked += 1
+    assert checked >= 15  # every operation of the API but the four above
+    assert shared_client.get("/identities?limit=2&name=x").status_code == 200  # what a route takes still works
+    for path in ("/ui?v=2", "/docs?v=2", "/docs/swagger-ui.css?v=2"):
+        assert shared_client.get(path).status_code == 200, path
+
+
 @pytest.mark.model
 def test_large_photos_never_touch_the_disk(
     shared_client: TestClient, dev_faces: Path, monkeypatch: pytest.MonkeyPatch

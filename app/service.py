@@ -717,8 +717,9 @@ class FaceService:
                 f"({calibration.n_different} different pairs; the nearest are at distance 0)"
             )
         if calibration.threshold > MAX_THRESHOLD:
-            # Only a gallery of embeddings far from unit norm could give it: never stored (deployment_threshold()
-            # would ignore it, after it had replaced a usable one) nor reported as usable.
+            # No real pairs give it (raw dlib embeddings, norms 1.2-1.7, are at most ~1.5 apart; a head's unit-norm
+            # ones at most 4): never stored (deployment_threshold() would ignore it, after it had replaced a usable
+            # one) nor reported as usable.
             raise InsufficientData(
                 f"the threshold for FAR {target_far:g} on these pairs, {calibration.threshold:g}, is over "
                 f"{MAX_THRESHOLD:g}: not a usable threshold"
@@ -971,8 +972,9 @@ def _describe(issue: QualityFailure) -> str:
 
 
 def _pair_distances(field: str, values: Sequence[float]) -> np.ndarray:
-    """A calibration request's `same` or `different` distances: squared L2 distances of unit-norm embeddings, so
-    finite and in [0, 4] (the threshold range). A value outside could only give a threshold no decision can use."""
+    """A calibration request's `same` or `different` distances: squared L2 distances of facegate's embeddings, so
+    finite and in [0, 4], the threshold range (raw dlib embeddings are at most ~1.5 apart, a head's unit-norm ones 4).
+    A value outside could only give a threshold no decision can use."""
     distances = np.asarray(values, np.float64)
     bad = ~(np.isfinite(distances) & (distances >= 0.0) & (distances <= MAX_THRESHOLD))
     if bad.any():

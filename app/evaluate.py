@@ -102,10 +102,12 @@ def read_pairs(path: Path) -> list[Pair]:
 
 
 def pipeline_signature(model_version: str, detector: DetectorSettings) -> str:
-    """What an embedding depends on besides the photo: the model and the detection settings (largest face)."""
+    """What an embedding depends on besides the photo: the model, the detection settings (largest face) and how a
+    large JPEG is decoded (`fit`: at a reduced scale; caches written before that are not reused)."""
     return (
         f"{model_version}|max_side={detector.max_side}|upsample={detector.upsample}"
         f"|auto_below={detector.auto_upsample_below}|score_threshold={detector.score_threshold}|face=largest"
+        "|decode=fit"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
+from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 
 from app.api.deps import query_fields
@@ -42,8 +43,14 @@ api_router = APIRouter()
 for module in _MODULES:
     # The API's routes refuse query parameters they do not take. Not checked: the console's and the docs' files,
     # and the probes and metrics, which decide nothing (a monitor's extra parameter must not make them fail).
-    checked = module not in (ui, docs, health)
-    api_router.include_router(module.router, dependencies=[Depends(query_fields)] if checked else None)
+    # Appended to each route's own dependencies rather than given to include_router, which would run it first:
+    # the API key is checked before anything about the request, so a caller without one gets 401 (with a narrower
+    # one 403), as for a misspelt form field, not a 422 describing the route's parameters.
+    if module not in (ui, docs, health):
+        for route in module.router.routes:
+            if isinstance(route, APIRoute):
+                route.dependencies.append(Depends(query_fields))
+    api_router.include_router(module.router)
 
 
 def api_routes() -> list[BaseRoute]:

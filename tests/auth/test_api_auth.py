@@ -118,6 +118,22 @@ def test_each_protected_route_refuses_missing_unknown_revoked_and_narrower_keys(
                 assert r.status_code not in (401, 403), (method, path, granted, r.text)
 
 
+def test_the_key_is_checked_before_the_query(keyed: Keyed) -> None:
+    """An unknown or repeated query parameter does not get a request without a key (or with a narrower one) a 422
+    naming what the route takes: it gets the 401 (403) that a misspelt form field gets."""
+    client = keyed.client
+    for (method, path), scope in sorted(_protected(client).items()):
+        for query in ("?thresold=0.2", "?limit=1&limit=2"):
+            url = _url(path) + query
+            _unauthorized(client.request(method, url))
+            narrower = NARROWER[scope]
+            if narrower is not None:
+                error_of(client.request(method, url, headers=keyed.headers(narrower)), 403, "forbidden")
+            r = client.request(method, url, headers=keyed.headers(scope))
+            if path != "/metrics/summary":  # takes any query (a monitor's)
+                error_of(r, 422, "invalid_request")
+
+
 def test_open_routes_need_no_key(keyed: Keyed) -> None:
     for path in OPEN:
         assert keyed.client.get(path).status_code == 200, path

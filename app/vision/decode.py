@@ -97,6 +97,12 @@ _JPEG_START = b"\xff\xd8\xff"
 # some 50 times slower.)
 _JPEG_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _JPEG_SOS, _JPEG_EOI = 0xDA, 0xD9
+# Start-of-frame markers (SOF0-SOF15; C4, C8 and CC are other markers), the first of which says how the picture is
+# coded, and those of pictures libjpeg can decode at a reduced scale: the DCT-based ones (baseline, extended and
+# progressive, Huffman or arithmetic). It has no reduced scale for a lossless one (SOF3, SOF11: Pillow then reports
+# broken data), and hierarchical ones (SOF5-7, SOF13-15) it does not decode at all.
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_SCALABLE_FRAMES = frozenset({0xC0, 0xC1, 0xC2, 0xC9, 0xCA})
 _JPEG_NO_LENGTH = {0x01, 0xD8}  # TEM, SOI: markers without a length field
 
 # Chunks in a PNG (APNG included), up to IEND. Pillow reads them one by one in Python, before the image data and after
@@ -199,8 +205,8 @@ def decode_to_fit(data: bytes, *, max_pixels: int, longest: int) -> SizedImage:
     """`decode_image` for a caller that shrinks the photo to a longer side of `longest` pixels anyway (the
     detector's working copy): a JPEG at least twice that size is decoded at the smallest of libjpeg's scales 1/2,
     1/4 and 1/8 that still leaves both sides at least as long as the shrunk photo's. A 12-megapixel phone photo then
-    decodes at 1/2 scale (about 2.7x faster) and a 40-megapixel one at 1/4, into 1/16 of the memory. Other formats
-    are decoded whole. The result gives the photo's own upright size beside the pixels."""
+    decodes at 1/2 scale (about 2.7x faster) and a 40-megapixel one at 1/4, into 1/16 of the memory. Other formats,
+    and lossless JPEGs, are decoded whole. The result gives the photo's own upright size beside the pixels."""
     if not data:
         raise InvalidImage("the upload is empty: no image data")
     if longest < 1:
@@ -237,8 +243,10 @@ def load_to_fit(path: str | Path, *, max_pixels: int, longest: int) -> SizedImag
 def _decode(data: bytes, *, max_pixels: int, longest: int | None = None) -> SizedImage:
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
+    jpeg_frame = None
     if data.startswith(_JPEG_START):
-        _check_jpeg_structure(data)  # before Image.open: Pillow's own header walk is the slow part for some
+        # before Image.open: Pillow's own header walk is the slow part for some
+        jpeg_frame = _check_jpeg_structure(data)
     elif data.startswith(_PNG_SIGNATURE):
         _check_png_structure(data)
     elif data.startswith(_GIF_SIGNATURES):
@@ -278,7 +286,12 @@ def _decode(data: bytes, *, max_pixels: int, longest: int | None = None) -> Size
             raise InvalidImage(f"the image is empty ({width}x{height})")
         if im.format == "BMP" and im.info.get("compression") in _BMP_RLE:
             _check_rle_bmp(_BMP_RLE[im.info["compression"]], width, height, len(data))
-        if longest is not None and im.format in ("JPEG", "MPO") and max(width, height) >= 2 * longest:
+        if (
+            longest is not None
+            and im.format in ("JPEG", "MPO")
+            and jpeg_frame in _JPEG_SCALABLE_FRAMES
+            and max(width, height) >= 2 * longest
+        ):
             # Pillow picks the largest scale-down that keeps both sides at least the requested ones: the
             # shrunk photo's sides (rounded up), so the detector's resize still only shrinks.
             ratio = longest / max(width, height)
@@ -299,8 +312,9 @@ def _decode(data: bytes, *, max_pixels: int, longest: int | None = None) -> Size
             raise InvalidImage(f"unsupported image mode {upright.mode}: {exc}") from exc
 
 
-def _check_jpeg_structure(data: bytes) -> None:
-    """Refuse JPEG data whose first picture (the one decoded; an MPO's others and anything after its EOI, such as a
+def _check_jpeg_structure(data: bytes) -> int | None:
+    """The start-of-frame marker code of the JPEG's first picture (how it is coded; None if it has none), after
+    refusing JPEG data whose first picture (the one decoded; an MPO's others and anything after its EOI, such as a
     phone's motion-photo video, are not) has more than MAX_JPEG_SCANS scans, more than MAX_JPEG_MARKERS markers, more
     than MAX_JPEG_JUNK bytes outside any segment before its first scan, or a longer run of fill bytes after it.
 
@@ -310,6 +324,7 @@ def _check_jpeg_structure(data: bytes) -> None:
     photo data, some 20 ms per MB at worst), and the header's junk is searched no further than its limit.
     """
     scans = markers = junk = 0
+    frame = None
     pos = 2  # after SOI
     scan_data_at = picture_end = len(data)
     while True:
@@ -338,6 +353,8 @@ def _check_jpeg_structure(data: bytes) -> None:
         pos = found.end()
         if code in _JPEG_NO_LENGTH:
             continue
+        if code in _JPEG_FRAMES and frame is None:
+            frame = code
         if code == _JPEG_SOS:
             scans += 1
             scan_data_at = min(scan_data_at, pos)
@@ -353,6 +370,7 @@ def _check_jpeg_structure(data: bytes) -> None:
             f"the JPEG has a run of more than {MAX_JPEG_JUNK:,} fill bytes (0xFF) in its image data",
             max_junk_bytes=MAX_JPEG_JUNK,
         )
+    return frame
 
 
 def _check_png_structure(data: bytes) -> None:

@@ -4,6 +4,7 @@ the faces found that way, in the photo's own coordinates."""
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,21 @@ def _jpeg(pixels: np.ndarray, orientation: int | None = None, **params: object) 
     out = io.BytesIO()
     im.save(out, "JPEG", quality=92, **params)
     return out.getvalue()
+
+
+def _lossless_grey_jpeg(width: int, height: int, components: int) -> bytes:
+    """A lossless JPEG (SOF3, predictor 1) of mid-grey, which Pillow cannot write: every sample is its prediction
+    (128 to begin with), a difference of 0 coded as 00 in the Huffman table (the usual DC luminance one)."""
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+    huffman = bytes([0x00, 0, 1, 5, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, *range(12)])
+    frame = struct.pack(">BHHB", 8, height, width, components)
+    frame += b"".join(bytes([c + 1, 0x11, 0]) for c in range(components))
+    scan = bytes([components]) + b"".join(bytes([c + 1, 0]) for c in range(components)) + bytes([1, 0, 0])
+    samples = bytes(-(-width * height * components * 2 // 8))
+    return b"\xff\xd8" + segment(0xC4, huffman) + segment(0xC3, frame) + segment(0xDA, scan) + samples + b"\xff\xd9"
 
 
 def _shrunk(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -108,6 +124,17 @@ class TestDecodeToFit:
         out = decode_to_fit(buffer.getvalue(), max_pixels=LIMIT, longest=1024)
         assert out.pixels.shape == (768, 1024, 3) and (out.width, out.height) == (4096, 3072)
         assert np.abs(out.pixels.astype(int) - progressive.pixels.astype(int)).mean() < 3.0
+
+    @pytest.mark.parametrize("components", [1, 3])
+    def test_a_lossless_jpeg_is_decoded_whole(self, components: int) -> None:
+        """libjpeg has no reduced scale for a lossless JPEG (SOF3): asked for one, Pillow reported broken data, and
+        a photo decode_image reads was refused."""
+        data = _lossless_grey_jpeg(4096, 16, components)
+        whole = decode_image(data, max_pixels=LIMIT)
+        assert whole.shape == (16, 4096, 3) and (whole == 128).all()
+        out = decode_to_fit(data, max_pixels=LIMIT, longest=1024)
+        assert (out.width, out.height) == (4096, 16)
+        np.testing.assert_array_equal(out.pixels, whole)
 
     def test_refusals_are_those_of_decode_image(self, tmp_path: Path) -> None:
         data = _jpeg(np.random.default_rng(0).integers(0, 256, (3072, 4096, 3), dtype=np.uint8))

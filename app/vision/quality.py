@@ -9,7 +9,8 @@ their own limits.
 Measurements (units):
 
 * inter_ocular_px: distance between the eye centres (means of landmarks 0,1 and 2,3), in the pixels of the
-  landmarks given (the pipeline passes the original photo's). Small faces carry little identity detail.
+  landmarks given (the pipeline passes the working copy's: the photo shrunk to detector.max_side). Small faces
+  carry little identity detail.
 * sharpness: variance of the 4-neighbour Laplacian of the chip's grey levels (ITU-R 601 luma, 0..255), over the
   chip's central region (the face, without the padding's background and the black fill of faces cut by the
   border). Low for blurred or upscaled faces.

@@ -52,6 +52,7 @@ from app.vision.types import (
 
 # A photo loaded on demand (e.g. decoded from upload bytes, perhaps at a reduced scale): see Pipeline.working.
 Loader = Callable[[], Image | SizedImage]
+PhotoSource = Image | SizedImage | Loader  # what the pipeline's methods take as a photo
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,7 @@ class Pipeline:
             load_to_fit, path, max_pixels=self.settings.image.max_pixels, longest=self.settings.detector.max_side
         )
 
-    def working(self, image: Image | SizedImage | Loader) -> WorkingImage:
+    def working(self, image: PhotoSource) -> WorkingImage:
         """The detector's copy of a photo. A photo given as a loader (a function returning it, e.g. decoding an
         upload) is loaded and shrunk while holding one of `image.max_concurrent_decodes` slots, and only the shrunk
         copy outlives this call: however many requests arrive at once, a worker holds at most that many photos at
@@ -287,18 +288,18 @@ class Pipeline:
         with self._full_size:
             return working_image(image(), self.settings.detector)
 
-    def detect(self, image: Image | SizedImage | Loader) -> tuple[WorkingImage, list[Detection]]:
+    def detect(self, image: PhotoSource) -> tuple[WorkingImage, list[Detection]]:
         work = self.working(image)
         detections = self.detector.detect(
             work.pixels, upsample=work.upsample, score_threshold=self.settings.detector.score_threshold
         )
         return work, detections
 
-    def find_faces(self, image: Image | SizedImage | Loader) -> list[Face]:
+    def find_faces(self, image: PhotoSource) -> list[Face]:
         """Every face in the photo (up to `detector.max_faces`) with its embedding, highest detector score first."""
         return self.photo_faces(image).faces
 
-    def photo_faces(self, image: Image | SizedImage | Loader) -> PhotoFaces:
+    def photo_faces(self, image: PhotoSource) -> PhotoFaces:
         """`find_faces`, with how many faces the detector found (more than it returns when the photo is capped)."""
         with self._preparing:
             work, detections = self.detect(image)
@@ -307,7 +308,7 @@ class Pipeline:
             prepared = self._prepare(work, detections)
         return PhotoFaces(prepared.finish(self.embed(prepared.chips), self.head), prepared.detected)
 
-    def embed_photo(self, image: Image | SizedImage | Loader, *, face: str = "single") -> Face:
+    def embed_photo(self, image: PhotoSource, *, face: str = "single") -> Face:
         """The one face of a photo: `single` refuses photos with several faces, `largest` takes the biggest box.
 
         The choice is made on the detections, so only the chosen face gets landmarks, a chip and an embedding.
@@ -328,7 +329,7 @@ class Pipeline:
             prepared = self._prepare(work, detections)
         return prepared.finish(self.embed(prepared.chips), self.head)[0]
 
-    def embed_face_at(self, image: Image | SizedImage | Loader, box: Box, *, min_iou: float = 0.5) -> Face | None:
+    def embed_face_at(self, image: PhotoSource, box: Box, *, min_iou: float = 0.5) -> Face | None:
         """The face of the photo whose box overlaps `box` (original photo pixels) best, if by at least `min_iou`;
         else None. As in `embed_photo`, only the chosen detection gets landmarks, a chip and an embedding."""
         with self._preparing:
@@ -339,11 +340,11 @@ class Pipeline:
             prepared = self._prepare(work, [detections[overlap.index(max(overlap))]])
         return prepared.finish(self.embed(prepared.chips), self.head)[0]
 
-    def find_faces_many(self, images: Sequence[Image | SizedImage | Loader]) -> list[list[Face] | FacegateError]:
+    def find_faces_many(self, images: Sequence[PhotoSource]) -> list[list[Face] | FacegateError]:
         """`find_faces` for several photos: `photo_faces_many` without the counts."""
         return [r if isinstance(r, FacegateError) else r.faces for r in self.photo_faces_many(images)]
 
-    def photo_faces_many(self, images: Sequence[Image | SizedImage | Loader]) -> list[PhotoFaces | FacegateError]:
+    def photo_faces_many(self, images: Sequence[PhotoSource]) -> list[PhotoFaces | FacegateError]:
         """`photo_faces` for several photos, their chips embedded together (in calls of up to `batching.max_batch`).
 
         images: photos, or functions returning one (e.g. decoding it): each is then loaded only for its own

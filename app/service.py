@@ -373,8 +373,12 @@ class FaceService:
         face: FacePolicy = FacePolicy.single,
         allow_low_quality: bool = False,
         allow_duplicate: bool = False,
+        found: Face | None = None,
     ) -> EnrollResult:
         """Enrol the photo's face: as a new identity called `name`, or as one more face of `identity_id`.
+
+        `found`: the photo's face when the caller has already found it with `face_of(photo, face)` (`facegate
+        enroll` compares it with the identity's faces first), so that it is not found twice.
 
         Refused with LowQuality when the face fails a quality limit (`settings.quality`) unless `allow_low_quality`;
         a NEW identity is refused with PossibleDuplicate when the face already matches an enrolled identity within
@@ -390,7 +394,8 @@ class FaceService:
         else:
             assert identity_id is not None
             name = self.gallery.get_identity(identity_id).name  # UnknownIdentity before any model work
-        found = self.face_of(photo, face)
+        if found is None:
+            found = self.face_of(photo, face)
         public = self.found(found)
         if public.quality_issues and not allow_low_quality:
             assert found.quality is not None

@@ -26,6 +26,7 @@ from app.cli.common import (
 from app.errors import FacegateError
 from app.identify_eval import PHOTO_SUFFIXES
 from app.service import FacePolicy, FaceService, IdentifyResult, VerifyResult
+from app.vision.types import Face
 
 
 @dataclass(frozen=True)
@@ -73,13 +74,14 @@ def enroll(
         ),
     ] = False,
 ) -> None:
-    """Enrol every person of DIRECTORY. A folder whose name is already an identity's name adds faces to it."""
+    """Enrol every person of DIRECTORY. A folder whose name is already an identity's name adds faces to it; photos
+    it already has are skipped, so a run can be repeated after an interruption or a fix."""
     people = list(_people(directory, photos))
     if not people:
         fail(f"no photos in sub-folders of {directory}")
     service = open_service(load_settings())
     failures: list[_Failure] = []
-    created = added = 0
+    created = added = skipped = 0
     try:
         total = sum(len(p) for _, p in people)
         with typer.progressbar(length=total, label="Enrolling", show_pos=True) as bar:
@@ -98,20 +100,44 @@ def enroll(
                             identity_id = result.identity_id
                             created += 1
                         else:
-                            service.enroll(
-                                read_bytes(path), identity_id=identity_id, face=face, allow_low_quality=allow_low_quality
-                            )
-                            added += 1
+                            photo = read_bytes(path)
+                            found = service.face_of(photo, face)
+                            if _already_enrolled(service, found, identity_id):
+                                skipped += 1
+                            else:
+                                service.enroll(
+                                    photo,
+                                    identity_id=identity_id,
+                                    face=face,
+                                    allow_low_quality=allow_low_quality,
+                                    found=found,
+                                )
+                                added += 1
                     except FacegateError as error:
                         failures.append(_Failure(path, error.code, error_text(error)))
                     bar.update(1)
     finally:
         service.close()
-    typer.echo(f"{created} identities created, {added} faces added to existing ones, {len(failures)} photos failed.")
+    already = f"{skipped} photos already enrolled (skipped), " if skipped else ""
+    typer.echo(
+        f"{created} identities created, {added} faces added to existing ones, {already}{len(failures)} photos failed."
+    )
     for failure in failures:
         typer.echo(f"  {failure.path}: {failure.code}: {failure.message}")
     if failures:
         raise typer.Exit(1)
+
+
+# Squared L2 distance under which a photo's face counts as one the identity already has: the same photo embeds to
+# the same numbers (distance 0 up to float rounding), while two photos of a person are ~0.01 or more apart.
+SAME_PHOTO_DISTANCE = 1e-4
+
+
+def _already_enrolled(service: FaceService, found: Face, identity_id: str) -> bool:
+    """Whether the identity already has this face: running `enroll DIR` again (after an interruption, or to retry
+    the photos that failed) must not add every photo a second time."""
+    _, distances = service.gallery.identity_distances(found.embedding, identity_id)
+    return len(distances) > 0 and float(distances[0]) <= SAME_PHOTO_DISTANCE
 
 
 def _existing_identity(service: FaceService, name: str) -> str | None:

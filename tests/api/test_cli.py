@@ -101,9 +101,9 @@ def test_enroll_directory_then_identify(env: Path, dev_faces: Path, tmp_path: Pa
     assert "2 identities created, 2 faces added to existing ones, 1 photos failed." in out
     assert "x.png: invalid_image" in out
 
-    # a second run adds the first photos again to the same identities instead of duplicating people
+    # a second run adds to the same identities instead of duplicating people, and skips the photos they already have
     code, out = run("enroll", str(people), "--photos", "first")
-    assert "0 identities created, 2 faces added to existing ones, 1 photos failed." in out
+    assert "0 faces added to existing ones, 2 photos already enrolled (skipped), 1 photos failed." in out
 
     code, out = run("identify", str(dev_faces / AMY[2]), "--json")
     assert code == 0, out
@@ -114,7 +114,25 @@ def test_enroll_directory_then_identify(env: Path, dev_faces: Path, tmp_path: Pa
     assert body["faces"][0]["match"] is not None
 
     code, out = run("identify", str(dev_faces / AMY[2]))
-    assert code == 0 and "bbt_amy" in out and "1 face(s), gallery of 6 faces" in out
+    assert code == 0 and "bbt_amy" in out and "1 face(s), gallery of 4 faces" in out
+
+
+def test_enroll_again_adds_only_the_new_photos(env: Path, dev_faces: Path, tmp_path: Path) -> None:
+    """Running `enroll DIR` again (after Ctrl-C, or to retry the photos that failed) added every photo of a person
+    already enrolled a second time: the same face twice in the identity, again on every run."""
+    amy = tmp_path / "people" / "bbt_amy"
+    amy.mkdir(parents=True)
+    (amy / "1.png").symlink_to(dev_faces / AMY[0])
+    code, out = run("enroll", str(tmp_path / "people"))
+    assert code == 0 and "1 identities created, 0 faces added to existing ones, 0 photos failed." in out, out
+
+    (amy / "2.png").symlink_to(dev_faces / AMY[1])
+    for _ in range(2):
+        code, out = run("enroll", str(tmp_path / "people"), "--photos", "all")
+        assert code == 0, out
+    assert "0 identities created, 0 faces added to existing ones, 2 photos already enrolled (skipped)" in out, out
+    code, out = run("identify", str(dev_faces / AMY[2]))
+    assert code == 0 and "gallery of 2 faces" in out, out
 
 
 def test_enroll_refuses_a_folder_name_with_a_bidi_override(env: Path, dev_faces: Path, tmp_path: Path) -> None:

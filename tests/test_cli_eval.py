@@ -133,6 +133,28 @@ def test_a_cache_that_is_no_npz_is_not_overwritten(env: Path, photos: tuple[Path
     assert empty.read_bytes()[:4] == b"PK\x03\x04"
 
 
+def test_an_out_or_cache_folder_that_cannot_be_made_is_refused_before_embedding(
+    env: Path, photos: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """--out and --cache were first written after every photo was embedded: a parent that is a file (or no
+    permission) ended a long run there with a traceback, the embeddings lost."""
+    images, pairs = photos
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("")
+    blocked = str(in_the_way / "sub")
+    commands = [
+        ["eval", "--pairs", str(pairs), "--images", str(images), "--out", blocked],
+        ["eval-identify", "--images", str(images), "--out", blocked],
+        ["eval", "--pairs", str(pairs), "--images", str(images), "--cache", blocked + "/emb.npz"],
+        ["calibrate", "--pairs", str(pairs), "--images", str(images), "--cache", blocked + "/emb.npz"],
+    ]
+    for args in commands:
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (args, result.output)
+        assert "Not a directory" in result.output and "Embedding" not in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+
+
 def test_calibrate_prints_the_threshold_and_apply_stores_it(
     env: Path, photos: tuple[Path, Path], dev_faces: Path
 ) -> None:

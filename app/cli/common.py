@@ -91,7 +91,24 @@ def _check_cache(path: Path | None) -> Path | None:
             raise typer.BadParameter(f"cannot read {path}: {error.strerror}") from None
         if head and head not in (b"PK\x03\x04", b"PK\x05\x06"):
             raise typer.BadParameter(f"{path} is not an embedding cache (.npz); it would be overwritten")
+    if path is not None:
+        # Its folder is made now, not when the cache is written after every photo is embedded: a parent that is a
+        # file or cannot be created ended the run there with a traceback and the embeddings lost.
+        problem = _folder_problem(path.parent)
+        if problem is not None:
+            raise typer.BadParameter(f"cannot create the folder of {path}: {problem}")
     return path
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """Makes `folder` (and its parents); why it cannot be, else None."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # mkdir's word for a file in the way
+        return "Not a directory"
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
 
 
 CacheOption = Annotated[
@@ -216,6 +233,23 @@ def failing_on_errors(*, with_code: bool = False) -> Iterator[None]:
         yield
     except FacegateError as error:
         fail(f"{error.code}: {error_text(error)}" if with_code else error_text(error))
+
+
+def make_out_dir(out: Path) -> None:
+    """The --out folder, made before any photo is embedded: one that cannot be (a parent that is a file, no
+    permission) ended a long run at its very end with a traceback and no report."""
+    problem = _folder_problem(out)
+    if problem is not None:
+        fail(f"cannot create the --out folder {out}: {problem}")
+
+
+@contextmanager
+def writing_reports(out: Path) -> Iterator[None]:
+    """Writing the report files into --out: a failure (disk full) is one line, not a traceback."""
+    try:
+        yield
+    except OSError as error:
+        fail(f"cannot write the report into {out}: {error.strerror or error}")
 
 
 def read_bytes(path: Path) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -19,10 +20,12 @@ from app.cli.common import (
     fail,
     failing_on_errors,
     load_settings,
+    make_out_dir,
     open_pipeline,
     open_service,
     pipeline_call,
     positive_distance,
+    writing_reports,
 )
 from app.service import CalibrationSource
 from app.vision.pipeline import Pipeline
@@ -93,6 +96,7 @@ def eval_pairs(
     settings = load_settings()
     with failing_on_errors():
         pair_list = evaluation.read_pairs(pairs)
+    make_out_dir(out)
     with pipeline_call(settings) as pipeline:
         distances, embedded = _pair_distances(pipeline, pair_list, images, cache)
     with failing_on_errors():
@@ -105,7 +109,8 @@ def eval_pairs(
             missing_photos={path: e.error for path, e in embedded.items() if e.error},
             pairs_file=str(pairs),
         )
-    json_path, png_path = evaluation.write_report(result, out, title=f"facegate 1:1 on {pairs.name}")
+    with writing_reports(out):
+        json_path, png_path = evaluation.write_report(result, out, title=f"facegate 1:1 on {pairs.name}")
     if as_json:
         typer.echo(json_path.read_text(), nl=False)
         return
@@ -141,15 +146,17 @@ def eval_identify(
         format_identify_table,
         person_photos,
         run_identify_eval,
+        write_identify_report,
     )
 
     settings = load_settings()
+    make_out_dir(out)
     with pipeline_call(settings) as pipeline, failing_on_errors():
         n_photos = len(person_photos(images))
         with typer.progressbar(length=n_photos, label="Embedding", show_pos=True, file=sys.stderr) as bar:
-            result = run_identify_eval(
-                images, settings=settings, out_dir=out, cache=cache, pipeline=pipeline, progress=bar.update
-            )
+            result = run_identify_eval(images, settings=settings, cache=cache, pipeline=pipeline, progress=bar.update)
+    with writing_reports(out):
+        result = replace(result, files=write_identify_report(result, out))
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=1))
         return

@@ -165,3 +165,15 @@ def test_every_facegate_variable_of_the_deployment_files_is_known() -> None:
     named = {m for f in files for m in re.findall(r"FACEGATE_[A-Z0-9_]*[A-Z0-9]", (REPO_ROOT / f).read_text())}
     assert {"FACEGATE_BOOTSTRAP_KEY", "FACEGATE_AUTH__BOOTSTRAP_KEY"} <= named
     assert unknown_variables(dict.fromkeys(named, "x")) == []
+
+
+@pytest.mark.parametrize("command", [["--log-level", "verbose", "keys", "list"], ["serve", "--log-level", "verbose"]])
+def test_an_unknown_log_level_is_refused_without_a_traceback(sqlite_env: dict[str, str], command: list[str]) -> None:
+    """logging.basicConfig and uvicorn's logging.config raised ValueError on another word: a traceback."""
+    code, err = run(sqlite_env, *command)
+    assert code == 2 and "'verbose' is not one of DEBUG" in err, err
+
+
+def test_a_log_level_is_any_case(sqlite_env: dict[str, str]) -> None:
+    code, err = run(sqlite_env, "--log-level", "error", "keys", "list")
+    assert code == 0, err

@@ -129,10 +129,23 @@ class PhotoSelection(StrEnum):
     all = "all"
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level_name(value: str | None) -> str | None:
+    """A --log-level, any case. Checked here: logging's own refusal of another word was a traceback."""
+    if value is None:
+        return None
+    if value.upper() not in LOG_LEVELS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
+    return value.upper()
+
+
 @cli.callback()
 def main_callback(
     log_level: Annotated[
-        str, typer.Option(help="Logging level of the core (DEBUG shows provider choices).")
+        str,
+        typer.Option(callback=log_level_name, help="Logging level of the core (DEBUG shows provider choices)."),
     ] = "WARNING",
 ) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

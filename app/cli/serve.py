@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import cli, database_problem, fail, failing_on_errors, load_settings
+from app.cli.common import cli, database_problem, fail, failing_on_errors, load_settings, log_level_name
 from app.config import Settings
 from app.vision.pipeline import Pipeline
 
@@ -73,7 +73,11 @@ def serve(
         ),
     ] = 1,
     log_level: Annotated[
-        str | None, typer.Option(help="Log level (default FACEGATE_LOG__LEVEL, INFO: one access line per request).")
+        str | None,
+        typer.Option(
+            callback=log_level_name,
+            help="Log level (default FACEGATE_LOG__LEVEL, INFO: one access line per request).",
+        ),
     ] = None,
     allow_no_auth: Annotated[
         bool,

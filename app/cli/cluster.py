@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import cli, fail, load_settings, pipeline_call, positive_distance
+from app.cli.common import cli, fail, load_settings, pipeline_call, positive_distance, shown
 from app.grouping import ClusterMember, ClusterReport, cluster_files
 from app.identify_eval import PHOTO_SUFFIXES
 
@@ -36,7 +36,7 @@ def _photos_under(directory: Path) -> list[Path]:
 
 def _member_text(m: ClusterMember) -> str:
     b = m.box
-    return f"{m.photo} ({b.left},{b.top})-({b.right},{b.bottom})"
+    return f"{shown(m.photo)} ({b.left},{b.top})-({b.right},{b.bottom})"
 
 
 def _cluster_json(report: ClusterReport) -> dict[str, object]:
@@ -103,4 +103,4 @@ def cluster(
         for m in report.unclustered:
             typer.echo(f"    {_member_text(m)}")
     for p in report.problems:
-        typer.echo(f"  {p.photo}: {p.code}: {p.message}")
+        typer.echo(f"  {shown(p.photo)}: {p.code}: {p.message}")

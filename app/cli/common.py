@@ -265,6 +265,15 @@ def writing_reports(out: Path) -> Iterator[None]:
         fail(f"cannot write the report into {out}: {error.strerror or error}")
 
 
+def shown(path: Path | str) -> str:
+    """A file name as printed: a line break, a terminal escape or a byte that is not UTF-8 written as its Python
+    escape, so that a name cannot split its error line in two or drive the terminal."""
+    text = str(path)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def read_bytes(path: Path) -> bytes:
     """A photo named on the command line. Only a regular file: reading a FIFO or a device (`/dev/zero`) would block
     or never end, where the API reads at most FACEGATE_IMAGE__MAX_UPLOAD_BYTES."""

@@ -22,6 +22,7 @@ from app.cli.common import (
     open_service,
     read_bytes,
     service_call,
+    shown,
 )
 from app.errors import FacegateError
 from app.identify_eval import PHOTO_SUFFIXES
@@ -123,7 +124,7 @@ def enroll(
         f"{created} identities created, {added} faces added to existing ones, {already}{len(failures)} photos failed."
     )
     for failure in failures:
-        typer.echo(f"  {failure.path}: {failure.code}: {failure.message}")
+        typer.echo(f"  {shown(failure.path)}: {failure.code}: {failure.message}")
     if failures:
         raise typer.Exit(1)
 

@@ -146,6 +146,19 @@ def test_enroll_refuses_a_folder_name_with_a_bidi_override(env: Path, dev_faces:
     assert "a.png: invalid_request: name must not contain invisible bidirectional controls" in out
 
 
+def test_a_file_name_with_a_line_break_or_escape_stays_on_its_line(env: Path, tmp_path: Path) -> None:
+    """Failure lines printed the path as is: a line break split the line in two, an escape drove the terminal."""
+    person = tmp_path / "people" / "bob\nsmith"
+    person.mkdir(parents=True)
+    (person / "\x1b[2Jx.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    code, out = run("enroll", str(tmp_path / "people"))
+    assert code == 1, out
+    line = out.splitlines()[-1]
+    assert line.endswith("/bob\\nsmith/\\x1b[2Jx.png: invalid_request: name must not contain control characters "
+                         "or line breaks"), out
+    assert "\x1b" not in out
+
+
 def test_option_help_says_what_raising_or_lowering_does() -> None:
     result = CliRunner().invoke(cli, ["verify", "--help"], env={"COLUMNS": "200", "TERM": "dumb"})
     assert result.exit_code == 0

@@ -37,9 +37,21 @@ class _Failure:
     message: str
 
 
-def _people(directory: Path, selection: PhotoSelection) -> Iterator[tuple[str, list[Path]]]:
-    for person in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        photos = sorted(p for p in person.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+def _people(
+    directory: Path, selection: PhotoSelection, unreadable: list[_Failure]
+) -> Iterator[tuple[str, list[Path]]]:
+    """Each person's folder and photos; a folder that cannot be listed (no permission) is added to `unreadable`
+    rather than ending the command with a traceback."""
+    try:
+        people = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as error:
+        fail(f"cannot read {shown(directory)}: {error.strerror}")
+    for person in people:
+        try:
+            photos = sorted(p for p in person.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+        except OSError as error:
+            unreadable.append(_Failure(person, "unreadable", f"cannot read the folder: {error.strerror}"))
+            continue
         if photos:
             yield person.name, photos[:1] if selection is PhotoSelection.first else photos
 
@@ -77,11 +89,11 @@ def enroll(
 ) -> None:
     """Enrol every person of DIRECTORY. A folder whose name is already an identity's name adds faces to it; photos
     it already has are skipped, so a run can be repeated after an interruption or a fix."""
-    people = list(_people(directory, photos))
-    if not people:
+    failures: list[_Failure] = []
+    people = list(_people(directory, photos, failures))
+    if not people and not failures:
         fail(f"no photos in sub-folders of {directory}")
     service = open_service(load_settings())
-    failures: list[_Failure] = []
     created = added = skipped = 0
     try:
         total = sum(len(p) for _, p in people)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -157,6 +158,31 @@ def test_a_file_name_with_a_line_break_or_escape_stays_on_its_line(env: Path, tm
     assert line.endswith("/bob\\nsmith/\\x1b[2Jx.png: invalid_request: name must not contain control characters "
                          "or line breaks"), out
     assert "\x1b" not in out
+
+
+def test_an_unreadable_folder_is_reported_not_a_traceback(
+    env: Path, dev_faces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder without read permission (simulated: the tests may run as root) ended enroll with a traceback."""
+    people = tmp_path / "people"
+    for name in ("bbt_amy", "locked"):
+        (people / name).mkdir(parents=True)
+    (people / "bbt_amy" / "1.png").symlink_to(dev_faces / AMY[0])
+    listing = Path.iterdir
+
+    def iterdir(self: Path) -> Iterator[Path]:
+        if self.name in ("locked", "locked-top"):
+            raise PermissionError(13, "Permission denied")
+        return listing(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    code, out = run("enroll", str(people))
+    assert code == 1, out
+    assert "1 identities created, 0 faces added to existing ones, 1 photos failed." in out
+    assert f"  {people / 'locked'}: unreadable: cannot read the folder: Permission denied" in out
+    (tmp_path / "locked-top").mkdir()
+    code, out = run("enroll", str(tmp_path / "locked-top"))
+    assert code == 2 and f"error: cannot read {tmp_path / 'locked-top'}: Permission denied" in out, out
 
 
 def test_option_help_says_what_raising_or_lowering_does() -> None:

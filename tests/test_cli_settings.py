@@ -110,6 +110,23 @@ def test_serve_checks_the_models_and_database_before_starting_workers(tmp_path: 
     assert code == 2 and "cannot use the database (FACEGATE_DATABASE_URL): unable to open database file" in err
 
 
+def test_serve_refuses_a_port_in_use_before_anything_loads(tmp_path: Path) -> None:
+    """uvicorn found the port taken only after loading everything, logged "address already in use" and exited 3.
+    Refused first: the models folder here does not exist and the SQLite file is not created."""
+    env = {
+        "FACEGATE_AUTH__REQUIRED": "true",
+        "FACEGATE_DATABASE_URL": f"sqlite:///{tmp_path / 'gallery.db'}",
+        "FACEGATE_MODELS_DIR": str(tmp_path / "no-models"),
+    }
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = run(env, "serve", "--port", str(port))
+    assert code == 2 and err == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n", err
+    assert not (tmp_path / "gallery.db").exists()
+
+
 def test_an_unknown_facegate_variable_is_reported(sqlite_env: dict[str, str]) -> None:
     """pydantic-settings ignores variables that name no setting: a typo left the default in force silently."""
     env = {**sqlite_env, "FACEGATE_TRESHOLD": "0.3", "FACEGATE_DETECTOR__UPSAMPL": "1", "FACEGATE_FOO": "1"}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import shutil
 import signal
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -106,7 +108,11 @@ def serve(
             "(facegate keys create --name NAME --scope admin), set FACEGATE_AUTH__REQUIRED=true, listen on "
             "127.0.0.1, or pass --allow-no-auth behind an authenticating proxy."
         )
-    _preflight(settings)  # after the refusal: a refused start creates no SQLite file
+    listen_port = port or settings.port
+    problem = _port_problem(bind, listen_port)
+    if problem is not None:  # before preflight and the workers: uvicorn found it after loading everything, exit 3
+        fail(f"cannot listen on {bind}:{listen_port}: {problem}")
+    _preflight(settings)  # after the refusals: a refused start creates no SQLite file
     if keys:
         typer.echo(f"API keys are required (X-API-Key header); listening on {bind}.")
     elif _is_loopback(bind):
@@ -131,7 +137,7 @@ def serve(
             "app.main:create_app",
             factory=True,
             host=bind,
-            port=port or settings.port,
+            port=listen_port,
             workers=workers,
             log_config=uvicorn_log_config(settings.log.model_copy(update={"level": level})),
             log_level=level.lower(),
@@ -177,6 +183,27 @@ def shared_metrics(workers: int) -> Iterator[str | None]:
             os.environ[METRICS_ENV] = previous
         if path is not None:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why uvicorn could not bind `host:port` (a port in use, a privileged one), found by binding every address of
+    `host` as uvicorn does (SO_REUSEADDR) and letting go at once; None when it can, or when only uvicorn can tell
+    (a name that does not resolve, an address family this machine lacks: asyncio skips those)."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return None
+    for family, kind, proto, _, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio: IPv4 is bound apart
+                probe.bind(address)
+        except OSError as error:
+            if error.errno in (errno.EADDRINUSE, errno.EACCES):
+                return error.strerror or str(error)
+    return None
 
 
 def _preflight(settings: Settings) -> None:

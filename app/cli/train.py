@@ -10,7 +10,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from app.cli.common import CacheOption, cli, fail, failing_on_errors, load_settings, pipeline_call
+from app.cli.common import CacheOption, _folder_problem, cli, fail, failing_on_errors, load_settings, pipeline_call
 from app.errors import FacegateError
 from app.gallery.reindex import PhotoBase
 from app.vision.pipeline import Pipeline
@@ -56,7 +56,7 @@ def train(
     val_fraction: Annotated[
         float, typer.Option(min=0.01, max=0.99, help="Share of the identities held out for validation.")
     ] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of the split, the batches and the initial weights.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the split, the batches and the initial weights.")] = 0,
     cache: CacheOption = None,
 ) -> None:
     """Train an embedding head on labelled photos (metric learning on dlib's embeddings) and register it.
@@ -80,11 +80,21 @@ def train(
     except ModuleNotFoundError as error:
         fail(f"{error.name} is missing: install the training extra (pip install 'facegate[train]')")
     from app.config import HeadSettings
+    from app.training.export import head_folder
     from app.vision.head import heads_dir
 
     # Training starts from the embedder's own output, whatever head is being served.
     configured = load_settings()
     settings = configured.model_copy(update={"head": HeadSettings(dir=configured.head.dir)})
+    # The head's name and folder are checked before the photos are embedded and the head trained: a folder that
+    # could not be made ended the run at its very end with a traceback, the training lost.
+    try:
+        folder = head_folder(heads_dir(settings.head, settings.models_dir), name)
+    except ValueError as error:
+        fail(f"--name: {error}")
+    problem = _folder_problem(folder)
+    if problem is not None:
+        fail(f"cannot create the head's folder {folder}: {problem}")
     try:
         config = TrainConfig(
             loss=loss,  # type: ignore[arg-type]
@@ -114,14 +124,17 @@ def train(
                 epochs_bar.update(1)
 
             result = train_head(train_set, val_set, config, progress=progress)
-        folder = register_head(
-            result,
-            name=name,
-            heads_dir=heads_dir(settings.head, settings.models_dir),
-            base_model_version=pipeline.base_model_version,
-            opset=pipeline.manifest.opset,
-            extra={"data": {"photos": count, "faces": len(data), "no_face": data.missing}},
-        )
+        try:
+            register_head(
+                result,
+                name=name,
+                heads_dir=folder.parent,
+                base_model_version=pipeline.base_model_version,
+                opset=pipeline.manifest.opset,
+                extra={"data": {"photos": count, "faces": len(data), "no_face": data.missing}},
+            )
+        except OSError as error:  # e.g. disk full: no file of a head of that name was replaced
+            fail(f"cannot write the head into {folder}: {error.strerror or error}")
     except FacegateError as error:
         fail(f"{error.code}: {error.message}")
     except ValueError as error:

@@ -28,7 +28,7 @@ from app.training.train import TrainResult
 from app.vision.head import HEAD_FILE, HEAD_MANIFEST, INPUT, OUTPUT
 from app.vision.types import EMBEDDING_DIM
 
-__all__ = ["export_onnx", "onnx_bytes", "register_head"]
+__all__ = ["export_onnx", "head_folder", "onnx_bytes", "register_head"]
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -69,9 +69,7 @@ def register_head(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Export and register under `heads_dir/name/` (replacing a head of that name); returns the folder."""
-    if not _NAME_RE.fullmatch(name) or name in (".", ".."):
-        raise ValueError("a head name is 1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit)")
-    folder = Path(heads_dir) / name
+    folder = head_folder(heads_dir, name)
     folder.mkdir(parents=True, exist_ok=True)
     data = onnx_bytes(result.model, opset=opset)
     sha = hashlib.sha256(data).hexdigest()
@@ -95,9 +93,27 @@ def register_head(
         ],
         **(extra or {}),
     }
-    _write_atomic(folder / HEAD_FILE, data)
-    _write_atomic(folder / HEAD_MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    # Both files are written before either replaces a head of that name: a write that fails (disk full) left the
+    # new graph beside the old manifest, a head the service refuses (checksum).
+    files = {folder / HEAD_FILE: data, folder / HEAD_MANIFEST: (json.dumps(manifest, indent=1) + "\n").encode()}
+    written = {path: path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in files}
+    try:
+        for path, tmp in written.items():
+            tmp.write_bytes(files[path])
+    except BaseException:
+        for tmp in written.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for path, tmp in written.items():
+        tmp.replace(path)
     return folder
+
+
+def head_folder(heads_dir: Path, name: str) -> Path:
+    """Where the head `name` is registered; a ValueError for a name that is no single folder name."""
+    if not _NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise ValueError("a head name is 1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit)")
+    return Path(heads_dir) / name
 
 
 def _num(value: float) -> float | None:

@@ -50,3 +50,49 @@ def test_train_command_registers_a_head(
 
     bad = CliRunner().invoke(cli, [*args, "--loss", "nonsense"])
     assert bad.exit_code == 2 and "nonsense" in bad.output
+
+
+def test_train_refuses_a_heads_folder_or_name_it_cannot_use_before_embedding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A heads folder that could not be made ended the run after embedding and training, with a traceback. Refused
+    first: the models folder here does not exist, so nothing was loaded."""
+    (tmp_path / "people" / "a").mkdir(parents=True)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("FACEGATE_MODELS_DIR", str(tmp_path / "no-models"))
+    monkeypatch.setenv("FACEGATE_HEAD__DIR", str(tmp_path / "a-file" / "heads"))
+    args = ["train", "--images", str(tmp_path / "people")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: cannot create the head's folder {tmp_path / 'a-file' / 'heads' / 'head'}: Not a directory\n"
+    bad = CliRunner().invoke(cli, [*args, "--name", "../elsewhere"])
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: --name: a head name is 1-64 letters"), bad.stderr
+
+
+def test_a_failed_registration_leaves_the_previous_head_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The graph used to replace the old one before the manifest was written: a manifest write that failed (disk
+    full) left a new head.onnx beside the old head.json, a head the service refuses."""
+    from app.training import TrainConfig, register_head, split_identities, train_head
+    from tests.training.conftest import synthetic_set
+
+    train_set, val_set = split_identities(synthetic_set(), val_fraction=0.3, seed=0)
+    result = train_head(train_set, val_set, TrainConfig(epochs=1, p=4, k=2))
+    folder = register_head(result, name="h", heads_dir=tmp_path, base_model_version="base", opset=17)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    real_write = Path.write_bytes
+
+    def full_disk(self: Path, data: bytes) -> int:
+        if "head.json" in self.name:
+            raise OSError(28, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    import torch
+
+    with torch.no_grad():  # another graph
+        next(result.model.parameters()).mul_(0.5)
+    with pytest.raises(OSError):
+        register_head(result, name="h", heads_dir=tmp_path, base_model_version="base", opset=17)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -194,3 +194,9 @@ def test_an_unknown_log_level_is_refused_without_a_traceback(sqlite_env: dict[st
 def test_a_log_level_is_any_case(sqlite_env: dict[str, str]) -> None:
     code, err = run(sqlite_env, "--log-level", "error", "keys", "list")
     assert code == 0, err
+
+
+def test_load_synthetic_refuses_a_negative_seed(sqlite_env: dict[str, str]) -> None:
+    """numpy's generator refuses it: a ValueError traceback after the database was opened."""
+    code, err = run(sqlite_env, "db", "load-synthetic", "--faces", "3", "--seed", "-1")
+    assert code == 2 and "Invalid value for '--seed'" in err, err

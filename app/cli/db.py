@@ -30,7 +30,7 @@ def db_upgrade() -> None:
 @db_cli.command("load-synthetic")
 def db_load_synthetic(
     faces: Annotated[int, typer.Option(min=1, help="Synthetic faces to write (about half as many identities).")],
-    seed: Annotated[int, typer.Option(help="Random seed of the synthetic gallery.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed of the synthetic gallery (numpy: >= 0).")] = 0,
 ) -> None:
     """Bulk-load face-like synthetic embeddings (PostgreSQL, COPY) for trying large galleries: identities named
     synthetic-NNNNNNNN with 1-3 faces each, of the served model version. Not for a production gallery."""

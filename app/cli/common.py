@@ -248,12 +248,13 @@ def failing_on_errors(*, with_code: bool = False) -> Iterator[None]:
         fail(f"{error.code}: {error_text(error)}" if with_code else error_text(error))
 
 
-def make_out_dir(out: Path) -> None:
-    """The --out folder, made before any photo is embedded: one that cannot be (a parent that is a file, no
-    permission) ended a long run at its very end with a traceback and no report."""
-    problem = _folder_problem(out)
+def make_folder(folder: Path, what: str) -> None:
+    """A folder the command writes into at its end (`what` names it in the error), made before any photo is
+    embedded: one that cannot be (a parent that is a file, no permission) ended a long run at its very end with a
+    traceback and the work lost."""
+    problem = _folder_problem(folder)
     if problem is not None:
-        fail(f"cannot create the --out folder {out}: {problem}")
+        fail(f"cannot create {what} {folder}: {problem}")
 
 
 @contextmanager

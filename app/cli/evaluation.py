@@ -20,7 +20,7 @@ from app.cli.common import (
     fail,
     failing_on_errors,
     load_settings,
-    make_out_dir,
+    make_folder,
     open_pipeline,
     open_service,
     pipeline_call,
@@ -96,7 +96,7 @@ def eval_pairs(
     settings = load_settings()
     with failing_on_errors():
         pair_list = evaluation.read_pairs(pairs)
-    make_out_dir(out)
+    make_folder(out, "the --out folder")
     with pipeline_call(settings) as pipeline:
         distances, embedded = _pair_distances(pipeline, pair_list, images, cache)
     with failing_on_errors():
@@ -150,7 +150,7 @@ def eval_identify(
     )
 
     settings = load_settings()
-    make_out_dir(out)
+    make_folder(out, "the --out folder")
     with pipeline_call(settings) as pipeline, failing_on_errors():
         n_photos = len(person_photos(images))
         with typer.progressbar(length=n_photos, label="Embedding", show_pos=True, file=sys.stderr) as bar:

@@ -10,7 +10,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from app.cli.common import CacheOption, _folder_problem, cli, fail, failing_on_errors, load_settings, pipeline_call
+from app.cli.common import CacheOption, cli, fail, failing_on_errors, load_settings, make_folder, pipeline_call
 from app.errors import FacegateError
 from app.gallery.reindex import PhotoBase
 from app.vision.pipeline import Pipeline
@@ -92,9 +92,7 @@ def train(
         folder = head_folder(heads_dir(settings.head, settings.models_dir), name)
     except ValueError as error:
         fail(f"--name: {error}")
-    problem = _folder_problem(folder)
-    if problem is not None:
-        fail(f"cannot create the head's folder {folder}: {problem}")
+    make_folder(folder, "the head's folder")
     try:
         config = TrainConfig(
             loss=loss,  # type: ignore[arg-type]

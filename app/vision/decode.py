@@ -226,18 +226,20 @@ def media_type(data: bytes) -> str:
 
 def load_image(path: str | Path, *, max_pixels: int) -> Image:
     """Decode a photo file as `decode_image` does. A missing or unreadable file raises OSError as usual."""
-    data = Path(path).read_bytes()
-    if not data:
-        raise InvalidImage(f"{Path(path).name} is empty: no image data")
-    return _decode(data, max_pixels=max_pixels).pixels
+    return _decode(_read_photo(path), max_pixels=max_pixels).pixels
 
 
 def load_to_fit(path: str | Path, *, max_pixels: int, longest: int) -> SizedImage:
     """`decode_to_fit` for a photo file, with `load_image`'s errors."""
+    return decode_to_fit(_read_photo(path), max_pixels=max_pixels, longest=longest)
+
+
+def _read_photo(path: str | Path) -> bytes:
+    """A photo file's bytes; an empty file is InvalidImage naming it (a missing or unreadable one: OSError)."""
     data = Path(path).read_bytes()
     if not data:
         raise InvalidImage(f"{Path(path).name} is empty: no image data")
-    return decode_to_fit(data, max_pixels=max_pixels, longest=longest)
+    return data
 
 
 def _decode(data: bytes, *, max_pixels: int, longest: int | None = None) -> SizedImage:

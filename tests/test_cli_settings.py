@@ -168,7 +168,7 @@ def test_python_m_app_cli_is_the_command(tmp_path: Path) -> None:
 @pytest.mark.parametrize("threshold", ["0", "-0.1", "4.5"])
 def test_a_threshold_outside_0_to_4_is_refused(sqlite_env: dict[str, str], command: list[str], threshold: str) -> None:
     """As in FACEGATE_THRESHOLD and the API's `threshold` field: above 0 (at 0 only a photo and itself match), at
-    most 4 (the largest squared distance between unit vectors). Refused while the arguments are read."""
+    most 4 (the threshold range; dlib's raw embeddings are not unit vectors and lie well within it). Refused while the arguments are read."""
     code, err = run(sqlite_env, command[0], "--threshold", threshold, *command[1:])
     assert code == 2 and f"Invalid value for '--threshold': {float(threshold)} is not in the range 0<x<=4" in err, err
 

@@ -60,7 +60,7 @@ def positive_distance(value: float | None) -> float | None:
         return validate_threshold(value)
     except ValueError:
         raise typer.BadParameter(
-            f"{value} is not in the range 0<x<={MAX_THRESHOLD:g} (a squared L2 distance between unit vectors)"
+            f"{value} is not in the range 0<x<={MAX_THRESHOLD:g} (a squared L2 distance between embeddings)"
         ) from None
 
 

@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             service.close()
             raise
         metrics.info.labels(service.pipeline.model_version).set(1)
-        metrics.watch(service.gallery.stats, service.pipeline.providers)
+        metrics.watch(service.gallery.peek_stats, service.pipeline.providers)
         service.pipeline.on_batch = metrics.observe_batch
         try:
             yield

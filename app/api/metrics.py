@@ -134,7 +134,8 @@ class Metrics:
         self._providers_seen: dict[str, str] = {}
 
     def watch(self, gallery: Callable[[], IndexStats | None], providers: Callable[[], Mapping[str, str | None]]) -> None:
-        """Follow the index and the networks' providers (read after each request and at each scrape)."""
+        """Follow the index and the networks' providers (read after each request and at each scrape). `gallery` must
+        not wait (it runs on the event loop): None while the index is busy keeps the gauge as it was."""
         self._gallery, self._networks = gallery, providers
         self.refresh()
 

@@ -244,6 +244,10 @@ class Gallery:
     def stats(self) -> IndexStats:
         return self.index.stats()
 
+    def peek_stats(self) -> IndexStats | None:
+        """The index's counts without waiting (None while it is busy): see `GalleryIndex.peek_stats`."""
+        return self.index.peek_stats()
+
     def index_state(self, *, refresh: bool = True) -> IndexState:
         """The index's counts, replay position and a digest of its face ids, after replaying the change log
         (unless `refresh=False`), like a search. Stats and ids are read until they agree (a write committed in

@@ -110,6 +110,7 @@ class SearchIndex(Protocol):
     def replay(self, batch: ChangeBatch) -> bool: ...
     def apply(self, changes: Iterable[Change]) -> None: ...
     def stats(self) -> IndexStats: ...
+    def peek_stats(self) -> IndexStats | None: ...
     def face_ids(self) -> set[str]: ...
     def contains(self, face_id: str) -> bool: ...
     def has_identity(self, identity_id: str) -> bool: ...
@@ -238,9 +239,22 @@ class GalleryIndex:
 
     def stats(self) -> IndexStats:
         with self._lock:
-            return IndexStats(
-                self.model_version, len(self._rows), len(self._alive_per_code), len(self._stale), self._last_seen
-            )
+            return self._stats_locked()
+
+    def peek_stats(self) -> IndexStats | None:
+        """`stats` if the state is free now, else None: for callers on the event loop (metrics), which must not wait
+        while a load, a replay or an approximate index's build holds the lock (seconds on a large gallery)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self._stats_locked()
+        finally:
+            self._lock.release()
+
+    def _stats_locked(self) -> IndexStats:
+        return IndexStats(
+            self.model_version, len(self._rows), len(self._alive_per_code), len(self._stale), self._last_seen
+        )
 
     def has_identity(self, identity_id: str) -> bool:
         with self._lock:

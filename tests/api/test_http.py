@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import json
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -279,6 +280,20 @@ class TestHealth:
         ):
             assert expected in text, expected
         assert "0" * 32 not in text
+
+    def test_a_scrape_does_not_wait_for_a_busy_index(self, client: TestClient) -> None:
+        """The scrape runs on the event loop: while a load, a replay or an index build holds the index's lock, it
+        answers at once with the gauge it had (blocking there would stall every request of the worker)."""
+        index = client.app.state.service.gallery.index  # type: ignore[attr-defined]
+        answers: list[int] = []
+        scrape = threading.Thread(target=lambda: answers.append(client.get("/metrics").status_code), daemon=True)
+        with index._lock:  # what a rebuild holds
+            scrape.start()
+            scrape.join(timeout=10)
+            answered_while_busy = not scrape.is_alive()
+        scrape.join(timeout=10)
+        assert answered_while_busy and answers == [200]
+        assert "facegate_gallery_faces " in client.get("/metrics").text
 
     def test_metrics_series_are_bounded_and_impersonal(
         self, client: TestClient, photo: Photo, caplog: pytest.LogCaptureFixture

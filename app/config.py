@@ -99,6 +99,24 @@ class ImageSettings(BaseModel):
         "that large is decoded at 1/4 scale), so this bounds what concurrent requests make the worker hold. Raise "
         "it on a machine with many cores and memory to spare.",
     )
+    max_inflight_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1,
+        description="Request-body bytes one worker process holds at once, over all its requests: a body counts "
+        "from when it arrives (its whole declared Content-Length at once) until its answer has been sent, since the "
+        "photos are kept in memory, never on disk. A request that would go over is refused with 503 server_busy and "
+        "Retry-After instead of the worker running out of memory (200 uploads of 20 MiB would need 4 GB). At least "
+        "image.max_upload_bytes; the default holds 12 bodies of 20 MiB, or thousands of single photos, at once.",
+    )
+
+    @model_validator(mode="after")
+    def _check_inflight(self) -> ImageSettings:
+        if self.max_inflight_bytes < self.max_upload_bytes:
+            raise ValueError(
+                f"image.max_inflight_bytes ({self.max_inflight_bytes}) must be at least image.max_upload_bytes "
+                f"({self.max_upload_bytes}): a body the size limit accepts must fit the worker's budget when it is idle"
+            )
+        return self
 
 
 class QualitySettings(BaseModel):

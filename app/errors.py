@@ -62,6 +62,13 @@ class RequestTooLarge(FacegateError):
     code = "request_too_large"
 
 
+class ServerBusy(FacegateError):
+    """The worker already holds `image.max_inflight_bytes` of request bodies: this one is refused (before it is read,
+    or at the part that would go over) rather than risk the worker running out of memory. Worth retrying later."""
+
+    code = "server_busy"
+
+
 class InvalidRequest(FacegateError):
     """A request that is well-formed but asks for something contradictory (e.g. both `name` and `identity_id`)."""
 

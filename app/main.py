@@ -23,6 +23,7 @@ from app.api.auth import document_protected
 from app.api.main import api_router, api_routes
 from app.api.metrics import Metrics
 from app.api.middleware import (
+    BodyBudget,
     BodyLimitMiddleware,
     CorsMiddleware,
     MetricsMiddleware,
@@ -42,7 +43,8 @@ Face verification over dlib's ResNet embeddings (128-d), run in ONNX Runtime.
 * Distances are **squared L2** between embeddings; two faces match when distance <= threshold
   (default 0.36 = dlib's 0.6 Euclidean). Every decision returns the distance and threshold used.
 * Every error is `{"error": {"code": ..., "message": ..., "details": ...}}` with a stable `code`.
-* Request bodies are limited to `FACEGATE_IMAGE__MAX_UPLOAD_BYTES` (413 `request_too_large`).
+* Request bodies are limited to `FACEGATE_IMAGE__MAX_UPLOAD_BYTES` (413 `request_too_large`), and the bodies one
+  worker holds at once to `FACEGATE_IMAGE__MAX_INFLIGHT_BYTES` (503 `server_busy`, with `Retry-After`).
 """
 
 
@@ -83,6 +85,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    # One per app, so one per worker process: the request bodies this worker holds at once.
+    app.state.body_budget = body_budget = BodyBudget(settings.image.max_inflight_bytes)
     # No automatic `/enroll/` -> `/enroll` redirect: Starlette's is absolute (http:// behind a TLS proxy) and a 307
     # makes a client post the photo again; the 404 handler answers trailing slashes instead (app/api/errors.py).
     app.router.redirect_slashes = False
@@ -92,8 +96,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # For the access log and metrics: the routes a request that never reached the router is matched against.
     app.state.route_table = [r for r in app.routes if isinstance(r, Route)] + api_routes()
     # Added last = outermost: latency includes refused bodies, and the body limit runs before anything reads.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.image.max_upload_bytes)
-    app.add_middleware(NoStoreMiddleware)  # outside the body limit: its 413 answers are covered too
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.image.max_upload_bytes, budget=body_budget)
+    app.add_middleware(NoStoreMiddleware)  # outside the body limit: its 413 and 503 answers are covered too
     app.add_middleware(ShutdownCutMiddleware)  # inside the metrics and access log, which record its 503
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.cors.allow_origins:

@@ -31,6 +31,7 @@ Status map (also in the OpenAPI document of every route):
 |                               |        | to the path without it, other methods a 404 that names it)    |
 | model_unavailable             | 503    | models missing, corrupt or the required GPU is not usable     |
 | shutting_down                 | 503    | still running when the shutdown timeout ran out after SIGTERM |
+| server_busy                   | 503    | the worker holds `image.max_inflight_bytes` of bodies already |
 | internal_error                | 500    | anything else (logged with a request id, nothing leaked)      |
 
 `invalid_image` is 422, not 415: the request itself (multipart) is fine; it is the content of the `image` field that
@@ -70,6 +71,7 @@ STATUS_BY_CODE: dict[str, int] = {
     errors.NoEnrolledFaces.code: 409,
     errors.ModelUnavailable.code: 503,
     errors.ShuttingDown.code: 503,
+    errors.ServerBusy.code: 503,
     "unknown_identity": 404,
     "unknown_face": 404,
     errors.ImageNotStored.code: 404,

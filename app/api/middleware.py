@@ -1,5 +1,5 @@
-"""Pure ASGI middleware: the request body limit, per-request metrics, CORS answers in our error format and the answer
-to a request cut at shutdown.
+"""Pure ASGI middleware: the request body limits (per request and per worker), per-request metrics, CORS answers in
+our error format and the answer to a request cut at shutdown.
 
 All are plain ASGI (not BaseHTTPMiddleware) so that uploads stream through untouched and nothing is buffered.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from starlette.datastructures import Headers
@@ -17,78 +18,137 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response
 from app.api.route_names import method_name, route_template
-from app.errors import RequestTooLarge, ShuttingDown
+from app.errors import RequestTooLarge, ServerBusy, ShuttingDown
 
 if TYPE_CHECKING:
     from app.api.metrics import Metrics
 
 
-class _BodyTooLarge(Exception):
+RETRY_AFTER_SECONDS = 1  # a held body is usually released within a second or two, when its request is answered
+
+
+class _BodyRefused(Exception):
     pass
 
 
-class BodyLimitMiddleware:
-    """Refuse bodies over `max_bytes` with 413 `request_too_large`, without reading them whole.
+class BodyBudget:
+    """The request-body bytes one worker holds at once, over all its requests (`image.max_inflight_bytes`).
 
-    A declared Content-Length over the limit is refused before the app runs. Otherwise the bytes are counted as
-    they stream in (chunked uploads, lying Content-Length); once over, reading stops, and whatever the app would
-    have answered (FastAPI turns a failed body read into a 400) is replaced by the 413.
+    Only the worker's event loop touches it, and `take` checks and adds without an await in between, so concurrent
+    requests need no lock. `held` is back to 0 whenever no request is in flight.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, n: int) -> bool:
+        """Count `n` more bytes as held, unless that would go over the limit (then nothing is counted)."""
+        if self.held + n > self.limit:
+            return False
+        self.held += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.held -= n
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over `max_bytes` with 413 `request_too_large`, and bodies the worker has no room for (its
+    `budget` of bytes held at once) with 503 `server_busy`, without reading them whole.
+
+    A declared Content-Length over either is refused before the app runs. Otherwise the bytes are counted as
+    they stream in (chunked uploads, lying Content-Length); once over, reading stops, and whatever the app would
+    have answered (FastAPI turns a failed body read into a 400) is replaced by the refusal.
+
+    A request's bytes stay counted against the budget until the app returns (its answer sent): the app holds the
+    body while it works (photos stay in memory, app/api/forms.py). A declared Content-Length is counted whole as the
+    request starts: counting only what has arrived would let 200 simultaneous 20 MiB uploads all start, fill the
+    budget together with a slice each, and all be cut, where this lets the first dozen finish.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, budget: BodyBudget) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.budget = budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
+        reserved = int(declared) if declared is not None and declared.isdigit() else 0
+        if reserved > self.max_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        if not self.budget.take(reserved):
+            await self._busy(scope, receive, send)
             return
 
+        held = reserved  # this request's share of the budget, given back however the request ends
         received = 0
-        exceeded = False
+        refusal: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
         started = False
 
         async def limited_receive() -> Message:
-            nonlocal received, exceeded
-            if exceeded:
-                raise _BodyTooLarge
+            nonlocal received, held, refusal
+            if refusal is not None:
+                raise _BodyRefused
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    exceeded = True
-                    raise _BodyTooLarge
+                    refusal = self._too_large
+                elif received > held:
+                    if not self.budget.take(received - held):
+                        refusal = self._busy
+                    else:
+                        held = received
+                if refusal is not None:
+                    raise _BodyRefused
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
-            if exceeded:
-                return  # the app's reply to the failed read is dropped; the 413 is sent below
+            if refusal is not None:
+                return  # the app's reply to the failed read is dropped; the refusal is sent below
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, guarded_send)
-        except _BodyTooLarge:
-            pass
-        except BaseException:
-            if not exceeded:
-                raise
-        if exceeded and not started:
-            await self._refuse(scope, receive, send)
+            try:
+                await self.app(scope, limited_receive, guarded_send)
+            except _BodyRefused:
+                pass
+            except BaseException:
+                if refusal is None:
+                    raise
+            if refusal is not None and not started:
+                await refusal(scope, receive, send)
+        finally:
+            # Also on an exception, a client gone mid-body or a cancelled task: a share never given back would
+            # shrink the worker's budget for good.
+            self.budget.release(held)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(
             413,
             RequestTooLarge.code,
             f"the request body is larger than the limit of {self.max_bytes} bytes",
             {"limit_bytes": self.max_bytes},
             headers={"Connection": "close"},
+        )
+        await response(scope, receive, send)
+
+    async def _busy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(
+            503,
+            ServerBusy.code,
+            f"the server is busy: it already holds as many request bodies as it may at once ({self.budget.limit} "
+            f"bytes); retry in {RETRY_AFTER_SECONDS} s",
+            {"limit_bytes": self.budget.limit, "retry_after_seconds": RETRY_AFTER_SECONDS},
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS), "Connection": "close"},
         )
         await response(scope, receive, send)
 

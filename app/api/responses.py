@@ -27,7 +27,9 @@ _DESCRIPTIONS = {
     "multiple_faces (details.boxes lists every face) / low_quality (enrol: details.reasons lists each failing "
     "measurement with its value and limit, details.quality every measurement)",
     500: "internal_error: logged; the body names nothing internal",
-    503: "model_unavailable: the models (or the served head) are missing or corrupt, or the required GPU is unusable",
+    503: "model_unavailable (routes that run the models): the models (or the served head) are missing or corrupt, or "
+    "the required GPU is unusable / server_busy (routes that take a body): the worker already holds "
+    "image.max_inflight_bytes of request bodies; retry after the Retry-After header's seconds",
 }
 
 
@@ -37,4 +39,5 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]} for code in codes}
 
 
-PHOTO = (400, 404, 413, 415, 422, 503)
+BODY = (400, 413, 503)  # any route that reads a body: unparsable, over the body limit, over the worker's budget
+PHOTO = (*BODY, 404, 415, 422)

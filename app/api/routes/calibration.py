@@ -37,7 +37,7 @@ router = APIRouter(tags=["admin"])
 @router.post(
     "/calibrate",
     response_model=CalibrateResponse,
-    responses=responses.errors(400, 409),
+    responses=responses.errors(409, *responses.BODY),
     dependencies=[require(Scope.admin)],
     summary="Threshold for a target false-accept rate (from the gallery or from labelled distances); apply to store it",
 )

@@ -28,7 +28,7 @@ router = APIRouter(tags=["cluster"], route_class=FormRoute)
 @router.post(
     "/cluster",
     response_model=ClusterResponse,
-    responses=responses.errors(400, 413, 503),
+    responses=responses.errors(*responses.BODY),
     dependencies=[require(Scope.read), Depends(form_fields("images", "threshold", repeatable=("images",)))],
     summary="Group the faces of several photos by person (chinese whispers over distance <= threshold)",
     description=(

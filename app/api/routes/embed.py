@@ -22,7 +22,7 @@ router = APIRouter(tags=["embed"], route_class=FormRoute)
 @router.post(
     "/embed",
     response_model=EmbedResponse,
-    responses=responses.errors(400, 413, 503),
+    responses=responses.errors(*responses.BODY),
     dependencies=[require(Scope.read), Depends(form_fields("images", repeatable=("images",)))],
     summary="Every face of several photos with its embedding (a bad photo gets its error, the others their faces)",
     description=(

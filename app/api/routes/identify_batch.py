@@ -29,7 +29,7 @@ router = APIRouter(tags=["identify"], route_class=FormRoute)
 @router.post(
     "/identify/batch",
     response_model=IdentifyBatchResponse,
-    responses=responses.errors(400, 413, 503),
+    responses=responses.errors(*responses.BODY),
     dependencies=[
         require(Scope.read),
         Depends(form_fields("images", "top_k", "threshold", repeatable=("images",))),

@@ -86,7 +86,7 @@ async def get_identity(service: ServiceDep, identity_id: IdentityId) -> Identity
 @router.patch(
     "/{identity_id}",
     response_model=IdentityPublic,
-    responses=responses.errors(400, 404),
+    responses=responses.errors(404, *responses.BODY),
     dependencies=[require(Scope.write)],
     summary="Rename and/or replace the metadata (JSON body)",
 )

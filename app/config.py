@@ -103,10 +103,11 @@ class ImageSettings(BaseModel):
         default=256 * 1024 * 1024,
         ge=1,
         description="Request-body bytes one worker process holds at once, over all its requests: a body counts "
-        "from when it arrives (its whole declared Content-Length at once) until its answer has been sent, since the "
-        "photos are kept in memory, never on disk. A request that would go over is refused with 503 server_busy and "
-        "Retry-After instead of the worker running out of memory (200 uploads of 20 MiB would need 4 GB). At least "
-        "image.max_upload_bytes; the default holds 12 bodies of 20 MiB, or thousands of single photos, at once.",
+        "as it arrives until its answer has been sent, since the photos are kept in memory, never on disk. A request "
+        "whose declared Content-Length does not fit what is left, or whose streamed body goes over, is refused "
+        "with 503 server_busy and Retry-After instead of the worker running out of memory (200 uploads of 20 MiB "
+        "would need 4 GB). At least image.max_upload_bytes; the default holds 12 bodies of 20 MiB, or thousands of "
+        "single photos, at once.",
     )
 
     @model_validator(mode="after")

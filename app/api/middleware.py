@@ -61,10 +61,10 @@ class BodyLimitMiddleware:
     they stream in (chunked uploads, lying Content-Length); once over, reading stops, and whatever the app would
     have answered (FastAPI turns a failed body read into a 400) is replaced by the refusal.
 
-    A request's bytes stay counted against the budget until the app returns (its answer sent): the app holds the
-    body while it works (photos stay in memory, app/api/forms.py). A declared Content-Length is counted whole as the
-    request starts: counting only what has arrived would let 200 simultaneous 20 MiB uploads all start, fill the
-    budget together with a slice each, and all be cut, where this lets the first dozen finish.
+    A request's bytes count against the budget from their arrival until the app returns (its answer sent): the app
+    holds the body while it works (photos stay in memory, app/api/forms.py). A declared Content-Length is only
+    checked against the room left, not reserved: reserving it would let a dozen clients that declare 20 MiB and
+    send nothing lock every upload out for free, where holding the budget this way takes sending it.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, budget: BodyBudget) -> None:
@@ -77,15 +77,15 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length")
-        reserved = int(declared) if declared is not None and declared.isdigit() else 0
-        if reserved > self.max_bytes:
+        declared_bytes = int(declared) if declared is not None and declared.isdigit() else 0
+        if declared_bytes > self.max_bytes:
             await self._too_large(scope, receive, send)
             return
-        if not self.budget.take(reserved):
+        if declared_bytes > self.budget.limit - self.budget.held:
             await self._busy(scope, receive, send)
             return
 
-        held = reserved  # this request's share of the budget, given back however the request ends
+        held = 0  # this request's share of the budget, given back however the request ends
         received = 0
         refusal: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
         started = False

@@ -171,16 +171,16 @@ def assert_busy(upload: Upload) -> None:
 
 
 def test_uploads_over_the_budget_are_refused_while_those_that_fit_are_answered(budget_client: TestClient) -> None:
-    """Two slow uploads hold 6 of the 8 kB budget: a third that declares 3 kB is refused before a byte is read, a
-    chunked one is cut at the chunk that would go over (nothing after it is read), one of 2 kB still fits and is
+    """Two slow uploads have sent 6 of the 8 kB budget: a third that declares 3 kB is refused before a byte is read,
+    a chunked one is cut at the chunk that would go over (nothing after it is read), one of 2 kB still fits and is
     answered; once the slow ones are answered, the budget is whole again."""
     budget = budget_of(budget_client)
 
     async def scenario() -> list[Upload]:
-        slow = [Upload(budget_client.app, calibrate_body(3_000), hold_at=1).start() for _ in range(2)]
+        slow = [Upload(budget_client.app, calibrate_body(4_000), hold_at=3).start() for _ in range(2)]
         for upload in slow:
             await upload.held.wait()
-        assert budget.held == 6_000  # the declared lengths, counted whole from the start
+        assert budget.held == 6_000  # what has arrived (3 of each one's 4 chunks), not what was declared
         declared = await Upload(budget_client.app, calibrate_body(3_000)).start().finished()
         chunked = await Upload(budget_client.app, calibrate_body(4_000), declare=False).start().finished()
         fits = await Upload(budget_client.app, calibrate_body(2_000)).start().finished()
@@ -203,11 +203,11 @@ def test_uploads_over_the_budget_are_refused_while_those_that_fit_are_answered(b
     assert budget.held == 0
 
 
-def test_a_body_over_the_size_limit_is_still_413_when_the_budget_is_full(budget_client: TestClient) -> None:
+def test_a_body_over_the_size_limit_is_still_413_when_the_budget_has_no_room(budget_client: TestClient) -> None:
     """A body too large for any worker is the client's error, whatever the load: retrying would not help."""
 
     async def scenario() -> tuple[Upload, Upload]:
-        slow = [Upload(budget_client.app, calibrate_body(LIMIT), hold_at=1).start() for _ in range(2)]
+        slow = [Upload(budget_client.app, calibrate_body(LIMIT), hold_at=3).start() for _ in range(2)]
         for upload in slow:
             await upload.held.wait()
         too_large = await Upload(budget_client.app, calibrate_body(LIMIT + 1)).start().finished()
@@ -222,12 +222,35 @@ def test_a_body_over_the_size_limit_is_still_413_when_the_budget_is_full(budget_
     assert budget_of(budget_client).held == 0
 
 
+def test_declaring_a_body_holds_nothing_until_it_is_sent(budget_client: TestClient) -> None:
+    """Clients that declare the largest body and then send nothing do not lock the others out: only bytes that have
+    arrived are held (else a few idle connections would refuse every upload, for free)."""
+    budget = budget_of(budget_client)
+
+    async def scenario() -> tuple[list[Upload], Upload]:
+        idle = [Upload(budget_client.app, calibrate_body(LIMIT), hold_at=0).start() for _ in range(3)]
+        for upload in idle:
+            await upload.held.wait()
+        assert budget.held == 0  # 12 kB declared against an 8 kB budget
+        answered = await Upload(budget_client.app, calibrate_body(LIMIT)).start().finished()
+        for upload in idle:
+            upload.resume()
+        return [await upload.finished() for upload in idle], answered
+
+    idle, answered = on_app_loop(budget_client, scenario)
+    assert answered.status == 200, answered.sent
+    # Once they all send at once (12 kB, chunk by chunk in turn), the one whose chunk finds no room is refused and
+    # gives its bytes back, and the others finish.
+    assert [upload.status for upload in idle] == [200, 200, 503]
+    assert budget.held == 0
+
+
 def test_busy_answers_are_our_error_json(budget_client: TestClient) -> None:
     """As an HTTP client sees it, through the outer middleware (no-store), while two slow uploads hold 6 of the 8 kB
     budget."""
 
     async def hold() -> list[Upload]:
-        slow = [Upload(budget_client.app, calibrate_body(3_000), hold_at=1).start() for _ in range(2)]
+        slow = [Upload(budget_client.app, calibrate_body(4_000), hold_at=3).start() for _ in range(2)]
         for upload in slow:
             await upload.held.wait()
         return slow
@@ -251,7 +274,7 @@ def test_a_client_gone_mid_body_gives_its_bytes_back(budget_client: TestClient, 
     async def scenario() -> Upload:
         upload = Upload(budget_client.app, calibrate_body(3_000), declare=declare, hold_at=2, disconnect_at=2).start()
         await upload.held.wait()
-        assert budget_of(budget_client).held == (3_000 if declare else 2_000)  # declared whole, or the two chunks read
+        assert budget_of(budget_client).held == 2_000  # the two chunks read, whatever was declared
         upload.resume()  # and the client is gone
         return await upload.finished()
 
@@ -266,7 +289,7 @@ def test_a_cancelled_request_gives_its_bytes_back(budget_client: TestClient) -> 
     async def scenario() -> None:
         upload = Upload(budget_client.app, calibrate_body(3_000), hold_at=1).start()
         await upload.held.wait()
-        assert budget_of(budget_client).held == 3_000
+        assert budget_of(budget_client).held == 1_000
         assert upload.task is not None
         upload.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

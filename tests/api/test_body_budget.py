@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -74,7 +74,8 @@ def on_app_loop(client: TestClient, scenario: Callable[[], Awaitable[T]]) -> T:
 class Upload:
     """One POST driven through the ASGI app. Its body goes in `chunks`, one per receive(); with `hold_at`, the
     receive() for that chunk waits until `resume()` (a client uploading slowly). `disconnect_at`: that receive()
-    answers that the client has gone instead. The Content-Length is declared unless `declare` is False (chunked)."""
+    answers that the client has gone instead. The Content-Length is declared unless `declare` is False (chunked).
+    `request_headers` are sent too (an API key), or instead of the JSON Content-Type."""
 
     def __init__(
         self,
@@ -85,8 +86,12 @@ class Upload:
         declare: bool = True,
         hold_at: int | None = None,
         disconnect_at: int | None = None,
+        request_headers: Mapping[str, str] | None = None,
     ) -> None:
         self.app = app
+        self.request_headers = {"content-type": "application/json"} | {
+            name.lower(): value for name, value in (request_headers or {}).items()
+        }
         self.path = path
         self.chunks = [body[i : i + CHUNK] for i in range(0, len(body), CHUNK)]
         self.declare = declare
@@ -112,7 +117,8 @@ class Upload:
         return self
 
     async def _run(self) -> None:
-        headers = [(b"host", b"testserver"), (b"content-type", b"application/json")]
+        headers = [(b"host", b"testserver")]
+        headers += [(name.encode(), value.encode()) for name, value in self.request_headers.items()]
         if self.declare:
             headers.append((b"content-length", str(sum(map(len, self.chunks))).encode()))
         scope: Scope = {

@@ -3,7 +3,7 @@ scope of every protected route, open routes, bootstrap key, auth required withou
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from app.api.auth import _api_routes, route_scope
 from app.auth import Scope, store
 from app.auth.keys import generate_key
 from tests.api.conftest import api_settings, error_of, running
+from tests.auth.conftest import Keyed
 
 pytestmark = pytest.mark.model  # the app loads the real models at start
 
@@ -42,29 +43,6 @@ EXPECTED = {
 }
 OPEN = ["/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/ui"]
 NARROWER = {Scope.read: None, Scope.write: Scope.read, Scope.admin: Scope.write}
-
-
-class Keyed:
-    """A running app whose database holds one key per scope and one revoked key."""
-
-    def __init__(self, client: TestClient) -> None:
-        self.client = client
-        with client.app.state.service.gallery.session() as session:  # type: ignore[attr-defined]
-            self.keys = {s: store.create_key(session, name=f"{s.value} client", scope=s).key for s in Scope}
-            revoked = store.create_key(session, name="gone", scope=Scope.admin)
-            store.revoke_key(session, reference=revoked.record.prefix)
-        self.revoked = revoked.key
-
-    def headers(self, scope: Scope) -> dict[str, str]:
-        return {"X-API-Key": self.keys[scope]}
-
-
-@pytest.fixture(scope="module")
-def keyed(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyed]:
-    db = tmp_path_factory.mktemp("auth") / "gallery.db"
-    # cache 0: a revocation in the test is seen by the very next request
-    with running(api_settings(models_dir, f"sqlite:///{db}", auth={"cache_seconds": 0})) as client:
-        yield Keyed(client)
 
 
 def _url(path: str) -> str:

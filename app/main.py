@@ -19,7 +19,7 @@ from starlette.routing import Route
 from app import __version__
 from app.api import errors
 from app.api.access_log import AccessLogMiddleware
-from app.api.auth import document_protected
+from app.api.auth import ApiKeyMiddleware, document_protected
 from app.api.main import api_router, api_routes
 from app.api.metrics import Metrics
 from app.api.middleware import (
@@ -93,10 +93,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(api_router)
     document_protected(app.routes)
-    # For the access log and metrics: the routes a request that never reached the router is matched against.
+    # The routes in the router's order, to find a request's route before the router runs (the API-key check) or when
+    # it never did (the access log and metrics of a request refused before routing).
     app.state.route_table = [r for r in app.routes if isinstance(r, Route)] + api_routes()
     # Added last = outermost: latency includes refused bodies, and the body limit runs before anything reads.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.image.max_upload_bytes, budget=body_budget)
+    # Outside the body limit: a request without a valid key of the route's scope is refused before a byte of its
+    # body is read or counted against the worker's budget (anonymous uploads must not crowd out authorised ones).
+    app.add_middleware(ApiKeyMiddleware)
     app.add_middleware(NoStoreMiddleware)  # outside the body limit: its 413 and 503 answers are covered too
     app.add_middleware(ShutdownCutMiddleware)  # inside the metrics and access log, which record its 503
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -5,25 +5,35 @@ The key comes in `X-API-Key: <key>` or `Authorization: Bearer <key>`. When auth 
 `unauthorized` (with WWW-Authenticate); a valid key whose scope is too small gets 403 `forbidden`. When auth is off
 every route is open, and `facegate serve` then listens on 127.0.0.1 only.
 
-FastAPI parses a request's body before it runs dependencies, so an upload is read (within the body limit) before the
-key is checked; nothing is decoded or stored before. The key's prefix (never the key) goes on `request.state` for the
-access log.
+The key is checked before a byte of the body is read. FastAPI parses a request's body before it runs a route's
+dependencies, so `ApiKeyMiddleware` checks it first, outside the body limit: an anonymous client (or one whose key is
+revoked or too narrow) can neither make a worker hold its upload nor take a share of the worker's body budget, and
+a malformed body gets it 401, not a 400/422 describing what the route takes. The route's dependency still runs (it
+puts the schemes in the OpenAPI document, for /docs' "Authorize", and protects the route should the middleware not
+see the request); it reuses the caller the middleware found, so the database is asked once per request. The key's
+prefix (never the key) goes on the request's state for the access log.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.utils import create_model_field
+from starlette import types as asgi
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection
 from starlette.routing import BaseRoute
 
 from app.api import responses
+from app.api.errors import facegate_error_response
+from app.api.route_names import matched_route
 from app.auth.scopes import Scope
+from app.auth.store import ApiKeyRecord
 from app.auth.verifier import KeyVerifier
 from app.errors import Forbidden, Unauthorized
 
@@ -35,11 +45,60 @@ _api_key_header = APIKeyHeader(
 _bearer = HTTPBearer(scheme_name="Bearer", auto_error=False, description="The same API key as a bearer token.")
 
 SCOPE_ATTRIBUTE = "__facegate_scope__"
+CALLER_STATE = "facegate_caller"  # the request state's entry for the `Caller` found, once per request
 
 
-def get_verifier(request: Request) -> KeyVerifier:
-    verifier: KeyVerifier = request.app.state.keys
+def get_verifier(connection: HTTPConnection) -> KeyVerifier:
+    verifier: KeyVerifier = connection.app.state.keys
     return verifier
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request, as far as API keys go: the active key it sent, or None when auth is off."""
+
+    record: ApiKeyRecord | None
+
+    def check(self, scope: Scope) -> None:
+        """Raise Forbidden unless this caller may use a route that needs `scope`."""
+        if self.record is not None and not self.record.allows(scope):
+            raise Forbidden(
+                f"this API key has the {self.record.scope.value} scope; this route needs {scope.value}",
+                required_scope=scope.value,
+                key_scope=self.record.scope.value,
+            )
+
+
+def _key(header_key: str | None, bearer: HTTPAuthorizationCredentials | None) -> str | None:
+    return header_key or (bearer.credentials if bearer is not None else None)
+
+
+async def _identify(verifier: KeyVerifier, key: str | None) -> Caller:
+    """The caller `key` makes; raises Unauthorized when auth is on and it is missing, unknown or revoked. Both
+    checks may read the database: they run in the threadpool, off the event loop."""
+    if not await run_in_threadpool(verifier.enabled):
+        return Caller(None)
+    if not key:
+        raise Unauthorized("an API key is required: send it in the X-API-Key header")
+    record = await run_in_threadpool(verifier.lookup, key)
+    if record is None:
+        raise Unauthorized("unknown or revoked API key")
+    return Caller(record)
+
+
+async def authorize(connection: HTTPConnection, key: str | None, scope: Scope) -> None:
+    """Refuse (Unauthorized, Forbidden) a request that may not use a route needing `scope`.
+
+    The caller is identified once per request and kept on its state: the middleware's check finds it there, and the
+    dependency after it only compares the scope (its own route's: the same check, without the database)."""
+    state: dict[str, Any] = connection.scope.setdefault("state", {})
+    caller = state.get(CALLER_STATE)
+    if not isinstance(caller, Caller):
+        caller = await _identify(get_verifier(connection), key)
+        state[CALLER_STATE] = caller
+        if caller.record is not None:
+            state["key_prefix"] = caller.record.prefix  # for the access log, on a 403 too
+    caller.check(scope)
 
 
 def require(scope: Scope) -> Any:
@@ -50,26 +109,36 @@ def require(scope: Scope) -> Any:
         header_key: Annotated[str | None, Security(_api_key_header)],
         bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     ) -> None:
-        verifier = get_verifier(request)
-        if not await run_in_threadpool(verifier.enabled):
-            return
-        key = header_key or (bearer.credentials if bearer is not None else None)
-        if not key:
-            raise Unauthorized("an API key is required: send it in the X-API-Key header")
-        record = await run_in_threadpool(verifier.lookup, key)
-        if record is None:
-            raise Unauthorized("unknown or revoked API key")
-        request.state.key_prefix = record.prefix
-        if not record.allows(scope):
-            raise Forbidden(
-                f"this API key has the {record.scope.value} scope; this route needs {scope.value}",
-                required_scope=scope.value,
-                key_scope=record.scope.value,
-            )
+        await authorize(request, _key(header_key, bearer), scope)
 
     check.__name__ = f"require_{scope.value}"
     setattr(check, SCOPE_ATTRIBUTE, scope)
     return Depends(check)
+
+
+class ApiKeyMiddleware:
+    """Check the API key of every request for a protected route before the app runs, so before its body is read.
+
+    The route is the one the router will run (`matched_route`), its scope what its `require(...)` declares. Added
+    outside BodyLimitMiddleware: a refused request has read nothing and held nothing of the body budget, whatever
+    Content-Length it declared. Requests for open routes, and those the router answers 404 or 405, pass untouched,
+    as does every request when auth is off."""
+
+    def __init__(self, app: asgi.ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
+        route = matched_route(scope) if scope["type"] == "http" else None
+        needed = route_scope(route) if route is not None else None
+        if needed is not None:
+            # A connection without receive(): its headers are all that can be read.
+            connection = HTTPConnection(scope)
+            try:
+                await authorize(connection, _key(await _api_key_header(connection), await _bearer(connection)), needed)
+            except (Unauthorized, Forbidden) as refusal:
+                await facegate_error_response(scope, refusal)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def route_scope(route: BaseRoute) -> Scope | None:
@@ -114,4 +183,4 @@ def document_protected(routes: Sequence[BaseRoute]) -> None:
             route.description = f"{route.description}\n\n{note}".strip() if route.description else note
 
 
-__all__ = ["document_protected", "get_verifier", "require", "route_scope"]
+__all__ = ["ApiKeyMiddleware", "authorize", "document_protected", "get_verifier", "require", "route_scope"]

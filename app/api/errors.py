@@ -140,27 +140,33 @@ def error_response(
     return CodedErrorResponse(status, code, error_body(code, message, details), headers)
 
 
-def _internal_error(request: Request, exc: BaseException) -> JSONResponse:
+def _internal_error(scope: Scope, exc: BaseException) -> JSONResponse:
     incident = uuid.uuid4().hex[:12]
     # The route's template, not the raw path: ids stay out of the log (as in the access log).
     log.error(
         "unhandled error %s on %s %s",
         incident,
-        method_name(request.scope),
-        route_template(request.scope),
+        method_name(scope),
+        route_template(scope),
         exc_info=(type(exc), exc, exc.__traceback__),
     )
     return error_response(500, "internal_error", f"internal error (incident {incident}); it has been logged")
 
 
-async def facegate_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, errors.FacegateError)
+def facegate_error_response(scope: Scope, exc: errors.FacegateError) -> JSONResponse:
+    """The answer to a core error: its status and body, or a logged 500 for one not mapped here. Also used outside
+    the exception handlers (the API-key middleware answers before the app runs)."""
     status = status_for(exc)
     if status is None:
-        return _internal_error(request, exc)
+        return _internal_error(scope, exc)
     # RFC 9110: a 401 names the scheme to use; `ApiKey` is ours (X-API-Key header), Bearer the standard alternative.
     headers = {"WWW-Authenticate": 'ApiKey header="X-API-Key", Bearer'} if status == 401 else None
     return error_response(status, exc.code, exc.message, _jsonable(exc.details), headers=headers)
+
+
+async def facegate_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.FacegateError)
+    return facegate_error_response(request.scope, exc)
 
 
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -219,7 +225,7 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
 
 
 async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    return _internal_error(request, exc)
+    return _internal_error(request.scope, exc)
 
 
 def install(app: FastAPI) -> None:

@@ -1,4 +1,5 @@
-"""The name of the route a request went to, for logs and metrics: its template, never the raw path (ids stay out)."""
+"""The route a request goes to: its name for logs and metrics (its template, never the raw path: ids stay out), and
+the route itself before the router runs it."""
 
 from __future__ import annotations
 
@@ -30,6 +31,16 @@ def route_template(scope: Scope) -> str:
         if match is not Match.NONE:
             return str(getattr(route, "path", "unmatched"))
     return "unmatched"
+
+
+def matched_route(scope: Scope) -> BaseRoute | None:
+    """The route the router will run for this request, found before it runs (the API-key check needs its scope);
+    None when the router will answer 404 or 405. The table lists the routes in the router's order, and the router
+    runs the first whose path and method both match."""
+    for route in _route_table(scope):
+        if route.matches(scope)[0] is Match.FULL:
+            return route
+    return None
 
 
 def path_without_slash(scope: Scope) -> str | None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
@@ -217,6 +218,33 @@ def database_problem(error: SQLAlchemyError) -> str:
 def fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+@contextmanager
+def on_interrupt(state: Callable[[], str]) -> Iterator[None]:
+    """Ctrl-C inside ends the command with one line, `interrupted: <state>`, saying what was and was not written, and
+    exit status 130 (128 + SIGINT, as a shell reports it). `state` is asked when the interrupt comes, so it can count
+    what was done by then. Without it typer ended the command silently with 130, or a command with a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted: {state()}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(130) from None
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """A Ctrl-C inside waits until the block has ended, then is raised (KeyboardInterrupt): for a short write that
+    must not be cut half-way (a head's two files, each replacing its predecessor). The main thread only, where
+    Python runs its signal handlers and where commands run."""
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 # The service's messages name the API's fields; on the command line the same advice is an option.

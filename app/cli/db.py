@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import database_problem, db_cli, fail, load_settings
+from app.cli.common import database_problem, db_cli, fail, load_settings, on_interrupt
 from app.config import database_url_problem
 from app.vision.pipeline import Pipeline
 
@@ -86,11 +86,9 @@ def db_copy(
     if problem is not None:
         fail(f"--to: {problem}")
     try:
-        report = copy_gallery(settings.database_url, to)
-    except KeyboardInterrupt:
-        # The target's transaction was rolled back on the way out (the test: kill mid-copy leaves it empty).
-        typer.secho(f"interrupted: nothing was written to {shown}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(130) from None
+        # The target's transaction is rolled back on the way out (the test: Ctrl-C mid-copy leaves it empty).
+        with on_interrupt(lambda: f"nothing was written to {shown}"):
+            report = copy_gallery(settings.database_url, to)
     except CopyRefused as error:
         fail(f"{error}")
     except UnusableDatabase as error:

@@ -19,6 +19,7 @@ from app.cli.common import (
     error_text,
     fail,
     load_settings,
+    on_interrupt,
     open_service,
     read_bytes,
     service_call,
@@ -93,44 +94,54 @@ def enroll(
     people = list(_people(directory, photos, failures))
     if not people and not failures:
         fail(f"no photos in sub-folders of {directory}")
-    service = open_service(load_settings())
     created = added = skipped = 0
-    try:
-        total = sum(len(p) for _, p in people)
-        with typer.progressbar(length=total, label="Enrolling", show_pos=True) as bar:
-            for name, paths in people:
-                identity_id = _existing_identity(service, name)
-                for path in paths:
-                    try:
-                        if identity_id is None:
-                            result = service.enroll(
-                                read_bytes(path),
-                                name=name,
-                                face=face,
-                                allow_low_quality=allow_low_quality,
-                                allow_duplicate=allow_duplicate,
-                            )
-                            identity_id = result.identity_id
-                            created += 1
-                        else:
-                            photo = read_bytes(path)
-                            found = service.face_of(photo, face)
-                            if _already_enrolled(service, found, identity_id):
-                                skipped += 1
-                            else:
-                                service.enroll(
-                                    photo,
-                                    identity_id=identity_id,
+
+    def enrolled_so_far() -> str:
+        # Each photo is enrolled in a transaction of its own: those done stay, the one under way was rolled back or
+        # committed whole, and a re-run finds each folder's identity by its name and skips the photos it already has.
+        return (
+            f"{created} identities created and {added} faces added so far stay enrolled; run the same command again "
+            "to enrol the rest (photos already enrolled are skipped)"
+        )
+
+    with on_interrupt(enrolled_so_far):
+        service = open_service(load_settings())
+        try:
+            total = sum(len(p) for _, p in people)
+            with typer.progressbar(length=total, label="Enrolling", show_pos=True) as bar:
+                for name, paths in people:
+                    identity_id = _existing_identity(service, name)
+                    for path in paths:
+                        try:
+                            if identity_id is None:
+                                result = service.enroll(
+                                    read_bytes(path),
+                                    name=name,
                                     face=face,
                                     allow_low_quality=allow_low_quality,
-                                    found=found,
+                                    allow_duplicate=allow_duplicate,
                                 )
-                                added += 1
-                    except FacegateError as error:
-                        failures.append(_Failure(path, error.code, error_text(error)))
-                    bar.update(1)
-    finally:
-        service.close()
+                                identity_id = result.identity_id
+                                created += 1
+                            else:
+                                photo = read_bytes(path)
+                                found = service.face_of(photo, face)
+                                if _already_enrolled(service, found, identity_id):
+                                    skipped += 1
+                                else:
+                                    service.enroll(
+                                        photo,
+                                        identity_id=identity_id,
+                                        face=face,
+                                        allow_low_quality=allow_low_quality,
+                                        found=found,
+                                    )
+                                    added += 1
+                        except FacegateError as error:
+                            failures.append(_Failure(path, error.code, error_text(error)))
+                        bar.update(1)
+        finally:
+            service.close()
     already = f"{skipped} photos already enrolled (skipped), " if skipped else ""
     typer.echo(
         f"{created} identities created, {added} faces added to existing ones, {already}{len(failures)} photos failed."

@@ -9,9 +9,21 @@ from typing import Annotated
 
 import numpy as np
 import typer
+from sqlalchemy.exc import SQLAlchemyError
 
-from app.cli.common import CacheOption, cli, fail, failing_on_errors, load_settings, make_folder, pipeline_call
+from app.cli.common import (
+    CacheOption,
+    cli,
+    fail,
+    failing_on_errors,
+    interrupts_held,
+    load_settings,
+    make_folder,
+    on_interrupt,
+    pipeline_call,
+)
 from app.errors import FacegateError
+from app.gallery import Gallery
 from app.gallery.reindex import PhotoBase
 from app.vision.pipeline import Pipeline
 from app.vision.types import Box
@@ -93,50 +105,61 @@ def train(
     except ValueError as error:
         fail(f"--name: {error}")
     make_folder(folder, "the head's folder")
-    try:
-        config = TrainConfig(
-            loss=loss,  # type: ignore[arg-type]
-            mining=mining,  # type: ignore[arg-type]
-            margin=margin,
-            contrastive_margin=contrastive_margin,
-            center_weight=center_weight,
-            arch=arch,  # type: ignore[arg-type]
-            p=p,
-            k=k,
-            epochs=epochs,
-            patience=patience,
-            lr=lr,
-            seed=seed,
-        )
-        count = len(folder_photos(images))
-        with (
-            pipeline_call(settings) as pipeline,
-            typer.progressbar(length=count, label="Embedding", show_pos=True, file=sys.stderr) as bar,
-        ):
-            data = embed_folder(pipeline, images, cache_path=cache, progress=bar.update)
-        train_set, val_set = split_identities(data, val_fraction=val_fraction, seed=seed)
-        with tqdm(total=epochs + 1, desc="Training", unit="epoch", file=sys.stderr) as epochs_bar:
+    registered = False  # set once register_head has replaced both files (a Ctrl-C during it is held till then)
 
-            def progress(log: EpochLog) -> None:
-                epochs_bar.set_postfix(val_loss=f"{log.val_loss:.4f}", val_at_far=f"{log.val_at_far:.3f}")
-                epochs_bar.update(1)
+    def head_state() -> str:
+        if registered:
+            return f"the head was registered in {folder} (serve it with FACEGATE_HEAD__NAME={name})"
+        kept = f"; the photos embedded so far are kept in {cache}" if cache is not None else ""
+        return f"no head was registered (any head already named {name} is left as it was){kept}"
 
-            result = train_head(train_set, val_set, config, progress=progress)
+    with on_interrupt(head_state):
         try:
-            register_head(
-                result,
-                name=name,
-                heads_dir=folder.parent,
-                base_model_version=pipeline.base_model_version,
-                opset=pipeline.manifest.opset,
-                extra={"data": {"photos": count, "faces": len(data), "no_face": data.missing}},
+            config = TrainConfig(
+                loss=loss,  # type: ignore[arg-type]
+                mining=mining,  # type: ignore[arg-type]
+                margin=margin,
+                contrastive_margin=contrastive_margin,
+                center_weight=center_weight,
+                arch=arch,  # type: ignore[arg-type]
+                p=p,
+                k=k,
+                epochs=epochs,
+                patience=patience,
+                lr=lr,
+                seed=seed,
             )
-        except OSError as error:  # e.g. disk full: no file of a head of that name was replaced
-            fail(f"cannot write the head into {folder}: {error.strerror or error}")
-    except FacegateError as error:
-        fail(f"{error.code}: {error.message}")
-    except ValueError as error:
-        fail(str(error))
+            count = len(folder_photos(images))
+            with (
+                pipeline_call(settings) as pipeline,
+                typer.progressbar(length=count, label="Embedding", show_pos=True, file=sys.stderr) as bar,
+            ):
+                data = embed_folder(pipeline, images, cache_path=cache, progress=bar.update)
+            train_set, val_set = split_identities(data, val_fraction=val_fraction, seed=seed)
+            with tqdm(total=epochs + 1, desc="Training", unit="epoch", file=sys.stderr) as epochs_bar:
+
+                def progress(log: EpochLog) -> None:
+                    epochs_bar.set_postfix(val_loss=f"{log.val_loss:.4f}", val_at_far=f"{log.val_at_far:.3f}")
+                    epochs_bar.update(1)
+
+                result = train_head(train_set, val_set, config, progress=progress)
+            try:
+                with interrupts_held():  # a Ctrl-C waits for both files of the head: no head half old, half new
+                    register_head(
+                        result,
+                        name=name,
+                        heads_dir=folder.parent,
+                        base_model_version=pipeline.base_model_version,
+                        opset=pipeline.manifest.opset,
+                        extra={"data": {"photos": count, "faces": len(data), "no_face": data.missing}},
+                    )
+                    registered = True
+            except OSError as error:  # e.g. disk full: no file of a head of that name was replaced
+                fail(f"cannot write the head into {folder}: {error.strerror or error}")
+        except FacegateError as error:
+            fail(f"{error.code}: {error.message}")
+        except ValueError as error:
+            fail(str(error))
     summary = result.summary()
     typer.echo(
         f"faces {len(data)} of {count} photos ({data.missing} without a face); train {summary['train_identities']} "
@@ -166,27 +189,46 @@ def reindex_command(
     """Recompute every enrolled face's embedding for the model now served (FACEGATE_HEAD__NAME set or not) from
     the stored base embeddings (and with --from-photos from stored photos), in one transaction; every worker's index
     picks the change up. Safe to re-run. Exit status 1 when faces are left stale."""
-    from app.gallery import Gallery
     from app.gallery.reindex import reindex
 
     settings = load_settings()
-    with failing_on_errors():
-        pipeline = Pipeline.from_settings(settings)  # only the head's graph is opened (lazily), not the networks
-        if from_photos:
-            pipeline.load()
-        gallery = Gallery.open(settings.database_url, pipeline.model_version, index=settings.index)
+    pipeline: Pipeline | None = None
+    gallery: Gallery | None = None
+    elsewhere: int | None = None  # faces at other model versions when the reindex starts
+
+    def outcome() -> str:
+        # An interrupt inside the transaction rolls it back. It can also come after the commit, while this process's
+        # index is rebuilt (seconds for a large gallery): then fewer faces are left at other versions.
+        if gallery is not None and elsewhere is not None:
+            try:
+                done = elsewhere - _faces_elsewhere(gallery)
+            except SQLAlchemyError:  # e.g. a PostgreSQL connection cut mid-query by the interrupt
+                return "whether it had been committed cannot be read: run `facegate reindex` again (it rewrites what is left)"
+            if done > 0:
+                return f"the reindex had been committed: {done} faces are now at model version {gallery.model_version}"
+        return "no face was changed (the reindex is one transaction, rolled back); run `facegate reindex` again"
+
     try:
-        with failing_on_errors(with_code=True):
-            report = reindex(
-                gallery,
-                target_version=pipeline.model_version,
-                base_version=pipeline.base_model_version,
-                transform=pipeline.head.apply if pipeline.head is not None else None,
-                photo_base=_photo_base(pipeline) if from_photos else None,
-            )
+        with on_interrupt(outcome):
+            with failing_on_errors():
+                pipeline = Pipeline.from_settings(settings)  # only the head's graph is opened (lazily), not the networks
+                if from_photos:
+                    pipeline.load()
+                gallery = Gallery.open(settings.database_url, pipeline.model_version, index=settings.index)
+            elsewhere = _faces_elsewhere(gallery)
+            with failing_on_errors(with_code=True):
+                report = reindex(
+                    gallery,
+                    target_version=pipeline.model_version,
+                    base_version=pipeline.base_model_version,
+                    transform=pipeline.head.apply if pipeline.head is not None else None,
+                    photo_base=_photo_base(pipeline) if from_photos else None,
+                )
     finally:
-        gallery.close()
-        pipeline.close()  # --from-photos: its inference threads
+        if gallery is not None:
+            gallery.close()
+        if pipeline is not None:
+            pipeline.close()  # --from-photos: its inference threads
     sources = ", ".join(f"{n} from {v}" for v, n in sorted(report.from_versions.items())) or "none"
     photos = f", {report.from_photos} of them from their photos" if from_photos else ""
     typer.echo(
@@ -197,6 +239,11 @@ def reindex_command(
     )
     if report.skipped:
         raise typer.Exit(1)
+
+
+def _faces_elsewhere(gallery: Gallery) -> int:
+    """Stored faces of another model version than the gallery's (the served one): what a reindex rewrites."""
+    return sum(n for version, n in gallery.face_counts().items() if version != gallery.model_version)
 
 
 def _photo_base(pipeline: Pipeline) -> PhotoBase:

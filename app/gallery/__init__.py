@@ -224,6 +224,11 @@ class Gallery:
         with self._sessions() as session, session.begin():
             return store.prune_changes(session, keep_last=self.keep_changes)
 
+    def face_counts(self) -> dict[str, int]:
+        """Stored faces per model version, as the database holds them now (the index knows its own version's)."""
+        with self._sessions() as session:
+            return store.face_counts(session)
+
     def ping(self) -> None:
         """Raises if the database cannot be reached."""
         with self.engine.connect() as connection:

@@ -116,9 +116,11 @@ def embed_folder(
     cache = None
     if cache_path is not None:
         cache = EmbeddingCache.load(cache_path, pipeline_signature(pipeline.model_version, pipeline.settings.detector))
-    embedded = embed_photos(pipeline, Path(images), photos, cache=cache, progress=progress)
-    if cache is not None and cache_path is not None:
-        cache.save(cache_path)
+    try:
+        embedded = embed_photos(pipeline, Path(images), photos, cache=cache, progress=progress)
+    finally:  # an interrupted run (Ctrl-C) keeps what it embedded, as `facegate eval` does
+        if cache is not None and cache_path is not None:
+            cache.save(cache_path)
     return EmbeddingSet.from_mapping({p: e.embedding for p, e in embedded.items()}, identity_of=_person)
 
 

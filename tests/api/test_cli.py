@@ -136,6 +136,42 @@ def test_enroll_again_adds_only_the_new_photos(env: Path, dev_faces: Path, tmp_p
     assert code == 0 and "gallery of 2 faces" in out, out
 
 
+def test_ctrl_c_during_enroll_says_what_stays_enrolled(
+    env: Path, dev_faces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C ended enroll with no word (exit status 130). One line now says what stays enrolled, and running the
+    command again enrols the rest and skips what was enrolled."""
+    from app.cli import people as people_cli
+    from app.cli.common import read_bytes as read
+
+    people = tmp_path / "people"
+    for relative in AMY[:2] + RAJ:
+        (people / relative.split("/")[0]).mkdir(parents=True, exist_ok=True)
+        (people / relative).symlink_to(dev_faces / relative)
+    reads = 0
+
+    def ctrl_c_on_the_third_photo(path: Path) -> bytes:  # raised where a SIGINT would land, between two photos
+        nonlocal reads
+        reads += 1
+        if reads == 3:
+            raise KeyboardInterrupt
+        return read(path)
+
+    monkeypatch.setattr(people_cli, "read_bytes", ctrl_c_on_the_third_photo)
+    result = CliRunner().invoke(cli, ["enroll", str(people), "--photos", "all"])
+    assert result.exit_code == 130, result.output
+    assert result.stderr.splitlines()[-1] == (
+        "interrupted: 1 identities created and 1 faces added so far stay enrolled; run the same command again to "
+        "enrol the rest (photos already enrolled are skipped)"
+    )
+    monkeypatch.setattr(people_cli, "read_bytes", read)
+    code, out = run("enroll", str(people), "--photos", "all")
+    assert code == 0 and "1 identities created, 1 faces added to existing ones, 2 photos already enrolled (skipped), " \
+        "0 photos failed." in out, out  # fmt: skip
+    code, out = run("identify", str(dev_faces / AMY[2]))
+    assert code == 0 and "gallery of 4 faces" in out, out
+
+
 def test_enroll_refuses_a_folder_name_with_a_bidi_override(env: Path, dev_faces: Path, tmp_path: Path) -> None:
     """The command line takes names from folder names: the same rule as the API."""
     person = tmp_path / "people" / "Alice\u202egnp.exe"

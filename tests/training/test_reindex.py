@@ -5,15 +5,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+import app.gallery.reindex
+from app.cli import cli
 from app.config import HeadSettings
 from app.gallery import Gallery, store
 from app.gallery.reindex import reindex, same_base
 from app.training import Arch, TrainConfig, register_head, split_identities, train_head
 from app.vision.head import EmbeddingHead, load_head
+from app.vision.models import load_manifest
 from app.vision.types import Box
 from tests.gallery.conftest import MODEL, database_url, open_gallery, pg_schema_url, postgres_server, random_embeddings  # noqa: F401
 from tests.training.conftest import synthetic_set
@@ -163,3 +168,61 @@ def test_photos_serve_faces_the_stored_numbers_cannot(open_gallery: Callable[...
     ids, distances = gallery.index.identity_distances(head.apply(fresh[b"photo 2"][None])[0], other_base.face.identity_id)
     assert ids == [other_base.face.id] and float(distances[0]) < 1e-6
     assert gallery.index.contains(served.face.id)
+
+
+def test_ctrl_c_during_the_cli_reindex_says_whether_it_was_committed(
+    models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C ended `facegate reindex` with no word (exit status 130). One line now says what it left: nothing when
+    the interrupt came inside the transaction (rolled back); the faces recomputed when it came after the commit,
+    while the process's index was rebuilt."""
+    base = load_manifest(models_dir, verify=False).model_version
+    url = f"sqlite:///{tmp_path / 'gallery.db'}"
+    vectors = random_embeddings(np.random.default_rng(5), 2)
+    made_by_a_head = Gallery.open(url, f"{base}+office-0123456789ab")  # reindexed back to the base, no head needed
+    for k in range(2):
+        made_by_a_head.enroll_face(
+            embedding=vectors[k], base_embedding=vectors[k], box=Box(0, 0, 9, 9), score=1.0, name=f"p{k}"
+        )
+    made_by_a_head.close()
+    monkeypatch.setenv("FACEGATE_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("FACEGATE_DATABASE_URL", url)
+
+    def at_base() -> int:
+        gallery = Gallery.open(url, base)
+        try:
+            return gallery.face_counts().get(base, 0)
+        finally:
+            gallery.close()
+
+    rewrite = app.gallery.reindex._reindex
+
+    def ctrl_c_before_the_commit(*a: Any, **kw: Any) -> Any:  # every face rewritten, the transaction still open
+        rewrite(*a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(app.gallery.reindex, "_reindex", ctrl_c_before_the_commit)
+    result = CliRunner().invoke(cli, ["reindex"])
+    assert result.exit_code == 130, result.output
+    assert result.stderr == (
+        "interrupted: no face was changed (the reindex is one transaction, rolled back); run `facegate reindex` again\n"
+    )
+    assert at_base() == 0
+    monkeypatch.setattr(app.gallery.reindex, "_reindex", rewrite)
+
+    load = Gallery.load
+    loads = 0
+
+    def ctrl_c_after_the_commit(self: Gallery) -> Any:  # the index rebuilt after the commit (the first load: at open)
+        nonlocal loads
+        loads += 1
+        if loads == 2:
+            raise KeyboardInterrupt
+        return load(self)
+
+    monkeypatch.setattr(Gallery, "load", ctrl_c_after_the_commit)
+    result = CliRunner().invoke(cli, ["reindex"])
+    assert result.exit_code == 130, result.output
+    assert result.stderr == f"interrupted: the reindex had been committed: 2 faces are now at model version {base}\n"
+    monkeypatch.setattr(Gallery, "load", load)
+    assert at_base() == 2

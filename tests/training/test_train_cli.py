@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -96,3 +99,71 @@ def test_a_failed_registration_leaves_the_previous_head_whole(
     with pytest.raises(OSError):
         register_head(result, name="h", heads_dir=tmp_path, base_model_version="base", opset=17)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_ctrl_c_says_whether_the_head_was_registered(
+    dev_faces: Path, models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C ended train with a traceback or no word. One line now says what is left: while photos are embedded,
+    no head and the embeddings so far kept in --cache; while the head trains, no head; while its files are written,
+    the write ends first (a real SIGINT, held) and the head is registered whole."""
+    import app.evaluate
+    import app.training
+
+    people = tmp_path / "people"
+    for person in ("bbt_amy", "bbt_howard", "bbt_leonard", "bbt_penny", "bbt_raj"):
+        (people / person).mkdir(parents=True)
+        for n in (1, 2):
+            (people / person / f"{n}.png").symlink_to(dev_faces / person / f"face-api__{person[4:]}{n}.png")
+    monkeypatch.setenv("FACEGATE_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("FACEGATE_RUNTIME__PROVIDERS", '["CPUExecutionProvider"]')
+    monkeypatch.setenv("FACEGATE_HEAD__DIR", str(tmp_path / "heads"))
+    cache = tmp_path / "people.npz"
+    args = ["train", "--images", str(people), "--cache", str(cache), "--name", "h", "--epochs", "1", "--p", "4", "--k", "2"]
+
+    embed_one = app.evaluate.embed_one
+    embedded = 0
+
+    def ctrl_c_on_the_fourth_photo(*a: Any) -> Any:  # raised where a SIGINT would land, between two photos
+        nonlocal embedded
+        embedded += 1
+        if embedded == 4:
+            raise KeyboardInterrupt
+        return embed_one(*a)
+
+    monkeypatch.setattr(app.evaluate, "embed_one", ctrl_c_on_the_fourth_photo)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 130, result.output
+    assert result.stderr.splitlines()[-1] == (
+        f"interrupted: no head was registered (any head already named h is left as it was); the photos embedded so "
+        f"far are kept in {cache}"
+    )
+    settings = Settings(models_dir=models_dir)
+    signature = pipeline_signature(load_manifest(models_dir, verify=False).model_version, settings.detector)
+    assert len(EmbeddingCache.load(cache, signature).entries) == 3
+    monkeypatch.setattr(app.evaluate, "embed_one", embed_one)
+
+    def ctrl_c_while_training(*a: Any, **kw: Any) -> Any:
+        raise KeyboardInterrupt
+
+    train_head = app.training.train_head
+    monkeypatch.setattr(app.training, "train_head", ctrl_c_while_training)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 130, result.output
+    assert result.stderr.splitlines()[-1].startswith("interrupted: no head was registered")
+    assert not (tmp_path / "heads" / "h" / "head.json").exists()
+    monkeypatch.setattr(app.training, "train_head", train_head)
+
+    register_head = app.training.register_head
+
+    def ctrl_c_while_registering(*a: Any, **kw: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, arriving as the head's files are written
+        return register_head(*a, **kw)
+
+    monkeypatch.setattr(app.training, "register_head", ctrl_c_while_registering)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 130, result.output
+    assert result.stderr.splitlines()[-1] == (
+        f"interrupted: the head was registered in {tmp_path / 'heads' / 'h'} (serve it with FACEGATE_HEAD__NAME=h)"
+    )
+    assert read_head_manifest(tmp_path / "heads" / "h").name == "h"

@@ -22,6 +22,7 @@ from typer.core import TyperGroup
 
 from app.config import Settings, describe_settings_error, unknown_variables
 from app.errors import FacegateError
+from app.gallery.db import missing_sqlite_file
 from app.matching.thresholds import MAX_THRESHOLD, validate_threshold
 from app.service import FacePolicy, FaceService
 from app.vision.pipeline import Pipeline
@@ -164,15 +165,31 @@ def load_settings() -> Settings:
         fail(f"invalid settings: {describe_settings_error(error)}")
 
 
+def require_gallery(settings: Settings) -> None:
+    """For the commands that read or change what a gallery already holds (identify, reindex, keys revoke): a SQLite
+    file that does not exist is refused. Opening it created an empty gallery there and answered from it: a mistyped
+    FACEGATE_DATABASE_URL gave 'unknown' for everyone, or '0 faces recomputed'."""
+    path = missing_sqlite_file(settings.database_url)
+    if path is not None:
+        fail(
+            f"the SQLite database {path} (FACEGATE_DATABASE_URL) does not exist: this command needs an existing "
+            "gallery (`facegate enroll`, `db upgrade` or `serve` create one)"
+        )
+
+
 def open_service(settings: Settings) -> FaceService:
     with failing_on_errors():
         return FaceService.open(settings, load_models=True)
 
 
 @contextmanager
-def service_call() -> Iterator[FaceService]:
-    """A service for one command; a FacegateError inside becomes `code: message` and exit status 2."""
-    service = open_service(load_settings())
+def service_call(*, existing_gallery: bool = False) -> Iterator[FaceService]:
+    """A service for one command; a FacegateError inside becomes `code: message` and exit status 2. With
+    `existing_gallery`, a SQLite gallery that does not exist is refused (`require_gallery`)."""
+    settings = load_settings()
+    if existing_gallery:
+        require_gallery(settings)
+    service = open_service(settings)
     try:
         with failing_on_errors(with_code=True):
             yield service

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from app.auth.scopes import Scope
-from app.cli.common import cli, failing_on_errors, load_settings
+from app.cli.common import cli, failing_on_errors, load_settings, require_gallery
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -27,11 +27,14 @@ cli.add_typer(keys_cli, name="keys")
 
 
 @contextmanager
-def _keys_session() -> Iterator[Session]:
-    """One transaction on the gallery database (migrated first: the keys table comes with the migrations)."""
+def _keys_session(*, existing_gallery: bool = False) -> Iterator[Session]:
+    """One transaction on the gallery database (migrated first: the keys table comes with the migrations). With
+    `existing_gallery`, a SQLite gallery that does not exist is refused rather than created (`require_gallery`)."""
     from app.gallery import db
 
     settings = load_settings()
+    if existing_gallery:
+        require_gallery(settings)
     db.upgrade(settings.database_url)
     engine = db.make_engine(settings.database_url)
     try:
@@ -119,7 +122,7 @@ def keys_revoke(
     """Revoke a key: every worker refuses it within FACEGATE_AUTH__CACHE_SECONDS (5 s). Auth stays on."""
     from app.auth.store import revoke_key
 
-    with _keys_session() as session:
+    with _keys_session(existing_gallery=True) as session:
         record = revoke_key(session, reference=reference)
     typer.echo(f"revoked key {record.prefix} ({record.scope.value}, '{record.name}')")
 

@@ -228,8 +228,9 @@ def identify(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Who is in IMAGE? Each face: the best enrolled identity if within the threshold, else unknown."""
-    with service_call() as service:
-        result = service.identify(read_bytes(image), top_k=top_k, threshold=threshold)
+    photo = read_bytes(image)  # a photo that cannot be read is refused before the models load
+    with service_call(existing_gallery=True) as service:
+        result = service.identify(photo, top_k=top_k, threshold=threshold)
     if as_json:
         typer.echo(
             json.dumps(

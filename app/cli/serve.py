@@ -31,8 +31,7 @@ def api_keys_configured(settings: Settings) -> bool:
 
     if settings.auth.required or settings.auth.bootstrap_key is not None:
         return True
-    path = db.sqlite_path(settings.database_url)
-    if path is not None and not path.exists():
+    if db.missing_sqlite_file(settings.database_url) is not None:
         return False  # a gallery not created yet has no keys
     engine = db.make_engine(settings.database_url)
     try:

@@ -21,6 +21,7 @@ from app.cli.common import (
     make_folder,
     on_interrupt,
     pipeline_call,
+    require_gallery,
 )
 from app.errors import FacegateError
 from app.gallery import Gallery
@@ -192,6 +193,7 @@ def reindex_command(
     from app.gallery.reindex import reindex
 
     settings = load_settings()
+    require_gallery(settings)
     pipeline: Pipeline | None = None
     gallery: Gallery | None = None
     elsewhere: int | None = None  # faces at other model versions when the reindex starts

@@ -158,9 +158,8 @@ def _check_urls(source_url: str, target_url: str) -> None:
             raise CopyRefused(f"the {role} is a {url.get_backend_name()} database: facegate uses SQLite or PostgreSQL")
     if target.get_backend_name() == "sqlite" and db.sqlite_path(target_url) is None:
         raise CopyRefused("the target is an in-memory SQLite database: the copy would vanish when the command ends")
-    source_path = db.sqlite_path(source_url)
-    if source.get_backend_name() == "sqlite" and source_path is not None and not source_path.is_file():
-        # make_engine would create an empty gallery there: say what is wrong instead.
+    source_path = db.missing_sqlite_file(source_url)
+    if source_path is not None:  # make_engine would create an empty gallery there: say what is wrong instead.
         raise CopyRefused(f"the source SQLite database {source_path} does not exist")
 
 

@@ -176,3 +176,9 @@ def sqlite_path(url: str) -> Path | None:
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     return Path(parsed.database)
+
+
+def missing_sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL when there is none yet (opening it would create an empty gallery), else None."""
+    path = sqlite_path(url)
+    return path if path is not None and not path.exists() else None

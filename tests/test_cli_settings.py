@@ -158,15 +158,17 @@ def test_an_unknown_facegate_variable_is_reported(sqlite_env: dict[str, str]) ->
     assert not [line for line in lines if "FACEGATE_DETECTOR__UPSAMPLE " in line or "FACEGATE_FACES_DIR" in line]
 
 
-@pytest.mark.parametrize("far", ["0", "1"])
+@pytest.mark.parametrize("far", ["0", "1", "nan", "inf", "-0.001"])
 def test_calibrate_refuses_a_target_far_at_its_ends_before_embedding(tmp_path: Path, far: str) -> None:
     """FAR 0 and 1 have no threshold; the refusal came after every photo had been embedded (here the models are
-    missing: the refusal must come first)."""
+    missing: the refusal must come first). NaN was refused as 'less than or equal to 1'."""
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("img_a,img_b,same\na.jpg,b.jpg,1\n")
     env = {"FACEGATE_MODELS_DIR": str(tmp_path / "no-models")}
     code, err = run(env, "calibrate", "--pairs", str(pairs), "--images", str(tmp_path), "--far", far)
-    assert code == 2 and err.strip() == f"error: --far must be above 0 and below 1, got {far}"
+    assert code == 2, err
+    expected = f"Invalid value for '--far': {float(far):g} is not in the range 0<x<1 (a share of different-person pairs)"
+    assert expected in " ".join(err.replace("│", " ").split()), err
 
 
 def test_python_m_app_cli_is_the_command(tmp_path: Path) -> None:

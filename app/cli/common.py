@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 from app.config import Settings, describe_settings_error, unknown_variables
 from app.errors import FacegateError
 from app.gallery.db import missing_sqlite_file
-from app.matching.thresholds import MAX_THRESHOLD, validate_threshold
+from app.matching.thresholds import MAX_THRESHOLD, validate_rate, validate_threshold
 from app.service import FacePolicy, FaceService
 from app.vision.pipeline import Pipeline
 
@@ -64,6 +64,31 @@ def positive_distance(value: float | None) -> float | None:
         raise typer.BadParameter(
             f"{value} is not in the range 0<x<={MAX_THRESHOLD:g} (a squared L2 distance between embeddings)"
         ) from None
+
+
+def target_far(value: float) -> float:
+    """A target false-accept rate: above 0 and below 1 (FAR 0 and 1 have no threshold), finite, as the API's
+    `target_far` (`validate_rate`). typer's min/max let NaN through with a message about the bounds."""
+    try:
+        return validate_rate(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value:g} is not in the range 0<x<1 (a share of different-person pairs)") from None
+
+
+def float_range(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[float], float]:
+    """A callback for a float option: a value outside `low`..`high` (an open end excludes its bound) is refused
+    while the arguments are read, with the range. Infinity and NaN are outside any range: typer's `min` took
+    `inf` and `1e309`, and refused NaN as if below the minimum."""
+    shown_range = f"{low:g}{'<' if low_open else '<='}x{'<' if high_open else '<='}{high:g}"
+
+    def check(value: float) -> float:
+        above = low < value if low_open else low <= value  # False for NaN
+        below = value < high if high_open else value <= high
+        if not (above and below):
+            raise typer.BadParameter(f"{value:g} is not in the range {shown_range}")
+        return value
+
+    return check
 
 
 ThresholdOption = Annotated[

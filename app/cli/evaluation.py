@@ -17,7 +17,6 @@ from app.cli.common import (
     CacheOption,
     cli,
     default_threshold,
-    fail,
     failing_on_errors,
     load_settings,
     make_folder,
@@ -25,6 +24,7 @@ from app.cli.common import (
     open_service,
     pipeline_call,
     positive_distance,
+    target_far,
     writing_reports,
 )
 from app.service import CalibrationSource
@@ -173,10 +173,9 @@ def calibrate(
     far: Annotated[
         float,
         typer.Option(
-            min=0.0,
-            max=1.0,
-            help="Target false-accept rate: the share of different-person pairs the threshold may accept. Lower it "
-            "for a stricter threshold (fewer strangers accepted, more genuine users refused); it needs many "
+            callback=target_far,
+            help="Target false-accept rate (0 < x < 1): the share of different-person pairs the threshold may accept. "
+            "Lower it for a stricter threshold (fewer strangers accepted, more genuine users refused); it needs many "
             "different-person pairs (well over 1/FAR) to be measured.",
         ),
     ] = 1e-3,
@@ -191,8 +190,6 @@ def calibrate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """The threshold for a target FAR on labelled photo pairs, with the VAL it gives and confidence intervals."""
-    if not 0.0 < far < 1.0:  # the option's range includes its ends; refused here, not after every photo is embedded
-        fail(f"--far must be above 0 and below 1, got {far:g}")
     settings = load_settings()
     with failing_on_errors():
         pair_list = evaluation.read_pairs(pairs)

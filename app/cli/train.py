@@ -16,6 +16,7 @@ from app.cli.common import (
     cli,
     fail,
     failing_on_errors,
+    float_range,
     interrupts_held,
     load_settings,
     make_folder,
@@ -50,13 +51,28 @@ def train(
         ),
     ] = "semi_hard",
     margin: Annotated[
-        float, typer.Option(min=0.0, help="Triplet margin alpha on squared distances (FaceNet: 0.2).")
+        float,
+        typer.Option(
+            callback=float_range(0.0, 4.0),
+            help="Triplet margin alpha on squared distances (FaceNet: 0.2), 0 <= x <= 4: the head's outputs are unit "
+            "vectors, at most 4 apart (squared), so no triplet could meet a larger margin.",
+        ),
     ] = 0.2,
     contrastive_margin: Annotated[
-        float, typer.Option(min=0.0, help="Contrastive loss: different faces are pushed this far apart (Euclidean).")
+        float,
+        typer.Option(
+            callback=float_range(0.0, 2.0, low_open=True),
+            help="Contrastive loss: different faces are pushed this far apart (Euclidean), 0 < x <= 2: unit vectors "
+            "are at most 2 apart, and at 0 nothing is pushed apart (every face collapses onto one point).",
+        ),
     ] = 1.0,
     center_weight: Annotated[
-        float, typer.Option(min=0.0, help="Weight of center loss added to the loss (0 = off).")
+        float,
+        typer.Option(
+            callback=float_range(0.0, 100.0),
+            help="Weight of center loss added to the loss (0 = off), 0 <= x <= 100: on unit vectors both terms are "
+            "below a few units, so beyond 100 the other one no longer counts (center loss alone: --loss none).",
+        ),
     ] = 0.0,
     arch: Annotated[str, typer.Option(help="linear (128x128 map) or mlp (residual 2-layer map).")] = "linear",
     p: Annotated[int, typer.Option("--p", min=2, help="Identities per batch (P of PK sampling).")] = 16,
@@ -65,9 +81,20 @@ def train(
     patience: Annotated[
         int, typer.Option(min=1, help="Stop after this many epochs without a better validation VAL@FAR.")
     ] = 10,
-    lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 1e-4,
+    lr: Annotated[
+        float,
+        typer.Option(
+            callback=float_range(0.0, 0.1, low_open=True),
+            help="AdamW learning rate, 0 < x <= 0.1: each step moves every weight by about this much and the head "
+            "starts as the identity map (weights of 1), which a few steps of a larger rate erase; at 0 nothing trains.",
+        ),
+    ] = 1e-4,
     val_fraction: Annotated[
-        float, typer.Option(min=0.01, max=0.99, help="Share of the identities held out for validation.")
+        float,
+        typer.Option(
+            callback=float_range(0.01, 0.99),
+            help="Share of the identities held out for validation, 0.01 <= x <= 0.99.",
+        ),
     ] = 0.2,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the split, the batches and the initial weights.")] = 0,
     cache: CacheOption = None,

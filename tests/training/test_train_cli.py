@@ -72,6 +72,37 @@ def test_train_refuses_a_heads_folder_or_name_it_cannot_use_before_embedding(
     assert bad.exit_code == 2 and bad.stderr.startswith("error: --name: a head name is 1-64 letters"), bad.stderr
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--margin", "inf", "inf is not in the range 0<=x<=4"),
+        ("--margin", "nan", "nan is not in the range 0<=x<=4"),
+        ("--margin", "4.5", "4.5 is not in the range 0<=x<=4"),
+        ("--contrastive-margin", "0", "0 is not in the range 0<x<=2"),
+        ("--contrastive-margin", "1e309", "inf is not in the range 0<x<=2"),
+        ("--center-weight", "nan", "nan is not in the range 0<=x<=100"),
+        ("--center-weight", "-1", "-1 is not in the range 0<=x<=100"),
+        ("--lr", "1e9", "1e+09 is not in the range 0<x<=0.1"),
+        ("--lr", "nan", "nan is not in the range 0<x<=0.1"),
+        ("--lr", "0", "0 is not in the range 0<x<=0.1"),
+        ("--val-fraction", "nan", "nan is not in the range 0.01<=x<=0.99"),
+    ],
+)
+def test_a_float_option_outside_its_range_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, option: str, value: str, expected: str
+) -> None:
+    """Infinite and NaN margins, rates and weights were accepted (typer's min= lets inf through) and trained a
+    head of NaNs, or refused NaN as 'greater than or equal to 0'. Refused while the arguments are read (the models
+    folder here does not exist), naming the option and its range."""
+    (tmp_path / "people" / "a").mkdir(parents=True)
+    monkeypatch.setenv("FACEGATE_MODELS_DIR", str(tmp_path / "no-models"))
+    monkeypatch.setenv("FACEGATE_HEAD__DIR", str(tmp_path / "heads"))
+    result = CliRunner().invoke(cli, ["train", "--images", str(tmp_path / "people"), option, value])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}': {expected}" in " ".join(result.stderr.replace("│", " ").split())
+    assert not (tmp_path / "heads").exists()
+
+
 def test_a_failed_registration_leaves_the_previous_head_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -44,13 +44,14 @@ def _keys_session(*, existing_gallery: bool = False) -> Iterator[Session]:
         engine.dispose()
 
 
-def _key_line(key: ApiKeyRecord) -> str:
-    def when(value: datetime | None) -> str:
-        return value.strftime("%Y-%m-%d %H:%M:%SZ") if value is not None else "-"
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%SZ") if value is not None else "-"
 
-    state = f"revoked {when(key.revoked_at)}" if key.revoked_at is not None else "active"
+
+def _key_line(key: ApiKeyRecord) -> str:
+    state = f"revoked {_when(key.revoked_at)}" if key.revoked_at is not None else "active"
     return (
-        f"{key.prefix}  {key.id}  {key.scope.value:<5}  {when(key.created_at):<20}  {when(key.last_used_at):<20}  "
+        f"{key.prefix}  {key.id}  {key.scope.value:<5}  {_when(key.created_at):<20}  {_when(key.last_used_at):<20}  "
         f"{state:<28}  {key.name}"
     )
 
@@ -119,12 +120,20 @@ def keys_list(
 def keys_revoke(
     reference: Annotated[str, typer.Argument(help="The key's prefix (8 hex characters), its id, or the key itself.")],
 ) -> None:
-    """Revoke a key: every worker refuses it within FACEGATE_AUTH__CACHE_SECONDS (5 s). Auth stays on."""
-    from app.auth.store import revoke_key
+    """Revoke a key: every worker refuses it within FACEGATE_AUTH__CACHE_SECONDS (5 s). Auth stays on. A key
+    already revoked is left as it is (exit status 0, as for other requests with nothing to do)."""
+    from app.auth.store import get_key, revoke_key
 
     with _keys_session(existing_gallery=True) as session:
-        record = revoke_key(session, reference=reference)
-    typer.echo(f"revoked key {record.prefix} ({record.scope.value}, '{record.name}')")
+        record = get_key(session, reference=reference)
+        already = record.revoked_at is not None
+        if not already:
+            record = revoke_key(session, reference=reference)
+    described = f"key {record.prefix} ({record.scope.value}, '{record.name}')"
+    if already:  # it printed "revoked ..." again, as if it had just happened
+        typer.echo(f"{described} was already revoked at {_when(record.revoked_at)}: nothing changed")
+    else:
+        typer.echo(f"revoked {described}")
 
 
 @keys_cli.command("generate")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,16 @@ def test_create_list_revoke(db_env: dict[str, str]) -> None:
     assert all(set(k) == {"id", "prefix", "name", "scope", "created_at", "last_used_at", "revoked_at"} for k in listed)
 
     code, out, _ = _run(db_env, "keys", "revoke", prefix)
-    assert code == 0 and f"revoked key {prefix}" in out
+    assert code == 0 and out == f"revoked key {prefix} (write, 'door 3')\n"
+    # again: it said "revoked" as if it had just happened; it says when it was, and changes nothing
+    code, out, _ = _run(db_env, "keys", "list", "--all", "--json")
+    revoked_at = datetime.fromisoformat(json.loads(out)[0]["revoked_at"])
+    code, out, _ = _run(db_env, "keys", "revoke", key)
+    assert code == 0 and out == (
+        f"key {prefix} (write, 'door 3') was already revoked at {revoked_at:%Y-%m-%d %H:%M:%S}Z: nothing changed\n"
+    )
+    code, out, _ = _run(db_env, "keys", "list", "--all", "--json")
+    assert datetime.fromisoformat(json.loads(out)[0]["revoked_at"]) == revoked_at
     code, out, _ = _run(db_env, "keys", "list", "--json")
     assert [k["prefix"] for k in json.loads(out)] == [other[3:11]]  # active keys only
     code, out, _ = _run(db_env, "keys", "list", "--all", "--json")

@@ -10,17 +10,25 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import cli, fail, load_settings, pipeline_call, positive_distance, shown
+from app.cli.common import Unusable, cli, fail, load_settings, pipeline_call, positive_distance, shown
 from app.grouping import ClusterMember, ClusterReport, cluster_files
 from app.identify_eval import PHOTO_SUFFIXES
 
 
-def _photos_under(directory: Path) -> list[Path]:
+def _photos_under(directory: Path, unreadable: list[Unusable]) -> list[Path]:
     """Photo files below `directory`, hidden names left out. Linked folders are followed, as `enroll DIR` follows
-    them (Path.rglob does not before Python 3.13), each real folder once: a link back up ends no walk."""
+    them (Path.rglob does not before Python 3.13), each real folder once: a link back up ends no walk. A folder
+    that cannot be listed (no permission) is added to `unreadable`, as enroll lists it: os.walk skipped it
+    silently, its photos missing from the clusters without a word; DIRECTORY itself is an error."""
+
+    def cannot_list(error: OSError) -> None:
+        if error.filename in (None, os.fspath(directory)):  # os.walk names DIRECTORY as it was given
+            fail(f"cannot read {shown(directory)}: {error.strerror}")
+        unreadable.append(Unusable.unreadable_folder(os.path.relpath(error.filename, directory), error))
+
     photos = []
     seen: set[str] = set()
-    for folder, subfolders, files in os.walk(directory, followlinks=True):
+    for folder, subfolders, files in os.walk(directory, onerror=cannot_list, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:
             subfolders.clear()
@@ -71,8 +79,9 @@ def cluster(
     as_json: Annotated[bool, typer.Option("--json", help="Print the clusters as JSON.")] = False,
 ) -> None:
     """Group the faces of every photo under DIRECTORY by person (chinese whispers, as dlib)."""
-    files = _photos_under(directory)
-    if not files:
+    unreadable: list[Unusable] = []
+    files = _photos_under(directory, unreadable)
+    if not files and not unreadable:
         fail(f"no photos under {directory}")
     settings = load_settings()
     with (
@@ -87,11 +96,13 @@ def cluster(
             progress=bar.update,
         )
     if as_json:
-        typer.echo(json.dumps(_cluster_json(report)))
+        listed = [{"folder": str(u.path), "code": u.code, "message": u.message} for u in unreadable]
+        typer.echo(json.dumps({**_cluster_json(report), "unreadable_folders": listed}))
         return
+    folders = f", {len(unreadable)} folders unreadable" if unreadable else ""
     typer.echo(
         f"{report.n_photos} photos, {report.n_faces} faces: {len(report.clusters)} clusters, "
-        f"{len(report.unclustered)} unclustered faces, {len(report.problems)} photos without a face "
+        f"{len(report.unclustered)} unclustered faces, {len(report.problems)} photos without a face{folders} "
         f"(threshold {report.threshold:g})"
     )
     for i, members in enumerate(report.clusters, 1):
@@ -102,5 +113,5 @@ def cluster(
         typer.echo("unclustered:")
         for m in report.unclustered:
             typer.echo(f"    {_member_text(m)}")
-    for p in report.problems:
-        typer.echo(f"  {shown(p.photo)}: {p.code}: {p.message}")
+    for problem in [*(Unusable(p.photo, p.code, p.message) for p in report.problems), *unreadable]:
+        typer.echo(problem.line())

@@ -9,6 +9,7 @@ import signal
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -343,6 +344,23 @@ def shown(path: Path | str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+@dataclass(frozen=True)
+class Unusable:
+    """A photo or folder a command could not use (enroll's failures, cluster's problems): listed after the summary,
+    one `line` each."""
+
+    path: Path | str
+    code: str
+    message: str
+
+    @classmethod
+    def unreadable_folder(cls, path: Path | str, error: OSError) -> Unusable:
+        return cls(path, "unreadable", f"cannot read the folder: {error.strerror}")
+
+    def line(self) -> str:
+        return f"  {shown(self.path)}: {self.code}: {self.message}"
 
 
 def read_bytes(path: Path) -> bytes:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +14,7 @@ from app.cli.common import (
     FaceOption,
     PhotoSelection,
     ThresholdOption,
+    Unusable,
     cli,
     error_text,
     fail,
@@ -31,15 +31,8 @@ from app.service import FacePolicy, FaceService, IdentifyResult, VerifyResult
 from app.vision.types import Face
 
 
-@dataclass(frozen=True)
-class _Failure:
-    path: Path
-    code: str
-    message: str
-
-
 def _people(
-    directory: Path, selection: PhotoSelection, unreadable: list[_Failure]
+    directory: Path, selection: PhotoSelection, unreadable: list[Unusable]
 ) -> Iterator[tuple[str, list[Path]]]:
     """Each person's folder and photos; a folder that cannot be listed (no permission) is added to `unreadable`
     rather than ending the command with a traceback."""
@@ -51,7 +44,7 @@ def _people(
         try:
             photos = sorted(p for p in person.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
         except OSError as error:
-            unreadable.append(_Failure(person, "unreadable", f"cannot read the folder: {error.strerror}"))
+            unreadable.append(Unusable.unreadable_folder(person, error))
             continue
         if photos:
             yield person.name, photos[:1] if selection is PhotoSelection.first else photos
@@ -90,7 +83,7 @@ def enroll(
 ) -> None:
     """Enrol every person of DIRECTORY. A folder whose name is already an identity's name adds faces to it; photos
     it already has are skipped, so a run can be repeated after an interruption or a fix."""
-    failures: list[_Failure] = []
+    failures: list[Unusable] = []
     people = list(_people(directory, photos, failures))
     if not people and not failures:
         fail(f"no photos in sub-folders of {directory}")
@@ -138,7 +131,7 @@ def enroll(
                                     )
                                     added += 1
                         except FacegateError as error:
-                            failures.append(_Failure(path, error.code, error_text(error)))
+                            failures.append(Unusable(path, error.code, error_text(error)))
                         bar.update(1)
         finally:
             service.close()
@@ -147,7 +140,7 @@ def enroll(
         f"{created} identities created, {added} faces added to existing ones, {already}{len(failures)} photos failed."
     )
     for failure in failures:
-        typer.echo(f"  {shown(failure.path)}: {failure.code}: {failure.message}")
+        typer.echo(failure.line())
     if failures:
         raise typer.Exit(1)
 

@@ -10,13 +10,22 @@ __all__ = ["clean_name"]
 
 
 def clean_name(name: str, *, what: str = "name") -> str:
-    """The name without surrounding white space. Refused (before any model work): blank; holding a control
-    character or line break (NUL, ESC, CR/LF, ...: they forge log lines and terminal output and are never part of a
+    """The name without surrounding white space. Refused (before any model work): blank; not valid UTF-8 (a lone
+    surrogate); holding a control character or line break (NUL, ESC, CR/LF, ...: they forge log lines and terminal output and are never part of a
     person's name); or holding an invisible character that reorders or hides text (`_hidden_in_names`). Every name
     a person gives comes here (enrolment, PATCH /identities/{id}, `facegate enroll`), and an API key's name."""
     cleaned = name.strip()
     if not cleaned:
         raise InvalidRequest(f"{what} must not be blank", field="name")
+    surrogate = next((i for i, c in enumerate(cleaned) if unicodedata.category(c) == "Cs"), None)
+    if surrogate is not None:
+        # A lone surrogate is no character: Python decodes a file name's bytes that are not UTF-8 to these
+        # (b"\xff" -> U+DCFF), so a folder named in another encoding comes here; they were called control characters.
+        raise InvalidRequest(
+            f"{what} is not valid UTF-8 (lone surrogate U+{ord(cleaned[surrogate]):04X} at index {surrogate}, as a "
+            "file or folder name in another encoding gives)",
+            field="name",
+        )
     if any(unicodedata.category(c) in _NOT_IN_NAMES for c in cleaned):
         raise InvalidRequest(f"{what} must not contain control characters or line breaks", field="name")
     hidden = next((i for i, c in enumerate(cleaned) if _hidden_in_names(c)), None)
@@ -31,7 +40,7 @@ def clean_name(name: str, *, what: str = "name") -> str:
     return cleaned
 
 
-_NOT_IN_NAMES = {"Cc", "Zl", "Zp", "Cs"}  # controls (C0, DEL, C1), line and paragraph separators, lone surrogates
+_NOT_IN_NAMES = {"Cc", "Zl", "Zp"}  # controls (C0, DEL, C1), line and paragraph separators
 
 # Bidirectional embeddings, overrides and isolates reorder the text after them: "Alice\u202egnp.exe" shows as
 # "Aliceexe.png". The marks (LRM, RLM, ALM) are refused too: they draw nothing and reorder only the punctuation and

@@ -196,6 +196,20 @@ def test_a_file_name_with_a_line_break_or_escape_stays_on_its_line(env: Path, tm
     assert "\x1b" not in out
 
 
+def test_a_folder_name_that_is_not_utf8_is_called_so(env: Path, dev_faces: Path, tmp_path: Path) -> None:
+    """A folder named in another encoding (Latin-1 "café": the byte 0xE9) reaches Python as a lone surrogate: it was
+    refused as holding "control characters", and its path printed as \\udce9 rather than the byte."""
+    people = tmp_path / "people"
+    people.mkdir()
+    folder = os.fsencode(people) + b"/caf\xe9"
+    os.mkdir(folder)
+    os.symlink(dev_faces / AMY[0], folder + b"/a.png")
+    code, out = run("enroll", str(people))
+    assert code == 1, out
+    assert out.splitlines()[-1] == f"  {people}/caf\\xe9/a.png: invalid_request: name is not valid UTF-8 (lone " \
+        "surrogate U+DCE9 at index 3, as a file or folder name in another encoding gives)"  # fmt: skip
+
+
 def test_an_unreadable_folder_is_reported_not_a_traceback(
     env: Path, dev_faces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -217,3 +217,11 @@ def test_load_synthetic_refuses_a_negative_seed(sqlite_env: dict[str, str]) -> N
     """numpy's generator refuses it: a ValueError traceback after the database was opened."""
     code, err = run(sqlite_env, "db", "load-synthetic", "--faces", "3", "--seed", "-1")
     assert code == 2 and "Invalid value for '--seed'" in err, err
+
+
+def test_load_synthetic_refuses_more_faces_than_it_can_draw(sqlite_env: dict[str, str], tmp_path: Path) -> None:
+    """--faces 10**12 was numpy's MemoryError traceback ("Unable to allocate 7.28 TiB"): the faces are drawn in
+    memory first (~2.3 kB each). Refused while the arguments are read, before the database is opened."""
+    code, err = run(sqlite_env, "db", "load-synthetic", "--faces", str(10**12))
+    assert code == 2 and "Invalid value for '--faces'" in err and "5000000" in err, err
+    assert not (tmp_path / "gallery.db").exists()

@@ -9,6 +9,7 @@ import typer
 
 from app.cli.common import database_problem, db_cli, fail, load_settings, on_interrupt
 from app.config import database_url_problem
+from app.gallery.synthetic import MAX_FACES
 from app.vision.pipeline import Pipeline
 
 
@@ -29,11 +30,20 @@ def db_upgrade() -> None:
 
 @db_cli.command("load-synthetic")
 def db_load_synthetic(
-    faces: Annotated[int, typer.Option(min=1, help="Synthetic faces to write (about half as many identities).")],
+    faces: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=MAX_FACES,
+            help=f"Synthetic faces to write (about half as many identities), at most {MAX_FACES:,}: they are drawn "
+            "in memory first, ~2.3 kB a face (5M: ~11 GB).",
+        ),
+    ],
     seed: Annotated[int, typer.Option(min=0, help="Random seed of the synthetic gallery (numpy: >= 0).")] = 0,
 ) -> None:
     """Bulk-load face-like synthetic embeddings (PostgreSQL, COPY) for trying large galleries: identities named
-    synthetic-NNNNNNNN with 1-3 faces each, of the served model version. Not for a production gallery."""
+    synthetic-NNNNNNNN (numbered on from an earlier load's) with 1-3 faces each, of the served model version. Not for
+    a production gallery."""
     import time
 
     from app.gallery import bulk, db, synthetic

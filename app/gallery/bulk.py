@@ -11,16 +11,17 @@
 from __future__ import annotations
 
 import io
+import re
 import uuid
 from datetime import UTC, datetime
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import select, text, update
+from sqlalchemy import BigInteger, cast, func, select, text, update
 from sqlalchemy.orm import Session
 
 from app.gallery import store
-from app.gallery.tables import GALLERY_STATE_ID, GalleryState
+from app.gallery.tables import GALLERY_STATE_ID, GalleryState, Identity
 from app.vision.types import EMBEDDING_DIM
 
 READ_CHUNK = 50_000
@@ -60,8 +61,10 @@ def copy_synthetic_gallery(
     model_version: str,
     name_prefix: str = "synthetic",
 ) -> tuple[int, int]:
-    """Insert identities `0..owners.max()` (named `{name_prefix}-{i}`) and one face per row of `embeddings`
-    (owner `owners[row]`) with COPY, in the caller's transaction (PostgreSQL). Returns (identities, faces)."""
+    """Insert identities `0..owners.max()` and one face per row of `embeddings` (owner `owners[row]`) with COPY, in
+    the caller's transaction (PostgreSQL). Returns (identities, faces). The identities are named
+    `{name_prefix}-{n:08d}`, numbered on from the highest such name already stored: a second load repeated the
+    first one's names (two "synthetic-00000000"), and a folder named after one could not tell them apart."""
     connection = session.connection()
     if connection.dialect.name != "postgresql":
         raise ValueError("copy_synthetic_gallery needs PostgreSQL")
@@ -74,6 +77,7 @@ def copy_synthetic_gallery(
         update(GalleryState).where(GalleryState.id == GALLERY_STATE_ID).values(last_change_id=GalleryState.last_change_id)
     )
     n_identities = int(owners.max()) + 1 if len(owners) else 0
+    first_number = _next_number(session, name_prefix)  # under the write lock just taken: no other load interleaves
     identity_ids = [store.new_id() for _ in range(n_identities)]
     now = datetime.now(UTC).isoformat()
     raw = connection.connection.driver_connection
@@ -81,7 +85,7 @@ def copy_synthetic_gallery(
         for first in range(0, n_identities, COPY_CHUNK):
             buffer = io.StringIO()
             for i in range(first, min(first + COPY_CHUNK, n_identities)):
-                name = f"{name_prefix}-{i:08d}"
+                name = f"{name_prefix}-{first_number + i:08d}"
                 buffer.write(f"{identity_ids[i]}\t{name}\t{store.name_key(name)}\t{{}}\t{now}\t{now}\n")
             with cursor.copy(
                 "COPY identities (id, name, name_key, metadata, created_at, updated_at) FROM STDIN"
@@ -112,3 +116,10 @@ def copy_synthetic_gallery(
     # a GET /identities page read its faces in 280 ms instead of a few).
     session.execute(text("ANALYZE identities, faces"))
     return n_identities, len(vectors)
+
+
+def _next_number(session: Session, name_prefix: str) -> int:
+    """One past the highest n of the identities named `{name_prefix}-<n>` (0 when there is none; PostgreSQL)."""
+    number = func.substring(Identity.name, f"^{re.escape(name_prefix)}-([0-9]+)$")  # the group, or NULL
+    highest = session.execute(select(func.max(cast(number, BigInteger)))).scalar_one()
+    return 0 if highest is None else int(highest) + 1

@@ -313,3 +313,28 @@ def test_cli_load_synthetic_fills_a_postgres_gallery(pg_schema_url: str, monkeyp
         assert next(iter(names.values())).startswith("synthetic-")
     finally:
         gallery.close()
+
+
+@pytest.mark.postgres
+def test_cli_load_synthetic_twice_gives_no_name_twice(pg_schema_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every load named its identities from synthetic-00000000: a second load repeated the first one's names (the
+    same seed, the same count). They are numbered on from the highest one stored."""
+    from sqlalchemy import create_engine
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+    from app.gallery.tables import Identity
+
+    monkeypatch.setenv("FACEGATE_DATABASE_URL", pg_schema_url)
+    counts = []
+    for seed in ("0", "0"):
+        result = CliRunner().invoke(cli, ["db", "load-synthetic", "--faces", "40", "--seed", seed])
+        assert result.exit_code == 0, result.output
+        counts.append(int(result.output.split(" faces of ")[1].split()[0]))
+    engine = create_engine(pg_schema_url)
+    try:
+        with engine.connect() as connection:
+            names = connection.execute(select(Identity.name).order_by(Identity.name)).scalars().all()
+    finally:
+        engine.dispose()
+    assert names == [f"synthetic-{n:08d}" for n in range(sum(counts))]

@@ -75,8 +75,27 @@ def train(
         ),
     ] = 0.0,
     arch: Annotated[str, typer.Option(help="linear (128x128 map) or mlp (residual 2-layer map).")] = "linear",
-    p: Annotated[int, typer.Option("--p", min=2, help="Identities per batch (P of PK sampling).")] = 16,
-    k: Annotated[int, typer.Option("--k", min=2, help="Faces per identity in a batch (K of PK sampling).")] = 4,
+    # 512 below: app.training.sampler.MAX_BATCH_FACES, not imported at the top (app.training imports torch, which
+    # every command would then load); the help test checks they agree.
+    p: Annotated[
+        int,
+        typer.Option(
+            "--p",
+            min=2,
+            help="Identities per batch (P of PK sampling); P x K is at most 512 faces (batch-all mining's memory grows "
+            "with the cube of the batch). A P above the number of training identities puts all of them in each "
+            "batch, one step an epoch.",
+        ),
+    ] = 16,
+    k: Annotated[
+        int,
+        typer.Option(
+            "--k",
+            min=2,
+            help="Faces per identity in a batch (K of PK sampling; drawn again when a person has fewer); P x K is at "
+            "most 512.",
+        ),
+    ] = 4,
     epochs: Annotated[int, typer.Option(min=1, help="Most epochs (each visits every training identity once).")] = 60,
     patience: Annotated[
         int, typer.Option(min=1, help="Stop after this many epochs without a better validation VAL@FAR.")
@@ -119,6 +138,13 @@ def train(
         )
     except ModuleNotFoundError as error:
         fail(f"{error.name} is missing: install the training extra (pip install 'facegate[train]')")
+    from app.training.sampler import batch_problem
+
+    # Checked here, not at the first batch: a batch too large ended the run after the photos were embedded, with
+    # PyTorch's out-of-memory traceback ("you tried to allocate 204800000000 bytes").
+    problem = batch_problem(p, k)
+    if problem is not None:
+        raise typer.BadParameter(problem, param_hint="'--p' / '--k'")
     from app.config import HeadSettings
     from app.training.export import head_folder
     from app.vision.head import heads_dir

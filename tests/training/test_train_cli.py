@@ -103,6 +103,29 @@ def test_a_float_option_outside_its_range_is_refused(
     assert not (tmp_path / "heads").exists()
 
 
+@pytest.mark.parametrize(("p", "k"), [("16", "2000"), ("1000", "4"), ("2", "257"), (str(10**30), "2")])
+def test_a_batch_too_large_is_refused_before_embedding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p: str, k: str
+) -> None:
+    """--k 2000 was PyTorch's out-of-memory traceback ("you tried to allocate 204800000000 bytes") after every photo
+    had been embedded. P x K is bounded; refused first (the models folder here does not exist), naming both options.
+    The bound is the one the sampler enforces and the help states."""
+    from app.training.sampler import MAX_BATCH_FACES, PKSampler
+
+    (tmp_path / "people" / "a").mkdir(parents=True)
+    monkeypatch.setenv("FACEGATE_MODELS_DIR", str(tmp_path / "no-models"))
+    monkeypatch.setenv("FACEGATE_HEAD__DIR", str(tmp_path / "heads"))
+    result = CliRunner().invoke(cli, ["train", "--images", str(tmp_path / "people"), "--p", p, "--k", k])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.stderr.replace("│", " ").split())
+    assert f"Invalid value for '--p' / '--k': a batch of P x K = {p} x {k} = {int(p) * int(k)} faces is over " \
+        f"{MAX_BATCH_FACES}" in text, text  # fmt: skip
+    with pytest.raises(ValueError, match="is over"):
+        PKSampler(np.repeat(np.arange(4), 3), p=int(p), k=int(k))
+    help_text = CliRunner().invoke(cli, ["train", "--help"], env={"COLUMNS": "200", "TERM": "dumb"}).output
+    assert f"P x K is at most {MAX_BATCH_FACES} faces" in " ".join(help_text.replace("│", " ").split())
+
+
 def test_a_failed_registration_leaves_the_previous_head_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -59,6 +59,7 @@ __all__ = [
     "evaluate_embeddings",
     "evaluate_gallery",
     "format_identify_table",
+    "folder_entries",
     "person_photos",
     "run_identify_eval",
     "write_identify_report",
@@ -66,8 +67,17 @@ __all__ = [
 
 REPORT_JSON = "eval-identify.json"
 REPORT_PNG = "eval-identify.png"
-PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".avif", ".tif", ".tiff"})
 RULE_LABELS = {"raw": "raw distance d1", "ratio": "ratio d1/d2", "facegate": "facegate"}
+
+
+def folder_entries(folder: Path) -> list[Path]:
+    """What `folder` holds; InvalidRequest naming it when it cannot be listed (no permission): a person's folder left
+    out would change the protocol's split, and an OSError ended the command with a traceback."""
+    try:
+        return list(folder.iterdir())
+    except OSError as error:
+        raise InvalidRequest(f"cannot read the folder {folder}: {error.strerror}", field="images") from None
 
 
 def person_photos(images_dir: Path) -> list[str]:
@@ -77,9 +87,9 @@ def person_photos(images_dir: Path) -> list[str]:
         raise InvalidRequest(f"{root} is not a folder", field="images")
     found = [
         (person.name, photo.name)
-        for person in root.iterdir()
+        for person in folder_entries(root)
         if person.is_dir() and not person.name.startswith(".")
-        for photo in person.iterdir()
+        for photo in folder_entries(person)
         if photo.is_file() and not photo.name.startswith(".") and photo.suffix.lower() in PHOTO_SUFFIXES
     ]
     if not found:

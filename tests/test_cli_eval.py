@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from app.cli import cli
 from app.cli.common import Unusable
+from app.errors import InvalidRequest
 
 pytestmark = pytest.mark.model
 
@@ -270,3 +271,73 @@ def test_cluster_lists_a_folder_it_cannot_read(
     (tmp_path / "locked-top").mkdir()
     result = CliRunner().invoke(cli, ["cluster", str(tmp_path / "locked-top")])
     assert result.exit_code == 2 and result.stderr == f"error: cannot read {tmp_path / 'locked-top'}: Permission denied\n"
+
+
+def test_eval_identify_refuses_a_person_folder_it_cannot_read(
+    env: Path, photos: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A person's folder without read permission (simulated: the tests may run as root) ended eval-identify with a
+    PermissionError traceback; leaving the person out would change the split, so it is refused, naming the folder.
+    `facegate train` lists the people the same way."""
+    images, _ = photos
+    listing = os.listdir
+
+    def listdir(path: Any) -> Any:
+        if Path(path).name == "raj":
+            raise PermissionError(13, "Permission denied", str(path))
+        return listing(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    result = CliRunner().invoke(cli, ["eval-identify", "--images", str(images), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: cannot read the folder {images / 'raj'}: Permission denied\n"
+    from app.training.data import folder_photos
+
+    with pytest.raises(InvalidRequest, match="cannot read the folder .*raj: Permission denied"):
+        folder_photos(images)
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["eval", "--out", "out"], "no report was written; the photos embedded so far are kept in embeddings.npz"),
+        (["calibrate", "--apply"], "no threshold was computed or stored; the photos embedded so far are kept in "
+                                   "embeddings.npz"),  # fmt: skip
+        (["eval-identify", "--out", "out"], "no report was written; the photos embedded so far are kept in "
+                                            "embeddings.npz"),  # fmt: skip
+        (["cluster"], "nothing was written (cluster only prints)"),
+    ],
+)
+def test_ctrl_c_says_nothing_was_written(
+    env: Path,
+    photos: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    command: list[str],
+    said: str,
+) -> None:
+    """Ctrl-C while the photos are embedded ended these commands silently (exit status 130): one line now says that
+    nothing was written, and where the embeddings done so far are kept."""
+    from app import evaluate, identify_eval
+    from app.cli import cluster as cluster_cli
+
+    images, pairs = photos
+    monkeypatch.chdir(tmp_path)
+    if command == ["calibrate", "--apply"]:
+        assert run("db", "upgrade")[0] == 0  # --apply needs an existing gallery
+
+    def ctrl_c(*args: Any, **kwargs: Any) -> Any:  # where a SIGINT lands: in the middle of the embedding
+        raise KeyboardInterrupt
+
+    for module, name in ((evaluate, "embed_photos"), (identify_eval, "embed_photos"), (cluster_cli, "cluster_files")):
+        monkeypatch.setattr(module, name, ctrl_c)
+    if command[0] == "cluster":
+        args = [*command, str(images)]
+    elif command[0] == "eval-identify":
+        args = [*command, "--images", str(images), "--cache", "embeddings.npz"]
+    else:
+        args = [*command, "--pairs", str(pairs), "--images", str(images), "--cache", "embeddings.npz"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 130, result.output
+    assert result.stderr.splitlines()[-1] == f"interrupted: {said}"
+    assert not (tmp_path / "out" / "eval.json").exists() and not (tmp_path / "out" / "eval-identify.json").exists()

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import Unusable, cli, fail, load_settings, pipeline_call, positive_distance, shown
+from app.cli.common import Unusable, cli, fail, load_settings, on_interrupt, pipeline_call, positive_distance, shown
 from app.grouping import ClusterMember, ClusterReport, cluster_files
 from app.identify_eval import PHOTO_SUFFIXES
 
@@ -85,6 +85,7 @@ def cluster(
         fail(f"no photos under {directory}")
     settings = load_settings()
     with (
+        on_interrupt(lambda: "nothing was written (cluster only prints)"),
         pipeline_call(settings) as pipeline,
         typer.progressbar(length=len(files), label="Finding faces", show_pos=True, file=sys.stderr) as bar,
     ):

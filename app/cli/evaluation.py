@@ -20,10 +20,12 @@ from app.cli.common import (
     failing_on_errors,
     load_settings,
     make_folder,
+    on_interrupt,
     open_pipeline,
     open_service,
     pipeline_call,
     positive_distance,
+    require_gallery,
     target_far,
     writing_reports,
 )
@@ -43,6 +45,12 @@ PairsOption = Annotated[
 ImagesOption = Annotated[
     Path, typer.Option("--images", exists=True, file_okay=False, help="Folder the pair paths are relative to.")
 ]
+
+
+def _nothing_written(what: str, cache: Path | None) -> str:
+    """The `interrupted:` line of a command that writes only at the end (and its --cache on the way out)."""
+    kept = f"; the photos embedded so far are kept in {cache}" if cache is not None else ""
+    return f"{what}{kept}"
 
 
 def _pair_distances(
@@ -97,7 +105,7 @@ def eval_pairs(
     with failing_on_errors():
         pair_list = evaluation.read_pairs(pairs)
     make_folder(out, "the --out folder")
-    with pipeline_call(settings) as pipeline:
+    with on_interrupt(lambda: _nothing_written("no report was written", cache)), pipeline_call(settings) as pipeline:
         distances, embedded = _pair_distances(pipeline, pair_list, images, cache)
     with failing_on_errors():
         result = evaluation.evaluate_distances(
@@ -151,7 +159,11 @@ def eval_identify(
 
     settings = load_settings()
     make_folder(out, "the --out folder")
-    with pipeline_call(settings) as pipeline, failing_on_errors():
+    with (
+        on_interrupt(lambda: _nothing_written("no report was written", cache)),
+        pipeline_call(settings) as pipeline,
+        failing_on_errors(),
+    ):
         n_photos = len(person_photos(images))
         with typer.progressbar(length=n_photos, label="Embedding", show_pos=True, file=sys.stderr) as bar:
             result = run_identify_eval(images, settings=settings, cache=cache, pipeline=pipeline, progress=bar.update)
@@ -193,10 +205,13 @@ def calibrate(
     settings = load_settings()
     with failing_on_errors():
         pair_list = evaluation.read_pairs(pairs)
+    if apply:
+        require_gallery(settings)  # the threshold goes into an existing gallery, not a new file next to it
     service = open_service(settings) if apply else None
     pipeline = service.pipeline if service is not None else open_pipeline(settings)
     try:
-        distances, embedded = _pair_distances(pipeline, pair_list, images, cache)
+        with on_interrupt(lambda: _nothing_written("no threshold was computed or stored", cache)):
+            distances, embedded = _pair_distances(pipeline, pair_list, images, cache)
         same = np.array([p.same for p in pair_list], bool)
         found = ~np.isnan(distances)
         with failing_on_errors(with_code=True):

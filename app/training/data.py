@@ -19,11 +19,11 @@ import numpy.typing as npt
 from app.config import HeadSettings
 from app.errors import InvalidRequest
 from app.evaluate import EmbeddingCache, embed_photos, pipeline_signature
+from app.identify_eval import PHOTO_SUFFIXES, folder_entries
 from app.vision.pipeline import Pipeline
 
 __all__ = ["EmbeddingSet", "base_pipeline", "embed_folder", "folder_photos", "pair_indices", "split_identities"]
 
-PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif"}
 
 
 @dataclass(frozen=True)
@@ -80,13 +80,13 @@ def folder_photos(images: Path) -> list[str]:
     root = Path(images)
     if not root.is_dir():
         raise InvalidRequest(f"{images} is not a folder", field="images")
-    photos = sorted(
-        str(p.relative_to(root))
-        for person in root.iterdir()
-        if person.is_dir()
-        for p in person.rglob("*")
-        if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES
-    )
+    photos = []
+    for person in folder_entries(root):
+        if person.is_dir():
+            folder_entries(person)  # refused if it cannot be listed: rglob would leave the person out silently
+            found = (p for p in person.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+            photos += [str(p.relative_to(root)) for p in found]
+    photos.sort()
     if not photos:
         raise InvalidRequest(f"{images} has no photos in per-person sub-folders", field="images")
     return photos

@@ -28,18 +28,19 @@ RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv make \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-# Cache layer, rebuilt only when pyproject.toml changes: the declared dependencies (+ the build and ann extras) go into the
-# venv first, so that a code change does not download ~500 MB again. `make models` below still runs the full
-# install (`pip install '.[build,ann]'`): it finds these satisfied and installs the package itself.
+# Cache layer, rebuilt only when pyproject.toml changes: the declared dependencies (+ the build, ann and heic extras) go
+# into the venv first, so that a code change does not download ~500 MB again. `make models` below still runs the full
+# install (`pip install '.[build,ann,heic]'`): it finds these satisfied and installs the package itself.
 COPY pyproject.toml ./
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/python -m pip install --quiet --upgrade pip \
- && /opt/venv/bin/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["build"] + p["optional-dependencies"]["ann"]))' >/tmp/requirements.txt \
+ && /opt/venv/bin/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["build"] + p["optional-dependencies"]["ann"] + p["optional-dependencies"]["heic"]))' >/tmp/requirements.txt \
  && /opt/venv/bin/python -m pip install --quiet -r /tmp/requirements.txt
 COPY . .
-# The same target as `make test`'s set-up, with a non-editable install of the `build` extra (models) and `ann`
-# (FACEGATE_INDEX__BACKEND=approximate for large galleries); no test, report or training packages.
-RUN make models VENV=/opt/venv EXTRAS=build,ann PIP_FLAGS= MODELS_DIR=/opt/facegate/models PYTHON=python3 \
+# The same target as `make test`'s set-up, with a non-editable install of the `build` extra (models), `ann`
+# (FACEGATE_INDEX__BACKEND=approximate for large galleries) and `heic` (pi-heif: HEIC photos, off unless
+# FACEGATE_IMAGE__HEIC=true); no test, report or training packages.
+RUN make models VENV=/opt/venv EXTRAS=build,ann,heic PIP_FLAGS= MODELS_DIR=/opt/facegate/models PYTHON=python3 \
  && test -s /opt/facegate/models/manifest.json
 RUN set -e; \
     if [ "$CUDA" = "1" ]; then \

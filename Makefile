@@ -2,8 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Extras installed into the venv; the Docker image asks for `build,ann` only (same command, fewer packages).
-EXTRAS ?= build,report,test,ann,train
+# Extras installed into the venv; the Docker image asks for `build,ann,heic` only (same command, fewer packages).
+EXTRAS ?= build,report,test,ann,train,heic
 PIP_FLAGS ?= -e
 MODELS_DIR ?= models/dist
 export FACEGATE_MODELS_DIR ?= $(abspath $(MODELS_DIR))

@@ -109,6 +109,13 @@ class ImageSettings(BaseModel):
         "would need 4 GB). At least image.max_upload_bytes; the default holds 12 bodies of 20 MiB, or thousands of "
         "single photos, at once.",
     )
+    heic: bool = Field(
+        default=False,
+        description="Decode HEIC/HEIF photos (the iPhone's default) with pi-heif (libheif + libde265: the `heic` "
+        "extra), under the same pixel limit as the other formats; off, they are refused with 415 "
+        "unsupported_image. Off by default: every decoder is attack surface, and libde265 has had its share of "
+        "CVEs.",
+    )
 
     @model_validator(mode="after")
     def _check_inflight(self) -> ImageSettings:
@@ -118,6 +125,31 @@ class ImageSettings(BaseModel):
                 f"({self.max_upload_bytes}): a body the size limit accepts must fit the worker's budget when it is idle"
             )
         return self
+
+    @field_validator("heic")
+    @classmethod
+    def _check_heic(cls, value: bool) -> bool:
+        # Checked with the settings, so that `facegate serve` (and every command) refuses to start in one line,
+        # rather than each upload failing later.
+        if value:
+            problem = heif_problem()
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
+
+def heif_problem() -> str | None:
+    """Why HEIC/HEIF photos cannot be decoded in this environment (None: they can): pi-heif, the `heic` extra, is
+    missing or does not load."""
+    try:
+        import pi_heif  # here, not at the top: only a process that decodes HEIC loads libheif
+    except ModuleNotFoundError:
+        return "HEIC decoding needs the pi-heif package: install facegate's `heic` extra (pip install 'facegate[heic]')"
+    try:
+        pi_heif.libheif_info()  # pi-heif defers the failure to load its C extension (libheif) to the first call
+    except ImportError as error:
+        return f"pi-heif is installed but its libheif does not load: {error}"
+    return None
 
 
 class QualitySettings(BaseModel):

@@ -24,8 +24,8 @@ class InvalidImage(FacegateError):
 
 
 class UnsupportedImage(FacegateError):
-    """An image in a format facegate does not decode (HEIC, PSD, PostScript, ...; `details.format` when known): only
-    photo formats are accepted (app/vision/decode.py FORMATS)."""
+    """An image in a format facegate does not decode (PSD, PostScript, ..., HEIC unless enabled; `details.format` when
+    known): only photo formats are accepted (app/vision/decode.py FORMATS, and HEIF with FACEGATE_IMAGE__HEIC)."""
 
     code = "unsupported_image"
 

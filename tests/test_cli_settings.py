@@ -123,6 +123,43 @@ def test_a_database_migrated_by_a_newer_version_is_one_line(sqlite_env: dict[str
     assert code == 2 and err.startswith("error: cannot migrate the database") and "'9999'" in err, err
 
 
+@pytest.mark.parametrize("command", [["serve"], ["keys", "list"]])
+def test_heic_without_pi_heif_is_refused_at_start(
+    sqlite_env: dict[str, str], command: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FACEGATE_IMAGE__HEIC=true where the `heic` extra is not installed: every upload would fail, so nothing starts,
+    and the line says what to install. (serve is given a port in use: were the setting not checked, it would stop
+    there rather than serve.)"""
+    monkeypatch.setitem(sys.modules, "pi_heif", None)  # `import pi_heif` fails, as without the package
+    env = {**sqlite_env, "FACEGATE_AUTH__REQUIRED": "true", "FACEGATE_IMAGE__HEIC": "true"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = ["--port", str(taken.getsockname()[1])] if command == ["serve"] else []
+        code, err = run(env, *command, *port)
+    assert code == 2, err
+    assert err.startswith("error: invalid settings: FACEGATE_IMAGE__HEIC: HEIC decoding needs the pi-heif package")
+    assert "facegate's `heic` extra" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_heic_is_checked_with_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On with pi-heif installed; refused when its libheif does not load (pi-heif defers that error to first use)."""
+    import pi_heif
+    from pydantic import ValidationError
+
+    from app.config import Settings
+
+    assert Settings().image.heic is False
+    assert Settings(image={"heic": True}).image.heic is True
+
+    def broken() -> None:
+        raise ImportError("libheif.so.1: cannot open shared object file")
+
+    monkeypatch.setattr(pi_heif, "libheif_info", broken)
+    with pytest.raises(ValidationError, match="pi-heif is installed but its libheif does not load: libheif.so.1"):
+        Settings(image={"heic": True})
+
+
 def test_serve_checks_the_models_and_database_before_starting_workers(tmp_path: Path) -> None:
     """Each uvicorn worker would print its own start-up traceback and uvicorn exit 3; serve says it once. Auth is
     required here, so the API-key check does not read the database first."""

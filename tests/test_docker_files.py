@@ -102,15 +102,24 @@ def test_the_build_context_has_every_file_the_image_is_built_from() -> None:
 
 
 def test_the_image_installs_no_test_training_or_report_packages() -> None:
-    """The Dockerfile installs the dependencies and the `build` and `ann` extras (and uninstalls `build` after
-    `make models`): dlib-bin, playwright, pytest, torch or matplotlib must not creep into those."""
+    """The Dockerfile installs the dependencies and the `build`, `ann` and `heic` extras (and uninstalls `build` after
+    `make models`): dlib-bin, playwright, pytest, torch or matplotlib must not creep into those, nor pillow-heif, the
+    tests' HEIC encoder (it bundles x265, GPL; the image's pi-heif only decodes)."""
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
-    assert "EXTRAS=build,ann" in dockerfile
-    assert re.search(r'optional-dependencies"\]\["build"\] \+ p\["optional-dependencies"\]\["ann"\]', dockerfile)
+    assert "EXTRAS=build,ann,heic" in dockerfile
+    assert re.search(
+        r'optional-dependencies"\]\["build"\] \+ p\["optional-dependencies"\]\["ann"\]'
+        r' \+ p\["optional-dependencies"\]\["heic"\]',
+        dockerfile,
+    )
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    shipped = project["dependencies"] + project["optional-dependencies"]["build"] + project["optional-dependencies"]["ann"]
+    extras = project["optional-dependencies"]
+    shipped = project["dependencies"] + extras["build"] + extras["ann"] + extras["heic"]
     names = {re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower() for requirement in shipped}
-    assert names.isdisjoint({"dlib-bin", "dlib", "playwright", "pytest", "schemathesis", "torch", "matplotlib", "httpx2"})
+    assert "pi-heif" in names
+    assert names.isdisjoint(
+        {"dlib-bin", "dlib", "playwright", "pytest", "schemathesis", "torch", "matplotlib", "httpx2", "pillow-heif"}
+    )
 
 
 def _runtime_stage() -> str:

@@ -12,8 +12,8 @@ Status map (also in the OpenAPI document of every route):
 |                               |        | form field that is not UTF-8, an unusable multipart charset,  |
 |                               |        | JSON not UTF-8 or too deep)                                   |
 | invalid_image                 | 422    | not an image, truncated or corrupt                            |
-| unsupported_image             | 415    | an image format (HEIC, PSD, EPS, ...) or a TIFF pixel layout  |
-|                               |        | facegate does not decode                                      |
+| unsupported_image             | 415    | an image format (PSD, EPS, ..., HEIC unless image.heic) or a  |
+|                               |        | TIFF pixel layout facegate does not decode                    |
 | image_too_small               | 422    | too small for the detector                                    |
 | no_face                       | 422    | no face found                                                 |
 | multiple_faces                | 422    | several faces and `face=single`; details.boxes lists them     |

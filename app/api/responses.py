@@ -22,7 +22,8 @@ _DESCRIPTIONS = {
     "gallery's calibration curve, identify evaluation: too few identities with two faces, or no threshold meets "
     "the target FAR)",
     413: "request_too_large (body over image.max_upload_bytes) / image_too_large (over image.max_pixels)",
-    415: "unsupported_image: an image format facegate does not decode (HEIC, PSD, EPS, ...); details.format names it",
+    415: "unsupported_image: an image format facegate does not decode (PSD, EPS, ..., HEIC unless image.heic is on); "
+    "details.format names it",
     422: "invalid_request (missing, unknown or out-of-range fields) / invalid_image / image_too_small / no_face / "
     "multiple_faces (details.boxes lists every face) / low_quality (enrol: details.reasons lists each failing "
     "measurement with its value and limit, details.quality every measurement)",

@@ -3,11 +3,12 @@
 What decoding guarantees:
 
 * Only photo formats are decoded: JPEG (and MPO, the multi-picture JPEG of many cameras), PNG (and APNG), GIF, WebP,
-  AVIF, BMP and TIFF (`FORMATS`). Pillow reads some 40 formats; every parser is attack surface and some hand the data
-  to other programs (EPS runs Ghostscript), so other image formats (PSD, EPS, ICO, TGA, ..., and HEIC/HEIF or JPEG XL,
-  which Pillow does not read) raise `UnsupportedImage`, named from their first bytes alone (no parser of theirs runs);
-  anything else raises `InvalidImage`. A TIFF whose pixel layout Pillow does not decode (floating-point colour, 12-bit
-  samples, ...) raises `UnsupportedImage` too.
+  AVIF, BMP and TIFF (`FORMATS`), and HEIC/HEIF when the caller enables it (`heic=True`, FACEGATE_IMAGE__HEIC: pi-heif's
+  plugin, libheif + libde265, which is registered with Pillow only then). Pillow reads some 40 formats; every parser is
+  attack surface and some hand the data to other programs (EPS runs Ghostscript), so other image formats (PSD, EPS,
+  ICO, TGA, ..., JPEG XL, which Pillow does not read, and HEIC/HEIF when not enabled) raise `UnsupportedImage`, named
+  from their first bytes alone (no parser of theirs runs); anything else raises `InvalidImage`. A TIFF whose pixel
+  layout Pillow does not decode (floating-point colour, 12-bit samples, ...) raises `UnsupportedImage` too.
 * Data whose decoding costs far more than its size says is refused before it is decoded: a JPEG (or MPO) with more
   than `MAX_JPEG_SCANS` scans or `MAX_JPEG_MARKERS` markers, or padded with more than `MAX_JPEG_JUNK` bytes, and a PNG
   with more than `MAX_PNG_CHUNKS` chunks or a GIF with more than `MAX_GIF_BLOCKS` extension blocks before its image
@@ -19,10 +20,14 @@ What decoding guarantees:
 * The whole image is decoded: truncated or corrupt data raises `InvalidImage` (Pillow's global
   `LOAD_TRUNCATED_IMAGES` is never set, so missing data is never filled in silently).
 * The EXIF orientation tag is applied, so the array is upright as a viewer shows it; EXIF that cannot be read is
-  ignored (the pixels as stored), and a readable orientation tag is applied even when other tags are malformed.
-* Animated images (GIF, APNG, WebP, multi-page TIFF) give their first frame.
+  ignored (the pixels as stored), and a readable orientation tag is applied even when other tags are malformed. HEIF
+  is the exception: libheif applies the file's own rotation and mirroring (irot, imir), which HEIF readers follow
+  rather than EXIF (an iPhone writes both, saying the same), so its EXIF orientation is not applied again.
+* Animated images (GIF, APNG, WebP, multi-page TIFF) give their first frame; a HEIF with several images (a burst)
+  gives its primary image.
 * Colour modes: greyscale and 1-bit are replicated to RGB; palettes are expanded; CMYK and YCbCr use Pillow's
-  conversion; 16-bit greyscale (I;16*) and 32-bit integer (I) images are scaled from 0..65535 to 0..255 with
+  conversion; 10- and 12-bit HEIF is scaled to 8 bits by libheif; 16-bit greyscale (I;16*) and 32-bit integer (I)
+  images are scaled from 0..65535 to 0..255 with
   rounding (v / 257; I values outside 0..65535 are clipped), 32-bit float (F) images from 0..1 when their maximum is
   at most 1, else they are clipped to 0..255. Transparency (an alpha channel, or a palette/grey tRNS entry) is
   composited on **white**: the colour under fully transparent pixels is undefined content (often black), while white
@@ -31,10 +36,13 @@ What decoding guarantees:
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import io
 import math
 import re
 import struct
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +65,11 @@ warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarn
 
 # Pillow plugin ids of the formats decoded (JPEG also opens MPO files).
 FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF")
+# pi-heif's plugin id: added to FORMATS for the callers that enable HEIC (`_formats`), and the file names of HEIF
+# photos (.hif: Canon's and Fujifilm's cameras) that folder commands pick up then.
+HEIF = "HEIF"
+HEIF_SUFFIXES = frozenset({".heic", ".heif", ".hif"})
+_HEIF_LOCK = threading.Lock()
 
 # Errors Pillow's decoders raise for malformed or truncated data. RuntimeError: libavif reports corrupt AVIF data
 # with it ("Decoding of color planes failed", "Missing or empty image item"), from Image.open as well as from load;
@@ -177,8 +190,19 @@ _SIGNATURES: tuple[tuple[str, tuple[bytes, ...]], ...] = (
     ("HDF5", (b"\x89HDF\r\n\x1a\n",)),
     ("IM", (b"Image type:",)),  # the first header line Pillow's IM writer puts
 )
-# ISO-BMFF brands of HEIF (HEIC is the iPhone's default); AVIF's is "avif".
-_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+# ISO-BMFF major brands of HEIF (HEIC is the iPhone's default; AVIF's is "avif") and their media types (ISO/IEC
+# 23008-12 Annex C: HEVC-coded images and sequences; mif1 and msf1 say nothing of the codec).
+_HEIF_MEDIA_TYPES = {
+    b"heic": "image/heic",
+    b"heix": "image/heic",
+    b"heim": "image/heic",
+    b"heis": "image/heic",
+    b"hevc": "image/heic-sequence",
+    b"hevx": "image/heic-sequence",
+    b"mif1": "image/heif",
+    b"msf1": "image/heif-sequence",
+}
+_HEIF_NAME = "HEIF/HEIC"  # `details.format` of a HEIF refused
 _XBM = re.compile(rb"\s{0,16}#define[ \t]+\S*_width[ \t]+[0-9]+")
 # Netpbm: "P1".."P6" or "Pf", white space (and comment lines), then the width.
 _PNM = re.compile(rb"P[1-6f]\s+(?:#[^\n]*\n\s*)*[0-9]")
@@ -187,36 +211,42 @@ _WITH_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> Image:
+def decode_image(data: bytes, *, max_pixels: int, heic: bool = False) -> Image:
     """Decode an uploaded photo.
 
-    data: the file's bytes (JPEG, PNG, GIF, WebP, AVIF, BMP or TIFF).
+    data: the file's bytes (JPEG, PNG, GIF, WebP, AVIF, BMP or TIFF; HEIC/HEIF with `heic`).
     max_pixels: refuse images with more pixels than this (width x height, checked before decoding).
+    heic: decode HEIC/HEIF too (needs pi-heif, the `heic` extra); otherwise it raises UnsupportedImage.
     Returns a C-contiguous, read-only H x W x 3 uint8 RGB array, upright (EXIF orientation applied).
     Raises InvalidImage (empty, not an image, truncated or corrupt, unsupported mode, too costly a structure),
     UnsupportedImage (an image in another format) or ImageTooLarge.
     """
     if not data:
         raise InvalidImage("the upload is empty: no image data")
-    return _decode(data, max_pixels=max_pixels).pixels
+    return _decode(data, max_pixels=max_pixels, heic=heic).pixels
 
 
-def decode_to_fit(data: bytes, *, max_pixels: int, longest: int) -> SizedImage:
+def decode_to_fit(data: bytes, *, max_pixels: int, longest: int, heic: bool = False) -> SizedImage:
     """`decode_image` for a caller that shrinks the photo to a longer side of `longest` pixels anyway (the
     detector's working copy): a JPEG at least twice that size is decoded at the smallest of libjpeg's scales 1/2,
     1/4 and 1/8 that still leaves both sides at least as long as the shrunk photo's. A 12-megapixel phone photo then
-    decodes at 1/2 scale (about 2.7x faster) and a 40-megapixel one at 1/4, into 1/16 of the memory. Other formats,
-    and lossless JPEGs, are decoded whole. The result gives the photo's own upright size beside the pixels."""
+    decodes at 1/2 scale (about 2.7x faster) and a 40-megapixel one at 1/4, into 1/16 of the memory. Other formats
+    (HEIF included: libheif has no reduced scale), and lossless JPEGs, are decoded whole. The result gives the photo's
+    own upright size beside the pixels."""
     if not data:
         raise InvalidImage("the upload is empty: no image data")
     if longest < 1:
         raise ValueError(f"longest must be at least 1, got {longest}")
-    return _decode(data, max_pixels=max_pixels, longest=longest)
+    return _decode(data, max_pixels=max_pixels, longest=longest, heic=heic)
 
 
 def media_type(data: bytes) -> str:
-    """The MIME type of a photo facegate accepted (one of FORMATS), from its header alone; else
-    application/octet-stream."""
+    """The MIME type of a photo facegate accepted (one of FORMATS, or HEIF), from its header alone; else
+    application/octet-stream. A HEIF is named from its brand, without libheif, whatever FACEGATE_IMAGE__HEIC says now:
+    a photo stored while it was on keeps its type."""
+    heif = _heif_media_type(data)
+    if heif is not None:
+        return heif
     try:
         with PILImage.open(io.BytesIO(data), formats=FORMATS) as im:
             return PILImage.MIME.get(im.format or "", "application/octet-stream")
@@ -224,14 +254,14 @@ def media_type(data: bytes) -> str:
         return "application/octet-stream"
 
 
-def load_image(path: str | Path, *, max_pixels: int) -> Image:
+def load_image(path: str | Path, *, max_pixels: int, heic: bool = False) -> Image:
     """Decode a photo file as `decode_image` does. A missing or unreadable file raises OSError as usual."""
-    return _decode(_read_photo(path), max_pixels=max_pixels).pixels
+    return _decode(_read_photo(path), max_pixels=max_pixels, heic=heic).pixels
 
 
-def load_to_fit(path: str | Path, *, max_pixels: int, longest: int) -> SizedImage:
+def load_to_fit(path: str | Path, *, max_pixels: int, longest: int, heic: bool = False) -> SizedImage:
     """`decode_to_fit` for a photo file, with `load_image`'s errors."""
-    return decode_to_fit(_read_photo(path), max_pixels=max_pixels, longest=longest)
+    return decode_to_fit(_read_photo(path), max_pixels=max_pixels, longest=longest, heic=heic)
 
 
 def _read_photo(path: str | Path) -> bytes:
@@ -242,7 +272,7 @@ def _read_photo(path: str | Path) -> bytes:
     return data
 
 
-def _decode(data: bytes, *, max_pixels: int, longest: int | None = None) -> SizedImage:
+def _decode(data: bytes, *, max_pixels: int, longest: int | None = None, heic: bool = False) -> SizedImage:
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
     jpeg_frame = None
@@ -254,7 +284,7 @@ def _decode(data: bytes, *, max_pixels: int, longest: int | None = None) -> Size
     elif data.startswith(_GIF_SIGNATURES):
         _check_gif_structure(data)
     try:
-        im = PILImage.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
+        im = PILImage.open(io.BytesIO(data), formats=_formats(heic))  # reads the header only
     except PILImage.DecompressionBombError as exc:
         raise ImageTooLarge(f"the image has too many pixels ({exc})", max_pixels=max_pixels) from exc
     except UnidentifiedImageError as exc:
@@ -265,11 +295,11 @@ def _decode(data: bytes, *, max_pixels: int, longest: int | None = None) -> Size
                 format="TIFF",
             ) from exc
         unsupported = _unsupported_format(data)
+        if unsupported == _HEIF_NAME and heic:
+            # pi-heif's plugin turns libheif's reason into a SyntaxError, which Image.open drops
+            raise InvalidImage("the HEIF/HEIC image is truncated or corrupt: libheif cannot read it") from exc
         if unsupported is not None:
-            raise UnsupportedImage(
-                f"{unsupported} images are not supported; send JPEG, PNG, WebP, AVIF, GIF, BMP or TIFF",
-                format=unsupported,
-            ) from exc
+            raise UnsupportedImage(_unsupported_message(unsupported), format=unsupported) from exc
         raise InvalidImage("the data is not an image in a format we can read") from exc
     except _DECODE_ERRORS as exc:
         raise InvalidImage(f"the image is truncated or corrupt: {exc}") from exc
@@ -304,7 +334,8 @@ def _decode(data: bytes, *, max_pixels: int, longest: int | None = None) -> Size
             raise ImageTooLarge(f"the image has too many pixels ({exc})", max_pixels=max_pixels) from exc
         except _DECODE_ERRORS as exc:
             raise InvalidImage(f"the image data is truncated or corrupt: {exc}") from exc
-        method = _orientation(im)
+        # libheif has applied the HEIF's rotation and mirroring already (and pi-heif set its EXIF orientation to 1)
+        method = None if im.format == HEIF else _orientation(im)
         upright = im if method is None else im.transpose(method)
         if method in _SWAPS_SIDES:
             width, height = height, width
@@ -312,6 +343,44 @@ def _decode(data: bytes, *, max_pixels: int, longest: int | None = None) -> Size
             return SizedImage(_to_rgb(upright), width, height)
         except ValueError as exc:
             raise InvalidImage(f"unsupported image mode {upright.mode}: {exc}") from exc
+
+
+def _formats(heic: bool) -> tuple[str, ...]:
+    """The Pillow plugins Image.open may run on an upload: FORMATS, and pi-heif's HEIF plugin when `heic`. The
+    plugin is registered with Pillow on the first such call, for the whole process; a caller without `heic` never
+    names it, so its data never reaches libheif (and a process that never enables HEIC never loads it)."""
+    if not heic:
+        return FORMATS
+    import pi_heif  # here: only a process that decodes HEIC loads libheif (the settings checked that it can)
+
+    with _HEIF_LOCK:
+        if PILImage.OPEN.get(HEIF, (None, None))[0] is not pi_heif.HeifImageFile:
+            # Thumbnails, depth maps and auxiliary images are never decoded here: not even listed when a file is
+            # opened. (The alpha plane is libheif's to decode with the image.)
+            pi_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+    return (*FORMATS, HEIF)
+
+
+@functools.cache
+def _heif_installed() -> bool:
+    return importlib.util.find_spec("pi_heif") is not None
+
+
+def _unsupported_message(name: str) -> str:
+    if name != _HEIF_NAME:
+        return f"{name} images are not supported; send JPEG, PNG, WebP, AVIF, GIF, BMP or TIFF"
+    enable = "FACEGATE_IMAGE__HEIC=true"
+    if not _heif_installed():
+        enable += " and facegate's `heic` extra (pi-heif)"
+    return (
+        f"HEIF/HEIC images are not decoded by this server (its operator can enable them with {enable}); send JPEG, "
+        "PNG, WebP, AVIF, GIF, BMP or TIFF"
+    )
+
+
+def _heif_media_type(data: bytes) -> str | None:
+    """The media type of a HEIF, from its `ftyp` box's major brand (None: not a HEIF)."""
+    return _HEIF_MEDIA_TYPES.get(data[8:12]) if data[4:8] == b"ftyp" else None
 
 
 def _check_jpeg_structure(data: bytes) -> int | None:
@@ -462,8 +531,8 @@ def _unsupported_format(data: bytes) -> str | None:
     those of an image format. Formats without a signature, which Pillow recognises only by running its parser on
     anything (SPIDER, IPTC, IMT, McIDAS, DIB, GIMP brushes), are not named: to facegate they are not images."""
     head = data[:64]
-    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:  # the major brand
-        return "HEIF/HEIC"
+    if _heif_media_type(head) is not None:
+        return _HEIF_NAME
     for name, signatures in _SIGNATURES:
         if head.startswith(signatures):
             return name

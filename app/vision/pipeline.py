@@ -265,16 +265,18 @@ class Pipeline:
         return {"detector": self.detector.provider, "embedder": self.embedder.provider}
 
     def decoder(self, data: bytes) -> Callable[[], SizedImage]:
-        """A loader of photo bytes for this pipeline: decoded under `image.max_pixels`, a large JPEG straight to a
-        reduced scale near the detector's `max_side` (decode_to_fit)."""
+        """A loader of photo bytes for this pipeline: decoded under `image.max_pixels` (HEIC too with `image.heic`),
+        a large JPEG straight to a reduced scale near the detector's `max_side` (decode_to_fit)."""
+        image = self.settings.image
         return functools.partial(
-            decode_to_fit, data, max_pixels=self.settings.image.max_pixels, longest=self.settings.detector.max_side
+            decode_to_fit, data, max_pixels=image.max_pixels, longest=self.settings.detector.max_side, heic=image.heic
         )
 
     def file_loader(self, path: Path) -> Callable[[], SizedImage]:
         """`decoder` for a photo file (OSError if it cannot be read, when loaded)."""
+        image = self.settings.image
         return functools.partial(
-            load_to_fit, path, max_pixels=self.settings.image.max_pixels, longest=self.settings.detector.max_side
+            load_to_fit, path, max_pixels=image.max_pixels, longest=self.settings.detector.max_side, heic=image.heic
         )
 
     def working(self, image: PhotoSource) -> WorkingImage:

@@ -25,7 +25,6 @@ from app.cli.common import (
     open_service,
     pipeline_call,
     positive_distance,
-    require_gallery,
     target_far,
     writing_reports,
 )
@@ -164,7 +163,7 @@ def eval_identify(
         pipeline_call(settings) as pipeline,
         failing_on_errors(),
     ):
-        n_photos = len(person_photos(images))
+        n_photos = len(person_photos(images, heic=settings.image.heic))
         with typer.progressbar(length=n_photos, label="Embedding", show_pos=True, file=sys.stderr) as bar:
             result = run_identify_eval(images, settings=settings, cache=cache, pipeline=pipeline, progress=bar.update)
     with writing_reports(out):
@@ -205,8 +204,6 @@ def calibrate(
     settings = load_settings()
     with failing_on_errors():
         pair_list = evaluation.read_pairs(pairs)
-    if apply:
-        require_gallery(settings)  # the threshold goes into an existing gallery, not a new file next to it
     service = open_service(settings) if apply else None
     pipeline = service.pipeline if service is not None else open_pipeline(settings)
     try:

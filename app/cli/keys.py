@@ -88,7 +88,7 @@ def keys_list(
     """List keys: prefix, id, scope, created, last used (to the minute), state, name. Never a key or a hash."""
     from app.auth.store import list_keys
 
-    with _keys_session(existing_gallery=True) as session:
+    with _keys_session() as session:
         keys = list_keys(session, include_revoked=include_revoked)
     if as_json:
         typer.echo(

@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from app.config import DetectorSettings
-from app.errors import FacegateError, InvalidRequest
+from app.errors import FacegateError, InvalidRequest, UnsupportedImage
 from app.matching.calibration import FarCalibration, calibrate_far
 from app.matching.distances import pairwise_squared_l2
 from app.matching.evaluation import VerificationReport, evaluate_pairs
@@ -182,6 +182,10 @@ class EmbeddingCache:
         except OSError:
             return None
         size, mtime, value = entry
+        if value.error == UnsupportedImage.code:
+            # Whether a format is decoded is a setting (FACEGATE_IMAGE__HEIC), not in the signature: such a photo is
+            # tried again, at no cost (it is refused from its first bytes).
+            return None
         return value if (size, mtime) == (stat.st_size, stat.st_mtime_ns) else None
 
     def put(self, relative: str, file: Path, value: Embedded) -> None:

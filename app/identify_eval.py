@@ -48,6 +48,7 @@ from app.matching.openset_eval import (
     enrolment_split,
     evaluate_identification,
 )
+from app.vision.decode import HEIF_SUFFIXES
 from app.vision.pipeline import Pipeline
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "format_identify_table",
     "folder_entries",
     "person_photos",
+    "photo_suffixes",
     "run_identify_eval",
     "write_identify_report",
 ]
@@ -80,9 +82,16 @@ def folder_entries(folder: Path) -> list[Path]:
         raise InvalidRequest(f"cannot read the folder {folder}: {error.strerror}", field="images") from None
 
 
-def person_photos(images_dir: Path) -> list[str]:
-    """Photo files one folder down, "person/file", sorted by (person, file name). Raises InvalidRequest if none."""
+def photo_suffixes(heic: bool) -> frozenset[str]:
+    """The file names of photos in a folder: HEIC/HEIF ones too when they are decoded (FACEGATE_IMAGE__HEIC)."""
+    return PHOTO_SUFFIXES | HEIF_SUFFIXES if heic else PHOTO_SUFFIXES
+
+
+def person_photos(images_dir: Path, *, heic: bool = False) -> list[str]:
+    """Photo files one folder down, "person/file", sorted by (person, file name); HEIC/HEIF files too with `heic`.
+    Raises InvalidRequest if none."""
     root = Path(images_dir)
+    suffixes = photo_suffixes(heic)
     if not root.is_dir():
         raise InvalidRequest(f"{root} is not a folder", field="images")
     found = [
@@ -90,7 +99,7 @@ def person_photos(images_dir: Path) -> list[str]:
         for person in folder_entries(root)
         if person.is_dir() and not person.name.startswith(".")
         for photo in folder_entries(person)
-        if photo.is_file() and not photo.name.startswith(".") and photo.suffix.lower() in PHOTO_SUFFIXES
+        if photo.is_file() and not photo.name.startswith(".") and photo.suffix.lower() in suffixes
     ]
     if not found:
         raise InvalidRequest(f"{root} holds no photos in per-person folders (person/photo.jpg)", field="images")
@@ -233,7 +242,8 @@ def run_identify_eval(
     shipped one). progress(n): called after each photo. Raises InvalidRequest when the folder cannot give the
     protocol (no photos, fewer than 3 people with faces, no probe or no stranger).
     """
-    photos = person_photos(images_dir)
+    heic = (pipeline.settings if pipeline is not None else settings).image.heic  # the pipeline's decoder's
+    photos = person_photos(images_dir, heic=heic)
     pipe = pipeline if pipeline is not None else Pipeline.from_settings(settings)
     signature = pipeline_signature(pipe.model_version, pipe.settings.detector)
     store = EmbeddingCache.load(cache, signature) if isinstance(cache, Path) else cache

@@ -341,3 +341,24 @@ def test_ctrl_c_says_nothing_was_written(
     assert result.exit_code == 130, result.output
     assert result.stderr.splitlines()[-1] == f"interrupted: {said}"
     assert not (tmp_path / "out" / "eval.json").exists() and not (tmp_path / "out" / "eval-identify.json").exists()
+
+
+def test_folder_commands_pick_up_heic_photos_only_when_they_are_decoded(tmp_path: Path) -> None:
+    """With FACEGATE_IMAGE__HEIC on, `enroll DIR`, `cluster`, `eval-identify` and `train` list HEIC/HEIF files (an
+    iPhone names them IMG_0001.HEIC; .hif: Canon, Fujifilm); off, they are left out as before."""
+    from app.cli.cluster import _photos_under
+    from app.cli.common import PhotoSelection
+    from app.cli.people import _people
+    from app.identify_eval import person_photos
+    from app.training.data import folder_photos
+
+    for name in ("amy/1.jpg", "amy/IMG_0001.HEIC", "amy/2.heif", "amy/3.hif", "raj/1.heic"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    every = ["amy/1.jpg", "amy/2.heif", "amy/3.hif", "amy/IMG_0001.HEIC", "raj/1.heic"]
+    assert person_photos(tmp_path) == folder_photos(tmp_path) == ["amy/1.jpg"]
+    assert person_photos(tmp_path, heic=True) == folder_photos(tmp_path, heic=True) == every
+    for heic, expected in ((False, ["amy/1.jpg"]), (True, every)):
+        assert [p.relative_to(tmp_path).as_posix() for p in _photos_under(tmp_path, [], heic=heic)] == expected
+        people = _people(tmp_path, PhotoSelection.all, [], heic=heic)
+        assert [f"{person}/{photo.name}" for person, photos in people for photo in photos] == expected

@@ -38,3 +38,15 @@ def test_a_damaged_cache_starts_afresh(saved: Path, damage: Callable[[bytes], by
     saved.write_bytes(damage(saved.read_bytes()))
     cache = EmbeddingCache.load(saved, SIGNATURE)
     assert cache.entries == {} and cache.signature == SIGNATURE
+
+
+def test_a_photo_refused_as_unsupported_is_tried_again(tmp_path: Path) -> None:
+    """Whether a format is decoded is a setting (FACEGATE_IMAGE__HEIC), not part of the cache's signature: a HEIC
+    refused while it was off must not stay refused once it is on."""
+    cache = EmbeddingCache(SIGNATURE)
+    photo = tmp_path / "a.heic"
+    photo.write_bytes(b"photo")
+    cache.put("a.heic", photo, Embedded(np.full(128, np.nan, np.float32), "unsupported_image"))
+    cache.put("b.heic", photo, Embedded(np.full(128, np.nan, np.float32), "no_face"))
+    assert cache.get("a.heic", photo) is None
+    assert cache.get("b.heic", photo) is not None

@@ -12,11 +12,11 @@ import typer
 
 from app.cli.common import Unusable, cli, fail, load_settings, on_interrupt, pipeline_call, positive_distance, shown
 from app.grouping import ClusterMember, ClusterReport, cluster_files
-from app.identify_eval import PHOTO_SUFFIXES
+from app.identify_eval import photo_suffixes
 
 
-def _photos_under(directory: Path, unreadable: list[Unusable]) -> list[Path]:
-    """Photo files below `directory`, hidden names left out. Linked folders are followed, as `enroll DIR` follows
+def _photos_under(directory: Path, unreadable: list[Unusable], *, heic: bool = False) -> list[Path]:
+    """Photo files below `directory` (HEIC/HEIF ones with `heic`), hidden names left out. Linked folders are followed, as `enroll DIR` follows
     them (Path.rglob does not before Python 3.13), each real folder once: a link back up ends no walk. A folder
     that cannot be listed (no permission) is added to `unreadable`, as enroll lists it: os.walk skipped it
     silently, its photos missing from the clusters without a word; DIRECTORY itself is an error."""
@@ -26,6 +26,7 @@ def _photos_under(directory: Path, unreadable: list[Unusable]) -> list[Path]:
             fail(f"cannot read {shown(directory)}: {error.strerror}")
         unreadable.append(Unusable.unreadable_folder(os.path.relpath(error.filename, directory), error))
 
+    suffixes = photo_suffixes(heic)
     photos = []
     seen: set[str] = set()
     for folder, subfolders, files in os.walk(directory, onerror=cannot_list, followlinks=True):
@@ -37,7 +38,7 @@ def _photos_under(directory: Path, unreadable: list[Unusable]) -> list[Path]:
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         for name in files:
             path = Path(folder) / name
-            if not name.startswith(".") and path.suffix.lower() in PHOTO_SUFFIXES and path.is_file():
+            if not name.startswith(".") and path.suffix.lower() in suffixes and path.is_file():
                 photos.append(path)
     return sorted(photos)
 
@@ -79,11 +80,11 @@ def cluster(
     as_json: Annotated[bool, typer.Option("--json", help="Print the clusters as JSON.")] = False,
 ) -> None:
     """Group the faces of every photo under DIRECTORY by person (chinese whispers, as dlib)."""
+    settings = load_settings()
     unreadable: list[Unusable] = []
-    files = _photos_under(directory, unreadable)
+    files = _photos_under(directory, unreadable, heic=settings.image.heic)
     if not files and not unreadable:
         fail(f"no photos under {directory}")
-    settings = load_settings()
     with (
         on_interrupt(lambda: "nothing was written (cluster only prints)"),
         pipeline_call(settings) as pipeline,

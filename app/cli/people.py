@@ -26,23 +26,24 @@ from app.cli.common import (
     shown,
 )
 from app.errors import FacegateError
-from app.identify_eval import PHOTO_SUFFIXES
+from app.identify_eval import photo_suffixes
 from app.service import FacePolicy, FaceService, IdentifyResult, VerifyResult
 from app.vision.types import Face
 
 
 def _people(
-    directory: Path, selection: PhotoSelection, unreadable: list[Unusable]
+    directory: Path, selection: PhotoSelection, unreadable: list[Unusable], *, heic: bool = False
 ) -> Iterator[tuple[str, list[Path]]]:
-    """Each person's folder and photos; a folder that cannot be listed (no permission) is added to `unreadable`
-    rather than ending the command with a traceback."""
+    """Each person's folder and photos (HEIC/HEIF ones with `heic`); a folder that cannot be listed (no permission)
+    is added to `unreadable` rather than ending the command with a traceback."""
+    suffixes = photo_suffixes(heic)
     try:
         people = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError as error:
         fail(f"cannot read {shown(directory)}: {error.strerror}")
     for person in people:
         try:
-            photos = sorted(p for p in person.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+            photos = sorted(p for p in person.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
         except OSError as error:
             unreadable.append(Unusable.unreadable_folder(person, error))
             continue
@@ -84,7 +85,8 @@ def enroll(
     """Enrol every person of DIRECTORY. A folder whose name is already an identity's name adds faces to it; photos
     it already has are skipped, so a run can be repeated after an interruption or a fix."""
     failures: list[Unusable] = []
-    people = list(_people(directory, photos, failures))
+    settings = load_settings()
+    people = list(_people(directory, photos, failures, heic=settings.image.heic))
     if not people and not failures:
         fail(f"no photos in sub-folders of {directory}")
     created = added = skipped = 0
@@ -98,7 +100,7 @@ def enroll(
         )
 
     with on_interrupt(enrolled_so_far):
-        service = open_service(load_settings())
+        service = open_service(settings)
         try:
             total = sum(len(p) for _, p in people)
             with typer.progressbar(length=total, label="Enrolling", show_pos=True) as bar:

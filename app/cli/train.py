@@ -183,7 +183,7 @@ def train(
                 lr=lr,
                 seed=seed,
             )
-            count = len(folder_photos(images))
+            count = len(folder_photos(images, heic=settings.image.heic))
             with (
                 pipeline_call(settings) as pipeline,
                 typer.progressbar(length=count, label="Embedding", show_pos=True, file=sys.stderr) as bar,

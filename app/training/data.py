@@ -19,7 +19,7 @@ import numpy.typing as npt
 from app.config import HeadSettings
 from app.errors import InvalidRequest
 from app.evaluate import EmbeddingCache, embed_photos, pipeline_signature
-from app.identify_eval import PHOTO_SUFFIXES, folder_entries
+from app.identify_eval import folder_entries, photo_suffixes
 from app.vision.pipeline import Pipeline
 
 __all__ = ["EmbeddingSet", "base_pipeline", "embed_folder", "folder_photos", "pair_indices", "split_identities"]
@@ -75,16 +75,18 @@ class EmbeddingSet:
         return cls(matrix, labels, tuple(names), tuple(found), missing=len(paths) - len(found))
 
 
-def folder_photos(images: Path) -> list[str]:
-    """Photo paths (relative, sorted) in a folder with one sub-folder per person."""
+def folder_photos(images: Path, *, heic: bool = False) -> list[str]:
+    """Photo paths (relative, sorted) in a folder with one sub-folder per person; HEIC/HEIF files too with `heic`
+    (FACEGATE_IMAGE__HEIC)."""
     root = Path(images)
+    suffixes = photo_suffixes(heic)
     if not root.is_dir():
         raise InvalidRequest(f"{images} is not a folder", field="images")
     photos = []
     for person in folder_entries(root):
         if person.is_dir():
             folder_entries(person)  # refused if it cannot be listed: rglob would leave the person out silently
-            found = (p for p in person.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+            found = (p for p in person.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
             photos += [str(p.relative_to(root)) for p in found]
     photos.sort()
     if not photos:
@@ -112,7 +114,7 @@ def embed_folder(
 ) -> EmbeddingSet:
     """Base embeddings of every photo under `images` (one sub-folder per person), cached in `cache_path`."""
     pipeline = base_pipeline(pipeline)
-    photos = folder_photos(images)
+    photos = folder_photos(images, heic=pipeline.settings.image.heic)
     cache = None
     if cache_path is not None:
         cache = EmbeddingCache.load(cache_path, pipeline_signature(pipeline.model_version, pipeline.settings.detector))

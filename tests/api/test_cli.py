@@ -21,6 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli import cli
+from tests.interrupts import interrupted_on_call
 
 pytestmark = pytest.mark.model
 
@@ -148,16 +149,7 @@ def test_ctrl_c_during_enroll_says_what_stays_enrolled(
     for relative in AMY[:2] + RAJ:
         (people / relative.split("/")[0]).mkdir(parents=True, exist_ok=True)
         (people / relative).symlink_to(dev_faces / relative)
-    reads = 0
-
-    def ctrl_c_on_the_third_photo(path: Path) -> bytes:  # raised where a SIGINT would land, between two photos
-        nonlocal reads
-        reads += 1
-        if reads == 3:
-            raise KeyboardInterrupt
-        return read(path)
-
-    monkeypatch.setattr(people_cli, "read_bytes", ctrl_c_on_the_third_photo)
+    monkeypatch.setattr(people_cli, "read_bytes", interrupted_on_call(3, read))  # between two photos
     result = CliRunner().invoke(cli, ["enroll", str(people), "--photos", "all"])
     assert result.exit_code == 130, result.output
     assert result.stderr.splitlines()[-1] == (

@@ -21,6 +21,7 @@ from app.vision.head import EmbeddingHead, load_head
 from app.vision.models import load_manifest
 from app.vision.types import Box
 from tests.gallery.conftest import MODEL, database_url, open_gallery, pg_schema_url, postgres_server, random_embeddings  # noqa: F401
+from tests.interrupts import interrupted_on_call
 from tests.training.conftest import synthetic_set
 
 
@@ -211,16 +212,8 @@ def test_ctrl_c_during_the_cli_reindex_says_whether_it_was_committed(
     monkeypatch.setattr(app.gallery.reindex, "_reindex", rewrite)
 
     load = Gallery.load
-    loads = 0
-
-    def ctrl_c_after_the_commit(self: Gallery) -> Any:  # the index rebuilt after the commit (the first load: at open)
-        nonlocal loads
-        loads += 1
-        if loads == 2:
-            raise KeyboardInterrupt
-        return load(self)
-
-    monkeypatch.setattr(Gallery, "load", ctrl_c_after_the_commit)
+    # The index rebuilt after the commit (the first load: at open).
+    monkeypatch.setattr(Gallery, "load", interrupted_on_call(2, load))
     result = CliRunner().invoke(cli, ["reindex"])
     assert result.exit_code == 130, result.output
     assert result.stderr == f"interrupted: the reindex had been committed: 2 faces are now at model version {base}\n"

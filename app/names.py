@@ -11,9 +11,10 @@ __all__ = ["clean_name"]
 
 def clean_name(name: str, *, what: str = "name") -> str:
     """The name without surrounding white space. Refused (before any model work): blank; not valid UTF-8 (a lone
-    surrogate); holding a control character or line break (NUL, ESC, CR/LF, ...: they forge log lines and terminal output and are never part of a
-    person's name); or holding an invisible character that reorders or hides text (`_hidden_in_names`). Every name
-    a person gives comes here (enrolment, PATCH /identities/{id}, `facegate enroll`), and an API key's name."""
+    surrogate); holding a control character or line break (NUL, ESC, CR/LF, ...: they forge log lines and terminal
+    output and are never part of a person's name); or holding an invisible character that reorders or hides text
+    (`_hidden_in_names`). Every name a person gives comes here (enrolment, PATCH /identities/{id}, `facegate enroll`),
+    and an API key's name."""
     cleaned = name.strip()
     if not cleaned:
         raise InvalidRequest(f"{what} must not be blank", field="name")

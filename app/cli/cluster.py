@@ -16,10 +16,11 @@ from app.identify_eval import photo_suffixes
 
 
 def _photos_under(directory: Path, unreadable: list[Unusable], *, heic: bool = False) -> list[Path]:
-    """Photo files below `directory` (HEIC/HEIF ones with `heic`), hidden names left out. Linked folders are followed, as `enroll DIR` follows
-    them (Path.rglob does not before Python 3.13), each real folder once: a link back up ends no walk. A folder
-    that cannot be listed (no permission) is added to `unreadable`, as enroll lists it: os.walk skipped it
-    silently, its photos missing from the clusters without a word; DIRECTORY itself is an error."""
+    """Photo files below `directory` (HEIC/HEIF ones with `heic`), hidden names left out. Linked folders are
+    followed, as `enroll DIR` follows them (Path.rglob does not before Python 3.13), each real folder once: a link
+    back up ends no walk. A folder that cannot be listed (no permission) is added to `unreadable`, as enroll lists
+    it: os.walk skipped it silently, its photos missing from the clusters without a word; DIRECTORY itself is an
+    error."""
 
     def cannot_list(error: OSError) -> None:
         if error.filename in (None, os.fspath(directory)):  # os.walk names DIRECTORY as it was given

@@ -258,7 +258,10 @@ def reindex_command(
             try:
                 done = elsewhere - _faces_elsewhere(gallery)
             except SQLAlchemyError:  # e.g. a PostgreSQL connection cut mid-query by the interrupt
-                return "whether it had been committed cannot be read: run `facegate reindex` again (it rewrites what is left)"
+                return (
+                    "whether it had been committed cannot be read: run `facegate reindex` again (it rewrites what is "
+                    "left)"
+                )
             if done > 0:
                 return f"the reindex had been committed: {done} faces are now at model version {gallery.model_version}"
         return "no face was changed (the reindex is one transaction, rolled back); run `facegate reindex` again"

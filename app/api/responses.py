@@ -30,13 +30,15 @@ _DESCRIPTIONS = {
     500: "internal_error: logged; the body names nothing internal",
     503: "model_unavailable (routes that run the models): the models (or the served head) are missing or corrupt, or "
     "the required GPU is unusable / server_busy (routes that take a body): the worker already holds "
-    "image.max_inflight_bytes of request bodies; retry after the Retry-After header's seconds",
+    "image.max_inflight_bytes of request bodies; retry after the Retry-After header's seconds / shutting_down (any "
+    "route): the request was still running when the server's shutdown timeout ran out after SIGTERM",
 }
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """`responses=` for a route: the listed statuses plus 422 (validation) and 500, all as ErrorResponse."""
-    codes = sorted(set(statuses) | {422, 500})
+    """`responses=` for a route: the listed statuses plus 422 (validation), 500 and 503 (shutting_down: any request
+    still running when the shutdown timeout runs out), all as ErrorResponse."""
+    codes = sorted(set(statuses) | {422, 500, 503})
     return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]} for code in codes}
 
 

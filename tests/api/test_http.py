@@ -355,9 +355,11 @@ def test_openapi_documents_every_error(shared_client: TestClient) -> None:
             responses = operation["responses"]
             if path in ("/healthz", "/metrics"):
                 continue
-            for status in ("422", "500"):
+            for status in ("422", "500", "503"):
                 ref = responses[status]["content"]["application/json"]["schema"]["$ref"]
-                assert ref.endswith("/ErrorResponse"), (path, method, status)
+                expected = "/Readiness" if (path, status) == ("/readyz", "503") else "/ErrorResponse"  # not ready
+                assert ref.endswith(expected), (path, method, status)
+            assert "shutting_down" in responses["503"]["description"], (path, method)  # any request, at shutdown
     assert {"404", "413", "422"} <= set(schema["paths"]["/enroll"]["post"]["responses"])
     docs = shared_client.get("/docs")
     assert docs.status_code == 200 and "cdn." not in docs.text and "https://" not in docs.text

@@ -28,16 +28,20 @@ async def healthz() -> Health:
     return Health()
 
 
+# A probe still running when the shutdown timeout runs out is answered like any request: 503 shutting_down.
+_CUT = " (a probe cut at shutdown: shutting_down, as ErrorResponse)"
+
+
 @router.head(
     "/readyz",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "Not ready."}, **responses.errors()},
+    responses={**responses.errors(), 503: {"model": Readiness, "description": f"Not ready{_CUT}."}},
     summary="Ready to serve (status only, no body)",
 )
 @router.get(
     "/readyz",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "Not ready: see `problems`."}, **responses.errors()},
+    responses={**responses.errors(), 503: {"model": Readiness, "description": f"Not ready: see `problems`{_CUT}."}},
     summary="Ready to serve: models loaded, database reachable, index built",
 )
 async def readyz(service: ServiceDep) -> JSONResponse:

@@ -52,6 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; nothing is opened until the lifespan starts (`with TestClient(app)` / uvicorn startup)."""
     settings = settings if settings is not None else get_settings()
     metrics = Metrics(shared_directory())  # several workers (facegate serve --workers N) share their metrics
+    # One per app, so one per worker process: the request bodies this worker holds at once.
+    body_budget = BodyBudget(settings.image.max_inflight_bytes)
     # Starlette writes an uploaded file over `spool_max_size` (1 MB) to a temporary file on disk: a photo is
     # biometric data and must never touch the disk. No upload can exceed the body limit, so up to that, it stays in
     # memory. (A class attribute, shared by every app of the process: only ever raised.)
@@ -67,7 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             service.close()
             raise
         metrics.info.labels(service.pipeline.model_version).set(1)
-        metrics.watch(service.gallery.peek_stats, service.pipeline.providers)
+        metrics.watch(service.gallery.peek_stats, service.pipeline.providers, lambda: body_budget.held)
         service.pipeline.on_batch = metrics.observe_batch
         try:
             yield
@@ -85,8 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    # One per app, so one per worker process: the request bodies this worker holds at once.
-    app.state.body_budget = body_budget = BodyBudget(settings.image.max_inflight_bytes)
+    app.state.body_budget = body_budget
     # No automatic `/enroll/` -> `/enroll` redirect: Starlette's is absolute (http:// behind a TLS proxy) and a 307
     # makes a client post the photo again; the 404 handler answers trailing slashes instead (app/api/errors.py).
     app.router.redirect_slashes = False

@@ -119,6 +119,14 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemostrecent",
         )
+        # The body budget's use (image.max_inflight_bytes): a sum over the workers, each as of its last request or,
+        # for the one answering the scrape, now.
+        self.body_bytes = Gauge(
+            "facegate_request_body_bytes_held",
+            "Request-body bytes held by requests in flight (the worker's budget: FACEGATE_IMAGE__MAX_INFLIGHT_BYTES)",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
         self.providers = Gauge(
             "facegate_provider_info",
             "ONNX Runtime execution provider in use per network (1 = in use)",
@@ -130,18 +138,26 @@ class Metrics:
         self.recent = SharedRecent(shared, RECENT_WINDOW) if shared is not None else _LocalRecent(RECENT_WINDOW)
         self._gallery: Callable[[], IndexStats | None] = lambda: None
         self._networks: Callable[[], Mapping[str, str | None]] = dict
+        self._body_held: Callable[[], int] = lambda: 0
         self._gallery_seen: IndexStats | None = None
         self._providers_seen: dict[str, str] = {}
 
-    def watch(self, gallery: Callable[[], IndexStats | None], providers: Callable[[], Mapping[str, str | None]]) -> None:
-        """Follow the index and the networks' providers (read after each request and at each scrape). `gallery` must
-        not wait (it runs on the event loop): None while the index is busy keeps the gauge as it was."""
-        self._gallery, self._networks = gallery, providers
+    def watch(
+        self,
+        gallery: Callable[[], IndexStats | None],
+        providers: Callable[[], Mapping[str, str | None]],
+        body_held: Callable[[], int] = lambda: 0,
+    ) -> None:
+        """Follow the index, the networks' providers and the request bytes held (read after each request and at each
+        scrape). `gallery` must not wait (it runs on the event loop): None while the index is busy keeps the gauge as
+        it was."""
+        self._gallery, self._networks, self._body_held = gallery, providers, body_held
         self.refresh()
 
     def refresh(self) -> None:
         """Set the gauges that changed: the index (size or replay position: a timestamp for "mostrecent" says
         this worker's view is the newest) and the providers (a network loads on first use unless preloaded)."""
+        self.body_bytes.set(self._body_held())
         stats = self._gallery()
         if stats is not None and stats != self._gallery_seen:
             self.gallery_faces.set(stats.size)

@@ -187,6 +187,8 @@ def test_uploads_over_the_budget_are_refused_while_those_that_fit_are_answered(b
         for upload in slow:
             await upload.held.wait()
         assert budget.held == 6_000  # what has arrived (3 of each one's 4 chunks), not what was declared
+        scraped = budget_client.app.state.metrics.render().decode()  # type: ignore[attr-defined]  # as /metrics
+        assert "facegate_request_body_bytes_held 6000.0" in scraped
         declared = await Upload(budget_client.app, calibrate_body(3_000)).start().finished()
         chunked = await Upload(budget_client.app, calibrate_body(4_000), declare=False).start().finished()
         fits = await Upload(budget_client.app, calibrate_body(2_000)).start().finished()
@@ -207,6 +209,7 @@ def test_uploads_over_the_budget_are_refused_while_those_that_fit_are_answered(b
     full = budget_client.post("/calibrate", content=calibrate_body(LIMIT), headers=JSON)
     assert full.status_code == 200, full.text
     assert budget.held == 0
+    assert "facegate_request_body_bytes_held 0.0" in budget_client.get("/metrics").text
 
 
 def test_a_body_over_the_size_limit_is_still_413_when_the_budget_has_no_room(budget_client: TestClient) -> None:

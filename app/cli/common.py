@@ -275,6 +275,12 @@ def on_interrupt(state: Callable[[], str]) -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+def embeddings_kept(cache: Path | None) -> str:
+    """The end of the `interrupted:` line of a command with --cache, which saves the embeddings made so far on its way
+    out ("" without one)."""
+    return f"; the photos embedded so far are kept in {cache}" if cache is not None else ""
+
+
 @contextmanager
 def interrupts_held() -> Iterator[None]:
     """A Ctrl-C inside waits until the block has ended, then is raised (KeyboardInterrupt): for a short write that

@@ -17,6 +17,7 @@ from app.cli.common import (
     CacheOption,
     cli,
     default_threshold,
+    embeddings_kept,
     failing_on_errors,
     load_settings,
     make_folder,
@@ -44,12 +45,6 @@ PairsOption = Annotated[
 ImagesOption = Annotated[
     Path, typer.Option("--images", exists=True, file_okay=False, help="Folder the pair paths are relative to.")
 ]
-
-
-def _nothing_written(what: str, cache: Path | None) -> str:
-    """The `interrupted:` line of a command that writes only at the end (and its --cache on the way out)."""
-    kept = f"; the photos embedded so far are kept in {cache}" if cache is not None else ""
-    return f"{what}{kept}"
 
 
 def _pair_distances(
@@ -104,7 +99,7 @@ def eval_pairs(
     with failing_on_errors():
         pair_list = evaluation.read_pairs(pairs)
     make_folder(out, "the --out folder")
-    with on_interrupt(lambda: _nothing_written("no report was written", cache)), pipeline_call(settings) as pipeline:
+    with on_interrupt(lambda: f"no report was written{embeddings_kept(cache)}"), pipeline_call(settings) as pipeline:
         distances, embedded = _pair_distances(pipeline, pair_list, images, cache)
     with failing_on_errors():
         result = evaluation.evaluate_distances(
@@ -159,7 +154,7 @@ def eval_identify(
     settings = load_settings()
     make_folder(out, "the --out folder")
     with (
-        on_interrupt(lambda: _nothing_written("no report was written", cache)),
+        on_interrupt(lambda: f"no report was written{embeddings_kept(cache)}"),
         pipeline_call(settings) as pipeline,
         failing_on_errors(),
     ):
@@ -207,7 +202,7 @@ def calibrate(
     service = open_service(settings) if apply else None
     pipeline = service.pipeline if service is not None else open_pipeline(settings)
     try:
-        with on_interrupt(lambda: _nothing_written("no threshold was computed or stored", cache)):
+        with on_interrupt(lambda: f"no threshold was computed or stored{embeddings_kept(cache)}"):
             distances, embedded = _pair_distances(pipeline, pair_list, images, cache)
         same = np.array([p.same for p in pair_list], bool)
         found = ~np.isnan(distances)

@@ -14,6 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.cli.common import (
     CacheOption,
     cli,
+    embeddings_kept,
     fail,
     failing_on_errors,
     float_range,
@@ -164,8 +165,7 @@ def train(
     def head_state() -> str:
         if registered:
             return f"the head was registered in {folder} (serve it with FACEGATE_HEAD__NAME={name})"
-        kept = f"; the photos embedded so far are kept in {cache}" if cache is not None else ""
-        return f"no head was registered (any head already named {name} is left as it was){kept}"
+        return f"no head was registered (any head already named {name} is left as it was){embeddings_kept(cache)}"
 
     with on_interrupt(head_state):
         try:

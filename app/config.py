@@ -556,6 +556,29 @@ class Settings(BaseSettings):
         ),
     )
 
+    request_timeout: float = Field(
+        default=120.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Seconds a request (headers and body) has to arrive whole after its first byte, however steadily it "
+            "comes: a client sending a byte now and then would otherwise hold its connection for ever. Past it the "
+            "connection is closed, after a 408 request_timeout. 120 s takes a 20 MiB upload at 1.4 Mbit/s; raise it "
+            "with image.max_upload_bytes or for slow links."
+        ),
+    )
+    request_idle_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Seconds without a byte from the client, while a request is arriving or since its connection opened, "
+            "after which the connection is closed (with a 408 request_timeout if a request had begun): a client "
+            "gone without closing (a phone out of coverage) would otherwise hold it, its file descriptor and what "
+            "it sent for ever. Between requests uvicorn's keep-alive timeout (5 s) applies instead."
+        ),
+    )
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:

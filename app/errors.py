@@ -69,6 +69,13 @@ class ServerBusy(FacegateError):
     code = "server_busy"
 
 
+class RequestTimeout(FacegateError):
+    """A request that did not arrive in time (its bytes stopped, or came too slowly): answered by the server's HTTP
+    protocol (app/api/request_timeouts.py), which then closes the connection."""
+
+    code = "request_timeout"
+
+
 class InvalidRequest(FacegateError):
     """A request that is well-formed but asks for something contradictory (e.g. both `name` and `identity_id`)."""
 

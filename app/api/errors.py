@@ -32,6 +32,9 @@ Status map (also in the OpenAPI document of every route):
 | model_unavailable             | 503    | models missing, corrupt or the required GPU is not usable     |
 | shutting_down                 | 503    | still running when the shutdown timeout ran out after SIGTERM |
 | server_busy                   | 503    | the worker holds `image.max_inflight_bytes` of bodies already |
+| request_timeout               | 408    | the request stopped arriving, or came too slowly (sent by the |
+|                               |        | server's protocol, app/api/request_timeouts.py)               |
+| client_disconnected           | 499    | never sent: the client left before its body was read (logs)   |
 | internal_error                | 500    | anything else (logged with a request id, nothing leaked)      |
 
 `invalid_image` is 422, not 415: the request itself (multipart) is fine; it is the content of the `image` field that
@@ -51,6 +54,7 @@ from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from app import errors
@@ -72,6 +76,7 @@ STATUS_BY_CODE: dict[str, int] = {
     errors.ModelUnavailable.code: 503,
     errors.ShuttingDown.code: 503,
     errors.ServerBusy.code: 503,
+    errors.RequestTimeout.code: 408,
     "unknown_identity": 404,
     "unknown_face": 404,
     errors.ImageNotStored.code: 404,
@@ -200,8 +205,32 @@ def _body_kind_hint(request: Request) -> str | None:
     return None
 
 
+# Set in a request's scope state by the server's protocol when it cut the request's body for coming too slowly.
+TIMED_OUT = "request_timed_out"
+CLIENT_DISCONNECTED = "client_disconnected"
+CLIENT_CLOSED_STATUS = 499  # nginx's "client closed request": an answer no one receives, for the logs and metrics
+
+
+def client_gone_response(scope: Scope) -> JSONResponse:
+    """The answer to a request whose client left before its body was read whole (or whose body the server cut:
+    FACEGATE_REQUEST_*TIMEOUT, answered 408 by the protocol already). Nobody receives it; it is what the access log
+    and metrics record, instead of a 500 and a traceback logged for every upload a phone dropped."""
+    if scope.get("state", {}).get(TIMED_OUT):
+        return error_response(408, errors.RequestTimeout.code, "the request did not arrive in time")
+    return error_response(
+        CLIENT_CLOSED_STATUS, CLIENT_DISCONNECTED, "the client closed the connection before its request was read whole"
+    )
+
+
+async def client_disconnect_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ClientDisconnect)
+    return client_gone_response(request.scope)
+
+
 async def http_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI reports a body it could not read whole as a 400
+        return client_gone_response(request.scope)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     try:
         default = HTTPStatus(exc.status_code).phrase
@@ -232,6 +261,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(errors.FacegateError, facegate_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(ClientDisconnect, client_disconnect_handler)
     # Registered for Exception, Starlette runs this in ServerErrorMiddleware (outermost): a JSON 500 is sent, then
     # the exception is re-raised for the server to log; the client never sees a traceback.
     app.add_exception_handler(Exception, unhandled_error_handler)

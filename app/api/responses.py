@@ -17,6 +17,8 @@ _DESCRIPTIONS = {
     404: "unknown_identity / unknown_face (no such id, a malformed one, or a face of another identity) / "
     "image_not_stored (a face's photo, kept only with FACEGATE_STORE_IMAGES=true)",
     405: "method_not_allowed",
+    408: "request_timeout: the request's bytes stopped coming for FACEGATE_REQUEST_IDLE_TIMEOUT, or it did not arrive "
+    "whole within FACEGATE_REQUEST_TIMEOUT; the connection is closed after this answer",
     409: "no_enrolled_faces: the identity has no face of the served model left to compare with / possible_duplicate "
     "(enrol: the face already matches an enrolled identity; details name it) / insufficient_data (calibrate, the "
     "gallery's calibration curve, identify evaluation: too few identities with two faces, or no threshold meets "
@@ -42,5 +44,5 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]} for code in codes}
 
 
-BODY = (400, 413, 503)  # any route that reads a body: unparsable, over the body limit, over the worker's budget
+BODY = (400, 408, 413, 503)  # any route that reads a body: unparsable, too slow, over the body limit or the budget
 PHOTO = (*BODY, 404, 415, 422)

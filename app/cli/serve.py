@@ -142,6 +142,9 @@ def serve(
             log_level=level.lower(),
             access_log=False,  # app/api/access_log.py logs each request (route template, no client address)
             timeout_graceful_shutdown=settings.shutdown_timeout,
+            # uvicorn's HTTP/1.1 with time limits on a request's arrival (FACEGATE_REQUEST_TIMEOUT and
+            # FACEGATE_REQUEST_IDLE_TIMEOUT); by name, as each worker process imports it.
+            http="app.api.request_timeouts:TimedH11Protocol",
         )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -289,6 +290,31 @@ def test_a_client_gone_mid_body_gives_its_bytes_back(budget_client: TestClient, 
 
     gone = on_app_loop(budget_client, scenario)
     assert gone.reads == 3
+    assert budget_of(budget_client).held == 0
+
+
+@pytest.mark.parametrize("path", ["/calibrate", "/enroll"])
+def test_a_client_gone_mid_body_is_recorded_as_499_not_as_an_error(
+    budget_client: TestClient, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A phone that drops its upload is not a server error: no traceback, no 500 in the metrics. The answer goes
+    nowhere; the access log and metrics record nginx's 499. Both kinds of body: JSON (FastAPI reads it) and
+    multipart (the form route reads it first)."""
+    if path == "/enroll":
+        body = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n' + b"x" * 2_500
+        headers = {"content-type": "multipart/form-data; boundary=b"}
+    else:
+        body, headers = calibrate_body(3_000), {}
+
+    async def scenario() -> Upload:
+        return await Upload(budget_client.app, body, path=path, disconnect_at=2, request_headers=headers).start().finished()
+
+    with caplog.at_level("INFO"):
+        gone = on_app_loop(budget_client, scenario)
+    assert gone.error is None and gone.status == 499, gone.sent
+    assert gone.json()["error"]["code"] == "client_disconnected"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert any(r.getMessage().startswith(f"POST {path} 499 ") for r in caplog.records if r.name == "facegate.access")
     assert budget_of(budget_client).held == 0
 
 

@@ -1,0 +1,135 @@
+"""Time limits on a request's arrival, which uvicorn does not have (it waits for a request's headers and body as long
+as the connection stays open: its keep-alive timeout only runs between requests).
+
+Without them a client that stops sending, or vanishes without closing (a phone leaving coverage mid-upload, a NAT
+forgetting the connection), holds its connection, a file descriptor and whatever of its body arrived forever; a few
+thousand such connections, made on purpose or not, use up the worker's file descriptors and it stops accepting any.
+
+`TimedH11Protocol` is uvicorn's HTTP/1.1 protocol with two limits, both on what the client sends:
+  - `request_idle_timeout`: no byte for this long while a request is arriving (or since the connection opened);
+  - `request_timeout`: the request, headers and body, not whole this long after its first byte (a client trickling a
+    byte a second defeats the first limit, not this one).
+Either cuts the connection; a request not answered yet gets 408 `request_timeout` first. The clocks stop while the
+server itself has stopped reading (the app has not taken the body so far yet), and between requests uvicorn's own
+keep-alive timeout applies. `facegate serve` runs uvicorn with it (`http=`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from app.api.errors import TIMED_OUT, error_response
+from app.errors import RequestTimeout
+
+log = logging.getLogger(__name__)
+
+_ARRIVING = (h11.IDLE, h11.SEND_BODY)  # the client's side of h11's state machine while a request is on its way
+
+
+@functools.cache
+def configured_limits() -> tuple[float, float]:
+    """(request_timeout, request_idle_timeout) from the settings: read once per process, as the app reads them
+    (uvicorn's workers get the environment, not the objects)."""
+    from app.config import Settings
+
+    settings = Settings()
+    return settings.request_timeout, settings.request_idle_timeout
+
+
+class TimedH11Protocol(H11Protocol):
+    # None: from the settings; a subclass may set them (the tests run uvicorn with a fraction of a second).
+    request_timeout: float | None = None
+    request_idle_timeout: float | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.request_timeout is not None and self.request_idle_timeout is not None:
+            self._timeout, self._idle = self.request_timeout, self.request_idle_timeout
+        else:
+            self._timeout, self._idle = configured_limits()
+        self._started: float | None = None  # when the request now arriving began to (None: none is)
+        self._last = 0.0  # when its last byte came (or the server last resumed reading)
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._started = self._last = self.loop.time()
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.transport.is_closing() or self.conn.their_state not in _ARRIVING:
+            self._disarm()  # the request is whole (the app has it), or the connection is done with
+            return
+        now = self.loop.time()
+        if self._started is None:  # the first bytes of the next request on a kept-alive connection
+            self._started = now
+        self._last = now
+        if self._timer is None:
+            self._arm()
+
+    def _arm(self) -> None:
+        assert self._started is not None
+        due = min(self._started + self._timeout, self._last + self._idle)
+        self._timer = self.loop.call_at(due, self._check)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._started = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._started is None or self.transport.is_closing() or self.conn.their_state not in _ARRIVING:
+            self._started = None
+            return
+        now = self.loop.time()
+        if self.flow.read_paused:
+            # uvicorn stopped reading (the body already read waits for the app): the client is not late. Both
+            # clocks restart once the server reads again.
+            self._started = self._last = now
+            self._timer = self.loop.call_later(min(self._idle, self._timeout), self._check)
+            return
+        if now - self._started >= self._timeout:
+            self._expire(f"the request did not arrive whole within {self._timeout:g} s (FACEGATE_REQUEST_TIMEOUT)")
+        elif now - self._last >= self._idle:
+            self._expire(f"no data came for {self._idle:g} s while the request was arriving (FACEGATE_REQUEST_IDLE_TIMEOUT)")
+        else:
+            self._arm()
+
+    def _expire(self, reason: str) -> None:
+        self._started = None
+        cycle = self.cycle
+        answered = cycle is not None and cycle.response_started
+        began = self.conn.their_state is h11.SEND_BODY or self._buffered()
+        if not answered and began:
+            # Our own bytes, not h11's: h11 cannot answer a request whose headers are not all in. The connection
+            # closes right after, so the two cannot get out of step.
+            self.transport.write(_timeout_answer(reason))
+        if cycle is not None:
+            cycle.scope.setdefault("state", {})[TIMED_OUT] = True  # the app logs this request as the 408 it got
+            cycle.disconnected = True  # the app's receive() now says the client left, and its answer goes nowhere
+            cycle.message_event.set()
+        log.info("connection closed: %s", reason)
+        self.transport.close()
+
+    def _buffered(self) -> bool:
+        """Whether any part of a request arrived (a connection opened and left silent gets no answer)."""
+        return bool(self.conn.trailing_data[0])
+
+
+def _timeout_answer(reason: str) -> bytes:
+    response = error_response(408, RequestTimeout.code, reason, headers={"Connection": "close", "Cache-Control": "no-store"})
+    head = b"HTTP/1.1 408 Request Timeout\r\n" + b"".join(name + b": " + value + b"\r\n" for name, value in response.raw_headers)
+    return head + b"\r\n" + bytes(response.body)

@@ -1,0 +1,260 @@
+"""Time limits on a request's arrival (FACEGATE_REQUEST_TIMEOUT, FACEGATE_REQUEST_IDLE_TIMEOUT): uvicorn alone waits
+for a silent or trickling client for ever.
+
+A real uvicorn server runs in a thread with the protocol `facegate serve` uses, its limits cut to a fraction of a
+second, and a small ASGI app that reads the whole body and answers with its length; clients are raw sockets, so
+that they can stop half-way. The last test runs `facegate serve` itself, with the real app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from app.api.request_timeouts import TimedH11Protocol
+
+TIMEOUT = 1.2  # request_timeout, seconds
+IDLE = 0.4  # request_idle_timeout
+
+
+@dataclass
+class Recorder:
+    """A tiny app: reads the body (after `delay_before_read` seconds) and answers 200 with its length; with
+    `answer_first`, answers 200 at once and reads nothing. Records whether it was told the client left."""
+
+    delay_before_read: float = 0.0
+    answer_first: bool = False
+    disconnects: list[str] = field(default_factory=list)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert scope["type"] == "http"
+        if self.answer_first:
+            await self._answer(send, b"early")
+            return
+        await asyncio.sleep(self.delay_before_read)
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.disconnects.append(scope["path"])
+                return
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        await self._answer(send, str(size).encode())
+
+    @staticmethod
+    async def _answer(send: Any, body: bytes) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+@contextmanager
+def serving(app: Recorder) -> Iterator[int]:
+    """uvicorn on a free loopback port, in a thread, with TimedH11Protocol at TIMEOUT / IDLE."""
+    protocol = type("QuickProtocol", (TimedH11Protocol,), {"request_timeout": TIMEOUT, "request_idle_timeout": IDLE})
+    server = uvicorn.Server(uvicorn.Config(app, http=protocol, lifespan="off", log_level="warning"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def connect(port: int) -> socket.socket:
+    conn = socket.create_connection(("127.0.0.1", port))
+    conn.settimeout(10 * TIMEOUT)  # a server that never cuts the connection fails the test instead of hanging it
+    return conn
+
+
+def read_until_closed(conn: socket.socket) -> bytes:
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    return data
+
+
+def answers(data: bytes) -> list[tuple[int, bytes]]:
+    """(status, body) of each HTTP/1.1 answer in `data` (every one has a Content-Length)."""
+    found = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = answers_length(head)
+        found.append((int(head.split()[1]), rest[:length]))
+        data = rest[length:]
+    return found
+
+
+def read_answer(conn: socket.socket) -> bytes:
+    """One whole answer, the connection left open."""
+    data = b""
+    while True:
+        data += conn.recv(65536)
+        head, found, body = data.partition(b"\r\n\r\n")
+        if found and len(body) >= answers_length(head):
+            return data
+
+
+def answers_length(head: bytes) -> int:
+    return int(next(line.split(b":")[1] for line in head.split(b"\r\n")[1:] if line.lower().startswith(b"content-length:")))
+
+
+def post_head(length: int, path: str = "/upload") -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode()
+
+
+def timed_out(body: bytes) -> dict[str, Any]:
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_timeout"
+    return dict(error)
+
+
+def test_a_connection_that_sends_nothing_is_closed_without_an_answer() -> None:
+    with serving(Recorder()) as port, connect(port) as conn:
+        start = time.monotonic()
+        assert read_until_closed(conn) == b""
+        assert IDLE * 0.9 <= time.monotonic() - start < TIMEOUT
+
+
+def test_headers_that_stop_coming_get_408() -> None:
+    with serving(Recorder()) as port, connect(port) as conn:
+        conn.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Le")
+        start = time.monotonic()
+        [(status, body)] = answers(read_until_closed(conn))
+        assert IDLE * 0.9 <= time.monotonic() - start < TIMEOUT
+    assert status == 408
+    assert "FACEGATE_REQUEST_IDLE_TIMEOUT" in timed_out(body)["message"]
+
+
+def test_a_body_that_stops_coming_gets_408_and_the_app_is_told_the_client_left() -> None:
+    app = Recorder()
+    with serving(app) as port, connect(port) as conn:
+        conn.sendall(post_head(1000) + b"x" * 100)
+        [(status, body)] = answers(read_until_closed(conn))
+    assert status == 408 and "no data came for 0.4 s" in timed_out(body)["message"]
+    deadline = time.monotonic() + 5
+    while not app.disconnects and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert app.disconnects == ["/upload"]
+
+
+def test_a_trickle_is_cut_when_the_request_timeout_runs_out() -> None:
+    """A byte every IDLE / 4 never lets the idle limit run out; the request's own limit does."""
+    with serving(Recorder()) as port, connect(port) as conn:
+        start = time.monotonic()
+        conn.sendall(post_head(1000))
+        with pytest.raises(OSError):  # the server closes the connection under the trickle
+            for _ in range(int(10 * TIMEOUT / (IDLE / 4))):
+                conn.sendall(b"x")
+                time.sleep(IDLE / 4)
+        elapsed = time.monotonic() - start
+        data = read_until_closed(conn)
+    assert TIMEOUT * 0.9 <= elapsed < TIMEOUT + 1.0
+    [(status, body)] = answers(data)
+    assert status == 408 and "FACEGATE_REQUEST_TIMEOUT" in timed_out(body)["message"]
+
+
+def test_slow_but_steady_requests_pass_each_on_its_own_clock() -> None:
+    """Two requests on one kept-alive connection, each taking ~60 % of the limit: together longer than it."""
+    with serving(Recorder()) as port, connect(port) as conn:
+        start = time.monotonic()
+        for _ in range(2):
+            conn.sendall(post_head(6))
+            for _ in range(3):
+                time.sleep(TIMEOUT * 0.2)
+                conn.sendall(b"xx")
+            assert answers(read_answer(conn)) == [(200, b"6")]
+            time.sleep(0.1)  # well inside uvicorn's keep-alive (5 s)
+        assert time.monotonic() - start > TIMEOUT
+
+
+def test_the_clocks_stop_while_the_server_is_not_reading() -> None:
+    """uvicorn stops reading a body the app has not taken yet (64 KiB ahead); the client is not late then."""
+    body = b"x" * (4 * 1024 * 1024)
+    app = Recorder(delay_before_read=2 * TIMEOUT)
+    with serving(app) as port, connect(port) as conn:
+        conn.sendall(post_head(len(body)) + body)  # blocks until the app reads, 2.4 s on
+        [(status, answer)] = answers(read_answer(conn))
+    assert (status, answer) == (200, str(len(body)).encode()) and app.disconnects == []
+
+
+def test_an_answered_request_whose_body_stops_is_closed_without_a_second_answer() -> None:
+    """The app may answer before the body is in (as the API-key check does); the rest of the body must still come."""
+    with serving(Recorder(answer_first=True)) as port, connect(port) as conn:
+        conn.sendall(post_head(1000) + b"x" * 10)
+        assert answers(read_until_closed(conn)) == [(200, b"early")]
+
+
+@pytest.mark.model
+def test_facegate_serve_cuts_a_stalled_upload(models_dir: Path, tmp_path: Path) -> None:
+    """`facegate serve` runs uvicorn with the limits from the settings: an upload that stops half-way gets the 408
+    in our error format, the worker holds none of its bytes afterwards, and the access log and metrics record the
+    408 (not an error with a traceback)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACEGATE_")} | {
+        "FACEGATE_MODELS_DIR": str(models_dir),
+        "FACEGATE_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.db'}",
+        "FACEGATE_PRELOAD_MODELS": "false",
+        "FACEGATE_REQUEST_IDLE_TIMEOUT": "0.5",
+    }
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-c", "from app.cli import main; main()", "serve", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        head = (
+            b"POST /enroll HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 100000\r\n\r\n"
+            b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+        )
+        with connect(port) as conn:
+            conn.sendall(head + b"\xff\xd8" + b"x" * 5000)
+            [(status, body)] = answers(read_until_closed(conn))
+        assert status == 408, log.read_text()
+        assert "FACEGATE_REQUEST_IDLE_TIMEOUT" in timed_out(body)["message"]
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert "facegate_request_body_bytes_held 0.0" in metrics, metrics
+        assert 'facegate_request_duration_seconds_count{method="POST",route="/enroll",status="408"} 1.0' in metrics, metrics
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    text = log.read_text()
+    assert "POST /enroll 408 " in text and "error=request_timeout" in text, text
+    assert "ERROR" not in text and "Traceback" not in text, text

@@ -136,9 +136,19 @@ class ApiKeyMiddleware:
             try:
                 await authorize(connection, _key(await _api_key_header(connection), await _bearer(connection)), needed)
             except (Unauthorized, Forbidden) as refusal:
-                await facegate_error_response(scope, refusal)(scope, receive, send)
+                response = facegate_error_response(scope, refusal)
+                if _has_body(connection):
+                    # Kept open, the connection would have the server read and throw away the whole upload (which
+                    # no body limit counts) before it could take the next request: closing it stops the upload.
+                    response.headers["Connection"] = "close"
+                await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _has_body(connection: HTTPConnection) -> bool:
+    length = connection.headers.get("content-length")
+    return "transfer-encoding" in connection.headers or (length is not None and length.strip() not in ("", "0"))
 
 
 def route_scope(route: BaseRoute) -> Scope | None:

@@ -83,11 +83,18 @@ def test_a_refused_caller_sends_no_byte_of_its_body(
     held = on_app_loop(keyed.client, scenario)
     assert upload.reads == 0 and held == 0 and budget.held == 0
     assert upload.error is None and upload.status == status, upload.sent
+    assert upload.headers["connection"] == "close"  # the server does not read the upload to throw it away
     error = upload.json()["error"]
     if status == 401:
         assert error["code"] == "unauthorized" and "X-API-Key" in upload.headers["www-authenticate"]
     else:
         assert error["code"] == "forbidden" and error["details"]["key_scope"] == who
+
+
+def test_a_refusal_without_a_body_keeps_the_connection(keyed: Keyed) -> None:
+    for request in (keyed.client.build_request("GET", "/identities"), keyed.client.build_request("DELETE", "/identities/x")):
+        refused = keyed.client.send(request)
+        assert refused.status_code == 401 and "connection" not in refused.headers, request
 
 
 def test_an_anonymous_upload_is_refused_401_whatever_length_it_declares(keyed: Keyed) -> None:

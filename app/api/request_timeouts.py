@@ -110,9 +110,10 @@ class TimedH11Protocol(H11Protocol):
 
     def _expire(self, reason: str) -> None:
         self._started = None
-        cycle = self.cycle
+        # The request's own cycle once its headers are in; before that, self.cycle is the previous request's.
+        cycle = self.cycle if self.conn.their_state is h11.SEND_BODY else None
         answered = cycle is not None and cycle.response_started
-        began = self.conn.their_state is h11.SEND_BODY or self._buffered()
+        began = cycle is not None or self._buffered()
         if not answered and began:
             # Our own bytes, not h11's: h11 cannot answer a request whose headers are not all in. The connection
             # closes right after, so the two cannot get out of step.

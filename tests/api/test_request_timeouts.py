@@ -150,6 +150,15 @@ def test_headers_that_stop_coming_get_408() -> None:
     assert "FACEGATE_REQUEST_IDLE_TIMEOUT" in timed_out(body)["message"]
 
 
+def test_the_next_request_on_a_kept_alive_connection_gets_408_when_it_stops() -> None:
+    with serving(Recorder()) as port, connect(port) as conn:
+        conn.sendall(post_head(2) + b"xx")
+        assert answers(read_answer(conn)) == [(200, b"2")]
+        conn.sendall(b"GET / HTTP/1.1\r\nHo")
+        [(status, body)] = answers(read_until_closed(conn))
+    assert status == 408 and "FACEGATE_REQUEST_IDLE_TIMEOUT" in timed_out(body)["message"]
+
+
 def test_a_body_that_stops_coming_gets_408_and_the_app_is_told_the_client_left() -> None:
     app = Recorder()
     with serving(app) as port, connect(port) as conn:

@@ -294,12 +294,23 @@ function wireDropZones() {
 
 // ------------------------------------------------------------------------------------------------ gallery
 
-const gallery = { offset: 0, name: "", total: 0 };
+// The gallery is paged by the API's cursor: each page's `next` is sent back as `after` for the page following it, so
+// people enrolled or deleted meanwhile (by anyone) make it neither skip nor repeat anyone, as an offset would. The
+// page shown is `after` (null: the first page, asked with no cursor); `back` holds the pages before it as they were
+// reached ({after, start}, the last one the page just before), so Previous returns to exactly that page.
+// `start` is how many people come before the page: those of the pages paged past, which the API does not recount
+// (on the first page 0, on the last the total less the page, and never more than the total leaves room for).
+const gallery = { name: "", after: null, start: 0, back: [], next: null, shown: 0 };
 
-// The page at `offset` (default: the one shown); gallery.offset moves only once it has come, so a failed Next or
-// Previous leaves the position where it was and trying again asks for the same page.
-async function loadGallery(offset = gallery.offset) {
-  const params = new URLSearchParams({ offset: String(offset), limit: String(PAGE_SIZE) });
+function galleryHere() {
+  return { after: gallery.after, start: gallery.start, back: gallery.back };
+}
+
+// The page `at` (default: the one shown); the position moves only once its page has come, so a failed Next or
+// Previous leaves it where it was and trying again asks for the same page.
+async function loadGallery(at = galleryHere()) {
+  const params = new URLSearchParams({ limit: String(PAGE_SIZE) });
+  if (at.after !== null) params.set("after", at.after);
   if (gallery.name) params.set("name", gallery.name);
   const tbody = $("#gallery-table tbody");
   let page;
@@ -312,12 +323,21 @@ async function loadGallery(offset = gallery.offset) {
     }
     throw error;
   }
-  if (!page.items.length && page.offset > 0 && page.total > 0) {
-    // Past the end (its last person deleted, or the gallery shrank): the last page instead of an empty one.
-    return loadGallery(Math.floor((page.total - 1) / PAGE_SIZE) * PAGE_SIZE);
+  if (!page.items.length && at.back.length) {
+    // Nobody left after the cursor (the page's people deleted, or all after it): the page before it instead.
+    const before = at.back[at.back.length - 1];
+    return loadGallery({ after: before.after, start: before.start, back: at.back.slice(0, -1) });
   }
-  gallery.offset = offset;
-  gallery.total = page.total;
+  let start = 0;
+  if (at.after !== null) {
+    const room = page.total - page.items.length - (page.next ? 1 : 0); // people the total leaves before the page
+    start = Math.max(0, page.next ? Math.min(at.start, room) : room);
+  }
+  gallery.after = at.after;
+  gallery.back = at.back;
+  gallery.start = start;
+  gallery.next = page.next || null;
+  gallery.shown = page.items.length;
   tbody.replaceChildren();
   for (const item of page.items) {
     tbody.append(el("tr", {},
@@ -329,26 +349,52 @@ async function loadGallery(offset = gallery.offset) {
   $("#gallery-table").hidden = empty;
   $("#gallery-empty").hidden = !empty;
   $("#gallery-empty").textContent = gallery.name ? "Nobody's name contains “" + gallery.name + "”." : "The gallery is empty.";
-  const first = page.items.length ? page.offset + 1 : 0;
+  const first = page.items.length ? start + 1 : 0;
   $("#gallery-summary").textContent = empty ? "" :
-    first + "–" + (page.offset + page.items.length) + " of " + page.total + (page.total === 1 ? " person" : " people");
-  $("#gallery-prev").disabled = gallery.offset === 0;
-  $("#gallery-next").disabled = gallery.offset + PAGE_SIZE >= page.total;
+    first + "–" + (start + page.items.length) + " of " + page.total + (page.total === 1 ? " person" : " people");
+  showPager();
+}
+
+// Previous and Next as the page shown allows, each off while the page it asked for loads (a double click asks once).
+const pagerBusy = new Set();
+
+function showPager() {
+  for (const button of [$("#gallery-prev"), $("#gallery-next")]) {
+    const possible = button.id === "gallery-prev" ? gallery.back.length > 0 : gallery.next !== null;
+    button.disabled = !possible || pagerBusy.has(button);
+  }
+}
+
+async function turnPage(button, at) {
+  pagerBusy.add(button);
+  showPager();
+  try {
+    await guarded(null, () => loadGallery(at));
+  } finally {
+    pagerBusy.delete(button); // loaded, failed or overtaken: the buttons follow the page shown
+    showPager();
+  }
 }
 
 function wireGallery() {
   $("#gallery-search").addEventListener("submit", (event) => {
     event.preventDefault();
+    // Another list: its first page, with no way back into the one left (nor on from it, should the search fail).
     gallery.name = $("#gallery-name").value.trim();
-    gallery.offset = 0;
+    Object.assign(gallery, { after: null, start: 0, back: [], next: null, shown: 0 });
+    showPager();
     clearMessage();
     guarded(event.submitter, loadGallery);
   });
   $("#gallery-prev").addEventListener("click", (event) => {
-    guarded(event.currentTarget, () => loadGallery(Math.max(0, gallery.offset - PAGE_SIZE)));
+    const before = gallery.back[gallery.back.length - 1];
+    if (!before) return; // the first page
+    turnPage(event.currentTarget, { after: before.after, start: before.start, back: gallery.back.slice(0, -1) });
   });
   $("#gallery-next").addEventListener("click", (event) => {
-    guarded(event.currentTarget, () => loadGallery(gallery.offset + PAGE_SIZE));
+    if (gallery.next === null) return; // the last page
+    const here = { after: gallery.after, start: gallery.start };
+    turnPage(event.currentTarget, { after: gallery.next, start: gallery.start + gallery.shown, back: gallery.back.concat([here]) });
   });
 }
 

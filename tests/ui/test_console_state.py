@@ -1,6 +1,6 @@
-"""The console's state as an operator moves around: paging past a deleted person, answers that come back late, a
-person deleted or unknown, hand-edited links, and double clicks. People are enrolled through the API (same photo,
-allow_duplicate) to set each scene up quickly."""
+"""The console's state as an operator moves around: paging while other clients enrol and delete people, paging past a
+deleted person, answers that come back late, a person deleted or unknown, hand-edited links, and double clicks. People
+are enrolled and deleted through the API (same photo, allow_duplicate) to set each scene up quickly."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -32,12 +33,20 @@ class Gallery:
     def __init__(self, live: LiveServer, photo: bytes) -> None:
         self.client = httpx.Client(base_url=live.url, timeout=60)
         self.photo = photo
+        self.ids: dict[str, str] = {}
 
     def enrol(self, name: str) -> str:
         files = {"image": ("face.png", self.photo, "image/png")}
         r = self.client.post("/enroll", files=files, data={"name": name, "allow_duplicate": "true"})
         assert r.status_code == 201, r.text
-        return str(r.json()["identity_id"])
+        self.ids[name] = str(r.json()["identity_id"])
+        return self.ids[name]
+
+    def delete(self, *names: str) -> None:
+        """Delete these people (by the name they were enrolled with), as another client would."""
+        for name in names:
+            r = self.client.delete(f"/identities/{self.ids.pop(name)}")
+            assert r.status_code == 200, r.text
 
     def add_face(self, identity: str) -> None:
         r = self.client.post(f"/identities/{identity}/faces", files={"image": ("face.png", self.photo, "image/png")})
@@ -68,6 +77,193 @@ def open_gallery_of(p: Any, live: LiveServer, gallery: Gallery, people: int) -> 
     summary = p.locator("#gallery-summary")
     summary.get_by_text(f"1–20 of {people} people").wait_for()
     return summary
+
+
+def people(first: int, last: int) -> list[str]:
+    """The names open_gallery_of enrols, Person `first` to Person `last`."""
+    return [f"Person {i:02d}" for i in range(first, last + 1)]
+
+
+def names_shown(p: Any) -> list[str]:
+    return list(p.locator("#gallery-table tbody tr td:first-child").all_inner_texts())
+
+
+def asks_after(url: str) -> bool:
+    """A request for a page of the gallery after a cursor (any page but the first)."""
+    parts = urlsplit(url)
+    return parts.path.endswith("/identities") and "after" in parse_qs(parts.query)
+
+
+def test_next_page_starts_after_the_last_person_shown_whoever_was_deleted_or_enrolled_meanwhile(
+    page: tuple[Any, Console], live: LiveServer, gallery: Gallery
+) -> None:
+    """By offset, Next skipped Person 21-25: another client deleted five people of the first page meanwhile (and
+    enrolled five others), which moved them onto it."""
+    p, console = page
+    summary = open_gallery_of(p, live, gallery, 45)
+    assert names_shown(p) == people(1, 20)
+    gallery.delete(*people(1, 5))
+    for i in range(1, 6):
+        gallery.enrol(f"Late {i}")
+    p.get_by_role("button", name="Next page").click()
+    summary.get_by_text("21–40 of 45 people").wait_for()
+    assert names_shown(p) == people(21, 40)
+    p.get_by_role("button", name="Next page").click()
+    # The last page: its position follows from the total (35 people before it now, not the 40 paged past).
+    summary.get_by_text("36–45 of 45 people").wait_for()
+    assert names_shown(p) == people(41, 45) + [f"Late {i}" for i in range(1, 6)]
+    assert p.get_by_role("button", name="Next page").is_disabled()
+    assert console.errors() == []
+
+
+def test_previous_page_returns_to_the_people_seen_before_whoever_was_deleted_meanwhile(
+    page: tuple[Any, Console], live: LiveServer, gallery: Gallery
+) -> None:
+    """By offset, Previous from the third page showed Person 26-45 after five people of the first page were deleted:
+    not the page seen before."""
+    p, console = page
+    summary = open_gallery_of(p, live, gallery, 50)
+    next_page, previous_page = (p.get_by_role("button", name=n) for n in ("Next page", "Previous page"))
+    next_page.click()
+    summary.get_by_text("21–40 of 50 people").wait_for()
+    next_page.click()
+    summary.get_by_text("41–50 of 50 people").wait_for()
+    gallery.delete(*people(1, 5))
+    previous_page.click()
+    summary.get_by_text("21–40 of 45 people").wait_for()
+    assert names_shown(p) == people(21, 40)
+    assert previous_page.is_enabled() and next_page.is_enabled()
+    previous_page.click()
+    summary.get_by_text("1–20 of 45 people").wait_for()
+    assert names_shown(p) == people(6, 25)  # the first page: from the first person there is now
+    assert previous_page.is_disabled()
+    # Next from there: after the last person shown (Person 25), not the second page as it was seen.
+    next_page.click()
+    summary.get_by_text("21–40 of 45 people").wait_for()
+    assert names_shown(p) == people(26, 45)
+    assert console.errors() == []
+
+
+def test_pages_are_asked_by_cursor_and_a_search_starts_from_the_first(
+    page: tuple[Any, Console], live: LiveServer, gallery: Gallery
+) -> None:
+    p, console = page
+    asked: list[dict[str, list[str]]] = []
+    p.on("request", lambda r: asked.append(parse_qs(urlsplit(r.url).query)) if "/identities?" in r.url else None)
+    summary = open_gallery_of(p, live, gallery, 45)
+    first = gallery.client.get("/identities", params={"limit": 20}).json()
+    p.get_by_role("button", name="Next page").click()
+    summary.get_by_text("21–40 of 45 people").wait_for()
+    # The first page with no cursor (nor offset); the second after the first one's `next`.
+    assert asked == [{"limit": ["20"]}, {"limit": ["20"], "after": [first["next"]]}]
+    p.get_by_label("Name contains").fill("person 4")
+    p.get_by_role("button", name="Search").click()
+    summary.get_by_text("1–6 of 6 people").wait_for()
+    assert names_shown(p) == people(40, 45)
+    assert asked[-1] == {"limit": ["20"], "name": ["person 4"]}
+    assert p.get_by_role("button", name="Previous page").is_disabled()
+    assert p.get_by_role("button", name="Next page").is_disabled()
+    p.get_by_label("Name contains").fill("")
+    p.get_by_role("button", name="Search").click()
+    summary.get_by_text("1–20 of 45 people").wait_for()
+    assert names_shown(p) == people(1, 20) and asked[-1] == {"limit": ["20"]}
+    assert p.get_by_role("button", name="Previous page").is_disabled()
+    assert console.errors() == []
+
+
+def test_deleting_people_keeps_the_page_and_an_emptied_page_gives_way_to_the_one_before(
+    page: tuple[Any, Console], live: LiveServer, gallery: Gallery
+) -> None:
+    p, console = page
+    summary = open_gallery_of(p, live, gallery, 45)
+    next_page, previous_page = (p.get_by_role("button", name=n) for n in ("Next page", "Previous page"))
+    next_page.click()
+    summary.get_by_text("21–40 of 45 people").wait_for()
+    # Deleted from the console: back on the same page, the next person moved up onto it.
+    p.get_by_role("link", name="Person 30").click()
+    p.get_by_role("button", name="Delete person…").click()
+    p.get_by_role("button", name="Yes, delete").click()
+    p.locator("#message", has_text="Deleted Person 30").wait_for()
+    summary.get_by_text("21–40 of 44 people").wait_for()
+    assert names_shown(p) == people(21, 29) + people(31, 41)
+    next_page.click()
+    summary.get_by_text("41–44 of 44 people").wait_for()
+    assert names_shown(p) == people(42, 45)
+    # Everyone from the second page on deleted by another client: coming back, the third page and the second are
+    # empty, so the first is shown, whole, with nothing before or after it.
+    gallery.delete(*people(21, 29), *people(31, 45))
+    p.get_by_role("link", name="Enrol").click()
+    p.locator("#page-enrol").wait_for()
+    p.get_by_role("link", name="Gallery").click()
+    summary.get_by_text("1–20 of 20 people").wait_for()
+    assert names_shown(p) == people(1, 20)
+    assert next_page.is_disabled() and previous_page.is_disabled()
+    assert console.errors() == []
+
+
+def test_a_late_next_page_does_not_move_the_position_when_previous_was_clicked_meanwhile(
+    page: tuple[Any, Console], live: LiveServer, gallery: Gallery
+) -> None:
+    p, console = page
+    p.add_init_script(COUNT_ANSWERS)
+    summary = open_gallery_of(p, live, gallery, 45)
+    next_page, previous_page = (p.get_by_role("button", name=n) for n in ("Next page", "Previous page"))
+    next_page.click()
+    summary.get_by_text("21–40 of 45 people").wait_for()
+    held: list[Any] = []
+
+    def hold_the_first(route: Any) -> None:
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    p.route(asks_after, hold_the_first)
+    next_page.click()  # the third page: its answer waits until released
+    p.wait_for_function("() => document.querySelector('#gallery-next').disabled")
+    previous_page.click()
+    summary.get_by_text("1–20 of 45 people").wait_for()
+    assert len(held) == 1
+    answers = p.evaluate("window.__answers")
+    held[0].continue_()
+    p.wait_for_function("(seen) => window.__answers > seen", arg=answers)  # the third page's answer has come
+    assert summary.inner_text() == "1–20 of 45 people" and names_shown(p) == people(1, 20)
+    assert previous_page.is_disabled()
+    next_page.click()
+    summary.get_by_text("21–40 of 45 people").wait_for()
+    assert names_shown(p) == people(21, 40)
+    next_page.click()
+    summary.get_by_text("41–45 of 45 people").wait_for()
+    assert p.locator("#message").is_hidden()
+    assert console.errors() == []
+
+
+def test_a_double_click_on_next_page_turns_one_page(
+    page: tuple[Any, Console], live: LiveServer, gallery: Gallery
+) -> None:
+    p, console = page
+    summary = open_gallery_of(p, live, gallery, 41)
+    asked: list[str] = []
+    held: list[Any] = []
+
+    def hold(route: Any) -> None:
+        asked.append(route.request.url)
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    p.route(asks_after, hold)
+    p.get_by_role("button", name="Next page").dblclick()  # the first click's page waits until released
+    for _ in range(1000):  # until the request reaches the route (the sync API runs its handler while it waits)
+        if held:
+            break
+        p.wait_for_timeout(10)
+    held[0].continue_()
+    summary.get_by_text("21–40 of 41 people").wait_for()
+    assert names_shown(p) == people(21, 40) and len(asked) == 1
+    assert p.get_by_role("button", name="Next page").is_enabled()
+    assert console.errors() == []
 
 
 def test_deleting_the_only_person_of_the_last_page_shows_the_last_full_page(
@@ -198,11 +394,11 @@ def test_a_failed_next_page_leaves_the_position_where_it_was(
     p, console = page
     summary = open_gallery_of(p, live, gallery, 41)
     refusal = {"error": {"code": "model_unavailable", "message": "the service is not ready"}}
-    p.route("**/identities?offset=20*", lambda route: route.fulfill(status=503, json=refusal))
+    p.route(asks_after, lambda route: route.fulfill(status=503, json=refusal))
     p.get_by_role("button", name="Next page").click()
     p.locator("#message.error", has_text="model_unavailable").wait_for()
     assert summary.inner_text() == "" and p.locator("#gallery-table tbody tr").count() == 0
-    p.unroute("**/identities?offset=20*")
+    p.unroute(asks_after)
     p.get_by_role("button", name="Next page").click()
     summary.get_by_text("21–40 of 41 people").wait_for()
     assert p.locator("#gallery-table tbody tr").first.inner_text().startswith("Person 21")

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import uvicorn
 
+from app.api.request_timeouts import TimedH11Protocol
 from app.config import Settings
 from app.main import create_app
 
@@ -40,9 +41,17 @@ class LiveServer:
 
 
 def serve(settings: Settings) -> Iterator[LiveServer]:
-    """Run the app (lifespan included: models, migrations, index) until the generator is closed."""
+    """Run the app (lifespan included: models, migrations, index) until the generator is closed, under the HTTP
+    protocol `facegate serve` uses (its request time limits at the settings' values)."""
     port = _free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    protocol = type(
+        "ServedProtocol",
+        (TimedH11Protocol,),
+        {"request_timeout": settings.request_timeout, "request_idle_timeout": settings.request_idle_timeout},
+    )
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on", http=protocol
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import ipaddress
 import os
 import shutil
 import signal
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
@@ -163,6 +165,8 @@ def _sigterm_ends_cleanly() -> Iterator[None]:
 
 
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # app/api/multiprocess.py
+METRICS_PREFIX = "facegate-metrics-"
+ABANDONED_AFTER_SECONDS = 60  # a directory younger than this may be a server's that is starting, not locked yet
 
 
 @contextmanager
@@ -172,10 +176,18 @@ def shared_metrics(workers: int) -> Iterator[str | None]:
     stops: the next start begins from zero, and two servers never share one. It is made inside
     $PROMETHEUS_MULTIPROC_DIR when that is set (say, a tmpfs), else in the temporary directory. One worker keeps its
     metrics in memory, as any single process: the variable is cleared for it, or its metrics would be read from files
-    another run could have left there."""
+    another run could have left there.
+
+    The server holds a lock on its directory while it runs; a start removes the directories of servers that were
+    killed before they could (SIGKILL, the OOM killer): a few hundred kB of memory-mapped files each, which a crash
+    loop would pile up in a tmpfs."""
     previous = os.environ.pop(METRICS_ENV, None)
-    path = tempfile.mkdtemp(prefix="facegate-metrics-", dir=previous or None) if workers > 1 else None
+    path = tempfile.mkdtemp(prefix=METRICS_PREFIX, dir=previous or None) if workers > 1 else None
+    lock = None
     if path is not None:
+        lock = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        remove_abandoned_metrics(os.path.dirname(path))
         os.environ[METRICS_ENV] = path
     try:
         yield path
@@ -185,6 +197,35 @@ def shared_metrics(workers: int) -> Iterator[str | None]:
             os.environ[METRICS_ENV] = previous
         if path is not None:
             shutil.rmtree(path, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
+
+
+def remove_abandoned_metrics(parent: str) -> list[str]:
+    """Remove the metrics directories in `parent` that no running server holds (flock works across processes,
+    containers sharing the folder included, where a pid would not tell), leaving those of the last minute alone;
+    returns what it removed."""
+    removed = []
+    for entry in sorted(os.scandir(parent), key=lambda e: e.name):
+        if not entry.name.startswith(METRICS_PREFIX) or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            if time.time() - entry.stat(follow_symlinks=False).st_mtime < ABANDONED_AFTER_SECONDS:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # a running server's
+        try:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _port_problem(host: str, port: int) -> str | None:

@@ -4,16 +4,18 @@ all under `facegate serve --workers 2`)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from app.api.multiprocess import ENV, SharedRecent, forget_dead_processes, process_alive
-from app.cli.serve import shared_metrics
+from app.cli.serve import remove_abandoned_metrics, shared_metrics
 
 
 @pytest.fixture
@@ -54,6 +56,34 @@ class TestSharedDirectory:
         with shared_metrics(2) as path:
             assert path is not None and Path(path).parent == tmp_path
         assert os.environ[ENV] == str(tmp_path) and list(tmp_path.iterdir()) == []
+
+    def test_a_start_removes_the_directories_of_killed_servers_only(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """A SIGKILLed server leaves its directory (MB of mapped files per worker): the next start removes it, but
+        not a running server's (locked) nor one of the last minute (a server starting, maybe not locked yet)."""
+        monkeypatch.setenv(ENV, str(tmp_path))
+        old = time.time() - 3600
+        dirs = {name: tmp_path / f"facegate-metrics-{name}" for name in ("killed", "running", "starting")}
+        for name, folder in dirs.items():
+            folder.mkdir()
+            (folder / "counter_123.db").write_bytes(b"x" * 1000)
+            if name != "starting":
+                os.utime(folder, (old, old))
+        (tmp_path / "other-tool-dir").mkdir()
+        os.utime(tmp_path / "other-tool-dir", (old, old))
+        held = os.open(dirs["running"], os.O_RDONLY)
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX)  # as the running server holds its own
+            with shared_metrics(2) as path:
+                assert path is not None
+                left = sorted(p.name for p in tmp_path.iterdir())
+                assert left == sorted([Path(path).name, "facegate-metrics-running", "facegate-metrics-starting", "other-tool-dir"])
+                assert remove_abandoned_metrics(str(tmp_path)) == []  # this server's own is locked too
+        finally:
+            os.close(held)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["facegate-metrics-running", "facegate-metrics-starting", "other-tool-dir"]
+        assert (dirs["running"] / "counter_123.db").exists()
 
     def test_one_worker_keeps_its_metrics_in_memory(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         monkeypatch.setenv(ENV, str(tmp_path))

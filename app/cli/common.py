@@ -208,13 +208,21 @@ def open_service(settings: Settings) -> FaceService:
         return FaceService.open(settings, load_models=True)
 
 
+# An empty gallery in memory: what a command that only reads a gallery's settings opens when there is none.
+NO_GALLERY_URL = "sqlite://"
+
+
 @contextmanager
-def service_call(*, existing_gallery: bool = False) -> Iterator[FaceService]:
+def service_call(*, existing_gallery: bool = False, gallery_if_present: bool = False) -> Iterator[FaceService]:
     """A service for one command; a FacegateError inside becomes `code: message` and exit status 2. With
-    `existing_gallery`, a SQLite gallery that does not exist is refused (`require_gallery`)."""
+    `existing_gallery`, a SQLite gallery that does not exist is refused (`require_gallery`). With
+    `gallery_if_present`, for a command that stores nothing (verify: a stored calibration is only read), it is not
+    created: an empty gallery in memory stands in, so the threshold comes from the settings."""
     settings = load_settings()
     if existing_gallery:
         require_gallery(settings)
+    elif gallery_if_present and missing_sqlite_file(settings.database_url) is not None:
+        settings = settings.model_copy(update={"database_url": NO_GALLERY_URL})
     service = open_service(settings)
     try:
         with failing_on_errors(with_code=True):

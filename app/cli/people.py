@@ -188,7 +188,8 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Are the faces of two photos the same person? Exit status 0: match, 1: no match, 2: error."""
-    with service_call() as service:
+    # Two photos compared need no gallery: an existing one's calibrated threshold is used, a missing one not made.
+    with service_call(gallery_if_present=True) as service:
         result = service.verify_photos(read_bytes(photo_a), read_bytes(photo_b), threshold=threshold, face=face)
     if as_json:
         typer.echo(

@@ -62,6 +62,32 @@ def test_verify_exit_status_is_the_decision(env: Path, dev_faces: Path) -> None:
     assert code == 0 and json.loads(out)["threshold_source"] == "request"
 
 
+def test_verify_creates_no_gallery_and_reads_an_existing_ones_threshold(
+    env: Path, dev_faces: Path, models_dir: Path
+) -> None:
+    """`verify A B` compares two photos, yet it created an empty SQLite gallery at FACEGATE_DATABASE_URL (by default
+    ./facegate.db in whatever folder it ran from). Without one it decides at the configured threshold; a gallery
+    that exists still gives its calibrated deployment threshold."""
+    from app.gallery import Gallery
+    from app.vision.models import load_manifest
+
+    photos = (str(dev_faces / AMY[0]), str(dev_faces / AMY[1]))  # 0.15 apart
+    code, out = run("verify", "--json", *photos)
+    assert code == 0 and json.loads(out)["threshold_source"] == "settings", out
+    assert not env.exists()
+
+    assert run("db", "upgrade")[0] == 0
+    version = load_manifest(models_dir, verify=False).model_version
+    gallery = Gallery.open(f"sqlite:///{env}", version)
+    try:
+        gallery.set_setting("threshold", {"threshold": 0.1, "model_version": version}, source="test")
+    finally:
+        gallery.close()
+    code, out = run("verify", "--json", *photos)
+    body = json.loads(out)
+    assert code == 1 and body["threshold_source"] == "deployment" and body["threshold"] == pytest.approx(0.1), out
+
+
 def test_verify_reports_errors(env: Path, dev_faces: Path, tmp_path: Path) -> None:
     text = tmp_path / "notes.jpg"
     text.write_text("not a photo")

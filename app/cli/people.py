@@ -25,7 +25,7 @@ from app.cli.common import (
     service_call,
     shown,
 )
-from app.errors import FacegateError
+from app.errors import FacegateError, PossibleDuplicate
 from app.identify_eval import photo_suffixes
 from app.service import FacePolicy, FaceService, IdentifyResult, VerifyResult
 from app.vision.types import Face
@@ -106,7 +106,7 @@ def enroll(
             with typer.progressbar(length=total, label="Enrolling", show_pos=True) as bar:
                 for name, paths in people:
                     identity_id = _existing_identity(service, name)
-                    for path in paths:
+                    for i, path in enumerate(paths):
                         try:
                             if identity_id is None:
                                 result = service.enroll(
@@ -132,6 +132,14 @@ def enroll(
                                         found=found,
                                     )
                                     added += 1
+                        except PossibleDuplicate as error:
+                            # Only a new identity is checked for duplicates. Had the folder's next photo created it,
+                            # this face would have been added to it unchecked by a re-run, neither of the two ways
+                            # the message offers: the folder is skipped, as --allow-duplicate's help says.
+                            failures.append(Unusable(path, error.code, error_text(error)))
+                            failures += [_skipped_with(rest, path) for rest in paths[i + 1 :]]
+                            bar.update(len(paths) - i)
+                            break
                         except FacegateError as error:
                             failures.append(Unusable(path, error.code, error_text(error)))
                         bar.update(1)
@@ -157,6 +165,11 @@ def _already_enrolled(service: FaceService, found: Face, identity_id: str) -> bo
     the photos that failed) must not add every photo a second time."""
     _, distances = service.gallery.identity_distances(found.embedding, identity_id)
     return len(distances) > 0 and float(distances[0]) <= SAME_PHOTO_DISTANCE
+
+
+def _skipped_with(path: Path, refused: Path) -> Unusable:
+    """A photo not enrolled because its folder's first face, `refused`, matches another identity."""
+    return Unusable(path, PossibleDuplicate.code, f"its folder was skipped: {shown(refused.name)} matches another identity")
 
 
 def _existing_identity(service: FaceService, name: str) -> str | None:

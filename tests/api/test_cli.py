@@ -163,6 +163,28 @@ def test_enroll_again_adds_only_the_new_photos(env: Path, dev_faces: Path, tmp_p
     assert code == 0 and "gallery of 2 faces" in out, out
 
 
+def test_a_folder_whose_first_face_is_a_duplicate_stays_out_on_every_run(
+    env: Path, dev_faces: Path, tmp_path: Path
+) -> None:
+    """A new folder whose first face matched another identity was refused for that photo only: its next photo
+    created the identity, and running `enroll DIR` again added the refused face to it, unchecked (neither of the
+    two ways its message offered), so that amy's photos were then found ambiguous between amy and bob."""
+    people = tmp_path / "people"
+    for relative, photo in (("amy/1.png", AMY[0]), ("bob/a.png", AMY[1]), ("bob/b.png", RAJ[0])):
+        (people / relative).parent.mkdir(parents=True, exist_ok=True)
+        (people / relative).symlink_to(dev_faces / photo)
+    for summary in ("1 identities created, 0 faces added to existing ones, 2 photos failed.",
+                    "0 identities created, 0 faces added to existing ones, 1 photos already enrolled (skipped), "
+                    "2 photos failed."):  # fmt: skip
+        code, out = run("enroll", str(people), "--photos", "all")
+        assert code == 1 and summary in out, out
+        assert f"  {people / 'bob' / 'a.png'}: possible_duplicate: this face already matches identity 'amy'" in out
+        assert f"  {people / 'bob' / 'b.png'}: possible_duplicate: its folder was skipped: a.png matches another " \
+            "identity" in out  # fmt: skip
+    code, out = run("identify", str(dev_faces / AMY[2]))
+    assert code == 0 and "gallery of 1 faces" in out and ": amy (" in out, out
+
+
 def test_ctrl_c_during_enroll_says_what_stays_enrolled(
     env: Path, dev_faces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -234,16 +234,19 @@ def run_identify_eval(
     pipeline: Pipeline | None = None,
     model: OpenSetModel | None = None,
     progress: Callable[[int], None] | None = None,
+    photos: list[str] | None = None,
 ) -> IdentifyEvaluation:
     """Embed every photo of `images_dir` (folder per person), run issue 9's protocol, write the report if `out_dir`.
 
     cache: an `EmbeddingCache`, or the path of its .npz file (read if present, written back after embedding).
     pipeline: a pipeline to reuse (default: one built from `settings`). model: the open-set model (default: the
-    shipped one). progress(n): called after each photo. Raises InvalidRequest when the folder cannot give the
-    protocol (no photos, fewer than 3 people with faces, no probe or no stranger).
+    shipped one). progress(n): called after each photo. photos: `person_photos(images_dir)` when the caller has
+    listed them already (to size its progress bar): each folder is listed once. Raises InvalidRequest when the
+    folder cannot give the protocol (no photos, fewer than 3 people with faces, no probe or no stranger).
     """
-    heic = (pipeline.settings if pipeline is not None else settings).image.heic  # the pipeline's decoder's
-    photos = person_photos(images_dir, heic=heic)
+    if photos is None:
+        heic = (pipeline.settings if pipeline is not None else settings).image.heic  # the pipeline's decoder's
+        photos = person_photos(images_dir, heic=heic)
     pipe = pipeline if pipeline is not None else Pipeline.from_settings(settings)
     signature = pipeline_signature(pipe.model_version, pipe.settings.detector)
     store = EmbeddingCache.load(cache, signature) if isinstance(cache, Path) else cache

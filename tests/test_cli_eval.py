@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +296,76 @@ def test_eval_identify_refuses_a_person_folder_it_cannot_read(
 
     with pytest.raises(InvalidRequest, match="cannot read the folder .*raj: Permission denied"):
         folder_photos(images)
+
+
+def _on_listing(monkeypatch: pytest.MonkeyPatch, seen: Callable[[Path], None]) -> None:
+    """`seen(folder)` before each listing of a folder, through os.listdir (Path.iterdir) and os.scandir (Path.rglob,
+    os.walk) alike."""
+    for function in ("listdir", "scandir"):
+        real = getattr(os, function)
+
+        def listing(*args: Any, real: Any = real) -> Any:
+            if args and isinstance(args[0], (str, os.PathLike)):
+                seen(Path(args[0]))
+            return real(*args)
+
+        monkeypatch.setattr(os, function, listing)
+
+
+def _embedding_interrupted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C as the first photo is embedded: a test of what happens before it ends there."""
+    from app import identify_eval
+    from app.training import data
+
+    def ctrl_c(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    for module in (identify_eval, data):
+        monkeypatch.setattr(module, "embed_photos", ctrl_c)
+
+
+def test_train_refuses_a_folder_inside_a_person_folder_it_cannot_read(
+    env: Path, photos: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`train` takes the photos of the folders inside a person's folder too, but rglob skipped one it could not
+    list without a word (the person trained on fewer photos), where a person's folder it could not list was
+    refused. Refused alike now, before the models load."""
+    from app.training.data import folder_photos
+
+    images, _ = photos
+    (images / "amy" / "2019").mkdir()
+    (images / "amy" / "2019" / "old.png").write_bytes(b"")
+    assert "amy/2019/old.png" in folder_photos(images)
+
+    def locked(folder: Path) -> None:  # no read permission, simulated: the tests may run as root
+        if folder.name == "2019":
+            raise PermissionError(13, "Permission denied", str(folder))
+
+    _on_listing(monkeypatch, locked)
+    _embedding_interrupted(monkeypatch)  # were it not refused, the command ends there, not after training
+    monkeypatch.setenv("FACEGATE_HEAD__DIR", str(tmp_path / "heads"))
+    result = CliRunner().invoke(cli, ["train", "--images", str(images)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: invalid_request: cannot read the folder {images / 'amy' / '2019'}: Permission " \
+        "denied\n"  # fmt: skip
+
+
+def test_train_and_eval_identify_list_each_folder_once(
+    env: Path, photos: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both commands listed the people and their photos once to size the progress bar and again to embed them;
+    train listed each person's folder twice more each time (to check that it could be read, then through rglob)."""
+    images, _ = photos
+    listed: list[Path] = []
+    _on_listing(monkeypatch, listed.append)
+    _embedding_interrupted(monkeypatch)
+    monkeypatch.setenv("FACEGATE_HEAD__DIR", str(tmp_path / "heads"))
+    folders = sorted([images, *(images / person for person in (*PEOPLE, "nobody"))])
+    for args in (["eval-identify", "--out", str(tmp_path / "out")], ["train"]):
+        listed.clear()
+        result = CliRunner().invoke(cli, [*args, "--images", str(images)])
+        assert result.exit_code == 130, result.output
+        assert sorted(p for p in listed if p == images or images in p.parents) == folders, args
 
 
 @pytest.mark.parametrize(

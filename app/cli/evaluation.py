@@ -129,7 +129,13 @@ def eval_pairs(
 @cli.command("eval-identify")
 def eval_identify(
     images: Annotated[
-        Path, typer.Option("--images", exists=True, file_okay=False, help="Folder with one sub-folder of photos per person.")
+        Path,
+        typer.Option(
+            "--images",
+            exists=True,
+            file_okay=False,
+            help="Folder with one sub-folder of photos per person (folders inside those are not read).",
+        ),
     ],
     out: Annotated[
         Path,
@@ -158,9 +164,11 @@ def eval_identify(
         pipeline_call(settings) as pipeline,
         failing_on_errors(),
     ):
-        n_photos = len(person_photos(images, heic=settings.image.heic))
-        with typer.progressbar(length=n_photos, label="Embedding", show_pos=True, file=sys.stderr) as bar:
-            result = run_identify_eval(images, settings=settings, cache=cache, pipeline=pipeline, progress=bar.update)
+        photos = person_photos(images, heic=settings.image.heic)
+        with typer.progressbar(length=len(photos), label="Embedding", show_pos=True, file=sys.stderr) as bar:
+            result = run_identify_eval(
+                images, settings=settings, cache=cache, pipeline=pipeline, progress=bar.update, photos=photos
+            )
     with writing_reports(out):
         result = replace(result, files=write_identify_report(result, out))
     if as_json:

@@ -36,7 +36,13 @@ from app.vision.types import Box
 def train(
     images: Annotated[
         Path,
-        typer.Option("--images", exists=True, file_okay=False, help="Folder with one sub-folder of photos per person."),
+        typer.Option(
+            "--images",
+            exists=True,
+            file_okay=False,
+            help="Folder with one sub-folder of photos per person (the photos of folders inside those count as the "
+            "person's).",
+        ),
     ],
     name: Annotated[
         str, typer.Option(help="Name to register the head under (<heads dir>/<name>/; replaces a head of that name).")
@@ -183,12 +189,13 @@ def train(
                 lr=lr,
                 seed=seed,
             )
-            count = len(folder_photos(images, heic=settings.image.heic))
+            photos = folder_photos(images, heic=settings.image.heic)
+            count = len(photos)
             with (
                 pipeline_call(settings) as pipeline,
                 typer.progressbar(length=count, label="Embedding", show_pos=True, file=sys.stderr) as bar,
             ):
-                data = embed_folder(pipeline, images, cache_path=cache, progress=bar.update)
+                data = embed_folder(pipeline, images, photos=photos, cache_path=cache, progress=bar.update)
             train_set, val_set = split_identities(data, val_fraction=val_fraction, seed=seed)
             with tqdm(total=epochs + 1, desc="Training", unit="epoch", file=sys.stderr) as epochs_bar:
 

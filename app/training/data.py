@@ -76,8 +76,8 @@ class EmbeddingSet:
 
 
 def folder_photos(images: Path, *, heic: bool = False) -> list[str]:
-    """Photo paths (relative, sorted) in a folder with one sub-folder per person; HEIC/HEIF files too with `heic`
-    (FACEGATE_IMAGE__HEIC)."""
+    """Photo paths (relative, sorted) in a folder with one sub-folder per person, the person's own sub-folders
+    included; HEIC/HEIF files too with `heic` (FACEGATE_IMAGE__HEIC). A folder that cannot be listed is refused."""
     root = Path(images)
     suffixes = photo_suffixes(heic)
     if not root.is_dir():
@@ -85,13 +85,26 @@ def folder_photos(images: Path, *, heic: bool = False) -> list[str]:
     photos = []
     for person in folder_entries(root):
         if person.is_dir():
-            folder_entries(person)  # refused if it cannot be listed: rglob would leave the person out silently
-            found = (p for p in person.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+            found = (p for p in _files_under(person) if p.suffix.lower() in suffixes)
             photos += [str(p.relative_to(root)) for p in found]
     photos.sort()
     if not photos:
         raise InvalidRequest(f"{images} has no photos in per-person sub-folders", field="images")
     return photos
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """The files in `folder` and its sub-folders, each folder listed once by `folder_entries`, so that one that
+    cannot be listed is refused as a person's folder is (rglob left its photos out without a word). Linked
+    sub-folders are not followed, as rglob did not follow them: a link back up would never end."""
+    files, pending = [], [folder]
+    while pending:
+        for entry in folder_entries(pending.pop()):
+            if entry.is_dir() and not entry.is_symlink():
+                pending.append(entry)
+            elif entry.is_file():
+                files.append(entry)
+    return files
 
 
 def _person(relative: str) -> str:
@@ -109,12 +122,15 @@ def embed_folder(
     pipeline: Pipeline,
     images: Path,
     *,
+    photos: Sequence[str] | None = None,
     cache_path: Path | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> EmbeddingSet:
-    """Base embeddings of every photo under `images` (one sub-folder per person), cached in `cache_path`."""
+    """Base embeddings of every photo under `images` (one sub-folder per person), cached in `cache_path`. `photos`:
+    `folder_photos(images)` when the caller has listed them already (to size its progress bar): listed once."""
     pipeline = base_pipeline(pipeline)
-    photos = folder_photos(images, heic=pipeline.settings.image.heic)
+    if photos is None:
+        photos = folder_photos(images, heic=pipeline.settings.image.heic)
     cache = None
     if cache_path is not None:
         cache = EmbeddingCache.load(cache_path, pipeline_signature(pipeline.model_version, pipeline.settings.detector))

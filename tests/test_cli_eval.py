@@ -133,7 +133,8 @@ def test_a_cache_that_is_no_npz_is_not_overwritten(env: Path, photos: tuple[Path
     assert kept.read_bytes() == pairs.read_bytes()
     empty = tmp_path / "new.npz"
     empty.write_bytes(b"")  # e.g. made by `touch`: a cache is written there
-    code, text = run("eval", "--pairs", str(pairs), "--images", str(images), "--cache", str(empty))
+    out = tmp_path / "report"  # not ./facegate-eval, in the folder the tests run from
+    code, text = run("eval", "--pairs", str(pairs), "--images", str(images), "--cache", str(empty), "--out", str(out))
     assert code == 0, text
     assert empty.read_bytes()[:4] == b"PK\x03\x04"
 

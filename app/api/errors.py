@@ -32,6 +32,9 @@ Status map (also in the OpenAPI document of every route):
 | model_unavailable             | 503    | models missing, corrupt or the required GPU is not usable     |
 | shutting_down                 | 503    | still running when the shutdown timeout ran out after SIGTERM |
 | server_busy                   | 503    | the worker holds `image.max_inflight_bytes` of bodies already |
+| database_unavailable          | 503    | the database cannot serve for now (unreachable, restarting,   |
+|                               |        | read-only standby, SQLite locked); with Retry-After           |
+| insufficient_storage          | 507    | the database's disk is full: nothing was stored               |
 | request_timeout               | 408    | the request stopped arriving, or came too slowly (sent by the |
 |                               |        | server's protocol, app/api/request_timeouts.py)               |
 | client_disconnected           | 499    | never sent: the client left before its body was read (logs)   |
@@ -59,6 +62,7 @@ from starlette.types import Receive, Scope, Send
 
 from app import errors
 from app.api.route_names import method_name, path_without_slash, route_template
+from app.gallery.db import driver_message
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,8 @@ STATUS_BY_CODE: dict[str, int] = {
     errors.ModelUnavailable.code: 503,
     errors.ShuttingDown.code: 503,
     errors.ServerBusy.code: 503,
+    errors.DatabaseUnavailable.code: 503,
+    errors.InsufficientStorage.code: 507,
     errors.RequestTimeout.code: 408,
     "unknown_identity": 404,
     "unknown_face": 404,
@@ -164,8 +170,17 @@ def facegate_error_response(scope: Scope, exc: errors.FacegateError) -> JSONResp
     status = status_for(exc)
     if status is None:
         return _internal_error(scope, exc)
-    # RFC 9110: a 401 names the scheme to use; `ApiKey` is ours (X-API-Key header), Bearer the standard alternative.
-    headers = {"WWW-Authenticate": 'ApiKey header="X-API-Key", Bearer'} if status == 401 else None
+    headers = {}
+    if status == 401:
+        # RFC 9110: a 401 names the scheme to use; `ApiKey` is ours (X-API-Key header), Bearer the standard one.
+        headers["WWW-Authenticate"] = 'ApiKey header="X-API-Key", Bearer'
+    retry_after = exc.details.get("retry_after_seconds")
+    if status == 503 and isinstance(retry_after, int):
+        headers["Retry-After"] = str(retry_after)
+    if isinstance(exc, (errors.DatabaseUnavailable, errors.InsufficientStorage)):
+        # One line, no traceback: while the database is out, every request that needs it ends here. The cause
+        # (the driver's first line: refused, timed out, disk full) is for the log, not the client.
+        log.warning("%s on %s %s: %s", exc.code, method_name(scope), route_template(scope), driver_message(exc))
     return error_response(status, exc.code, exc.message, _jsonable(exc.details), headers=headers)
 
 

@@ -33,7 +33,11 @@ _DESCRIPTIONS = {
     503: "model_unavailable (routes that run the models): the models (or the served head) are missing or corrupt, or "
     "the required GPU is unusable / server_busy (routes that take a body): the worker already holds "
     "image.max_inflight_bytes of request bodies; retry after the Retry-After header's seconds / shutting_down (any "
-    "route): the request was still running when the server's shutdown timeout ran out after SIGTERM",
+    "route): the request was still running when the server's shutdown timeout ran out after SIGTERM / "
+    "database_unavailable (routes that use the gallery database, or an API key last checked over "
+    "auth.cache_seconds ago): the database cannot serve for now (unreachable, restarting, a read-only standby, "
+    "SQLite locked); retry after the Retry-After header's seconds",
+    507: "insufficient_storage: the database's disk is full; nothing was stored",
 }
 
 
@@ -46,3 +50,4 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 BODY = (400, 408, 413, 503)  # any route that reads a body: unparsable, too slow, over the body limit or the budget
 PHOTO = (*BODY, 404, 415, 422)
+WRITE = (507,)  # any route that stores or deletes: the database's disk may be full

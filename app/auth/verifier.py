@@ -7,6 +7,10 @@ is looked up again after the same bound, so at worst a key used before it existe
 
 Auth is on when `auth.required` is set or when any key row exists, revoked ones included: revoking the last key
 locks the API rather than silently opening it.
+
+While the database cannot be read, a key whose lookup is older than `cache_seconds` cannot be checked: the request
+gets 503 database_unavailable (a revoked key is never let in). Whether auth is on keeps its last answer instead:
+it only ever turns on (a first key), and what it keeps open during the outage needs no database.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from app.auth.keys import hash_key
 from app.auth.scopes import Scope
 from app.auth.store import ApiKeyRecord
 from app.config import AuthSettings
+from app.errors import DatabaseUnavailable, InsufficientStorage
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +68,13 @@ class KeyVerifier:
         with self._lock:
             if self._enabled is not None and now - self._enabled[1] < self.cache_seconds:
                 return self._enabled[0]
-        with self._sessions() as session:
-            value = store.key_count(session) > 0
+        try:
+            with self._sessions() as session:
+                value = store.key_count(session) > 0
+        except DatabaseUnavailable:
+            if self._enabled is None:
+                raise
+            value = self._enabled[0]  # asked again after cache_seconds, not by every request of the outage
         with self._lock:
             self._enabled = (value, now)
         return value
@@ -97,7 +107,7 @@ class KeyVerifier:
         try:
             with self._sessions() as session:
                 store.touch_key(session, key_id=record.id)
-        except SQLAlchemyError as error:  # bookkeeping only: never fail the request for it
+        except (SQLAlchemyError, DatabaseUnavailable, InsufficientStorage) as error:  # bookkeeping: never fail for it
             log.warning("could not record the use of API key %s: %s", record.prefix, type(error).__name__)
 
 

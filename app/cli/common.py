@@ -18,12 +18,12 @@ import alembic.util
 import typer
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from typer.core import TyperGroup
 
 from app.config import Settings, describe_settings_error, unknown_variables
-from app.errors import FacegateError
-from app.gallery.db import missing_sqlite_file
+from app.errors import DatabaseUnavailable, FacegateError, InsufficientStorage
+from app.gallery.db import driver_message, missing_sqlite_file
 from app.matching.thresholds import MAX_THRESHOLD, validate_rate, validate_threshold
 from app.service import FacePolicy, FaceService
 from app.vision.pipeline import Pipeline
@@ -37,7 +37,7 @@ class _Commands(TyperGroup):
     def invoke(self, ctx: Any) -> Any:  # Any: the Context of the click copy typer vendors (typer._click, private)
         try:
             return super().invoke(ctx)
-        except SQLAlchemyError as error:
+        except (SQLAlchemyError, DatabaseUnavailable, InsufficientStorage) as error:
             fail(f"cannot use the database (FACEGATE_DATABASE_URL): {database_problem(error)}")
         except alembic.util.CommandError as error:  # e.g. a revision this version does not have
             fail(f"cannot migrate the database (FACEGATE_DATABASE_URL): {error} (migrated by a newer facegate?)")
@@ -258,12 +258,10 @@ def default_threshold(settings: Settings, pipeline: Pipeline) -> float:
     return settings.threshold
 
 
-def database_problem(error: SQLAlchemyError) -> str:
+def database_problem(error: BaseException) -> str:
     """The driver's first line (connection refused, unknown database, no such table), without SQLAlchemy's SQL
     and link."""
-    cause = error.orig if isinstance(error, DBAPIError) else error
-    text = str(cause).strip()
-    return text.splitlines()[0] if text else type(cause).__name__
+    return driver_message(error)
 
 
 def fail(message: str) -> NoReturn:
@@ -329,6 +327,8 @@ def failing_on_errors(*, with_code: bool = False) -> Iterator[None]:
     """A FacegateError inside ends the command with exit status 2 and its message (`code: message` if asked)."""
     try:
         yield
+    except (DatabaseUnavailable, InsufficientStorage):
+        raise  # the group ends it naming FACEGATE_DATABASE_URL and the driver's cause (connection refused, ...)
     except FacegateError as error:
         fail(f"{error.code}: {error_text(error)}" if with_code else error_text(error))
 

@@ -25,7 +25,7 @@ from app.cli.common import (
     service_call,
     shown,
 )
-from app.errors import FacegateError, PossibleDuplicate
+from app.errors import DatabaseUnavailable, FacegateError, InsufficientStorage, PossibleDuplicate
 from app.identify_eval import photo_suffixes
 from app.service import FacePolicy, FaceService, IdentifyResult, VerifyResult
 from app.vision.types import Face
@@ -132,6 +132,8 @@ def enroll(
                                         found=found,
                                     )
                                     added += 1
+                        except (DatabaseUnavailable, InsufficientStorage):
+                            raise  # not this photo's fault: the run ends (what was enrolled stays)
                         except PossibleDuplicate as error:
                             # Only a new identity is checked for duplicates. Had the folder's next photo created it,
                             # this face would have been added to it unchecked by a re-run, neither of the two ways

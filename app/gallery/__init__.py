@@ -3,6 +3,10 @@
 `Gallery` ties the engine, sessions and index together; the service layer calls its methods. Each write method
 is one transaction; once it has committed, this process's index has the change, and other processes pick it up
 with `refresh()` (called by `search` and `identity_distances` unless told not to).
+
+A database that cannot serve for now (unreachable, restarting, locked, disk full) makes a method raise
+DatabaseUnavailable or InsufficientStorage (`db.outages`) instead of SQLAlchemy's error; a write that failed left
+nothing in the index, and the first `refresh()` after the database is back replays what others wrote meanwhile.
 """
 
 from __future__ import annotations
@@ -161,7 +165,7 @@ class Gallery:
         stale = [v for v in versions if v != self.model_version]
         if not stale:
             return 0
-        with self._sessions() as session, session.begin():
+        with self._plain_session() as session, session.begin():
             return store.relabel_faces(session, old_versions=stale, new_version=self.model_version)
 
     def stop_writes(self) -> None:
@@ -187,9 +191,9 @@ class Gallery:
     @contextmanager
     def session(self) -> Iterator[Session]:
         """One transaction: committed when the block ends, rolled back if it raises. Gallery changes written in it
-        (through `store`) are applied to this process's index right after the commit. Do not roll back a savepoint
-        around store writes inside it."""
-        with self._sessions() as session:
+        (through `store`) are applied to this process's index right after the commit (a failed commit applies
+        nothing). Do not roll back a savepoint around store writes inside it."""
+        with db.outages(), self._sessions() as session:
             committing = False
             try:
                 with session.begin():
@@ -207,6 +211,12 @@ class Gallery:
         if ids and max(ids) // self.prune_every > (min(ids) - 1) // self.prune_every:  # crossed a multiple
             self.prune_changes()
 
+    @contextmanager
+    def _plain_session(self) -> Iterator[Session]:
+        """A session for reads (or a `begin()` of the caller's), its database's outages raised as typed errors."""
+        with db.outages(), self._sessions() as session:
+            yield session
+
     def _start_commit(self) -> bool:
         with self._commits:
             if self._writes_stopped:
@@ -221,29 +231,29 @@ class Gallery:
 
     def prune_changes(self) -> int:
         """Delete the change-log rows older than the last `keep_changes`; how many went."""
-        with self._sessions() as session, session.begin():
+        with self._plain_session() as session, session.begin():
             return store.prune_changes(session, keep_last=self.keep_changes)
 
     def face_counts(self) -> dict[str, int]:
         """Stored faces per model version, as the database holds them now (the index knows its own version's)."""
-        with self._sessions() as session:
+        with self._plain_session() as session:
             return store.face_counts(session)
 
     def ping(self) -> None:
         """Raises if the database cannot be reached."""
-        with self.engine.connect() as connection:
+        with db.outages(), self.engine.connect() as connection:
             connection.execute(text("SELECT 1"))
 
     # ------------------------------------------------------------------------------------------- index
 
     def load(self) -> IndexStats:
         """Rebuild the index from the database."""
-        with self._sessions() as session:
+        with self._plain_session() as session:
             return self.index.load(session)
 
     def refresh(self) -> SyncReport:
         """Bring the index up to date with changes committed by other processes (one primary-key read if none)."""
-        with self._sessions() as session:
+        with self._plain_session() as session:
             return self.index.sync(session)
 
     def stats(self) -> IndexStats:
@@ -269,7 +279,8 @@ class Gallery:
         """Per query embedding, up to `top_k` nearest identities (nearest face each, squared L2), nearest first."""
         if refresh:
             self.refresh()
-        return self.index.search(queries, top_k=top_k)
+        with db.outages():  # the pgvector backend searches in the database
+            return self.index.search(queries, top_k=top_k)
 
     def identity_distances(
         self, query: npt.ArrayLike, identity_id: str, *, refresh: bool = True
@@ -280,7 +291,7 @@ class Gallery:
             self.refresh()
         face_ids, distances = self.index.identity_distances(query, identity_id)
         if not face_ids:
-            with self._sessions() as session:
+            with self._plain_session() as session:
                 if not store.identity_exists(session, identity_id=identity_id):
                     raise UnknownIdentity(f"unknown identity {identity_id!r}", identity_id=identity_id)
         return face_ids, distances
@@ -385,7 +396,7 @@ class Gallery:
         next restart: `journal_size_limit` 0). PostgreSQL: nothing to do here (dead tuples wait for VACUUM)."""
         if self.backend != "sqlite":
             return True
-        with self.engine.connect() as connection:
+        with db.outages(), self.engine.connect() as connection:
             busy, _, _ = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
         if busy:
             log.info("SQLite WAL not truncated after an erasure: a reader is active (done at its next restart)")

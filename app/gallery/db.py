@@ -3,6 +3,10 @@
 Migrations run under a lock, so that several workers starting at once apply them exactly once:
 PostgreSQL: a transaction-level advisory lock keyed on the schema; SQLite: `BEGIN IMMEDIATE` (the database's
 write lock) around the whole upgrade.
+
+Outages: `outage_error` tells a database that cannot serve for now (unreachable, restarting, a read-only standby,
+locked, disk full) from a failure of facegate's own, and `outages()` raises the former as the typed errors of
+app/errors.py, which the API answers with 503 / 507 instead of a 500.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +25,13 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from app.config import REPO_ROOT
+from app.errors import DatabaseUnavailable, FacegateError, InsufficientStorage
 
 MIGRATIONS_DIR = REPO_ROOT / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -31,6 +39,9 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 _PG_MIGRATION_LOCK = 0x66676D67
 # Alembic's `context`/`op` are module-level proxies: two threads of one process must not migrate at once.
 _ALEMBIC_LOCK = threading.Lock()
+
+# A restart or a failover takes seconds; the next request connects afresh (the pool pings what it holds).
+RETRY_AFTER_SECONDS = 5
 
 
 def make_engine(url: str, *, sqlite_synchronous: str = "FULL", **kwargs: Any) -> Engine:
@@ -89,6 +100,77 @@ def _enable_wal(cursor: Any) -> None:
             if "locked" not in str(error) or time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
+
+
+# SQLite's primary result codes (the low byte of `sqlite3.Error.sqlite_errorcode`).
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_FULL = 5, 6, 13
+# PostgreSQL's SQLSTATEs of a server that cannot serve for now (class 08, connection exception, as well).
+_PG_UNAVAILABLE = {
+    "57P01": "the database server is shutting down",  # admin_shutdown: a restart or failover ended the session
+    "57P02": "the database server crashed",  # crash_shutdown
+    "57P03": "the database server is starting up or shutting down",  # cannot_connect_now
+    "53300": "the database server has no connection left (max_connections)",  # too_many_connections
+    "25006": "the database is read-only (a standby, after a failover?)",  # read_only_sql_transaction
+}
+_PG_DISK_FULL = "53100"
+
+
+def outage_error(error: sa_exc.SQLAlchemyError) -> FacegateError | None:
+    """The typed error for a database that cannot serve for now: DatabaseUnavailable (worth retrying) or
+    InsufficientStorage (its disk is full). None for any other failure (a bug, a schema not migrated: a 500)."""
+    if isinstance(error, sa_exc.TimeoutError):  # the pool's: every connection stayed checked out for pool_timeout
+        return _unavailable("every database connection of this worker is in use")
+    if not isinstance(error, sa_exc.DBAPIError):
+        return None
+    cause = error.orig
+    if isinstance(cause, sqlite3.Error):
+        code = getattr(cause, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
+        if primary in (_SQLITE_BUSY, _SQLITE_LOCKED):
+            held = SQLITE_BUSY_TIMEOUT_MS / 1000
+            return _unavailable(f"the SQLite database stayed locked by another writer for {held:g} s")
+        if primary == _SQLITE_FULL:
+            return InsufficientStorage("the disk of the SQLite database is full: nothing was stored")
+        return None
+    # psycopg's errors carry the server's SQLSTATE, None when no server answered; other drivers' have none at all
+    sqlstate: str | None = getattr(cause, "sqlstate", "")
+    if sqlstate == "":
+        return None
+    if sqlstate == _PG_DISK_FULL:
+        return InsufficientStorage("the database server's disk is full: nothing was stored")
+    if sqlstate in _PG_UNAVAILABLE:
+        return _unavailable(_PG_UNAVAILABLE[sqlstate])
+    # No SQLSTATE: no answer from a server (psycopg's own OperationalError: refused, timed out, connection lost).
+    lost = sqlstate is None and isinstance(error, sa_exc.OperationalError)
+    if lost or error.connection_invalidated or (sqlstate or "").startswith("08"):
+        return _unavailable("the database cannot be reached")
+    return None
+
+
+def _unavailable(cause: str) -> DatabaseUnavailable:
+    return DatabaseUnavailable(f"{cause}; retry in a few seconds", retry_after_seconds=RETRY_AFTER_SECONDS)
+
+
+@contextmanager
+def outages() -> Iterator[None]:
+    """Inside, a database that cannot serve for now (`outage_error`) raises its typed error, caused by SQLAlchemy's."""
+    try:
+        yield
+    except sa_exc.SQLAlchemyError as error:
+        typed = outage_error(error)
+        if typed is None:
+            raise
+        raise typed from error
+
+
+def driver_message(error: BaseException) -> str:
+    """The driver's first line (connection refused, unknown database, no such table), without SQLAlchemy's SQL and
+    link; for a typed error raised by `outages()`, its cause's."""
+    if isinstance(error, FacegateError) and isinstance(error.__cause__, sa_exc.SQLAlchemyError):
+        error = error.__cause__
+    cause = error.orig if isinstance(error, sa_exc.DBAPIError) else error
+    text = str(cause).strip()
+    return text.splitlines()[0] if text else type(cause).__name__
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -37,7 +37,7 @@ router = APIRouter(tags=["admin"])
 @router.post(
     "/calibrate",
     response_model=CalibrateResponse,
-    responses=responses.errors(409, *responses.BODY),
+    responses=responses.errors(409, *responses.BODY, *responses.WRITE),
     dependencies=[require(Scope.admin)],
     summary="Threshold for a target false-accept rate (from the gallery or from labelled distances); apply to store it",
 )
@@ -108,7 +108,7 @@ async def calibration(service: ServiceDep) -> CalibrationResponse:
 @router.delete(
     "/calibration",
     response_model=CalibrationReset,
-    responses=responses.errors(),
+    responses=responses.errors(*responses.WRITE),
     dependencies=[require(Scope.admin)],
     summary="Forget the stored deployment threshold (back to FACEGATE_THRESHOLD)",
 )

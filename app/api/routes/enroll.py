@@ -25,7 +25,7 @@ ENROLL_FIELDS = ("image", "name", "identity_id", "metadata", "face", "allow_low_
     "/enroll",
     status_code=status.HTTP_201_CREATED,
     response_model=EnrollResponse,
-    responses=responses.errors(409, *responses.PHOTO),
+    responses=responses.errors(409, *responses.PHOTO, *responses.WRITE),
     dependencies=[require(Scope.write), Depends(form_fields(*ENROLL_FIELDS))],
     summary="Enrol a face: a new identity (name) or one more face of an identity (identity_id)",
 )

@@ -86,7 +86,7 @@ async def get_identity(service: ServiceDep, identity_id: IdentityId) -> Identity
 @router.patch(
     "/{identity_id}",
     response_model=IdentityPublic,
-    responses=responses.errors(404, *responses.BODY),
+    responses=responses.errors(404, *responses.BODY, *responses.WRITE),
     dependencies=[require(Scope.write)],
     summary="Rename and/or replace the metadata (JSON body)",
 )
@@ -98,7 +98,7 @@ async def update_identity(service: ServiceDep, identity_id: IdentityId, body: Id
 @router.delete(
     "/{identity_id}",
     response_model=DeletionResponse,
-    responses=responses.errors(404),
+    responses=responses.errors(404, *responses.WRITE),
     dependencies=[require(Scope.write)],
     summary="Delete the identity and every face (embeddings are removed from the database and the index)",
 )
@@ -111,7 +111,7 @@ async def delete_identity(service: ServiceDep, identity_id: IdentityId) -> Delet
     "/{identity_id}/faces",
     status_code=status.HTTP_201_CREATED,
     response_model=EnrollResponse,
-    responses=responses.errors(*responses.PHOTO),
+    responses=responses.errors(*responses.PHOTO, *responses.WRITE),
     dependencies=[require(Scope.write), Depends(form_fields("image", "face", "allow_low_quality"))],
     summary="Add a face to the identity",
 )
@@ -136,7 +136,7 @@ async def add_face(
 @router.delete(
     "/{identity_id}/faces/{face_id}",
     response_model=DeletionResponse,
-    responses=responses.errors(404),
+    responses=responses.errors(404, *responses.WRITE),
     dependencies=[require(Scope.write)],
     summary="Delete one face (the identity stays, even with no face left)",
 )

@@ -1,0 +1,142 @@
+"""What a client sees while the gallery database is away (a restart, a failover, a network cut) and after it is
+back, for real: PostgreSQL is reached through a TCP proxy (tests/tcp_proxy.py) that the test cuts and restores.
+Requests that need the database get 503 database_unavailable with Retry-After (one WARNING line each, no
+traceback), the others go on, /readyz says why, and the service recovers without a restart. SQLite locked
+or out of space: 503 / 507."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from app.auth import Scope
+from app.auth import store as key_store
+from app.gallery import db
+from tests.api.conftest import api_settings, error_of, running
+from tests.tcp_proxy import proxied
+
+Upload = tuple[str, bytes, str]
+
+
+def _upload(path: Path) -> Upload:
+    return path.name, path.read_bytes(), "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
+
+
+def _server_side(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name.startswith("app.")]
+
+
+@pytest.mark.model
+@pytest.mark.postgres
+def test_an_outage_is_a_503_and_the_service_recovers_by_itself(
+    models_dir: Path,
+    pg_schema_url: str,
+    people: dict[str, list[Path]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    amy, amy_again = (_upload(p) for p in people["bbt_amy"][:2])
+    # cache_seconds 0: whether API keys are on is read from the database by every request
+    with proxied(pg_schema_url) as (proxy, url), running(
+        api_settings(models_dir, url, auth={"cache_seconds": 0})
+    ) as client:
+        enrolled = client.post("/enroll", files={"image": amy}, data={"name": "Amy"})
+        assert enrolled.status_code == 201, enrolled.text
+        amy_id = enrolled.json()["identity_id"]
+        proxy.cut()
+        caplog.clear()
+        caplog.set_level(logging.WARNING)
+        needs_the_database: dict[str, Callable[[], Any]] = {
+            "list": lambda: client.get("/identities"),
+            "enrol": lambda: client.post(
+                "/enroll", files={"image": amy_again}, data={"name": "Amy 2", "allow_duplicate": "true"}
+            ),
+            "identify": lambda: client.post("/identify", files={"image": amy_again}),
+            "verify an identity": lambda: client.post("/verify", files={"image": amy_again}, data={"identity_id": amy_id}),
+            "delete": lambda: client.delete(f"/identities/{amy_id}"),
+        }
+        for what, call in needs_the_database.items():
+            r = call()
+            error = error_of(r, 503, "database_unavailable")
+            assert error["message"] == "the database cannot be reached; retry in a few seconds", what
+            assert r.headers["retry-after"] == str(db.RETRY_AFTER_SECONDS), what
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert (ready.json()["database"], ready.json()["problems"]) == (False, ["database unreachable"])
+        # What needs no database goes on: liveness, photo against photo (at the threshold as last read), /embed.
+        assert client.get("/healthz").status_code == 200
+        verified = client.post("/verify", files={"image_a": amy, "image_b": amy_again})
+        assert verified.status_code == 200, verified.text
+        assert (verified.json()["match"], verified.json()["threshold_source"]) == (True, "settings")
+        embedded = client.post("/embed", files={"images": amy})
+        assert embedded.status_code == 200 and embedded.json()["n_faces"] == 1, embedded.text
+        logged = _server_side(caplog)
+        assert not [r for r in logged if r.levelno >= logging.ERROR or r.exc_info], logged
+        assert len(logged) <= len(needs_the_database) + 1  # a line per refused request, one for /readyz
+
+        proxy.restore()
+        assert client.get("/readyz").status_code == 200
+        listed = client.get("/identities").json()["items"]
+        assert [i["name"] for i in listed] == ["Amy"]  # the enrolment and deletion refused stored nothing
+        identified = client.post("/identify", files={"image": amy_again}).json()
+        assert identified["faces"][0]["match"]["identity_id"] == amy_id
+
+
+@pytest.mark.postgres
+def test_an_api_key_that_cannot_be_checked_is_a_503(
+    models_dir: Path, pg_schema_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The key is checked before the app runs (app/api/auth.py): a database error there was a 500 with a logged
+    traceback. A key this worker cannot check is not let in: 503, until the database is back."""
+    with proxied(pg_schema_url) as (proxy, url), running(
+        api_settings(models_dir, url, preload_models=False, auth={"cache_seconds": 0})
+    ) as client:
+        with client.app.state.service.gallery.session() as session:  # type: ignore[attr-defined]
+            key = key_store.create_key(session, name="door", scope=Scope.write).key
+        headers = {"X-API-Key": key}
+        assert client.get("/identities", headers=headers).status_code == 200
+        proxy.cut()
+        caplog.set_level(logging.WARNING)
+        error_of(client.get("/identities", headers=headers), 503, "database_unavailable")
+        refused = client.post("/embed", headers=headers, files={"images": ("a.png", b"x" * 1000, "image/png")})
+        error_of(refused, 503, "database_unavailable")
+        assert refused.headers["retry-after"] == str(db.RETRY_AFTER_SECONDS)
+        assert refused.headers["connection"] == "close"  # its upload is not read
+        assert not [r for r in _server_side(caplog) if r.levelno >= logging.ERROR or r.exc_info]
+        proxy.restore()
+        assert client.get("/identities", headers=headers).status_code == 200
+
+
+def test_sqlite_locked_is_a_503_and_out_of_space_a_507(
+    models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 200)  # read when a connection opens
+    path = tmp_path / "g.db"
+    with running(api_settings(models_dir, f"sqlite:///{path}", preload_models=False)) as client:
+        gallery = client.app.state.service.gallery  # type: ignore[attr-defined]
+        ada = gallery.create_identity(name="Ada")
+        writer = sqlite3.connect(path, isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            r = client.patch(f"/identities/{ada.id}", json={"name": "Bob"})
+            writer.execute("ROLLBACK")
+        finally:
+            writer.close()
+        assert "locked by another writer" in error_of(r, 503, "database_unavailable")["message"]
+        assert r.headers["retry-after"] == str(db.RETRY_AFTER_SECONDS)
+
+        @event.listens_for(gallery.engine, "connect")
+        def _full(dbapi_connection: Any, _record: Any) -> None:  # the file may not grow: SQLite's "disk is full"
+            pages = dbapi_connection.execute("PRAGMA page_count").fetchone()[0]
+            dbapi_connection.execute(f"PRAGMA max_page_count={pages}")
+
+        gallery.engine.dispose()
+        r = client.patch(f"/identities/{ada.id}", json={"metadata": {"notes": "x" * 60_000}})
+        error_of(r, 507, "insufficient_storage")
+        assert "retry-after" not in r.headers
+        assert client.get(f"/identities/{ada.id}").json()["metadata"] == {}

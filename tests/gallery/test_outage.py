@@ -1,0 +1,191 @@
+"""A database that goes away and comes back (a restart, a failover, a network cut), for real: the gallery reaches
+PostgreSQL through a TCP proxy (tests/tcp_proxy.py) that the test cuts and restores, never the server itself. And
+SQLite locked by another writer, or out of space."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
+
+from app.errors import DatabaseUnavailable, InsufficientStorage
+from app.gallery import Gallery, db
+from app.vision.types import Box
+from tests.gallery.conftest import MODEL, random_embeddings
+from tests.tcp_proxy import TcpProxy, proxied
+
+BOX = Box(0, 0, 99, 99)
+
+
+@pytest.fixture
+def cut_off(pg_schema_url: str) -> Iterator[tuple[TcpProxy, str]]:
+    """A proxy to the test's PostgreSQL schema and the URL through it."""
+    with proxied(pg_schema_url) as pair:
+        yield pair
+
+
+@pytest.fixture
+def galleries() -> Iterator[list[Gallery]]:
+    opened: list[Gallery] = []
+    yield opened
+    for gallery in opened:
+        gallery.close()
+
+
+def _open(galleries: list[Gallery], url: str, **options: Any) -> Gallery:
+    gallery = Gallery.open(url, MODEL, **options)
+    galleries.append(gallery)
+    return gallery
+
+
+def _identity_names(gallery: Gallery) -> set[str]:
+    with gallery.engine.connect() as connection:
+        return set(connection.execute(text("SELECT name FROM identities")).scalars())
+
+
+@pytest.mark.postgres
+def test_a_lost_server_is_database_unavailable_and_the_next_call_after_it_is_back_works(
+    cut_off: tuple[TcpProxy, str], galleries: list[Gallery]
+) -> None:
+    proxy, url = cut_off
+    gallery = _open(galleries, url)
+    vectors = random_embeddings(np.random.default_rng(0), 2)
+    ada = gallery.enroll_face(embedding=vectors[0], box=BOX, score=1.0, name="Ada")
+    proxy.cut()
+    calls = {
+        "read": lambda: gallery.get_identity(ada.identity_id),
+        "replay": gallery.refresh,
+        "search": lambda: gallery.search(vectors[:1], top_k=1),
+        "write": lambda: gallery.enroll_face(embedding=vectors[1], box=BOX, score=1.0, name="Bob"),
+        "ping": gallery.ping,
+    }
+    for what, call in calls.items():
+        with pytest.raises(DatabaseUnavailable) as raised:
+            call()
+        assert raised.value.message == "the database cannot be reached; retry in a few seconds", what
+        assert raised.value.details == {"retry_after_seconds": db.RETRY_AFTER_SECONDS}
+    assert gallery.index.face_ids() == {ada.face.id}  # the failed enrolment left nothing
+    proxy.restore()
+    assert gallery.get_identity(ada.identity_id).name == "Ada"
+    gallery.enroll_face(embedding=vectors[1], box=BOX, score=1.0, name="Bob")
+    assert gallery.stats().size == 2
+
+
+@pytest.mark.postgres
+def test_the_pool_reconnects_after_the_server_dropped_every_connection(
+    cut_off: tuple[TcpProxy, str], galleries: list[Gallery]
+) -> None:
+    """No call while the server was away: the pool still holds the dead connections, and its pre-ping replaces
+    them, so the first call afterwards works."""
+    proxy, url = cut_off
+    gallery = _open(galleries, url)
+    ada = gallery.enroll_face(
+        embedding=random_embeddings(np.random.default_rng(1), 1)[0], box=BOX, score=1.0, name="Ada"
+    )
+    assert gallery.engine.pool.checkedin() >= 1  # type: ignore[attr-defined]
+    proxy.cut()
+    proxy.restore()
+    assert gallery.get_identity(ada.identity_id).name == "Ada"
+
+
+@pytest.mark.postgres
+def test_an_enrolment_whose_commit_is_lost_stores_nothing(
+    cut_off: tuple[TcpProxy, str], pg_schema_url: str, galleries: list[Gallery]
+) -> None:
+    proxy, url = cut_off
+    gallery = _open(galleries, url)
+    vectors = random_embeddings(np.random.default_rng(2), 2)
+    ada = gallery.enroll_face(embedding=vectors[0], box=BOX, score=1.0, name="Ada")
+    gallery.refresh()  # its own writes are replayed too (skipped): the position moves past them
+    head = gallery.stats().last_change_id
+
+    cuts: list[None] = []
+
+    @event.listens_for(gallery.engine, "commit")
+    def _cut_before_the_commit(_connection: Any) -> None:  # the COMMIT never reaches the server
+        if not cuts:
+            cuts.append(None)
+            proxy.cut()
+
+    with pytest.raises(DatabaseUnavailable):
+        gallery.enroll_face(embedding=vectors[1], box=BOX, score=1.0, name="half-written")
+    assert gallery.index.face_ids() == {ada.face.id} and gallery.stats().last_change_id == head
+    proxy.restore()
+    other = _open(galleries, pg_schema_url)  # another worker, straight to the server
+    assert _identity_names(other) == {"Ada"}
+    assert gallery.refresh().applied == 0 and gallery.stats().last_change_id == head  # the log has no trace of it
+    assert gallery.index.face_ids() == {ada.face.id}
+
+
+@pytest.mark.postgres
+def test_a_worker_cut_off_catches_up_with_what_others_wrote_meanwhile(
+    cut_off: tuple[TcpProxy, str], pg_schema_url: str, galleries: list[Gallery]
+) -> None:
+    proxy, url = cut_off
+    cut, other = _open(galleries, url), _open(galleries, pg_schema_url)
+    vectors = random_embeddings(np.random.default_rng(3), 3)
+    ada = other.enroll_face(embedding=vectors[0], box=BOX, score=1.0, name="Ada")
+    bob = other.enroll_face(embedding=vectors[1], box=BOX, score=1.0, name="Bob")
+    assert cut.search(vectors[:1], top_k=1)[0][0].face_id == ada.face.id
+    proxy.cut()
+    cyd = other.enroll_face(embedding=vectors[2], box=BOX, score=1.0, name="Cyd")
+    other.delete_identity(ada.identity_id)
+    with pytest.raises(DatabaseUnavailable):
+        cut.search(vectors[2:], top_k=1)
+    proxy.restore()
+    assert cut.search(vectors[2:], top_k=1)[0][0].face_id == cyd.face.id
+    assert cut.index.face_ids() == other.index.face_ids() == {bob.face.id, cyd.face.id}
+
+
+@pytest.mark.postgres
+def test_a_read_only_standby_refuses_writes_as_unavailable(pg_schema_url: str, galleries: list[Gallery]) -> None:
+    """After a failover, a client may reach a standby still read-only: its writes are refused for now, not a bug."""
+    primary = _open(galleries, pg_schema_url)
+    ada = primary.create_identity(name="Ada")
+    url = make_url(pg_schema_url)
+    options = f"{url.query['options']} -cdefault_transaction_read_only=on"
+    standby = _open(galleries, url.update_query_dict({"options": options}).render_as_string(False), migrate=False)
+    assert standby.get_identity(ada.id).name == "Ada"
+    with pytest.raises(DatabaseUnavailable, match="read-only"):
+        standby.create_identity(name="Bob")
+    assert _identity_names(primary) == {"Ada"}
+
+
+def test_sqlite_locked_past_the_busy_timeout_is_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, galleries: list[Gallery]
+) -> None:
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 200)  # read when a connection opens
+    path = tmp_path / "g.db"
+    gallery = _open(galleries, f"sqlite:///{path}")
+    ada = gallery.create_identity(name="Ada")
+    writer = sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        with pytest.raises(DatabaseUnavailable, match="locked by another writer for 0.2 s") as raised:
+            gallery.update_identity(ada.id, name="Bob")
+        assert raised.value.details == {"retry_after_seconds": db.RETRY_AFTER_SECONDS}
+        writer.execute("ROLLBACK")
+    finally:
+        writer.close()
+    assert gallery.update_identity(ada.id, name="Bob").name == "Bob"
+
+
+def test_sqlite_out_of_space_is_insufficient_storage(tmp_path: Path, galleries: list[Gallery]) -> None:
+    gallery = _open(galleries, f"sqlite:///{tmp_path / 'g.db'}")
+    ada = gallery.create_identity(name="Ada")
+
+    @event.listens_for(gallery.engine, "connect")
+    def _full(dbapi_connection: Any, _record: Any) -> None:  # the file may not grow: SQLite's "disk is full"
+        pages = dbapi_connection.execute("PRAGMA page_count").fetchone()[0]
+        dbapi_connection.execute(f"PRAGMA max_page_count={pages}")
+
+    gallery.engine.dispose()
+    with pytest.raises(InsufficientStorage, match="disk of the SQLite database is full"):
+        gallery.update_identity(ada.id, metadata={"notes": "x" * 60_000})
+    assert gallery.get_identity(ada.id).metadata == {}

@@ -40,8 +40,23 @@ _PG_MIGRATION_LOCK = 0x66676D67
 # Alembic's `context`/`op` are module-level proxies: two threads of one process must not migrate at once.
 _ALEMBIC_LOCK = threading.Lock()
 
+# libpq's connection options for PostgreSQL, each unless the URL sets it (`?connect_timeout=10`). Without them a
+# server that stopped answering held a request's thread for minutes: psycopg waits 130 s for a connection that is
+# accepted and never answered, and a connection cut by the network (no reset) waited for the kernel's
+# retransmissions (some 15 minutes) or its first keepalive (after 2 hours).
+PG_CONNECT_OPTIONS: dict[str, int] = {
+    "connect_timeout": 3,  # seconds (libpq's least is 2): /readyz answers 503 within a 4 s healthcheck
+    "keepalives": 1,
+    "keepalives_idle": 30,  # seconds of silence before the first probe
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # milliseconds sent data (or a probe) may stay unacknowledged
+}
 # A restart or a failover takes seconds; the next request connects afresh (the pool pings what it holds).
 RETRY_AFTER_SECONDS = 5
+# After a connection attempt found no server, the next ones fail at once for this long, then one at a time tries
+# again (see `_ConnectGate`).
+CONNECT_RETRY_SECONDS = 2.0
 
 
 def make_engine(url: str, *, sqlite_synchronous: str = "FULL", **kwargs: Any) -> Engine:
@@ -56,7 +71,16 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL", **kwargs: Any) ->
     kwargs.setdefault("hide_parameters", True)
     if parsed.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
-        return create_engine(url, **kwargs)
+        if parsed.get_backend_name() == "postgresql":
+            connect_args = dict(kwargs.pop("connect_args", {}))
+            for option, value in PG_CONNECT_OPTIONS.items():
+                if option not in parsed.query:
+                    connect_args.setdefault(option, value)
+            kwargs["connect_args"] = connect_args
+        engine = create_engine(url, **kwargs)
+        if parsed.get_backend_name() == "postgresql":
+            event.listen(engine, "do_connect", _ConnectGate())
+        return engine
     if sqlite_synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
         raise ValueError(f"unknown SQLite synchronous mode {sqlite_synchronous!r}")
     connect_args = dict(kwargs.pop("connect_args", {}))
@@ -85,6 +109,38 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL", **kwargs: Any) ->
             cursor.close()
 
     return engine
+
+
+class _ConnectGate:
+    """While no PostgreSQL server answers, connection attempts fail at once instead of each waiting for the connect
+    timeout: a request may ask for a connection several times (the API key, the threshold, the search), and on a
+    server that accepts and never answers each took the whole timeout, holding a thread of the worker. After a
+    failed attempt, those of the next CONNECT_RETRY_SECONDS fail at once; then one attempt at a time goes through
+    until one succeeds."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._retry_at = 0.0  # 0: no outage known
+        self._trying = False
+
+    def __call__(self, dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        failure: type[Exception] = dialect.loaded_dbapi.OperationalError
+        with self._lock:
+            if self._retry_at:
+                if self._trying or time.monotonic() < self._retry_at:
+                    raise failure("connection not tried: no database server answered a moment ago")
+                self._trying = True
+        unreachable = False
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except failure as error:
+            # No SQLSTATE: no server answered (refused, timed out); one that did (a wrong password) is not an outage.
+            unreachable = getattr(error, "sqlstate", None) is None
+            raise
+        finally:
+            with self._lock:
+                self._trying = False
+                self._retry_at = time.monotonic() + CONNECT_RETRY_SECONDS if unreachable else 0.0
 
 
 def _enable_wal(cursor: Any) -> None:

@@ -1,13 +1,14 @@
 """What a client sees while the gallery database is away (a restart, a failover, a network cut) and after it is
 back, for real: PostgreSQL is reached through a TCP proxy (tests/tcp_proxy.py) that the test cuts and restores.
 Requests that need the database get 503 database_unavailable with Retry-After (one WARNING line each, no
-traceback), the others go on, /readyz says why, and the service recovers without a restart. SQLite locked
+traceback), the others go on, /readyz says why quickly, and the service recovers without a restart. SQLite locked
 or out of space: 503 / 507."""
 
 from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,10 @@ def test_an_outage_is_a_503_and_the_service_recovers_by_itself(
     models_dir: Path,
     pg_schema_url: str,
     people: dict[str, list[Path]],
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    monkeypatch.setattr(db, "CONNECT_RETRY_SECONDS", 0.0)  # the first request after the restore connects
     amy, amy_again = (_upload(p) for p in people["bbt_amy"][:2])
     # cache_seconds 0: whether API keys are on is read from the database by every request
     with proxied(pg_schema_url) as (proxy, url), running(
@@ -88,11 +91,27 @@ def test_an_outage_is_a_503_and_the_service_recovers_by_itself(
 
 
 @pytest.mark.postgres
+def test_a_silent_database_is_answered_quickly(models_dir: Path, pg_schema_url: str) -> None:
+    """A server that accepts connections and never answers held /readyz (and any request) for psycopg's default
+    connect timeout, 130 s: longer than any healthcheck waits, with a worker's thread held all along."""
+    with proxied(pg_schema_url) as (proxy, url), running(api_settings(models_dir, url, preload_models=False)) as client:
+        proxy.silence()
+        started = time.monotonic()
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["problems"] == ["database unreachable"]
+        assert time.monotonic() - started < 10
+        started = time.monotonic()  # the next ones do not wait for the connect timeout again
+        error_of(client.get("/identities"), 503, "database_unavailable")
+        assert time.monotonic() - started < 1
+
+
+@pytest.mark.postgres
 def test_an_api_key_that_cannot_be_checked_is_a_503(
-    models_dir: Path, pg_schema_url: str, caplog: pytest.LogCaptureFixture
+    models_dir: Path, pg_schema_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The key is checked before the app runs (app/api/auth.py): a database error there was a 500 with a logged
     traceback. A key this worker cannot check is not let in: 503, until the database is back."""
+    monkeypatch.setattr(db, "CONNECT_RETRY_SECONDS", 0.0)
     with proxied(pg_schema_url) as (proxy, url), running(
         api_settings(models_dir, url, preload_models=False, auth={"cache_seconds": 0})
     ) as client:

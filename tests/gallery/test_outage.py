@@ -5,6 +5,7 @@ SQLite locked by another writer, or out of space."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ BOX = Box(0, 0, 99, 99)
 
 
 @pytest.fixture
-def cut_off(pg_schema_url: str) -> Iterator[tuple[TcpProxy, str]]:
-    """A proxy to the test's PostgreSQL schema and the URL through it."""
+def cut_off(pg_schema_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[TcpProxy, str]]:
+    """A proxy to the test's PostgreSQL schema and the URL through it. Connections are retried at once after a
+    failure (`db.CONNECT_RETRY_SECONDS` 0), so that a restored proxy serves the next call."""
+    monkeypatch.setattr(db, "CONNECT_RETRY_SECONDS", 0.0)
     with proxied(pg_schema_url) as pair:
         yield pair
 
@@ -155,6 +158,44 @@ def test_a_read_only_standby_refuses_writes_as_unavailable(pg_schema_url: str, g
     with pytest.raises(DatabaseUnavailable, match="read-only"):
         standby.create_identity(name="Bob")
     assert _identity_names(primary) == {"Ada"}
+
+
+@pytest.mark.postgres
+def test_a_silent_server_fails_within_the_connect_timeout_then_at_once(
+    pg_schema_url: str, galleries: list[Gallery]
+) -> None:
+    """A server that accepts connections and never answers (hung, or a failover address nobody holds yet) held a
+    call for psycopg's default 130 s. Now the connect timeout (3 s) ends it, and for CONNECT_RETRY_SECONDS after
+    that the next calls fail at once instead of each waiting as long."""
+    with proxied(pg_schema_url) as (proxy, url):
+        gallery = _open(galleries, url)
+        proxy.silence()  # the pool's connections are dropped: the next call has to connect
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable):
+            gallery.ping()
+        assert time.monotonic() - started < 10
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable):
+            gallery.refresh()
+        assert time.monotonic() - started < 1
+        proxy.restore()
+        time.sleep(db.CONNECT_RETRY_SECONDS + 0.1)
+        gallery.ping()
+
+
+@pytest.mark.postgres
+def test_postgres_connections_have_timeouts_unless_the_url_sets_them(pg_schema_url: str) -> None:
+    url = make_url(pg_schema_url)
+    for query, expected in (({}, b"3"), ({"connect_timeout": "7"}, b"7")):
+        engine = db.make_engine(url.update_query_dict(query).render_as_string(hide_password=False))
+        try:
+            with engine.connect() as connection:
+                pgconn = connection.connection.dbapi_connection.pgconn  # type: ignore[union-attr]
+                options = {option.keyword: option.val for option in pgconn.info}
+        finally:
+            engine.dispose()
+        assert options[b"connect_timeout"] == expected
+        assert (options[b"keepalives_idle"], options[b"tcp_user_timeout"]) == (b"30", b"30000")
 
 
 def test_sqlite_locked_past_the_busy_timeout_is_unavailable(

@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from typer.testing import CliRunner
 
 from app.cli import cli
 from tests.interrupts import interrupted_on_call
+from tests.serving import facegate_serve
 
 pytestmark = pytest.mark.model
 
@@ -285,32 +281,11 @@ def test_option_help_says_what_raising_or_lowering_does() -> None:
 def test_serve_without_api_keys_stays_on_loopback(env: Path, tmp_path: Path) -> None:
     """`facegate serve` runs the app factory under uvicorn; with no API keys and no host asked for, it listens on
     127.0.0.1 only and says so."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log = tmp_path / "serve.log"
     environment = {k: v for k, v in os.environ.items() if k != "FACEGATE_HOST"}
-    with log.open("wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-c", "from app.cli import main; main()", "serve", "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=environment,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        ready = None
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
-                break
-            except httpx.TransportError:
-                time.sleep(0.3)
-        assert ready is not None and ready.status_code == 200, log.read_text()
+    with facegate_serve(environment, log, path="/readyz") as (_, ready):
+        assert ready.status_code == 200, log.read_text()
         assert ready.json()["ready"] is True
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     assert "every route is open, so facegate listens on 127.0.0.1 only" in log.read_text()
 
 

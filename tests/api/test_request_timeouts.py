@@ -12,8 +12,6 @@ import asyncio
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +25,7 @@ import pytest
 import uvicorn
 
 from app.api.request_timeouts import TimedH11Protocol
+from tests.serving import facegate_serve
 
 TIMEOUT = 1.2  # request_timeout, seconds
 IDLE = 0.4  # request_idle_timeout
@@ -223,9 +222,6 @@ def test_facegate_serve_cuts_a_stalled_upload(models_dir: Path, tmp_path: Path) 
     """`facegate serve` runs uvicorn with the limits from the settings: an upload that stops half-way gets the 408
     in our error format, the worker holds none of its bytes afterwards, and the access log and metrics record the
     408 (not an error with a traceback)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACEGATE_")} | {
         "FACEGATE_MODELS_DIR": str(models_dir),
         "FACEGATE_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.db'}",
@@ -233,21 +229,7 @@ def test_facegate_serve_cuts_a_stalled_upload(models_dir: Path, tmp_path: Path) 
         "FACEGATE_REQUEST_IDLE_TIMEOUT": "0.5",
     }
     log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-c", "from app.cli import main; main()", "serve", "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with facegate_serve(env, log) as (port, _):
         head = (
             b"POST /enroll HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
             b"Content-Length: 100000\r\n\r\n"
@@ -261,9 +243,6 @@ def test_facegate_serve_cuts_a_stalled_upload(models_dir: Path, tmp_path: Path) 
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         assert "facegate_request_body_bytes_held 0.0" in metrics, metrics
         assert 'facegate_request_duration_seconds_count{method="POST",route="/enroll",status="408"} 1.0' in metrics, metrics
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     text = log.read_text()
     assert "POST /enroll 408 " in text and "error=request_timeout" in text, text
     assert "ERROR" not in text and "Traceback" not in text, text

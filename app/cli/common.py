@@ -38,7 +38,7 @@ class _Commands(TyperGroup):
         try:
             return super().invoke(ctx)
         except (SQLAlchemyError, DatabaseUnavailable, InsufficientStorage) as error:
-            fail(f"cannot use the database (FACEGATE_DATABASE_URL): {database_problem(error)}")
+            fail(f"cannot use the database (FACEGATE_DATABASE_URL): {driver_message(error)}")
         except alembic.util.CommandError as error:  # e.g. a revision this version does not have
             fail(f"cannot migrate the database (FACEGATE_DATABASE_URL): {error} (migrated by a newer facegate?)")
 
@@ -256,12 +256,6 @@ def default_threshold(settings: Settings, pipeline: Pipeline) -> float:
     if pipeline.head is not None and "threshold" not in settings.model_fields_set:
         return pipeline.head.threshold
     return settings.threshold
-
-
-def database_problem(error: BaseException) -> str:
-    """The driver's first line (connection refused, unknown database, no such table), without SQLAlchemy's SQL
-    and link."""
-    return driver_message(error)
 
 
 def fail(message: str) -> NoReturn:

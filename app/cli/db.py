@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import database_problem, db_cli, fail, load_settings, on_interrupt
+from app.cli.common import db_cli, fail, load_settings, on_interrupt
 from app.config import database_url_problem
+from app.gallery.db import driver_message
 from app.gallery.synthetic import MAX_FACES
 from app.vision.pipeline import Pipeline
 
@@ -103,9 +104,9 @@ def db_copy(
         fail(f"{error}")
     except UnusableDatabase as error:
         where = "FACEGATE_DATABASE_URL" if error.role == "source" else shown
-        fail(f"cannot use the {error.role} database ({where}): {database_problem(error.error)}")
+        fail(f"cannot use the {error.role} database ({where}): {driver_message(error.error)}")
     except SQLAlchemyError as error:  # e.g. the connection lost half-way: the target's transaction was rolled back
-        fail(f"copy failed, nothing was written to {shown}: {database_problem(error)}")
+        fail(f"copy failed, nothing was written to {shown}: {driver_message(error)}")
     typer.echo(
         f"copied {_counted(report.identities, 'identity', 'identities')}, {_counted(report.faces, 'face')}, "
         f"{_counted(report.api_keys, 'API key')} and {_counted(report.settings, 'setting')} to {shown} in "

@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import cli, database_problem, fail, failing_on_errors, load_settings, log_level_name
+from app.cli.common import cli, fail, failing_on_errors, load_settings, log_level_name
 from app.config import Settings
 from app.vision.pipeline import Pipeline
 
@@ -43,7 +43,7 @@ def api_keys_configured(settings: Settings) -> bool:
         with Session(engine) as session:
             return key_count(session) > 0
     except SQLAlchemyError as error:
-        fail(f"cannot read the API keys from the database (FACEGATE_DATABASE_URL): {database_problem(error)}")
+        fail(f"cannot read the API keys from the database (FACEGATE_DATABASE_URL): {db.driver_message(error)}")
     finally:
         engine.dispose()
 

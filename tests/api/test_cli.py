@@ -12,12 +12,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
 from app.cli import cli
 from tests.interrupts import interrupted_on_call
-from tests.serving import facegate_serve
+from tests.system.live import LiveServer
 
 pytestmark = pytest.mark.model
 
@@ -278,15 +279,18 @@ def test_option_help_says_what_raising_or_lowering_does() -> None:
     assert "Lower it for fewer false accepts" in text and "raise it for the opposite" in text
 
 
-def test_serve_without_api_keys_stays_on_loopback(env: Path, tmp_path: Path) -> None:
+def test_serve_without_api_keys_stays_on_loopback(env: Path, models_dir: Path, tmp_path: Path) -> None:
     """`facegate serve` runs the app factory under uvicorn; with no API keys and no host asked for, it listens on
     127.0.0.1 only and says so."""
-    log = tmp_path / "serve.log"
-    environment = {k: v for k, v in os.environ.items() if k != "FACEGATE_HOST"}
-    with facegate_serve(environment, log, path="/readyz") as (_, ready):
-        assert ready.status_code == 200, log.read_text()
+    server = LiveServer(f"sqlite:///{env}", models_dir, tmp_path, workers=1, cli=True)  # no FACEGATE_HOST
+    server.start()
+    try:
+        ready = httpx.get(f"{server.url}/readyz", timeout=10)
+        assert ready.status_code == 200, server.log_text()
         assert ready.json()["ready"] is True
-    assert "every route is open, so facegate listens on 127.0.0.1 only" in log.read_text()
+    finally:
+        server.stop()
+    assert "every route is open, so facegate listens on 127.0.0.1 only" in server.log_text()
 
 
 def test_several_workers_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import threading
 import time
@@ -25,7 +24,7 @@ import pytest
 import uvicorn
 
 from app.api.request_timeouts import TimedH11Protocol
-from tests.serving import facegate_serve
+from tests.system.live import LiveServer
 
 # Wide margins against a loaded machine: the steady client's gaps are under half of IDLE.
 TIMEOUT = 1.5  # request_timeout, seconds
@@ -223,27 +222,31 @@ def test_facegate_serve_cuts_a_stalled_upload(models_dir: Path, tmp_path: Path) 
     """`facegate serve` runs uvicorn with the limits from the settings: an upload that stops half-way gets the 408
     in our error format, the worker holds none of its bytes afterwards, and the access log and metrics record the
     408 (not an error with a traceback)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FACEGATE_")} | {
-        "FACEGATE_MODELS_DIR": str(models_dir),
-        "FACEGATE_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.db'}",
-        "FACEGATE_PRELOAD_MODELS": "false",
-        "FACEGATE_REQUEST_IDLE_TIMEOUT": "0.5",
-    }
-    log = tmp_path / "serve.log"
-    with facegate_serve(env, log) as (port, _):
+    server = LiveServer(
+        f"sqlite:///{tmp_path / 'serve.db'}",
+        models_dir,
+        tmp_path,
+        workers=1,
+        cli=True,
+        environment={"FACEGATE_PRELOAD_MODELS": "false", "FACEGATE_REQUEST_IDLE_TIMEOUT": "0.5"},
+    )
+    server.start()
+    try:
         head = (
             b"POST /enroll HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
             b"Content-Length: 100000\r\n\r\n"
             b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
         )
-        with connect(port) as conn:
+        with connect(server.port) as conn:
             conn.sendall(head + b"\xff\xd8" + b"x" * 5000)
             [(status, body)] = answers(read_until_closed(conn))
-        assert status == 408, log.read_text()
+        assert status == 408, server.log_text()
         assert "FACEGATE_REQUEST_IDLE_TIMEOUT" in timed_out(body)["message"]
-        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
         assert "facegate_request_body_bytes_held 0.0" in metrics, metrics
         assert 'facegate_request_duration_seconds_count{method="POST",route="/enroll",status="408"} 1.0' in metrics, metrics
-    text = log.read_text()
+    finally:
+        server.stop()
+    text = server.log_text()
     assert "POST /enroll 408 " in text and "error=request_timeout" in text, text
     assert "ERROR" not in text and "Traceback" not in text, text

@@ -434,3 +434,23 @@ def test_folder_commands_pick_up_heic_photos_only_when_they_are_decoded(tmp_path
         assert [p.relative_to(tmp_path).as_posix() for p in _photos_under(tmp_path, [], heic=heic)] == expected
         people = _people(tmp_path, PhotoSelection.all, [], heic=heic)
         assert [f"{person}/{photo.name}" for person, photos in people for photo in photos] == expected
+
+
+def test_folder_commands_leave_hidden_files_and_folders_out(tmp_path: Path) -> None:
+    """A folder copied from a Mac holds "._1.jpg" (AppleDouble metadata, not a photo) beside each photo. `enroll DIR`
+    and `train` took them (enroll reported each as a failed photo; train counted them as the person's photos with
+    no face), where `cluster` and `eval-identify` left hidden names out."""
+    from app.cli.cluster import _photos_under
+    from app.cli.common import PhotoSelection
+    from app.cli.people import _people
+    from app.identify_eval import person_photos
+    from app.training.data import folder_photos
+
+    for name in ("amy/1.jpg", "amy/._1.jpg", "amy/.thumbnails/1.jpg", ".trash/bob/1.jpg", "raj/1.png", "raj/._1.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    expected = ["amy/1.jpg", "raj/1.png"]
+    assert person_photos(tmp_path) == folder_photos(tmp_path) == expected
+    assert [p.relative_to(tmp_path).as_posix() for p in _photos_under(tmp_path, [])] == expected
+    people = _people(tmp_path, PhotoSelection.all, [])
+    assert [f"{person}/{photo.name}" for person, photos in people for photo in photos] == expected

@@ -43,7 +43,9 @@ def _people(
         fail(f"cannot read {shown(directory)}: {error.strerror}")
     for person in people:
         try:
-            photos = sorted(p for p in person.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+            photos = sorted(
+                p for p in person.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes
+            )
         except OSError as error:
             unreadable.append(Unusable.unreadable_folder(person, error))
             continue

@@ -84,7 +84,7 @@ def folder_photos(images: Path, *, heic: bool = False) -> list[str]:
         raise InvalidRequest(f"{images} is not a folder", field="images")
     photos = []
     for person in folder_entries(root):
-        if person.is_dir():
+        if person.is_dir() and not _hidden(person):
             found = (p for p in _files_under(person) if p.suffix.lower() in suffixes)
             photos += [str(p.relative_to(root)) for p in found]
     photos.sort()
@@ -100,11 +100,19 @@ def _files_under(folder: Path) -> list[Path]:
     files, pending = [], [folder]
     while pending:
         for entry in folder_entries(pending.pop()):
+            if _hidden(entry):
+                continue
             if entry.is_dir() and not entry.is_symlink():
                 pending.append(entry)
             elif entry.is_file():
                 files.append(entry)
     return files
+
+
+def _hidden(entry: Path) -> bool:
+    # As every folder command: a copy from a Mac holds "._IMG_0001.jpg" (AppleDouble metadata, not a photo) beside
+    # each photo, and ".thumbnails/" folders hold other photos' previews.
+    return entry.name.startswith(".")
 
 
 def _person(relative: str) -> str:

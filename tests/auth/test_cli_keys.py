@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from typer.testing import CliRunner
 from app.auth.keys import hash_key, key_prefix
 from app.cli import api_keys_configured, cli
 from app.config import REPO_ROOT, Settings
+from tests.system.live import free_port
 
 runner = CliRunner()
 
@@ -116,16 +116,10 @@ def test_serve_refuses_the_network_without_keys(tmp_path: Path) -> None:
     assert not (tmp_path / "g.db").exists()  # refused before the start-up checks, which create the SQLite file
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 @pytest.mark.model
 def test_serve_without_keys_listens_on_loopback_and_logs_json(tmp_path: Path, models_dir: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("FACEGATE_")},
         "FACEGATE_DATABASE_URL": f"sqlite:///{tmp_path / 'g.db'}",

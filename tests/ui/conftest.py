@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,15 +22,10 @@ import uvicorn
 from app.api.request_timeouts import TimedH11Protocol
 from app.config import Settings
 from app.main import create_app
+from tests.system.live import free_port
 
 CHROMIUM = os.environ.get("FACEGATE_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOTS = Path(os.environ.get("FACEGATE_UI_SCREENSHOTS", "/tmp/facegate-ui-screenshots"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -43,7 +37,7 @@ class LiveServer:
 def serve(settings: Settings) -> Iterator[LiveServer]:
     """Run the app (lifespan included: models, migrations, index) until the generator is closed, under the HTTP
     protocol `facegate serve` uses (its request time limits at the settings' values)."""
-    port = _free_port()
+    port = free_port()
     protocol = type(
         "ServedProtocol",
         (TimedH11Protocol,),

@@ -541,6 +541,18 @@ class Settings(BaseSettings):
         ),
     )
     database_url: str = Field(default="sqlite:///./facegate.db", description="SQLAlchemy URL of the gallery (SQLite or postgresql+psycopg://).")
+    database_lock_timeout: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description=(
+            "PostgreSQL: seconds a request waits for a lock another session holds (an operator's transaction or "
+            "ALTER TABLE, `facegate reindex` or `db load-synthetic` holding the gallery's write lock) before it is "
+            "answered 503 database_unavailable with Retry-After, its transaction rolled back. 0: wait as long as it "
+            "takes. Migrations and the pgvector index set-up always wait. (SQLite: another writer is waited for up to "
+            "30 s, its busy timeout, then 503 alike.)"
+        ),
+    )
     store_images: bool = Field(default=False, description="Keep the enrolled photos in the database (off: only embeddings are stored).")
     host: str = Field(default="127.0.0.1", description="Address `facegate serve` listens on (127.0.0.1: this machine only).")
     port: int = Field(default=8000, ge=1, le=65535, description="Port `facegate serve` listens on.")

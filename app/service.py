@@ -325,6 +325,7 @@ class FaceService:
             migrate=True,
             index=settings.index,
             adopt=pipeline.manifest.earlier_versions if plain else (),
+            lock_timeout=settings.database_lock_timeout,
         )
         stats = gallery.stats()
         log.info(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -59,11 +59,14 @@ RETRY_AFTER_SECONDS = 5
 CONNECT_RETRY_SECONDS = 2.0
 
 
-def make_engine(url: str, *, sqlite_synchronous: str = "FULL", **kwargs: Any) -> Engine:
+def make_engine(
+    url: str, *, sqlite_synchronous: str = "FULL", lock_timeout: float | None = None, **kwargs: Any
+) -> Engine:
     """An engine for `url`. SQLite files get WAL, foreign keys, a 30 s busy timeout and usable from any thread.
 
     `sqlite_synchronous` FULL makes every commit durable against power loss; NORMAL only against a process crash.
-    Extra keyword arguments go to `sqlalchemy.create_engine`.
+    `lock_timeout` (PostgreSQL; seconds, None or 0: no limit): the longest a statement waits for a lock another
+    session holds (see `_set_lock_timeout`). Extra keyword arguments go to `sqlalchemy.create_engine`.
     """
     parsed = make_url(url)
     # SQLAlchemy's error messages quote the statement's parameters: an embedding's bytes, a name, an API key hash
@@ -80,6 +83,8 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL", **kwargs: Any) ->
         engine = create_engine(url, **kwargs)
         if parsed.get_backend_name() == "postgresql":
             event.listen(engine, "do_connect", _ConnectGate())
+            if lock_timeout:
+                event.listen(engine, "connect", _set_lock_timeout(lock_timeout))
         return engine
     if sqlite_synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
         raise ValueError(f"unknown SQLite synchronous mode {sqlite_synchronous!r}")
@@ -109,6 +114,31 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL", **kwargs: Any) ->
             cursor.close()
 
     return engine
+
+
+def _set_lock_timeout(seconds: float) -> Callable[[Any, Any], None]:
+    """Sets PostgreSQL's lock_timeout on each new connection. Without it a request waited for a lock as long as
+    another session held it: an operator's `LOCK TABLE` or `ALTER TABLE`, a transaction left open in psql, `facegate
+    reindex` or `db load-synthetic` holding the gallery's write lock for minutes. Each waiting request held a worker
+    thread and its client, and past the client's own timeout the work was wasted. With it, the statement fails
+    (SQLSTATE 55P03), its transaction rolls back, and the client gets 503 with Retry-After (`outage_error`).
+    A SET on connect rather than libpq's `options` startup parameter, which PgBouncer refuses; a URL or a server
+    setting of the operator's own applies when this is off (0)."""
+    milliseconds = max(1, round(seconds * 1000))
+
+    def _set(dbapi_connection: Any, _record: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET lock_timeout = {milliseconds}")
+        dbapi_connection.commit()  # psycopg opened a transaction for the SET; the pool expects none
+
+    return _set
+
+
+def without_lock_timeout(connection: Connection) -> None:
+    """No lock timeout for the rest of this PostgreSQL transaction: for work that must wait its turn whatever it
+    takes (migrations and index set-up, which wait for another worker's under an advisory lock)."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("SET LOCAL lock_timeout = 0")
 
 
 class _ConnectGate:
@@ -167,6 +197,11 @@ _PG_UNAVAILABLE = {
     "57P03": "the database server is starting up or shutting down",  # cannot_connect_now
     "53300": "the database server has no connection left (max_connections)",  # too_many_connections
     "25006": "the database is read-only (a standby, after a failover?)",  # read_only_sql_transaction
+    # lock_not_available: lock_timeout ran out (see `_set_lock_timeout`)
+    "55P03": "another database session held a lock this request needed for longer than the lock timeout (a long "
+    "write such as `facegate reindex`, or an operator's transaction)",
+    # query_canceled: the server's or the URL's statement_timeout, or pg_cancel_backend by an operator
+    "57014": "the database cancelled the statement (statement_timeout, or an operator)",
 }
 _PG_DISK_FULL = "53100"
 
@@ -279,6 +314,8 @@ def upgrade(target: Engine | str, revision: str = "head") -> None:
             else:
                 with connection.begin():
                     if connection.dialect.name == "postgresql":
+                        # Another worker may be migrating: wait for it, however long its migration takes.
+                        without_lock_timeout(connection)
                         connection.execute(
                             text("SELECT pg_advisory_xact_lock(:key, hashtext(current_schema()))"),
                             {"key": _PG_MIGRATION_LOCK},

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import create_engine, event, text
 
 from app.auth import Scope
 from app.auth import store as key_store
@@ -88,6 +88,37 @@ def test_an_outage_is_a_503_and_the_service_recovers_by_itself(
         assert [i["name"] for i in listed] == ["Amy"]  # the enrolment and deletion refused stored nothing
         identified = client.post("/identify", files={"image": amy_again}).json()
         assert identified["faces"][0]["match"]["identity_id"] == amy_id
+
+
+@pytest.mark.model
+@pytest.mark.postgres
+def test_a_request_waiting_for_another_sessions_lock_is_a_503_after_the_lock_timeout(
+    models_dir: Path, pg_schema_url: str, people: dict[str, list[Path]]
+) -> None:
+    """An operator's transaction holding the gallery's write lock (or `facegate reindex` holding it for minutes)
+    held every enrolment, and a LOCK TABLE every read, for as long: now each gets the 503 after
+    FACEGATE_DATABASE_LOCK_TIMEOUT, stores nothing, and the service answers as usual once the lock is released."""
+    amy, amy_again = (_upload(p) for p in people["bbt_amy"][:2])
+    operator = create_engine(pg_schema_url)
+    with running(api_settings(models_dir, pg_schema_url, database_lock_timeout=0.3)) as client, operator.connect() as psql:
+        enrolled = client.post("/enroll", files={"image": amy}, data={"name": "Amy"})
+        assert enrolled.status_code == 201, enrolled.text
+        amy_id = enrolled.json()["identity_id"]
+        psql.execute(text("UPDATE gallery_state SET last_change_id = last_change_id"))  # its transaction stays open
+        started = time.monotonic()
+        refused = client.post("/enroll", files={"image": amy_again}, data={"identity_id": amy_id})
+        error = error_of(refused, 503, "database_unavailable")
+        assert time.monotonic() - started < 10
+        assert error["message"].startswith("another database session held a lock this request needed"), error
+        assert refused.headers["retry-after"] == str(db.RETRY_AFTER_SECONDS)
+        psql.execute(text("LOCK TABLE identities IN ACCESS EXCLUSIVE MODE"))
+        error_of(client.get("/identities"), 503, "database_unavailable")
+        psql.rollback()
+        body = client.get(f"/identities/{amy_id}").json()
+        assert len(body["faces"]) == 1  # the refused enrolment stored nothing
+        added = client.post("/enroll", files={"image": amy_again}, data={"identity_id": amy_id})
+        assert added.status_code == 201, added.text
+    operator.dispose()
 
 
 @pytest.mark.postgres

@@ -5,6 +5,7 @@ SQLite locked by another writer, or out of space."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -230,3 +231,72 @@ def test_sqlite_out_of_space_is_insufficient_storage(tmp_path: Path, galleries: 
     with pytest.raises(InsufficientStorage, match="disk of the SQLite database is full"):
         gallery.update_identity(ada.id, metadata={"notes": "x" * 60_000})
     assert gallery.get_identity(ada.id).metadata == {}
+
+
+def _schema_of(url: str) -> str:
+    return str(make_url(url).query["options"]).removeprefix("-csearch_path=")
+
+
+@pytest.fixture
+def other_session(postgres_server: str, pg_schema_url: str) -> Iterator[Any]:
+    """A second PostgreSQL session on the test's schema (an operator's psql, another process), autocommit off."""
+    import psycopg
+
+    with psycopg.connect(postgres_server, options=f"-csearch_path={_schema_of(pg_schema_url)}") as connection:
+        yield connection
+        connection.rollback()
+
+
+@pytest.mark.postgres
+def test_a_lock_held_by_another_session_is_database_unavailable_after_the_lock_timeout(
+    pg_schema_url: str, other_session: Any, galleries: list[Gallery]
+) -> None:
+    """PostgreSQL waited for another session's lock as long as it was held (an operator's LOCK TABLE, a transaction
+    left open, `facegate reindex` holding the write lock): the caller's thread with it. Now a statement gives up
+    after the lock timeout, and its transaction stores nothing."""
+    gallery = _open(galleries, pg_schema_url, lock_timeout=0.3)
+    vectors = random_embeddings(np.random.default_rng(3), 2)
+    ada = gallery.enroll_face(embedding=vectors[0], box=BOX, score=1.0, name="Ada")
+    other_session.execute("UPDATE gallery_state SET last_change_id = last_change_id")  # the gallery's write lock
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailable) as raised:
+        gallery.enroll_face(embedding=vectors[1], box=BOX, score=1.0, name="Bob")
+    assert time.monotonic() - started < 5
+    assert raised.value.message.startswith("another database session held a lock this request needed")
+    assert raised.value.details == {"retry_after_seconds": db.RETRY_AFTER_SECONDS}
+    other_session.execute("LOCK TABLE identities IN ACCESS EXCLUSIVE MODE")  # reads wait too (an ALTER TABLE)
+    with pytest.raises(DatabaseUnavailable):
+        gallery.get_identity(ada.identity_id)
+    other_session.rollback()
+    assert _identity_names(gallery) == {"Ada"} and gallery.index.face_ids() == {ada.face.id}  # nothing half-written
+    gallery.enroll_face(embedding=vectors[1], box=BOX, score=1.0, name="Bob")
+    assert _identity_names(gallery) == {"Ada", "Bob"}
+
+
+@pytest.mark.postgres
+def test_migrations_wait_for_another_workers_lock_whatever_the_lock_timeout(
+    pg_schema_url: str, other_session: Any, galleries: list[Gallery]
+) -> None:
+    """A worker migrating holds the migration lock; the others wait their turn rather than fail their start-up."""
+    _open(galleries, pg_schema_url)
+    other_session.execute(
+        "SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))", (db._PG_MIGRATION_LOCK,)
+    )
+    opened: list[Gallery] = []
+    worker = threading.Thread(target=lambda: opened.append(_open(galleries, pg_schema_url, lock_timeout=0.2)))
+    worker.start()
+    worker.join(timeout=1.5)
+    assert worker.is_alive() and not opened  # still waiting, well past its lock timeout
+    other_session.rollback()
+    worker.join(timeout=30)
+    assert len(opened) == 1
+
+
+@pytest.mark.postgres
+def test_a_statement_the_server_cancels_is_database_unavailable(pg_schema_url: str, galleries: list[Gallery]) -> None:
+    url = make_url(pg_schema_url)
+    options = f"{url.query['options']} -cstatement_timeout=50"  # the operator's own limit, in the URL
+    gallery = _open(galleries, url.update_query_dict({"options": options}).render_as_string(hide_password=False))
+    with pytest.raises(DatabaseUnavailable) as raised, gallery.session() as session:
+        session.execute(text("SELECT pg_sleep(1)"))
+    assert raised.value.message.startswith("the database cancelled the statement")

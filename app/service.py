@@ -80,6 +80,11 @@ DEPLOYMENT_THRESHOLD_KEY = "threshold"
 # 16 MB of indices, e.g. 1,400 faces that all match each other. Faces that all match make n^2 links: 10,000 (100
 # photos of 100 faces) took 800 MB and minutes of chinese whispers. The CLI's `cluster DIR` has no such limit.
 CLUSTER_MAX_LINKS = 2_000_000
+# Squared L2 distance under which a photo's face counts as one the identity already has: the same photo embeds to
+# the same numbers (distance 0 up to float rounding), while two photos of a person are ~0.01 or more apart. Adding
+# such a face again stores nothing (a client retrying an enrolment whose answer it lost; `facegate enroll DIR` run
+# again).
+SAME_PHOTO_DISTANCE = 1e-4
 
 
 class FacePolicy(StrEnum):
@@ -139,6 +144,7 @@ class EnrollResult:
     face: FoundFace
     model_version: str
     possible_duplicate: Candidate | None = None  # an identity this new one matches (enrolled with allow_duplicate)
+    already_enrolled: bool = False  # the identity already had this face: nothing stored, face_id is that face's
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,16 +387,14 @@ class FaceService:
         face: FacePolicy = FacePolicy.single,
         allow_low_quality: bool = False,
         allow_duplicate: bool = False,
-        found: Face | None = None,
     ) -> EnrollResult:
         """Enrol the photo's face: as a new identity called `name`, or as one more face of `identity_id`.
 
-        `found`: the photo's face when the caller has already found it with `face_of(photo, face)` (`facegate
-        enroll` compares it with the identity's faces first), so that it is not found twice.
-
         Refused with LowQuality when the face fails a quality limit (`settings.quality`) unless `allow_low_quality`;
         a NEW identity is refused with PossibleDuplicate when the face already matches an enrolled identity within
-        the threshold, unless `allow_duplicate` (the match is then reported in the result)."""
+        the threshold, unless `allow_duplicate` (the match is then reported in the result). A face the identity
+        already has (SAME_PHOTO_DISTANCE: the same photo again) is not stored twice: the result is that face's,
+        with `already_enrolled`."""
         if (name is None) == (identity_id is None):
             raise InvalidRequest("give either name (a new identity) or identity_id (add a face), not both or neither")
         if identity_id is not None and metadata is not None:
@@ -402,9 +406,16 @@ class FaceService:
         else:
             assert identity_id is not None
             name = self.gallery.get_identity(identity_id).name  # UnknownIdentity before any model work
-        if found is None:
-            found = self.face_of(photo, face)
+        found = self.face_of(photo, face)
         public = self.found(found)
+        if identity_id is not None:
+            # Before the quality limits: a face the identity has was let in once already (checked again under the
+            # write lock, against a concurrent retry, by enroll_face).
+            face_ids, distances = self.gallery.identity_distances(found.embedding, identity_id)
+            if face_ids and float(distances[0]) <= SAME_PHOTO_DISTANCE:
+                return EnrollResult(
+                    identity_id, face_ids[0], name, False, public, self.pipeline.model_version, already_enrolled=True
+                )
         if public.quality_issues and not allow_low_quality:
             assert found.quality is not None
             raise LowQuality(
@@ -439,6 +450,7 @@ class FaceService:
                 image=photo if self.settings.store_images else None,
                 base_embedding=found.embedding if found.base_embedding is None else found.base_embedding,
                 unless_near=guard,
+                same_face_within=SAME_PHOTO_DISTANCE,
             )
         except DuplicateFace as near:
             assert guard is not None
@@ -455,6 +467,7 @@ class FaceService:
             face=public,
             model_version=self.pipeline.model_version,
             possible_duplicate=duplicate,
+            already_enrolled=not enrolment.face_added,
         )
 
     @staticmethod

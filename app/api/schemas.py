@@ -111,6 +111,11 @@ class EnrollResponse(Public):
         description="The enrolled identity this new identity's face already matches (only when allow_duplicate=true "
         "let it through; without it the request is refused with 409 possible_duplicate).",
     )
+    already_enrolled: bool = Field(
+        default=False,
+        description="True when the identity already had this face (the same photo again, e.g. a retried request): "
+        "nothing was stored, `face_id` is the face it had, and the status is 200 instead of 201.",
+    )
 
 
 # --- verify / identify ----------------------------------------------------------------------------------------------

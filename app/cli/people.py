@@ -28,7 +28,6 @@ from app.cli.common import (
 from app.errors import DatabaseUnavailable, FacegateError, InsufficientStorage, PossibleDuplicate
 from app.identify_eval import photo_suffixes
 from app.service import FacePolicy, FaceService, IdentifyResult, VerifyResult
-from app.vision.types import Face
 
 
 def _people(
@@ -121,18 +120,12 @@ def enroll(
                                 identity_id = result.identity_id
                                 created += 1
                             else:
-                                photo = read_bytes(path)
-                                found = service.face_of(photo, face)
-                                if _already_enrolled(service, found, identity_id):
+                                result = service.enroll(
+                                    read_bytes(path), identity_id=identity_id, face=face, allow_low_quality=allow_low_quality
+                                )
+                                if result.already_enrolled:  # the same photo: stored once, on an earlier run
                                     skipped += 1
                                 else:
-                                    service.enroll(
-                                        photo,
-                                        identity_id=identity_id,
-                                        face=face,
-                                        allow_low_quality=allow_low_quality,
-                                        found=found,
-                                    )
                                     added += 1
                         except (DatabaseUnavailable, InsufficientStorage):
                             raise  # not this photo's fault: the run ends (what was enrolled stays)
@@ -157,18 +150,6 @@ def enroll(
         typer.echo(failure.line())
     if failures:
         raise typer.Exit(1)
-
-
-# Squared L2 distance under which a photo's face counts as one the identity already has: the same photo embeds to
-# the same numbers (distance 0 up to float rounding), while two photos of a person are ~0.01 or more apart.
-SAME_PHOTO_DISTANCE = 1e-4
-
-
-def _already_enrolled(service: FaceService, found: Face, identity_id: str) -> bool:
-    """Whether the identity already has this face: running `enroll DIR` again (after an interruption, or to retry
-    the photos that failed) must not add every photo a second time."""
-    _, distances = service.gallery.identity_distances(found.embedding, identity_id)
-    return len(distances) > 0 and float(distances[0]) <= SAME_PHOTO_DISTANCE
 
 
 def _skipped_with(path: Path, refused: Path) -> Unusable:

@@ -93,6 +93,7 @@ class Enrolment:
     identity_id: str
     identity_created: bool  # True: a new identity was made for this face
     face: FaceRecord
+    face_added: bool = True  # False: the identity already had this face (`same_face_within`), `face` is that one
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,13 +311,18 @@ class Gallery:
         image: bytes | None = None,
         base_embedding: npt.ArrayLike | None = None,
         unless_near: DuplicateGuard | None = None,
+        same_face_within: float | None = None,
     ) -> Enrolment:
         """Add a face to `identity_id`, or to a new identity called `name` (exactly one of the two), in one
         transaction. `metadata` only with `name`. Raises UnknownIdentity.
 
         `unless_near`: the caller searched the gallery up to change `checked_upto` and found no face within
         `threshold`; under the write lock, the faces added since are compared too, and DuplicateFace is raised
-        (nothing written) if one is that close. Two concurrent enrolments of one new face cannot both pass."""
+        (nothing written) if one is that close. Two concurrent enrolments of one new face cannot both pass.
+
+        `same_face_within` (with `identity_id`): when one of the identity's faces is within this squared distance
+        (the same photo again: a client retrying a request whose answer it lost), nothing is written and that face
+        is returned (`face_added` False). Checked under the write lock, so two concurrent retries add it once."""
         if (identity_id is None) == (name is None):
             raise ValueError("give exactly one of identity_id and name")
         if identity_id is not None and metadata is not None:
@@ -329,6 +335,11 @@ class Gallery:
                 )
                 if near is not None and near[2] <= unless_near.threshold:
                     raise DuplicateFace(*near)
+            if identity_id is not None and same_face_within is not None:
+                store.lock_gallery(session)
+                same = _same_face(session, identity_id, embedding, self.model_version, same_face_within)
+                if same is not None:
+                    return Enrolment(identity_id, False, same, face_added=False)
             created = False
             if identity_id is None:
                 assert name is not None
@@ -437,3 +448,17 @@ class Gallery:
     def set_setting(self, key: str, value: Any, *, source: str | None = None) -> DeploymentSettingRecord:
         with self.session() as session:
             return store.set_setting(session, key=key, value=value, source=source)
+
+
+def _same_face(
+    session: Session, identity_id: str, embedding: npt.ArrayLike, model_version: str, within: float
+) -> store.FaceRecord | None:
+    """The identity's face (of `model_version`) nearest to `embedding` if it is within `within`, else None."""
+    face_ids, vectors = store.face_embeddings(session, identity_id=identity_id, model_version=model_version)
+    if not face_ids:
+        return None
+    distances = ((vectors - np.asarray(embedding, np.float32)) ** 2).sum(axis=1)
+    best = int(np.argmin(distances))
+    if float(distances[best]) > within:
+        return None
+    return next(f for f in store.get_identity(session, identity_id=identity_id).faces if f.id == face_ids[best])

@@ -490,8 +490,9 @@ function wireIdentity() {
     const file = $("#addface-file").files[0];
     guarded(event.submitter, async () => {
       const result = await api("/identities/" + encodeURIComponent(current.id) + "/faces", { method: "POST", form: new FormData(form) });
-      showPhoto($("#addface-result"), file, [{ box: result.face.box, landmarks: result.face.landmarks, kind: "accepted" }], "Face added to " + result.name);
-      say("info", "Added a face to " + result.name + ".");
+      const added = result.already_enrolled ? result.name + " already has this face: nothing was added" : "Face added to " + result.name;
+      showPhoto($("#addface-result"), file, [{ box: result.face.box, landmarks: result.face.landmarks, kind: "accepted" }], added);
+      say("info", added + ".");
       form.reset();
       await loadIdentity(current.id);
     });
@@ -540,7 +541,7 @@ function wireEnrol() {
         const r = await api("/enroll", { method: "POST", form: new FormData(form) });
         showPhoto($("#enrol-photo"), file, [{ box: r.face.box, landmarks: r.face.landmarks, kind: "accepted" }], "Detected face and its 5 landmarks");
         result.append(el("p", { className: "ok", id: "enrol-ok" },
-          (r.created ? "Enrolled " : "Added a face to ") + r.name + ". ",
+          (r.created ? "Enrolled " + r.name : r.already_enrolled ? r.name + " already has this face: nothing was added" : "Added a face to " + r.name) + ". ",
           el("a", { href: "#identity/" + r.identity_id, text: "Open " + r.name })));
         if (r.possible_duplicate) {
           const d = r.possible_duplicate;

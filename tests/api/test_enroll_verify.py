@@ -274,3 +274,33 @@ def test_largest_face_is_the_largest_area_then_score(client: TestClient, lfw_fac
     best = top_candidate(client, photo)
     assert best is not None and (best["identity_id"], best["face_id"]) == (body["identity_id"], body["face_id"])
     assert best["distance"] < 1e-3
+
+
+def _enrolments_counted(client: TestClient) -> float:
+    line = next(x for x in client.get("/metrics").text.splitlines() if x.startswith("facegate_enrolments_total "))
+    return float(line.split()[1])
+
+
+def test_adding_a_face_the_identity_has_again_stores_nothing(client: TestClient, photo: Photo) -> None:
+    """A client that lost the answer to "add this face" (a timeout, a dropped connection) and sent it again stored
+    the face twice, and again on every retry. The same photo again is now answered 200 with the face already
+    stored, through either route; a new photo of the person is added as before (201)."""
+    first = enrol(client, photo(AMY[0]), name="Amy")
+    identity_id, face_id = first["identity_id"], first["face_id"]
+    counted = _enrolments_counted(client)
+    for again in (
+        client.post("/enroll", files={"image": photo(AMY[0])}, data={"identity_id": identity_id}),
+        client.post(f"/identities/{identity_id}/faces", files={"image": photo(AMY[0])}),
+    ):
+        assert again.status_code == 200, again.text
+        body = again.json()
+        assert (body["already_enrolled"], body["face_id"], body["created"]) == (True, face_id, False)
+        assert body["face"]["box"] == first["face"]["box"]  # type: ignore[index]
+    faces = client.get(f"/identities/{identity_id}").json()["faces"]
+    assert [f["id"] for f in faces] == [face_id]
+    assert _enrolments_counted(client) == counted
+    added = enrol(client, photo(AMY[1]), identity_id=str(identity_id))
+    assert added["already_enrolled"] is False and added["face_id"] != face_id
+    assert len(client.get(f"/identities/{identity_id}").json()["faces"]) == 2
+    # a new identity from the same photo is still the possible duplicate it was (409), not this
+    error_of(client.post("/enroll", files={"image": photo(AMY[0])}, data={"name": "Amy again"}), 409, "possible_duplicate")

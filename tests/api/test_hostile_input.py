@@ -29,6 +29,7 @@ pytestmark = pytest.mark.model
 
 Photo = Callable[[str], tuple[str, bytes, str]]
 COLIN = "colin_powell/krasserm__Colin_Powell_0001.jpg"  # 250 x 250 colour JPEG, one frontal face
+COLIN_AGAIN = "colin_powell/krasserm__Colin_Powell_0002.jpg"  # another photo of him (the same one adds no face)
 AMY = "bbt_amy/face-api__amy1.png"  # 150 x 150 greyscale PNG
 
 
@@ -152,7 +153,7 @@ def test_concurrent_delete_of_one_identity(models_dir: Path, database_url: str, 
             r = client.post("/enroll", files={"image": colin}, data={"name": f"Twin {round_}", "allow_duplicate": "1"})
             assert r.status_code == 201, r.text
             identity_id, face_id = r.json()["identity_id"], r.json()["face_id"]
-            second = client.post(f"/identities/{identity_id}/faces", files={"image": colin})
+            second = client.post(f"/identities/{identity_id}/faces", files={"image": photo(COLIN_AGAIN)})
             assert second.status_code == 201, second.text
 
             answers = _race([partial(client.delete, f"/identities/{identity_id}/faces/{face_id}")] * 4)

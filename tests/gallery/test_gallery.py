@@ -404,6 +404,39 @@ def test_duplicate_guard_sees_faces_added_after_the_callers_search(open_gallery:
     assert second.enroll_face(embedding=removed, box=BOX, score=1, name="again", unless_near=guard).identity_created
 
 
+def test_the_same_face_sent_twice_at_once_is_stored_once(open_gallery: OpenGallery) -> None:
+    """Two workers get the same "add this face" at once (a client retrying while its first request still runs):
+    both checked the identity's faces before either wrote. Under the write lock the second finds the first's face
+    and writes nothing; another model's face, or a face of another identity, does not count."""
+    first, second, other_model = open_gallery(), open_gallery(), open_gallery("other-model")
+    rng = np.random.default_rng(9)
+    face, other = random_embeddings(rng, 2)
+    amy = first.enroll_face(embedding=other, box=BOX, score=1, name="Amy").identity_id
+    bob = first.enroll_face(embedding=face, box=BOX, score=1, name="Bob")
+    other_amy = other_model.enroll_face(embedding=face, box=BOX, score=1, name="Amy (other model)").identity_id
+    other_model.enroll_face(embedding=face, box=BOX, score=1, identity_id=other_amy)
+    barrier = threading.Barrier(2)
+    results = []
+
+    def add(gallery: Gallery) -> None:
+        barrier.wait()
+        results.append(gallery.enroll_face(embedding=face, box=BOX, score=1, identity_id=amy, same_face_within=1e-4))
+
+    workers = [threading.Thread(target=add, args=(g,)) for g in (first, second)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=30)
+    assert sorted(r.face_added for r in results) == [False, True]
+    stored = next(r.face for r in results if r.face_added)
+    assert next(r.face for r in results if not r.face_added).id == stored.id
+    assert len(first.get_identity(amy).faces) == 2  # her first face, and this one
+    assert bob.face.id not in {r.face.id for r in results}
+    # Without the option a face is added whatever it is near (callers that mean it: bulk tools, tests).
+    assert second.enroll_face(embedding=face, box=BOX, score=1, identity_id=amy).face_added
+    assert len(first.get_identity(amy).faces) == 3
+
+
 def test_duplicate_guard_compares_every_face_when_the_log_was_pruned(open_gallery: OpenGallery) -> None:
     writer, checker = open_gallery(), open_gallery()
     writer.prune_every, writer.keep_changes = 2, 1

@@ -30,9 +30,10 @@ Response.prototype.json = function () {
 
 
 class Gallery:
-    def __init__(self, live: LiveServer, photo: bytes) -> None:
+    def __init__(self, live: LiveServer, photo: bytes, another: bytes) -> None:
         self.client = httpx.Client(base_url=live.url, timeout=60)
         self.photo = photo
+        self.another = another  # a second photo of the same person: the same photo again would add no face
         self.ids: dict[str, str] = {}
 
     def enrol(self, name: str) -> str:
@@ -49,7 +50,7 @@ class Gallery:
             assert r.status_code == 200, r.text
 
     def add_face(self, identity: str) -> None:
-        r = self.client.post(f"/identities/{identity}/faces", files={"image": ("face.png", self.photo, "image/png")})
+        r = self.client.post(f"/identities/{identity}/faces", files={"image": ("face.png", self.another, "image/png")})
         assert r.status_code == 201, r.text
 
     def empty(self) -> None:
@@ -60,7 +61,7 @@ class Gallery:
 
 @pytest.fixture
 def gallery(live: LiveServer, dev_faces: Path) -> Iterator[Gallery]:
-    g = Gallery(live, (dev_faces / AMY[0]).read_bytes())
+    g = Gallery(live, (dev_faces / AMY[0]).read_bytes(), (dev_faces / AMY[1]).read_bytes())
     g.empty()
     try:
         yield g

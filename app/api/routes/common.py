@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Form, UploadFile
+from fastapi import Form, Response, UploadFile, status
 
 from app.api.errors import error_object, shorten
 from app.api.metrics import Metrics
@@ -106,8 +106,23 @@ def identity_public(identity: IdentityRecord, model_version: str, *, with_faces:
     )
 
 
-def enroll_response(result: EnrollResult) -> EnrollResponse:
-    """The reply to /enroll and POST /identities/{id}/faces: the same shape for a new and an added face."""
+# OpenAPI's word on the 200 of /enroll and POST /identities/{id}/faces (their usual answer is 201).
+ALREADY_ENROLLED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": EnrollResponse,
+        "description": "The identity already had this face (the same photo: a retried request whose answer was "
+        "lost); nothing was stored, `already_enrolled` is true and `face_id` is that face's.",
+    }
+}
+
+
+def enroll_response(result: EnrollResult, response: Response, metrics: Metrics) -> EnrollResponse:
+    """The reply to /enroll and POST /identities/{id}/faces: the same shape for a new and an added face. A face the
+    identity already had stored nothing: 200 instead of 201, and no enrolment counted."""
+    if result.already_enrolled:
+        response.status_code = status.HTTP_200_OK
+    else:
+        metrics.enrolments.inc()
     return EnrollResponse(
         identity_id=result.identity_id,
         face_id=result.face_id,
@@ -116,6 +131,7 @@ def enroll_response(result: EnrollResult) -> EnrollResponse:
         face=face_out(result.face),
         model_version=result.model_version,
         possible_duplicate=candidate_out(result.possible_duplicate) if result.possible_duplicate else None,
+        already_enrolled=result.already_enrolled,
     )
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile, status
+from fastapi import APIRouter, Depends, File, Form, Response, UploadFile, status
 from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
 from app.api.auth import require
 from app.api.deps import MetricsDep, ServiceDep, form_fields, parse_metadata
 from app.api.forms import FormRoute
-from app.api.routes.common import enroll_response, read_photo
+from app.api.routes.common import ALREADY_ENROLLED, enroll_response, read_photo
 from app.api.schemas import NAME_MAX_LENGTH, EnrollResponse
 from app.auth import Scope
 from app.service import FacePolicy
@@ -25,13 +25,14 @@ ENROLL_FIELDS = ("image", "name", "identity_id", "metadata", "face", "allow_low_
     "/enroll",
     status_code=status.HTTP_201_CREATED,
     response_model=EnrollResponse,
-    responses=responses.errors(409, *responses.PHOTO, *responses.WRITE),
+    responses={**ALREADY_ENROLLED, **responses.errors(409, *responses.PHOTO, *responses.WRITE)},
     dependencies=[require(Scope.write), Depends(form_fields(*ENROLL_FIELDS))],
     summary="Enrol a face: a new identity (name) or one more face of an identity (identity_id)",
 )
 async def enroll(
     service: ServiceDep,
     metrics: MetricsDep,
+    response: Response,
     image: Annotated[UploadFile, File(description="The photo (JPEG, PNG, WebP, ...). One face, or see `face`.")],
     name: Annotated[
         str | None, Form(min_length=1, max_length=NAME_MAX_LENGTH, description="Name of a NEW identity.")
@@ -73,5 +74,4 @@ async def enroll(
         allow_low_quality=allow_low_quality,
         allow_duplicate=allow_duplicate,
     )
-    metrics.enrolments.inc()
-    return enroll_response(result)
+    return enroll_response(result, response, metrics)

@@ -11,7 +11,7 @@ from app.api import responses
 from app.api.auth import require
 from app.api.deps import MetricsDep, ServiceDep, form_fields
 from app.api.forms import FormRoute
-from app.api.routes.common import enroll_response, identity_public, read_photo
+from app.api.routes.common import ALREADY_ENROLLED, enroll_response, identity_public, read_photo
 from app.api.schemas import (
     NAME_MAX_LENGTH,
     DeletionResponse,
@@ -111,13 +111,14 @@ async def delete_identity(service: ServiceDep, identity_id: IdentityId) -> Delet
     "/{identity_id}/faces",
     status_code=status.HTTP_201_CREATED,
     response_model=EnrollResponse,
-    responses=responses.errors(*responses.PHOTO, *responses.WRITE),
+    responses={**ALREADY_ENROLLED, **responses.errors(*responses.PHOTO, *responses.WRITE)},
     dependencies=[require(Scope.write), Depends(form_fields("image", "face", "allow_low_quality"))],
     summary="Add a face to the identity",
 )
 async def add_face(
     service: ServiceDep,
     metrics: MetricsDep,
+    response: Response,
     identity_id: IdentityId,
     image: Annotated[UploadFile, File(description="The photo with the identity's face.")],
     face: Annotated[FacePolicy, Form(description="single or largest (photos with several faces).")] = FacePolicy.single,
@@ -129,8 +130,7 @@ async def add_face(
     result = await run_in_threadpool(
         service.add_face, identity_id, photo, face=face, allow_low_quality=allow_low_quality
     )
-    metrics.enrolments.inc()
-    return enroll_response(result)
+    return enroll_response(result, response, metrics)
 
 
 @router.delete(

@@ -122,8 +122,8 @@ def _set_lock_timeout(seconds: float) -> Callable[[Any, Any], None]:
     reindex` or `db load-synthetic` holding the gallery's write lock for minutes. Each waiting request held a worker
     thread and its client, and past the client's own timeout the work was wasted. With it, the statement fails
     (SQLSTATE 55P03), its transaction rolls back, and the client gets 503 with Retry-After (`outage_error`).
-    A SET on connect rather than libpq's `options` startup parameter, which PgBouncer refuses; a URL or a server
-    setting of the operator's own applies when this is off (0)."""
+    A SET on each new connection, so that a URL's own `options` (a search_path) stay as they are; with this off
+    (0), a lock_timeout of the operator's (in the URL, the role or the server) applies."""
     milliseconds = max(1, round(seconds * 1000))
 
     def _set(dbapi_connection: Any, _record: Any) -> None:

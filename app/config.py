@@ -549,8 +549,26 @@ class Settings(BaseSettings):
             "PostgreSQL: seconds a request waits for a lock another session holds (an operator's transaction or "
             "ALTER TABLE, `facegate reindex` or `db load-synthetic` holding the gallery's write lock) before it is "
             "answered 503 database_unavailable with Retry-After, its transaction rolled back. 0: wait as long as it "
-            "takes. Migrations and the pgvector index set-up always wait. (SQLite: another writer is waited for up to "
-            "30 s, its busy timeout, then 503 alike.)"
+            "takes (or as the server's own lock_timeout says). Migrations and the pgvector index set-up always wait; "
+            "a `-c lock_timeout=...` in the URL's `options` wins. (SQLite: another writer is waited for up to 30 s, "
+            "its busy timeout, then 503 alike.)"
+        ),
+    )
+    # 15 s: a request's statements take milliseconds (a page of identities, an enrolment's inserts, a pgvector
+    # search at 1M faces), so a statement still running after a thousand times that is not going to help its client,
+    # which typically gives up at 30 s; and above the lock timeout, so that a lock wait is told as such (55P03).
+    # Whole-gallery work (index load, relabel, reindex, copy, bulk load, migrations) lifts it for its transaction.
+    database_statement_timeout: float = Field(
+        default=15.0,
+        ge=0,
+        le=3600,
+        description=(
+            "PostgreSQL: seconds one statement of a request may run in all (PostgreSQL's `statement_timeout`: a "
+            "server overloaded or stalled, a statement gone wrong, a lock wait past the lock timeout) before it is "
+            "cancelled and the request answered 503 database_unavailable with Retry-After, its transaction rolled "
+            "back. 0: no limit (or the server's own). Loading the gallery into the search index, migrations, "
+            "`facegate reindex`, `db copy` and `db load-synthetic` are not limited; a `-c statement_timeout=...` in "
+            "the URL's `options` wins."
         ),
     )
     store_images: bool = Field(default=False, description="Keep the enrolled photos in the database (off: only embeddings are stored).")

@@ -332,6 +332,7 @@ class FaceService:
             index=settings.index,
             adopt=pipeline.manifest.earlier_versions if plain else (),
             lock_timeout=settings.database_lock_timeout,
+            statement_timeout=settings.database_statement_timeout,
         )
         stats = gallery.stats()
         log.info(

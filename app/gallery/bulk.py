@@ -20,7 +20,7 @@ import numpy.typing as npt
 from sqlalchemy import BigInteger, cast, func, select, text, update
 from sqlalchemy.orm import Session
 
-from app.gallery import store
+from app.gallery import db, store
 from app.gallery.tables import GALLERY_STATE_ID, GalleryState, Identity
 from app.vision.types import EMBEDDING_DIM
 
@@ -30,7 +30,8 @@ COPY_CHUNK = 50_000
 
 def read_faces(session: Session) -> tuple[list[str], list[str], list[str], npt.NDArray[np.float32]]:
     """Every stored face: (face ids, identity ids, model versions, (n, 128) float32 embeddings), in the session's
-    transaction (one snapshot)."""
+    transaction (one snapshot). Its callers lift the statement timeout first: 1M faces take longer than a request's
+    statement may (`db.without_statement_timeout`)."""
     connection = session.connection()
     if connection.dialect.name != "postgresql":
         return store.all_faces(session)
@@ -73,6 +74,7 @@ def copy_synthetic_gallery(
         raise ValueError(f"embeddings must be (n, {EMBEDDING_DIM}) with one owner each")
     if not np.all(np.isfinite(vectors)):
         raise ValueError("embeddings have non-finite values")
+    db.without_statement_timeout(connection)  # COPY of millions of rows, then ANALYZE: minutes
     session.execute(  # the gallery's write lock, as every face writer takes it first
         update(GalleryState).where(GalleryState.id == GALLERY_STATE_ID).values(last_change_id=GalleryState.last_change_id)
     )

@@ -253,6 +253,8 @@ def _read_snapshot(connection: Connection) -> Iterator[None]:
         connection.execution_options(isolation_level="REPEATABLE READ")
         connection.begin()
         connection.execute(text("SET TRANSACTION READ ONLY"))
+        # The URL's or the server's statement_timeout, set for requests, would cut a copy of a large gallery.
+        db.without_statement_timeout(connection)
     try:
         yield
     finally:
@@ -266,6 +268,7 @@ def _write_transaction(connection: Connection) -> Iterator[None]:
         connection.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock first, as the migrations do (db.py)
     else:
         connection.begin()
+        db.without_statement_timeout(connection)  # as `_read_snapshot`
         names = ", ".join(table.name for table in COPIED_TABLES)
         connection.execute(text(f"LOCK TABLE {names}, gallery_state IN SHARE ROW EXCLUSIVE MODE"))
     try:

@@ -7,6 +7,12 @@ write lock) around the whole upgrade.
 Outages: `outage_error` tells a database that cannot serve for now (unreachable, restarting, a read-only standby,
 locked, disk full) from a failure of facegate's own, and `outages()` raises the former as the typed errors of
 app/errors.py, which the API answers with 503 / 507 instead of a 500.
+
+Bounded waits (PostgreSQL): an engine made with `lock_timeout` / `statement_timeout` (the server's, from the
+settings) sets them on each connection, so that a request stuck behind another session's lock or in a statement
+that does not finish is answered 503 instead of holding its thread for ever. Work that legitimately takes long
+lifts them for its own transaction: `without_timeouts` (waiting for another worker's migration or index build) or
+`without_statement_timeout` (reading or writing the whole gallery: index load, reindex, copy, bulk load).
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +34,7 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -60,13 +68,20 @@ CONNECT_RETRY_SECONDS = 2.0
 
 
 def make_engine(
-    url: str, *, sqlite_synchronous: str = "FULL", lock_timeout: float | None = None, **kwargs: Any
+    url: str,
+    *,
+    sqlite_synchronous: str = "FULL",
+    lock_timeout: float | None = None,
+    statement_timeout: float | None = None,
+    **kwargs: Any,
 ) -> Engine:
     """An engine for `url`. SQLite files get WAL, foreign keys, a 30 s busy timeout and usable from any thread.
 
     `sqlite_synchronous` FULL makes every commit durable against power loss; NORMAL only against a process crash.
-    `lock_timeout` (PostgreSQL; seconds, None or 0: no limit): the longest a statement waits for a lock another
-    session holds (see `_set_lock_timeout`). Extra keyword arguments go to `sqlalchemy.create_engine`.
+    `lock_timeout` and `statement_timeout` (PostgreSQL; seconds, None or 0: the server's own, by default none): the
+    longest a statement waits for a lock another session holds, and the longest it runs in all (see
+    `_BoundedWaits`); for the engine serving requests, not for maintenance commands. Extra keyword arguments go to
+    `sqlalchemy.create_engine`.
     """
     parsed = make_url(url)
     # SQLAlchemy's error messages quote the statement's parameters: an embedding's bytes, a name, an API key hash
@@ -83,8 +98,9 @@ def make_engine(
         engine = create_engine(url, **kwargs)
         if parsed.get_backend_name() == "postgresql":
             event.listen(engine, "do_connect", _ConnectGate())
-            if lock_timeout:
-                event.listen(engine, "connect", _set_lock_timeout(lock_timeout))
+            if lock_timeout or statement_timeout:
+                event.listen(engine, "connect", _BoundedWaits(lock_timeout or 0.0, statement_timeout or 0.0))
+                event.listen(engine, "handle_error", _note_timeouts)
         return engine
     if sqlite_synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
         raise ValueError(f"unknown SQLite synchronous mode {sqlite_synchronous!r}")
@@ -116,29 +132,90 @@ def make_engine(
     return engine
 
 
-def _set_lock_timeout(seconds: float) -> Callable[[Any, Any], None]:
-    """Sets PostgreSQL's lock_timeout on each new connection. Without it a request waited for a lock as long as
-    another session held it: an operator's `LOCK TABLE` or `ALTER TABLE`, a transaction left open in psql, `facegate
-    reindex` or `db load-synthetic` holding the gallery's write lock for minutes. Each waiting request held a worker
-    thread and its client, and past the client's own timeout the work was wasted. With it, the statement fails
-    (SQLSTATE 55P03), its transaction rolls back, and the client gets 503 with Retry-After (`outage_error`).
-    A SET on each new connection, so that a URL's own `options` (a search_path) stay as they are; with this off
-    (0), a lock_timeout of the operator's (in the URL, the role or the server) applies."""
-    milliseconds = max(1, round(seconds * 1000))
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """PostgreSQL's lock_timeout and statement_timeout in force on a connection, in milliseconds (0: none)."""
 
-    def _set(dbapi_connection: Any, _record: Any) -> None:
+    lock_ms: int
+    statement_ms: int
+
+
+# Where `_BoundedWaits` leaves a connection's Timeouts (its pool record's `info`, kept as long as the connection).
+_TIMEOUTS_KEY = "facegate_timeouts"
+# PostgreSQL's settings of a connection, as `_BoundedWaits` reads them.
+_TIMEOUT_SETTINGS = ("lock_timeout", "statement_timeout")
+
+
+class _BoundedWaits:
+    """Sets PostgreSQL's lock_timeout and statement_timeout on each new connection. Without them a request waited
+    as long as another session held a lock it needed (an operator's `LOCK TABLE` or `ALTER TABLE`, a transaction
+    left open in psql, `facegate reindex` holding the gallery's write lock for minutes), and a statement that did
+    not finish (an overloaded or stalled server, a plan gone wrong) ran for ever: each held a worker thread and its
+    client, and past the client's own timeout the work was wasted. With them the statement fails (SQLSTATE 55P03 or
+    57014), its transaction rolls back, and the client gets 503 with Retry-After (`outage_error`).
+
+    A SET on each new connection, so that a URL's own `options` (a search_path) stay as they are. A timeout the
+    connection's startup options already set (the URL's `?options=-c statement_timeout=...`, or PGOPTIONS) is the
+    operator's and is left as it is; one set to 0 here leaves the server's own (postgresql.conf, ALTER ROLE)."""
+
+    def __init__(self, lock_timeout: float, statement_timeout: float) -> None:
+        self.wanted = {"lock_timeout": _milliseconds(lock_timeout), "statement_timeout": _milliseconds(statement_timeout)}
+
+    def __call__(self, dbapi_connection: Any, record: Any) -> None:
+        in_force: dict[str, int] = {}
         with dbapi_connection.cursor() as cursor:
-            cursor.execute(f"SET lock_timeout = {milliseconds}")
-        dbapi_connection.commit()  # psycopg opened a transaction for the SET; the pool expects none
+            cursor.execute(
+                "SELECT name, setting::int, source FROM pg_settings WHERE name = ANY(%s)", (list(_TIMEOUT_SETTINGS),)
+            )
+            for name, setting, source in cursor.fetchall():
+                wanted = self.wanted[name]
+                if wanted and source != "client":  # "client": the connection's startup options
+                    cursor.execute(f"SET {name} = {wanted}")
+                    setting = wanted
+                in_force[name] = setting
+        dbapi_connection.commit()  # psycopg opened a transaction for the SETs; the pool expects none
+        record.info[_TIMEOUTS_KEY] = Timeouts(in_force["lock_timeout"], in_force["statement_timeout"])
 
-    return _set
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000)) if seconds > 0 else 0
 
 
-def without_lock_timeout(connection: Connection) -> None:
-    """No lock timeout for the rest of this PostgreSQL transaction: for work that must wait its turn whatever it
-    takes (migrations and index set-up, which wait for another worker's under an advisory lock)."""
+# PostgreSQL's SQLSTATEs of a statement it gave up on.
+_PG_LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout ran out
+_PG_QUERY_CANCELED = "57014"  # statement_timeout ran out, or pg_cancel_backend
+# The timeouts of the connection each such error came from, for `outage_error`'s message: the driver's error does
+# not say how long the statement waited, nor does SQLAlchemy's tell which connection it came from.
+_TIMEOUTS_AT_ERROR: weakref.WeakKeyDictionary[BaseException, Timeouts] = weakref.WeakKeyDictionary()
+
+
+def _note_timeouts(context: ExceptionContext) -> None:
+    """The engine's handle_error hook: remembers the timeouts of a connection whose statement was given up on."""
+    cause = context.original_exception
+    if getattr(cause, "sqlstate", None) not in (_PG_LOCK_NOT_AVAILABLE, _PG_QUERY_CANCELED):
+        return
+    if context.connection is not None:
+        timeouts = context.connection.info.get(_TIMEOUTS_KEY)
+        if isinstance(timeouts, Timeouts):
+            _TIMEOUTS_AT_ERROR[cause] = timeouts
+
+
+def without_timeouts(connection: Connection) -> None:
+    """No lock or statement timeout for the rest of this PostgreSQL transaction: for work that must wait its turn
+    whatever it takes (migrations and the pgvector index set-up, which wait for another worker's under an advisory
+    lock, then take as long as the gallery is large). A lock wait counts against statement_timeout too."""
     if connection.dialect.name == "postgresql":
         connection.exec_driver_sql("SET LOCAL lock_timeout = 0")
+        connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
+
+
+def without_statement_timeout(connection: Connection) -> None:
+    """No statement timeout for the rest of this PostgreSQL transaction: for work whose length grows with the
+    gallery, which a timeout sized for a request's statements would cut (loading every face into the index at
+    start-up or after a gap, relabelling, reindex, copy, bulk load: minutes at 1M faces). Waiting for another
+    session's lock is still bounded by lock_timeout, where one is set."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
 
 
 class _ConnectGate:
@@ -197,11 +274,6 @@ _PG_UNAVAILABLE = {
     "57P03": "the database server is starting up or shutting down",  # cannot_connect_now
     "53300": "the database server has no connection left (max_connections)",  # too_many_connections
     "25006": "the database is read-only (a standby, after a failover?)",  # read_only_sql_transaction
-    # lock_not_available: lock_timeout ran out (see `_set_lock_timeout`)
-    "55P03": "another database session held a lock this request needed for longer than the lock timeout (a long "
-    "write such as `facegate reindex`, or an operator's transaction)",
-    # query_canceled: the server's or the URL's statement_timeout, or pg_cancel_backend by an operator
-    "57014": "the database cancelled the statement (statement_timeout, or an operator)",
 }
 _PG_DISK_FULL = "53100"
 
@@ -231,11 +303,29 @@ def outage_error(error: sa_exc.SQLAlchemyError) -> FacegateError | None:
         return InsufficientStorage("the database server's disk is full: nothing was stored")
     if sqlstate in _PG_UNAVAILABLE:
         return _unavailable(_PG_UNAVAILABLE[sqlstate])
+    if sqlstate in (_PG_LOCK_NOT_AVAILABLE, _PG_QUERY_CANCELED):
+        return _unavailable(_given_up(sqlstate, None if cause is None else _TIMEOUTS_AT_ERROR.get(cause)))
     # No SQLSTATE: no answer from a server (psycopg's own OperationalError: refused, timed out, connection lost).
     lost = sqlstate is None and isinstance(error, sa_exc.OperationalError)
     if lost or error.connection_invalidated or (sqlstate or "").startswith("08"):
         return _unavailable("the database cannot be reached")
     return None
+
+
+def _given_up(sqlstate: str, timeouts: Timeouts | None) -> str:
+    """What to tell of a statement the server gave up on (`_BoundedWaits`), with the limit when it is known."""
+    if sqlstate == _PG_LOCK_NOT_AVAILABLE:
+        waited = f" within {timeouts.lock_ms / 1000:g} s" if timeouts is not None and timeouts.lock_ms else ""
+        return (
+            f"the database did not answer{waited}: another session held a lock this request needed (an operator's "
+            "transaction or ALTER TABLE, a long write such as `facegate reindex`?); nothing was stored"
+        )
+    if timeouts is not None and timeouts.statement_ms:
+        return (
+            f"the database did not answer within {timeouts.statement_ms / 1000:g} s (a lock held by another session, "
+            "an overloaded server?) or an operator cancelled the statement; nothing was stored"
+        )
+    return "the database cancelled the statement (a statement timeout, or an operator); nothing was stored"
 
 
 def _unavailable(cause: str) -> DatabaseUnavailable:
@@ -314,8 +404,9 @@ def upgrade(target: Engine | str, revision: str = "head") -> None:
             else:
                 with connection.begin():
                     if connection.dialect.name == "postgresql":
-                        # Another worker may be migrating: wait for it, however long its migration takes.
-                        without_lock_timeout(connection)
+                        # Another worker may be migrating: wait for it, however long its migration takes; and a
+                        # migration rewrites tables as large as the gallery.
+                        without_timeouts(connection)
                         connection.execute(
                             text("SELECT pg_advisory_xact_lock(:key, hashtext(current_schema()))"),
                             {"key": _PG_MIGRATION_LOCK},

@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy.orm import Session
 
-from app.gallery import bulk, store
+from app.gallery import bulk, db, store
 from app.gallery.store import Change, ChangeOp
 from app.matching.distances import EXPANSION_ERROR
 from app.vision.types import EMBEDDING_DIM
@@ -275,6 +275,9 @@ class GalleryIndex:
     def load(self, session: Session) -> IndexStats:
         """Rebuild from every stored face. Faces of another model version are counted as stale and left out."""
         with self._sync_lock:
+            # Reading 1M faces takes longer than a request's statement may (at start-up, or a worker that fell
+            # behind the pruned log): not cut by the statement timeout, which would leave the worker unable to start.
+            db.without_statement_timeout(session.connection())
             head = store.last_change_id(session)
             face_ids, identity_ids, versions, embeddings = bulk.read_faces(session)  # a later snapshot than `head`
             self.replace_all(face_ids, identity_ids, embeddings, last_change_id=head, model_versions=versions)

@@ -83,7 +83,7 @@ class PgvectorIndex(GalleryIndex):
     def _prepare(self) -> str:
         """Create the extension, table, index and state row if missing; returns the extension's version."""
         with self.engine.begin() as connection:
-            db.without_lock_timeout(connection)  # another worker may be building the index: wait for it
+            db.without_timeouts(connection)  # another worker may be building the index: wait for it; then build it
             connection.execute(
                 text("SELECT pg_advisory_xact_lock(:key, hashtext(current_schema()))"), {"key": _PG_SETUP_LOCK}
             )
@@ -167,7 +167,7 @@ class PgvectorIndex(GalleryIndex):
                 return 0  # up to date: no lock taken, searches of several workers do not queue here
             # A worker copying every face (its first start, or after a bulk load) holds the state row for minutes at
             # 1M faces; the others wait for it rather than fail their start-up.
-            db.without_lock_timeout(session.connection())
+            db.without_timeouts(session.connection())
             mirrored = int(
                 session.execute(text("SELECT last_change_id FROM face_vectors_state WHERE id = 1 FOR UPDATE")).scalar_one()
             )

@@ -31,7 +31,7 @@ import numpy.typing as npt
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from app.gallery import Gallery
+from app.gallery import Gallery, db
 from app.gallery.store import ChangeOp, decode_embeddings, lock_gallery
 from app.gallery.tables import GALLERY_STATE_ID, Face, GalleryChange, GalleryState, utcnow
 from app.vision.types import EMBEDDING_DIM, Box
@@ -95,6 +95,7 @@ def _bases_from_photos(
 ) -> dict[str, bytes]:
     """Face id -> base embedding (bytes) from the stored photo, for faces the stored numbers cannot serve."""
     with gallery.session() as session:
+        db.without_statement_timeout(session.connection())  # a scan of every face (module docstring)
         rows = session.execute(
             select(
                 Face.id,
@@ -135,6 +136,7 @@ def _reindex(
     chunk: int,
 ) -> ReindexReport:
     lock_gallery(session)
+    db.without_statement_timeout(session.connection())  # every face read and rewritten: minutes at 1M faces
     rows = session.execute(
         select(Face.id, Face.identity_id, Face.model_version, Face.embedding, Face.base_embedding).order_by(Face.id)
     ).all()

@@ -28,6 +28,7 @@ from sqlalchemy import Row, delete, func, insert, literal, select, tuple_, updat
 from sqlalchemy.orm import Session
 
 from app.errors import UnknownFace, UnknownIdentity
+from app.gallery import db
 from app.gallery.tables import (
     EMBEDDING_BYTES,
     GALLERY_STATE_ID,
@@ -527,7 +528,9 @@ def changes_after(session: Session, *, after: int, upto: int) -> list[Change]:
 
 
 def all_faces(session: Session) -> tuple[list[str], list[str], list[str], npt.NDArray[np.float32]]:
-    """Every stored face: (face ids, identity ids, model versions, (n, 128) float32 embeddings)."""
+    """Every stored face: (face ids, identity ids, model versions, (n, 128) float32 embeddings). No statement
+    timeout for the rest of the transaction: the read grows with the gallery (`db.without_statement_timeout`)."""
+    db.without_statement_timeout(session.connection())
     rows = session.execute(select(Face.id, Face.identity_id, Face.model_version, Face.embedding)).all()
     return (
         [row.id for row in rows],
@@ -543,6 +546,7 @@ def relabel_faces(session: Session, *, old_versions: Sequence[str], new_version:
     if not old_versions:
         return 0
     lock_gallery(session)
+    db.without_statement_timeout(session.connection())  # at start-up, every face of a gallery may be rewritten
     result = session.execute(
         update(Face).where(Face.model_version.in_(list(old_versions))).values(model_version=new_version)
     )
@@ -824,7 +828,9 @@ class EvaluationFaces:
 
 def faces_for_evaluation(session: Session, *, model_version: str) -> EvaluationFaces:
     """Faces of `model_version` with their identity's name, sorted by (name, identity id, enrolment time, face id):
-    the live gallery's counterpart of a folder of people sorted by name with their photos in file order."""
+    the live gallery's counterpart of a folder of people sorted by name with their photos in file order. No
+    statement timeout for the rest of the transaction, as `all_faces`."""
+    db.without_statement_timeout(session.connection())
     rows = session.execute(
         select(Face.identity_id, Identity.name, Face.id, Face.embedding)
         .join(Identity, Identity.id == Face.identity_id)

@@ -13,11 +13,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import Engine, event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from app.errors import DatabaseUnavailable, InsufficientStorage
-from app.gallery import Gallery, db
+from app.gallery import Gallery, bulk, db, synthetic
 from app.vision.types import Box
 from tests.gallery.conftest import MODEL, random_embeddings
 from tests.tcp_proxy import TcpProxy, proxied
@@ -262,7 +263,9 @@ def test_a_lock_held_by_another_session_is_database_unavailable_after_the_lock_t
     with pytest.raises(DatabaseUnavailable) as raised:
         gallery.enroll_face(embedding=vectors[1], box=BOX, score=1.0, name="Bob")
     assert time.monotonic() - started < 5
-    assert raised.value.message.startswith("another database session held a lock this request needed")
+    assert raised.value.message.startswith(
+        "the database did not answer within 0.3 s: another session held a lock this request needed"
+    ), raised.value.message
     assert raised.value.details == {"retry_after_seconds": db.RETRY_AFTER_SECONDS}
     other_session.execute("LOCK TABLE identities IN ACCESS EXCLUSIVE MODE")  # reads wait too (an ALTER TABLE)
     with pytest.raises(DatabaseUnavailable):
@@ -300,3 +303,105 @@ def test_a_statement_the_server_cancels_is_database_unavailable(pg_schema_url: s
     with pytest.raises(DatabaseUnavailable) as raised, gallery.session() as session:
         session.execute(text("SELECT pg_sleep(1)"))
     assert raised.value.message.startswith("the database cancelled the statement")
+
+
+@pytest.mark.postgres
+def test_a_statement_past_the_statement_timeout_is_database_unavailable_and_stores_nothing(
+    pg_schema_url: str, other_session: Any, galleries: list[Gallery]
+) -> None:
+    """With no lock timeout, a statement waiting for another session's lock (or one that does not finish) ran for
+    ever, holding the caller's thread: the statement timeout cuts it, for reads and writes, and the write's
+    transaction is rolled back whole (the new identity is not stored without its face, nor the face indexed)."""
+    gallery = _open(galleries, pg_schema_url, lock_timeout=0, statement_timeout=0.5)
+    vectors = random_embeddings(np.random.default_rng(5), 2)
+    ada = gallery.enroll_face(embedding=vectors[0], box=BOX, score=1.0, name="Ada")
+    other_session.execute("LOCK TABLE faces IN ACCESS EXCLUSIVE MODE")  # an ALTER TABLE, a VACUUM FULL
+    calls = {
+        "write": lambda: gallery.enroll_face(embedding=vectors[1], box=BOX, score=1.0, name="Bob"),
+        "read": lambda: gallery.get_identity(ada.identity_id),
+    }
+    for what, call in calls.items():
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable) as raised:
+            call()
+        assert time.monotonic() - started < 8, what
+        assert raised.value.message.startswith("the database did not answer within 0.5 s"), raised.value.message
+        assert raised.value.details == {"retry_after_seconds": db.RETRY_AFTER_SECONDS}
+    other_session.rollback()
+    assert _identity_names(gallery) == {"Ada"} and gallery.index.face_ids() == {ada.face.id}
+    gallery.refresh()  # the log holds Ada's change alone: the refused enrolment logged nothing either
+    assert gallery.index.face_ids() == {ada.face.id} and gallery.stats().last_change_id == 1
+    gallery.enroll_face(embedding=vectors[1], box=BOX, score=1.0, name="Bob")
+    assert _identity_names(gallery) == {"Ada", "Bob"}
+
+
+def _given_up(engine: Engine, statement: str) -> sa_exc.DBAPIError:
+    """The error of `statement`, which the server cancels."""
+    with pytest.raises(sa_exc.DBAPIError) as raised, engine.connect() as connection:
+        connection.execute(text(statement))
+    return raised.value
+
+
+@pytest.mark.postgres
+def test_outage_error_tells_the_servers_timeouts_with_their_length(
+    pg_schema_url: str, other_session: Any, galleries: list[Gallery]
+) -> None:
+    """The server's own errors (55P03 lock_not_available, 57014 query_canceled) are database_unavailable, and the
+    message says how long the request waited. A timeout the URL sets is the operator's: it wins over facegate's."""
+    _open(galleries, pg_schema_url)  # migrated
+    engine = db.make_engine(pg_schema_url, lock_timeout=0.1, statement_timeout=0.4)
+    url = make_url(pg_schema_url)
+    operators = url.update_query_dict({"options": f"{url.query['options']} -c statement_timeout=50"})
+    operators_engine = db.make_engine(operators.render_as_string(hide_password=False), statement_timeout=10)
+    try:
+        slow = _given_up(engine, "SELECT pg_sleep(5)")
+        assert getattr(slow.orig, "sqlstate", None) == "57014"
+        typed = db.outage_error(slow)
+        assert isinstance(typed, DatabaseUnavailable) and typed.details == {"retry_after_seconds": db.RETRY_AFTER_SECONDS}
+        assert typed.message.startswith("the database did not answer within 0.4 s (a lock held by another session")
+        other_session.execute("LOCK TABLE identities IN ACCESS EXCLUSIVE MODE")
+        locked = _given_up(engine, "SELECT count(*) FROM identities")
+        assert getattr(locked.orig, "sqlstate", None) == "55P03"
+        typed = db.outage_error(locked)
+        assert isinstance(typed, DatabaseUnavailable)
+        assert typed.message.startswith("the database did not answer within 0.1 s: another session held a lock")
+        other_session.rollback()
+        started = time.monotonic()
+        typed = db.outage_error(_given_up(operators_engine, "SELECT pg_sleep(5)"))
+        assert time.monotonic() - started < 3  # the URL's 50 ms, not the engine's 10 s
+        assert isinstance(typed, DatabaseUnavailable)
+        assert typed.message.startswith("the database did not answer within 0.05 s"), typed.message
+    finally:
+        engine.dispose()
+        operators_engine.dispose()
+
+
+@pytest.mark.postgres
+def test_migrations_and_the_index_load_are_not_cut_by_the_statement_timeout(
+    pg_schema_url: str, galleries: list[Gallery]
+) -> None:
+    """A worker's start-up migrates and reads every face into its index: minutes at 1M faces, which a timeout sized
+    for requests' statements (here 1 ms) would cut, leaving the worker unable to start. Both run with none."""
+    engine = db.make_engine(pg_schema_url, lock_timeout=0.001, statement_timeout=0.001)
+    seen: list[tuple[str, str]] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _timeout_in_force(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        if not statement.startswith("SET LOCAL"):
+            seen.append((statement, cursor.connection.execute("SHOW statement_timeout").fetchone()[0]))
+
+    try:
+        db.upgrade(engine)
+        migrations = [(statement, value) for statement, value in seen if statement.startswith(("CREATE", "ALTER"))]
+        assert migrations and all(value == "0" for _, value in migrations), migrations
+        seeded = Gallery.open(pg_schema_url, MODEL)  # no limits: faces written in bulk
+        galleries.append(seeded)
+        data = synthetic.gallery(20_000, seed=1)
+        with db.make_session_factory(seeded.engine).begin() as session:
+            bulk.copy_synthetic_gallery(session, embeddings=data.embeddings, owners=data.owners, model_version=MODEL)
+        gallery = Gallery(engine, MODEL)
+        seen.clear()
+        assert gallery.load().size == 20_000  # reading 20,000 faces takes far more than 1 ms
+        assert seen and all(value == "0" for _, value in seen), seen
+    finally:
+        engine.dispose()

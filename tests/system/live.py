@@ -47,6 +47,9 @@ class LiveServer:
     # instead of uvicorn itself.
     cli: bool = False
     environment: dict[str, str] = field(default_factory=dict)  # more FACEGATE_* settings
+    # An admin key for the start-up wait (GET /admin/index), for a gallery that already has API keys: the server then
+    # starts with authentication on, as it does in production once keys exist.
+    api_key: str | None = None
     port: int = field(default_factory=free_port)
     starts: int = 0
     _process: subprocess.Popen[bytes] | None = None
@@ -116,7 +119,8 @@ class LiveServer:
                 raise RuntimeError(f"the server exited ({self._process.returncode}):\n{self.log_text()[-4000:]}")
             try:
                 # A new connection each time: the kernel hands it to whichever worker accepts first.
-                response = httpx.get(f"{self.url}/admin/index", timeout=30.0)
+                headers = {"X-API-Key": self.api_key} if self.api_key else {}
+                response = httpx.get(f"{self.url}/admin/index", headers=headers, timeout=30.0)
             except httpx.TransportError:
                 response = None
             if response is not None:

@@ -1,13 +1,14 @@
-"""The README's curl examples, run as a reader would type them: every `curl` line of its "Endpoints" section, with
-the real curl (and jq) through bash, against a real server (`facegate serve`, one worker, a SQLite gallery, API keys
-in use, stored photos on as the stored-photo example says), in the README's order.
+"""The README's curl examples, run as a reader would type them: every command of its "Endpoints" section's shell
+blocks, with the real curl (and jq) through bash, against a real server (`facegate serve`, one worker, a SQLite
+gallery, stored photos on as the stored-photo example says), top to bottom in the README's order.
 
-Only what a reader substitutes is substituted: the address, `$KEY` / `$ADMIN_KEY` (real keys of the scopes the
-README gives them), the placeholder ids (`3f2a...` is the identity the first example enrolled, `9b1c...` its face,
-the cursor a real `next`) and the photos (dev-set faces converted to the JPEGs the examples name). The gallery is
-seeded first with other people, so that calibrating from it and evaluating it have data, as on a real deployment.
-A wrong field, path, header or body in an example fails here; an example that cannot run must be listed in SKIPPED
-with the reason."""
+Only what a reader substitutes is substituted: the address, the placeholder ids (`3f2a...` is the identity the
+first example enrolled, `9b1c...` its face, the cursor a real `next`) and the photos (dev-set faces saved as the
+JPEGs the examples name). `$KEY` and `$ADMIN_KEY` are made by the Quick start's own `facegate keys create` lines
+before the server starts, so the server runs with authentication on and every example's scope is checked. The
+gallery is seeded with other people first, so that calibrating from it and evaluating it have data, as on a real
+deployment, and `facegate-eval/` is written by `facegate eval` itself. A wrong field, path, header or body in an
+example fails here; an example that cannot run must be listed in SKIPPED with the reason."""
 
 from __future__ import annotations
 
@@ -15,35 +16,30 @@ import json
 import re
 import shlex
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 
-from app.auth import Scope
-from app.auth import store as key_store
 from app.config import REPO_ROOT
-from app.evaluate import DISTANCES_JSON, evaluate_distances, write_report
-from app.gallery import db
 from tests.system.live import LiveServer
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 README = (REPO_ROOT / "README.md").read_text()
-SECTION = README[README.index("\n## Endpoints\n") : README.index("\n### Errors, photo formats and limits\n")]
+VENV_BIN = Path(sys.executable).parent  # where `facegate` is, as after `. .venv/bin/activate`
 # Examples that are not run, and why (none: add one only with a reason a reviewer accepts).
 SKIPPED: dict[str, str] = {}
-# Deleting comes last, whatever the README's order: the examples after it use the person it deletes.
-DESTRUCTIVE = re.compile(r"-X DELETE \S*/identities/")
 
-# The photos the examples name: (dev person, photo index). Alice is nobody the gallery was seeded with (her first
-# enrolment must not be a possible duplicate); team.jpg shows three people, the largest of them enrolled as "Bob".
-PHOTOS: dict[str, tuple[str, int | str]] = {
+# The photos the examples name: (dev person, photo index or file name), or None for a photo of no one. Alice is
+# nobody the gallery was seeded with (her first enrolment must not be a possible duplicate); team.jpg shows three
+# people, the largest of them enrolled as "Bob"; 2.jpg has no face, as in the README's sample answer of /embed.
+PHOTOS: dict[str, tuple[str, int | str] | None] = {
     "alice.jpg": ("kate_winslet", 0),
     "alice2.jpg": ("kate_winslet", 1),
     "alice3.jpg": ("kate_winslet", 2),
@@ -52,29 +48,109 @@ PHOTOS: dict[str, tuple[str, int | str]] = {
     "a.jpg": ("bbt_amy", 0),
     "b.jpg": ("bbt_amy", 1),
     "1.jpg": ("keanu_reeves", 0),
-    "2.jpg": ("keanu_reeves", 1),
-    "3.jpg": ("tina_fey", 0),
+    "2.jpg": None,
+    "3.jpg": ("keanu_reeves", 1),
     "team.jpg": ("ariel_sharon", "krasserm__Ariel_Sharon_0004.jpg"),  # three faces
 }
 SEEDED = ["barack_obama", "will_smith", "victoria_beckham", "simon_cowell", "robert_downey_jr", "miley_cyrus",
           "mark_ruffalo", "lindsay_lohan", "keira_knightley", "jessica_alba"]  # fmt: skip
 SEED_FACES = 5  # per seeded person: 10 x 5 faces make 1,125 different-person pairs, enough to apply a FAR of 0.001
+EVAL_PAIRS = 15  # same and different dev pairs for `facegate eval` (it needs 10 of each for its 10 folds)
+
+# What the text around each example says its answer holds (the fields it names), by a pattern of the example.
+DOCUMENTED: dict[str, set[str]] = {
+    # "the identity id, the face id, the box (left/top/right/bottom ...), the detector score, the 5 landmarks ..."
+    r'name="Alice Example"': {"identity_id", "face_id", "box", "left", "top", "right", "bottom", "score",
+                              "landmarks", "quality"},  # fmt: skip
+    r"8000/identify$": {"candidates", "identity_id", "name", "face_id", "distance", "match", "reason", "margin",
+                        "ambiguous", "ratio", "score", "score_threshold", "accept_distance", "fpir_estimate",
+                        "faces_detected"},  # fmt: skip
+    r"8000/identify/batch$": {"n_images", "n_errors", "images", "index", "filename", "error", "result", "faces",
+                              "threshold", "gallery_size"},  # fmt: skip
+    r"offset=0&limit=50": {"items", "total", "next"},
+    r'KEY" http://127\.0\.0\.1:8000/calibration$': {"threshold", "threshold_source", "default_table"},
+    r"8000/readyz": {"models_loaded", "providers", "detector", "embedder", "database", "gallery_size",
+                     "stale_faces", "model_version"},  # fmt: skip
+    r"8000/metrics/summary": {"routes", "p50_ms", "p95_ms", "max_ms"},
+    r"8000/admin/index": {"pid", "size", "identities", "last_change_id", "face_ids_sha256"},
+}
+
+
+def section(title: str) -> str:
+    """The README's `## title` section, its sub-sections included (up to the next `## ` heading)."""
+    start = README.index(f"\n## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start : end if end > 0 else None]
+
+
+def fenced_blocks(text: str) -> list[tuple[str, list[str]]]:
+    """(language, lines) of each fenced block of `text`, in order."""
+    blocks: list[tuple[str, list[str]]] = []
+    language: str | None = None
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if language is None:
+                language = line[3:].strip()
+                blocks.append((language, []))
+            else:
+                language = None
+        elif language is not None:
+            blocks[-1][1].append(line)
+    return blocks
+
+
+def commands(lines: list[str]) -> list[str]:
+    """The commands of a shell block: a line ending in a backslash joined with the next, blank lines and comments left
+    out (a comment after a command stays: bash drops it)."""
+    out: list[str] = []
+    pending = ""
+    for line in lines:
+        if line.endswith("\\"):
+            pending += line[:-1]
+            continue
+        line, pending = pending + line, ""
+        if line.strip() and not line.lstrip().startswith("#"):
+            out.append(line)
+    assert not pending, f"a command continued past the end of its block: {pending}"
+    return out
+
+
+ENDPOINTS = section("Endpoints")
 
 
 def curl_examples() -> list[str]:
-    """Every line of the section's shell blocks that runs curl (a `jq ... | curl` pipe included), in order."""
-    lines, fenced = [], False
-    for line in SECTION.splitlines():
-        if line.startswith("```"):
-            fenced = line.strip() == "```sh" if not fenced else False
-        elif fenced and re.search(r"(^|\|\s*)curl\s", line):
-            lines.append(line)
-    return lines
+    """Every command of the Endpoints section's shell blocks (a `jq ... | curl` pipe included), in order."""
+    return [c for language, lines in fenced_blocks(ENDPOINTS) if language == "sh" for c in commands(lines)]
+
+
+def sample_answers() -> list[tuple[str, str]]:
+    """(the first example of the shell block before it, the text) of each ```json sample answer of the section."""
+    samples, last_examples = [], [""]
+    for language, lines in fenced_blocks(ENDPOINTS):
+        if language == "sh":
+            last_examples = commands(lines)
+        elif language == "json":
+            samples.append((last_examples[0], "\n".join(lines)))
+    return samples
+
+
+def request(example: str) -> str:
+    """An example without the comment after it, to match DOCUMENTED's patterns against."""
+    return example.split("  #")[0].rstrip()
+
+
+def field_names(value: Any) -> set[str]:
+    """Every key of a JSON value, at any depth."""
+    if isinstance(value, dict):
+        return set(value) | {name for item in value.values() for name in field_names(item)}
+    if isinstance(value, list):
+        return {name for item in value for name in field_names(item)}
+    return set()
 
 
 @dataclass
 class Run:
-    """One example as run: its exit status, HTTP status and body (None when curl wrote the body to a file)."""
+    """One example as run: its exit status, HTTP status and body (empty when curl wrote the body to a file)."""
 
     line: str
     exit_status: int
@@ -103,7 +179,7 @@ class Reader:
         done = subprocess.run(
             ["bash", "-c", script],
             cwd=self.folder,
-            env={"PATH": "/usr/bin:/bin", **self.keys},
+            env={"PATH": "/usr/bin:/bin", **self.keys},  # /usr/bin/curl and /usr/bin/jq, nothing of the test's
             capture_output=True,
             text=True,
             timeout=120,
@@ -113,76 +189,109 @@ class Reader:
         return Run(line, done.returncode, int(status), body)
 
 
-def _jpeg(source: Path, target: Path) -> None:
-    with Image.open(source) as image:
-        image.convert("RGB").save(target, quality=95)
+def _dev_photos(dev_faces: Path, person: str) -> list[Path]:
+    return sorted(p for p in (dev_faces / person).iterdir() if p.suffix.lower() in {".jpg", ".png"})
+
+
+def _save_photos(dev_faces: Path, folder: Path) -> None:
+    """The photos the examples name, as JPEGs in the reader's folder (made here: no photo goes into the repository)."""
+    for name, source in PHOTOS.items():
+        if source is None:  # a photo of no one: a grey gradient
+            Image.linear_gradient("L").resize((640, 480)).convert("RGB").save(folder / name, quality=95)
+            continue
+        person, which = source
+        path = _dev_photos(dev_faces, person)[which] if isinstance(which, int) else dev_faces / person / which
+        with Image.open(path) as image:
+            image.convert("RGB").save(folder / name, quality=95)
+
+
+def _create_keys(env: dict[str, str], folder: Path) -> dict[str, str]:
+    """Run the Quick start's `NAME=$(facegate keys create ...)` lines as written: the keys, and the scopes the README
+    tells its reader to give them."""
+    quick_start = [c for _, lines in fenced_blocks(section("Quick start")) for c in commands(lines)]
+    lines = [c for c in quick_start if re.match(r"\w+=\$\(facegate keys create ", c)]
+    names = [c.split("=", 1)[0] for c in lines]
+    assert sorted(names) == ["ADMIN_KEY", "KEY"], quick_start
+    script = "set -e\n" + "\n".join(lines) + "\n" + "".join(f'printf "{n}=%s\\n" "${n}"\n' for n in names)
+    env = env | {"PATH": f"{VENV_BIN}:/usr/bin:/bin"}
+    done = subprocess.run(["bash", "-c", script], cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    keys = {name: key for name, _, key in (line.partition("=") for line in done.stdout.splitlines())}
+    assert all(keys[n].startswith("fg_") for n in names), done.stdout
+    return keys
+
+
+def _seed(server: LiveServer, key: str, dev_faces: Path) -> None:
+    """SEED_FACES faces of each SEEDED person, enrolled through the API."""
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": key}, timeout=60) as client:
+        for person in SEEDED:
+            identity, added = None, 0
+            for photo in _dev_photos(dev_faces, person):
+                form = {"face": "largest", "allow_low_quality": "true", "allow_duplicate": "true"}
+                form |= {"identity_id": identity} if identity else {"name": person}
+                r = client.post("/enroll", files={"image": (photo.name, photo.read_bytes())}, data=form)
+                if r.status_code == 422 and r.json()["error"]["code"] == "no_face":
+                    continue  # a few dev photos have no face the detector finds
+                assert r.status_code == 201, r.text
+                identity, added = r.json()["identity_id"], added + 1
+                if added == SEED_FACES:
+                    break
+            assert added == SEED_FACES, person
+
+
+def _facegate_eval(env: dict[str, str], folder: Path, dev_faces: Path) -> None:
+    """`facegate eval` on a few dev pairs, in the reader's folder with its default --out: the file the jq example
+    reads is the one the command writes, where it writes it."""
+    rows = (dev_faces / "pairs.csv").read_text().splitlines()
+    same = [r for r in rows[1:] if r.rstrip().endswith(",1")][:EVAL_PAIRS]
+    different = [r for r in rows[1:] if r.rstrip().endswith(",0")][:EVAL_PAIRS]
+    (folder / "pairs.csv").write_text("\n".join([rows[0], *same, *different]) + "\n")
+    done = subprocess.run(
+        [str(VENV_BIN / "facegate"), "eval", "--pairs", "pairs.csv", "--images", str(dev_faces)],
+        cwd=folder, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 @pytest.fixture(scope="module")
-def reader(
-    models_dir: Path, dev_faces: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Reader]:
+def reader(models_dir: Path, dev_faces: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reader]:
     folder = tmp_path_factory.mktemp("reader")
-    photos = {
-        person.name: sorted(p for p in person.iterdir() if p.suffix.lower() in {".jpg", ".png"})
-        for person in dev_faces.iterdir()
-        if person.is_dir()
-    }
-    for name, (person, which) in PHOTOS.items():
-        _jpeg(photos[person][which] if isinstance(which, int) else dev_faces / person / which, folder / name)
-    url = f"sqlite:///{folder / 'gallery.db'}"
+    _save_photos(dev_faces, folder)
     server = LiveServer(
-        url,
+        f"sqlite:///{folder / 'gallery.db'}",
         models_dir,
         folder,
         workers=1,
         cli=True,
-        environment={"FACEGATE_STORE_IMAGES": "true", "FACEGATE_AUTH__CACHE_SECONDS": "0"},
+        environment={"FACEGATE_STORE_IMAGES": "true"},  # as the stored-photo example says
     )
+    _facegate_eval(server.env(), folder, dev_faces)
+    keys = _create_keys(server.env(), folder)
+    server.api_key = keys["ADMIN_KEY"]  # keys exist before the start: authentication is on from the first request
     server.start()
     try:
-        with httpx.Client(base_url=server.url, timeout=60) as client:
-            for person in SEEDED:
-                identity, added = None, 0
-                for photo in photos[person]:
-                    form = {"face": "largest", "allow_low_quality": "true", "allow_duplicate": "true"}
-                    form |= {"identity_id": identity} if identity else {"name": person}
-                    r = client.post("/enroll", files={"image": (photo.name, photo.read_bytes())}, data=form)
-                    if r.status_code == 422 and r.json()["error"]["code"] == "no_face":
-                        continue  # a few dev photos have no face the detector finds
-                    assert r.status_code == 201, r.text
-                    identity, added = r.json()["identity_id"], added + 1
-                    if added == SEED_FACES:
-                        break
-                assert added == SEED_FACES, person
-        # The keys come after the start (LiveServer waits on /admin/index, which keys would close): auth is on from
-        # the next request (cache 0 s).
-        engine = db.make_engine(url)
-        with db.make_session_factory(engine).begin() as session:
-            keys = {
-                "KEY": key_store.create_key(session, name="my-app", scope=Scope.write).key,
-                "ADMIN_KEY": key_store.create_key(session, name="me", scope=Scope.admin).key,
-            }
-        engine.dispose()
-        # `facegate eval`'s distances file, written by its own writer (from made-up distances: the example is about
-        # the file and the request, not these numbers).
-        rng = np.random.default_rng(0)
-        same, different = rng.uniform(0.05, 0.35, 300), rng.uniform(0.3, 1.2, 3000)
-        evaluation = evaluate_distances([*same, *different], [True] * 300 + [False] * 3000)
-        write_report(evaluation, folder / "facegate-eval")
-        assert (folder / "facegate-eval" / DISTANCES_JSON).is_file()
+        _seed(server, keys["KEY"], dev_faces)
         yield Reader(server, folder, keys)
     finally:
         server.stop()
 
 
-def test_every_curl_example_of_the_endpoints_section_works(reader: Reader) -> None:
+def test_the_section_is_read_whole() -> None:
+    """Every block of the section is a shell block of curl examples or a sample answer: a block in another
+    language, or a command that is not curl, is something this test does not run yet."""
+    languages = {language for language, _ in fenced_blocks(ENDPOINTS)}
+    assert languages <= {"sh", "json"}, languages
     examples = curl_examples()
     assert len(examples) >= 30, examples  # the section was found and read
+    assert [e for e in examples if not re.search(r"(^|\|\s*)curl\s", e)] == []
     assert set(SKIPPED) <= set(examples), "a skipped example is no longer in the README"
-    ordered = [e for e in examples if not DESTRUCTIVE.search(e)] + [e for e in examples if DESTRUCTIVE.search(e)]
+    for pattern in DOCUMENTED:
+        assert len([e for e in examples if re.search(pattern, request(e))]) == 1, pattern
+
+
+def test_every_curl_example_of_the_endpoints_section_works(reader: Reader) -> None:
     runs: dict[str, Run] = {}
-    for line in ordered:
+    for line in curl_examples():  # in the README's order: each example may use what the ones above it made
         if line in SKIPPED:
             continue
         run = reader.run(line)
@@ -197,19 +306,30 @@ def test_every_curl_example_of_the_endpoints_section_works(reader: Reader) -> No
             ).json()
             reader.ids["1795776000123456_3f2a..."] = page["next"]
 
-    # What the text around the examples promises of their answers.
-    def answer(ending: str) -> Any:
-        return next(run for line, run in runs.items() if line.split("#")[0].rstrip().endswith(ending)).json()
+    def answer(pattern: str) -> Any:
+        return next(run for line, run in runs.items() if re.search(pattern, request(line))).json()
 
-    verify = next(run for line, run in runs.items() if "image_a=@a.jpg" in line).json()
-    assert {"match", "distance", "threshold", "threshold_source", "far_estimate"} <= set(verify)
+    # The fields the README's sample answers and the text around the examples name are in the real answers.
+    for example, sample in sample_answers():
+        named = set(re.findall(r'"(\w+)":', sample))
+        assert named <= field_names(runs[example].json()), (example, named - field_names(runs[example].json()))
+    for pattern, named in DOCUMENTED.items():
+        assert named <= field_names(answer(pattern)), (pattern, named - field_names(answer(pattern)))
+
+    # And what they say of these photos.
+    verify = answer("image_a=@a.jpg")
     assert verify["match"] is True and verify["distance"] <= verify["threshold"], verify
-    identified = answer("8000/identify")["faces"][0]
+    identified = answer("8000/identify$")["faces"][0]
     assert identified["match"]["identity_id"] == reader.ids["3f2a..."] and identified["reason"] == "accepted"
-    assert answer("8000/embed")["n_images"] == 3
+    embedded = answer("8000/embed$")  # the sample: three photos, the second without a face
+    assert (embedded["n_images"], embedded["n_faces"], embedded["n_errors"]) == (3, 2, 1), embedded
+    assert embedded["images"][1]["error"]["code"] == "no_face" and embedded["images"][1]["faces"] is None
+    clusters = answer("8000/cluster$")["clusters"]
+    assert [sorted(m["photo"] for m in c["members"]) for c in clusters] == [["1.jpg", "3.jpg"]], clusters
     assert (reader.folder / "face.jpg").read_bytes() == (reader.folder / "alice.jpg").read_bytes()
-    gone = httpx.get(f"{reader.server.url}/identities/{reader.ids['3f2a...']}", headers={"X-API-Key": reader.keys["KEY"]})
-    assert gone.status_code == 404  # the last example deleted her
+    url = f"{reader.server.url}/identities/{reader.ids['3f2a...']}"
+    gone = httpx.get(url, headers={"X-API-Key": reader.keys["KEY"]})
+    assert gone.status_code == 404  # the last Identities example deleted her
 
 
 def test_the_examples_run_with_the_keys_they_show(reader: Reader) -> None:
@@ -218,7 +338,8 @@ def test_the_examples_run_with_the_keys_they_show(reader: Reader) -> None:
     admin_only = next(e for e in curl_examples() if "/admin/index" in e)
     run = reader.run(admin_only.replace("$ADMIN_KEY", "$KEY"))
     assert run.status == 403, run.body
-    anonymous = reader.run(next(e for e in curl_examples() if e.endswith("8000/identify")).replace(' -H "X-API-Key: $KEY"', ""))
+    identify = next(e for e in curl_examples() if e.endswith("8000/identify"))
+    anonymous = reader.run(identify.replace(' -H "X-API-Key: $KEY"', ""))
     assert anonymous.status == 401, anonymous.body
 
 

@@ -61,6 +61,7 @@ __all__ = [
     "evaluate_gallery",
     "format_identify_table",
     "folder_entries",
+    "hidden",
     "person_photos",
     "photo_suffixes",
     "run_identify_eval",
@@ -82,6 +83,12 @@ def folder_entries(folder: Path) -> list[Path]:
         raise InvalidRequest(f"cannot read the folder {folder}: {error.strerror}", field="images") from None
 
 
+def hidden(name: str) -> bool:
+    """Whether every folder command leaves this file or folder name out: a copy from a Mac holds "._IMG_0001.jpg"
+    (AppleDouble metadata, not a photo) beside each photo, and ".thumbnails/" folders hold other photos' previews."""
+    return name.startswith(".")
+
+
 def photo_suffixes(heic: bool) -> frozenset[str]:
     """The file names of photos in a folder: HEIC/HEIF ones too when they are decoded (FACEGATE_IMAGE__HEIC)."""
     return PHOTO_SUFFIXES | HEIF_SUFFIXES if heic else PHOTO_SUFFIXES
@@ -97,9 +104,9 @@ def person_photos(images_dir: Path, *, heic: bool = False) -> list[str]:
     found = [
         (person.name, photo.name)
         for person in folder_entries(root)
-        if person.is_dir() and not person.name.startswith(".")
+        if person.is_dir() and not hidden(person.name)
         for photo in folder_entries(person)
-        if photo.is_file() and not photo.name.startswith(".") and photo.suffix.lower() in suffixes
+        if photo.is_file() and not hidden(photo.name) and photo.suffix.lower() in suffixes
     ]
     if not found:
         raise InvalidRequest(f"{root} holds no photos in per-person folders (person/photo.jpg)", field="images")

@@ -12,7 +12,7 @@ import typer
 
 from app.cli.common import Unusable, cli, fail, load_settings, on_interrupt, pipeline_call, positive_distance, shown
 from app.grouping import ClusterMember, ClusterReport, cluster_files
-from app.identify_eval import photo_suffixes
+from app.identify_eval import hidden, photo_suffixes
 
 
 def _photos_under(directory: Path, unreadable: list[Unusable], *, heic: bool = False) -> list[Path]:
@@ -36,10 +36,10 @@ def _photos_under(directory: Path, unreadable: list[Unusable], *, heic: bool = F
             subfolders.clear()
             continue
         seen.add(real)
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        subfolders[:] = sorted(d for d in subfolders if not hidden(d))
         for name in files:
             path = Path(folder) / name
-            if not name.startswith(".") and path.suffix.lower() in suffixes and path.is_file():
+            if not hidden(name) and path.suffix.lower() in suffixes and path.is_file():
                 photos.append(path)
     return sorted(photos)
 

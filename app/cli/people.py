@@ -26,7 +26,7 @@ from app.cli.common import (
     shown,
 )
 from app.errors import DatabaseUnavailable, FacegateError, InsufficientStorage, PossibleDuplicate
-from app.identify_eval import photo_suffixes
+from app.identify_eval import hidden, photo_suffixes
 from app.service import FacePolicy, FaceService, IdentifyResult, VerifyResult
 
 
@@ -37,14 +37,12 @@ def _people(
     is added to `unreadable` rather than ending the command with a traceback."""
     suffixes = photo_suffixes(heic)
     try:
-        people = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+        people = sorted(p for p in directory.iterdir() if p.is_dir() and not hidden(p.name))
     except OSError as error:
         fail(f"cannot read {shown(directory)}: {error.strerror}")
     for person in people:
         try:
-            photos = sorted(
-                p for p in person.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes
-            )
+            photos = sorted(p for p in person.iterdir() if p.is_file() and not hidden(p.name) and p.suffix.lower() in suffixes)
         except OSError as error:
             unreadable.append(Unusable.unreadable_folder(person, error))
             continue

@@ -19,7 +19,7 @@ import numpy.typing as npt
 from app.config import HeadSettings
 from app.errors import InvalidRequest
 from app.evaluate import EmbeddingCache, embed_photos, pipeline_signature
-from app.identify_eval import folder_entries, photo_suffixes
+from app.identify_eval import folder_entries, hidden, photo_suffixes
 from app.vision.pipeline import Pipeline
 
 __all__ = ["EmbeddingSet", "base_pipeline", "embed_folder", "folder_photos", "pair_indices", "split_identities"]
@@ -84,7 +84,7 @@ def folder_photos(images: Path, *, heic: bool = False) -> list[str]:
         raise InvalidRequest(f"{images} is not a folder", field="images")
     photos = []
     for person in folder_entries(root):
-        if person.is_dir() and not _hidden(person):
+        if person.is_dir() and not hidden(person.name):
             found = (p for p in _files_under(person) if p.suffix.lower() in suffixes)
             photos += [str(p.relative_to(root)) for p in found]
     photos.sort()
@@ -100,19 +100,13 @@ def _files_under(folder: Path) -> list[Path]:
     files, pending = [], [folder]
     while pending:
         for entry in folder_entries(pending.pop()):
-            if _hidden(entry):
+            if hidden(entry.name):
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 pending.append(entry)
             elif entry.is_file():
                 files.append(entry)
     return files
-
-
-def _hidden(entry: Path) -> bool:
-    # As every folder command: a copy from a Mac holds "._IMG_0001.jpg" (AppleDouble metadata, not a photo) beside
-    # each photo, and ".thumbnails/" folders hold other photos' previews.
-    return entry.name.startswith(".")
 
 
 def _person(relative: str) -> str:

@@ -34,7 +34,7 @@ Status map (also in the OpenAPI document of every route):
 | server_busy                   | 503    | the worker holds `image.max_inflight_bytes` of bodies already |
 | database_unavailable          | 503    | the database cannot serve for now (unreachable, restarting,   |
 |                               |        | read-only standby, SQLite locked, a PostgreSQL lock or        |
-|                               |        | statement timeout); with Retry-After                          |
+|                               |        | statement timeout, a deadlock); with Retry-After              |
 | insufficient_storage          | 507    | the database's disk is full: nothing was stored               |
 | request_timeout               | 408    | the request stopped arriving, or came too slowly (sent by the |
 |                               |        | server's protocol, app/api/request_timeouts.py)               |

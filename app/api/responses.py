@@ -36,7 +36,7 @@ _DESCRIPTIONS = {
     "route): the request was still running when the server's shutdown timeout ran out after SIGTERM / "
     "database_unavailable (routes that use the gallery database, or an API key last checked over "
     "auth.cache_seconds ago): the database cannot serve for now (unreachable, restarting, a read-only standby, "
-    "SQLite locked, a PostgreSQL lock or statement timeout); retry after the Retry-After header's seconds",
+    "SQLite locked, a PostgreSQL lock or statement timeout, a deadlock); retry after the Retry-After header's seconds",
     507: "insufficient_storage: the database's disk is full; nothing was stored",
 }
 

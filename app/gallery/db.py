@@ -267,13 +267,19 @@ def _enable_wal(cursor: Any) -> None:
 
 # SQLite's primary result codes (the low byte of `sqlite3.Error.sqlite_errorcode`).
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_FULL = 5, 6, 13
-# PostgreSQL's SQLSTATEs of a server that cannot serve for now (class 08, connection exception, as well).
+# PostgreSQL's SQLSTATEs of a server that cannot serve for now (class 08, connection exception, as well), or of a
+# transaction it rolled back so that another could go on.
 _PG_UNAVAILABLE = {
     "57P01": "the database server is shutting down",  # admin_shutdown: a restart or failover ended the session
     "57P02": "the database server crashed",  # crash_shutdown
     "57P03": "the database server is starting up or shutting down",  # cannot_connect_now
     "53300": "the database server has no connection left (max_connections)",  # too_many_connections
     "25006": "the database is read-only (a standby, after a failover?)",  # read_only_sql_transaction
+    # Class 40: the server rolled the transaction back so that another could go on; the same request again is
+    # expected to pass. facegate's own writers take the write lock first and cannot deadlock one another, but an
+    # operator's transaction can (it locks a table, then waits for the gallery's write lock a request holds).
+    "40P01": "a deadlock with another session's transaction (an operator's?) ended this request's; nothing was stored",
+    "40001": "the database could not serialize this request with a concurrent transaction; nothing was stored",
 }
 _PG_DISK_FULL = "53100"
 

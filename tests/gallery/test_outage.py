@@ -277,6 +277,53 @@ def test_a_lock_held_by_another_session_is_database_unavailable_after_the_lock_t
 
 
 @pytest.mark.postgres
+def test_a_deadlock_with_an_operators_transaction_is_database_unavailable_and_stores_nothing(
+    pg_schema_url: str, other_session: Any, galleries: list[Gallery]
+) -> None:
+    """An operator's transaction locks the faces table, then waits for the gallery's write lock, which an enrolment
+    holds while it waits for the faces table: PostgreSQL ends one of the two (40P01). The request's was a 500; it is
+    database_unavailable, worth retrying, and its transaction stored nothing."""
+    gallery = _open(galleries, pg_schema_url)
+    vectors = random_embeddings(np.random.default_rng(4), 2)
+    ada = gallery.enroll_face(embedding=vectors[0], box=BOX, score=1.0, name="Ada")
+    # The request's server process checks for the deadlock first (1 s), so it is the one rolled back.
+    other_session.execute("SET deadlock_timeout = '20s'")
+    other_session.execute("LOCK TABLE faces IN EXCLUSIVE MODE")  # reads go on; the enrolment's INSERT waits
+    failures: list[BaseException] = []
+
+    def enrol() -> None:
+        try:
+            gallery.enroll_face(embedding=vectors[1], box=BOX, score=1.0, name="Bob")
+        except BaseException as error:  # noqa: BLE001 - handed to the test's thread
+            failures.append(error)
+
+    request = threading.Thread(target=enrol)
+    request.start()
+    deadline = time.monotonic() + 10
+    while not _waiting_for_a_lock(other_session, "faces") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    other_session.execute("UPDATE gallery_state SET last_change_id = last_change_id")  # waits for the request
+    request.join(timeout=30)
+    assert not request.is_alive() and len(failures) == 1
+    failure = failures[0]
+    assert isinstance(failure, DatabaseUnavailable), repr(failure)
+    assert failure.message.startswith("a deadlock with another session's transaction"), failure.message
+    assert failure.details == {"retry_after_seconds": db.RETRY_AFTER_SECONDS}
+    other_session.rollback()
+    assert _identity_names(gallery) == {"Ada"} and gallery.index.face_ids() == {ada.face.id}  # nothing half-written
+    gallery.enroll_face(embedding=vectors[1], box=BOX, score=1.0, name="Bob")  # the retry passes
+    assert _identity_names(gallery) == {"Ada", "Bob"}
+
+
+def _waiting_for_a_lock(session: Any, table: str) -> bool:
+    """Whether a session of this database waits for a lock on `table` (of the session's schema)."""
+    row = session.execute(
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = %s::regclass", (table,)
+    ).fetchone()
+    return bool(row[0])
+
+
+@pytest.mark.postgres
 def test_migrations_wait_for_another_workers_lock_whatever_the_lock_timeout(
     pg_schema_url: str, other_session: Any, galleries: list[Gallery]
 ) -> None:

@@ -8,7 +8,8 @@ JPEGs the examples name). `$KEY` and `$ADMIN_KEY` are made by the Quick start's 
 before the server starts, so the server runs with authentication on and every example's scope is checked. The
 gallery is seeded with other people first, so that calibrating from it and evaluating it have data, as on a real
 deployment, and `facegate-eval/` is written by `facegate eval` itself. A wrong field, path, header or body in an
-example fails here; an example that cannot run must be listed in SKIPPED with the reason."""
+example fails here; an example that cannot run must be listed in SKIPPED with the reason. The README's other curl
+lines (Quick start, API keys, CORS) are run by their own tests below, with the commands beside them."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +118,7 @@ def commands(lines: list[str]) -> list[str]:
 
 
 ENDPOINTS = section("Endpoints")
+QUICK_START = [c for _, lines in fenced_blocks(section("Quick start")) for c in commands(lines)]
 
 
 def curl_examples() -> list[str]:
@@ -208,10 +211,9 @@ def _save_photos(dev_faces: Path, folder: Path) -> None:
 def _create_keys(env: dict[str, str], folder: Path) -> dict[str, str]:
     """Run the Quick start's `NAME=$(facegate keys create ...)` lines as written: the keys, and the scopes the README
     tells its reader to give them."""
-    quick_start = [c for _, lines in fenced_blocks(section("Quick start")) for c in commands(lines)]
-    lines = [c for c in quick_start if re.match(r"\w+=\$\(facegate keys create ", c)]
+    lines = [c for c in QUICK_START if re.match(r"\w+=\$\(facegate keys create ", c)]
     names = [c.split("=", 1)[0] for c in lines]
-    assert sorted(names) == ["ADMIN_KEY", "KEY"], quick_start
+    assert sorted(names) == ["ADMIN_KEY", "KEY"], QUICK_START
     script = "set -e\n" + "\n".join(lines) + "\n" + "".join(f'printf "{n}=%s\\n" "${n}"\n' for n in names)
     env = env | {"PATH": f"{VENV_BIN}:/usr/bin:/bin"}
     done = subprocess.run(["bash", "-c", script], cwd=folder, env=env, capture_output=True, text=True, timeout=120)
@@ -351,5 +353,103 @@ def test_a_broken_example_would_fail(reader: Reader) -> None:
 
 
 def test_shell_quoting_of_the_examples_is_valid() -> None:
-    for line in curl_examples():
+    for line in curl_examples() + readme_curl_lines():
         shlex.split(line, comments=True)  # an unbalanced quote would raise
+
+
+def readme_curl_lines() -> list[str]:
+    """Every command of the README's shell blocks that runs curl, wherever it is."""
+    return [
+        c for language, lines in fenced_blocks(README) if language == "sh"
+        for c in commands(lines) if re.search(r"(^|\|\s*)curl\s", c)
+    ]  # fmt: skip
+
+
+def subsection_commands(title: str) -> list[str]:
+    """The commands of the shell blocks of the README's `### title` sub-section."""
+    start = README.index(f"\n### {title}\n") + 1
+    end = re.compile(r"^#{2,3} ", re.MULTILINE).search(README, start + 1)  # the next (sub-)section's heading
+    text = README[start : end.start() if end else None]
+    return [c for language, lines in fenced_blocks(text) if language == "sh" for c in commands(lines)]
+
+
+API_KEYS = subsection_commands("Who may call it: API keys")
+CORS = subsection_commands("Pages of other sites: CORS")
+
+
+def test_every_curl_line_of_the_readme_is_run() -> None:
+    """Outside the Endpoints section the README has three curl lines, run below: the Quick start's, and those of
+    the API keys and CORS sections. A new one must be run too."""
+    others = [line for line in readme_curl_lines() if line not in curl_examples()]
+    run_below = [line for line in QUICK_START + API_KEYS + CORS if "curl " in line]
+    assert len(run_below) == 3 and others == run_below, others
+
+
+def test_the_quick_start_example_works(reader: Reader) -> None:
+    """The Quick start's enrolment, with the keys its lines above made (after the Endpoints examples, which
+    deleted their Alice at the end)."""
+    line = next(c for c in QUICK_START if "curl " in c)
+    answer = reader.run(line)
+    assert answer.status == 201, answer.body[:600]
+    assert (answer.json()["name"], answer.json()["created"]) == ("Alice Example", True)
+
+
+def _facegate(reader: Reader, line: str) -> subprocess.CompletedProcess[str]:
+    """A `facegate ...` line of the README, run as written with the server's settings (its database)."""
+    env = reader.server.env() | {"PATH": f"{VENV_BIN}:/usr/bin:/bin"}
+    return subprocess.run(
+        ["bash", "-c", line], cwd=reader.folder, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_api_keys_example_works(reader: Reader) -> None:
+    """The API keys section's commands as written: a read key made for a door, listed without its secret, let in
+    by /identify with either header, and refused once revoked (within the key cache's 5 s)."""
+    create, listing, revoke, curl_line = API_KEYS
+    assert create.startswith("facegate keys create --name door-7 --scope read"), API_KEYS
+    made = _facegate(reader, create)
+    key = made.stdout.strip()
+    assert made.returncode == 0 and re.fullmatch(r"fg_[0-9a-f]{8}_\S{43}", key), made.stdout + made.stderr
+    prefix = key.split("_")[1]
+    listed = _facegate(reader, listing)
+    assert listed.returncode == 0 and "door-7" in listed.stdout and prefix in listed.stdout, listed.stdout
+    assert key.split("_", 2)[2] not in listed.stdout  # never the secret
+    placeholder = re.search(r"fg_1a2b3c4d_\.\.\.", curl_line)
+    assert placeholder is not None, curl_line
+    with_key = curl_line.replace(placeholder.group(), key)
+    answer = reader.run(with_key)
+    assert answer.status == 200 and answer.json()["faces"][0]["reason"], answer.body[:600]
+    bearer = with_key.replace("X-API-Key: ", "Authorization: Bearer ")  # "or Authorization: Bearer"
+    assert reader.run(bearer).status == 200
+    assert reader.run(with_key.replace("/identify", "/enroll")).status == 403  # a read key does not enrol
+    revoked = _facegate(reader, revoke.replace("1a2b3c4d", prefix))
+    assert revoked.returncode == 0, revoked.stdout + revoked.stderr
+    deadline = time.monotonic() + 15
+    while (status := reader.run(with_key).status) == 200 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert status == 401
+
+
+def test_the_cors_example_works(models_dir: Path, reader: Reader, tmp_path: Path) -> None:
+    """The CORS section's server command (its settings as written; only the port is the test's) and preflight: the
+    page's origin is allowed the POST with its key header."""
+    serve, preflight = CORS
+    words = shlex.split(serve, comments=True)
+    settings = dict(word.split("=", 1) for word in words if "=" in word and word.startswith("FACEGATE_"))
+    assert words[len(settings) :] == ["facegate", "serve"] and settings, serve
+    server = LiveServer(f"sqlite:///{tmp_path / 'g.db'}", models_dir, tmp_path, workers=1, cli=True,
+                        environment=settings)  # fmt: skip
+    server.start()
+    try:
+        answer = Reader(server, reader.folder, {}).run(preflight)
+    finally:
+        server.stop()
+    assert answer.exit_status == 0 and answer.status == 200, answer.body
+    headers = {
+        name.lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in answer.body.splitlines()[1:])
+        if value
+    }
+    assert headers["access-control-allow-origin"] == "https://login.example.com", headers
+    assert "POST" in headers["access-control-allow-methods"], headers
+    assert "x-api-key" in headers["access-control-allow-headers"].lower(), headers

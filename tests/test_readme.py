@@ -118,3 +118,20 @@ def test_the_error_table_gives_each_code_its_status() -> None:
                 for part in response["description"].split(" / "):
                     code = re.match(r"[a-z_]+", part)
                     assert code and (code.group(), int(status)) in documented, (method, path, status, part)
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation other than hyphens dropped, spaces made hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_within_the_readme_leads_to_a_heading() -> None:
+    headings, in_block = set(), False
+    for line in README.splitlines():
+        if line.startswith("```"):
+            in_block = not in_block  # a `# comment` in a shell block is not a heading
+        elif not in_block and re.match(r"#{1,6} ", line):
+            headings.add(_anchor(line.lstrip("#")))
+    links = set(re.findall(r"\]\(#([^)]+)\)", README))
+    assert len(links) >= 10 and "who-may-call-it-api-keys" in headings  # the links and headings were read
+    assert sorted(links - headings) == []

@@ -546,12 +546,12 @@ class Settings(BaseSettings):
         ge=0,
         le=3600,
         description=(
-            "PostgreSQL: seconds a request waits for a lock another session holds (an operator's transaction or "
-            "ALTER TABLE, `facegate reindex` or `db load-synthetic` holding the gallery's write lock) before it is "
-            "answered 503 database_unavailable with Retry-After, its transaction rolled back. 0: wait as long as it "
-            "takes (or as the server's own lock_timeout says). Migrations and the pgvector index set-up always wait; "
-            "a `-c lock_timeout=...` in the URL's `options` wins. (SQLite: another writer is waited for up to 30 s, "
-            "its busy timeout, then 503 alike.)"
+            "Seconds a request waits for a lock another session holds (an operator's transaction or ALTER TABLE, "
+            "`facegate reindex` or `db load-synthetic` holding the gallery's write lock) before it is answered 503 "
+            "database_unavailable with Retry-After, its transaction rolled back. 0: wait as long as it takes (or as "
+            "the server's own lock_timeout says). Migrations and the pgvector index set-up always wait. PostgreSQL: "
+            "its lock_timeout, and a `-c lock_timeout=...` in the URL's `options` wins. SQLite: the busy timeout, how "
+            "long a write waits for another process's (another worker's, a command's)."
         ),
     )
     # 15 s: a request's statements take milliseconds (a page of identities, an enrolment's inserts, a pgvector

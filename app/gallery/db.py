@@ -8,9 +8,9 @@ Outages: `outage_error` tells a database that cannot serve for now (unreachable,
 locked, disk full) from a failure of facegate's own, and `outages()` raises the former as the typed errors of
 app/errors.py, which the API answers with 503 / 507 instead of a 500.
 
-Bounded waits (PostgreSQL): an engine made with `lock_timeout` / `statement_timeout` (the server's, from the
-settings) sets them on each connection, so that a request stuck behind another session's lock or in a statement
-that does not finish is answered 503 instead of holding its thread for ever. Work that legitimately takes long
+Bounded waits: an engine made with `lock_timeout` / `statement_timeout` (the server's, from the settings) sets them
+on each PostgreSQL connection, so that a request stuck behind another session's lock or in a statement that does not
+finish is answered 503 instead of holding its thread for ever; on SQLite `lock_timeout` is the busy timeout. Work that legitimately takes long
 lifts them for its own transaction: `without_timeouts` (waiting for another worker's migration or index build) or
 `without_statement_timeout` (reading or writing the whole gallery: index load, reindex, copy, bulk load).
 """
@@ -42,7 +42,10 @@ from app.config import REPO_ROOT
 from app.errors import DatabaseUnavailable, FacegateError, InsufficientStorage
 
 MIGRATIONS_DIR = REPO_ROOT / "migrations"
+# SQLite's busy timeout for an engine made without a lock timeout (maintenance commands, tests).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# ... and for a lock timeout of 0 ("wait as long as it takes"; SQLite's own 0 is "do not wait"): about 24 days.
+_SQLITE_NO_BUSY_LIMIT_MS = 2**31 - 1
 # First key of PostgreSQL's two-int advisory lock: "fgmg". The second key is the schema's hash.
 _PG_MIGRATION_LOCK = 0x66676D67
 # Alembic's `context`/`op` are module-level proxies: two threads of one process must not migrate at once.
@@ -75,13 +78,14 @@ def make_engine(
     statement_timeout: float | None = None,
     **kwargs: Any,
 ) -> Engine:
-    """An engine for `url`. SQLite files get WAL, foreign keys, a 30 s busy timeout and usable from any thread.
+    """An engine for `url`. SQLite files get WAL, foreign keys, a busy timeout and usable from any thread.
 
     `sqlite_synchronous` FULL makes every commit durable against power loss; NORMAL only against a process crash.
-    `lock_timeout` and `statement_timeout` (PostgreSQL; seconds, None or 0: the server's own, by default none): the
-    longest a statement waits for a lock another session holds, and the longest it runs in all (see
-    `_BoundedWaits`); for the engine serving requests, not for maintenance commands. Extra keyword arguments go to
-    `sqlalchemy.create_engine`.
+    `lock_timeout` and `statement_timeout` (seconds; for the engine serving requests, not for maintenance commands):
+    the longest a statement waits for a lock another session holds, and the longest it runs in all. PostgreSQL (see
+    `_BoundedWaits`): None or 0 leave the server's own, by default none. SQLite: `lock_timeout` is the busy timeout,
+    the longest a write waits for another connection's (None: SQLITE_BUSY_TIMEOUT_MS; 0: no limit);
+    `statement_timeout` does not apply. Extra keyword arguments go to `sqlalchemy.create_engine`.
     """
     parsed = make_url(url)
     # SQLAlchemy's error messages quote the statement's parameters: an embedding's bytes, a name, an API key hash
@@ -104,16 +108,17 @@ def make_engine(
         return engine
     if sqlite_synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
         raise ValueError(f"unknown SQLite synchronous mode {sqlite_synchronous!r}")
+    busy_ms = SQLITE_BUSY_TIMEOUT_MS if lock_timeout is None else _milliseconds(lock_timeout) or _SQLITE_NO_BUSY_LIMIT_MS
     connect_args = dict(kwargs.pop("connect_args", {}))
     connect_args.setdefault("check_same_thread", False)
-    connect_args.setdefault("timeout", SQLITE_BUSY_TIMEOUT_MS / 1000)
+    connect_args.setdefault("timeout", busy_ms / 1000)
     in_memory = parsed.database in (None, "", ":memory:")
     if in_memory:
         kwargs.setdefault("poolclass", StaticPool)  # one shared connection, or every connection is a new database
     engine = create_engine(url, connect_args=connect_args, **kwargs)
 
     @event.listens_for(engine, "connect")
-    def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:
         cursor = dbapi_connection.cursor()
         try:
             if not in_memory:
@@ -125,16 +130,19 @@ def make_engine(
             # ... and the WAL file, which keeps old pages after a checkpoint until they are overwritten, is cut back
             # to nothing whenever it restarts (see also Gallery.scrub_log).
             cursor.execute("PRAGMA journal_size_limit=0")
-            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
         finally:
             cursor.close()
+        record.info[_TIMEOUTS_KEY] = Timeouts(busy_ms, 0)
 
+    event.listen(engine, "handle_error", _note_timeouts)
     return engine
 
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """PostgreSQL's lock_timeout and statement_timeout in force on a connection, in milliseconds (0: none)."""
+    """PostgreSQL's lock_timeout and statement_timeout in force on a connection, in milliseconds (0: none); for
+    SQLite, its busy timeout and 0."""
 
     lock_ms: int
     statement_ms: int
@@ -192,7 +200,8 @@ _TIMEOUTS_AT_ERROR: weakref.WeakKeyDictionary[BaseException, Timeouts] = weakref
 def _note_timeouts(context: ExceptionContext) -> None:
     """The engine's handle_error hook: remembers the timeouts of a connection whose statement was given up on."""
     cause = context.original_exception
-    if getattr(cause, "sqlstate", None) not in (_PG_LOCK_NOT_AVAILABLE, _PG_QUERY_CANCELED):
+    given_up = getattr(cause, "sqlstate", None) in (_PG_LOCK_NOT_AVAILABLE, _PG_QUERY_CANCELED)
+    if not given_up and _sqlite_primary_code(cause) not in (_SQLITE_BUSY, _SQLITE_LOCKED):
         return
     if context.connection is not None:
         timeouts = context.connection.info.get(_TIMEOUTS_KEY)
@@ -293,11 +302,11 @@ def outage_error(error: sa_exc.SQLAlchemyError) -> FacegateError | None:
         return None
     cause = error.orig
     if isinstance(cause, sqlite3.Error):
-        code = getattr(cause, "sqlite_errorcode", None)
-        primary = code & 0xFF if isinstance(code, int) else None
+        primary = _sqlite_primary_code(cause)
         if primary in (_SQLITE_BUSY, _SQLITE_LOCKED):
-            held = SQLITE_BUSY_TIMEOUT_MS / 1000
-            return _unavailable(f"the SQLite database stayed locked by another writer for {held:g} s")
+            timeouts = _TIMEOUTS_AT_ERROR.get(cause)
+            held = f" for {timeouts.lock_ms / 1000:g} s" if timeouts is not None else ""
+            return _unavailable(f"the SQLite database stayed locked by another writer{held}; nothing was stored")
         if primary == _SQLITE_FULL:
             return InsufficientStorage("the disk of the SQLite database is full: nothing was stored")
         return None
@@ -316,6 +325,12 @@ def outage_error(error: sa_exc.SQLAlchemyError) -> FacegateError | None:
     if lost or error.connection_invalidated or (sqlstate or "").startswith("08"):
         return _unavailable("the database cannot be reached")
     return None
+
+
+def _sqlite_primary_code(error: BaseException | None) -> int | None:
+    """SQLite's primary result code of a sqlite3 error (the low byte of its extended code); None for other errors."""
+    code = getattr(error, "sqlite_errorcode", None) if isinstance(error, sqlite3.Error) else None
+    return code & 0xFF if isinstance(code, int) else None
 
 
 def _given_up(sqlstate: str, timeouts: Timeouts | None) -> str:
@@ -425,14 +440,21 @@ def upgrade(target: Engine | str, revision: str = "head") -> None:
 
 def _upgrade_sqlite(connection: Connection, revision: str) -> None:
     # pysqlite would only open a transaction before INSERT/UPDATE/DELETE and run the DDL outside it; an explicit
-    # BEGIN IMMEDIATE takes the write lock first, so a second process waits (busy timeout) and then sees head.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # BEGIN IMMEDIATE takes the write lock first, so a second process waits and then sees head. It waits however
+    # long the other's migration takes, as on PostgreSQL, not the requests' busy timeout (the lock timeout): a
+    # worker's start-up must not fail because another worker is migrating a large gallery.
+    busy_ms = connection.exec_driver_sql("PRAGMA busy_timeout").scalar_one()
+    connection.exec_driver_sql(f"PRAGMA busy_timeout={_SQLITE_NO_BUSY_LIMIT_MS}")
     try:
-        _run_upgrade(connection, revision)
-    except BaseException:
-        connection.rollback()
-        raise
-    connection.commit()
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        try:
+            _run_upgrade(connection, revision)
+        except BaseException:
+            connection.rollback()
+            raise
+        connection.commit()
+    finally:
+        connection.exec_driver_sql(f"PRAGMA busy_timeout={int(busy_ms)}")
 
 
 def _run_upgrade(connection: Connection, revision: str) -> None:

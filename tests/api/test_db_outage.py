@@ -202,12 +202,10 @@ def test_an_api_key_that_cannot_be_checked_is_a_503(
         assert client.get("/identities", headers=headers).status_code == 200
 
 
-def test_sqlite_locked_is_a_503_and_out_of_space_a_507(
-    models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 200)  # read when a connection opens
+def test_sqlite_locked_is_a_503_and_out_of_space_a_507(models_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "g.db"
-    with running(api_settings(models_dir, f"sqlite:///{path}", preload_models=False)) as client:
+    settings = api_settings(models_dir, f"sqlite:///{path}", preload_models=False, database_lock_timeout=0.2)
+    with running(settings) as client:
         gallery = client.app.state.service.gallery  # type: ignore[attr-defined]
         ada = gallery.create_identity(name="Ada")
         writer = sqlite3.connect(path, isolation_level=None)
@@ -217,7 +215,7 @@ def test_sqlite_locked_is_a_503_and_out_of_space_a_507(
             writer.execute("ROLLBACK")
         finally:
             writer.close()
-        assert "locked by another writer" in error_of(r, 503, "database_unavailable")["message"]
+        assert "locked by another writer for 0.2 s" in error_of(r, 503, "database_unavailable")["message"]
         assert r.headers["retry-after"] == str(db.RETRY_AFTER_SECONDS)
 
         @event.listens_for(gallery.engine, "connect")

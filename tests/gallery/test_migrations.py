@@ -206,5 +206,13 @@ def test_sqlite_engine_settings(tmp_path: Path) -> None:
             assert connection.exec_driver_sql("PRAGMA synchronous").scalar_one() == 2  # FULL
     finally:
         engine.dispose()
+    for lock_timeout, busy_ms in ((2.5, 2500), (0, 2**31 - 1)):  # the service's engine: its lock timeout
+        engine = db.make_engine(f"sqlite:///{tmp_path / 'g.db'}", lock_timeout=lock_timeout)
+        try:
+            db.upgrade(engine)  # the migrations' own wait is lifted for their transaction only
+            with engine.connect() as connection:
+                assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == busy_ms
+        finally:
+            engine.dispose()
     assert db.sqlite_path(f"sqlite:///{tmp_path / 'g.db'}") == tmp_path / "g.db"
     assert db.sqlite_path("postgresql+psycopg://u@h/d") is None

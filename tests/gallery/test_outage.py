@@ -219,6 +219,62 @@ def test_sqlite_locked_past_the_busy_timeout_is_unavailable(
     assert gallery.update_identity(ada.id, name="Bob").name == "Bob"
 
 
+def test_sqlite_waits_for_another_writer_up_to_the_lock_timeout(tmp_path: Path, galleries: list[Gallery]) -> None:
+    """The lock timeout is SQLite's busy timeout too (it was a fixed 30 s whatever the setting): a request waits
+    that long for another process's write (a second worker's, `facegate reindex`), then 503 with nothing stored;
+    0 waits as long as it takes (SQLite's own busy timeout of 0 would not wait at all)."""
+    path = tmp_path / "g.db"
+    bounded = _open(galleries, f"sqlite:///{path}", lock_timeout=0.3)
+    patient = _open(galleries, f"sqlite:///{path}", lock_timeout=0)
+    ada = bounded.create_identity(name="Ada")
+    writer = sqlite3.connect(path, isolation_level=None)
+    renamed: list[str] = []
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable) as raised:
+            bounded.update_identity(ada.id, name="Bob")
+        assert 0.25 < time.monotonic() - started < 5
+        assert raised.value.message.startswith("the SQLite database stayed locked by another writer for 0.3 s")
+        assert raised.value.details == {"retry_after_seconds": db.RETRY_AFTER_SECONDS}
+        waiting = threading.Thread(target=lambda: renamed.append(patient.update_identity(ada.id, name="Cy").name))
+        waiting.start()
+        waiting.join(timeout=1.5)
+        assert waiting.is_alive() and not renamed  # still waiting, where SQLite's 0 would have failed at once
+        writer.execute("ROLLBACK")
+        waiting.join(timeout=30)
+    finally:
+        writer.close()
+    assert renamed == ["Cy"] and bounded.get_identity(ada.id).name == "Cy"
+
+
+def test_sqlite_migrations_wait_for_another_writer_whatever_the_lock_timeout(
+    tmp_path: Path, galleries: list[Gallery]
+) -> None:
+    """A worker migrating holds SQLite's write lock; another worker starting waits for it past its lock timeout
+    rather than fail its start-up, and its requests keep the lock timeout afterwards."""
+    path = tmp_path / "g.db"
+    writer = sqlite3.connect(path, isolation_level=None)
+    opened: list[Gallery] = []
+    try:
+        writer.execute("PRAGMA journal_mode=WAL")
+        writer.execute("BEGIN IMMEDIATE")  # the first worker, migrating
+        worker = threading.Thread(target=lambda: opened.append(_open(galleries, f"sqlite:///{path}", lock_timeout=0.2)))
+        worker.start()
+        worker.join(timeout=1.5)
+        assert worker.is_alive() and not opened  # still waiting, well past its lock timeout
+        writer.execute("COMMIT")
+        worker.join(timeout=60)
+        assert len(opened) == 1
+        ada = opened[0].create_identity(name="Ada")
+        writer.execute("BEGIN IMMEDIATE")
+        with pytest.raises(DatabaseUnavailable, match="locked by another writer for 0.2 s"):
+            opened[0].update_identity(ada.id, name="Bob")
+        writer.execute("ROLLBACK")
+    finally:
+        writer.close()
+
+
 def test_sqlite_out_of_space_is_insufficient_storage(tmp_path: Path, galleries: list[Gallery]) -> None:
     gallery = _open(galleries, f"sqlite:///{tmp_path / 'g.db'}")
     ada = gallery.create_identity(name="Ada")

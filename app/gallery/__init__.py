@@ -47,6 +47,9 @@ if TYPE_CHECKING:
     from app.config import IndexSettings
 
 log = logging.getLogger(__name__)
+# SQLite: how long a deletion waits for readers of older snapshots before leaving the WAL to be cut at its next
+# restart (see Gallery.scrub_log). A request's reads take milliseconds.
+SCRUB_WAIT_MS = 1000
 
 __all__ = [
     "DeletionReport",
@@ -404,11 +407,20 @@ class Gallery:
         """SQLite: after data was erased, copy the WAL into the database file (where `secure_delete` zeroes the
         freed rows) and truncate the WAL, which otherwise keeps the erased rows' old pages until they happen to be
         overwritten. True when done; False when a reader still uses an older snapshot (the WAL is then cut at its
-        next restart: `journal_size_limit` 0). PostgreSQL: nothing to do here (dead tuples wait for VACUUM)."""
+        next restart: `journal_size_limit` 0). PostgreSQL: nothing to do here (dead tuples wait for VACUUM).
+
+        The checkpoint waits for such a reader through the busy handler: up to SCRUB_WAIT_MS, not the connection's
+        busy timeout (the lock timeout), which held a deletion's answer that long behind any long read (an index
+        load, a calibration, `db copy`) after the deletion itself was committed."""
         if self.backend != "sqlite":
             return True
         with db.outages(), self.engine.connect() as connection:
-            busy, _, _ = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+            busy_ms = connection.exec_driver_sql("PRAGMA busy_timeout").scalar_one()
+            connection.exec_driver_sql(f"PRAGMA busy_timeout={min(int(busy_ms), SCRUB_WAIT_MS)}")
+            try:
+                busy, _, _ = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+            finally:
+                connection.exec_driver_sql(f"PRAGMA busy_timeout={int(busy_ms)}")
         if busy:
             log.info("SQLite WAL not truncated after an erasure: a reader is active (done at its next restart)")
         return not busy

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -474,4 +476,33 @@ def test_sqlite_keeps_no_copy_of_erased_data(tmp_path: Path) -> None:
         wal = tmp_path / "g.db-wal"
         assert not wal.exists() or wal.stat().st_size == 0
     finally:
+        gallery.close()
+
+
+def test_a_deletion_waits_only_briefly_for_a_long_reader_before_it_answers(tmp_path: Path) -> None:
+    """SQLite: the checkpoint that cuts the WAL after a deletion waits for readers of older snapshots. It waited the
+    whole busy timeout (30 s, now the lock timeout) behind a long read after the deletion was committed; now about
+    a second, and the WAL is cut once the reader is gone (the next checkpoint, or the WAL's next restart)."""
+    path = tmp_path / "g.db"
+    gallery = Gallery.open(f"sqlite:///{path}", MODEL, lock_timeout=20)
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        vectors = random_embeddings(np.random.default_rng(5), 2)
+        gallery.enroll_face(embedding=vectors[0], box=BOX, score=1, name="Kept Person")
+        erased = gallery.enroll_face(embedding=vectors[1], box=BOX, score=1, name="Zebediah Scrubwell")
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM faces").fetchone()  # a long read holds its snapshot
+        started = time.monotonic()
+        report = gallery.delete_identity(erased.identity_id)
+        assert time.monotonic() - started < 5  # SCRUB_WAIT_MS, not the 20 s busy timeout
+        assert report.identity_deleted and gallery.stats().size == 1
+        assert (path.parent / "g.db-wal").stat().st_size > 0  # the erased pages wait for the reader
+        reader.execute("COMMIT")
+        assert gallery.scrub_log()
+        assert (path.parent / "g.db-wal").stat().st_size == 0
+        assert b"Zebediah" not in b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("g.db"))
+        with gallery.engine.connect() as connection:  # the requests' busy timeout is as it was
+            assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == 20_000
+    finally:
+        reader.close()
         gallery.close()

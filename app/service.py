@@ -276,6 +276,7 @@ class IdentityPage:
     offset: int
     limit: int
     next: str | None  # the cursor of the following page (`after`); None on the last page
+    start: int  # identities matching the filter before the page's first
 
 
 @dataclass(frozen=True, slots=True)
@@ -913,7 +914,7 @@ class FaceService:
                 raise InvalidRequest(str(error), field="after") from None
         listing = self.gallery.list_identities(offset=offset, limit=limit, name_contains=name or None, after=key)
         token = listing.next.token() if listing.next is not None else None
-        return IdentityPage(tuple(listing.items), listing.total, offset, limit, token)
+        return IdentityPage(tuple(listing.items), listing.total, offset, limit, token, listing.start)
 
     def get_identity(self, identity_id: str) -> IdentityRecord:
         return self.gallery.get_identity(identity_id)

@@ -287,6 +287,10 @@ class IdentityPublic(Public):
 class IdentityPage(Public):
     items: list[IdentityPublic]
     total: int = Field(description="Identities matching the filter, in every page.")
+    start: int = Field(
+        description="Identities matching the filter before this page's first: the page holds numbers start + 1 to "
+        "start + len(items) of total (with a cursor, those before it are counted now)."
+    )
     offset: int
     limit: int
     next: str | None = Field(

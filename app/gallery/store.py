@@ -201,6 +201,7 @@ class IdentityListing(NamedTuple):
     items: list[IdentityRecord]
     total: int  # every identity matching the filter, not only those after the cursor
     next: PageKey | None  # where the following page starts; None when this page is the last
+    start: int = 0  # identities matching the filter before the page's first (its offset, with a cursor counted)
 
 
 def list_identities(
@@ -223,32 +224,43 @@ def list_identities(
     if name_contains is not None and _bad_text(name_contains):
         return IdentityListing([], 0, None)  # no stored name can contain it
     condition = Identity.name_key.contains(name_key(name_contains), autoescape=True) if name_contains else None
-    count_query = select(func.count()).select_from(Identity)
+    page_key = None
+    if after is not None:
+        page_key = tuple_(Identity.created_at, Identity.id) > tuple_(
+            literal(after.created_at, Identity.created_at.type), literal(after.identity_id, Identity.id.type)
+        )
+    # Every match, and those before the cursor (where the page starts, for "41-60 of 300": counted now, so people
+    # deleted before the cursor since an earlier page are not), in one pass over the matches.
+    before = func.count().filter(~page_key) if page_key is not None else literal(0)
+    counts = select(func.count().label("total"), before.label("before")).select_from(Identity)
     if condition is not None:
-        count_query = count_query.where(condition)
-    # The total is counted in the page's own statement (same snapshot): an identity committed by another request
+        counts = counts.where(condition)
+    counted = counts.cte("counts")
+    # The counts are in the page's own statement (same snapshot): an identity committed by another request
     # between two statements would otherwise be on the page and not in the total, or the other way round.
     page_query = (
-        select(*_IDENTITY_COLUMNS, count_query.scalar_subquery().label("total"))
+        select(
+            *_IDENTITY_COLUMNS,
+            select(counted.c.total).scalar_subquery().label("total"),
+            select(counted.c.before).scalar_subquery().label("before"),
+        )
         .order_by(Identity.created_at, Identity.id)
         .offset(offset)
         .limit(limit + 1)  # one more: whether a next page exists
     )
     if condition is not None:
         page_query = page_query.where(condition)
-    if after is not None:
-        key = tuple_(
-            literal(after.created_at, Identity.created_at.type), literal(after.identity_id, Identity.id.type)
-        )
-        page_query = page_query.where(tuple_(Identity.created_at, Identity.id) > key)
+    if page_key is not None:
+        page_query = page_query.where(page_key)
     rows = session.execute(page_query).all()
-    total = int(rows[0].total) if rows else session.execute(count_query).scalar_one()
+    total, before_page = (rows[0].total, rows[0].before) if rows else session.execute(counts).one()
     more = len(rows) > limit
     rows = rows[:limit]
     faces = _faces_of(session, [row.id for row in rows])
     records = [_identity_record(row, tuple(faces.get(row.id, ()))) for row in rows]
     last = records[-1] if records else None
-    return IdentityListing(records, total, PageKey(last.created_at, last.id) if more and last else None)
+    next_key = PageKey(last.created_at, last.id) if more and last else None
+    return IdentityListing(records, int(total), next_key, min(int(before_page) + offset, int(total)))
 
 
 def update_identity(

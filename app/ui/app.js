@@ -296,14 +296,13 @@ function wireDropZones() {
 
 // The gallery is paged by the API's cursor: each page's `next` is sent back as `after` for the page following it, so
 // people enrolled or deleted meanwhile (by anyone) make it neither skip nor repeat anyone, as an offset would. The
-// page shown is `after` (null: the first page, asked with no cursor); `back` holds the pages before it as they were
-// reached ({after, start}, the last one the page just before), so Previous returns to exactly that page.
-// `start` is how many people come before the page: those of the pages paged past, which the API does not recount
-// (on the first page 0, on the last the total less the page, and never more than the total leaves room for).
-const gallery = { name: "", after: null, start: 0, back: [], next: null, shown: 0 };
+// page shown is `after` (null: the first page, asked with no cursor); `back` holds the cursors of the pages before
+// it as they were reached (the last one the page just before), so Previous returns to exactly that page. Where the
+// page stands ("21–40 of 45") is the API's `start`: the people before it now, whoever was deleted meanwhile.
+const gallery = { name: "", after: null, back: [], next: null };
 
 function galleryHere() {
-  return { after: gallery.after, start: gallery.start, back: gallery.back };
+  return { after: gallery.after, back: gallery.back };
 }
 
 // The page `at` (default: the one shown); the position moves only once its page has come, so a failed Next or
@@ -325,19 +324,11 @@ async function loadGallery(at = galleryHere()) {
   }
   if (!page.items.length && at.back.length) {
     // Nobody left after the cursor (the page's people deleted, or all after it): the page before it instead.
-    const before = at.back[at.back.length - 1];
-    return loadGallery({ after: before.after, start: before.start, back: at.back.slice(0, -1) });
-  }
-  let start = 0;
-  if (at.after !== null) {
-    const room = page.total - page.items.length - (page.next ? 1 : 0); // people the total leaves before the page
-    start = Math.max(0, page.next ? Math.min(at.start, room) : room);
+    return loadGallery({ after: at.back[at.back.length - 1], back: at.back.slice(0, -1) });
   }
   gallery.after = at.after;
   gallery.back = at.back;
-  gallery.start = start;
   gallery.next = page.next || null;
-  gallery.shown = page.items.length;
   tbody.replaceChildren();
   for (const item of page.items) {
     tbody.append(el("tr", {},
@@ -349,9 +340,9 @@ async function loadGallery(at = galleryHere()) {
   $("#gallery-table").hidden = empty;
   $("#gallery-empty").hidden = !empty;
   $("#gallery-empty").textContent = gallery.name ? "Nobody's name contains “" + gallery.name + "”." : "The gallery is empty.";
-  const first = page.items.length ? start + 1 : 0;
+  const first = page.items.length ? page.start + 1 : 0;
   $("#gallery-summary").textContent = empty ? "" :
-    first + "–" + (start + page.items.length) + " of " + page.total + (page.total === 1 ? " person" : " people");
+    first + "–" + (page.start + page.items.length) + " of " + page.total + (page.total === 1 ? " person" : " people");
   showPager();
 }
 
@@ -381,20 +372,18 @@ function wireGallery() {
     event.preventDefault();
     // Another list: its first page, with no way back into the one left (nor on from it, should the search fail).
     gallery.name = $("#gallery-name").value.trim();
-    Object.assign(gallery, { after: null, start: 0, back: [], next: null, shown: 0 });
+    Object.assign(gallery, { after: null, back: [], next: null });
     showPager();
     clearMessage();
     guarded(event.submitter, loadGallery);
   });
   $("#gallery-prev").addEventListener("click", (event) => {
-    const before = gallery.back[gallery.back.length - 1];
-    if (!before) return; // the first page
-    turnPage(event.currentTarget, { after: before.after, start: before.start, back: gallery.back.slice(0, -1) });
+    if (!gallery.back.length) return; // the first page
+    turnPage(event.currentTarget, { after: gallery.back[gallery.back.length - 1], back: gallery.back.slice(0, -1) });
   });
   $("#gallery-next").addEventListener("click", (event) => {
     if (gallery.next === null) return; // the last page
-    const here = { after: gallery.after, start: gallery.start };
-    turnPage(event.currentTarget, { after: gallery.next, start: gallery.start + gallery.shown, back: gallery.back.concat([here]) });
+    turnPage(event.currentTarget, { after: gallery.next, back: gallery.back.concat([gallery.after]) });
   });
 }
 

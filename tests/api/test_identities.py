@@ -69,11 +69,12 @@ def test_identity_round_trip(models_dir: Path, database_url: str, photo: Photo) 
         first = api.get("/identities", params={"limit": 1}).json()
         assert [i["id"] for i in first["items"]] == [amy_id] and first["next"]
         by_cursor = api.get("/identities", params={"limit": 1, "after": first["next"]}).json()
-        assert by_cursor == {**second, "offset": 0}
+        assert by_cursor == {**second, "offset": 0} and by_cursor["start"] == 1  # Raj is "2-2 of 2"
         assert [i["name"] for i in api.get("/identities", params={"name": "AM"}).json()["items"]] == ["Amy"]
         assert api.get("/identities", params={"name": "nobody"}).json() == {
             "items": [],
             "total": 0,
+            "start": 0,
             "offset": 0,
             "limit": 50,
             "next": None,

@@ -195,7 +195,7 @@ class TestIdentities:
             assert [len(page.items) for page in pages] == [4, 4, 1, 0]
             assert [page.next is not None for page in pages] == [True, True, False, False]
 
-            found, total, _ = store.list_identities(session, offset=0, limit=100, name_contains="PERSON 0")
+            found, total, *_ = store.list_identities(session, offset=0, limit=100, name_contains="PERSON 0")
             assert total == 7 and [r.name for r in found] == names[:7]
             # LIKE wildcards in the filter match themselves
             assert [r.name for r in store.list_identities(session, name_contains="0% r")[0]] == ["100% real_name"]
@@ -242,7 +242,27 @@ class TestIdentities:
             assert first.items + second.items == whole.items[:4] and len(whole.items) == whole.total == 8
             assert second.total == 8 and second.next is not None
             last = store.list_identities(session, after=store.PageKey(datetime(9999, 1, 1, tzinfo=UTC), "f" * 32))
-            assert last == ([], 9, None)
+            assert last == ([], 9, None, 9)  # nobody after it: all 9 come before
+
+    def test_a_page_says_how_many_come_before_it(self, sessions: sessionmaker[Session]) -> None:
+        """`start`: the identities matching the filter before the page's first, counted now (a client showing
+        "4-6 of 10" needs it; adding up the pages it saw is wrong once people before the cursor are deleted)."""
+        with sessions.begin() as session:
+            ids = [store.create_identity(session, name=f"{'ab'[i % 2]}{i:02d}").id for i in range(10)]
+        with sessions.begin() as session:
+            first = store.list_identities(session, limit=3)
+            second = store.list_identities(session, limit=3, after=first.next)
+            assert (first.start, second.start, second.total) == (0, 3, 10)
+            assert store.list_identities(session, limit=3, offset=4).start == 4
+            assert store.list_identities(session, limit=3, offset=2, after=first.next).start == 5
+            store.delete_identity(session, identity_id=ids[0])
+        with sessions.begin() as session:
+            again = store.list_identities(session, limit=3, after=first.next)
+            assert (again.start, again.total, again.items) == (2, 9, second.items)
+            named = store.list_identities(session, limit=2, name_contains="b")  # b01, b03 | b05 ...
+            after = store.list_identities(session, limit=2, name_contains="b", after=named.next)
+            assert (after.start, after.total, [r.name for r in after.items]) == (2, 5, ["b05", "b07"])
+            assert store.list_identities(session, offset=50).start == 9  # past the end: everyone is before
 
     @pytest.mark.parametrize(
         "token",
@@ -282,7 +302,7 @@ class TestIdentities:
         }
         with sessions.begin() as session:
             for query, expected in cases.items():
-                found, total, _ = store.list_identities(session, name_contains=query)
+                found, total, *_ = store.list_identities(session, name_contains=query)
                 assert ([r.name for r in found], total) == (expected, len(expected)), query
         with sessions.begin() as session:  # a rename changes what the filter finds
             renamed = store.list_identities(session, name_contains="kate")[0][0]
@@ -308,7 +328,7 @@ class TestIdentities:
         event.listen(engine, "after_cursor_execute", commit_another)
         try:
             with sessions.begin() as session:
-                page, total, _ = store.list_identities(session, limit=10)
+                page, total, *_ = store.list_identities(session, limit=10)
         finally:
             event.remove(engine, "after_cursor_execute", commit_another)
             other.dispose()
@@ -319,7 +339,7 @@ class TestIdentities:
         _, face_ids = _enrol(sessions, "two faces", 2)
         _enrol(sessions, "none", 0)
         with sessions.begin() as session:
-            records, _, _ = store.list_identities(session)
+            records, *_ = store.list_identities(session)
         assert [(r.name, r.face_count) for r in records] == [("two faces", 2), ("none", 0)]
         assert [f.id for f in records[0].faces] == face_ids
 

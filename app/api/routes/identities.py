@@ -65,6 +65,7 @@ async def list_identities(
     return IdentityPage(
         items=[identity_public(i, version) for i in page.items],
         total=page.total,
+        start=page.start,
         offset=page.offset,
         limit=page.limit,
         next=page.next,

@@ -10,9 +10,10 @@ app/errors.py, which the API answers with 503 / 507 instead of a 500.
 
 Bounded waits: an engine made with `lock_timeout` / `statement_timeout` (the server's, from the settings) sets them
 on each PostgreSQL connection, so that a request stuck behind another session's lock or in a statement that does not
-finish is answered 503 instead of holding its thread for ever; on SQLite `lock_timeout` is the busy timeout. Work that legitimately takes long
-lifts them for its own transaction: `without_timeouts` (waiting for another worker's migration or index build) or
-`without_statement_timeout` (reading or writing the whole gallery: index load, reindex, copy, bulk load).
+finish is answered 503 instead of holding its thread for ever; on SQLite `lock_timeout` is the busy timeout. Work
+that legitimately takes long lifts them for its own transaction: `without_timeouts` (waiting for another worker's
+migration or index build) or `without_statement_timeout` (reading or writing the whole gallery: index load,
+reindex, copy, bulk load).
 """
 
 from __future__ import annotations

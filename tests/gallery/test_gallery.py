@@ -57,7 +57,7 @@ def test_failed_enrolment_leaves_database_and_index_untouched(gallery: Gallery) 
         gallery.enroll_face(embedding=np.zeros(3), box=BOX, score=1, name="half-written")
     with pytest.raises(UnknownIdentity):
         gallery.enroll_face(embedding=np.zeros(128), box=BOX, score=1, identity_id="f" * 32)
-    assert gallery.list_identities() == ([], 0, None)
+    assert gallery.list_identities() == ([], 0, None, 0)
     assert _face_rows(gallery) == set()
     assert gallery.refresh().applied == 0
     assert gallery.stats().size == 0 and gallery.stats().last_change_id == 0

@@ -69,7 +69,7 @@ DOCUMENTED: dict[str, set[str]] = {
                         "faces_detected"},  # fmt: skip
     r"8000/identify/batch$": {"n_images", "n_errors", "images", "index", "filename", "error", "result", "faces",
                               "threshold", "gallery_size"},  # fmt: skip
-    r"offset=0&limit=50": {"items", "total", "next"},
+    r"offset=0&limit=50": {"items", "total", "start", "next"},
     r'KEY" http://127\.0\.0\.1:8000/calibration$': {"threshold", "threshold_source", "default_table"},
     r"8000/readyz": {"models_loaded", "providers", "detector", "embedder", "database", "gallery_size",
                      "stale_faces", "model_version"},  # fmt: skip

@@ -199,6 +199,8 @@ _HEIF_MEDIA_TYPES = {
     b"heis": "image/heic",
     b"hevc": "image/heic-sequence",
     b"hevx": "image/heic-sequence",
+    b"hevm": "image/heic-sequence",  # multiview
+    b"hevs": "image/heic-sequence",  # scalable
     b"mif1": "image/heif",
     b"msf1": "image/heif-sequence",
 }

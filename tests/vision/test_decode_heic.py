@@ -167,6 +167,11 @@ class TestDecodes:
         assert media_type(heic) == "image/heic"
         generic = heic[:8] + b"mif1" + heic[12:]  # the major brand of a HEIF that does not name its codec
         assert media_type(generic) == "image/heif"
+        for brand in (b"hevm", b"hevs"):  # HEVC image sequences, multiview and scalable (23008-12 Annex C)
+            other = heic[:8] + brand + heic[12:]
+            assert media_type(other) == "image/heic-sequence"
+            decoded = decode_image(other, max_pixels=LIMIT, heic=True)
+            assert decoded.shape == decode_image(heic, max_pixels=LIMIT, heic=True).shape
 
 
     @pytest.mark.model

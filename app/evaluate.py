@@ -75,13 +75,18 @@ class Pair:
 
 
 def read_pairs(path: Path) -> list[Pair]:
-    """Labelled pairs from a CSV with the header `img_a,img_b,same`. Raises InvalidRequest naming the bad line."""
+    """Labelled pairs from a CSV with the header `img_a,img_b,same`. Raises InvalidRequest naming the bad line.
+
+    As a spreadsheet saves it too: a UTF-8 byte-order mark (Excel's "CSV UTF-8"), CRLF line ends, and a header in
+    other case or with spaces around the names."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise InvalidRequest(f"cannot read {path}: {error}", field="pairs") from None
     pairs = []
     reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames:
+        reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]
     missing = {"img_a", "img_b", "same"} - set(reader.fieldnames or ())
     if missing:
         raise InvalidRequest(

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from app import evaluate as evaluation
 from app.cli import cli
 from app.cli.common import Unusable
 from app.errors import InvalidRequest
@@ -120,6 +121,20 @@ def test_eval_refuses_a_malformed_pairs_file(env: Path, photos: tuple[Path, Path
     bad.write_text("a,b\nx,y\n")
     result = CliRunner().invoke(cli, ["eval", "--pairs", str(bad), "--images", str(images)])
     assert result.exit_code == 2 and "img_a, img_b and same" in result.output
+
+
+def test_pairs_saved_by_a_spreadsheet_are_read(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts with a byte-order mark and ends lines with CRLF: the header was refused ("missing
+    img_a"). A header in capitals or with spaces after the commas is read too; a missing column is still named."""
+    saved = tmp_path / "pairs.csv"
+    saved.write_bytes("\ufeffIMG_A, img_b ,Same\r\nann/1.jpg,ann/2.jpg,TRUE\r\nann/1.jpg,bob/1.jpg,0\r\n".encode())
+    assert evaluation.read_pairs(saved) == [
+        evaluation.Pair("ann/1.jpg", "ann/2.jpg", True),
+        evaluation.Pair("ann/1.jpg", "bob/1.jpg", False),
+    ]
+    saved.write_bytes("\ufeffimg_a,img_b\r\nann/1.jpg,ann/2.jpg\r\n".encode())
+    with pytest.raises(InvalidRequest, match=r"missing same\)"):
+        evaluation.read_pairs(saved)
 
 
 def test_a_cache_that_is_no_npz_is_not_overwritten(env: Path, photos: tuple[Path, Path], tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ routes do."""
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -25,8 +26,9 @@ from app.cli.common import (
     service_call,
     shown,
 )
-from app.errors import DatabaseUnavailable, FacegateError, InsufficientStorage, PossibleDuplicate
+from app.errors import DatabaseUnavailable, FacegateError, InsufficientStorage, InvalidRequest, PossibleDuplicate
 from app.identify_eval import hidden, photo_suffixes
+from app.names import clean_name
 from app.service import FacePolicy, FaceService, IdentifyResult, VerifyResult
 
 
@@ -155,12 +157,21 @@ def _skipped_with(path: Path, refused: Path) -> Unusable:
     return Unusable(path, PossibleDuplicate.code, f"its folder was skipped: {shown(refused.name)} matches another identity")
 
 
-def _existing_identity(service: FaceService, name: str) -> str | None:
+def _existing_identity(service: FaceService, folder: str) -> str | None:
+    """The identity a folder's name names, as enrolment stored it: without surrounding spaces (`clean_name`), and in
+    either Unicode form of its accents (a Mac names folders in the decomposed one, "E" and a combining accent; typed
+    names are composed, "É"). None for a new name, and for a name enrolment refuses (its photos are refused then,
+    each with the reason). Names are stored as given: a canonical form would change some (CJK compatibility
+    ideographs), so they are only compared in one."""
+    try:
+        name = unicodedata.normalize("NFC", clean_name(folder))
+    except InvalidRequest:
+        return None
     after = None
     while True:
         page = service.list_identities(limit=500, name=name, after=after)
         for identity in page.items:
-            if identity.name == name:
+            if unicodedata.normalize("NFC", identity.name) == name:
                 return identity.id
         if page.next is None:
             return None

@@ -142,6 +142,28 @@ def test_enroll_directory_then_identify(env: Path, dev_faces: Path, tmp_path: Pa
     assert code == 0 and "bbt_amy" in out and "1 face(s), gallery of 4 faces" in out
 
 
+def test_enroll_again_finds_a_folders_person_however_its_name_is_spelt_on_disk(
+    env: Path, dev_faces: Path, tmp_path: Path
+) -> None:
+    """A re-run did not find the identity of a folder named "Amy " (enrolled as "Amy"), nor of "Élodie" once the
+    folder came back from a Mac named in decomposed Unicode: it tried to enrol them anew, and each was refused as a
+    possible duplicate of itself (with --allow-duplicate, enrolled twice)."""
+    people = tmp_path / "people"
+    amy, raj = people / "Amy ", people / "\u00c9lodie"  # a trailing space; É as one character
+    for folder, photo in ((amy, AMY[0]), (raj, RAJ[0])):
+        folder.mkdir(parents=True)
+        (folder / "1.png").symlink_to(dev_faces / photo)
+    code, out = run("enroll", str(people))
+    assert code == 0 and "2 identities created" in out, out
+    raj.rename(people / "E\u0301lodie")  # as a Mac's file system names it
+    for flags in ((), ("--allow-duplicate",)):
+        code, out = run("enroll", str(people), *flags)
+        assert code == 0, out
+        assert "0 identities created, 0 faces added to existing ones, 2 photos already enrolled (skipped)" in out, out
+    code, out = run("identify", str(dev_faces / AMY[1]))
+    assert code == 0 and "gallery of 2 faces" in out, out
+
+
 def test_enroll_again_adds_only_the_new_photos(env: Path, dev_faces: Path, tmp_path: Path) -> None:
     """Running `enroll DIR` again (after Ctrl-C, or to retry the photos that failed) added every photo of a person
     already enrolled a second time: the same face twice in the identity, again on every run."""

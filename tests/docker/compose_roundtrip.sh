@@ -205,7 +205,8 @@ took=$((SECONDS - stopping))
 code=$(docker inspect --format '{{.State.ExitCode}}' "$api")
 [ "$code" = 0 ] || die "the api exited with status $code after SIGTERM (expected 0)"
 [ "$took" -lt "$grace" ] || die "the api took ${took} s to stop: killed at the grace period"
-dc logs --no-color api | grep -q '"Application shutdown complete."' || die "no clean application shutdown in the log"
+stopped_logs=$(dc logs --no-color api)  # read whole first: `dc logs | grep -q` failed the test when grep left early
+grep -q '"Application shutdown complete."' <<<"$stopped_logs" || die "no clean application shutdown in the log"
 log "api stopped in ${took} s, exit status 0, after a clean application shutdown"
 
 log "PASS"

@@ -568,7 +568,8 @@ class Settings(BaseSettings):
             "cancelled and the request answered 503 database_unavailable with Retry-After, its transaction rolled "
             "back. 0: no limit (or the server's own). Loading the gallery into the search index, migrations, "
             "`facegate reindex`, `db copy` and `db load-synthetic` are not limited; a `-c statement_timeout=...` in "
-            "the URL's `options` wins."
+            "the URL's `options` wins. A server that answers nothing at all, not even its own timeout (stalled), "
+            "has the connection closed by facegate 5 s later: the same 503."
         ),
     )
     store_images: bool = Field(default=False, description="Keep the enrolled photos in the database (off: only embeddings are stored).")

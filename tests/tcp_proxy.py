@@ -5,6 +5,9 @@
   are refused (the port is closed), as while a server restarts.
 - `silence()`: every forwarded connection is closed and new ones are accepted but never answered, as a server that
   hangs or a failover address nobody holds yet: a client without a connect timeout waits for ever.
+- `freeze()`: nothing is forwarded any more, and nothing is closed: the connections stay up (this side's kernel
+  acknowledges what the client sends), as a server that stalled whole (its host paused, its storage hung, a pooler
+  whose backend died). Nothing answers, not even the server's own timeouts.
 - `restore()`: forwarding again, on the same port.
 """
 
@@ -24,7 +27,9 @@ class TcpProxy:
         self.target = (target_host, target_port)
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()  # every socket of a forwarded or held connection
-        self._mode = "forward"  # forward | silent
+        self._mode = "forward"  # forward | silent | frozen
+        self._flowing = threading.Event()  # cleared by freeze(): the pumps hold what they read
+        self._flowing.set()
         self._listener: socket.socket | None = None
         self.port = 0
         self._listen()
@@ -47,12 +52,19 @@ class TcpProxy:
         if self._listener is None:
             self._listen()
 
-    def restore(self) -> None:
-        """Forward again; connections held unanswered by `silence` are closed."""
+    def freeze(self) -> None:
+        """Forward nothing and close nothing; new connections are accepted and never answered."""
         with self._lock:
-            silent, self._mode = self._mode == "silent", "forward"
-        if silent:
+            self._mode = "frozen"
+            self._flowing.clear()
+
+    def restore(self) -> None:
+        """Forward again; connections held unanswered by `silence` or `freeze` are closed."""
+        with self._lock:
+            held, self._mode = self._mode != "forward", "forward"
+        if held:
             self._drop_all()
+        self._flowing.set()
         if self._listener is None:
             self._listen()
 
@@ -86,7 +98,7 @@ class TcpProxy:
             with self._lock:
                 mode = self._mode
                 self._sockets.add(client)
-            if mode == "silent":
+            if mode != "forward":
                 continue  # held open, never answered
             try:
                 server = socket.create_connection(self.target, timeout=5)
@@ -102,6 +114,7 @@ class TcpProxy:
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                self._flowing.wait()
                 sink.sendall(data)
         except OSError:
             pass

@@ -18,6 +18,8 @@ reindex, copy, bulk load).
 
 from __future__ import annotations
 
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -106,6 +108,7 @@ def make_engine(
             if lock_timeout or statement_timeout:
                 event.listen(engine, "connect", _BoundedWaits(lock_timeout or 0.0, statement_timeout or 0.0))
                 event.listen(engine, "handle_error", _note_timeouts)
+                _StallWatch(engine, statement_timeout or 0.0).listen()
         return engine
     if sqlite_synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
         raise ValueError(f"unknown SQLite synchronous mode {sqlite_synchronous!r}")
@@ -217,6 +220,7 @@ def without_timeouts(connection: Connection) -> None:
     if connection.dialect.name == "postgresql":
         connection.exec_driver_sql("SET LOCAL lock_timeout = 0")
         connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
+        connection.info[_UNBOUNDED_KEY] = True  # nor a client-side limit (`_StallWatch`)
 
 
 def without_statement_timeout(connection: Connection) -> None:
@@ -226,6 +230,143 @@ def without_statement_timeout(connection: Connection) -> None:
     session's lock is still bounded by lock_timeout, where one is set."""
     if connection.dialect.name == "postgresql":
         connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
+        connection.info[_UNBOUNDED_KEY] = True  # nor a client-side limit (`_StallWatch`)
+
+
+# Where `without_timeouts` and `without_statement_timeout` mark a connection whose transaction has no statement
+# timeout (its pool record's `info`, cleared when the transaction ends).
+_UNBOUNDED_KEY = "facegate_unbounded"
+# How long past a connection's statement_timeout a statement unanswered is taken for a stalled server.
+STALL_GRACE_SECONDS = 5.0
+
+
+class _StallWatch:
+    """Closes a PostgreSQL connection whose statement (or pool pre-ping) is still unanswered STALL_GRACE_SECONDS
+    after the connection's statement_timeout. A server that stalled whole (its host paused, its storage hung, a
+    pooler in front of a backend that died) answers nothing, not even its own timeout, while the TCP connection
+    stays up (the kernel acknowledges), so a request waited for ever, holding its thread. Shutting the socket down
+    wakes the driver ("server closed the connection"): 503 database_unavailable, and the pool drops the connection.
+    Statements of a transaction without a statement timeout (`without_statement_timeout`) are not watched; one the
+    server answers within its own timeout never reaches the limit, so a working server's statement is never cut."""
+
+    def __init__(self, engine: Engine, statement_timeout: float) -> None:
+        self.engine = engine
+        # A pre-ping's connection is not known: the engine's own statement timeout bounds it (0: not watched).
+        self._ping_limit = statement_timeout + STALL_GRACE_SECONDS if statement_timeout > 0 else None
+
+    def listen(self) -> None:
+        event.listen(self.engine, "before_cursor_execute", self._before)
+        event.listen(self.engine, "after_cursor_execute", self._after)
+        event.listen(self.engine, "handle_error", self._failed)
+        for ended in ("commit", "rollback"):
+            event.listen(self.engine, ended, _transaction_ended)
+        event.listen(self.engine, "checkin", lambda _dbapi, record: record.info.pop(_UNBOUNDED_KEY, None))
+        # The pool's pre-ping has no event: it is wrapped (the dialect is this engine's own).
+        ping = self.engine.dialect.do_ping
+
+        def watched_ping(dbapi_connection: Any) -> bool:
+            _STALL_TIMER.watch(dbapi_connection, self._ping_limit)
+            try:
+                return bool(ping(dbapi_connection))
+            finally:
+                _STALL_TIMER.forget(dbapi_connection)
+
+        self.engine.dialect.do_ping = watched_ping  # type: ignore[method-assign]
+
+    @staticmethod
+    def _limit_of(connection: Connection) -> float | None:
+        """Seconds a statement may go unanswered on `connection` (None: its transaction has no statement timeout)."""
+        timeouts = connection.info.get(_TIMEOUTS_KEY)
+        if connection.info.get(_UNBOUNDED_KEY) or not isinstance(timeouts, Timeouts) or not timeouts.statement_ms:
+            return None
+        return timeouts.statement_ms / 1000 + STALL_GRACE_SECONDS
+
+    def _before(self, connection: Connection, *_: Any) -> None:
+        _STALL_TIMER.watch(connection.connection.dbapi_connection, self._limit_of(connection))
+
+    @staticmethod
+    def _after(connection: Connection, *_: Any) -> None:
+        _STALL_TIMER.forget(connection.connection.dbapi_connection)
+
+    def _failed(self, context: ExceptionContext) -> None:
+        if context.connection is None:
+            return  # a pre-ping's: `watched_ping` stops its watch
+        limit = self._limit_of(context.connection)
+        if _STALL_TIMER.forget(context.connection.connection.dbapi_connection) and limit is not None:
+            _STALLED_AT_ERROR[context.original_exception] = limit
+
+
+class _StallTimer:
+    """The deadlines of the statements `_StallWatch` watches, for every engine of the process, and the one thread
+    that shuts down a connection past its deadline (started at the first watch)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        # id(DBAPI connection) -> (deadline, the connection, its socket's descriptor; -1 once shut down)
+        self._watched: dict[int, tuple[float, weakref.ref[Any], int]] = {}
+        self._thread: threading.Thread | None = None
+
+    def watch(self, dbapi_connection: Any, limit: float | None) -> None:
+        if limit is None or dbapi_connection is None:
+            return
+        with self._lock:
+            entry = (time.monotonic() + limit, weakref.ref(dbapi_connection), dbapi_connection.fileno())
+            self._watched[id(dbapi_connection)] = entry
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="facegate-stall-watch", daemon=True)
+                self._thread.start()
+            self._lock.notify()
+
+    def forget(self, dbapi_connection: Any) -> bool:
+        """Stop watching the connection; whether it had been shut down."""
+        with self._lock:
+            entry = self._watched.pop(id(dbapi_connection), None)
+        return entry is not None and entry[2] < 0
+
+    def _run(self) -> None:
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                for key, (deadline, connection, descriptor) in list(self._watched.items()):
+                    if descriptor < 0 or deadline > now:
+                        continue
+                    if _owns(connection(), descriptor):
+                        _shut_down(descriptor)
+                        self._watched[key] = (deadline, connection, -1)
+                    else:  # closed meanwhile, its descriptor maybe another socket's now: never shut that one down
+                        del self._watched[key]
+                pending = [deadline for deadline, _, descriptor in self._watched.values() if descriptor >= 0]
+                self._lock.wait(timeout=min(pending) - now if pending else None)
+
+
+_STALL_TIMER = _StallTimer()
+
+
+def _owns(dbapi_connection: Any, descriptor: int) -> bool:
+    """Whether the connection is open on this socket descriptor still."""
+    try:
+        return dbapi_connection is not None and not dbapi_connection.closed and dbapi_connection.fileno() == descriptor
+    except Exception:  # noqa: BLE001 - psycopg's "the connection is closed", or the like
+        return False
+
+
+def _shut_down(descriptor: int) -> None:
+    """Shut a socket down under the driver's feet, on a duplicate of its descriptor (closing the duplicate leaves
+    the driver's own alone): its wait for an answer ends with the connection closed."""
+    try:
+        with socket.socket(fileno=os.dup(descriptor)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+
+
+def _transaction_ended(connection: Connection) -> None:
+    if not connection.invalidated:  # an invalidated one has no `info` to read (and leaves the pool)
+        connection.info.pop(_UNBOUNDED_KEY, None)
+
+
+# The limit (seconds) of each error of a statement `_StallWatch` cut, for `outage_error`'s message.
+_STALLED_AT_ERROR: weakref.WeakKeyDictionary[BaseException, float] = weakref.WeakKeyDictionary()
 
 
 class _ConnectGate:
@@ -321,6 +462,11 @@ def outage_error(error: sa_exc.SQLAlchemyError) -> FacegateError | None:
         return _unavailable(_PG_UNAVAILABLE[sqlstate])
     if sqlstate in (_PG_LOCK_NOT_AVAILABLE, _PG_QUERY_CANCELED):
         return _unavailable(_given_up(sqlstate, None if cause is None else _TIMEOUTS_AT_ERROR.get(cause)))
+    if cause is not None and cause in _STALLED_AT_ERROR:
+        return _unavailable(
+            f"the database did not answer within {_STALLED_AT_ERROR[cause]:g} s, not even with its own statement "
+            "timeout (a stalled server?): the connection was closed"
+        )
     # No SQLSTATE: no answer from a server (psycopg's own OperationalError: refused, timed out, connection lost).
     lost = sqlstate is None and isinstance(error, sa_exc.OperationalError)
     if lost or error.connection_invalidated or (sqlstate or "").startswith("08"):

@@ -200,6 +200,55 @@ def test_postgres_connections_have_timeouts_unless_the_url_sets_them(pg_schema_u
         assert (options[b"keepalives_idle"], options[b"tcp_user_timeout"]) == (b"30", b"30000")
 
 
+@pytest.mark.postgres
+def test_a_server_that_stalls_whole_is_database_unavailable_soon_after_its_statement_timeout(
+    cut_off: tuple[TcpProxy, str], galleries: list[Gallery], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that stops answering altogether (host paused, storage hung, a pooler whose backend died) does not
+    enforce its own statement timeout, and the TCP connection stays up: a statement, or the pool's pre-ping of an
+    idle connection, waited for ever. Now the connection is closed STALL_GRACE_SECONDS after the statement timeout,
+    and the call is database_unavailable; once the server answers again, so does the gallery."""
+    monkeypatch.setattr(db, "STALL_GRACE_SECONDS", 0.5)
+    proxy, url = cut_off
+    gallery = _open(galleries, url, statement_timeout=0.5)
+    vectors = random_embeddings(np.random.default_rng(6), 2)
+    ada = gallery.enroll_face(embedding=vectors[0], box=BOX, score=1.0, name="Ada")
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailable) as raised, gallery.session() as session:
+        session.execute(text("SELECT 1"))
+        proxy.freeze()  # mid-transaction: the next statement is never answered
+        session.execute(text("SELECT count(*) FROM faces"))
+    assert time.monotonic() - started < 5
+    assert raised.value.message.startswith("the database did not answer within 1 s, not even with its own statement")
+    assert raised.value.details == {"retry_after_seconds": db.RETRY_AFTER_SECONDS}
+    for what, call in {
+        "read": lambda: gallery.get_identity(ada.identity_id),  # a pooled connection's pre-ping, then a new one
+        "write": lambda: gallery.enroll_face(embedding=vectors[1], box=BOX, score=1.0, name="Bob"),
+    }.items():
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable):
+            call()
+        assert time.monotonic() - started < 8, what  # the pre-ping's 1 s, then libpq's 3 s connect timeout
+    proxy.restore()
+    assert gallery.get_identity(ada.identity_id).name == "Ada" and _identity_names(gallery) == {"Ada"}
+
+
+@pytest.mark.postgres
+def test_a_stalled_statement_is_told_from_long_work_and_from_the_servers_own_timeout(
+    pg_schema_url: str, galleries: list[Gallery], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watch never cuts a working server's statement: one of a transaction without a statement timeout (an
+    index load, a copy) runs as long as it takes, and one the server cancels at its timeout is told as such."""
+    monkeypatch.setattr(db, "STALL_GRACE_SECONDS", 0.2)
+    gallery = _open(galleries, pg_schema_url, statement_timeout=0.3)
+    with gallery.session() as session:
+        db.without_statement_timeout(session.connection())
+        assert session.execute(text("SELECT 7 FROM pg_sleep(1.2)")).scalar_one() == 7  # 1.2 s > 0.3 + 0.2: not cut
+    with pytest.raises(DatabaseUnavailable) as raised, gallery.session() as session:  # the same pooled connection
+        session.execute(text("SELECT pg_sleep(3)"))
+    assert raised.value.message.startswith("the database did not answer within 0.3 s (a lock held"), raised.value.message
+
+
 def test_sqlite_locked_past_the_busy_timeout_is_unavailable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, galleries: list[Gallery]
 ) -> None:

@@ -309,9 +309,12 @@ class _StallTimer:
     def watch(self, dbapi_connection: Any, limit: float | None) -> None:
         if limit is None or dbapi_connection is None:
             return
+        try:
+            descriptor = dbapi_connection.fileno()
+        except Exception:  # noqa: BLE001 - closed already: the driver itself will say so
+            return
         with self._lock:
-            entry = (time.monotonic() + limit, weakref.ref(dbapi_connection), dbapi_connection.fileno())
-            self._watched[id(dbapi_connection)] = entry
+            self._watched[id(dbapi_connection)] = (time.monotonic() + limit, weakref.ref(dbapi_connection), descriptor)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="facegate-stall-watch", daemon=True)
                 self._thread.start()

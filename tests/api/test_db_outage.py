@@ -177,6 +177,30 @@ def test_a_silent_database_is_answered_quickly(models_dir: Path, pg_schema_url: 
 
 
 @pytest.mark.postgres
+def test_a_stalled_database_is_a_503_soon_after_the_statement_timeout(
+    models_dir: Path, pg_schema_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that stalls whole keeps its connections up and answers nothing, not even its statement timeout: a
+    request held its worker's thread for ever. It is a 503 with Retry-After soon after the statement timeout, and
+    the service answers again once the server does."""
+    monkeypatch.setattr(db, "STALL_GRACE_SECONDS", 0.5)
+    monkeypatch.setattr(db, "CONNECT_RETRY_SECONDS", 0.0)
+    with (
+        proxied(pg_schema_url) as (proxy, url),
+        running(api_settings(models_dir, url, preload_models=False, database_statement_timeout=1.0)) as client,
+    ):
+        assert client.get("/identities").status_code == 200
+        proxy.freeze()
+        started = time.monotonic()
+        refused = client.get("/identities")
+        assert time.monotonic() - started < 10  # the pooled connection's pre-ping (1.5 s), then a 3 s connect timeout
+        error_of(refused, 503, "database_unavailable")
+        assert refused.headers["retry-after"] == str(db.RETRY_AFTER_SECONDS)
+        proxy.restore()
+        assert client.get("/identities").status_code == 200
+
+
+@pytest.mark.postgres
 def test_an_api_key_that_cannot_be_checked_is_a_503(
     models_dir: Path, pg_schema_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

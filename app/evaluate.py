@@ -78,7 +78,7 @@ def read_pairs(path: Path) -> list[Pair]:
     """Labelled pairs from a CSV with the header `img_a,img_b,same`. Raises InvalidRequest naming the bad line.
 
     As a spreadsheet saves it too: a UTF-8 byte-order mark (Excel's "CSV UTF-8"), CRLF line ends, and a header in
-    other case or with spaces around the names."""
+    another case or with spaces around the names."""
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:

@@ -414,13 +414,12 @@ class Gallery:
         load, a calibration, `db copy`) after the deletion itself was committed."""
         if self.backend != "sqlite":
             return True
-        with db.outages(), self.engine.connect() as connection:
-            busy_ms = connection.exec_driver_sql("PRAGMA busy_timeout").scalar_one()
-            connection.exec_driver_sql(f"PRAGMA busy_timeout={min(int(busy_ms), SCRUB_WAIT_MS)}")
-            try:
-                busy, _, _ = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
-            finally:
-                connection.exec_driver_sql(f"PRAGMA busy_timeout={int(busy_ms)}")
+        with (
+            db.outages(),
+            self.engine.connect() as connection,
+            db.sqlite_busy_timeout(connection, lambda busy_ms: min(busy_ms, SCRUB_WAIT_MS)),
+        ):
+            busy, _, _ = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
         if busy:
             log.info("SQLite WAL not truncated after an erasure: a reader is active (done at its next restart)")
         return not busy

@@ -24,7 +24,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,8 +219,7 @@ def without_timeouts(connection: Connection) -> None:
     lock, then take as long as the gallery is large). A lock wait counts against statement_timeout too."""
     if connection.dialect.name == "postgresql":
         connection.exec_driver_sql("SET LOCAL lock_timeout = 0")
-        connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
-        connection.info[_UNBOUNDED_KEY] = True  # nor a client-side limit (`_StallWatch`)
+        without_statement_timeout(connection)
 
 
 def without_statement_timeout(connection: Connection) -> None:
@@ -593,9 +592,7 @@ def _upgrade_sqlite(connection: Connection, revision: str) -> None:
     # BEGIN IMMEDIATE takes the write lock first, so a second process waits and then sees head. It waits however
     # long the other's migration takes, as on PostgreSQL, not the requests' busy timeout (the lock timeout): a
     # worker's start-up must not fail because another worker is migrating a large gallery.
-    busy_ms = connection.exec_driver_sql("PRAGMA busy_timeout").scalar_one()
-    connection.exec_driver_sql(f"PRAGMA busy_timeout={_SQLITE_NO_BUSY_LIMIT_MS}")
-    try:
+    with sqlite_busy_timeout(connection, lambda _: _SQLITE_NO_BUSY_LIMIT_MS):
         connection.exec_driver_sql("BEGIN IMMEDIATE")
         try:
             _run_upgrade(connection, revision)
@@ -603,8 +600,18 @@ def _upgrade_sqlite(connection: Connection, revision: str) -> None:
             connection.rollback()
             raise
         connection.commit()
+
+
+@contextmanager
+def sqlite_busy_timeout(connection: Connection, change: Callable[[int], int]) -> Iterator[None]:
+    """Inside, the SQLite connection's busy timeout is `change(the one it had)` milliseconds; afterwards it is
+    restored (the connection goes back to the pool with its engine's)."""
+    busy_ms = int(connection.exec_driver_sql("PRAGMA busy_timeout").scalar_one())
+    connection.exec_driver_sql(f"PRAGMA busy_timeout={int(change(busy_ms))}")
+    try:
+        yield
     finally:
-        connection.exec_driver_sql(f"PRAGMA busy_timeout={int(busy_ms)}")
+        connection.exec_driver_sql(f"PRAGMA busy_timeout={busy_ms}")
 
 
 def _run_upgrade(connection: Connection, revision: str) -> None:

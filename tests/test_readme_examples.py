@@ -78,11 +78,12 @@ DOCUMENTED: dict[str, set[str]] = {
 }
 
 
-def section(title: str) -> str:
-    """The README's `## title` section, its sub-sections included (up to the next `## ` heading)."""
-    start = README.index(f"\n## {title}\n")
-    end = README.find("\n## ", start + 1)
-    return README[start : end if end > 0 else None]
+def section(title: str, level: int = 2) -> str:
+    """The README's section headed `title` at `level` (2: `## title`), its sub-sections included: up to the next
+    heading of that level or above (`## `, `### `: not a `# comment` of a shell block)."""
+    start = README.index(f"\n{'#' * level} {title}\n") + 1
+    end = re.compile(rf"^#{{2,{level}}} ", re.MULTILINE).search(README, start + 1)
+    return README[start : end.start() if end else None]
 
 
 def fenced_blocks(text: str) -> list[tuple[str, list[str]]]:
@@ -117,13 +118,22 @@ def commands(lines: list[str]) -> list[str]:
     return out
 
 
+def shell_commands(text: str) -> list[str]:
+    """The commands of the shell blocks of `text`, in order."""
+    return [c for language, lines in fenced_blocks(text) if language == "sh" for c in commands(lines)]
+
+
+# A command that runs curl (alone, or at the end of a pipe).
+CURL = re.compile(r"(^|\|\s*)curl\s")
 ENDPOINTS = section("Endpoints")
-QUICK_START = [c for _, lines in fenced_blocks(section("Quick start")) for c in commands(lines)]
+QUICK_START = shell_commands(section("Quick start"))
+API_KEYS = shell_commands(section("Who may call it: API keys", level=3))
+CORS = shell_commands(section("Pages of other sites: CORS", level=3))
 
 
 def curl_examples() -> list[str]:
     """Every command of the Endpoints section's shell blocks (a `jq ... | curl` pipe included), in order."""
-    return [c for language, lines in fenced_blocks(ENDPOINTS) if language == "sh" for c in commands(lines)]
+    return shell_commands(ENDPOINTS)
 
 
 def sample_answers() -> list[tuple[str, str]]:
@@ -285,7 +295,7 @@ def test_the_section_is_read_whole() -> None:
     assert languages <= {"sh", "json"}, languages
     examples = curl_examples()
     assert len(examples) >= 30, examples  # the section was found and read
-    assert [e for e in examples if not re.search(r"(^|\|\s*)curl\s", e)] == []
+    assert [e for e in examples if not CURL.search(e)] == []
     assert set(SKIPPED) <= set(examples), "a skipped example is no longer in the README"
     for pattern in DOCUMENTED:
         assert len([e for e in examples if re.search(pattern, request(e))]) == 1, pattern
@@ -359,22 +369,7 @@ def test_shell_quoting_of_the_examples_is_valid() -> None:
 
 def readme_curl_lines() -> list[str]:
     """Every command of the README's shell blocks that runs curl, wherever it is."""
-    return [
-        c for language, lines in fenced_blocks(README) if language == "sh"
-        for c in commands(lines) if re.search(r"(^|\|\s*)curl\s", c)
-    ]  # fmt: skip
-
-
-def subsection_commands(title: str) -> list[str]:
-    """The commands of the shell blocks of the README's `### title` sub-section."""
-    start = README.index(f"\n### {title}\n") + 1
-    end = re.compile(r"^#{2,3} ", re.MULTILINE).search(README, start + 1)  # the next (sub-)section's heading
-    text = README[start : end.start() if end else None]
-    return [c for language, lines in fenced_blocks(text) if language == "sh" for c in commands(lines)]
-
-
-API_KEYS = subsection_commands("Who may call it: API keys")
-CORS = subsection_commands("Pages of other sites: CORS")
+    return [c for c in shell_commands(README) if CURL.search(c)]
 
 
 def test_every_curl_line_of_the_readme_is_run() -> None:

@@ -194,7 +194,7 @@ def _milliseconds(seconds: float) -> int:
 
 
 # PostgreSQL's SQLSTATEs of a statement it gave up on.
-_PG_LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout ran out
+PG_LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout ran out
 _PG_QUERY_CANCELED = "57014"  # statement_timeout ran out, or pg_cancel_backend
 # The timeouts of the connection each such error came from, for `outage_error`'s message: the driver's error does
 # not say how long the statement waited, nor does SQLAlchemy's tell which connection it came from.
@@ -204,7 +204,7 @@ _TIMEOUTS_AT_ERROR: weakref.WeakKeyDictionary[BaseException, Timeouts] = weakref
 def _note_timeouts(context: ExceptionContext) -> None:
     """The engine's handle_error hook: remembers the timeouts of a connection whose statement was given up on."""
     cause = context.original_exception
-    given_up = getattr(cause, "sqlstate", None) in (_PG_LOCK_NOT_AVAILABLE, _PG_QUERY_CANCELED)
+    given_up = getattr(cause, "sqlstate", None) in (PG_LOCK_NOT_AVAILABLE, _PG_QUERY_CANCELED)
     if not given_up and _sqlite_primary_code(cause) not in (_SQLITE_BUSY, _SQLITE_LOCKED):
         return
     if context.connection is not None:
@@ -462,7 +462,7 @@ def outage_error(error: sa_exc.SQLAlchemyError) -> FacegateError | None:
         return InsufficientStorage("the database server's disk is full: nothing was stored")
     if sqlstate in _PG_UNAVAILABLE:
         return _unavailable(_PG_UNAVAILABLE[sqlstate])
-    if sqlstate in (_PG_LOCK_NOT_AVAILABLE, _PG_QUERY_CANCELED):
+    if sqlstate in (PG_LOCK_NOT_AVAILABLE, _PG_QUERY_CANCELED):
         return _unavailable(_given_up(sqlstate, None if cause is None else _TIMEOUTS_AT_ERROR.get(cause)))
     if cause is not None and cause in _STALLED_AT_ERROR:
         return _unavailable(
@@ -484,7 +484,7 @@ def _sqlite_primary_code(error: BaseException | None) -> int | None:
 
 def _given_up(sqlstate: str, timeouts: Timeouts | None) -> str:
     """What to tell of a statement the server gave up on (`_BoundedWaits`), with the limit when it is known."""
-    if sqlstate == _PG_LOCK_NOT_AVAILABLE:
+    if sqlstate == PG_LOCK_NOT_AVAILABLE:
         waited = f" within {timeouts.lock_ms / 1000:g} s" if timeouts is not None and timeouts.lock_ms else ""
         return (
             f"the database did not answer{waited}: another session held a lock this request needed (an operator's "

@@ -8,7 +8,8 @@ created when this backend starts, under an advisory lock. A server without pgvec
 
 `face_vectors` follows `faces` through the same change log the in-memory indexes replay: before a search (and at
 load) the first worker to get the state row's lock copies the new adds and applies the removes (a gap in the log,
-or a first start, copies every face with binary COPY and rebuilds the HNSW index). PostgreSQL proposes the
+or a first start, copies every face with binary COPY and rebuilds the HNSW index). A search that finds the row
+taken does not wait: it is answered by the in-memory exact search. PostgreSQL proposes the
 `candidates` nearest faces (HNSW with `hnsw.ef_search` = index.pgvector_ef_search, at least 2 x candidates;
 iterative scans from pgvector 0.8 so that the model-version filter cannot starve the result); they are ranked by
 identity with exact float32 distances, as in the approximate backend. The process keeps `GalleryIndex`'s
@@ -158,19 +159,31 @@ class PgvectorIndex(GalleryIndex):
             except SQLAlchemyError as error:  # the deletion is committed; the next search's mirror retries
                 logger.warning("face_vectors not updated after a deletion (retried at the next search): %s", error)
 
-    def mirror(self) -> int:
-        """Bring `face_vectors` up to the change log's head; returns the changes applied (-1: copied in full)."""
+    def mirror(self, *, wait: bool = True) -> int | None:
+        """Bring `face_vectors` up to the change log's head; returns the changes applied (-1: copied in full).
+
+        A worker copying every face (its first start, or after a bulk load) holds the state row for minutes at 1M
+        faces. Start-up and deletions wait for it (`wait`); a search does not, and gets None while another worker
+        holds the row."""
+        try:
+            return self._mirror(wait)
+        except DBAPIError as error:
+            if wait or getattr(error.orig, "sqlstate", None) != db.PG_LOCK_NOT_AVAILABLE:
+                raise
+            return None
+
+    def _mirror(self, wait: bool) -> int:
         with Session(self.engine) as session, session.begin():
             quick = session.execute(text("SELECT last_change_id FROM face_vectors_state WHERE id = 1")).scalar_one()
             if int(quick) == store.last_change_id(session):
                 self._mirrored = int(quick)
                 return 0  # up to date: no lock taken, searches of several workers do not queue here
-            # A worker copying every face (its first start, or after a bulk load) holds the state row for minutes at
-            # 1M faces; the others wait for it rather than fail their start-up.
-            db.without_timeouts(session.connection())
-            mirrored = int(
-                session.execute(text("SELECT last_change_id FROM face_vectors_state WHERE id = 1 FOR UPDATE")).scalar_one()
-            )
+            if wait:
+                db.without_timeouts(session.connection())
+            lock = "SELECT last_change_id FROM face_vectors_state WHERE id = 1 FOR UPDATE" + ("" if wait else " NOWAIT")
+            mirrored = int(session.execute(text(lock)).scalar_one())
+            if not wait:
+                db.without_timeouts(session.connection())  # the row is ours: a full copy may take minutes
             head = store.last_change_id(session)
             if mirrored == head:
                 self._mirrored = head
@@ -239,8 +252,10 @@ class PgvectorIndex(GalleryIndex):
         k = max(self.candidates, 4 * top_k)
         if snap.alive <= k:
             return super()._search(snap, q, top_k)
-        if self._mirrored < self.last_change_id:  # the table may lack changes this process already knows of
-            self.mirror()
+        # The table may lack changes this process already knows of; while another worker brings it up to date,
+        # the in-memory exact search answers (slower at 1M faces, but right and without queueing).
+        if self._mirrored < self.last_change_id and self.mirror(wait=False) is None:
+            return super()._search(snap, q, top_k)
         results: list[list[IdentityCandidate]] = []
         with self.engine.begin() as connection:
             self.search_settings(connection, k)

@@ -4,6 +4,7 @@ refusal on servers without it."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,38 @@ def test_deleted_faces_leave_the_vector_table_at_once(pgvector_url: str) -> None
         assert gone.id not in left and kept.id not in left and len(left) == 298
     finally:
         gallery.close()
+
+
+@pytest.mark.pgvector
+def test_a_search_does_not_queue_behind_another_workers_copy(pgvector_url: str) -> None:
+    """Another worker that holds face_vectors_state's row (copying every face: minutes at 1M) must not hold this
+    worker's searches: they answer from the in-memory exact search, newcomers included, and the next search after
+    the row is free brings the table up to date."""
+    seeded = synthetic.gallery(300, faces_per_identity=1, seed=61)
+    writer = Gallery.open(pgvector_url, MODEL)
+    reader = Gallery.open(pgvector_url, MODEL, index=PGVECTOR)
+    try:
+        writer.bulk_enrol(names=[f"p{i}" for i in range(300)], embeddings=seeded.embeddings)
+        queries, _ = synthetic.probes(seeded, enrolled=5, strangers=0, seed=62)
+        reader.search(queries, top_k=1)  # mirrors the adds
+        newcomer = writer.create_identity(name="newcomer")
+        fresh = writer.enroll_face(identity_id=newcomer.id, embedding=queries[0] + 0.001, box=Box(0, 0, 9, 9), score=1.0)
+        with psycopg.connect(pgvector_url.replace("+psycopg", "")) as other, ThreadPoolExecutor(1) as pool:
+            other.execute("SELECT 1 FROM face_vectors_state WHERE id = 1 FOR UPDATE")  # held until the rollback
+            answer = pool.submit(reader.search, queries, top_k=1)
+            try:
+                got = answer.result(timeout=10)
+            finally:
+                other.rollback()
+            assert (got[0][0].identity_id, got[0][0].face_id) == (newcomer.id, fresh.face.id)
+            assert [c[0].face_id for c in got] == [c[0].face_id for c in writer.search(queries, top_k=1)]
+            stored = {row[0] for row in other.execute("SELECT face_id FROM face_vectors")}
+            assert fresh.face.id not in stored  # not mirrored while the row was taken
+        reader.search(queries[:1], top_k=1)
+        assert isinstance(reader.index, PgvectorIndex) and reader.index.mirror() == 0
+    finally:
+        reader.close()
+        writer.close()
 
 
 @pytest.mark.pgvector

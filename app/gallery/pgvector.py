@@ -9,7 +9,8 @@ created when this backend starts, under an advisory lock. A server without pgvec
 `face_vectors` follows `faces` through the same change log the in-memory indexes replay: before a search (and at
 load) the first worker to get the state row's lock copies the new adds and applies the removes (a gap in the log,
 or a first start, copies every face with binary COPY and rebuilds the HNSW index). A search that finds the row
-taken does not wait: it is answered by the in-memory exact search. PostgreSQL proposes the
+taken does not wait, and one that finds a full copy needed starts it on a thread: both are answered by the
+in-memory exact search. PostgreSQL proposes the
 `candidates` nearest faces (HNSW with `hnsw.ef_search` = index.pgvector_ef_search, at least 2 x candidates;
 iterative scans from pgvector 0.8 so that the model-version filter cannot starve the result); they are ranked by
 identity with exact float32 distances, as in the approximate backend. The process keeps `GalleryIndex`'s
@@ -20,6 +21,7 @@ A deletion made through this process leaves `face_vectors` before it returns (`a
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -41,6 +43,10 @@ _BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes
 _BINARY_TRAILER = (-1).to_bytes(2, "big", signed=True)
 _COPY_CHUNK = 50_000
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
+
+
+class _CopyNeeded(Exception):
+    """A search's mirror found the table too far behind to apply changes: every face must be copied."""
 
 
 class PgvectorUnavailable(RuntimeError):
@@ -75,6 +81,8 @@ class PgvectorIndex(GalleryIndex):
         self.build_memory = build_memory
         self.build_options = {"m": m, "ef_construction": ef_construction}  # pgvector's HNSW build parameters
         self._mirrored = -1  # change-log id the table was seen to mirror (it only moves forward)
+        self._copy_lock = threading.Lock()
+        self._copying: threading.Thread | None = None  # a full copy started by a search
         super().__init__(model_version)
         self.extension_version = self._prepare()
         self._iterative_scan = _version_tuple(self.extension_version) >= (0, 8)
@@ -164,9 +172,13 @@ class PgvectorIndex(GalleryIndex):
 
         A worker copying every face (its first start, or after a bulk load) holds the state row for minutes at 1M
         faces. Start-up and deletions wait for it (`wait`); a search does not, and gets None while another worker
-        holds the row."""
+        holds the row, or when every face must be copied (a gap in the log past MAX_REPLAY: a bulk load by another
+        process), which then runs on a background thread."""
         try:
             return self._mirror(wait)
+        except _CopyNeeded:
+            self._start_background_copy()
+            return None
         except DBAPIError as error:
             if wait or getattr(error.orig, "sqlstate", None) != db.PG_LOCK_NOT_AVAILABLE:
                 raise
@@ -193,6 +205,8 @@ class PgvectorIndex(GalleryIndex):
                 changes = store.changes_after(session, after=mirrored, upto=head)
                 if [c.id for c in changes] != list(range(mirrored + 1, head + 1)):
                     changes = None  # log pruned past our position
+            if changes is None and not wait:
+                raise _CopyNeeded  # minutes at 1M faces: not in a search's time (rolls back, the row is free again)
             connection = session.connection()
             if changes is None:
                 face_ids, identity_ids, versions, embeddings = bulk.read_faces(session)
@@ -228,6 +242,31 @@ class PgvectorIndex(GalleryIndex):
             )
         self._mirrored = head
         return applied
+
+    def _start_background_copy(self) -> None:
+        """Copy every face into `face_vectors` on a thread (one at a time); searches answer from memory meanwhile."""
+        with self._copy_lock:
+            if self._copying is not None and self._copying.is_alive():
+                return
+
+            def run() -> None:
+                try:
+                    self.mirror()
+                except Exception:
+                    logger.exception("copying every face into face_vectors failed (retried at the next search)")
+
+            self._copying = threading.Thread(target=run, name="facegate-pgvector-copy", daemon=True)
+            self._copying.start()
+        logger.info("face_vectors is too far behind the change log: copying every face in the background")
+
+    def wait_until_mirrored(self, timeout: float | None = None) -> bool:
+        """Wait for a background copy to finish (True: none is running any more)."""
+        with self._copy_lock:
+            thread = self._copying
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
 
     # ---------------------------------------------------------------------------------------- search
 

@@ -169,6 +169,39 @@ def test_a_search_does_not_queue_behind_another_workers_copy(pgvector_url: str) 
 
 
 @pytest.mark.pgvector
+def test_a_search_leaves_a_full_copy_to_a_thread(pgvector_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gap in the log past MAX_REPLAY (another process's bulk load) means copying every face and building the
+    HNSW index anew: minutes at 1M faces. The search that finds it answers from memory; the copy runs on a thread.
+    Here the copy is held up by a reader of face_vectors (its DROP INDEX waits) to show the search does not wait."""
+    monkeypatch.setattr("app.gallery.pgvector.MAX_REPLAY", 10)
+    seeded = synthetic.gallery(300, faces_per_identity=1, seed=71)
+    writer = Gallery.open(pgvector_url, MODEL)
+    reader = Gallery.open(pgvector_url, MODEL, index=PGVECTOR)
+    try:
+        assert isinstance(reader.index, PgvectorIndex)
+        records = writer.bulk_enrol(names=[f"p{i}" for i in range(300)], embeddings=seeded.embeddings)
+        queries, _ = synthetic.probes(seeded, enrolled=5, strangers=0, seed=72)
+        with psycopg.connect(pgvector_url.replace("+psycopg", "")) as other, ThreadPoolExecutor(1) as pool:
+            other.execute("LOCK TABLE face_vectors IN ACCESS SHARE MODE")  # held until the rollback
+            answer = pool.submit(reader.search, queries, top_k=1)
+            try:
+                got = answer.result(timeout=10)
+                assert not reader.index.wait_until_mirrored(0.5)  # the copy waits for the lock
+            finally:
+                other.rollback()
+        assert [c[0].face_id for c in got] == [c[0].face_id for c in writer.search(queries, top_k=1)]
+        assert reader.index.wait_until_mirrored(60) and reader.index.mirror() == 0
+        with psycopg.connect(pgvector_url.replace("+psycopg", "")) as connection:
+            stored = {row[0] for row in connection.execute("SELECT face_id FROM face_vectors")}
+        assert stored == {r.id for r in records}
+    finally:
+        if isinstance(reader.index, PgvectorIndex):
+            reader.index.wait_until_mirrored(60)
+        reader.close()
+        writer.close()
+
+
+@pytest.mark.pgvector
 def test_other_hnsw_build_parameters_rebuild_the_index(pgvector_url: str) -> None:
     seeded = synthetic.gallery(500, faces_per_identity=1, seed=51)
     first = Gallery.open(pgvector_url, MODEL, index=PGVECTOR)

@@ -300,6 +300,11 @@ class _StallTimer:
     that shuts down a connection past its deadline (started at the first watch)."""
 
     def __init__(self) -> None:
+        self.start_afresh()
+
+    def start_afresh(self) -> None:
+        """No thread yet, no lock held, nothing watched: also a forked child's state (the parent's thread did not
+        come along, and the parent's connections are not the child's)."""
         self._lock = threading.Condition()
         # id(DBAPI connection) -> (deadline, the connection, its socket's descriptor; -1 once shut down)
         self._watched: dict[int, tuple[float, weakref.ref[Any], int]] = {}
@@ -342,6 +347,9 @@ class _StallTimer:
 
 
 _STALL_TIMER = _StallTimer()
+# A child forked after the thread started (gunicorn --preload's workers, a multiprocessing pool) has no such thread,
+# and maybe a lock the thread held at the fork.
+os.register_at_fork(after_in_child=_STALL_TIMER.start_afresh)
 
 
 def _owns(dbapi_connection: Any, descriptor: int) -> bool:

@@ -4,6 +4,8 @@ SQLite locked by another writer, or out of space."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import threading
 import time
@@ -231,6 +233,47 @@ def test_a_server_that_stalls_whole_is_database_unavailable_soon_after_its_state
         assert time.monotonic() - started < 8, what  # the pre-ping's 1 s, then libpq's 3 s connect timeout
     proxy.restore()
     assert gallery.get_identity(ada.identity_id).name == "Ada" and _identity_names(gallery) == {"Ada"}
+
+
+@pytest.mark.postgres
+def test_a_process_forked_after_the_stall_watch_started_is_watched_too(
+    cut_off: tuple[TcpProxy, str], galleries: list[Gallery], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watch's thread starts at the first watched statement; a child forked after it (gunicorn --preload's
+    workers, a multiprocessing pool) has no such thread, and its statements to a stalled server waited for ever."""
+    monkeypatch.setattr(db, "STALL_GRACE_SECONDS", 0.5)
+    proxy, url = cut_off
+    parent = _open(galleries, url, statement_timeout=0.5)
+    assert _identity_names(parent) == set()  # a watched statement: the watch thread runs in this process
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its own gallery, a statement once the server has stalled, then its verdict
+        code = 3
+        try:
+            signal.alarm(20)  # hanging is failing: the parent sees the signal
+            child = Gallery.open(url, MODEL, statement_timeout=0.5)
+            with child.session() as session:
+                session.execute(text("SELECT 1"))
+                os.write(ready_w, b"r")
+                os.read(go_r, 1)
+                try:
+                    session.execute(text("SELECT count(*) FROM faces"))
+                    code = 2
+                except sa_exc.OperationalError:
+                    code = 0  # the watch shut the connection down
+        finally:
+            os._exit(code)
+    try:
+        assert os.read(ready_r, 1) == b"r"
+        proxy.freeze()
+        os.write(go_w, b"g")
+        _, status = os.waitpid(pid, 0)
+    finally:
+        proxy.restore()
+        for descriptor in (ready_r, ready_w, go_r, go_w):
+            os.close(descriptor)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child's stalled statement was not cut"
 
 
 @pytest.mark.postgres

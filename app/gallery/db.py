@@ -174,6 +174,20 @@ class _BoundedWaits:
         self.wanted = {"lock_timeout": _milliseconds(lock_timeout), "statement_timeout": _milliseconds(statement_timeout)}
 
     def __call__(self, dbapi_connection: Any, record: Any) -> None:
+        # Outside SQLAlchemy's statement events, so `_StallWatch` would not see a server that stalls right after
+        # the handshake: watched here, as a statement under the timeout wanted.
+        statement_ms = self.wanted["statement_timeout"]
+        limit = statement_ms / 1000 + STALL_GRACE_SECONDS if statement_ms else None
+        _STALL_TIMER.watch(dbapi_connection, limit)
+        try:
+            self._set(dbapi_connection, record)
+        except Exception as error:
+            if _STALL_TIMER.forget(dbapi_connection) and limit is not None:
+                _STALLED_AT_ERROR[error] = limit
+            raise
+        _STALL_TIMER.forget(dbapi_connection)
+
+    def _set(self, dbapi_connection: Any, record: Any) -> None:
         in_force: dict[str, int] = {}
         with dbapi_connection.cursor() as cursor:
             cursor.execute(

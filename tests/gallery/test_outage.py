@@ -10,6 +10,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,39 @@ def test_a_server_that_stalls_whole_is_database_unavailable_soon_after_its_state
         assert time.monotonic() - started < 8, what  # the pre-ping's 1 s, then libpq's 3 s connect timeout
     proxy.restore()
     assert gallery.get_identity(ada.identity_id).name == "Ada" and _identity_names(gallery) == {"Ada"}
+
+
+@pytest.mark.postgres
+def test_a_server_that_stalls_right_after_accepting_a_connection_is_database_unavailable(
+    cut_off: tuple[TcpProxy, str], galleries: list[Gallery], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new connection's first statements (reading and setting its timeouts, before the pool hands it out) run
+    outside SQLAlchemy's statement events: a server that stalled just after the handshake held the request for ever.
+    They are watched as a statement is."""
+    monkeypatch.setattr(db, "STALL_GRACE_SECONDS", 0.5)
+    proxy, url = cut_off
+    gallery = _open(galleries, url, statement_timeout=0.5)
+    ada = gallery.enroll_face(embedding=random_embeddings(np.random.default_rng(7), 1)[0], box=BOX, score=1.0, name="Ada")
+    gallery.engine.dispose()  # the next call connects anew
+
+    stalls = [True]
+
+    def stall_once(_dbapi_connection: Any, _record: Any) -> None:
+        if stalls and stalls.pop():
+            proxy.freeze()  # connected: the handshake is done, the timeouts are not read yet
+
+    event.listen(gallery.engine, "connect", stall_once, insert=True)  # before the engine's own
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        call = pool.submit(gallery.get_identity, ada.identity_id)
+        try:
+            with pytest.raises(DatabaseUnavailable) as raised:
+                call.result(timeout=10)
+            assert time.monotonic() - started < 5
+            assert raised.value.message.startswith("the database did not answer within 1 s"), raised.value.message
+        finally:
+            proxy.restore()
+    assert gallery.get_identity(ada.identity_id).name == "Ada"
 
 
 @pytest.mark.postgres

@@ -11,7 +11,8 @@ thousand such connections, made on purpose or not, use up the worker's file desc
     byte a second defeats the first limit, not this one).
 Either cuts the connection; a request not answered yet gets 408 `request_timeout` first. The clocks stop while the
 server itself has stopped reading (the app has not taken the body so far yet), and between requests uvicorn's own
-keep-alive timeout applies. `facegate serve` runs uvicorn with it (`http=`).
+keep-alive timeout applies. `facegate serve` runs uvicorn with it (`http=`). It reads H11Protocol's state
+(`RELIED_ON`); a uvicorn without it gets plain uvicorn behaviour and a warning, not a failure on every request.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ from app.errors import RequestTimeout
 log = logging.getLogger(__name__)
 
 _ARRIVING = (h11.IDLE, h11.SEND_BODY)  # the client's side of h11's state machine while a request is on its way
+# What of H11Protocol's own state the limits read (attribute -> its attributes): uvicorn's internals, not its API.
+# A uvicorn without them serves without the limits (logged) rather than failing every request.
+RELIED_ON: dict[str, tuple[str, ...]] = {
+    "conn": ("their_state", "trailing_data"),
+    "flow": ("read_paused",),
+    "cycle": (),
+    "loop": ("time", "call_at", "call_later"),
+}
 
 
 @functools.cache
@@ -53,14 +62,17 @@ class TimedH11Protocol(H11Protocol):
             self._timeout, self._idle = self.request_timeout, self.request_idle_timeout
         else:
             self._timeout, self._idle = configured_limits()
+        self._enabled = False  # known once connected (uvicorn makes `flow` then)
         self._started: float | None = None  # when the request now arriving began to (None: none is)
         self._last = 0.0  # when its last byte came (or the server last resumed reading)
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._started = self._last = self.loop.time()
-        self._arm()
+        self._enabled = _fits(self)
+        if self._enabled:
+            self._started = self._last = self.loop.time()
+            self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -68,6 +80,8 @@ class TimedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        if not self._enabled:
+            return
         if self.transport.is_closing() or self.conn.their_state not in _ARRIVING:
             self._disarm()  # the request is whole (the app has it), or the connection is done with
             return
@@ -128,6 +142,31 @@ class TimedH11Protocol(H11Protocol):
     def _buffered(self) -> bool:
         """Whether any part of a request arrived (a connection opened and left silent gets no answer)."""
         return bool(self.conn.trailing_data[0])
+
+
+def _fits(protocol: H11Protocol) -> bool:
+    """Whether this uvicorn's H11Protocol has what the limits read (`RELIED_ON`); if not, says so once."""
+    missing = [
+        f"{name}.{attribute}" if attribute else name
+        for name, attributes in RELIED_ON.items()
+        for attribute in attributes or ("",)
+        if not hasattr(protocol, name) or (attribute and not hasattr(getattr(protocol, name), attribute))
+    ]
+    if missing:
+        _warn_unfitted(tuple(missing))
+    return not missing
+
+
+@functools.cache
+def _warn_unfitted(missing: tuple[str, ...]) -> None:
+    from uvicorn import __version__
+
+    log.warning(
+        "request timeouts are off: uvicorn %s's H11Protocol has no %s (FACEGATE_REQUEST_TIMEOUT and "
+        "FACEGATE_REQUEST_IDLE_TIMEOUT are not enforced; facegate was tested with uvicorn 0.30 to 0.54)",
+        __version__,
+        ", ".join(missing),
+    )
 
 
 def _timeout_answer(reason: str) -> bytes:

@@ -23,6 +23,7 @@ import httpx
 import pytest
 import uvicorn
 
+from app.api import request_timeouts
 from app.api.request_timeouts import TimedH11Protocol
 from tests.system.live import LiveServer
 
@@ -250,3 +251,22 @@ def test_facegate_serve_cuts_a_stalled_upload(models_dir: Path, tmp_path: Path) 
     text = server.log_text()
     assert "POST /enroll 408 " in text and "error=request_timeout" in text, text
     assert "ERROR" not in text and "Traceback" not in text, text
+
+
+def test_a_uvicorn_without_what_the_limits_read_serves_without_them(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The limits read uvicorn's internals (`RELIED_ON`). A uvicorn that renamed one must not fail every request:
+    the connection is served as plain uvicorn would, and the log says the limits are off."""
+    monkeypatch.setitem(request_timeouts.RELIED_ON, "flow", ("read_paused", "renamed_in_a_later_uvicorn"))
+    with serving(Recorder()) as port, connect(port) as conn:
+        conn.sendall(post_head(2) + b"xx")
+        assert answers(read_answer(conn)) == [(200, b"2")]
+        conn.sendall(post_head(4) + b"xx")  # stops half way: no limit cuts it
+        conn.settimeout(TIMEOUT + IDLE)
+        with pytest.raises(TimeoutError):
+            conn.recv(1)
+        conn.sendall(b"yy")
+        conn.settimeout(10 * TIMEOUT)
+        assert answers(read_answer(conn)) == [(200, b"4")]
+    assert "request timeouts are off" in caplog.text and "flow.renamed_in_a_later_uvicorn" in caplog.text

@@ -10,10 +10,11 @@ created when this backend starts, under an advisory lock. A server without pgvec
 load) the first worker to get the state row's lock copies the new adds and applies the removes (a gap in the log,
 or a first start, copies every face with binary COPY and rebuilds the HNSW index). A search that finds the row
 taken does not wait, and one that finds a full copy needed starts it on a thread: both are answered by the
-in-memory exact search. PostgreSQL proposes the
-`candidates` nearest faces (HNSW with `hnsw.ef_search` = index.pgvector_ef_search, at least 2 x candidates;
-iterative scans from pgvector 0.8 so that the model-version filter cannot starve the result); they are ranked by
-identity with exact float32 distances, as in the approximate backend. The process keeps `GalleryIndex`'s
+in-memory exact search.
+
+PostgreSQL proposes the `candidates` nearest faces (HNSW with `hnsw.ef_search` = index.pgvector_ef_search, at least
+2 x candidates; iterative scans from pgvector 0.8 so that the model-version filter cannot starve the result); they
+are ranked by identity with exact float32 distances, as in the approximate backend. The process keeps `GalleryIndex`'s
 bookkeeping (counts, replay position, 1:1 distances), so `stats()` and `identity_distances()` stay in memory.
 A deletion made through this process leaves `face_vectors` before it returns (`apply`).
 """

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from app.gallery.index import GalleryIndex, IdentityCandidate, _Snapshot, rank_faces, row_faces
+from app.gallery.index import GalleryIndex, IdentityCandidate, _Snapshot, background_done, rank_faces, row_faces
 from app.vision.types import EMBEDDING_DIM
 
 try:
@@ -157,10 +157,7 @@ class ApproximateIndex(GalleryIndex):
         """Wait for a background build to finish (True: none is running any more)."""
         with self._lock:
             thread = self._building
-        if thread is not None:
-            thread.join(timeout)
-            return not thread.is_alive()
-        return True
+        return background_done(thread, timeout)
 
     def _on_reset(self) -> None:
         self._ivf = None

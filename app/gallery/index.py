@@ -594,3 +594,12 @@ def _as_queries(queries: npt.ArrayLike) -> npt.NDArray[np.float32]:
     if not np.all(np.isfinite(q)):
         raise ValueError("queries have non-finite values")
     return np.ascontiguousarray(q)
+
+
+def background_done(thread: threading.Thread | None, timeout: float | None = None) -> bool:
+    """Wait up to `timeout` seconds for a backend's background thread (None: none was started); True when none is
+    running any more."""
+    if thread is not None:
+        thread.join(timeout)
+        return not thread.is_alive()
+    return True

@@ -33,7 +33,15 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.gallery import bulk, db, store
-from app.gallery.index import MAX_REPLAY, GalleryIndex, IdentityCandidate, IndexStats, _Snapshot, rank_faces
+from app.gallery.index import (
+    MAX_REPLAY,
+    GalleryIndex,
+    IdentityCandidate,
+    IndexStats,
+    _Snapshot,
+    background_done,
+    rank_faces,
+)
 from app.gallery.store import Change, ChangeOp
 from app.vision.types import EMBEDDING_DIM
 
@@ -264,10 +272,7 @@ class PgvectorIndex(GalleryIndex):
         """Wait for a background copy to finish (True: none is running any more)."""
         with self._copy_lock:
             thread = self._copying
-        if thread is not None:
-            thread.join(timeout)
-            return not thread.is_alive()
-        return True
+        return background_done(thread, timeout)
 
     # ---------------------------------------------------------------------------------------- search
 

@@ -90,6 +90,16 @@ class DetectorSettings(BaseModel):
 class ImageSettings(BaseModel):
     max_pixels: int = Field(default=40_000_000, ge=1, description="Photos with more pixels are refused (decompression-bomb guard).")
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="Largest accepted request body, in bytes (the photos with their multipart framing).")
+    max_request_pixels: int = Field(
+        default=400_000_000,
+        ge=1,
+        description="Pixels the photos of one POST /embed, /identify/batch or /cluster request may decode together: "
+        "once the photos decoded so far reach it, each further photo gets 413 request_too_large in its place, "
+        "undecoded. A 40-megapixel PNG can be 50 kB and costs ~1 s to decode and search for faces, so without it "
+        "100 of them in one /cluster request kept a worker busy ~100 s. The default (10 photos at image.max_pixels) "
+        "stays far above what a body of image.max_upload_bytes of real photos decodes (a large JPEG costs the "
+        "reduced scale it is decoded at); raise it with image.max_upload_bytes. At least image.max_pixels.",
+    )
     max_concurrent_decodes: int = Field(
         default=2,
         ge=1,
@@ -123,6 +133,11 @@ class ImageSettings(BaseModel):
             raise ValueError(
                 f"image.max_inflight_bytes ({self.max_inflight_bytes}) must be at least image.max_upload_bytes "
                 f"({self.max_upload_bytes}): a body the size limit accepts must fit the worker's budget when it is idle"
+            )
+        if self.max_request_pixels < self.max_pixels:
+            raise ValueError(
+                f"image.max_request_pixels ({self.max_request_pixels}) must be at least image.max_pixels "
+                f"({self.max_pixels}): a request of one photo the pixel limit accepts must get through"
             )
         return self
 

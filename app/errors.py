@@ -57,7 +57,8 @@ class ModelUnavailable(FacegateError):
 
 
 class RequestTooLarge(FacegateError):
-    """The request body is larger than `image.max_upload_bytes` (refused before it is read whole)."""
+    """The request body is larger than `image.max_upload_bytes` (refused before it is read whole); or, for one photo
+    of a many-photo request, the photos before it decoded `image.max_request_pixels` already."""
 
     code = "request_too_large"
 

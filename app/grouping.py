@@ -17,7 +17,7 @@ import numpy as np
 
 from app.errors import FacegateError
 from app.matching.clustering import chinese_whispers
-from app.vision.pipeline import Loader, Pipeline
+from app.vision.pipeline import Loader, Pipeline, PixelBudget
 from app.vision.types import EMBEDDING_DIM, Box, Face
 
 __all__ = ["ClusterMember", "ClusterReport", "PhotoProblem", "cluster_faces", "cluster_files", "cluster_photos"]
@@ -120,9 +120,10 @@ def cluster_photos(
     threshold: float,
     *,
     max_links: int | None = None,
+    budget: PixelBudget | None = None,
 ) -> ClusterReport:
-    """Uploaded photos (name, bytes) -> every face -> clusters."""
-    named = [(name, pipeline.decoder(data)) for name, data in photos]
+    """Uploaded photos (name, bytes) -> every face -> clusters; with a `budget` of pixels for them all."""
+    named = [(name, pipeline.decoder(data, budget)) for name, data in photos]
     faces, problems, n = _collect(pipeline, named, None)
     return cluster_faces(faces, threshold, n_photos=n, problems=problems, max_links=max_links)
 

@@ -68,7 +68,7 @@ from app.matching.openset import OpenSetModel, Reason, decide, load_default_mode
 from app.matching.thresholds import MAX_THRESHOLD, is_match, validate_threshold
 from app.names import clean_name
 from app.vision.decode import media_type
-from app.vision.pipeline import Pipeline
+from app.vision.pipeline import Pipeline, PixelBudget
 from app.vision.quality import FaceQuality, QualityFailure, QualityThresholds, assess
 from app.vision.types import Box, Face, PhotoFaces
 
@@ -656,7 +656,8 @@ class FaceService:
                 limit=limit,
             )
         # Decoded one at a time, inside the pipeline: only one photo is held at full size.
-        found = self.pipeline.photo_faces_many([self.pipeline.decoder(photo) for photo in photos])
+        budget = PixelBudget(self.settings.image.max_request_pixels)
+        found = self.pipeline.photo_faces_many([self.pipeline.decoder(photo, budget) for photo in photos])
         return [
             NoFace("no face was found in the photo") if isinstance(r, PhotoFaces) and not r.faces else r for r in found
         ]
@@ -885,6 +886,7 @@ class FaceService:
                 photos,
                 resolved.value,
                 max_links=CLUSTER_MAX_LINKS,
+                budget=PixelBudget(self.settings.image.max_request_pixels),
             )
         except TooManyLinks as error:
             raise InvalidRequest(

@@ -18,7 +18,8 @@ Status map (also in the OpenAPI document of every route):
 | no_face                       | 422    | no face found                                                 |
 | multiple_faces                | 422    | several faces and `face=single`; details.boxes lists them     |
 | image_too_large               | 413    | more pixels than `image.max_pixels` (RLE BMP: 2 M or 1 MB)    |
-| request_too_large             | 413    | body larger than `image.max_upload_bytes`                     |
+| request_too_large             | 413    | body larger than `image.max_upload_bytes`; per photo of a     |
+|                               |        | many-photo request: past `image.max_request_pixels`           |
 | unknown_identity/unknown_face | 404    | no such id                                                    |
 | image_not_stored              | 404    | the face's photo was not kept (`store_images` off)            |
 | no_enrolled_faces             | 409    | verify against an identity whose faces were all deleted       |

@@ -26,7 +26,7 @@ import numpy.typing as npt
 from PIL import Image as PILImage
 
 from app.config import DetectorSettings, RuntimeSettings, Settings
-from app.errors import FacegateError, ImageTooSmall, ModelUnavailable, MultipleFaces, NoFace
+from app.errors import FacegateError, ImageTooSmall, ModelUnavailable, MultipleFaces, NoFace, RequestTooLarge
 from app.vision.align import face_chips
 from app.vision.batcher import BatchInfo, InferenceGate, MicroBatcher
 from app.vision.decode import decode_to_fit, load_to_fit
@@ -264,13 +264,15 @@ class Pipeline:
         """The ONNX Runtime provider each network actually runs on (None until loaded)."""
         return {"detector": self.detector.provider, "embedder": self.embedder.provider}
 
-    def decoder(self, data: bytes) -> Callable[[], SizedImage]:
+    def decoder(self, data: bytes, budget: PixelBudget | None = None) -> Callable[[], SizedImage]:
         """A loader of photo bytes for this pipeline: decoded under `image.max_pixels` (HEIC too with `image.heic`),
-        a large JPEG straight to a reduced scale near the detector's `max_side` (decode_to_fit)."""
+        a large JPEG straight to a reduced scale near the detector's `max_side` (decode_to_fit); and, given the
+        request's `budget`, only while the request's photos have not used it up."""
         image = self.settings.image
-        return functools.partial(
+        load = functools.partial(
             decode_to_fit, data, max_pixels=image.max_pixels, longest=self.settings.detector.max_side, heic=image.heic
         )
+        return load if budget is None else budget.limit(load)
 
     def file_loader(self, path: Path) -> Callable[[], SizedImage]:
         """`decoder` for a photo file (OSError if it cannot be read, when loaded)."""
@@ -388,6 +390,31 @@ class Pipeline:
             for d, p, c in zip(detections, points, chips, strict=True)
         ]
         return _Prepared(work.scale, detections, points, chips, qualities, detected=len(found))
+
+
+class PixelBudget:
+    """The pixels one request's photos may decode together (`image.max_request_pixels`). Each photo's loader checks
+    it before decoding: once the photos decoded so far reach it, the next ones are refused (RequestTooLarge in
+    their place) without being decoded, so a request goes over by one photo at most. A photo costs the pixels
+    actually decoded: a large JPEG, decoded at reduced scale, costs that scale's."""
+
+    def __init__(self, pixels: int) -> None:
+        self.pixels = pixels
+        self.spent = 0  # one request's photos are decoded one after another: no lock
+
+    def limit(self, load: Callable[[], SizedImage]) -> Callable[[], SizedImage]:
+        def load_within_budget() -> SizedImage:
+            if self.spent >= self.pixels:
+                raise RequestTooLarge(
+                    f"not decoded: the photos before it in this request decoded {self.spent:,} pixels, at least "
+                    f"FACEGATE_IMAGE__MAX_REQUEST_PIXELS ({self.pixels:,}); send it in another request",
+                    max_request_pixels=self.pixels,
+                )
+            sized = load()
+            self.spent += int(sized.pixels.shape[0]) * int(sized.pixels.shape[1])
+            return sized
+
+        return load_within_budget
 
 
 class _Counter:

@@ -215,6 +215,37 @@ class TestLimits:
             error_of(client.post("/embed", files=files(probes[0], probes[1])), 413, "request_too_large")
 
 
+def test_photos_past_the_requests_pixel_budget_are_refused_undecoded(
+    models_dir: Path, tmp_path: Path, probes: list[Upload]
+) -> None:
+    """A 40-megapixel PNG can be 50 kB and costs ~1 s: the photos of one request share image.max_request_pixels.
+    The dev probes are 150x150 (22,500 pixels): with a budget of 40,000 the first two are decoded, the next ones
+    get request_too_large in their place, undecoded (not an image would otherwise be invalid_image)."""
+    image = {"max_pixels": 40_000, "max_request_pixels": 40_000}
+    with running(api_settings(models_dir, f"sqlite:///{tmp_path / 'g.db'}", image=image)) as client:
+        batch = files(probes[0], probes[1], NOT_AN_IMAGE, probes[2])
+        for endpoint in ("/embed", "/identify/batch"):
+            response = client.post(endpoint, files=batch)
+            assert response.status_code == 200, response.text
+            entries = response.json()["images"]
+            assert [e["error"]["code"] if e["error"] else None for e in entries] == [
+                None, None, "request_too_large", "request_too_large"
+            ], endpoint  # fmt: skip
+            assert entries[2]["error"]["details"] == {"max_request_pixels": 40_000}
+            assert "FACEGATE_IMAGE__MAX_REQUEST_PIXELS" in entries[2]["error"]["message"]
+        # A new request has the whole budget again; /cluster lists the refused photos among its problems.
+        clustered = client.post("/cluster", files=files(probes[2], probes[0], probes[1]))
+        assert clustered.status_code == 200, clustered.text
+        body = clustered.json()
+        assert body["n_photos"] == 3 and body["n_faces"] == 2
+        assert [(p["photo_index"], p["code"]) for p in body["problems"]] == [(2, "request_too_large")]
+
+
+def test_the_pixel_budget_holds_at_least_one_photo() -> None:
+    with pytest.raises(ValueError, match="max_request_pixels"):
+        Settings(image={"max_pixels": 1000, "max_request_pixels": 999})
+
+
 def test_concurrent_identify_requests_share_the_inference_threads(
     app_client: TestClient, probes: list[Upload], single_identify: list[dict[str, Any]]
 ) -> None:

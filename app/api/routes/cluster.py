@@ -34,7 +34,8 @@ router = APIRouter(tags=["cluster"], route_class=FormRoute)
     description=(
         "Send the photos as repeated `images` fields (at most FACEGATE_CLUSTER__MAX_PHOTOS, and the whole body under "
         "FACEGATE_IMAGE__MAX_UPLOAD_BYTES). Every face of every photo takes part. A photo that cannot be used (not "
-        "an image, no face) is listed in `problems`, not refused."
+        "an image, no face, or past the pixels the request's photos may decode together: "
+        "FACEGATE_IMAGE__MAX_REQUEST_PIXELS, request_too_large) is listed in `problems`, not refused."
     ),
 )
 async def cluster(

@@ -29,7 +29,8 @@ router = APIRouter(tags=["embed"], route_class=FormRoute)
         "Send the photos as repeated `images` fields (at most FACEGATE_BATCH__MAX_IMAGES; the whole body under "
         "FACEGATE_IMAGE__MAX_UPLOAD_BYTES). Each photo gets its faces (box, detector score, quality, landmarks and "
         "the 128-d embedding) or an `error` (invalid_image, unsupported_image, image_too_large, image_too_small, "
-        "no_face) without failing the others. The faces of all the photos are embedded together. Embeddings are "
+        "no_face; request_too_large once the photos before it decoded FACEGATE_IMAGE__MAX_REQUEST_PIXELS) without "
+        "failing the others. The faces of all the photos are embedded together. Embeddings are "
         "biometric data: this is the only response that carries them."
     ),
 )

@@ -39,7 +39,8 @@ router = APIRouter(tags=["identify"], route_class=FormRoute)
         "Send the photos as repeated `images` fields (at most FACEGATE_BATCH__MAX_IMAGES; the whole body under "
         "FACEGATE_IMAGE__MAX_UPLOAD_BYTES). `top_k` and `threshold` apply to every photo. Each photo gets the result "
         "/identify gives for it alone, or an `error` (invalid_image, unsupported_image, image_too_large, "
-        "image_too_small, no_face) without failing the others."
+        "image_too_small, no_face; request_too_large once the photos before it decoded "
+        "FACEGATE_IMAGE__MAX_REQUEST_PIXELS) without failing the others."
     ),
 )
 async def identify_batch(

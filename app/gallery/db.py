@@ -176,14 +176,12 @@ class _BoundedWaits:
     def __call__(self, dbapi_connection: Any, record: Any) -> None:
         # Outside SQLAlchemy's statement events, so `_StallWatch` would not see a server that stalls right after
         # the handshake: watched here, as a statement under the timeout wanted.
-        statement_ms = self.wanted["statement_timeout"]
-        limit = statement_ms / 1000 + STALL_GRACE_SECONDS if statement_ms else None
+        limit = _stall_limit(self.wanted["statement_timeout"])
         _STALL_TIMER.watch(dbapi_connection, limit)
         try:
             self._set(dbapi_connection, record)
         except Exception as error:
-            if _STALL_TIMER.forget(dbapi_connection) and limit is not None:
-                _STALLED_AT_ERROR[error] = limit
+            _STALL_TIMER.forget_after(dbapi_connection, error, limit)
             raise
         _STALL_TIMER.forget(dbapi_connection)
 
@@ -253,6 +251,11 @@ _UNBOUNDED_KEY = "facegate_unbounded"
 STALL_GRACE_SECONDS = 5.0
 
 
+def _stall_limit(statement_ms: int) -> float | None:
+    """Seconds a statement may go unanswered under a statement_timeout of `statement_ms` (0, none: not watched)."""
+    return statement_ms / 1000 + STALL_GRACE_SECONDS if statement_ms else None
+
+
 class _StallWatch:
     """Closes a PostgreSQL connection whose statement (or pool pre-ping) is still unanswered STALL_GRACE_SECONDS
     after the connection's statement_timeout. A server that stalled whole (its host paused, its storage hung, a
@@ -265,7 +268,7 @@ class _StallWatch:
     def __init__(self, engine: Engine, statement_timeout: float) -> None:
         self.engine = engine
         # A pre-ping's connection is not known: the engine's own statement timeout bounds it (0: not watched).
-        self._ping_limit = statement_timeout + STALL_GRACE_SECONDS if statement_timeout > 0 else None
+        self._ping_limit = _stall_limit(_milliseconds(statement_timeout))
 
     def listen(self) -> None:
         event.listen(self.engine, "before_cursor_execute", self._before)
@@ -290,9 +293,9 @@ class _StallWatch:
     def _limit_of(connection: Connection) -> float | None:
         """Seconds a statement may go unanswered on `connection` (None: its transaction has no statement timeout)."""
         timeouts = connection.info.get(_TIMEOUTS_KEY)
-        if connection.info.get(_UNBOUNDED_KEY) or not isinstance(timeouts, Timeouts) or not timeouts.statement_ms:
+        if connection.info.get(_UNBOUNDED_KEY) or not isinstance(timeouts, Timeouts):
             return None
-        return timeouts.statement_ms / 1000 + STALL_GRACE_SECONDS
+        return _stall_limit(timeouts.statement_ms)
 
     def _before(self, connection: Connection, *_: Any) -> None:
         _STALL_TIMER.watch(connection.connection.dbapi_connection, self._limit_of(connection))
@@ -304,9 +307,8 @@ class _StallWatch:
     def _failed(self, context: ExceptionContext) -> None:
         if context.connection is None:
             return  # a pre-ping's: `watched_ping` stops its watch
-        limit = self._limit_of(context.connection)
-        if _STALL_TIMER.forget(context.connection.connection.dbapi_connection) and limit is not None:
-            _STALLED_AT_ERROR[context.original_exception] = limit
+        dbapi_connection = context.connection.connection.dbapi_connection
+        _STALL_TIMER.forget_after(dbapi_connection, context.original_exception, self._limit_of(context.connection))
 
 
 class _StallTimer:
@@ -343,6 +345,12 @@ class _StallTimer:
         with self._lock:
             entry = self._watched.pop(id(dbapi_connection), None)
         return entry is not None and entry[2] < 0
+
+    def forget_after(self, dbapi_connection: Any, error: BaseException, limit: float | None) -> None:
+        """`forget` once a statement failed with `error`: if the watch had shut the connection down (past `limit`),
+        `outage_error` tells the error as a stalled server's."""
+        if self.forget(dbapi_connection) and limit is not None:
+            _STALLED_AT_ERROR[error] = limit
 
     def _run(self) -> None:
         with self._lock:

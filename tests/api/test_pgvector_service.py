@@ -7,22 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from app.gallery import Gallery, synthetic
 from tests.api.conftest import api_settings, running
-from tests.gallery.test_pgvector import pgvector_server, pgvector_url  # noqa: F401
+from tests.gallery.test_pgvector import pgvector_server, pgvector_url, stored_vector_faces  # noqa: F401
 
 pytestmark = [pytest.mark.model, pytest.mark.pgvector]
 
 CANDIDATES = 16
 SYNTHETIC_PEOPLE = 200
-
-
-def _vector_faces(url: str) -> set[str]:
-    with psycopg.connect(url.replace("+psycopg", "")) as connection:
-        return {row[0] for row in connection.execute("SELECT face_id FROM face_vectors")}
 
 
 def _largest_face(body: dict[str, Any]) -> dict[str, Any]:
@@ -55,10 +49,10 @@ def test_identify_and_delete_through_pgvector(models_dir: Path, dev_faces: Path,
         match = _largest_face(found.json())["match"]
         assert match is not None and (match["identity_id"], match["name"]) == (sharon_id, "Sharon")
         # The search mirrored the other worker's faces into PostgreSQL before it ran there.
-        assert _vector_faces(pgvector_url) == {sharon_face} | {r.id for r in others}
+        assert stored_vector_faces(pgvector_url) == {sharon_face} | {r.id for r in others}
 
         assert client.delete(f"/identities/{sharon_id}").status_code == 200
-        assert sharon_face not in _vector_faces(pgvector_url)  # gone before DELETE answered, not at the next search
+        assert sharon_face not in stored_vector_faces(pgvector_url)  # gone before DELETE answered, not at the next search
         after = client.post("/identify", files={"image": (sharon[3].name, sharon[3].read_bytes())})
         assert after.status_code == 200, after.text
         assert _largest_face(after.json())["match"] is None

@@ -46,6 +46,12 @@ def pgvector_url(pgvector_server: str) -> str:
     return new_database(pgvector_server, prefix="t")
 
 
+def stored_vector_faces(url: str) -> set[str]:
+    """The face ids in the server's face_vectors table, read by a connection of their own."""
+    with psycopg.connect(url.replace("+psycopg", "")) as connection:
+        return {row[0] for row in connection.execute("SELECT face_id FROM face_vectors")}
+
+
 @pytest.mark.pgvector
 def test_pgvector_search_follows_the_gallery(pgvector_url: str) -> None:
     seeded = synthetic.gallery(3000, faces_per_identity=1, seed=12)
@@ -71,8 +77,7 @@ def test_pgvector_search_follows_the_gallery(pgvector_url: str) -> None:
         after = reader.search(queries[:2], top_k=1)
         assert after[0][0].identity_id != hit.identity_id
         assert (after[1][0].identity_id, after[1][0].face_id) == (newcomer.id, fresh.face.id)
-        with psycopg.connect(pgvector_url.replace("+psycopg", "")) as connection:
-            stored = {row[0] for row in connection.execute("SELECT face_id FROM face_vectors")}
+        stored = stored_vector_faces(pgvector_url)
         assert stored == reader.index.face_ids() == {r.id for r in records if r.identity_id != hit.identity_id} | {
             fresh.face.id
         }
@@ -129,8 +134,7 @@ def test_deleted_faces_leave_the_vector_table_at_once(pgvector_url: str) -> None
         gone, kept = records[0], records[1]
         gallery.delete_identity(gone.identity_id)
         gallery.delete_face(kept.identity_id, kept.id)
-        with psycopg.connect(pgvector_url.replace("+psycopg", "")) as connection:
-            left = {row[0] for row in connection.execute("SELECT face_id FROM face_vectors")}
+        left = stored_vector_faces(pgvector_url)
         assert gone.id not in left and kept.id not in left and len(left) == 298
     finally:
         gallery.close()
@@ -191,9 +195,7 @@ def test_a_search_leaves_a_full_copy_to_a_thread(pgvector_url: str, monkeypatch:
                 other.rollback()
         assert [c[0].face_id for c in got] == [c[0].face_id for c in writer.search(queries, top_k=1)]
         assert reader.index.wait_until_mirrored(60) and reader.index.mirror() == 0
-        with psycopg.connect(pgvector_url.replace("+psycopg", "")) as connection:
-            stored = {row[0] for row in connection.execute("SELECT face_id FROM face_vectors")}
-        assert stored == {r.id for r in records}
+        assert stored_vector_faces(pgvector_url) == {r.id for r in records}
     finally:
         if isinstance(reader.index, PgvectorIndex):
             reader.index.wait_until_mirrored(60)

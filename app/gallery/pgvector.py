@@ -202,7 +202,7 @@ class PgvectorIndex(GalleryIndex):
                 return copied
         raise RuntimeError(
             f"face_vectors could not catch up with the change log in {_ATTEMPTS} full copies: faces are being "
-            "bulk-loaded faster than they can be copied; retried at the next search"
+            "bulk-loaded faster than they can be copied"
         )
 
     def _replay(self, *, wait: bool, forget: Sequence[str] = ()) -> int | None:

@@ -7,11 +7,12 @@ created when this backend starts, under an advisory lock. A server without pgvec
 `PgvectorUnavailable`, which says so; nothing falls back silently.
 
 `face_vectors` follows `faces` through the same change log the in-memory indexes replay: before a search (and at
-load) the first worker to get the state row's lock copies the new adds and applies the removes. A gap in the log, a
-first start or other HNSW build parameters copy every face instead (binary COPY into a new table, its HNSW index
-built over all rows, then swapped in with the changes made meanwhile), one worker at a time; the old table serves
-until the swap. A search that finds the row taken does not wait, and one that finds a full copy needed starts it
-on a thread: both are answered by the in-memory exact search.
+load) the first worker to get the state row's lock copies the new adds and applies the removes, REPLAY_CHUNK per
+transaction. A gap in the log, a first start or other HNSW build parameters copy every face instead (binary COPY
+into a new table, its HNSW index built over all rows, then swapped in with the changes made meanwhile), one worker
+at a time; the old table serves until the swap. A search that finds the row taken does not wait, and one that
+finds more than INLINE_CHANGES to apply, or a full copy needed, leaves the work to a thread: all are answered by
+the in-memory exact search.
 
 PostgreSQL proposes the `candidates` nearest faces (HNSW with `hnsw.ef_search` = index.pgvector_ef_search, at least
 2 x candidates; iterative scans from pgvector 0.8 so that the model-version filter cannot starve the result); they
@@ -25,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Sequence
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -53,9 +55,19 @@ _BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes
 _BINARY_TRAILER = (-1).to_bytes(2, "big", signed=True)
 _PG_COPY_LOCK = 0x66677670  # "fgvp": one worker copies every face at a time
 _NEXT = "face_vectors_next"  # the table a full copy builds, swapped in for face_vectors
+INLINE_CHANGES = 100  # changes a search or a deletion applies itself (~2 ms each at 100k faces); more go to a thread
+REPLAY_CHUNK = 1_000  # changes applied per transaction: a deletion waits for at most one chunk (~2 s at 100k faces)
 _ATTEMPTS = 3  # full copies tried in a row while bulk loads keep moving the log past replay
 _COPY_CHUNK = 50_000
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
+
+
+class _Left(Enum):
+    """What a replay left to do."""
+
+    NOTHING = "up to date"
+    CHANGES = "more changes than it was to apply"
+    EVERYTHING = "every face to copy"
 
 
 class _LogMovedOn(Exception):
@@ -95,7 +107,7 @@ class PgvectorIndex(GalleryIndex):
         self.build_options = {"m": m, "ef_construction": ef_construction}  # pgvector's HNSW build parameters
         self._mirrored = -1  # change-log id the table was seen to mirror (it only moves forward)
         self._copy_lock = threading.Lock()
-        self._copying: threading.Thread | None = None  # a full copy started by a search
+        self._copying: threading.Thread | None = None  # catching up for a search or a deletion
         super().__init__(model_version)
         self.extension_version = self._prepare()
         self._iterative_scan = _version_tuple(self.extension_version) >= (0, 8)
@@ -164,39 +176,49 @@ class PgvectorIndex(GalleryIndex):
     def apply(self, changes: Iterable[Change]) -> None:
         """As `GalleryIndex.apply`; a removal also leaves `face_vectors` at once, not at the next search: the table
         holds embeddings, and a deleted person's must not outlive the DELETE that answered "gone". When the table
-        is too far behind to be brought up to date here (every face to be copied again: minutes at 1M faces), the
-        removed faces' rows are deleted on their own and the copy is left to a thread."""
+        is further behind than a request should make up for (more than INLINE_CHANGES, or every face to be copied
+        again: minutes at 1M faces), the removed faces' rows are deleted on their own and the rest is left to a
+        thread."""
         changes = list(changes)
         super().apply(changes)
         removed = [c.face_id for c in changes if c.op is ChangeOp.REMOVE]
         if not removed:
             return
         try:
-            if self._replay(wait=True, forget=removed) is None:
-                self._start_background_copy()
+            if self._replay(wait=True, most=INLINE_CHANGES, forget=removed)[1] is not _Left.NOTHING:
+                self._catch_up_in_background()
         except SQLAlchemyError as error:  # the deletion is committed; the next search's mirror retries
             logger.warning("face_vectors not updated after a deletion (retried at the next search): %s", error)
 
     def mirror(self, *, wait: bool = True) -> int | None:
         """Bring `face_vectors` up to the change log's head; returns the changes applied (-1: copied in full).
 
-        Applying changes takes the state row's lock; copying every face (the first start, a gap in the log past
-        MAX_REPLAY: another process's bulk load, or other HNSW build parameters) builds a new table beside the old
-        one and takes the row only to swap them, so that neither searches nor deletions wait minutes for it.
-        Start-up waits (`wait`: for the row, for another worker's copy, for its own); a search does not, and gets
-        None while another worker holds the row or when every face must be copied, which then runs on a thread."""
-        for _ in range(_ATTEMPTS):
+        Changes are applied under the state row's lock, REPLAY_CHUNK per transaction, so that a deletion waits
+        seconds at most for its turn. Copying every face (the first start, a gap in the log past MAX_REPLAY:
+        another process's bulk load, or other HNSW build parameters) builds a new table beside the old one and
+        takes the row only to swap them. Start-up and the background thread wait (`wait`: for the row, for
+        another worker's copy, for their own work); a search does not: it gets None while another worker holds the
+        row, or when more than INLINE_CHANGES are to be applied or every face copied, which then runs on a
+        thread."""
+        if not wait:
             try:
-                applied = self._replay(wait=wait)
+                applied, left = self._replay(wait=False, most=INLINE_CHANGES)
             except DBAPIError as error:
-                if wait or getattr(error.orig, "sqlstate", None) != db.PG_LOCK_NOT_AVAILABLE:
+                if getattr(error.orig, "sqlstate", None) != db.PG_LOCK_NOT_AVAILABLE:
                     raise
                 return None
-            if applied is not None:
+            if left is _Left.NOTHING:
                 return applied
-            if not wait:
-                self._start_background_copy()
-                return None
+            self._catch_up_in_background()
+            return None
+        total = 0
+        for _ in range(_ATTEMPTS):
+            left = _Left.CHANGES
+            while left is _Left.CHANGES:
+                applied, left = self._replay(wait=True, most=REPLAY_CHUNK, partly=True)
+                total += applied
+            if left is _Left.NOTHING:
+                return total
             copied = self._copy_all()
             if copied is not None:
                 return copied
@@ -205,31 +227,43 @@ class PgvectorIndex(GalleryIndex):
             "bulk-loaded faster than they can be copied"
         )
 
-    def _replay(self, *, wait: bool, forget: Sequence[str] = ()) -> int | None:
-        """Apply the changes after the table's position under the state row's lock (NOWAIT unless `wait`); None
-        when every face must be copied instead, after deleting the rows of `forget` (face ids just removed)."""
+    def _replay(
+        self, *, wait: bool, most: int, partly: bool = False, forget: Sequence[str] = ()
+    ) -> tuple[int, _Left]:
+        """Apply the changes after the table's position under the state row's lock (NOWAIT unless `wait`): all of
+        them when they are at most `most`, else the first `most` if `partly`, else none. Returns the changes
+        applied and what is left. With `forget` (face ids just removed), those faces' rows are deleted on their
+        own when not every change could be applied."""
         with Session(self.engine) as session, session.begin():
             quick = session.execute(text("SELECT last_change_id FROM face_vectors_state WHERE id = 1")).scalar_one()
             if int(quick) == store.last_change_id(session):
                 self._mirrored = int(quick)
-                return 0  # up to date: no lock taken, searches of several workers do not queue here
+                return 0, _Left.NOTHING  # up to date: no lock taken, searches of several workers do not queue here
             connection = session.connection()
             if wait:
                 db.without_timeouts(connection)
             lock = "SELECT last_change_id FROM face_vectors_state WHERE id = 1 FOR UPDATE" + ("" if wait else " NOWAIT")
             mirrored = int(session.execute(text(lock)).scalar_one())
             if not wait:
-                db.without_timeouts(connection)  # the row is ours: applying MAX_REPLAY changes takes a while
+                db.without_timeouts(connection)  # the row is ours: `most` changes take what they take
             head = store.last_change_id(session)
-            changes = _changes_between(session, mirrored, head)
-            if changes is None:
+            applied: list[Change] | None = None
+            if not _replayable(mirrored, head):
+                left = _Left.EVERYTHING
+            elif head - mirrored > most and not partly:
+                left = _Left.CHANGES
+            else:
+                upto = min(head, mirrored + most)
+                applied = _changes_between(session, mirrored, upto)
+                left = _Left.EVERYTHING if applied is None else _Left.NOTHING if upto == head else _Left.CHANGES
+            if applied is None:
                 if forget:  # under the row's lock: no replay or swap of another worker runs meanwhile
                     connection.execute(text("DELETE FROM face_vectors WHERE face_id = ANY(:ids)"), {"ids": list(forget)})
-                return None
-            _apply_changes(connection, changes, "face_vectors")
-            session.execute(text("UPDATE face_vectors_state SET last_change_id = :head WHERE id = 1"), {"head": head})
-        self._mirrored = head
-        return len(changes)
+                return 0, left
+            _apply_changes(connection, applied, "face_vectors")
+            session.execute(text("UPDATE face_vectors_state SET last_change_id = :upto WHERE id = 1"), {"upto": upto})
+        self._mirrored = upto
+        return len(applied), left
 
     def _copy_all(self) -> int | None:
         """Copy every face into a new table with its HNSW index, then swap it in (-1). None: nothing done, replay
@@ -282,7 +316,7 @@ class PgvectorIndex(GalleryIndex):
         logger.info("face_vectors: every face copied (%d changes applied after the copy)", len(changes))
         return -1
 
-    def _start_background_copy(self) -> None:
+    def _catch_up_in_background(self) -> None:
         """Bring `face_vectors` up to date on a thread (one at a time); searches answer from memory meanwhile."""
         with self._copy_lock:
             if self._copying is not None and self._copying.is_alive():
@@ -292,14 +326,14 @@ class PgvectorIndex(GalleryIndex):
                 try:
                     self.mirror()
                 except Exception:
-                    logger.exception("copying every face into face_vectors failed (retried at the next search)")
+                    logger.exception("bringing face_vectors up to date failed (retried at the next search)")
 
-            self._copying = threading.Thread(target=run, name="facegate-pgvector-copy", daemon=True)
+            self._copying = threading.Thread(target=run, name="facegate-pgvector-mirror", daemon=True)
             self._copying.start()
-        logger.info("face_vectors is too far behind the change log: copying every face in the background")
+        logger.info("face_vectors is far behind the change log: brought up to date in the background")
 
     def wait_until_mirrored(self, timeout: float | None = None) -> bool:
-        """Wait for a background copy to finish (True: none is running any more)."""
+        """Wait for the background thread bringing the table up to date (True: none is running any more)."""
         with self._copy_lock:
             thread = self._copying
         return background_done(thread, timeout)
@@ -356,12 +390,18 @@ NEAREST_FACES = text(
 )
 
 
+def _replayable(mirrored: int, head: int) -> bool:
+    """Whether the log's head can be reached by applying changes (not: never mirrored, a database reset or more
+    than MAX_REPLAY changes behind)."""
+    return mirrored == head or (0 <= mirrored < head and head - mirrored <= MAX_REPLAY)
+
+
 def _changes_between(session: Session, mirrored: int, head: int) -> list[Change] | None:
-    """The changes after `mirrored` up to `head`; None where they cannot be replayed (never mirrored, more than
-    MAX_REPLAY, or the log pruned past `mirrored` or skipped by a bulk load): every face must be copied."""
+    """The changes after `mirrored` up to `head`; None where they cannot be replayed (`_replayable`, or the log
+    pruned past `mirrored` or skipped by a bulk load): every face must be copied."""
     if mirrored == head:
         return []
-    if not 0 <= mirrored < head or head - mirrored > MAX_REPLAY:
+    if not _replayable(mirrored, head):
         return None
     changes = store.changes_after(session, after=mirrored, upto=head)
     return changes if [c.id for c in changes] == list(range(mirrored + 1, head + 1)) else None

@@ -14,13 +14,14 @@ import numpy as np
 import numpy.typing as npt
 import psycopg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
 from app.config import IndexBackend, IndexSettings
 from app.gallery import Gallery, bulk, pgvector, synthetic
 from app.gallery.index import GalleryIndex
 from app.gallery.pgvector import NEAREST_FACES, PgvectorIndex, PgvectorUnavailable, _vector_text
+from app.gallery.store import Change
 from app.vision.types import Box
 from bench.pgvector_scale import hnsw_problem, new_database
 from tests.gallery.test_index_backends import tied_gallery
@@ -57,6 +58,18 @@ def stored_vector_faces(url: str) -> set[str]:
         return {row[0] for row in connection.execute("SELECT face_id FROM face_vectors")}
 
 
+def waiting_for_a_lock(url: str, timeout: float = 30.0) -> bool:
+    """Whether a session of this database comes to wait for a lock within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as connection:
+        while time.monotonic() < deadline:
+            query = "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            if connection.execute(query).fetchone():
+                return True
+            time.sleep(0.02)
+    return False
+
+
 @pytest.mark.pgvector
 def test_pgvector_search_follows_the_gallery(pgvector_url: str) -> None:
     seeded = synthetic.gallery(3000, faces_per_identity=1, seed=12)
@@ -65,9 +78,9 @@ def test_pgvector_search_follows_the_gallery(pgvector_url: str) -> None:
     try:
         assert isinstance(reader.index, PgvectorIndex) and reader.index.extension_version >= "0.8"
         records = writer.bulk_enrol(names=[f"p{i}" for i in range(3000)], embeddings=seeded.embeddings)
+        assert reader.index.mirror() == 3000  # more than a search applies itself (INLINE_CHANGES)
         queries, _ = synthetic.probes(seeded, enrolled=40, strangers=10, seed=3)
         want, got = writer.search(queries, top_k=3), reader.search(queries, top_k=3)
-        assert reader.index.mirror() == 0  # the search already copied the 3000 adds
         agree = [g[0].identity_id == w[0].identity_id for w, g in zip(want, got)]
         assert np.mean(agree[:40]) >= 0.95 and np.mean(agree) >= 0.9
         for w, g in zip(want, got):
@@ -135,7 +148,7 @@ def test_deleted_faces_leave_the_vector_table_at_once(pgvector_url: str) -> None
     gallery = Gallery.open(pgvector_url, MODEL, index=PGVECTOR)
     try:
         records = gallery.bulk_enrol(names=[f"p{i}" for i in range(300)], embeddings=seeded.embeddings)
-        gallery.search(seeded.embeddings[:1], top_k=1)  # mirrors the adds
+        assert isinstance(gallery.index, PgvectorIndex) and gallery.index.mirror() == 300
         gone, kept = records[0], records[1]
         gallery.delete_identity(gone.identity_id)
         gallery.delete_face(kept.identity_id, kept.id)
@@ -156,7 +169,7 @@ def test_a_search_does_not_queue_behind_another_workers_copy(pgvector_url: str) 
     try:
         writer.bulk_enrol(names=[f"p{i}" for i in range(300)], embeddings=seeded.embeddings)
         queries, _ = synthetic.probes(seeded, enrolled=5, strangers=0, seed=62)
-        reader.search(queries, top_k=1)  # mirrors the adds
+        assert isinstance(reader.index, PgvectorIndex) and reader.index.mirror() == 300
         newcomer = writer.create_identity(name="newcomer")
         fresh = writer.enroll_face(identity_id=newcomer.id, embedding=queries[0] + 0.001, box=Box(0, 0, 9, 9), score=1.0)
         with psycopg.connect(pgvector_url.replace("+psycopg", "")) as other, ThreadPoolExecutor(1) as pool:
@@ -225,7 +238,8 @@ def test_a_deletion_does_not_wait_for_another_workers_full_copy(
     try:
         records = writer.bulk_enrol(names=[f"p{i}" for i in range(300)], embeddings=seeded.embeddings[:300])
         queries, _ = synthetic.probes(seeded, enrolled=8, strangers=0, seed=82)
-        for _ in range(2):  # mirrors the adds; then the same statement runs often enough for psycopg to prepare it
+        assert deleting_index.mirror() == 300
+        for _ in range(2):  # the same statement, often enough for psycopg to prepare it
             deleter.search(queries, top_k=1)
         monkeypatch.setattr("app.gallery.pgvector.MAX_REPLAY", 10)
         later = writer.bulk_enrol(names=[f"q{i}" for i in range(20)], embeddings=seeded.embeddings[300:])
@@ -264,6 +278,65 @@ def test_a_deletion_does_not_wait_for_another_workers_full_copy(
         deleting_index.wait_until_mirrored(60)
         deleter.close()
         copier.close()
+        writer.close()
+
+
+@pytest.mark.pgvector
+def test_a_deletion_waits_for_one_chunk_of_another_workers_replay(
+    pgvector_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Applying many changes (50,000 adds took minutes into an HNSW index at 100k faces) goes REPLAY_CHUNK per
+    transaction: a deletion through another worker waits for the chunk in progress, not for all of them, and
+    leaves its face's row gone; the replay then goes on."""
+    monkeypatch.setattr("app.gallery.pgvector.REPLAY_CHUNK", 50)
+    seeded = synthetic.gallery(310, faces_per_identity=1, seed=95)
+    writer = Gallery.open(pgvector_url, MODEL)
+    replayer = Gallery.open(pgvector_url, MODEL, index=PGVECTOR)
+    deleter = Gallery.open(pgvector_url, MODEL, index=PGVECTOR)
+    replaying, deleting = replayer.index, deleter.index
+    assert isinstance(replaying, PgvectorIndex) and isinstance(deleting, PgvectorIndex)
+    try:
+        first = writer.bulk_enrol(names=[f"p{i}" for i in range(10)], embeddings=seeded.embeddings[:10])
+        assert replaying.mirror() == 10
+        later = writer.bulk_enrol(names=[f"q{i}" for i in range(300)], embeddings=seeded.embeddings[10:])
+        entered = [threading.Event() for _ in range(6)]
+        proceed = [threading.Event() for _ in range(6)]
+        real_apply = pgvector._apply_changes
+
+        def held(connection: Connection, changes: list[Change], table: str) -> None:
+            if threading.current_thread().name == "replayer":
+                call = sum(e.is_set() for e in entered)
+                entered[call].set()
+                assert proceed[call].wait(60)
+            real_apply(connection, changes, table)
+
+        monkeypatch.setattr(pgvector, "_apply_changes", held)
+        replayed: list[int | None] = []
+        thread = threading.Thread(target=lambda: replayed.append(replaying.mirror()), name="replayer")
+        thread.start()
+        gone = first[0]
+        try:
+            proceed[0].set()
+            assert entered[1].wait(30)  # the second chunk holds the state row
+            with ThreadPoolExecutor(1) as pool:
+                deletion = pool.submit(deleter.delete_identity, gone.identity_id)
+                assert waiting_for_a_lock(pgvector_url)  # for that chunk's
+                assert not deletion.done()
+                proceed[1].set()
+                assert deletion.result(timeout=30).identity_deleted
+            assert gone.id not in stored_vector_faces(pgvector_url)
+            assert not entered[3].is_set() and thread.is_alive()  # four chunks of the replay are still to come
+        finally:
+            for event in proceed:
+                event.set()
+            thread.join(60)
+        assert not thread.is_alive() and replayed[0] is not None and deleting.wait_until_mirrored(60)
+        assert stored_vector_faces(pgvector_url) == {r.id for r in first[1:]} | {r.id for r in later}
+        assert deleting.mirror() == 0 and replaying.mirror() == 0
+    finally:
+        deleting.wait_until_mirrored(60)
+        deleter.close()
+        replayer.close()
         writer.close()
 
 
@@ -415,6 +488,10 @@ def test_pgvector_table_follows_a_reindex(pgvector_url: str) -> None:
             want = exact.search(queries, top_k=1)
         finally:
             exact.close()
+        # 2000 changes: the search answers from memory and leaves them to a thread, which applies them in order.
+        exact_answer = reader.search(queries, top_k=1)
+        assert [c[0].face_id for c in exact_answer] == [c[0].face_id for c in want]
+        assert reader.index.wait_until_mirrored(60) and reader.index.mirror() == 0
         got = reader.search(queries, top_k=1)
         assert reader.stats().size == 1000
         assert [c[0].face_id for c in got] == [c[0].face_id for c in want]
@@ -440,8 +517,9 @@ def test_pgvector_ranks_exact_ties_as_the_exact_index(pgvector_url: str) -> None
         people = {name: writer.create_identity(name=name).id for name in dict.fromkeys(owners[::-1])}
         for owner, vector in zip(owners[::-1], vectors[::-1]):
             writer.enroll_face(identity_id=people[owner], embedding=vector, box=Box(0, 0, 9, 9), score=1.0)
+        assert isinstance(reader.index, PgvectorIndex) and reader.index.mirror() == len(owners)
         want, got = writer.search(queries, top_k=5), reader.search(queries, top_k=5)
-        assert isinstance(reader.index, PgvectorIndex) and reader.index.mirror() == 0
+        assert reader.index.mirror() == 0  # searched in PostgreSQL
         assert [[(c.identity_id, c.face_id, c.distance) for c in r] for r in got] == [
             [(c.identity_id, c.face_id, c.distance) for c in r] for r in want
         ]

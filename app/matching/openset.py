@@ -116,11 +116,15 @@ class Reason(StrEnum):
     AMBIGUOUS = "ambiguous"
 
 
+# Distances below this count as this in the score (log 0 would be -inf): the same photo enrolled twice gives 0.
+SCORE_FLOOR = 1e-12
+
+
 def facegate_score(d1: ArrayLike, d2: ArrayLike, *, beta: float = DEFAULT_BETA, cap: float = DEFAULT_CAP) -> NDArray[np.float64]:
     """s = log(d1) - beta * log(min(d2, cap)); d2 = inf for a one-identity gallery. Lower = more confident."""
-    a = np.maximum(np.asarray(d1, dtype=np.float64), 1e-12)
+    a = np.maximum(np.asarray(d1, dtype=np.float64), SCORE_FLOOR)
     b = np.minimum(np.asarray(d2, dtype=np.float64), cap)
-    return np.asarray(np.log(a) - beta * np.log(np.maximum(b, 1e-12)))
+    return np.asarray(np.log(a) - beta * np.log(np.maximum(b, SCORE_FLOOR)))
 
 
 # ---------------------------------------------------------------------------- the calibrated model
@@ -379,16 +383,29 @@ def nearest_identities(
     return [k for k, _ in order], np.array([v for _, v in order], dtype=np.float64)
 
 
+_MAX_STEPS = 64  # ulps `_accept_distance` may step: the closed form is off by a few; a bound, not a limit met
+
+
 def _accept_distance(m: OpenSetModel, t: float, d2: float) -> float:
     """The largest distance d with score(d, d2) <= t: exp(t) * min(d2, cap) ** beta, moved by float64 steps onto the
     boundary the score test draws (the closed form is off by a few ulps either way), so that a response never shows
     a distance at or below `accept_distance` that failed the score test, or one above it that passed."""
-    a = float(math.exp(t) * min(d2, m.cap) ** m.beta)
+    a = float(math.exp(t) * max(min(d2, m.cap), SCORE_FLOOR) ** m.beta)  # d2 floored as the score floors it
     if not math.isfinite(a):
         return a  # no edge to step onto (an infinite score threshold); the loops below would never end
-    while a > 0.0 and float(m.score(a, d2)) > t:
+    # The score is flat below SCORE_FLOOR (a runner-up at distance 0, the same photo enrolled twice, puts the edge
+    # there): step only above it, where it grows with d and the closed form is a few ulps off at most. Stepping
+    # through the subnormals one ulp at a time would take for ever.
+    a = max(a, SCORE_FLOOR)
+    for _ in range(_MAX_STEPS):
+        if a <= SCORE_FLOOR or float(m.score(a, d2)) <= t:
+            break
         a = math.nextafter(a, -math.inf)
-    while float(m.score(math.nextafter(a, math.inf), d2)) <= t:
+    if float(m.score(a, d2)) > t:
+        return 0.0  # no distance passes (as for t = -inf)
+    for _ in range(_MAX_STEPS):
+        if float(m.score(math.nextafter(a, math.inf), d2)) > t:
+            break
         a = math.nextafter(a, math.inf)
     return a
 

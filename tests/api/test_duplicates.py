@@ -113,3 +113,24 @@ def test_two_names_for_one_person_make_identify_ambiguous(client: TestClient, ph
     (face,) = r.json()["faces"]
     assert face["reason"] == "accepted" and face["match"]["name"] == "Amy A"
     assert face["ambiguous"] is False and face["margin"] is None
+
+
+def test_one_photo_enrolled_as_two_people_is_ambiguous(client: TestClient, photo: Photo) -> None:
+    # The same photo twice: both identities at distance 0 from it. The open-set explanation's accept_distance used
+    # to be sought one subnormal float at a time from 0 up: /identify never answered and its thread spun for ever.
+    for name in ("Amy A", "Amy B"):
+        r = client.post("/enroll", files={"image": photo(AMY[0])}, data={"name": name, "allow_duplicate": "true"})
+        assert r.status_code == 201, r.text
+    answers: list[Any] = []  # on a daemon thread with a deadline: a regression fails instead of hanging the suite
+    thread = threading.Thread(
+        target=lambda: answers.append(client.post("/identify", files={"image": photo(AMY[0])})), daemon=True
+    )
+    thread.start()
+    thread.join(60)
+    assert answers, "/identify did not answer"
+    r = answers[0]
+    assert r.status_code == 200, r.text
+    (face,) = r.json()["faces"]
+    assert face["reason"] == "ambiguous" and face["match"] is None
+    assert [c["distance"] for c in face["candidates"]] == [0.0, 0.0] and face["margin"] == 0.0
+    assert 0.0 < face["accept_distance"] < 0.36

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -127,6 +128,32 @@ class TestDecide:
         m = load_default_model()
         assert _accept_distance(m, math.inf, 0.5) == math.inf
         assert _accept_distance(m, -math.inf, 0.5) == 0.0
+
+    def test_a_runner_up_at_distance_zero_is_decided_at_once(self) -> None:
+        # The same photo enrolled as two people puts the runner-up at distance 0. accept_distance used to step up
+        # from 0 one subnormal float at a time, for ever: /identify never answered and its thread spun. Run on a
+        # daemon thread with a deadline, so that a regression fails instead of hanging the suite.
+        m = load_default_model()
+        results: list[tuple[float, float, float]] = []
+
+        def run() -> None:
+            for d2, t in itertools.product(
+                (0.0, 5e-324, 1e-300, 1e-20, 1e-13, 1e-12, 2e-12, 1e-6), (-math.inf, -30.0, -7.0, -6.9, -3.0, 0.0, 3.0)
+            ):
+                results.append((d2, t, _accept_distance(m, t, d2)))
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(10)
+        assert len(results) == 56, "accept_distance did not return"
+        for d2, t, a in results:
+            above = float(m.score(math.nextafter(a, math.inf), d2))
+            if a > 0.0:  # the edge: a passes the score test, the next float up fails it
+                assert float(m.score(a, d2)) <= t < above, (d2, t, a)
+            else:  # no distance passes
+                assert above > t, (d2, t)
+        decision = decide([0.0, 0.0, 0.5], ["a", "b", "c"], model=m)
+        assert decision.reason is Reason.AMBIGUOUS and decision.thresholds["accept_distance"] > 0.0
 
     def test_reported_thresholds_agree_with_the_decision_to_the_last_bit(self) -> None:
         # accept_distance and fpir_estimate restate the score test: at its very boundary they must still say what

@@ -374,6 +374,50 @@ def tiff_of(samples: int, bits: int, sample_format: int, width: int = 4, height:
     return head + arrays_data + pixels
 
 
+def tiff_from_tags(tags: dict[int, tuple[int, list[int]]], tail: bytes = b"") -> bytes:
+    """A little-endian TIFF with one directory of `tags` ({tag: (type 3 SHORT or 4 LONG, values)}), `tail` after it."""
+    entries, arrays = b"", b""
+    arrays_at = 8 + 2 + 12 * len(tags) + 4
+    for tag, (kind, values) in sorted(tags.items()):
+        payload = struct.pack(f"<{len(values)}{'H' if kind == 3 else 'I'}", *values)
+        if len(payload) <= 4:
+            entries += struct.pack("<HHI", tag, kind, len(values)) + payload.ljust(4, b"\0")
+        else:
+            entries += struct.pack("<HHII", tag, kind, len(values), arrays_at + len(arrays))
+            arrays += payload
+    return b"II*\x00" + struct.pack("<IH", 8, len(tags)) + entries + b"\0" * 4 + arrays + tail
+
+
+def tiff_in_strips(rows: int) -> bytes:
+    """A 1 x `rows` grey TIFF, uncompressed, one row per strip, every strip the same byte: 8 bytes a row. Pillow makes
+    a Python tile of each strip: 2.4 million (19 MB) took 23 s and 890 MB, and were accepted."""
+    pixel_at = 8 + 2 + 12 * 9 + 4 + 8 * rows
+    return tiff_from_tags(
+        {256: (4, [1]), 257: (4, [rows]), 258: (3, [8]), 259: (3, [1]), 262: (3, [1]), 277: (3, [1]),
+         278: (4, [1]), 273: (4, [pixel_at] * rows), 279: (4, [1] * rows)},  # fmt: skip
+        b"\x80",
+    )
+
+
+def tiff_with_a_huge_tile() -> bytes:
+    """206 bytes: a 16 x 16 RGBA TIFF, deflate-compressed, in one tile of 32768 x 16368 pixels, which libtiff
+    allocates whole to decode it (2.1 GB, 3-7 s; then the data turned out broken)."""
+    return tiff_from_tags(
+        {256: (4, [16]), 257: (4, [16]), 258: (3, [8] * 4), 259: (3, [8]), 262: (3, [2]), 277: (3, [4]),
+         322: (4, [32768]), 323: (4, [16368]), 324: (4, [200]), 325: (4, [6])},  # fmt: skip
+        b"\x80" * 6,
+    )
+
+
+def png_with_icc_profiles(ctx: Ctx, count: int = 19_000) -> bytes:
+    """The face PNG with `count` ICC profile chunks of 1 kB, each inflating to 1 MiB, which Pillow inflates one by
+    one outside its cap on text: 19,000 (20 MB) took 52 s."""
+    png = encode(ctx.colin_image, "PNG")
+    profile = png_chunk(b"iCCP", b"icc\0\0" + zlib.compress(bytes(1 << 20), 9))
+    after_ihdr = 8 + 25
+    return png[:after_ihdr] + profile * count + png[after_ihdr:]
+
+
 def tiff_of_float_rgb() -> bytes:
     """A TIFF of 32-bit float RGB samples: a layout Pillow does not decode."""
     return tiff_of(3, 32, 3)
@@ -608,6 +652,12 @@ def _cases() -> list[Case]:
           files={"image": upload(gif_comment_bomb, "x.gif", "image/gif")}, data=enroll_new),
         C("bmp-rle4-36-megapixels", "POST", "/enroll", 413, "image_too_large",
           files={"image": upload(rle4_bmp_36_megapixels, "rle.bmp", "image/bmp")}, data=enroll_new),
+        C("tiff-2.4-million-strips", "POST", "/identify", 422, "invalid_image",
+          files={"image": upload(functools.partial(tiff_in_strips, 2_400_000), "x.tif", "image/tiff")}),
+        C("tiff-one-tile-of-536-megapixels", "POST", "/identify", 422, "invalid_image",
+          files={"image": upload(tiff_with_a_huge_tile, "x.tif", "image/tiff")}),
+        C("png-19000-icc-profiles", "POST", "/identify", 422, "invalid_image",
+          files={"image": upload(png_with_icc_profiles, "x.png", "image/png")}),
         C("tiff-of-float-rgb", "POST", "/identify", 415, "unsupported_image",
           files={"image": upload(tiff_of_float_rgb, "x.tif", "image/tiff")}),
         C("eps-10-million-lines", "POST", "/identify", 415, "unsupported_image",

@@ -10,15 +10,19 @@ What decoding guarantees:
   from their first bytes alone (no parser of theirs runs); anything else raises `InvalidImage`. A TIFF whose pixel
   layout Pillow does not decode (floating-point colour, 12-bit samples, ...) raises `UnsupportedImage` too.
 * Data whose decoding costs far more than its size says is refused before it is decoded: a JPEG (or MPO) with more
-  than `MAX_JPEG_SCANS` scans or `MAX_JPEG_MARKERS` markers, or padded with more than `MAX_JPEG_JUNK` bytes, and a PNG
-  with more than `MAX_PNG_CHUNKS` chunks or a GIF with more than `MAX_GIF_BLOCKS` extension blocks before its image
-  (`InvalidImage`); an RLE-compressed BMP over `MAX_RLE_BMP_PIXELS` or `MAX_RLE_BMP_BYTES` (`ImageTooLarge`).
+  than `MAX_JPEG_SCANS` scans or `MAX_JPEG_MARKERS` markers, or padded with more than `MAX_JPEG_JUNK` bytes, a PNG
+  with more than `MAX_PNG_CHUNKS` chunks or `MAX_PNG_INFLATED_CHUNKS` compressed metadata chunks, a GIF with more
+  than `MAX_GIF_BLOCKS` extension blocks before its image, and a TIFF in more than `MAX_TIFF_PARTS` strips or tiles
+  or with tiles of more pixels than the image limit (`InvalidImage`); an RLE-compressed BMP over
+  `MAX_RLE_BMP_PIXELS` or `MAX_RLE_BMP_BYTES` (`ImageTooLarge`).
 * The pixel count is checked from the header, before any pixel is decoded: more than `max_pixels` raises
   `ImageTooLarge`. Pillow's own decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`, left at its default) also applies:
   images over it are refused with `ImageTooLarge` too (Pillow raises `DecompressionBombError` above twice that limit
   and warns above it; facegate refuses both cases), so the effective limit is min(max_pixels, MAX_IMAGE_PIXELS).
 * The whole image is decoded: truncated or corrupt data raises `InvalidImage` (Pillow's global
-  `LOAD_TRUNCATED_IMAGES` is never set, so missing data is never filled in silently).
+  `LOAD_TRUNCATED_IMAGES` is never set, so missing data is not filled in silently). The exception is a JPEG whose
+  image data stops short but is closed by an end-of-image marker: libjpeg decodes the missing blocks as grey, as
+  viewers show such a file, with a warning that Pillow does not pass on.
 * The EXIF orientation tag is applied, so the array is upright as a viewer shows it; EXIF that cannot be read is
   ignored (the pixels as stored), and a readable orientation tag is applied even when other tags are malformed. HEIF
   is the exception: libheif applies the file's own rotation and mirroring (irot, imir), which HEIF readers follow
@@ -124,6 +128,12 @@ _JPEG_NO_LENGTH = {0x01, 0xD8}  # TEM, SOI: markers without a length field
 # animation adds two per frame. 20,000 leaves room for all of these and bounds the walk below to ~10 ms.
 MAX_PNG_CHUNKS = 20_000
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Chunks whose data Pillow inflates (up to 1 MiB each): the ICC profile (iCCP; one at most) and compressed or
+# international text (zTXt, iTXt: XMP, comments). Pillow's 64 MB cap on text leaves out an ICC profile, a zTXt with an
+# empty keyword and an iTXt whose text is not UTF-8: 19,000 of those, 1 kB each (20 MB), inflated 19 GB in 52 s. A
+# photo has a few; 100 bound the inflating to about 0.3 s.
+MAX_PNG_INFLATED_CHUNKS = 100
+_PNG_INFLATED = frozenset({b"iCCP", b"zTXt", b"iTXt"})
 
 # Pillow decodes RLE-compressed BMP (RLE8, RLE4; palette images, not photos) in a Python loop: about 0.1 us per
 # pixel for RLE4 (6000 x 6000 in 300 kB: 3 s) and 0.25 us per byte of codes that draw little or nothing (20 MB on a
@@ -141,6 +151,12 @@ _GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
 
 # Classic TIFF, little- and big-endian, and BigTIFF (which Pillow reads too).
 _TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# Strips or tiles of a TIFF's first image. Pillow makes a Python tile of each uncompressed strip when it opens the
+# file, and decodes them one by one: 2.4 million one-row strips (19 MB) took 4.8 s to open and 23 s and 890 MB in
+# all, and were accepted. A photo has a few hundred (a 40-megapixel image of 256 x 256 tiles: ~600; one row per strip:
+# one per row); 50,000 bounds Pillow's work to some 0.3 s.
+MAX_TIFF_PARTS = 50_000
+_TIFF_STRIP_OFFSETS, _TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH, _TIFF_TILE_OFFSETS = 273, 322, 323, 324
 
 # EXIF orientation (tag 0x0112) -> the transpose that shows the stored pixels as a viewer does.
 _ORIENTATION_TAG = 0x0112
@@ -285,6 +301,8 @@ def _decode(data: bytes, *, max_pixels: int, longest: int | None = None, heic: b
         _check_png_structure(data)
     elif data.startswith(_GIF_SIGNATURES):
         _check_gif_structure(data)
+    elif data.startswith(_TIFF_SIGNATURES):
+        _check_tiff_structure(data, min(max_pixels, PILImage.MAX_IMAGE_PIXELS or max_pixels))
     try:
         im = PILImage.open(io.BytesIO(data), formats=_formats(heic))  # reads the header only
     except PILImage.DecompressionBombError as exc:
@@ -449,7 +467,7 @@ def _check_jpeg_structure(data: bytes) -> int | None:
 def _check_png_structure(data: bytes) -> None:
     """Refuse a PNG with more than MAX_PNG_CHUNKS chunks before IEND, following the chunks by their lengths (a
     truncated or malformed chain is left to the decoder, which says so)."""
-    pos, chunks = len(_PNG_SIGNATURE), 0
+    pos, chunks, inflated = len(_PNG_SIGNATURE), 0, 0
     while pos + 8 <= len(data):
         chunks += 1
         if chunks > MAX_PNG_CHUNKS:
@@ -457,9 +475,57 @@ def _check_png_structure(data: bytes) -> None:
                 f"the PNG has more than {MAX_PNG_CHUNKS:,} chunks; a photo has a few dozen: too costly to read",
                 max_chunks=MAX_PNG_CHUNKS,
             )
-        if data[pos + 4 : pos + 8] == b"IEND":
+        kind = data[pos + 4 : pos + 8]
+        if kind == b"IEND":
             return
+        if kind in _PNG_INFLATED:
+            inflated += 1
+            if inflated > MAX_PNG_INFLATED_CHUNKS:
+                raise InvalidImage(
+                    f"the PNG has more than {MAX_PNG_INFLATED_CHUNKS} compressed metadata chunks (ICC profile, "
+                    "zTXt, iTXt); a photo has a few: too costly to read",
+                    max_metadata_chunks=MAX_PNG_INFLATED_CHUNKS,
+                )
         pos += 12 + int.from_bytes(data[pos : pos + 4], "big")  # length, type, data, CRC
+
+
+def _check_tiff_structure(data: bytes, max_pixels: int) -> None:
+    """Refuse a TIFF whose first image is cut into more than MAX_TIFF_PARTS strips or tiles, or whose tiles are
+    larger than the whole image may be (libtiff allocates a whole tile to decode it: a 206-byte file declaring one
+    32768 x 16368 tile for 16 x 16 pixels took 2.1 GB), from its first directory's entries alone (counts and tile
+    sizes; a truncated or malformed directory is left to the decoder, which says so)."""
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 8-byte counts and offsets, 20-byte entries
+    head, count_format, entry_size = (16, "Q", 20) if big else (8, "I", 12)
+    if len(data) < head:
+        return
+    at = struct.unpack_from(order + ("Q" if big else "I"), data, 8 if big else 4)[0]
+    if at + (8 if big else 2) > len(data):
+        return
+    entries = struct.unpack_from(order + ("Q" if big else "H"), data, at)[0]
+    first = at + (8 if big else 2)
+    parts, tile = 0, [0, 0]
+    for i in range(min(entries, (len(data) - first) // entry_size)):
+        where = first + i * entry_size
+        tag, kind = struct.unpack_from(order + "HH", data, where)
+        count = struct.unpack_from(order + count_format, data, where + 4)[0]
+        if tag in (_TIFF_STRIP_OFFSETS, _TIFF_TILE_OFFSETS):
+            parts = max(parts, count)
+        elif tag in (_TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH) and count == 1 and kind in (3, 4, 16):  # SHORT, LONG, LONG8
+            value_format = {3: "H", 4: "I", 16: "Q"}[kind]
+            tile[tag - _TIFF_TILE_WIDTH] = struct.unpack_from(order + value_format, data, where + (12 if big else 8))[0]
+    if parts > MAX_TIFF_PARTS:
+        raise InvalidImage(
+            f"the TIFF's image is cut into {parts:,} strips or tiles; a photo has a few hundred, at most "
+            f"{MAX_TIFF_PARTS:,} are accepted: too costly to read",
+            max_parts=MAX_TIFF_PARTS,
+        )
+    if tile[0] * tile[1] > max_pixels:
+        raise InvalidImage(
+            f"the TIFF's tiles are {tile[0]}x{tile[1]} = {tile[0] * tile[1]:,} pixels each, more than a whole image "
+            f"may have ({max_pixels:,})",
+            max_pixels=max_pixels,
+        )
 
 
 def _check_gif_structure(data: bytes) -> None:

@@ -23,12 +23,23 @@ from app.vision.decode import (
     MAX_JPEG_MARKERS,
     MAX_JPEG_SCANS,
     MAX_PNG_CHUNKS,
+    MAX_PNG_INFLATED_CHUNKS,
     MAX_RLE_BMP_BYTES,
     MAX_RLE_BMP_PIXELS,
+    MAX_TIFF_PARTS,
     decode_image,
     load_image,
 )
-from tests.hostile_cases import exif_with_a_rational, png_chunk, progressive_jpeg, rle_bmp, tiff_of
+from tests.hostile_cases import (
+    exif_with_a_rational,
+    png_chunk,
+    progressive_jpeg,
+    rle_bmp,
+    tiff_from_tags,
+    tiff_in_strips,
+    tiff_of,
+    tiff_with_a_huge_tile,
+)
 
 LIMIT = 10_000_000
 
@@ -371,6 +382,69 @@ class TestRefusals:
         # blocks after the first image are not read to decode it: not counted
         many_after = gif[:-1] + b"\x21\xfe\x00" * (2 * MAX_GIF_BLOCKS) + gif[-1:]
         assert np.array_equal(decode_image(many_after, max_pixels=LIMIT), expected)
+
+    def test_png_with_too_many_compressed_metadata_chunks(self) -> None:
+        """Pillow inflates each ICC profile, zTXt and iTXt chunk (up to 1 MiB), and its 64 MB cap on text leaves out
+        profiles, a zTXt without a keyword and an iTXt that is not UTF-8: 19,000 of 1 kB (20 MB) took 52 s."""
+        png = _encode(PILImage.fromarray(_marked_rgb()), "PNG")
+        expected = decode_image(png, max_pixels=LIMIT)
+        inflating = zlib.compress(bytes(1 << 20), 9)
+        chunks = [
+            png_chunk(b"iCCP", b"icc\0\0" + inflating),
+            png_chunk(b"zTXt", b"\0\0" + inflating),  # no keyword
+            png_chunk(b"iTXt", b"k\0\1\0\0\0" + zlib.compress(b"\xff" * (1 << 20), 9)),  # not UTF-8
+        ]
+
+        def with_metadata(count: int) -> bytes:
+            return png[:33] + b"".join(chunks[i % 3] for i in range(count)) + png[33:]
+
+        assert np.array_equal(decode_image(with_metadata(MAX_PNG_INFLATED_CHUNKS), max_pixels=LIMIT), expected)
+        for count in (MAX_PNG_INFLATED_CHUNKS + 1, 19_000):
+            start = time.process_time()
+            with pytest.raises(InvalidImage, match="compressed metadata") as info:
+                decode_image(with_metadata(count), max_pixels=LIMIT)
+            assert time.process_time() - start < 0.5
+            assert info.value.details == {"max_metadata_chunks": MAX_PNG_INFLATED_CHUNKS}
+
+    def test_tiff_in_too_many_strips_is_refused_before_it_is_opened(self) -> None:
+        """Pillow makes a Python tile of each uncompressed strip as it opens a TIFF: 2.4 million one-row strips
+        (19 MB) took 4.8 s to open, 23 s and 890 MB in all, and were accepted."""
+        assert decode_image(tiff_in_strips(MAX_TIFF_PARTS), max_pixels=LIMIT).shape == (MAX_TIFF_PARTS, 1, 3)
+        for rows in (MAX_TIFF_PARTS + 1, 2_400_000):
+            start = time.process_time()
+            with pytest.raises(InvalidImage, match="strips or tiles") as info:
+                decode_image(tiff_in_strips(rows), max_pixels=LIMIT)
+            assert time.process_time() - start < 0.5
+            assert info.value.details == {"max_parts": MAX_TIFF_PARTS}
+
+    def test_tiff_tiles_larger_than_an_image_may_be_are_refused(self) -> None:
+        """libtiff allocates a whole tile to decode it: 206 bytes declaring one 32768 x 16368 tile took 2.1 GB."""
+        pixels = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
+
+        def tiled(side: int) -> bytes:  # 16 x 16 RGB, uncompressed, in one tile of side x side (a multiple of 16)
+            tile = np.zeros((side, side, 3), np.uint8)
+            tile[:16, :16] = pixels
+            at = 8 + 2 + 12 * 10 + 4 + 6  # after the directory and BitsPerSample's three values
+            return tiff_from_tags(
+                {256: (3, [16]), 257: (3, [16]), 258: (3, [8, 8, 8]), 259: (3, [1]), 262: (3, [2]), 277: (3, [3]),
+                 322: (3, [side]), 323: (3, [side]), 324: (4, [at]), 325: (4, [tile.size])},  # fmt: skip
+                tile.tobytes(),
+            )
+
+        assert np.array_equal(decode_image(tiled(16), max_pixels=LIMIT), pixels)
+        assert np.array_equal(decode_image(tiled(256), max_pixels=LIMIT), pixels)  # a tile larger than the image
+        start = time.process_time()
+        with pytest.raises(InvalidImage, match="tiles are 32768x16368"):
+            decode_image(tiff_with_a_huge_tile(), max_pixels=LIMIT)
+        with pytest.raises(InvalidImage, match="tiles are 4096x4096"):
+            decode_image(tiled(4096), max_pixels=4096 * 4096 - 1)
+        assert time.process_time() - start < 0.5
+
+    def test_bigtiff_is_read_through_its_own_directory_layout(self) -> None:
+        image = _marked_rgb()
+        data = _encode(PILImage.fromarray(image), "TIFF", big_tiff=True)
+        assert data.startswith(b"II+\x00")
+        assert np.array_equal(decode_image(data, max_pixels=LIMIT), image)
 
     def test_large_rle_bmp_is_refused_before_decoding(self) -> None:
         """Pillow decodes RLE BMP in a Python loop: 6000 x 6000 RLE4 in 300 kB took 3 s, and 20 MB of codes that draw

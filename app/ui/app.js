@@ -50,9 +50,11 @@ function pct(x) {
   return p.toPrecision(2) + " %";
 }
 
-function oneIn(x) {
-  if (!x) return "none of the measured pairs";
-  return "about 1 in " + Math.round(1 / x).toLocaleString("en");
+// How many of some comparisons, for a sentence: "about 1 in 2,000 comparisons ..."; a share over 10 % as a percentage.
+function howMany(x, comparisons) {
+  if (!x) return "none of the measured " + comparisons;
+  if (x > 0.1) return pct(x) + " of " + comparisons;
+  return "about 1 in " + Math.round(1 / x).toLocaleString("en") + " " + comparisons;
 }
 
 function when(iso) {
@@ -184,8 +186,11 @@ function describeError(error) {
     return "Forbidden (403): " + sentence(error.message) + " Use a key with a wider scope for this.";
   }
   if (error.status === 0) return error.message;
-  return error.message + " (" + error.code + ", HTTP " + error.status + ")";
+  const photo = PHOTO_FIELDS[error.details.field]; // which of two photos a verify's error is about
+  return (photo ? photo + ": " : "") + error.message + " (" + error.code + ", HTTP " + error.status + ")";
 }
+
+const PHOTO_FIELDS = { image_a: "First photo", image_b: "Second photo" };
 
 function sentence(text) {
   return /[.!?)]$/.test(text) ? text : text + ".";
@@ -196,8 +201,26 @@ function showError(error) {
   if (error instanceof ApiError && error.status === 401) $("#key-input").focus(); // where the fix is typed
 }
 
+// A button disabled while its work runs loses the keyboard focus (the browser moves it to the page's body): the
+// returned function gives it back once the work is done, to the button or else to `fallback`, unless the user has
+// moved the focus elsewhere meanwhile.
+function keepFocus(button) {
+  const had = document.activeElement === button;
+  return (fallback) => {
+    const lost = document.activeElement === null || document.activeElement === document.body;
+    if (!had || !lost) return;
+    for (const target of [button, fallback]) {
+      if (target && target.isConnected && !target.disabled && target.offsetParent !== null) {
+        target.focus();
+        return;
+      }
+    }
+  };
+}
+
 // Runs an action, shows any failure as a readable message, and disables the button while it runs.
 async function guarded(button, action) {
+  const refocus = button ? keepFocus(button) : null;
   if (button) button.disabled = true;
   try {
     return await action();
@@ -206,6 +229,7 @@ async function guarded(button, action) {
     return undefined;
   } finally {
     if (button) button.disabled = false;
+    if (refocus) refocus();
   }
 }
 
@@ -357,6 +381,7 @@ function showPager() {
 }
 
 async function turnPage(button, at) {
+  const refocus = keepFocus(button);
   pagerBusy.add(button);
   showPager();
   try {
@@ -364,6 +389,8 @@ async function turnPage(button, at) {
   } finally {
     pagerBusy.delete(button); // loaded, failed or overtaken: the buttons follow the page shown
     showPager();
+    // On the first or last page its own button stays off: the other one, so that paging on by keyboard goes on
+    refocus(button.id === "gallery-prev" ? $("#gallery-next") : $("#gallery-prev"));
   }
 }
 
@@ -398,6 +425,7 @@ function clearIdentity() {
   $("#identity-facts").replaceChildren();
   $("#faces-table tbody").replaceChildren();
   $("#addface-result").hidden = true;
+  $("#addface-form").reset(); // a photo chosen for someone else is not added to the next person shown
 }
 
 async function loadIdentity(id) {
@@ -456,34 +484,45 @@ async function deleteFace(event, button, faceId) {
     return;
   }
   if (event.detail > 1) return;
+  const person = current;
   await guarded(button, async () => {
-    const report = await api("/identities/" + encodeURIComponent(current.id) + "/faces/" + encodeURIComponent(faceId), { method: "DELETE" });
-    say("info", "Deleted face " + shortId(faceId) + " of " + current.name + ": " + report.deleted_face_ids.length + " embedding removed.");
-    await loadIdentity(current.id);
+    const report = await api("/identities/" + encodeURIComponent(person.id) + "/faces/" + encodeURIComponent(faceId), { method: "DELETE" });
+    say("info", "Deleted face " + shortId(faceId) + " of " + person.name + ": " + report.deleted_face_ids.length + " embedding removed.");
+    if (stillShown(person)) await loadIdentity(person.id);
   });
+}
+
+// Whether the person page still shows `person`: an answer that comes after the user went on to someone else (or
+// elsewhere) must not change that page; its message, naming whom it concerns, is still shown.
+function stillShown(person) {
+  return current !== null && current.id === person.id && location.hash.replace(/^#/, "").startsWith("identity/");
 }
 
 function wireIdentity() {
   $("#rename-form").addEventListener("submit", (event) => {
     event.preventDefault();
+    const person = current;
     guarded(event.submitter, async () => {
       const name = $("#rename-input").value.trim();
-      const updated = await api("/identities/" + encodeURIComponent(current.id), { method: "PATCH", json: { name: name } });
-      say("info", "Renamed to " + updated.name + ".");
-      await loadIdentity(current.id);
+      const updated = await api("/identities/" + encodeURIComponent(person.id), { method: "PATCH", json: { name: name } });
+      say("info", "Renamed " + person.name + " to " + updated.name + ".");
+      if (stillShown(person)) await loadIdentity(person.id);
     });
   });
   $("#addface-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const form = event.currentTarget;
     const file = $("#addface-file").files[0];
+    const person = current;
+    const sent = new FormData(form);
     guarded(event.submitter, async () => {
-      const result = await api("/identities/" + encodeURIComponent(current.id) + "/faces", { method: "POST", form: new FormData(form) });
+      const result = await api("/identities/" + encodeURIComponent(person.id) + "/faces", { method: "POST", form: sent });
       const added = result.already_enrolled ? result.name + " already has this face: nothing was added" : "Face added to " + result.name;
-      showPhoto($("#addface-result"), file, [{ box: result.face.box, landmarks: result.face.landmarks, kind: "accepted" }], added);
       say("info", added + ".");
+      if (!stillShown(person)) return;
+      showPhoto($("#addface-result"), file, [{ box: result.face.box, landmarks: result.face.landmarks, kind: "accepted" }], added);
       form.reset();
-      await loadIdentity(current.id);
+      await loadIdentity(person.id);
     });
   });
   $("#delete-person").addEventListener("click", () => {
@@ -498,11 +537,13 @@ function wireIdentity() {
     $("#delete-person").focus();
   });
   $("#delete-yes").addEventListener("click", (event) => {
+    const person = current;
     guarded(event.currentTarget, async () => {
-      const report = await api("/identities/" + encodeURIComponent(current.id), { method: "DELETE" });
+      const report = await api("/identities/" + encodeURIComponent(person.id), { method: "DELETE" });
       const ids = report.deleted_face_ids.map(shortId).join(", ");
-      say("info", "Deleted " + current.name + (report.identity_deleted ? " (the person" : " (") + " and " + report.deleted_face_ids.length +
+      say("info", "Deleted " + person.name + (report.identity_deleted ? " (the person" : " (") + " and " + report.deleted_face_ids.length +
         (report.deleted_face_ids.length === 1 ? " face" : " faces") + (ids ? ": " + ids : "") + "). Nothing of them is kept.");
+      if (!stillShown(person)) return; // the user has gone on: stay there
       clearIdentity();
       keepMessage = true;
       location.hash = "#gallery";
@@ -580,6 +621,7 @@ function wireTest() {
     $("#test-b").hidden = !verify;
     $("#test-file-b").required = verify;
     $("#test-topk").disabled = verify;
+    $("#test-largest-label").hidden = !verify;
     $("#test-file-a-label").textContent = verify ? "First photo: choose a file or drop it here" : "Photo: choose a file or drop it here";
     $("#test-result").replaceChildren();
   };
@@ -594,7 +636,8 @@ function wireTest() {
 
 function thresholdLine(r) {
   return "Threshold " + fmt(r.threshold, 2) + " (" + (THRESHOLD_SOURCES[r.threshold_source] || r.threshold_source) + "); " +
-    "false-accept rate (1:1) at this threshold: " + pct(r.far_estimate) + (r.far_estimate ? ", " + oneIn(r.far_estimate) + " impostor comparisons." : ".");
+    "false-accept rate (1:1) at this threshold: " + pct(r.far_estimate) +
+    (r.far_estimate && r.far_estimate <= 0.1 ? ", " + howMany(r.far_estimate, "impostor comparisons") + "." : ".");
 }
 
 async function runIdentify() {
@@ -658,6 +701,7 @@ async function runVerify() {
   const form = new FormData();
   form.append("image_a", a);
   form.append("image_b", b);
+  if ($("#test-largest").checked) form.append("face", "largest");
   if ($("#test-threshold").value) form.append("threshold", $("#test-threshold").value);
   const r = await api("/verify", { method: "POST", form: form });
   const out = $("#test-result");
@@ -710,8 +754,8 @@ function updateSlider() {
   const far = interp(curve.rows, t, "far");
   const upper = interp(curve.rows, t, "far_upper");
   const val = interp(curve.rows, t, "val");
-  $("#threshold-readout").textContent = "At " + t.toFixed(2) + ": FAR " + pct(far) + " (upper bound " + pct(upper) + "): " + oneIn(far) +
-    " comparisons of two different people is accepted. VAL " + pct(val) + ": " + pct(1 - val) + " of comparisons of the same person are refused.";
+  $("#threshold-readout").textContent = "At " + t.toFixed(2) + ": FAR " + pct(far) + " (upper bound " + pct(upper) + "): accepted for " +
+    howMany(far, "comparisons of two different people") + ". VAL " + pct(val) + ": " + pct(1 - val) + " of comparisons of the same person are refused.";
   drawCurve(t);
 }
 
@@ -826,6 +870,13 @@ function wireKey() {
   $("#key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const value = $("#key-input").value.trim();
+    // A header carries only Latin-1, and a key only visible ASCII: anything else (a pasted zero-width space, a key
+    // typed in another script) would make every request fail in the browser, blamed on the service.
+    if (value && !/^[\x21-\x7e]+$/.test(value)) {
+      say("error", "That is not an API key: a key is letters, digits and ASCII punctuation, without spaces or invisible characters. Nothing was saved.");
+      $("#key-input").focus();
+      return;
+    }
     if (value) sessionStorage.setItem(KEY_STORAGE, value);
     $("#key-input").value = "";
     showKeyState();

@@ -6,12 +6,14 @@ Each test asserts the browser console stayed free of errors. A request the test 
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image as PILImage
 
 from app.matching.calibration import DEFAULT_TABLE_PATH
 from tests.ui.conftest import Console, LiveServer, serve, ui_settings
@@ -29,6 +31,26 @@ def failed_loads(errors: list[str]) -> list[int | str]:
         m = re.fullmatch(r"Failed to load resource: the server responded with a status of (\d{3}) \([^)]*\)", text)
         out.append(int(m.group(1)) if m else text)
     return out
+
+
+def _grey_png() -> bytes:
+    """A plain grey 320 x 240 photo: no face in it."""
+    out = io.BytesIO()
+    PILImage.new("RGB", (320, 240), (128, 128, 128)).save(out, "PNG")
+    return out.getvalue()
+
+
+def _side_by_side(larger: Path, smaller: Path) -> bytes:
+    """Two photos in one, the second at 60 % of its size: two faces, the first's the larger."""
+    a = PILImage.open(larger).convert("RGB")
+    b = PILImage.open(smaller).convert("RGB")
+    b = b.resize((int(b.width * 0.6), int(b.height * 0.6)))
+    both = PILImage.new("RGB", (a.width + b.width, max(a.height, b.height)), (255, 255, 255))
+    both.paste(a, (0, 0))
+    both.paste(b, (a.width, 0))
+    out = io.BytesIO()
+    both.save(out, "PNG")
+    return out.getvalue()
 
 
 def open_page(page: Any, live: LiveServer, where: str) -> None:
@@ -160,13 +182,34 @@ def test_duplicate_warning_and_api_errors_are_readable(
     assert message.get_attribute("role") == "alert"
     assert "(invalid_image, HTTP 422)" in message.inner_text()
 
+    # Same person? says which photo a refusal is about, and can take the largest of several faces.
+    p.get_by_label("Same person? (verify: two photos)").check()
+    largest = p.get_by_label("Several faces in a photo: take the largest")
+    assert largest.is_visible() and not largest.is_checked()
+    p.locator("#test-file-a").set_input_files(dev_faces / AMY[0])
+    p.locator("#test-file-b").set_input_files(
+        files=[{"name": "grey.png", "mimeType": "image/png", "buffer": _grey_png()}]
+    )
+    p.get_by_role("button", name="Test", exact=True).click()
+    p.locator("#message.error", has_text="Second photo: no face was found").wait_for()
+    # Amy beside Raj, she the larger: refused as several faces, then compared with the box taken from the largest.
+    pair = [{"name": "two.png", "mimeType": "image/png", "buffer": _side_by_side(dev_faces / AMY[1], dev_faces / RAJ)}]
+    p.locator("#test-file-b").set_input_files(files=pair)
+    p.get_by_role("button", name="Test", exact=True).click()
+    p.locator("#message.error", has_text="Second photo:").get_by_text("face=largest", exact=False).wait_for()
+    largest.check()
+    p.get_by_role("button", name="Test", exact=True).click()
+    p.locator("#verify-decision", has_text="Same person").wait_for()
+    p.get_by_label("Who is this? (identify: every face against the gallery)").check()
+    assert largest.is_hidden()
+
     # Clean up through the UI.
     p.get_by_role("link", name="Gallery").click()
     p.get_by_role("link", name="Amy", exact=True).click()
     p.get_by_role("button", name="Delete person…").click()
     p.get_by_role("button", name="Yes, delete").click()
     p.get_by_text("The gallery is empty.").wait_for()
-    assert failed_loads(console.errors()) == [409, 422]
+    assert failed_loads(console.errors()) == [409, 422, 422, 422]
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +256,14 @@ def test_threshold_slider_shows_far_and_val(page: tuple[Any, Console], live: Liv
     _, far, val, upper = rows[0.30]
     assert text.startswith(f"At 0.30: FAR {far * 100:.3f} % (upper bound {upper * 100:.3f} %)")
     assert f"VAL {val * 100:.1f} %" in text
+    assert "accepted for about 1 in " in text and "comparisons of two different people." in text
+    # At the ends, the sentence still reads: no impostor measured accepted; then a share, not "about 1 in 1".
+    p.keyboard.press("Home")
+    assert "FAR 0 % (upper bound " in readout.inner_text()
+    assert "accepted for none of the measured comparisons of two different people." in readout.inner_text()
+    p.keyboard.press("End")
+    assert re.search(r"accepted for [0-9.]+ % of comparisons of two different people\.", readout.inner_text())
+    assert "1 in 1 " not in readout.inner_text()
     assert p.locator("#curve-chart polyline").count() == 2
     p.screenshot(path=screenshots / "threshold.png", full_page=True)
 

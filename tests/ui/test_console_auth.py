@@ -59,6 +59,13 @@ def test_key_is_asked_for_kept_in_the_tab_and_refusals_are_readable(
     assert p.locator("#key-state").inner_text() == "no key" and p.evaluate("sessionStorage.length") == 0
     p.screenshot(path=screenshots / "auth-401.png", full_page=True)
 
+    # Not a key at all (another script, an invisible character): refused as typed, nothing kept or sent.
+    for typed in ("ключ", "fg_0123abcd_" + "x" * 20 + "\u200b" + "x" * 23):
+        use_key(p, typed)
+        p.locator("#message.error", has_text="That is not an API key").wait_for()
+        assert p.locator("#key-state").inner_text() == "no key" and p.evaluate("sessionStorage.length") == 0
+        assert p.evaluate("document.activeElement.id") == "key-input"
+
     # A read key: the gallery opens; enrolling needs write.
     use_key(p, read_key)
     p.get_by_text("The gallery is empty.").wait_for()

@@ -405,3 +405,94 @@ def test_a_failed_next_page_leaves_the_position_where_it_was(
     summary.get_by_text("21–40 of 41 people").wait_for()
     assert p.locator("#gallery-table tbody tr").first.inner_text().startswith("Person 21")
     assert failed_loads(console.errors()) == [503]
+
+
+def test_a_deletion_answered_after_going_on_names_whom_it_deleted_and_leaves_the_page_shown(
+    page: tuple[Any, Console], live: LiveServer, gallery: Gallery
+) -> None:
+    p, console = page
+    first, second = gallery.enrol("First Person"), gallery.enrol("Second Person")
+    held: list[Any] = []
+
+    def hold_deletion(route: Any) -> None:
+        if route.request.method == "DELETE":
+            held.append(route)
+        else:
+            route.continue_()
+
+    p.route(f"**/identities/{first}", hold_deletion)
+    open_page(p, live, f"identity/{first}")
+    p.locator("#identity-title", has_text="First Person").wait_for()
+    p.get_by_role("button", name="Delete person…").click()
+    p.get_by_role("button", name="Yes, delete").click()
+    for _ in range(1000):  # until the request reaches the route
+        if held:
+            break
+        p.wait_for_timeout(10)
+    open_page(p, live, f"identity/{second}")
+    p.locator("#identity-facts dd", has_text=second).wait_for()
+    held[0].continue_()
+    p.locator("#message", has_text="Deleted First Person (the person and 1 face").wait_for()
+    assert p.locator("#identity-title").inner_text() == "Second Person"
+    assert p.url.endswith(f"#identity/{second}")
+    assert gallery.client.get(f"/identities/{first}").status_code == 404
+    assert gallery.client.get(f"/identities/{second}").status_code == 200
+    assert console.errors() == []
+
+
+def test_a_face_added_after_going_on_is_not_shown_on_the_next_persons_page(
+    page: tuple[Any, Console], live: LiveServer, gallery: Gallery
+) -> None:
+    p, console = page
+    first, second = gallery.enrol("First Person"), gallery.enrol("Second Person")
+    held: list[Any] = []
+    p.route(f"**/identities/{first}/faces", lambda route: held.append(route))
+    open_page(p, live, f"identity/{first}")
+    p.locator("#identity-title", has_text="First Person").wait_for()
+    p.locator("#addface-file").set_input_files(
+        files=[{"name": "amy2.png", "mimeType": "image/png", "buffer": gallery.another}]
+    )
+    p.get_by_role("button", name="Add face").click()
+    for _ in range(1000):
+        if held:
+            break
+        p.wait_for_timeout(10)
+    open_page(p, live, f"identity/{second}")
+    p.locator("#identity-facts dd", has_text=second).wait_for()
+    assert p.locator("#addface-file").input_value() == ""  # the photo chosen for her is not offered for him
+    held[0].continue_()
+    p.locator("#message", has_text="Face added to First Person").wait_for()
+    assert p.locator("#addface-result").is_hidden()
+    assert p.locator("#identity-title").inner_text() == "Second Person"
+    assert gallery.client.get(f"/identities/{first}").json()["face_count"] == 2
+    assert console.errors() == []
+
+
+def test_buttons_keep_the_keyboard_focus_through_their_work(
+    page: tuple[Any, Console], live: LiveServer, gallery: Gallery
+) -> None:
+    # A button is disabled while its request runs, and the browser then drops the focus to the page's body: a
+    # keyboard user pressing Enter on Next page could not press it again without tabbing back from the top.
+    p, console = page
+    summary = open_gallery_of(p, live, gallery, 41)
+    p.get_by_role("button", name="Next page").focus()
+    p.keyboard.press("Enter")
+    summary.get_by_text("21–40 of 41 people").wait_for()
+    assert p.evaluate("document.activeElement.id") == "gallery-next"
+    p.keyboard.press("Enter")
+    summary.get_by_text("41–41 of 41 people").wait_for()
+    assert p.evaluate("document.activeElement.id") == "gallery-prev"  # Next is off on the last page
+    p.keyboard.press("Enter")
+    summary.get_by_text("21–40 of 41 people").wait_for()
+    assert p.evaluate("document.activeElement.id") == "gallery-prev"
+    # A form's button: Rename, pressed from the keyboard, keeps the focus too.
+    p.get_by_role("link", name="Person 21").click()
+    p.locator("#identity-title", has_text="Person 21").wait_for()
+    p.locator("#rename-input").fill("Person 21 renamed")
+    rename = p.get_by_role("button", name="Rename")
+    rename.focus()
+    p.keyboard.press("Enter")
+    p.locator("#message", has_text="Renamed Person 21 to Person 21 renamed").wait_for()
+    p.locator("#identity-title", has_text="Person 21 renamed").wait_for()
+    assert p.evaluate("document.activeElement.textContent") == "Rename"
+    assert console.errors() == []

@@ -244,18 +244,21 @@ def decode_image(data: bytes, *, max_pixels: int, heic: bool = False) -> Image:
     return _decode(data, max_pixels=max_pixels, heic=heic).pixels
 
 
-def decode_to_fit(data: bytes, *, max_pixels: int, longest: int, heic: bool = False) -> SizedImage:
+def decode_to_fit(
+    data: bytes, *, max_pixels: int, longest: int, heic: bool = False, refuse: Callable[[int, int], None] | None = None
+) -> SizedImage:
     """`decode_image` for a caller that shrinks the photo to a longer side of `longest` pixels anyway (the
     detector's working copy): a JPEG at least twice that size is decoded at the smallest of libjpeg's scales 1/2,
     1/4 and 1/8 that still leaves both sides at least as long as the shrunk photo's. A 12-megapixel phone photo then
     decodes at 1/2 scale (about 2.7x faster) and a 40-megapixel one at 1/4, into 1/16 of the memory. Other formats
     (HEIF included: libheif has no reduced scale), and lossless JPEGs, are decoded whole. The result gives the photo's
-    own upright size beside the pixels."""
+    own upright size beside the pixels. `refuse`, given the photo's width and height from its header (as stored:
+    its EXIF orientation is not applied yet), may raise to refuse it before any pixel is decoded."""
     if not data:
         raise InvalidImage("the upload is empty: no image data")
     if longest < 1:
         raise ValueError(f"longest must be at least 1, got {longest}")
-    return _decode(data, max_pixels=max_pixels, longest=longest, heic=heic)
+    return _decode(data, max_pixels=max_pixels, longest=longest, heic=heic, refuse=refuse)
 
 
 def media_type(data: bytes) -> str:
@@ -277,9 +280,11 @@ def load_image(path: str | Path, *, max_pixels: int, heic: bool = False) -> Imag
     return _decode(_read_photo(path), max_pixels=max_pixels, heic=heic).pixels
 
 
-def load_to_fit(path: str | Path, *, max_pixels: int, longest: int, heic: bool = False) -> SizedImage:
+def load_to_fit(
+    path: str | Path, *, max_pixels: int, longest: int, heic: bool = False, refuse: Callable[[int, int], None] | None = None
+) -> SizedImage:
     """`decode_to_fit` for a photo file, with `load_image`'s errors."""
-    return decode_to_fit(_read_photo(path), max_pixels=max_pixels, longest=longest, heic=heic)
+    return decode_to_fit(_read_photo(path), max_pixels=max_pixels, longest=longest, heic=heic, refuse=refuse)
 
 
 def _read_photo(path: str | Path) -> bytes:
@@ -290,7 +295,14 @@ def _read_photo(path: str | Path) -> bytes:
     return data
 
 
-def _decode(data: bytes, *, max_pixels: int, longest: int | None = None, heic: bool = False) -> SizedImage:
+def _decode(
+    data: bytes,
+    *,
+    max_pixels: int,
+    longest: int | None = None,
+    heic: bool = False,
+    refuse: Callable[[int, int], None] | None = None,
+) -> SizedImage:
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
     jpeg_frame = None
@@ -336,6 +348,8 @@ def _decode(data: bytes, *, max_pixels: int, longest: int | None = None, heic: b
             )
         if pixels == 0:
             raise InvalidImage(f"the image is empty ({width}x{height})")
+        if refuse is not None:
+            refuse(width, height)
         if im.format == "BMP" and im.info.get("compression") in _BMP_RLE:
             _check_rle_bmp(_BMP_RLE[im.info["compression"]], width, height, len(data))
         if (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,9 @@ import pytest
 from PIL import Image as PILImage
 
 from app.config import DetectorSettings, Settings
-from app.errors import InvalidImage
+from app.errors import ImageTooSmall, InvalidImage
 from app.vision.decode import decode_image, decode_to_fit, load_to_fit
-from app.vision.pipeline import Pipeline, working_image
+from app.vision.pipeline import Pipeline, check_working_size, refuse_undetectable, working_image
 from app.vision.types import SizedImage
 
 LIMIT = 100_000_000
@@ -169,6 +170,40 @@ class TestWorkingImage:
         plain = working_image(pixels, DetectorSettings(max_side=1024))
         np.testing.assert_array_equal(sized.pixels, plain.pixels)
         assert (sized.scale, sized.upsample) == (plain.scale, plain.upsample)
+
+
+class TestTooSmallFromTheHeader:
+    """A photo that shrinks to a sliver the detector cannot take is refused from its header, as it would be after
+    decoding: a 1 x 40,000,000 px PNG (155 kB) took 2.9 s and 830 MB to decode first."""
+
+    def _png(self, width: int, height: int) -> bytes:
+        out = io.BytesIO()
+        PILImage.new("L", (width, height), 128).save(out, "PNG")
+        return out.getvalue()
+
+    def test_a_sliver_is_refused_before_it_is_decoded(self, settings: Settings) -> None:
+        pipeline = Pipeline.from_settings(settings)
+        data = self._png(1, 40_000_000)
+        started = time.process_time()
+        with pytest.raises(ImageTooSmall) as early:
+            pipeline.decoder(data)()
+        assert time.process_time() - started < 0.5
+        # the refusal the detector's working copy gets after a whole decode, word for word
+        with pytest.raises(ImageTooSmall) as late:
+            working_image(np.zeros((40_000_000, 1, 3), np.uint8)[:, :, :], settings.detector)
+        assert str(early.value) == str(late.value) and early.value.details == late.value.details
+        assert early.value.details["shrunk_to"] == {"width": 1, "height": settings.detector.max_side}
+
+    def test_a_photo_too_small_one_way_up_only_is_left_to_the_decode(self) -> None:
+        # 8 px wide is too narrow (10 columns needed), yet turned by its EXIF orientation it would be 8 rows (7
+        # needed): the orientation is not known from the header, so only the decoded photo can be judged.
+        settings = DetectorSettings(max_side=1024, upsample=0)
+        refuse_undetectable(8, 1000, settings)  # no refusal
+        with pytest.raises(ImageTooSmall):
+            refuse_undetectable(5, 1000, settings)  # too small either way
+        with pytest.raises(ImageTooSmall):
+            check_working_size(8, 1000, settings)
+        check_working_size(1000, 8, settings)
 
 
 @pytest.mark.model

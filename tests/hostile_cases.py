@@ -798,6 +798,11 @@ def _cases() -> list[Case]:
         # --- names -------------------------------------------------------------------------------------------------
         C("name-not-utf8", "POST", "/enroll", 400, "invalid_request", headers=MULTIPART,
           content=lambda ctx: raw_multipart([(b"image", b"c.jpg", ctx.colin), (b"name", None, b"Jos\xe9 \xff\xfe")])),
+        C("name-not-utf8-behind-a-decoy-disposition", "POST", "/enroll", 400, "invalid_request", headers=MULTIPART,
+          content=lambda ctx: raw_multipart([(b"image", b"c.jpg", ctx.colin)])[: -len(b"--hostileboundary--\r\n")]
+          + b'--hostileboundary\r\nContent-Disposition: form-data; name="x"; filename="decoy.txt"\r\n'
+          + b'Content-Disposition: form-data; name="name"\r\n\r\n' + "Иван".encode("koi8-r")
+          + b"\r\n--hostileboundary--\r\n"),
         C("metadata-not-utf8", "POST", "/enroll", 400, "invalid_request", headers=MULTIPART,
           content=lambda ctx: raw_multipart(
               [(b"image", b"c.jpg", ctx.colin), (b"name", None, b"X"), (b"metadata", None, b'{"a": "\xc3\x28"}')]

@@ -82,7 +82,9 @@ class _TextChecker:
         self._header_value.clear()
 
     def on_headers_finished(self) -> None:
-        disposition = next((value for name, value in self._headers if name == b"content-disposition"), b"")
+        # The last one, as Starlette takes it: a part that sends two must be judged by the one it will be read by
+        # (by the first, a decoy naming a file made the text field after it skip this check, stored garbled).
+        disposition = next((value for name, value in reversed(self._headers) if name == b"content-disposition"), b"")
         _, options = parse_options_header(disposition)
         if b"name" in options:
             self._name = self._decode(options[b"name"], "a field name")

@@ -86,3 +86,22 @@ def test_not_multipart_or_malformed_is_left_to_starlette() -> None:
     assert undecodable_field(b"\xff\xfe", "application/x-www-form-urlencoded") is None
     assert undecodable_field(b"\xff\xfe", "multipart/form-data") is None  # no boundary
     assert undecodable_field(b"\x00\xff" * 50, CT) is None  # not multipart at all: Starlette refuses it
+
+
+def test_a_part_with_two_dispositions_is_judged_by_the_one_starlette_reads() -> None:
+    """Starlette takes a part's last Content-Disposition: a first one naming a file must not make the text field the
+    part really is skip the check ("Иван" in KOI8-R was stored as "é×ÁÎ")."""
+    koi8 = "Иван".encode("koi8-r")
+    body = (
+        b"--hostileboundary\r\n"
+        b'Content-Disposition: form-data; name="x"; filename="decoy.txt"\r\n'
+        b'Content-Disposition: form-data; name="name"\r\n\r\n' + koi8 + b"\r\n--hostileboundary--\r\n"
+    )
+    assert undecodable_field(body, CT) == "field 'name' is not valid utf-8 text"
+    # and the other way round: a text field's disposition, then a file's, is the file Starlette reads
+    body = (
+        b"--hostileboundary\r\n"
+        b'Content-Disposition: form-data; name="name"\r\n'
+        b'Content-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n\xff\xd8\xff\r\n--hostileboundary--\r\n'
+    )
+    assert undecodable_field(body, CT) is None

@@ -26,7 +26,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.api.errors import TIMED_OUT, error_response
-from app.errors import RequestTimeout
+from app.errors import InvalidRequest, RequestTimeout
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,14 @@ class TimedH11Protocol(H11Protocol):
         """Whether any part of a request arrived (a connection opened and left silent gets no answer)."""
         return bool(self.conn.trailing_data[0])
 
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot parse (a malformed request line or header, a negative or doubled Content-Length, an
+        unknown Transfer-Encoding, headers arriving past h11's size limit): uvicorn answers 400 in plain text; the
+        API's errors are JSON (`{"error": {...}}`), these too. The connection closes after it, as uvicorn's own
+        does."""
+        self.transport.write(_raw_answer(400, "Bad Request", InvalidRequest.code, _MALFORMED))
+        self.transport.close()
+
 
 def _fits(protocol: H11Protocol) -> bool:
     """Whether this uvicorn's H11Protocol has what the limits read (`RELIED_ON`); if not, says so once."""
@@ -169,7 +177,21 @@ def _warn_unfitted(missing: tuple[str, ...]) -> None:
     )
 
 
+_MALFORMED = (
+    "the HTTP request is malformed: its request line, a header (or the headers' size), or how its body's length is "
+    "given (Content-Length, Transfer-Encoding)"
+)
+
+
 def _timeout_answer(reason: str) -> bytes:
-    response = error_response(408, RequestTimeout.code, reason, headers={"Connection": "close", "Cache-Control": "no-store"})
-    head = b"HTTP/1.1 408 Request Timeout\r\n" + b"".join(name + b": " + value + b"\r\n" for name, value in response.raw_headers)
+    return _raw_answer(408, "Request Timeout", RequestTimeout.code, reason)
+
+
+def _raw_answer(status: int, phrase: str, code: str, message: str) -> bytes:
+    """An error answer as bytes, for a connection that closes right after it (h11 cannot send it: it is past, or not
+    yet at, the point of answering)."""
+    response = error_response(status, code, message, headers={"Connection": "close", "Cache-Control": "no-store"})
+    head = f"HTTP/1.1 {status} {phrase}\r\n".encode() + b"".join(
+        name + b": " + value + b"\r\n" for name, value in response.raw_headers
+    )
     return head + b"\r\n" + bytes(response.body)

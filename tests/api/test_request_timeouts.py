@@ -219,6 +219,30 @@ def test_an_answered_request_whose_body_stops_is_closed_without_a_second_answer(
 
 
 @pytest.mark.model
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        b"GET /identities?limit=\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    ],
+    ids=["negative-length", "two-lengths", "gzip-chunked", "raw-byte-in-target", "nul-in-header"],
+)
+def test_a_malformed_request_gets_the_json_error_format(request_bytes: bytes) -> None:
+    """h11 refuses these before the app sees them, and uvicorn answered in plain text ("Invalid HTTP request
+    received."): every error of the API is {"error": {"code", "message"}}."""
+    with serving(Recorder()) as port, connect(port) as conn:
+        conn.sendall(request_bytes)
+        data = read_until_closed(conn)
+    ((status, body),) = answers(data)
+    head = data.partition(b"\r\n\r\n")[0].lower()
+    assert status == 400 and b"content-type: application/json" in head and b"connection: close" in head
+    error = json.loads(body)["error"]
+    assert error["code"] == "invalid_request" and "malformed" in error["message"]
+
+
 def test_facegate_serve_cuts_a_stalled_upload(models_dir: Path, tmp_path: Path) -> None:
     """`facegate serve` runs uvicorn with the limits from the settings: an upload that stops half-way gets the 408
     in our error format, the worker holds none of its bytes afterwards, and the access log and metrics record the

@@ -55,8 +55,8 @@ _BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes
 _BINARY_TRAILER = (-1).to_bytes(2, "big", signed=True)
 _PG_COPY_LOCK = 0x66677670  # "fgvp": one worker copies every face at a time
 _NEXT = "face_vectors_next"  # the table a full copy builds, swapped in for face_vectors
-INLINE_CHANGES = 100  # changes a search or a deletion applies itself (~2 ms each at 100k faces); more go to a thread
-REPLAY_CHUNK = 1_000  # changes applied per transaction: a deletion waits for at most one chunk (~2 s at 100k faces)
+INLINE_CHANGES = 100  # changes a search or a deletion applies itself (~2.6 ms an add at 100k faces); more: a thread
+REPLAY_CHUNK = 1_000  # changes applied per transaction: a deletion waits for one chunk at most (~2.6 s at 100k)
 _ATTEMPTS = 3  # full copies tried in a row while bulk loads keep moving the log past replay
 _COPY_CHUNK = 50_000
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -291,30 +292,25 @@ class Pipeline:
 
     def decoder(self, data: bytes, budget: PixelBudget | None = None) -> Callable[[], SizedImage]:
         """A loader of photo bytes for this pipeline: decoded under `image.max_pixels` (HEIC too with `image.heic`),
-        a large JPEG straight to a reduced scale near the detector's `max_side` (decode_to_fit); and, given the
-        request's `budget`, only while the request's photos have not used it up."""
-        image, detector = self.settings.image, self.settings.detector
-        load = functools.partial(
-            decode_to_fit,
-            data,
-            max_pixels=image.max_pixels,
-            longest=detector.max_side,
-            heic=image.heic,
-            refuse=functools.partial(refuse_undetectable, settings=detector),
-        )
+        a large JPEG straight to a reduced scale near the detector's `max_side` (decode_to_fit), a photo too small
+        for the detector refused from its header; and, given the request's `budget`, only while the request's
+        photos have not used it up."""
+        load = functools.partial(decode_to_fit, data, **self._fit())
         return load if budget is None else budget.limit(load)
 
     def file_loader(self, path: Path) -> Callable[[], SizedImage]:
         """`decoder` for a photo file (OSError if it cannot be read, when loaded)."""
+        return functools.partial(load_to_fit, path, **self._fit())
+
+    def _fit(self) -> dict[str, Any]:
+        """decode_to_fit's options for this pipeline's detector and image settings."""
         image, detector = self.settings.image, self.settings.detector
-        return functools.partial(
-            load_to_fit,
-            path,
-            max_pixels=image.max_pixels,
-            longest=detector.max_side,
-            heic=image.heic,
-            refuse=functools.partial(refuse_undetectable, settings=detector),
-        )
+        return {
+            "max_pixels": image.max_pixels,
+            "longest": detector.max_side,
+            "heic": image.heic,
+            "refuse": functools.partial(refuse_undetectable, settings=detector),
+        }
 
     def working(self, image: PhotoSource) -> WorkingImage:
         """The detector's copy of a photo. A photo given as a loader (a function returning it, e.g. decoding an

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,26 @@ def stored_vector_faces(url: str) -> set[str]:
     """The face ids in the server's face_vectors table, read by a connection of their own."""
     with psycopg.connect(url.replace("+psycopg", "")) as connection:
         return {row[0] for row in connection.execute("SELECT face_id FROM face_vectors")}
+
+
+@contextmanager
+def pgvector_workers(url: str, count: int) -> Iterator[tuple[Gallery, list[Gallery]]]:
+    """A writer (the exact index: the reference) and `count` workers on the pgvector backend, one database; all
+    closed at the end, the workers once their background mirroring is over."""
+    writer = Gallery.open(url, MODEL)
+    workers = [Gallery.open(url, MODEL, index=PGVECTOR) for _ in range(count)]
+    try:
+        yield writer, workers
+    finally:
+        for worker in workers:
+            pgvector_index(worker).wait_until_mirrored(60)
+            worker.close()
+        writer.close()
+
+
+def pgvector_index(gallery: Gallery) -> PgvectorIndex:
+    assert isinstance(gallery.index, PgvectorIndex)
+    return gallery.index
 
 
 def waiting_for_a_lock(url: str, timeout: float = 30.0) -> bool:
@@ -230,12 +251,8 @@ def test_a_deletion_does_not_wait_for_another_workers_full_copy(
     worker's deletion returns at once with the deleted face's row gone from face_vectors, and its searches answer;
     the copy, which had read the deleted face, applies the deletion when it swaps its new table in."""
     seeded = synthetic.gallery(320, faces_per_identity=1, seed=81)
-    writer = Gallery.open(pgvector_url, MODEL)
-    copier = Gallery.open(pgvector_url, MODEL, index=PGVECTOR)
-    deleter = Gallery.open(pgvector_url, MODEL, index=PGVECTOR)
-    copying_index, deleting_index = copier.index, deleter.index
-    assert isinstance(copying_index, PgvectorIndex) and isinstance(deleting_index, PgvectorIndex)
-    try:
+    with pgvector_workers(pgvector_url, 2) as (writer, (copier, deleter)):
+        copying_index, deleting_index = pgvector_index(copier), pgvector_index(deleter)
         records = writer.bulk_enrol(names=[f"p{i}" for i in range(300)], embeddings=seeded.embeddings[:300])
         queries, _ = synthetic.probes(seeded, enrolled=8, strangers=0, seed=82)
         assert deleting_index.mirror() == 300
@@ -274,11 +291,6 @@ def test_a_deletion_does_not_wait_for_another_workers_full_copy(
         for worker, index in ((copier, copying_index), (deleter, deleting_index)):  # in PostgreSQL, the new table
             assert index.mirror() == 0
             assert [c[0].face_id for c in worker.search(queries, top_k=1)] == [c[0].face_id for c in want]
-    finally:
-        deleting_index.wait_until_mirrored(60)
-        deleter.close()
-        copier.close()
-        writer.close()
 
 
 @pytest.mark.pgvector
@@ -290,12 +302,8 @@ def test_a_deletion_waits_for_one_chunk_of_another_workers_replay(
     leaves its face's row gone; the replay then goes on."""
     monkeypatch.setattr("app.gallery.pgvector.REPLAY_CHUNK", 50)
     seeded = synthetic.gallery(310, faces_per_identity=1, seed=95)
-    writer = Gallery.open(pgvector_url, MODEL)
-    replayer = Gallery.open(pgvector_url, MODEL, index=PGVECTOR)
-    deleter = Gallery.open(pgvector_url, MODEL, index=PGVECTOR)
-    replaying, deleting = replayer.index, deleter.index
-    assert isinstance(replaying, PgvectorIndex) and isinstance(deleting, PgvectorIndex)
-    try:
+    with pgvector_workers(pgvector_url, 2) as (writer, (replayer, deleter)):
+        replaying, deleting = pgvector_index(replayer), pgvector_index(deleter)
         first = writer.bulk_enrol(names=[f"p{i}" for i in range(10)], embeddings=seeded.embeddings[:10])
         assert replaying.mirror() == 10
         later = writer.bulk_enrol(names=[f"q{i}" for i in range(300)], embeddings=seeded.embeddings[10:])
@@ -333,11 +341,6 @@ def test_a_deletion_waits_for_one_chunk_of_another_workers_replay(
         assert not thread.is_alive() and replayed[0] is not None and deleting.wait_until_mirrored(60)
         assert stored_vector_faces(pgvector_url) == {r.id for r in first[1:]} | {r.id for r in later}
         assert deleting.mirror() == 0 and replaying.mirror() == 0
-    finally:
-        deleting.wait_until_mirrored(60)
-        deleter.close()
-        replayer.close()
-        writer.close()
 
 
 @pytest.mark.pgvector

@@ -80,6 +80,15 @@ def open_gallery_of(p: Any, live: LiveServer, gallery: Gallery, people: int) -> 
     return summary
 
 
+def wait_until_held(p: Any, held: list[Any]) -> None:
+    """Until the request the test holds reaches its route (the sync API runs route handlers while it waits)."""
+    for _ in range(1000):
+        if held:
+            return
+        p.wait_for_timeout(10)
+    raise AssertionError("the request never reached its route")
+
+
 def people(first: int, last: int) -> list[str]:
     """The names open_gallery_of enrols, Person `first` to Person `last`."""
     return [f"Person {i:02d}" for i in range(first, last + 1)]
@@ -257,10 +266,7 @@ def test_a_double_click_on_next_page_turns_one_page(
 
     p.route(asks_after, hold)
     p.get_by_role("button", name="Next page").dblclick()  # the first click's page waits until released
-    for _ in range(1000):  # until the request reaches the route (the sync API runs its handler while it waits)
-        if held:
-            break
-        p.wait_for_timeout(10)
+    wait_until_held(p, held)
     held[0].continue_()
     summary.get_by_text("21–40 of 41 people").wait_for()
     assert names_shown(p) == people(21, 40) and len(asked) == 1
@@ -425,10 +431,7 @@ def test_a_deletion_answered_after_going_on_names_whom_it_deleted_and_leaves_the
     p.locator("#identity-title", has_text="First Person").wait_for()
     p.get_by_role("button", name="Delete person…").click()
     p.get_by_role("button", name="Yes, delete").click()
-    for _ in range(1000):  # until the request reaches the route
-        if held:
-            break
-        p.wait_for_timeout(10)
+    wait_until_held(p, held)
     open_page(p, live, f"identity/{second}")
     p.locator("#identity-facts dd", has_text=second).wait_for()
     held[0].continue_()
@@ -453,10 +456,7 @@ def test_a_face_added_after_going_on_is_not_shown_on_the_next_persons_page(
         files=[{"name": "amy2.png", "mimeType": "image/png", "buffer": gallery.another}]
     )
     p.get_by_role("button", name="Add face").click()
-    for _ in range(1000):
-        if held:
-            break
-        p.wait_for_timeout(10)
+    wait_until_held(p, held)
     open_page(p, live, f"identity/{second}")
     p.locator("#identity-facts dd", has_text=second).wait_for()
     assert p.locator("#addface-file").input_value() == ""  # the photo chosen for her is not offered for him

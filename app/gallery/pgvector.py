@@ -271,8 +271,8 @@ class PgvectorIndex(GalleryIndex):
 
         One worker at a time (an advisory lock; the others wait for it at start-up). The faces are read after the
         head of the log, so the copy holds at least the faces up to it; the changes committed meanwhile are applied
-        to the new table under the state row's lock, with the old table locked against writes (a deletion's own
-        rows), and the swap commits with them: no change is lost between the two tables."""
+        to the new table, the last of them under the state row's lock with the old table locked against writes (a
+        deletion's own rows), and the swap commits with them: no change is lost between the two tables."""
         try:
             with Session(self.engine) as session, session.begin():
                 connection = session.connection()
@@ -297,6 +297,17 @@ class PgvectorIndex(GalleryIndex):
                     text("SELECT set_config('maintenance_work_mem', :memory, true)"), {"memory": self.build_memory}
                 )
                 connection.execute(self._create_hnsw(_NEXT))
+                # The changes made during the copy, applied before the state row is taken (deletions wait for it):
+                # under it, only the last few. A few rounds at most, should changes come faster than they apply.
+                for _ in range(_ATTEMPTS):
+                    head = store.last_change_id(session)
+                    if head - start <= INLINE_CHANGES:
+                        break
+                    changes = _changes_between(session, start, head)
+                    if changes is None:
+                        raise _LogMovedOn
+                    _apply_changes(connection, changes, _NEXT)
+                    start = head
                 session.execute(text("SELECT 1 FROM face_vectors_state WHERE id = 1 FOR UPDATE"))
                 connection.execute(text("LOCK TABLE face_vectors IN EXCLUSIVE MODE"))  # searches still read it
                 head = store.last_change_id(session)

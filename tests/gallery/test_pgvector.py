@@ -294,6 +294,35 @@ def test_a_deletion_does_not_wait_for_another_workers_full_copy(
 
 
 @pytest.mark.pgvector
+def test_changes_made_during_a_full_copy_reach_the_new_table(
+    pgvector_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Enrolments and deletions committed while every face is copied are applied to the new table before it is
+    swapped in: most before the state row is taken (more than INLINE_CHANGES here), the rest under it."""
+    monkeypatch.setattr("app.gallery.pgvector.INLINE_CHANGES", 5)
+    seeded = synthetic.gallery(330, faces_per_identity=1, seed=97)
+    with pgvector_workers(pgvector_url, 1) as (writer, (copier,)):
+        records = writer.bulk_enrol(names=[f"p{i}" for i in range(300)], embeddings=seeded.embeddings[:300])
+        during: list[str] = []
+        real_read = bulk.read_faces
+
+        def read_then_change(session: Session) -> tuple[list[str], list[str], list[str], npt.NDArray[np.float32]]:
+            faces = real_read(session)
+            if not during:  # other workers' enrolments and a deletion, after the copy read the faces
+                added = writer.bulk_enrol(names=[f"q{i}" for i in range(30)], embeddings=seeded.embeddings[300:])
+                writer.delete_identity(records[0].identity_id)
+                during.extend(r.id for r in added)
+            return faces
+
+        monkeypatch.setattr(bulk, "read_faces", read_then_change)
+        with psycopg.connect(pgvector_url.replace("+psycopg", ""), autocommit=True) as connection:
+            connection.execute("UPDATE face_vectors_state SET last_change_id = -1")  # as after other build options
+        assert pgvector_index(copier).mirror() == -1
+        assert stored_vector_faces(pgvector_url) == {r.id for r in records[1:]} | set(during)
+        assert pgvector_index(copier).mirror() == 0
+
+
+@pytest.mark.pgvector
 def test_a_deletion_waits_for_one_chunk_of_another_workers_replay(
     pgvector_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -516,7 +516,13 @@ function wireIdentity() {
     const person = current;
     const sent = new FormData(form);
     guarded(event.submitter, async () => {
-      const result = await api("/identities/" + encodeURIComponent(person.id) + "/faces", { method: "POST", form: sent });
+      let result;
+      try {
+        result = await api("/identities/" + encodeURIComponent(person.id) + "/faces", { method: "POST", form: sent });
+      } catch (error) {
+        if (stillShown(person)) showFacesFound(error, $("#addface-result"), file, "Faces found");
+        throw error; // and its message
+      }
       const added = result.already_enrolled ? result.name + " already has this face: nothing was added" : "Face added to " + result.name;
       say("info", added + ".");
       if (!stillShown(person)) return;
@@ -606,6 +612,13 @@ function enrolRefused(error, file, result) {
     showError(error);
     return;
   }
+}
+
+// A `multiple_faces` refusal drawn on the photo sent: every face found, boxed as refused. True if it was one.
+function showFacesFound(error, figure, file, caption) {
+  if (!(error instanceof ApiError) || error.code !== "multiple_faces" || !Array.isArray(error.details.boxes)) return false;
+  showPhoto(figure, file, error.details.boxes.map((box) => ({ box: box, kind: "refused" })), caption);
+  return true;
 }
 
 // ------------------------------------------------------------------------------------------------ test
@@ -703,7 +716,17 @@ async function runVerify() {
   form.append("image_b", b);
   if ($("#test-largest").checked) form.append("face", "largest");
   if ($("#test-threshold").value) form.append("threshold", $("#test-threshold").value);
-  const r = await api("/verify", { method: "POST", form: form });
+  let r;
+  try {
+    r = await api("/verify", { method: "POST", form: form });
+  } catch (error) {
+    const second = error instanceof ApiError && error.details.field === "image_b";
+    const figure = el("figure", { className: "photo" });
+    if (showFacesFound(error, figure, second ? b : a, (second ? "Second" : "First") + " photo: faces found")) {
+      $("#test-result").append(figure);
+    }
+    throw error;
+  }
   const out = $("#test-result");
   const kind = r.match ? "accepted" : "unknown";
   out.append(el("p", { className: "decision " + kind, id: "verify-decision", "data-match": String(r.match),

@@ -40,7 +40,7 @@ def _grey_png() -> bytes:
     return out.getvalue()
 
 
-def _side_by_side(larger: Path, smaller: Path) -> bytes:
+def side_by_side(larger: Path, smaller: Path) -> bytes:
     """Two photos in one, the second at 60 % of its size: two faces, the first's the larger."""
     a = PILImage.open(larger).convert("RGB")
     b = PILImage.open(smaller).convert("RGB")
@@ -193,10 +193,13 @@ def test_duplicate_warning_and_api_errors_are_readable(
     p.get_by_role("button", name="Test", exact=True).click()
     p.locator("#message.error", has_text="Second photo: no face was found").wait_for()
     # Amy beside Raj, she the larger: refused as several faces, then compared with the box taken from the largest.
-    pair = [{"name": "two.png", "mimeType": "image/png", "buffer": _side_by_side(dev_faces / AMY[1], dev_faces / RAJ)}]
+    pair = [{"name": "two.png", "mimeType": "image/png", "buffer": side_by_side(dev_faces / AMY[1], dev_faces / RAJ)}]
     p.locator("#test-file-b").set_input_files(files=pair)
     p.get_by_role("button", name="Test", exact=True).click()
     p.locator("#message.error", has_text="Second photo:").get_by_text("face=largest", exact=False).wait_for()
+    p.locator("#test-result figure svg g.refused").nth(1).wait_for(state="attached")  # both faces drawn, refused
+    assert p.locator("#test-result figure figcaption").inner_text() == "Second photo: faces found"
+    assert p.locator("#test-result figure svg g.refused rect").count() == 2
     largest.check()
     p.get_by_role("button", name="Test", exact=True).click()
     p.locator("#verify-decision", has_text="Same person").wait_for()

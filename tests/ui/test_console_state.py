@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.ui.conftest import Console, LiveServer
-from tests.ui.test_console import AMY, failed_loads, open_page
+from tests.ui.test_console import AMY, RAJ, failed_loads, open_page, side_by_side
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -496,3 +496,25 @@ def test_buttons_keep_the_keyboard_focus_through_their_work(
     p.locator("#identity-title", has_text="Person 21 renamed").wait_for()
     assert p.evaluate("document.activeElement.textContent") == "Rename"
     assert console.errors() == []
+
+
+def test_a_face_added_from_a_photo_of_several_shows_them_then_takes_the_largest(
+    page: tuple[Any, Console], live: LiveServer, gallery: Gallery, dev_faces: Path
+) -> None:
+    p, console = page
+    amy = gallery.enrol("Amy")
+    open_page(p, live, f"identity/{amy}")
+    p.locator("#identity-title", has_text="Amy").wait_for()
+    pair = [{"name": "two.png", "mimeType": "image/png", "buffer": side_by_side(dev_faces / AMY[1], dev_faces / RAJ)}]
+    p.locator("#addface-file").set_input_files(files=pair)
+    p.get_by_role("button", name="Add face").click()
+    p.locator("#message.error", has_text="2 faces were found").wait_for()
+    p.locator("#addface-result svg g.refused").nth(1).wait_for(state="attached")  # both drawn, refused
+    assert p.locator("#addface-result figcaption").inner_text() == "Faces found"
+    p.locator("#addface-file").set_input_files(files=pair)
+    p.locator("#addface-form").get_by_label("Several faces: take the largest").check()
+    p.get_by_role("button", name="Add face").click()
+    p.locator("#message", has_text="Face added to Amy").wait_for()
+    p.locator("#identity-facts dd", has_text=re.compile(r"^2$")).wait_for()
+    assert gallery.client.get(f"/identities/{amy}").json()["face_count"] == 2
+    assert failed_loads(console.errors()) == [422]

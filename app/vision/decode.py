@@ -305,6 +305,7 @@ def _decode(
 ) -> SizedImage:
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
+    limit = min(max_pixels, PILImage.MAX_IMAGE_PIXELS or max_pixels)  # Pillow's bomb guard applies too
     jpeg_frame = None
     if data.startswith(_JPEG_START):
         # before Image.open: Pillow's own header walk is the slow part for some
@@ -314,7 +315,7 @@ def _decode(
     elif data.startswith(_GIF_SIGNATURES):
         _check_gif_structure(data)
     elif data.startswith(_TIFF_SIGNATURES):
-        _check_tiff_structure(data, min(max_pixels, PILImage.MAX_IMAGE_PIXELS or max_pixels))
+        _check_tiff_structure(data, limit)
     try:
         im = PILImage.open(io.BytesIO(data), formats=_formats(heic))  # reads the header only
     except PILImage.DecompressionBombError as exc:
@@ -338,7 +339,6 @@ def _decode(
     with im:
         width, height = im.size
         pixels = width * height
-        limit = min(max_pixels, PILImage.MAX_IMAGE_PIXELS or max_pixels)
         if pixels > limit:
             raise ImageTooLarge(
                 f"the image is {width}x{height} = {pixels:,} pixels; at most {limit:,} are accepted",
@@ -509,25 +509,28 @@ def _check_tiff_structure(data: bytes, max_pixels: int) -> None:
     32768 x 16368 tile for 16 x 16 pixels took 2.1 GB), from its first directory's entries alone (counts and tile
     sizes; a truncated or malformed directory is left to the decoder, which says so)."""
     order = "<" if data[:2] == b"II" else ">"
-    big = data[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 8-byte counts and offsets, 20-byte entries
-    head, count_format, entry_size = (16, "Q", 20) if big else (8, "I", 12)
-    if len(data) < head:
+    # Where the first directory's offset is, and the formats of that offset, the directory's entry count and an
+    # entry's count; an entry's size. BigTIFF has 8-byte offsets and counts, and 20-byte entries.
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    offset_at, offset, entry_count, count, entry_size = (8, "Q", "Q", "Q", 20) if big else (4, "I", "H", "I", 12)
+    if len(data) < offset_at + struct.calcsize(offset):
         return
-    at = struct.unpack_from(order + ("Q" if big else "I"), data, 8 if big else 4)[0]
-    if at + (8 if big else 2) > len(data):
+    at = struct.unpack_from(order + offset, data, offset_at)[0]
+    first = at + struct.calcsize(entry_count)
+    if first > len(data):
         return
-    entries = struct.unpack_from(order + ("Q" if big else "H"), data, at)[0]
-    first = at + (8 if big else 2)
+    entries = struct.unpack_from(order + entry_count, data, at)[0]
     parts, tile = 0, [0, 0]
     for i in range(min(entries, (len(data) - first) // entry_size)):
         where = first + i * entry_size
         tag, kind = struct.unpack_from(order + "HH", data, where)
-        count = struct.unpack_from(order + count_format, data, where + 4)[0]
+        values = struct.unpack_from(order + count, data, where + 4)[0]
         if tag in (_TIFF_STRIP_OFFSETS, _TIFF_TILE_OFFSETS):
-            parts = max(parts, count)
-        elif tag in (_TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH) and count == 1 and kind in (3, 4, 16):  # SHORT, LONG, LONG8
+            parts = max(parts, values)
+        elif tag in (_TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH) and values == 1 and kind in (3, 4, 16):  # SHORT, LONG, LONG8
             value_format = {3: "H", 4: "I", 16: "Q"}[kind]
-            tile[tag - _TIFF_TILE_WIDTH] = struct.unpack_from(order + value_format, data, where + (12 if big else 8))[0]
+            value_at = where + 4 + struct.calcsize(count)  # after the tag, type and count
+            tile[tag - _TIFF_TILE_WIDTH] = struct.unpack_from(order + value_format, data, value_at)[0]
     if parts > MAX_TIFF_PARTS:
         raise InvalidImage(
             f"the TIFF's image is cut into {parts:,} strips or tiles; a photo has a few hundred, at most "

@@ -63,7 +63,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from app import errors
-from app.api.route_names import method_name, path_without_slash, route_template
+from app.api.route_names import allowed_methods, method_name, path_without_slash, route_template
 from app.gallery.db import driver_message
 
 log = logging.getLogger(__name__)
@@ -267,6 +267,9 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
             message += f"; did you mean {shorten(meant)}? (facegate's paths have no trailing slash)"
     elif exc.status_code == 405:
         message = f"method {request.method} is not allowed on {shorten(request.url.path)}"
+        allowed = allowed_methods(request.scope)
+        if allowed:
+            return error_response(405, code, message, headers={**(exc.headers or {}), "Allow": ", ".join(allowed)})
     return error_response(exc.status_code, code, message, headers=exc.headers)
 
 

@@ -25,13 +25,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import Request, Response
-from fastapi.routing import APIRoute
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 from starlette.exceptions import HTTPException
 
 from app.api.errors import shorten
+from app.api.head import HeadRoute
 
 __all__ = ["FormRoute", "undecodable_field"]
 
@@ -158,7 +158,7 @@ def undecodable_field(body: bytes, content_type: str | None) -> str | None:
     return None
 
 
-class FormRoute(APIRoute):
+class FormRoute(HeadRoute):
     """`APIRouter(route_class=FormRoute)`: multipart bodies with undecodable text are refused before the handler."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:

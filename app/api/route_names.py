@@ -43,6 +43,18 @@ def matched_route(scope: Scope) -> BaseRoute | None:
     return None
 
 
+def allowed_methods(scope: Scope) -> list[str]:
+    """The methods some route answers at the request's path, for a 405's Allow header: the router's own 405 names
+    only the first route of the path (`GET` for `PUT /identities/{id}`, which also takes PATCH and DELETE). A route
+    that answers GET answers HEAD too (app/api/head.py)."""
+    methods: set[str] = set()
+    for route in _route_table(scope):
+        declared = getattr(route, "methods", None)
+        if declared and route.matches({**scope, "method": next(iter(declared))})[0] is Match.FULL:
+            methods |= set(declared) | ({"HEAD"} if "GET" in declared else set())
+    return sorted(methods)
+
+
 def path_without_slash(scope: Scope) -> str | None:
     """The request's path without its trailing slash when that names a route (for any method), else None: facegate's
     paths have none, and the answer to `/enroll/` says which path was meant."""

@@ -223,6 +223,39 @@ class TestHealth:
             r = shared_client.head(path)
             assert r.status_code == 200 and r.content == b"", path
 
+    def test_every_get_route_answers_head(self, shared_client: TestClient, photo: Photo) -> None:
+        """RFC 9110: a server that answers GET answers HEAD (uptime checks, link checkers): the GET route's status and
+        headers, no body. It was 405 on every route but the probes, the console and the docs."""
+        enrolled = shared_client.post("/enroll", files={"image": photo(AMY)}, data={"name": "Head Test"}).json()
+        schema = shared_client.get("/openapi.json").json()
+        gets = [path for path, item in schema["paths"].items() if "get" in item]
+        assert {"/identities", "/identities/{identity_id}", "/calibration", "/metrics", "/admin/index"} <= set(gets)
+        for path in gets:
+            url = path.replace("{identity_id}", enrolled["identity_id"]).replace("{face_id}", enrolled["face_id"])
+            head, get = shared_client.head(url), shared_client.get(url)
+            assert (head.status_code, head.content) == (get.status_code, b""), url
+            assert head.headers["content-type"] == get.headers["content-type"], url
+            if path != "/identities/{identity_id}/faces/{face_id}/image":  # no photo is stored by default: 404
+                assert get.status_code == 200, url
+        missing = shared_client.head(f"/identities/{'0' * 32}")
+        assert (missing.status_code, missing.content) == (404, b"")
+        # HEAD adds no operation to the schema (only the probes document theirs).
+        assert [path for path, item in schema["paths"].items() if "head" in item] == ["/healthz", "/readyz"]
+
+    def test_a_405_names_every_method_of_the_path(self, shared_client: TestClient) -> None:
+        """The Allow header lists what the path takes, from all its routes: the router's own named only the first
+        route's methods (`GET` for `PUT /identities/{id}`, which also takes PATCH and DELETE)."""
+        for method, path, allow in [
+            ("PUT", f"/identities/{'0' * 32}", "DELETE, GET, HEAD, PATCH"),
+            ("DELETE", "/metrics", "GET, HEAD"),
+            ("GET", "/enroll", "POST"),
+            ("POST", "/calibration", "DELETE, GET, HEAD"),
+            ("POST", "/ui", "GET, HEAD"),
+        ]:
+            r = shared_client.request(method, path)
+            error_of(r, 405, "method_not_allowed")
+            assert r.headers["allow"] == allow, (method, path)
+
     def test_readyz(self, client: TestClient, photo: Photo) -> None:
         ready = client.get("/readyz")
         assert ready.status_code == 200, ready.text

@@ -96,6 +96,27 @@ def test_each_protected_route_refuses_missing_unknown_revoked_and_narrower_keys(
                 assert r.status_code not in (401, 403), (method, path, granted, r.text)
 
 
+def test_head_needs_the_key_its_get_needs(keyed: Keyed) -> None:
+    """HEAD runs the GET route (app/api/head.py), key check included: without the key of GET's scope a HEAD learns
+    nothing, not even whether an identity exists."""
+    client = keyed.client
+    checked = 0
+    for (method, path), scope in sorted(_protected(client).items()):
+        if method != "GET":
+            continue
+        url = _url(path)
+        assert client.head(url).status_code == 401, path
+        assert client.head(url, headers={"X-API-Key": keyed.revoked}).status_code == 401, path
+        narrower = NARROWER[scope]
+        if narrower is not None:
+            assert client.head(url, headers=keyed.headers(narrower)).status_code == 403, path
+        allowed = client.head(url, headers=keyed.headers(scope))
+        assert allowed.status_code == client.get(url, headers=keyed.headers(scope)).status_code, path
+        assert allowed.status_code not in (401, 403, 405) and allowed.content == b"", path
+        checked += 1
+    assert checked >= 5
+
+
 def test_the_key_is_checked_before_the_query(keyed: Keyed) -> None:
     """An unknown or repeated query parameter does not get a request without a key (or with a narrower one) a 422
     naming what the route takes: it gets the 401 (403) that a misspelt form field gets."""

@@ -10,10 +10,11 @@ from starlette.concurrency import run_in_threadpool
 from app.api import responses
 from app.api.auth import require
 from app.api.deps import GalleryDep
+from app.api.head import HeadRoute
 from app.api.schemas import IndexStateResponse
 from app.auth import Scope
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(prefix="/admin", tags=["admin"], route_class=HeadRoute)
 
 
 @router.get(

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api import responses
 from app.api.auth import require
 from app.api.deps import ServiceDep
+from app.api.head import HeadRoute
 from app.api.schemas import (
     CalibrateRequest,
     CalibrateResponse,
@@ -31,7 +32,7 @@ from app.auth import Scope
 from app.matching.calibration import CalibrationTable
 from app.service import CurveSource
 
-router = APIRouter(tags=["admin"])
+router = APIRouter(tags=["admin"], route_class=HeadRoute)
 
 
 @router.post(

@@ -12,10 +12,11 @@ from starlette.concurrency import run_in_threadpool
 from app.api import responses
 from app.api.auth import require
 from app.api.deps import ServiceDep
+from app.api.head import HeadRoute
 from app.api.schemas import IdentifyDefaultPointOut, IdentifyEvaluationResponse, RuleDirOut
 from app.auth import Scope
 
-router = APIRouter(tags=["admin"])
+router = APIRouter(tags=["admin"], route_class=HeadRoute)
 
 
 @router.post(

@@ -9,11 +9,12 @@ from starlette.concurrency import run_in_threadpool
 from app.api import responses
 from app.api.auth import require
 from app.api.deps import MetricsDep, ServiceDep
+from app.api.head import HeadRoute
 from app.api.metrics import CONTENT_TYPE, RECENT_WINDOW
 from app.api.schemas import Health, LatencySummary, Readiness, RouteLatencyOut
 from app.auth import Scope
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=HeadRoute)
 
 
 # HEAD too: some load balancers and probes check with HEAD (the status, no body). Each method is its own route so

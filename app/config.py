@@ -546,10 +546,11 @@ class Settings(BaseSettings):
     )
     identify_fpir: float = Field(
         default=0.01,
-        gt=0.0,
-        lt=1.0,
+        ge=1e-4,  # the range the shipped open-set calibrations cover (app/matching/data/*/openset.json levels):
+        le=0.5,  # outside it every /identify raised ValueError (500)
         description=(
-            "/identify: target false-positive identification rate, the share of strangers (people not enrolled) "
+            "/identify: target false-positive identification rate (1e-4 to 0.5, the range the shipped open-set "
+            "calibration covers), the share of strangers (people not enrolled) "
             "named as someone; the open-set rule (app/matching/openset.py) turns it into an acceptance score for "
             "the gallery's size. Lower it to name fewer strangers, at the cost of more enrolled people answered "
             "`unknown`; raise it for the opposite."

@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from app.config import DetectorSettings
-from app.errors import FacegateError, InvalidRequest, UnsupportedImage
+from app.errors import FacegateError, ImageTooLarge, InsufficientData, InvalidRequest, UnsupportedImage
 from app.matching.calibration import FarCalibration, calibrate_far
 from app.matching.distances import pairwise_squared_l2
 from app.matching.evaluation import VerificationReport, evaluate_pairs
@@ -187,9 +187,10 @@ class EmbeddingCache:
         except OSError:
             return None
         size, mtime, value = entry
-        if value.error == UnsupportedImage.code:
-            # Whether a format is decoded is a setting (FACEGATE_IMAGE__HEIC), not in the signature: such a photo is
-            # tried again, at no cost (it is refused from its first bytes).
+        if value.error in (UnsupportedImage.code, ImageTooLarge.code):
+            # Whether a format is decoded (FACEGATE_IMAGE__HEIC) and how many pixels a photo may have
+            # (FACEGATE_IMAGE__MAX_PIXELS) are settings, not in the signature: such a photo is tried again, at no
+            # cost (it is refused from its first bytes / its header).
             return None
         return value if (size, mtime) == (stat.st_size, stat.st_mtime_ns) else None
 
@@ -383,13 +384,18 @@ def format_table(evaluation: Evaluation) -> str:
 def calibrate(
     distances: npt.ArrayLike, same: npt.ArrayLike, target_far: float, *, confidence: float = 0.95
 ) -> FarCalibration:
-    """Threshold for `target_far` from labelled pair distances (NaN = missing, left out). Raises InvalidRequest."""
+    """Threshold for `target_far` from labelled pair distances (NaN = missing, left out). Raises InvalidRequest, or
+    InsufficientData when no usable threshold keeps the FAR there."""
     d = np.asarray(distances, np.float64).ravel()
     s = np.asarray(same, bool).ravel()
     if d.shape != s.shape:
         raise InvalidRequest("distances and labels differ in length")
     try:
-        return calibrate_far(d[s], d[~s], target_far, confidence=confidence)
+        calibration = calibrate_far(d[s], d[~s], target_far, confidence=confidence)
     except ValueError as error:
         raise InvalidRequest(f"cannot calibrate: {error}") from None
+    problem = calibration.unusable()
+    if problem is not None:  # as POST /calibrate: a threshold of 0 or less (or over 4) decides nothing
+        raise InsufficientData(problem)
+    return calibration
 

@@ -150,6 +150,7 @@ def evaluate_embeddings(
     *,
     settings: Settings,
     model: OpenSetModel | None = None,
+    max_distance: float | None = None,
 ) -> IdentificationReport:
     """The protocol on already embedded photos ("person/file" each; rows without a face must be removed first)."""
     identities = [p.split("/", 1)[0] for p in photos]
@@ -161,7 +162,9 @@ def evaluate_embeddings(
             f"{split.stranger_rows.size} strangers",
             field="images",
         )
-    return _evaluate_split(np.asarray(embeddings, np.float32), split, settings=settings, model=model)
+    return _evaluate_split(
+        np.asarray(embeddings, np.float32), split, settings=settings, model=model, max_distance=max_distance
+    )
 
 
 def _evaluate_split(
@@ -242,6 +245,7 @@ def run_identify_eval(
     model: OpenSetModel | None = None,
     progress: Callable[[int], None] | None = None,
     photos: list[str] | None = None,
+    max_distance: float | None = None,
 ) -> IdentifyEvaluation:
     """Embed every photo of `images_dir` (folder per person), run issue 9's protocol, write the report if `out_dir`.
 
@@ -264,7 +268,7 @@ def run_identify_eval(
             store.save(cache)
     found = [p for p in photos if not embedded[p].error]
     embeddings = np.stack([embedded[p].embedding for p in found]) if found else np.zeros((0, 128), np.float32)
-    report = evaluate_embeddings(found, embeddings, settings=settings, model=model)
+    report = evaluate_embeddings(found, embeddings, settings=settings, model=model, max_distance=max_distance)
     n_strangers = report.n_strangers
     accepted = round(report.default_point["fpir"] * n_strangers)
     result = IdentifyEvaluation(

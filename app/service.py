@@ -748,19 +748,9 @@ class FaceService:
             calibration = calibrate_far(same_d, diff_d, target_far)
         except ValueError as error:
             raise InvalidRequest(str(error), field="target_far") from None
-        if not calibration.threshold > 0:
-            raise InsufficientData(
-                f"no threshold above 0 keeps the FAR at or below {target_far:g} on these pairs "
-                f"({calibration.n_different} different pairs; the nearest are at distance 0)"
-            )
-        if calibration.threshold > MAX_THRESHOLD:
-            # No real pairs give it (raw dlib embeddings, norms 1.2-1.7, are at most ~1.5 apart; a head's unit-norm
-            # ones at most 4): never stored (deployment_threshold() would ignore it, after it had replaced a usable
-            # one) nor reported as usable.
-            raise InsufficientData(
-                f"the threshold for FAR {target_far:g} on these pairs, {calibration.threshold:g}, is over "
-                f"{MAX_THRESHOLD:g}: not a usable threshold"
-            )
+        problem = calibration.unusable()
+        if problem is not None:  # never stored (deployment_threshold() would ignore it) nor reported as usable
+            raise InsufficientData(problem)
         # A float: 1 / 5e-324 (a valid target_far) is inf, which math.ceil cannot take, and no count reaches. The
         # 1e-9: 1 / 1e-5 is 99999.99999999999.
         needed = 1 / target_far - 1e-9

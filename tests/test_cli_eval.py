@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from app import evaluate as evaluation
 from app.cli import cli
+from app.cli import evaluation as evaluation_cli
 from app.cli.common import Unusable
 from app.errors import InvalidRequest
 
@@ -203,6 +204,34 @@ def test_calibrate_prints_the_threshold_and_apply_stores_it(
     decision = json.loads(text)
     assert decision["threshold_source"] == "deployment"
     assert decision["threshold"] == pytest.approx(result["threshold"])
+
+
+def test_calibrate_refuses_a_threshold_that_decides_nothing(env: Path, photos: tuple[Path, Path], tmp_path: Path) -> None:
+    """A "different" pair at distance 0 (a photo paired with itself) leaves no threshold above 0 within the target:
+    without --apply the command printed `threshold -0.0000` (JSON -5e-324) and exit 0, where --apply and
+    POST /calibrate refuse it."""
+    images, _ = photos
+    pairs = tmp_path / "zero.csv"
+    amy = "amy/face-api__amy1.png"
+    pairs.write_text(f"img_a,img_b,same\n{amy},{amy},0\n{amy},amy/face-api__amy2.png,1\n")
+    for extra in ([], ["--json"], ["--apply"]):
+        result = CliRunner().invoke(cli, ["calibrate", "--pairs", str(pairs), "--images", str(images), "--far", "0.4", *extra])
+        assert result.exit_code == 2, (extra, result.output)
+        assert "insufficient_data: no threshold above 0 keeps the FAR at or below 0.4" in result.stderr, extra
+        assert "threshold" not in result.stdout, extra
+
+
+def test_eval_identify_decides_at_the_threshold_identify_uses(
+    env: Path, photos: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default point is the rule as /identify applies it, so its distance cap is the 1:1 threshold /identify
+    uses: a head's own threshold when one is served (as `eval` and POST /evaluate/identify), not always
+    FACEGATE_THRESHOLD. Here the served threshold is stood in for: a head needs a trained model."""
+    images, _ = photos
+    monkeypatch.setattr(evaluation_cli, "default_threshold", lambda settings, pipeline: 0.2)
+    code, text = run("eval-identify", "--images", str(images), "--out", str(tmp_path / "out"), "--json")
+    assert code == 0, text
+    assert json.loads(text)["default_point"]["max_distance"] == 0.2
 
 
 def test_cluster_a_folder(env: Path, photos: tuple[Path, Path]) -> None:

@@ -40,13 +40,16 @@ def test_a_damaged_cache_starts_afresh(saved: Path, damage: Callable[[bytes], by
     assert cache.entries == {} and cache.signature == SIGNATURE
 
 
-def test_a_photo_refused_as_unsupported_is_tried_again(tmp_path: Path) -> None:
-    """Whether a format is decoded is a setting (FACEGATE_IMAGE__HEIC), not part of the cache's signature: a HEIC
-    refused while it was off must not stay refused once it is on."""
+def test_a_photo_refused_by_a_setting_is_tried_again(tmp_path: Path) -> None:
+    """Whether a format is decoded (FACEGATE_IMAGE__HEIC) and how many pixels a photo may have
+    (FACEGATE_IMAGE__MAX_PIXELS) are settings, not part of the cache's signature: a HEIC refused while it was off,
+    or a 50 MP photo refused under a lower limit, must not stay refused once the setting allows it."""
     cache = EmbeddingCache(SIGNATURE)
     photo = tmp_path / "a.heic"
     photo.write_bytes(b"photo")
     cache.put("a.heic", photo, Embedded(np.full(128, np.nan, np.float32), "unsupported_image"))
+    cache.put("big.jpg", photo, Embedded(np.full(128, np.nan, np.float32), "image_too_large"))
     cache.put("b.heic", photo, Embedded(np.full(128, np.nan, np.float32), "no_face"))
     assert cache.get("a.heic", photo) is None
+    assert cache.get("big.jpg", photo) is None
     assert cache.get("b.heic", photo) is not None

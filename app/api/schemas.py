@@ -458,7 +458,7 @@ class ClusterResponse(Public):
     n_faces: int
     clusters: list[ClusterOut] = Field(description="Groups of >= 2 faces taken for one person, largest first.")
     sizes: list[int]
-    unclustered: list[ClusterFaceOut] = Field(description="Faces that match no other face (singletons).")
+    unclustered: list[ClusterFaceOut] = Field(description="Faces left alone in their cluster (singletons): most match no other face, but chinese whispers can also leave one whose only link is to a face of a larger cluster.")
     problems: list[PhotoProblemOut] = Field(
         description="Photos that gave no face, with the reason, and photos with more faces than "
         "FACEGATE_DETECTOR__MAX_FACES (too_many_faces: their most confident faces were clustered)."

@@ -167,7 +167,13 @@ def eval_identify(
         photos = person_photos(images, heic=settings.image.heic)
         with typer.progressbar(length=len(photos), label="Embedding", show_pos=True, file=sys.stderr) as bar:
             result = run_identify_eval(
-                images, settings=settings, cache=cache, pipeline=pipeline, progress=bar.update, photos=photos
+                images,
+                settings=settings,
+                cache=cache,
+                pipeline=pipeline,
+                progress=bar.update,
+                photos=photos,
+                max_distance=default_threshold(settings, pipeline),  # a head's own threshold, as eval and /identify
             )
     with writing_reports(out):
         result = replace(result, files=write_identify_report(result, out))

@@ -34,7 +34,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from app.matching.data_files import DATA_DIR, TABLE_FILE
 from app.matching.distances import pairwise_squared_l2
-from app.matching.thresholds import validate_rate
+from app.matching.thresholds import MAX_THRESHOLD, validate_rate
 
 __all__ = [
     "DEFAULT_GRID",
@@ -146,10 +146,20 @@ def threshold_for_far(diff_distances: ArrayLike, target_far: float) -> float:
     d = np.sort(d[~np.isnan(d)])
     if d.size == 0:
         raise ValueError("need at least one different-person distance")
-    # False accepts allowed, fewer than n since target < 1. The 1e-9 absorbs float error (0.29 * 100 is
-    # 28.999999999999996) but would round a target within 1e-9/n of 1 up to n, past the last pair.
-    allowed = min(math.floor(target * d.size + 1e-9), d.size - 1)
+    allowed = min(most_allowed(target, d.size), d.size - 1)  # fewer than n: target < 1
     return float(np.nextafter(d[allowed], -np.inf))
+
+
+def most_allowed(rate: float, n: int) -> int:
+    """The largest k <= n with k / n <= rate: how many of n impostors a rate lets in, compared as the reported rate
+    (k / n) is. floor(rate * n) can be one off either way in float (0.29 * 100 is 28.999999999999996), and a fixed
+    slack would let k / n pass a rate just below it (n = 3, rate 0.3333333333: 1/3 is over it)."""
+    k = min(math.floor(rate * n), n)
+    while k < n and (k + 1) / n <= rate:
+        k += 1
+    while k > 0 and k / n > rate:
+        k -= 1
+    return k
 
 
 @dataclass(frozen=True)
@@ -171,6 +181,22 @@ class FarCalibration:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
+
+    def unusable(self) -> str | None:
+        """Why this threshold cannot be used to decide anything (None when it can): at or below 0 (the nearest
+        different pairs are at distance 0), or over MAX_THRESHOLD, which no real pair reaches (raw dlib embeddings,
+        norms 1.2-1.7, are at most ~1.5 apart; a head's unit-norm ones at most 4)."""
+        if not self.threshold > 0:
+            return (
+                f"no threshold above 0 keeps the FAR at or below {self.target_far:g} on these pairs "
+                f"({self.n_different} different pairs; the nearest are at distance 0)"
+            )
+        if self.threshold > MAX_THRESHOLD:
+            return (
+                f"the threshold for FAR {self.target_far:g} on these pairs, {self.threshold:g}, is over "
+                f"{MAX_THRESHOLD:g}: not a usable threshold"
+            )
+        return None
 
 
 def calibrate_far(

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from app.matching.calibration import most_allowed
 from app.matching.distances import EXPANSION_ERROR, pairwise_squared_l2, squared_l2
 from app.matching.openset import (
     DEFAULT_AMBIGUITY_MARGIN,
@@ -170,7 +171,7 @@ def dir_at_fpir(
     g = np.asarray(genuine_scores, dtype=np.float64)
     ok = np.asarray(genuine_correct, dtype=bool)
     s = np.sort(np.asarray(stranger_scores, dtype=np.float64))
-    k = math.floor(fpir * s.size + 1e-9)  # strangers allowed in
+    k = most_allowed(fpir, s.size)  # strangers allowed in
     t = float(np.nextafter(s[k], -np.inf)) if k < s.size else math.inf
     return float(np.mean(ok & (g <= t))), t
 

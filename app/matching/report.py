@@ -86,7 +86,7 @@ def plot_identification(report: IdentificationReport, path: Path, *, title: str 
         p = report.default_point
         ax.scatter([max(p["fpir"], 1e-3)], [p["dir"]], color="tab:red", zorder=3, label=f"facegate default (target FPIR {p['target_fpir']:g}, N={p['gallery_size']})")
         rp = report.raw_threshold_point
-        ax.scatter([rp["fpir"]], [rp["dir"]], color="black", marker="x", zorder=3, label=f"raw rule at {rp['threshold']:g}")
+        ax.scatter([max(rp["fpir"], 1e-3)], [rp["dir"]], color="black", marker="x", zorder=3, label=f"raw rule at {rp['threshold']:g}")
         ax.axhline(report.rank1, color="black", linewidth=0.8, linestyle=":", label=f"rank-1 ceiling {report.rank1:.1%}")
         ax.set_xscale("log")
         ax.set_xlim(1e-3, 1.0)

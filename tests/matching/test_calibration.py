@@ -19,6 +19,7 @@ from app.matching.calibration import (
     calibrate_far,
     compute_default_table,
     load_default_table,
+    most_allowed,
     pairs_from_gallery,
     threshold_for_far,
 )
@@ -39,6 +40,26 @@ class TestThresholdForFar:
         # target * n + 1e-9 was rounded up to n: an index past the last pair (IndexError, a 500 from /calibrate).
         assert threshold_for_far([0.5], 0.9999999999999999) < 0.5
         assert 0.6 <= threshold_for_far([0.5, 0.6, 0.7], 1 - 1e-10) < 0.7
+
+    def test_a_target_just_under_k_over_n_allows_one_fewer(self) -> None:
+        """A fixed slack of 1e-9 on target * n let 1 of 3 pairs in for a target of 0.3333333333 (FAR 1/3 reported
+        over the target it was asked to keep)."""
+        assert threshold_for_far([0.5, 0.6, 0.7], 0.3333333333) < 0.5
+        result = calibrate_far([0.1], [0.5, 0.6, 0.7], 0.3333333333)
+        assert result.far == 0.0 <= result.target_far and result.false_accepts == 0
+        assert 0.5 <= threshold_for_far([0.5, 0.6, 0.7], 1 / 3) < 0.6  # exactly 1/3 still lets one in
+
+    def test_most_allowed_is_the_largest_count_within_the_rate(self) -> None:
+        rng = np.random.default_rng(7)
+        for _ in range(5_000):
+            n = int(rng.integers(1, 400))
+            k = int(rng.integers(0, n + 1))
+            # rates at, just under and just over k / n, and rates whose product with n is off in float
+            for rate in (k / n, np.nextafter(k / n, 0), np.nextafter(k / n, 1), k / n - 1e-10, round(k / n, 2)):
+                if 0 < rate < 1:
+                    expected = max(j for j in range(n + 1) if j / n <= rate)
+                    assert most_allowed(float(rate), n) == expected, (rate, n)
+        assert most_allowed(0.29, 100) == 29  # 0.29 * 100 is 28.999999999999996
 
     def test_nan_ignored(self) -> None:
         assert threshold_for_far([np.nan, 0.2, 0.4], 0.5) == threshold_for_far([0.2, 0.4], 0.5)

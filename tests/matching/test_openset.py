@@ -9,7 +9,10 @@ import threading
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
+from app.config import Settings
+from app.matching.data_files import OPENSET_FILE, data_dir
 from app.matching.openset import (
     DEFAULT_BETA,
     DEFAULT_CAP,
@@ -81,6 +84,22 @@ class TestModel:
         # a larger gallery needs a stricter threshold than a single identity at the same FPIR
         assert m.threshold(1000, 0.01) < m.threshold(1, 0.01)
         assert m.threshold(100_000, 0.01) <= m.threshold(3 * int(m.meta["validated_up_to"] // 3), 0.01) + 1e-9
+
+
+    @pytest.mark.parametrize("flip", [False, True])
+    def test_every_fpir_the_setting_takes_has_a_threshold(self, flip: bool) -> None:
+        """FACEGATE_IDENTIFY_FPIR takes exactly the range the shipped open-set models cover: a value outside it made
+        every /identify a 500 (ValueError from threshold()), while /readyz said ready; it is refused at start now."""
+        model = OpenSetModel.load(data_dir(flip) / OPENSET_FILE)
+        field = Settings.model_fields["identify_fpir"]
+        bounds = {type(m).__name__: getattr(m, type(m).__name__.lower()) for m in field.metadata}
+        assert (bounds["Ge"], bounds["Le"]) == (model.levels[0], model.levels[-1])
+        for fpir in (bounds["Ge"], 0.01, bounds["Le"]):
+            for size in (1, 2, 1000, 10_000_000):
+                assert math.isfinite(model.threshold(size, Settings(identify_fpir=fpir).identify_fpir))
+        for outside in (bounds["Ge"] / 2, 0.6):
+            with pytest.raises(ValidationError, match="identify_fpir"):
+                Settings(identify_fpir=outside)
 
 
 class TestDecide:

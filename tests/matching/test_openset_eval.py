@@ -156,6 +156,14 @@ class TestDirAtFpir:
         assert dir5 == pytest.approx(2 / 4)  # five allowed: 0.025 in too
 
 
+    def test_a_rate_just_under_k_over_n_lets_one_fewer_in(self) -> None:
+        strangers = np.array([0.5, 0.6, 0.7])
+        _, t = dir_at_fpir(np.array([0.1]), np.array([True]), strangers, 0.3333333333)
+        assert t < 0.5  # 1 of 3 strangers would be an FPIR over the rate asked for
+        _, t = dir_at_fpir(np.array([0.1]), np.array([True]), strangers, 1 / 3)
+        assert 0.5 <= t < 0.6
+
+
 class TestEvaluate:
     def test_separable_synthetic_gallery(self) -> None:
         rng = np.random.default_rng(0)

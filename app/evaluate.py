@@ -178,6 +178,14 @@ class EmbeddingCache:
         )
         tmp.replace(target)
 
+    def forget_missing(self, images: Path) -> None:
+        """Drop the entries whose photo is no longer under `images`: an embedding identifies a person, and a person
+        removed from the folder (a deleted photo or person folder) must not stay in the cache file, which is
+        rewritten with what is left. (A cache used with another folder is so emptied of the first folder's photos:
+        one cache per folder.)"""
+        root = Path(images)
+        self.entries = {p: entry for p, entry in self.entries.items() if (root / p).is_file()}
+
     def get(self, relative: str, file: Path) -> Embedded | None:
         entry = self.entries.get(relative)
         if entry is None:
@@ -222,7 +230,10 @@ def embed_photos(
     cache: EmbeddingCache | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Embedded]:
-    """Each distinct relative path of `paths` (under `images`) embedded once; `progress(n)` after each photo."""
+    """Each distinct relative path of `paths` (under `images`) embedded once; `progress(n)` after each photo. The
+    cache first forgets the photos no longer under `images` (see `EmbeddingCache.forget_missing`)."""
+    if cache is not None:
+        cache.forget_missing(Path(images))
     out: dict[str, Embedded] = {}
     for relative in dict.fromkeys(paths):
         file = Path(images) / relative

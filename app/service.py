@@ -849,8 +849,7 @@ class FaceService:
 
     def reset_calibration(self) -> bool:
         """Forget the deployment threshold (back to `Settings.threshold`); False when none was stored."""
-        with self.gallery.session() as session:
-            return store.delete_setting(session, key=DEPLOYMENT_THRESHOLD_KEY)
+        return self.gallery.delete_setting(DEPLOYMENT_THRESHOLD_KEY)
 
     # -------------------------------------------------------------------------------------- cluster
 

@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -232,6 +233,26 @@ def test_eval_identify_decides_at_the_threshold_identify_uses(
     code, text = run("eval-identify", "--images", str(images), "--out", str(tmp_path / "out"), "--json")
     assert code == 0, text
     assert json.loads(text)["default_point"]["max_distance"] == 0.2
+
+
+def test_a_person_removed_from_the_folder_leaves_the_cache(env: Path, photos: tuple[Path, Path], tmp_path: Path) -> None:
+    """A --cache file holds embeddings, which identify people: one whose photos were deleted from the folder stayed in
+    it (with their name, the folder's) however often it was rewritten."""
+    images, pairs = photos
+    cache = tmp_path / "emb.npz"
+    args = ["calibrate", "--pairs", str(pairs), "--images", str(images), "--far", "0.05", "--cache", str(cache)]
+    assert run(*args)[0] == 0
+    with np.load(cache) as data:
+        raj = [i for i, p in enumerate(data["paths"].tolist()) if p.startswith("raj/")]
+        raj_bytes = [data["embeddings"][i].tobytes() for i in raj]
+    assert len(raj) == 4
+    shutil.rmtree(images / "raj")
+    assert run(*args)[0] == 0
+    with np.load(cache) as data:
+        paths = data["paths"].tolist()
+        assert not [p for p in paths if p.startswith("raj/")] and len(paths) == 9  # amy, sheldon and the blank
+    with np.load(cache) as data:
+        assert not any(b == e.tobytes() for b in raj_bytes for e in data["embeddings"])
 
 
 def test_cluster_a_folder(env: Path, photos: tuple[Path, Path]) -> None:

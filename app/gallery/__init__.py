@@ -24,7 +24,7 @@ import numpy.typing as npt
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-from app.errors import ShuttingDown, UnknownIdentity
+from app.errors import DatabaseUnavailable, InsufficientStorage, ShuttingDown, UnknownIdentity
 from app.gallery import db, store
 from app.gallery.index import (
     MAX_REPLAY,
@@ -47,9 +47,12 @@ if TYPE_CHECKING:
     from app.config import IndexSettings
 
 log = logging.getLogger(__name__)
-# SQLite: how long a deletion waits for readers of older snapshots before leaving the WAL to be cut at its next
-# restart (see Gallery.scrub_log). A request's reads take milliseconds.
+# Changes of other processes a write replays right after its own (more are left to the next search).
+CATCH_UP_AFTER_WRITE = 1000
+# SQLite: how long a deletion waits for readers of older snapshots before leaving the WAL to be cut later (see
+# Gallery.scrub_log). A request's reads take milliseconds.
 SCRUB_WAIT_MS = 1000
+SCRUB_RETRY_SECONDS = 5.0  # and how often it is tried again after that
 
 __all__ = [
     "DeletionReport",
@@ -129,6 +132,7 @@ class Gallery:
         self._commits = threading.Condition()
         self._committing = 0
         self._writes_stopped = False
+        self._scrub_timer: threading.Timer | None = None  # a WAL scrub retried later (scrub_log), under _commits
 
     @classmethod
     def open(
@@ -183,6 +187,10 @@ class Gallery:
 
     def close(self) -> None:
         self.stop_writes()
+        with self._commits:
+            if self._scrub_timer is not None:
+                self._scrub_timer.cancel()
+                self._scrub_timer = None
         self.engine.dispose()
 
     @property
@@ -211,6 +219,16 @@ class Gallery:
                     self._end_commit()
             changes = store.take_pending_changes(session)
             self.index.apply(changes)
+        missed = min((c.id for c in changes), default=0) - self.index.stats().last_change_id - 1
+        if 0 < missed <= CATCH_UP_AFTER_WRITE:
+            # Other processes committed changes before ours that this index had not replayed: replay them now, so
+            # that an index that just changed holds every change up to its own (the facegate_gallery_faces gauge
+            # shows the worker whose index changed last). A worker further behind (a bulk load elsewhere) is left
+            # to its next search: a write is not held up by a reload.
+            try:
+                self.refresh()
+            except (DatabaseUnavailable, InsufficientStorage):
+                pass  # the write is committed; the next search replays
         ids = [c.id for c in changes]
         if ids and max(ids) // self.prune_every > (min(ids) - 1) // self.prune_every:  # crossed a multiple
             self.prune_changes()
@@ -403,11 +421,13 @@ class Gallery:
         self.scrub_log()
         return report
 
-    def scrub_log(self) -> bool:
+    def scrub_log(self, *, retry: bool = False) -> bool:
         """SQLite: after data was erased, copy the WAL into the database file (where `secure_delete` zeroes the
         freed rows) and truncate the WAL, which otherwise keeps the erased rows' old pages until they happen to be
-        overwritten. True when done; False when a reader still uses an older snapshot (the WAL is then cut at its
-        next restart: `journal_size_limit` 0). PostgreSQL: nothing to do here (dead tuples wait for VACUUM).
+        overwritten. True when done; False when a reader still uses an older snapshot: the scrub is then tried again
+        every SCRUB_RETRY_SECONDS on a timer until it is done (or the process stops; the WAL is cut at the next
+        start too: `journal_size_limit` 0). A quiet gallery would otherwise keep a deleted person's rows in the WAL
+        until its next deletion or restart. PostgreSQL: nothing to do here (dead tuples wait for VACUUM).
 
         The checkpoint waits for such a reader through the busy handler: up to SCRUB_WAIT_MS, not the connection's
         busy timeout (the lock timeout), which held a deletion's answer that long behind any long read (an index
@@ -421,8 +441,29 @@ class Gallery:
         ):
             busy, _, _ = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
         if busy:
-            log.info("SQLite WAL not truncated after an erasure: a reader is active (done at its next restart)")
+            if not retry:  # once, not at every try
+                log.info("SQLite WAL not truncated after an erasure: a reader is active (tried again shortly)")
+            self._scrub_later()
         return not busy
+
+    def _scrub_later(self) -> None:
+        with self._commits:
+            if self._scrub_timer is not None or self._writes_stopped:
+                return  # one retry pending at a time; none once the gallery closes
+            timer = threading.Timer(SCRUB_RETRY_SECONDS, self._retry_scrub)
+            timer.name, timer.daemon = "facegate-wal-scrub", True
+            self._scrub_timer = timer
+        timer.start()
+
+    def _retry_scrub(self) -> None:
+        with self._commits:
+            self._scrub_timer = None
+            if self._writes_stopped:
+                return
+        try:
+            self.scrub_log(retry=True)  # schedules the next try while a reader remains
+        except Exception as error:  # the database is away: the next deletion or start scrubs
+            log.warning("SQLite WAL scrub failed: %s", error)
 
     # ------------------------------------------------------------------------------------------ reads
 
@@ -459,6 +500,11 @@ class Gallery:
     def set_setting(self, key: str, value: Any, *, source: str | None = None) -> DeploymentSettingRecord:
         with self.session() as session:
             return store.set_setting(session, key=key, value=value, source=source)
+
+    def delete_setting(self, key: str) -> bool:
+        """False when none was stored."""
+        with self.session() as session:
+            return store.delete_setting(session, key=key)
 
 
 def _same_face(

@@ -424,6 +424,10 @@ class GalleryIndex:
         norms = self._norms.copy()  # snapshots hold the old array
         norms[rows] = np.inf
         self._norms = norms
+        # A deleted face's embedding must not stay in the worker's memory until a compaction (which a large
+        # gallery may never reach): its row is zeroed. A search still running on an older snapshot computes a
+        # distance of |q|^2 + its old norm for it, never a match.
+        self._vectors[rows] = 0.0
         self._on_removed(rows)
         dead = self._n - len(self._rows)
         if dead >= _COMPACT_MIN_DEAD and dead * 2 > self._n:

@@ -18,7 +18,9 @@ PostgreSQL proposes the `candidates` nearest faces (HNSW with `hnsw.ef_search` =
 2 x candidates; iterative scans from pgvector 0.8 so that the model-version filter cannot starve the result); they
 are ranked by identity with exact float32 distances, as in the approximate backend. The process keeps `GalleryIndex`'s
 bookkeeping (counts, replay position, 1:1 distances), so `stats()` and `identity_distances()` stay in memory.
-A deletion made through this process leaves `face_vectors` before it returns (`apply`), a full copy under way or not.
+A deletion leaves `face_vectors` in its own transaction, made by any process, whatever backend it runs
+(`store._forget_vectors`); through this process, `apply` also brings the table up to the log (a full copy under way
+or not).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Row, delete, func, insert, literal, select, tuple_, update
+from sqlalchemy import Row, delete, func, insert, literal, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
 from app.errors import UnknownFace, UnknownIdentity
@@ -299,7 +299,21 @@ def delete_identity(session: Session, *, identity_id: str) -> DeletionReport:
         raise UnknownIdentity(f"unknown identity {identity_id!r}", identity_id=identity_id)
     for face_id in face_ids:
         _log_change(session, ChangeOp.REMOVE, face_id=face_id, identity_id=identity_id)
+    _forget_vectors(session, face_ids)
     return DeletionReport(identity_id, face_ids, identity_deleted=True)
+
+
+def _forget_vectors(session: Session, face_ids: Sequence[str]) -> None:
+    """PostgreSQL: delete the faces' rows of pgvector's `face_vectors` (app/gallery/pgvector.py) in the deletion's
+    own transaction, whatever backend this process runs. Only a pgvector worker's index removed them before, so a
+    deletion made while none ran (the service moved to the exact or approximate backend, another writer) left the
+    embeddings there for good. A worker's replay of the change log still applies the removal too."""
+    connection = session.connection()
+    if not face_ids or connection.dialect.name != "postgresql":
+        return
+    if connection.execute(text("SELECT to_regclass('face_vectors')")).scalar() is None:
+        return
+    connection.execute(text("DELETE FROM face_vectors WHERE face_id = ANY(:ids)"), {"ids": list(face_ids)})
 
 
 # ---------------------------------------------------------------------------------------------------- faces
@@ -468,6 +482,7 @@ def delete_face(session: Session, *, identity_id: str, face_id: str) -> Deletion
         raise UnknownFace(f"unknown face {face_id!r}", identity_id=identity_id, face_id=face_id)
     session.execute(update(Identity).where(Identity.id == identity_id).values(updated_at=utcnow()))
     _log_change(session, ChangeOp.REMOVE, face_id=face_id, identity_id=identity_id)
+    _forget_vectors(session, (face_id,))
     return DeletionReport(identity_id, (face_id,), identity_deleted=False)
 
 
@@ -562,6 +577,15 @@ def relabel_faces(session: Session, *, old_versions: Sequence[str], new_version:
     result = session.execute(
         update(Face).where(Face.model_version.in_(list(old_versions))).values(model_version=new_version)
     )
+    if result.rowcount:  # type: ignore[attr-defined]
+        # Workers already running hold these faces as stale and no log entry tells them otherwise: move the head past
+        # a change id that is never written (as bulk.copy_synthetic_gallery does), so that each sees a gap and
+        # reloads in full.
+        session.execute(
+            update(GalleryState)
+            .where(GalleryState.id == GALLERY_STATE_ID)
+            .values(last_change_id=GalleryState.last_change_id + 1)
+        )
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
@@ -669,6 +693,9 @@ def set_setting(session: Session, *, key: str, value: Any, source: str | None = 
     if not key or len(key) > 100:
         raise ValueError("setting key must be 1-100 characters")
     now = utcnow()
+    # Serialised with every other settings write (and gallery write): without it two concurrent writers both found
+    # no row and the second INSERT failed (unique key), or a concurrent delete made the UPDATE match no row.
+    lock_gallery(session)
     existing = session.get(DeploymentSetting, key)
     if existing is None:
         session.add(DeploymentSetting(key=key, value=value, source=source, updated_at=now))
@@ -681,6 +708,7 @@ def set_setting(session: Session, *, key: str, value: Any, source: str | None = 
 
 
 def delete_setting(session: Session, *, key: str) -> bool:
+    lock_gallery(session)  # see set_setting
     result = session.execute(delete(DeploymentSetting).where(DeploymentSetting.key == key))
     return bool(result.rowcount)  # type: ignore[attr-defined]
 

@@ -130,6 +130,26 @@ def test_ties_are_ranked_by_identity_id_whatever_the_enrolment_order(backend: st
         check_tied_ranking(index.search(queries, top_k=5))
 
 
+@pytest.mark.parametrize("backend", ["exact", "approximate"])
+def test_a_removed_face_leaves_the_workers_memory(backend: str) -> None:
+    """Every worker holds the embeddings in memory for search: a removed face's stayed in the matrix until a
+    compaction (1,024 dead rows and half of all rows dead: a large gallery never gets there before a restart)."""
+    rng = np.random.default_rng(12)
+    vectors = synthetic.faces_of(rng, synthetic.identity_centres(rng, 300))
+    face_ids, owners = _ids(300), _ids(300)
+    index = GalleryIndex(MODEL) if backend == "exact" else ApproximateIndex(MODEL, min_size=100, nprobe=64)
+    index.apply(_adds(face_ids, owners, vectors))
+    gone = [5, 17, 250]
+    index.apply([Change(1000 + i, ChangeOp.REMOVE, face_ids[i], owners[i]) for i in gone])
+    memory = index._vectors.tobytes()
+    for i in gone:
+        assert vectors[i].tobytes() not in memory, i
+    assert vectors[6].tobytes() in memory  # the others are still searched
+    found = index.search(vectors[[5, 6, 17]], top_k=1)
+    assert found[1][0].face_id == face_ids[6]
+    assert not {c[0].face_id for c in found} & {face_ids[i] for i in gone}
+
+
 def test_adds_and_removes_keep_the_backends_in_step(
     faces: tuple[synthetic.SyntheticGallery, list[str], list[str]],
 ) -> None:

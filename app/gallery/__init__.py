@@ -228,7 +228,9 @@ class Gallery:
             try:
                 self.refresh()
             except (DatabaseUnavailable, InsufficientStorage):
-                pass  # the write is committed; the next search replays
+                pass  # the write is committed: it is answered as such; the next search replays
+            except Exception:
+                log.exception("replaying other workers' changes after a write failed (the next search replays)")
         ids = [c.id for c in changes]
         if ids and max(ids) // self.prune_every > (min(ids) - 1) // self.prune_every:  # crossed a multiple
             self.prune_changes()

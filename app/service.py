@@ -910,6 +910,10 @@ class FaceService:
     def get_identity(self, identity_id: str) -> IdentityRecord:
         return self.gallery.get_identity(identity_id)
 
+    def identities_named(self, name: str) -> dict[str, str]:
+        """Id -> name of the identities named `name` up to case and Unicode form (see `store.identities_named`)."""
+        return self.gallery.identities_named(name)
+
     def update_identity(
         self, identity_id: str, *, name: str | None = None, metadata: dict[str, Any] | None = None
     ) -> IdentityRecord:

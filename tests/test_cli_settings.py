@@ -52,6 +52,18 @@ def test_a_refused_setting_is_named_without_a_traceback(
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("url", ["sqlite:///", "sqlite://", "sqlite:///:memory:"])
+@pytest.mark.parametrize("command", [["keys", "list"], ["identify", "photo.jpg"], ["enroll", "."], ["serve"]])
+def test_an_in_memory_sqlite_gallery_is_refused(url: str, command: list[str], tmp_path: Path) -> None:
+    """`sqlite:///$UNSET_VARIABLE` reads `sqlite:///`, an in-memory database: `enroll` reported its people enrolled
+    and stored them nowhere, `identify` answered from an empty gallery, `serve` lost every enrolment at its stop
+    (and gave each worker a gallery of its own)."""
+    (tmp_path / "photo.jpg").write_bytes(b"")
+    code, err = run({"FACEGATE_DATABASE_URL": url}, *[str(tmp_path / a) if "." in a else a for a in command])
+    assert code == 2, err
+    assert err.startswith("error: invalid settings: FACEGATE_DATABASE_URL names an in-memory SQLite database"), err
+
+
 def test_the_database_url_is_checked_with_the_settings() -> None:
     """The server refuses it at start-up too (it reads the same settings), before any connection is tried."""
     from pydantic import ValidationError

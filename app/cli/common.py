@@ -186,9 +186,25 @@ def load_settings() -> Settings:
         hint = f" (did you mean {close}?)" if close else ""
         typer.secho(f"warning: {name} is not a facegate setting and is ignored{hint}", fg=typer.colors.YELLOW, err=True)
     try:
-        return Settings()
+        settings = Settings()
     except (ValidationError, SettingsError) as error:
         fail(f"invalid settings: {describe_settings_error(error)}")
+    if in_memory_sqlite(settings.database_url):
+        # Every command is a process of its own: what it enrolled, stored or served would vanish when it ends
+        # (`sqlite:///$UNSET_VARIABLE` reads `sqlite:///`). `db copy` refuses such a target for the same reason.
+        fail(
+            "invalid settings: FACEGATE_DATABASE_URL names an in-memory SQLite database (no file path), which "
+            "vanishes when the command ends: give a file (sqlite:///path/to/facegate.db)"
+        )
+    return settings
+
+
+def in_memory_sqlite(url: str) -> bool:
+    from sqlalchemy.engine import make_url
+
+    from app.gallery.db import sqlite_path
+
+    return make_url(url).get_backend_name() == "sqlite" and sqlite_path(url) is None
 
 
 def require_gallery(settings: Settings) -> None:

@@ -167,15 +167,8 @@ def _existing_identity(service: FaceService, folder: str) -> str | None:
         name = unicodedata.normalize("NFC", clean_name(folder))
     except InvalidRequest:
         return None
-    after = None
-    while True:
-        page = service.list_identities(limit=500, name=name, after=after)
-        for identity in page.items:
-            if unicodedata.normalize("NFC", identity.name) == name:
-                return identity.id
-        if page.next is None:
-            return None
-        after = page.next
+    named = service.identities_named(name)
+    return next((i for i, found in named.items() if unicodedata.normalize("NFC", found) == name), None)  # oldest
 
 
 # ------------------------------------------------------------------------------------------ verify / identify
@@ -197,7 +190,13 @@ def verify(
     """Are the faces of two photos the same person? Exit status 0: match, 1: no match, 2: error."""
     # Two photos compared need no gallery: an existing one's calibrated threshold is used, a missing one not made.
     with service_call(gallery_if_present=True) as service:
-        result = service.verify_photos(read_bytes(photo_a), read_bytes(photo_b), threshold=threshold, face=face)
+        try:
+            result = service.verify_photos(read_bytes(photo_a), read_bytes(photo_b), threshold=threshold, face=face)
+        except FacegateError as error:  # the service names the photo (details.field); say which file it is
+            photo = {"image_a": photo_a, "image_b": photo_b}.get(str(error.details.get("field")))
+            if photo is None:
+                raise
+            fail(f"{shown(photo)}: {error.code}: {error_text(error)}")
     if as_json:
         typer.echo(
             json.dumps(

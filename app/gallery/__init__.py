@@ -482,6 +482,10 @@ class Gallery:
         with self.session() as session:
             return store.identity_names(session, identity_ids=identity_ids)
 
+    def identities_named(self, name: str) -> dict[str, str]:
+        with self.session() as session:
+            return store.identities_named(session, name=name)
+
     def list_identities(
         self,
         *,

@@ -660,7 +660,11 @@ def _to_rgb(im: PILImage.Image) -> Image:
     if mode == "RGB":
         rgb = np.asarray(im)
     elif mode in _SIXTEEN_BIT or mode == "I":
-        rgb = _by_rows(np.asarray(im), _grey_to_8bit)
+        grey = np.asarray(im)
+        rgb = _by_rows(grey, _grey_to_8bit)
+        key = im.info.get("transparency")
+        if isinstance(key, int):  # a 16-bit grey tRNS entry: that exact value is transparent, composited on white
+            rgb[grey == key] = 255
     elif mode == "F":
         values = np.asarray(im, dtype=np.float32)
         blocks = _row_blocks(values) if values.size else []

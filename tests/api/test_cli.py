@@ -86,10 +86,12 @@ def test_verify_creates_no_gallery_and_reads_an_existing_ones_threshold(
 
 
 def test_verify_reports_errors(env: Path, dev_faces: Path, tmp_path: Path) -> None:
+    """The error names the file it is about: `verify A B` printed the same line whichever photo was refused."""
     text = tmp_path / "notes.jpg"
     text.write_text("not a photo")
-    code, out = run("verify", str(text), str(dev_faces / AMY[0]))
-    assert code == 2 and "invalid_image" in out
+    for photos in ((text, dev_faces / AMY[0]), (dev_faces / AMY[0], text)):
+        code, out = run("verify", *map(str, photos))
+        assert code == 2 and out.startswith(f"error: {text}: invalid_image: "), out
 
 
 def test_a_fifo_or_device_is_refused_not_read(env: Path, dev_faces: Path, tmp_path: Path) -> None:

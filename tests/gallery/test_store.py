@@ -88,6 +88,24 @@ class TestIdentities:
             assert store.get_identity(session, identity_id=created.id).metadata == {"new": True}
             assert store.get_identity(session, identity_id=created.id).name == "Ada King"
 
+    def test_identities_named_match_the_whole_name_whatever_its_case_or_form(
+        self, sessions: sessionmaker[Session]
+    ) -> None:
+        """`enroll DIR` finds a folder's identity by name: a listing's substring filter made a folder named "y"
+        count and page through every identity with a y (15 s at 50k identities); this is one equality test."""
+        with sessions.begin() as session:
+            composed = store.create_identity(session, name="\u00c9lodie", metadata=None)
+            decomposed = store.create_identity(session, name="E\u0301LODIE", metadata=None)
+            store.create_identity(session, name="\u00c9lodie Martin", metadata=None)
+            store.create_identity(session, name="y", metadata=None)
+        with sessions.begin() as session:
+            assert store.identities_named(session, name="\u00e9lodie") == {
+                composed.id: "\u00c9lodie",
+                decomposed.id: "E\u0301LODIE",
+            }  # oldest first
+            assert list(store.identities_named(session, name="Y").values()) == ["y"]
+            assert store.identities_named(session, name="lodie") == {}
+
     def test_names_in_one_call(self, sessions: sessionmaker[Session]) -> None:
         with sessions.begin() as session:
             ada = store.create_identity(session, name="Ada", metadata=None)

@@ -146,6 +146,15 @@ class TestFormatsAndModes:
         assert (out[:, :10] == (200, 30, 40)).all()
         assert (out[:, 10:] == 255).all()  # transparent black -> white
 
+    def test_sixteen_bit_grey_with_a_transparent_value_is_composited_on_white(self) -> None:
+        """A 16-bit grey PNG's tRNS names one grey value transparent: it decoded black (the 8-bit one white)."""
+        grey = np.full((6, 8), 1000, np.uint16)
+        grey[:, 5:] = 0
+        out = decode_image(_encode(PILImage.fromarray(grey), "PNG", transparency=0), max_pixels=LIMIT)
+        _check_array(out, (6, 8))
+        assert (out[:, :5] == round(1000 / 257)).all()  # opaque: scaled to 8 bits
+        assert (out[:, 5:] == 255).all()  # transparent: white
+
     def test_greyscale_with_alpha(self) -> None:
         grey = np.full((12, 16), 100, np.uint8)
         alpha = np.zeros((12, 16), np.uint8)

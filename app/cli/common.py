@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 
 from app.config import Settings, describe_settings_error, unknown_variables
 from app.errors import DatabaseUnavailable, FacegateError, InsufficientStorage
-from app.gallery.db import driver_message, missing_sqlite_file
+from app.gallery.db import driver_message, in_memory_sqlite, missing_sqlite_file
 from app.matching.thresholds import MAX_THRESHOLD, validate_rate, validate_threshold
 from app.service import FacePolicy, FaceService
 from app.vision.pipeline import Pipeline
@@ -197,14 +197,6 @@ def load_settings() -> Settings:
             "vanishes when the command ends: give a file (sqlite:///path/to/facegate.db)"
         )
     return settings
-
-
-def in_memory_sqlite(url: str) -> bool:
-    from sqlalchemy.engine import make_url
-
-    from app.gallery.db import sqlite_path
-
-    return make_url(url).get_backend_name() == "sqlite" and sqlite_path(url) is None
 
 
 def require_gallery(settings: Settings) -> None:

@@ -156,7 +156,7 @@ def _check_urls(source_url: str, target_url: str) -> None:
     for role, url in (("source", source), ("target", target)):
         if url.get_backend_name() not in {"sqlite", "postgresql"}:
             raise CopyRefused(f"the {role} is a {url.get_backend_name()} database: facegate uses SQLite or PostgreSQL")
-    if target.get_backend_name() == "sqlite" and db.sqlite_path(target_url) is None:
+    if db.in_memory_sqlite(target_url):
         raise CopyRefused("the target is an in-memory SQLite database: the copy would vanish when the command ends")
     source_path = db.missing_sqlite_file(source_url)
     if source_path is not None:  # make_engine would create an empty gallery there: say what is wrong instead.

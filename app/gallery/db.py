@@ -659,6 +659,11 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+def in_memory_sqlite(url: str) -> bool:
+    """A SQLite URL without a file (`sqlite://`, `sqlite:///`, `sqlite:///:memory:`): gone when the process ends."""
+    return make_url(url).get_backend_name() == "sqlite" and sqlite_path(url) is None
+
+
 def missing_sqlite_file(url: str) -> Path | None:
     """The file of a SQLite URL when there is none yet (opening it would create an empty gallery), else None."""
     path = sqlite_path(url)

@@ -163,9 +163,9 @@ def identity_names(session: Session, *, identity_ids: Iterable[str]) -> dict[str
 
 
 def identities_named(session: Session, *, name: str) -> dict[str, str]:
-    """Id -> name (oldest first) of the identities whose name folds to the same `name_key` as `name` (case and Unicode form
-    aside: the caller compares exactly). One equality test per row: no counting or paging, unlike a listing's
-    substring filter, which a one-letter name made scan and count every identity, page after page."""
+    """Id -> name (oldest first) of the identities whose name folds to the same `name_key` as `name` (case and
+    Unicode form aside: the caller compares exactly). One equality test per row: no counting or paging, unlike a
+    listing's substring filter, which a one-letter name made scan and count every identity, page after page."""
     query = select(Identity.id, Identity.name).where(Identity.name_key == name_key(name))
     rows = session.execute(query.order_by(Identity.created_at, Identity.id)).all()  # oldest first, as listed
     return {identity_id: found for identity_id, found in rows}

@@ -19,22 +19,22 @@ PostgreSQL proposes the `candidates` nearest faces (HNSW with `hnsw.ef_search` =
 are ranked by identity with exact float32 distances, as in the approximate backend. The process keeps `GalleryIndex`'s
 bookkeeping (counts, replay position, 1:1 distances), so `stats()` and `identity_distances()` stay in memory.
 A deletion leaves `face_vectors` in its own transaction, made by any process, whatever backend it runs
-(`store._forget_vectors`); through this process, `apply` also brings the table up to the log (a full copy under way
-or not).
+(`store._forget_vectors`), without waiting for a worker's replay: the replay of its REMOVE then finds no row, and a
+full copy under way applies it to the new table when it swaps it in.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from enum import Enum
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from sqlalchemy import Connection, Engine, TextClause, text
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from app.gallery import bulk, db, store
@@ -57,7 +57,7 @@ _BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes
 _BINARY_TRAILER = (-1).to_bytes(2, "big", signed=True)
 _PG_COPY_LOCK = 0x66677670  # "fgvp": one worker copies every face at a time
 _NEXT = "face_vectors_next"  # the table a full copy builds, swapped in for face_vectors
-INLINE_CHANGES = 100  # changes a search or a deletion applies itself (~2.6 ms an add at 100k faces); more: a thread
+INLINE_CHANGES = 100  # changes a search applies itself (~2.6 ms an add at 100k faces); more: a thread
 REPLAY_CHUNK = 1_000  # changes applied per transaction: a deletion waits for one chunk at most (~2.6 s at 100k)
 _ATTEMPTS = 3  # full copies tried in a row while bulk loads keep moving the log past replay
 _COPY_CHUNK = 50_000
@@ -175,23 +175,6 @@ class PgvectorIndex(GalleryIndex):
         self.mirror()
         return stats
 
-    def apply(self, changes: Iterable[Change]) -> None:
-        """As `GalleryIndex.apply`; a removal also leaves `face_vectors` at once, not at the next search: the table
-        holds embeddings, and a deleted person's must not outlive the DELETE that answered "gone". When the table
-        is further behind than a request should make up for (more than INLINE_CHANGES, or every face to be copied
-        again: minutes at 1M faces), the removed faces' rows are deleted on their own and the rest is left to a
-        thread."""
-        changes = list(changes)
-        super().apply(changes)
-        removed = [c.face_id for c in changes if c.op is ChangeOp.REMOVE]
-        if not removed:
-            return
-        try:
-            if self._replay(wait=True, most=INLINE_CHANGES, forget=removed)[1] is not _Left.NOTHING:
-                self._catch_up_in_background()
-        except SQLAlchemyError as error:  # the deletion is committed; the next search's mirror retries
-            logger.warning("face_vectors not updated after a deletion (retried at the next search): %s", error)
-
     def mirror(self, *, wait: bool = True) -> int | None:
         """Bring `face_vectors` up to the change log's head; returns the changes applied (-1: copied in full).
 
@@ -229,13 +212,10 @@ class PgvectorIndex(GalleryIndex):
             "bulk-loaded faster than they can be copied"
         )
 
-    def _replay(
-        self, *, wait: bool, most: int, partly: bool = False, forget: Sequence[str] = ()
-    ) -> tuple[int, _Left]:
+    def _replay(self, *, wait: bool, most: int, partly: bool = False) -> tuple[int, _Left]:
         """Apply the changes after the table's position under the state row's lock (NOWAIT unless `wait`): all of
         them when they are at most `most`, else the first `most` if `partly`, else none. Returns the changes
-        applied and what is left. With `forget` (face ids just removed), those faces' rows are deleted on their
-        own when not every change could be applied."""
+        applied and what is left."""
         with Session(self.engine) as session, session.begin():
             quick = session.execute(text("SELECT last_change_id FROM face_vectors_state WHERE id = 1")).scalar_one()
             if int(quick) == store.last_change_id(session):
@@ -259,8 +239,6 @@ class PgvectorIndex(GalleryIndex):
                 applied = _changes_between(session, mirrored, upto)
                 left = _Left.EVERYTHING if applied is None else _Left.NOTHING if upto == head else _Left.CHANGES
             if applied is None:
-                if forget:  # under the row's lock: no replay or swap of another worker runs meanwhile
-                    connection.execute(text("DELETE FROM face_vectors WHERE face_id = ANY(:ids)"), {"ids": list(forget)})
                 return 0, left
             _apply_changes(connection, applied, "face_vectors")
             session.execute(text("UPDATE face_vectors_state SET last_change_id = :upto WHERE id = 1"), {"upto": upto})

@@ -314,12 +314,20 @@ def delete_identity(session: Session, *, identity_id: str) -> DeletionReport:
 
 def _forget_vectors(session: Session, face_ids: Sequence[str]) -> None:
     """PostgreSQL: delete the faces' rows of pgvector's `face_vectors` (app/gallery/pgvector.py) in the deletion's
-    own transaction, whatever backend this process runs. Only a pgvector worker's index removed them before, so a
-    deletion made while none ran (the service moved to the exact or approximate backend, another writer) left the
-    embeddings there for good. A worker's replay of the change log still applies the removal too."""
+    own transaction, whatever backend this process runs (a deletion made while no pgvector worker ran must not leave
+    the embeddings there for good).
+
+    First under a share lock of `face_vectors_state`'s row, which a worker's replay holds for one chunk of changes
+    and a full copy for its swap: a face whose add is being replayed right now, uncommitted, would otherwise be
+    inserted after this DELETE ran and stay until the next replay. Waiting for one chunk (seconds) has no timeout,
+    as the replay has none. A worker's replay of the change log still applies the removal (to the new table during
+    a full copy)."""
     connection = session.connection()
     if not face_ids or connection.dialect.name != "postgresql":
         return
+    if connection.execute(text("SELECT to_regclass('face_vectors_state')")).scalar() is not None:
+        db.without_timeouts(connection)  # the end of the deletion's transaction: nothing else is left to wait for
+        connection.execute(text("SELECT 1 FROM face_vectors_state WHERE id = 1 FOR SHARE"))
     if connection.execute(text("SELECT to_regclass('face_vectors')")).scalar() is None:
         return
     connection.execute(text("DELETE FROM face_vectors WHERE face_id = ANY(:ids)"), {"ids": list(face_ids)})

@@ -336,8 +336,8 @@ def test_a_deletion_waits_for_one_chunk_of_another_workers_replay(
         first = writer.bulk_enrol(names=[f"p{i}" for i in range(10)], embeddings=seeded.embeddings[:10])
         assert replaying.mirror() == 10
         later = writer.bulk_enrol(names=[f"q{i}" for i in range(300)], embeddings=seeded.embeddings[10:])
-        entered = [threading.Event() for _ in range(6)]
-        proceed = [threading.Event() for _ in range(6)]
+        entered = [threading.Event() for _ in range(8)]
+        proceed = [threading.Event() for _ in range(8)]
         real_apply = pgvector._apply_changes
 
         def held(connection: Connection, changes: list[Change], table: str) -> None:
@@ -370,6 +370,54 @@ def test_a_deletion_waits_for_one_chunk_of_another_workers_replay(
         assert not thread.is_alive() and replayed[0] is not None and deleting.wait_until_mirrored(60)
         assert stored_vector_faces(pgvector_url) == {r.id for r in first[1:]} | {r.id for r in later}
         assert deleting.mirror() == 0 and replaying.mirror() == 0
+
+
+@pytest.mark.pgvector
+def test_a_face_deleted_while_its_add_is_replayed_leaves_the_vector_table(
+    pgvector_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's replay inserts a new face's row, not yet committed, when a process on the exact backend (no
+    pgvector index of its own, no replay after the deletion) deletes that person: the deletion waits for the
+    chunk, then its DELETE finds the row. Deleting at once would miss the uncommitted insert and leave the
+    embedding in face_vectors until some worker's next replay."""
+    monkeypatch.setattr("app.gallery.pgvector.REPLAY_CHUNK", 50)
+    seeded = synthetic.gallery(110, faces_per_identity=1, seed=97)
+    with pgvector_workers(pgvector_url, 1) as (writer, (replayer,)):
+        replaying = pgvector_index(replayer)
+        first = writer.bulk_enrol(names=[f"p{i}" for i in range(10)], embeddings=seeded.embeddings[:10])
+        assert replaying.mirror() == 10
+        later = writer.bulk_enrol(names=[f"q{i}" for i in range(100)], embeddings=seeded.embeddings[10:])
+        inserted = [threading.Event() for _ in range(4)]
+        proceed = [threading.Event() for _ in range(4)]
+        real_apply = pgvector._apply_changes
+
+        def held(connection: Connection, changes: list[Change], table: str) -> None:
+            real_apply(connection, changes, table)
+            if threading.current_thread().name == "replayer":
+                call = sum(e.is_set() for e in inserted)
+                inserted[call].set()  # this chunk's rows are in, uncommitted
+                assert proceed[call].wait(60)
+
+        monkeypatch.setattr(pgvector, "_apply_changes", held)
+        thread = threading.Thread(target=replaying.mirror, name="replayer")
+        thread.start()
+        gone = later[0]
+        try:
+            assert inserted[0].wait(30)
+            with ThreadPoolExecutor(1) as pool:
+                deletion = pool.submit(writer.delete_identity, gone.identity_id)
+                assert waiting_for_a_lock(pgvector_url)  # for the chunk's
+                assert not deletion.done()
+                proceed[0].set()
+                assert deletion.result(timeout=30).identity_deleted
+            assert inserted[1].wait(30)  # the replay is held in its next chunk, before the removal
+            assert gone.id not in stored_vector_faces(pgvector_url)
+        finally:
+            for event in proceed:
+                event.set()
+            thread.join(60)
+        assert not thread.is_alive()
+        assert stored_vector_faces(pgvector_url) == {r.id for r in first} | {r.id for r in later[1:]}
 
 
 @pytest.mark.pgvector

@@ -32,7 +32,8 @@ from app.errors import InvalidRequest
 pytestmark = pytest.mark.model
 
 PEOPLE = ("amy", "raj", "sheldon")
-BLANK = "nobody/blank.png"
+BLANK = "nobody/blank\x1b[2J.png"  # a terminal escape in its name: printed escaped, stored as it is
+SHOWN_BLANK = "nobody/blank\\x1b[2J.png"
 
 
 @pytest.fixture
@@ -85,7 +86,7 @@ def test_eval_prints_the_table_and_writes_json_and_png(env: Path, photos: tuple[
         assert row in text, text
     assert "pairs             78 (18 same, 60 different)" in text
     assert "missing faces     1 of 13 photos; 12 pairs left out (0 same, 12 different)" in text
-    assert f"no face: {BLANK} (no_face)" in text
+    assert f"no face: {SHOWN_BLANK} (no_face)" in text and "\x1b" not in text
 
     report = json.loads((out / "eval.json").read_text())
     assert report["n_pairs"] == 78 and report["n_missing"] == 12 and report["missing_photos"] == {BLANK: "no_face"}
@@ -269,7 +270,7 @@ def test_cluster_a_folder(env: Path, photos: tuple[Path, Path]) -> None:
     code, text = run("cluster", str(images))
     assert code == 0, text
     assert text.startswith("13 photos, 12 faces: 3 clusters, 0 unclustered faces, 1 photos without a face")
-    assert "cluster 1: 4 faces" in text and f"{BLANK}: no_face" in text
+    assert "cluster 1: 4 faces" in text and f"{SHOWN_BLANK}: no_face" in text
 
 
 def test_commands_stop_their_inference_threads(env: Path, photos: tuple[Path, Path], tmp_path: Path) -> None:
@@ -329,7 +330,7 @@ def test_cluster_lists_a_folder_it_cannot_read(
     assert code == 0, text
     assert text.startswith("13 photos, 12 faces: 3 clusters, 0 unclustered faces, 1 photos without a face, 1 folders "
                            "unreadable (threshold 0.25)"), text  # fmt: skip
-    assert text.endswith(f"  {BLANK}: no_face: no face was found in the photo\n"
+    assert text.endswith(f"  {SHOWN_BLANK}: no_face: no face was found in the photo\n"
                          "  locked: unreadable: cannot read the folder: Permission denied\n"), text  # fmt: skip
     code, text = run("cluster", str(images), "--json")
     assert json.loads(text)["unreadable_folders"] == [

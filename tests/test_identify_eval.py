@@ -130,7 +130,7 @@ def _small_folder(lfw_faces: Path, root: Path, people: int = 6) -> Path:
         for photo in photos[:3]:
             (root / person.name / photo.name).symlink_to(photo)
         if chosen == 0:
-            PILImage.new("RGB", (200, 200), (128, 128, 128)).save(root / person.name / "zz_blank.png")
+            PILImage.new("RGB", (200, 200), (128, 128, 128)).save(root / person.name / "zz_blank\x1b[2J.png")  # printed escaped
         chosen += 1
         if chosen == people:
             return root
@@ -143,7 +143,7 @@ def test_real_embedding_path_and_cache(lfw_faces: Path, settings: Settings, tmp_
     images = _small_folder(lfw_faces, tmp_path / "people")
     cache = tmp_path / "embeddings.npz"
     first = run_identify_eval(images, settings=settings, cache=cache)
-    blank = next(p for p in person_photos(images) if p.endswith("zz_blank.png"))
+    blank = next(p for p in person_photos(images) if p.endswith("zz_blank\x1b[2J.png"))
     assert first.missing_photos == {blank: "no_face"}
     assert first.n_people == 6 and first.report.n_enrolled == 3 and first.files == ()
     r = first.report
@@ -180,7 +180,8 @@ def test_cli_prints_the_table_and_writes_the_report(
     assert result.exit_code == 0, result.output
     for row in ("raw distance d1", "ratio d1/d2", "facegate", "FPIR 1 %", "FPIR 5 %", "FPIR 10 %"):
         assert row in result.stdout
-    assert "no face:" in result.stdout and "zz_blank.png (no_face)" in result.stdout
+    assert "no face:" in result.stdout and "zz_blank\\x1b[2J.png (no_face)" in result.stdout
+    assert "\x1b" not in result.stdout
     report = json.loads((out / "eval-identify.json").read_text())
     assert report["n_missing"] == 1
     assert (out / "eval-identify.png").stat().st_size > 0

@@ -26,6 +26,7 @@ from app.cli.common import (
     open_service,
     pipeline_call,
     positive_distance,
+    shown,
     target_far,
     writing_reports,
 )
@@ -118,7 +119,7 @@ def eval_pairs(
         return
     typer.echo(evaluation.format_table(result))
     for path, code in sorted(result.missing_photos.items()):
-        typer.echo(f"  no face: {path} ({code})")
+        typer.echo(f"  no face: {shown(path)} ({code})")
     if png_path is None:
         typer.echo(f"report: {json_path}; no plot: matplotlib is not installed (pip install 'facegate[report]')")
     else:
@@ -182,7 +183,7 @@ def eval_identify(
         return
     typer.echo(format_identify_table(result))
     for path, code in sorted(result.missing_photos.items()):
-        typer.echo(f"  no face: {path} ({code})")
+        typer.echo(f"  no face: {shown(path)} ({code})")
     typer.echo(f"report: {', '.join(str(f) for f in result.files)}")
 
 

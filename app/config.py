@@ -20,7 +20,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS_DIR = REPO_ROOT / "models" / "dist"
-_ORIGIN = re.compile(r"https?://[^/?#\s]+")
+# An origin as a browser serialises it (RFC 6454): lower case, a non-ASCII host in its xn-- form, no default port.
+_ORIGIN = re.compile(r"(?P<scheme>https?)://(?:[a-z0-9-]+(?:\.[a-z0-9-]+)*|\[[0-9a-f:.]+\])(?::(?P<port>[0-9]{1,5}))?")
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
 _DATABASE_SCHEMES = frozenset({"sqlite", "sqlite+pysqlite", "postgresql+psycopg"})  # what app/gallery is tested on
 
 
@@ -429,8 +431,9 @@ class CorsSettings(BaseModel):
 
     allow_origins: list[str] = Field(
         default=[],
-        description="Origins (`scheme://host[:port]`, no path or trailing slash) whose pages may call the API from a "
-        "browser, e.g. `[\"https://login.example.com\"]`; `[\"*\"]`: any origin. Empty: no CORS headers, so only "
+        description="Origins as a browser sends them (`scheme://host[:port]`, lower case, no path or trailing slash, "
+        "no default port `:443`/`:80`, a non-ASCII host in its `xn--` form; anything else is refused at start) whose "
+        "pages may call the API from a browser, e.g. `[\"https://login.example.com\"]`; `[\"*\"]`: any origin. Empty: no CORS headers, so only "
         "same-origin pages (the web console) can read the answers.",
     )
     max_age: int = Field(
@@ -442,11 +445,14 @@ class CorsSettings(BaseModel):
     def _check_origins(cls, value: list[str]) -> list[str]:
         # A browser sends its Origin without a path or trailing slash; an origin written with one never matches and
         # every cross-origin call would fail silently in the browser, so refuse it at start-up instead.
+        # So does one in capitals, with the scheme's default port (the browser leaves it out) or a non-ASCII host.
         for origin in value:
-            if origin != "*" and _ORIGIN.fullmatch(origin) is None:
+            match = _ORIGIN.fullmatch(origin) if origin != "*" else None
+            if origin != "*" and (match is None or _DEFAULT_PORTS[match["scheme"]] == match["port"]):
                 raise ValueError(
-                    f"cors.allow_origins: {origin!r} is not an origin; write scheme://host[:port] with no path or "
-                    "trailing slash (e.g. https://login.example.com), or * for any origin"
+                    f"cors.allow_origins: {origin!r} is not an origin as a browser sends it; write scheme://host[:port] "
+                    "in lower case, with no path or trailing slash and without the scheme's default port (e.g. "
+                    "https://login.example.com; a non-ASCII host in its xn-- form), or * for any origin"
                 )
         return value
 
@@ -507,7 +513,11 @@ class LogSettings(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FACEGATE_", env_nested_delimiter="__", extra="ignore")
+    # hide_input_in_errors: a refused value (a bootstrap key with a stray character, a database URL with its
+    # password) must not be echoed by the ValidationError that `uvicorn --factory app.main:create_app` logs.
+    model_config = SettingsConfigDict(
+        env_prefix="FACEGATE_", env_nested_delimiter="__", extra="ignore", hide_input_in_errors=True
+    )
 
     models_dir: Path = Field(default=DEFAULT_MODELS_DIR, description="Folder with the built models (`make models`) and manifest.json.")
     require_gpu: bool = Field(default=False, description="Refuse to start unless the CUDA provider is in use.")

@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            app.state.keys.close()  # its last_used_at writer stops before the database closes
             service.close()
             metrics.close()
 

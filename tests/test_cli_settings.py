@@ -282,3 +282,20 @@ def test_load_synthetic_refuses_more_faces_than_it_can_draw(sqlite_env: dict[str
     code, err = run(sqlite_env, "db", "load-synthetic", "--faces", str(10**12))
     assert code == 2 and "Invalid value for '--faces'" in err and "5000000" in err, err
     assert not (tmp_path / "gallery.db").exists()
+
+
+def test_a_refused_secret_is_not_in_the_settings_error() -> None:
+    """`uvicorn --factory app.main:create_app` (no CLI to word the error) logs the ValidationError itself, whose
+    text showed the refused value: most of a bootstrap key with a stray character, a database password."""
+    from pydantic import ValidationError
+
+    from app.auth.keys import generate_key
+    from app.config import Settings
+
+    key = generate_key()
+    with pytest.raises(ValidationError) as refused:
+        Settings(auth={"bootstrap_key": key + "\r"})  # a .env file written with CRLF line ends
+    assert key[12:20] not in str(refused.value) and key[-8:] not in str(refused.value)
+    with pytest.raises(ValidationError) as refused:
+        Settings(database_url="postgresql://u:secret-pw@127.0.0.1/db")
+    assert "secret-pw" not in str(refused.value)

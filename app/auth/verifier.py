@@ -19,13 +19,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
+from datetime import datetime
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.auth import store
-from app.auth.keys import hash_key
+from app.auth.keys import hash_key, key_prefix
 from app.auth.scopes import Scope
 from app.auth.store import ApiKeyRecord
 from app.config import AuthSettings
@@ -49,7 +51,9 @@ class KeyVerifier:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`sessions()` opens a transaction (e.g. `Gallery.session`); `touch_seconds`: `last_used_at` is written at
-        most this often per key and worker (a write per request would serialise requests on SQLite)."""
+        most this often per key and worker (a write per request would serialise requests on SQLite). The write is
+        made by one background thread, never on the request's path: on SQLite it waits for the write lock, which
+        another process (`facegate reindex`, a bulk `enroll`) may hold for seconds, and a read request must not."""
         self.required = required
         self.cache_seconds = cache_seconds
         self.touch_seconds = touch_seconds
@@ -59,6 +63,8 @@ class KeyVerifier:
         self._enabled: tuple[bool, float] | None = None  # (value, read at)
         self._keys: dict[str, tuple[ApiKeyRecord | None, float]] = {}  # sha256(key) -> (active record, read at)
         self._touched: dict[str, float] = {}  # key id -> when last_used_at was last written
+        self._toucher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facegate-key-touch")
+        self._last_touch: Future[None] | None = None
 
     def enabled(self) -> bool:
         """Whether protected routes need a key (blocking: may read the database)."""
@@ -81,6 +87,8 @@ class KeyVerifier:
 
     def lookup(self, key: str) -> ApiKeyRecord | None:
         """The active key `key` is, else None (blocking: may read the database, and write `last_used_at`)."""
+        if key_prefix(key) is None:  # malformed: no transaction for it, nor a cache entry that pushes real keys out
+            return None
         digest = hash_key(key)  # the cache is keyed by hash: the key itself is not kept in memory longer than needed
         now = self._clock()
         with self._lock:
@@ -104,11 +112,30 @@ class KeyVerifier:
             if last is not None and now - last < self.touch_seconds:
                 return
             self._touched[record.id] = now
+            try:
+                self._last_touch = self._toucher.submit(self._write_touch, record, store.utcnow())
+            except RuntimeError:  # closed: the server is stopping
+                pass
+
+    def _write_touch(self, record: ApiKeyRecord, at: datetime) -> None:
         try:
             with self._sessions() as session:
-                store.touch_key(session, key_id=record.id)
+                store.touch_key(session, key_id=record.id, at=at)
         except (SQLAlchemyError, DatabaseUnavailable, InsufficientStorage) as error:  # bookkeeping: never fail for it
             log.warning("could not record the use of API key %s: %s", record.prefix, type(error).__name__)
+        except Exception:
+            log.exception("could not record the use of API key %s", record.prefix)
+
+    def wait_for_touches(self) -> None:
+        """Block until the `last_used_at` writes asked for so far are made (tests)."""
+        with self._lock:
+            last = self._last_touch
+        if last is not None:
+            last.result()
+
+    def close(self) -> None:
+        """Stop the writer (before the database is closed): the write under way is finished, queued ones dropped."""
+        self._toucher.shutdown(wait=True, cancel_futures=True)
 
 
 def open_verifier(sessions: SessionFactory, settings: AuthSettings) -> KeyVerifier:

@@ -119,7 +119,20 @@ def test_off_by_default(shared_client: TestClient) -> None:
 
 
 @pytest.mark.parametrize(
-    "origin", ["https://login.example.com/", "https://login.example.com/path", "login.example.com", "ftp://x.org", ""]
+    "origin",
+    [
+        "https://login.example.com/",
+        "https://login.example.com/path",
+        "login.example.com",
+        "ftp://x.org",
+        "",
+        # A browser sends its origin in lower case, without the default port, a non-ASCII host as xn--: these
+        # were accepted and never matched (every call from the page failed in the browser, silently).
+        "https://Login.Example.com",
+        "https://login.example.com:443",
+        "http://login.example.com:80",
+        "https://bücher.example",
+    ],
 )
 def test_origins_that_a_browser_never_sends_are_refused_at_start(origin: str) -> None:
     with pytest.raises(ValidationError, match="is not an origin"):

@@ -163,6 +163,7 @@ def test_a_key_revoked_while_serving_is_refused(keyed: Keyed) -> None:
     with client.app.state.service.gallery.session() as session:  # type: ignore[attr-defined]
         store.revoke_key(session, reference=created.record.prefix)
     _unauthorized(client.get("/identities", headers=headers))
+    client.app.state.keys.wait_for_touches()  # type: ignore[attr-defined]
     with client.app.state.service.gallery.session() as session:  # type: ignore[attr-defined]
         assert store.get_key(session, reference=created.record.id).last_used_at is not None
 

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select, text
+from sqlalchemy.orm import Session
 
 from app.auth import Scope, store
 from app.auth.keys import generate_key, hash_key, key_matches, key_prefix, prefix_of
 from app.auth.verifier import KeyVerifier, open_verifier
 from app.config import AuthSettings
 from app.errors import InvalidRequest, UnknownApiKey
+from app.gallery import db
 from app.gallery.tables import ApiKey
 from tests.auth.conftest import Sessions
 
@@ -174,21 +181,76 @@ class TestVerifier:
         clock.now += 0.2
         assert verifier.lookup(created.key) is None  # past the bound: read again, refused
 
+    def test_a_held_write_lock_does_not_hold_up_a_lookup(self, tmp_path: Path) -> None:
+        """Recording `last_used_at` is bookkeeping: a request whose key is due for it must not wait for SQLite's
+        write lock, which another process (`facegate reindex`, a bulk `enroll`) may hold for seconds (it waited the
+        whole busy timeout, 10 s, before a read was answered)."""
+        path = tmp_path / "gallery.db"
+        url = f"sqlite:///{path}"
+        db.upgrade(url)
+        engine = db.make_engine(url)
+        factory = db.make_session_factory(engine)
+
+        @contextmanager
+        def sessions() -> Iterator[Session]:
+            with factory() as session, session.begin():
+                yield session
+
+        with sessions() as session:
+            created = store.create_key(session, name="k", scope=Scope.read)
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process writing
+        verifier = KeyVerifier(sessions, required=False, cache_seconds=0)
+        try:
+            start = time.monotonic()
+            assert verifier.lookup(created.key) is not None
+            assert time.monotonic() - start < 1.0
+        finally:
+            other.execute("COMMIT")
+            other.close()
+        verifier.wait_for_touches()  # made once the lock is free
+        verifier.close()
+        with sessions() as session:
+            assert store.get_key(session, reference=created.record.prefix).last_used_at is not None
+        engine.dispose()
+
+    def test_a_malformed_key_costs_no_transaction(self, sessions: Sessions) -> None:
+        """A flood of made-up keys must not cost a database transaction each (nor fill the lookup cache)."""
+        opened = 0
+
+        @contextmanager
+        def counted() -> Iterator[Session]:
+            nonlocal opened
+            opened += 1
+            with sessions() as session:
+                yield session
+
+        verifier = KeyVerifier(counted, required=False, cache_seconds=60)
+        for made_up in ("", "Bearer", "fg_zzzzzzzz_" + "a" * 40, "x" * 5000):
+            assert verifier.lookup(made_up) is None
+        assert opened == 0
+        unknown = generate_key()  # well-formed: looked up (once, then cached)
+        assert verifier.lookup(unknown) is None and verifier.lookup(unknown) is None
+        assert opened == 1
+
     def test_last_used_is_recorded_at_most_once_per_interval(self, sessions: Sessions) -> None:
         clock = FakeClock()
         verifier = KeyVerifier(sessions, required=False, cache_seconds=0, touch_seconds=60, clock=clock)
         with sessions() as session:
             created = store.create_key(session, name="k", scope=Scope.read)
         verifier.lookup(created.key)
+        verifier.wait_for_touches()
         with sessions() as session:
             first = store.get_key(session, reference=created.record.prefix).last_used_at
         assert first is not None
         clock.now += 30
         verifier.lookup(created.key)
+        verifier.wait_for_touches()
         with sessions() as session:
             assert store.get_key(session, reference=created.record.prefix).last_used_at == first
         clock.now += 31
         verifier.lookup(created.key)
+        verifier.wait_for_touches()
         with sessions() as session:
             later = store.get_key(session, reference=created.record.prefix).last_used_at
         assert later is not None and later > first

@@ -74,8 +74,10 @@ class Pair:
     same: bool
 
 
-def read_pairs(path: Path) -> list[Pair]:
-    """Labelled pairs from a CSV with the header `img_a,img_b,same`. Raises InvalidRequest naming the bad line.
+def read_pairs(path: Path, *, at_least: int = 1) -> list[Pair]:
+    """Labelled pairs from a CSV with the header `img_a,img_b,same`. Raises InvalidRequest naming the bad line, or
+    when the file holds fewer than `at_least` same or different pairs: refused before any photo is embedded (minutes
+    for a large set), not after, since found faces can only make them fewer.
 
     As a spreadsheet saves it too: a UTF-8 byte-order mark (Excel's "CSV UTF-8"), CRLF line ends, and a header in
     another case or with spaces around the names."""
@@ -100,6 +102,13 @@ def read_pairs(path: Path) -> list[Pair]:
         pairs.append(Pair(row["img_a"].strip(), row["img_b"].strip(), label in _TRUE))
     if not pairs:
         raise InvalidRequest(f"{path} has no pairs", field="pairs")
+    n_same = sum(p.same for p in pairs)
+    if min(n_same, len(pairs) - n_same) < at_least:
+        raise InvalidRequest(
+            f"{path} has {n_same} same and {len(pairs) - n_same} different pairs: at least {at_least} of each are "
+            "needed",
+            field="pairs",
+        )
     return pairs
 
 

@@ -126,6 +126,33 @@ def test_eval_refuses_a_malformed_pairs_file(env: Path, photos: tuple[Path, Path
     assert result.exit_code == 2 and "img_a, img_b and same" in result.output
 
 
+def test_too_few_pairs_are_refused_before_any_photo_is_embedded(
+    env: Path, photos: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """10-fold accuracy needs 10 same and 10 different pairs: a file with fewer was refused only after every photo
+    was embedded (minutes for a large set). Calibrating needs one of each."""
+    images, pairs = photos
+    rows = pairs.read_text().splitlines()
+    header, same = rows[0], [r for r in rows[1:] if r.endswith(",1")]
+    different = [r for r in rows[1:] if r.endswith(",0")]
+    few = tmp_path / "few.csv"
+    few.write_text("\n".join([header, *same[:9], *different]) + "\n")
+    cache, out = tmp_path / "cache.npz", tmp_path / "report"
+    result = CliRunner().invoke(
+        cli, ["eval", "--pairs", str(few), "--images", str(images), "--out", str(out), "--cache", str(cache)]
+    )
+    assert result.exit_code == 2, result.output
+    assert "9 same and 60 different pairs: at least 10 of each" in result.output
+    assert not cache.exists() and not out.exists()  # nothing embedded, nothing written
+    only_same = tmp_path / "same.csv"
+    only_same.write_text("\n".join([header, *same]) + "\n")
+    result = CliRunner().invoke(
+        cli, ["calibrate", "--pairs", str(only_same), "--images", str(images), "--far", "0.05", "--cache", str(cache)]
+    )
+    assert result.exit_code == 2 and "18 same and 0 different pairs: at least 1 of each" in result.output
+    assert not cache.exists()
+
+
 def test_pairs_saved_by_a_spreadsheet_are_read(tmp_path: Path) -> None:
     """Excel's "CSV UTF-8" starts with a byte-order mark and ends lines with CRLF: the header was refused ("missing
     img_a"). A header in capitals or with spaces after the commas is read too; a missing column is still named."""

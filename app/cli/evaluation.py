@@ -30,6 +30,7 @@ from app.cli.common import (
     target_far,
     writing_reports,
 )
+from app.matching.evaluation import KFOLDS
 from app.service import CalibrationSource
 from app.vision.pipeline import Pipeline
 
@@ -98,7 +99,7 @@ def eval_pairs(
     """
     settings = load_settings()
     with failing_on_errors():
-        pair_list = evaluation.read_pairs(pairs)
+        pair_list = evaluation.read_pairs(pairs, at_least=KFOLDS)  # 10-fold accuracy needs one of each per fold
     make_folder(out, "the --out folder")
     with on_interrupt(lambda: f"no report was written{embeddings_kept(cache)}"), pipeline_call(settings) as pipeline:
         distances, embedded = _pair_distances(pipeline, pair_list, images, cache)

@@ -4,6 +4,7 @@ routes do."""
 from __future__ import annotations
 
 import json
+import sys
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,7 +105,7 @@ def enroll(
         service = open_service(settings)
         try:
             total = sum(len(p) for _, p in people)
-            with typer.progressbar(length=total, label="Enrolling", show_pos=True) as bar:
+            with typer.progressbar(length=total, label="Enrolling", show_pos=True, file=sys.stderr) as bar:
                 for name, paths in people:
                     identity_id = _existing_identity(service, name)
                     for i, path in enumerate(paths):

@@ -56,6 +56,8 @@ __all__ = [
 
 FloatArray = NDArray[np.float64]
 
+KFOLDS = 10  # the LFW protocol's 10-fold accuracy
+
 
 def split_pairs(distances: ArrayLike, same: ArrayLike) -> tuple[FloatArray, FloatArray, int, int]:
     """(same distances, different distances, n_missing_same, n_missing_different); NaN distances are missing."""
@@ -177,7 +179,7 @@ class KFoldResult:
     n_folds: int
 
 
-def fold_ids(same: ArrayLike, n_folds: int = 10) -> NDArray[np.int64]:
+def fold_ids(same: ArrayLike, n_folds: int = KFOLDS) -> NDArray[np.int64]:
     """Fold of each pair: stratified round-robin in input order (i-th same pair -> i % k, j-th different -> j % k)."""
     s = np.asarray(same, dtype=bool).ravel()
     folds = np.empty(s.size, dtype=np.int64)
@@ -186,7 +188,7 @@ def fold_ids(same: ArrayLike, n_folds: int = 10) -> NDArray[np.int64]:
     return folds
 
 
-def kfold_accuracy(distances: ArrayLike, same: ArrayLike, n_folds: int = 10) -> KFoldResult:
+def kfold_accuracy(distances: ArrayLike, same: ArrayLike, n_folds: int = KFOLDS) -> KFoldResult:
     """k-fold accuracy of found pairs (NaN distances are dropped first; see the module docstring for the folds)."""
     d = np.asarray(distances, dtype=np.float64).ravel()
     s = np.asarray(same, dtype=bool).ravel()
@@ -307,7 +309,7 @@ def evaluate_pairs(
     same: ArrayLike,
     *,
     threshold: float = DEFAULT_THRESHOLD,
-    n_folds: int = 10,
+    n_folds: int = KFOLDS,
     far_targets: tuple[float, ...] = (1e-3, 1e-2),
     bin_width: float = 0.02,
 ) -> VerificationReport:

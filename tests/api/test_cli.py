@@ -123,9 +123,11 @@ def test_enroll_directory_then_identify(env: Path, dev_faces: Path, tmp_path: Pa
     (people / "broken").mkdir()
     (people / "broken" / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
 
-    code, out = run("enroll", str(people), "--photos", "all")
+    result = CliRunner().invoke(cli, ["enroll", str(people), "--photos", "all"])
+    code, out = result.exit_code, result.output
     assert code == 1, out  # one photo failed
     assert "2 identities created, 2 faces added to existing ones, 1 photos failed." in out
+    assert "Enrolling" not in result.stdout  # the progress bar is on stderr: stdout is the summary alone
     assert "x.png: invalid_image" in out
 
     # a second run adds to the same identities instead of duplicating people, and skips the photos they already have

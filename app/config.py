@@ -119,7 +119,8 @@ class ImageSettings(BaseModel):
         "whose declared Content-Length does not fit what is left, or whose streamed body goes over, is refused "
         "with 503 server_busy and Retry-After instead of the worker running out of memory (200 uploads of 20 MiB "
         "would need 4 GB). At least image.max_upload_bytes; the default holds 12 bodies of 20 MiB, or thousands of "
-        "single photos, at once.",
+        "single photos, at once. Memory: a body is held about twice while its photos are read (the body and its "
+        "parts), so allow about twice this per worker, plus the decoded photos.",
     )
     heic: bool = Field(
         default=False,

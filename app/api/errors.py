@@ -307,6 +307,9 @@ def listed(names: list[str]) -> tuple[list[str], str]:
     return shown, words
 
 
+_NOT_A_FILE = "Value error, Expected UploadFile"
+
+
 def _clean_validation_errors(raw: Iterable[Mapping[str, Any]]) -> Iterable[dict[str, Any]]:
     """Pydantic's errors without `input`/`ctx`/`url` (the input may be a whole upload or a secret), at most
     MAX_LISTED_ERRORS of them, locations cut short (an unknown JSON key is the client's text)."""
@@ -314,9 +317,13 @@ def _clean_validation_errors(raw: Iterable[Mapping[str, Any]]) -> Iterable[dict[
         if i == MAX_LISTED_ERRORS:
             return
         loc = [part for part in e.get("loc", ()) if part not in ("body",)] or list(e.get("loc", ()))
+        message = str(e.get("msg", "invalid"))
+        if message.startswith(_NOT_A_FILE):  # Starlette's words name a Python class: say what the client sent
+            field = shorten(next((str(p) for p in loc if isinstance(p, str)), "image"))
+            message = f"expected a file upload (curl -F '{field}=@photo.jpg'), not a text field"
         yield {
             "loc": [shorten(str(p)) for p in loc],
-            "message": str(e.get("msg", "invalid")),
+            "message": message,
             "type": str(e.get("type", "value_error")),
         }
 

@@ -17,7 +17,8 @@ Semantics, in order of importance:
   batches counts) and never for a batch to fill, nor at all when `companions` says nothing else is on its way;
   items waiting when a worker becomes free are taken at once;
 - items with different `key`s (e.g. detector inputs of different shapes) are never in one batch; order is kept;
-- `close()` runs what is queued, then stops the threads; `submit` after `close` raises `BatcherClosed`.
+- `close()` runs what is queued (`close(discard=True)` fails it instead), then stops the threads; `submit` after
+  `close` raises `BatcherClosed`.
 
 Worker threads start on the first `submit` (constructing a batcher does nothing) and are daemons, so a batcher that
 is never closed does not keep the interpreter alive.
@@ -214,10 +215,15 @@ class MicroBatcher(Generic[In, Out]):
             raise RuntimeError(f"the {self.name} batcher's own thread cannot wait on it")
         return self.submit(item).result()
 
-    def close(self, timeout: float | None = None) -> None:
-        """Refuse new items, run those already queued, stop the workers (waiting at most `timeout` s for each)."""
+    def close(self, timeout: float | None = None, *, discard: bool = False) -> None:
+        """Refuse new items, run those already queued (or, with `discard`, fail them with BatcherClosed: their
+        callers are gone, e.g. requests cut at shutdown), stop the workers (waiting at most `timeout` s for each)."""
         with self._cond:
             self._closed = True
+            while discard and self._pending:
+                pending = self._pending.popleft()
+                if pending.future.set_running_or_notify_cancel():
+                    pending.future.set_exception(BatcherClosed(f"the {self.name} batcher was closed"))
             self._cond.notify_all()
             threads = list(self._threads)
         for thread in threads:

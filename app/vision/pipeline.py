@@ -246,11 +246,17 @@ class Pipeline:
             if self.head is not None:
                 self.head.load()
 
-    def close(self) -> None:
-        """Run what the inference threads have queued, then stop them (a no-op without batching)."""
-        for queue in (self.detector.queue, self._embed_queue):
-            if queue is not None:
-                queue.close(timeout=60.0)
+    def close(self, *, discard: bool = False) -> None:
+        """Run what the inference threads have queued, then stop them (a no-op without batching): the detector's
+        first, so that a caller between its detection and its embedding still gets its embedding. With `discard`
+        (its callers are gone) what is queued fails instead, and both queues are closed before either is waited
+        for, so that no caller queues more work meanwhile."""
+        queues = [q for q in (self.detector.queue, self._embed_queue) if q is not None]
+        if discard:
+            for queue in queues:
+                queue.close(timeout=0.0, discard=True)
+        for queue in queues:
+            queue.close(timeout=60.0, discard=discard)
 
     @property
     def batching(self) -> bool:
@@ -267,7 +273,10 @@ class Pipeline:
         if len(chips) == 0:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
         batch = np.concatenate([chips, chips[:, :, ::-1]]) if self.flip else chips
-        embeddings = self.embedder.embed(batch) if self._embed_queue is None else self._embed_queue(batch)
+        if self._embed_queue is None:  # batching off: FACEGATE_BATCHING__MAX_BATCH still bounds one call
+            embeddings = self.embedder.embed(batch, batch_size=self.settings.batching.max_batch)
+        else:
+            embeddings = self._embed_queue(batch)
         if not self.flip:
             return embeddings
         return (embeddings[: len(chips)] + embeddings[len(chips) :]) * np.float32(0.5)

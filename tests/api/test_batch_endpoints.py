@@ -267,3 +267,36 @@ def test_concurrent_identify_requests_share_the_inference_threads(
         assert_close(response.json(), alone)
     assert sum(b.items for b in seen if b.name == "detector") == 6
     assert sum(b.items for b in seen if b.name == "embedder") == 6  # one embedding call's share per photo
+
+
+def test_many_photo_requests_leave_the_shared_threads_to_other_requests(
+    app_client: TestClient, probes: list[Upload], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/embed and /identify/batch run their photos on threads of their own: with more of them in flight than the
+    shared thread pool has threads (anyio's 40), the API-key check and /readyz (health checks time out after 4 s)
+    are still answered at once, not after the photos."""
+    import threading
+    import time
+
+    from app.service import FaceService
+
+    release = threading.Event()
+    real = FaceService.embed_photos
+
+    def slow(self: FaceService, photos: Any) -> Any:  # a long many-photo request: the real work, later
+        release.wait(60)
+        return real(self, photos)
+
+    monkeypatch.setattr(FaceService, "embed_photos", slow)
+    with ThreadPoolExecutor(50) as pool:
+        try:
+            posts = [pool.submit(app_client.post, "/embed", files=files(probes[0])) for _ in range(45)]
+            time.sleep(2)  # every one inside the route
+            started = time.monotonic()
+            ready = pool.submit(app_client.get, "/readyz").result(timeout=30)
+            waited = time.monotonic() - started
+        finally:
+            release.set()
+        assert [p.result().status_code for p in posts] == [200] * 45
+    assert ready.status_code == 200
+    assert waited < 3, f"/readyz waited {waited:.1f} s behind the /embed requests"

@@ -57,6 +57,13 @@ def test_a_body_of_the_wrong_kind_is_named(models_dir: Path, tmp_path: Path) -> 
         assert "this endpoint takes" not in error_of(r, 422, "invalid_request")["message"]
         r = client.post("/identify", files={"image": ("a.jpg", b"x", "image/jpeg")}, data={"top_k": "0"})
         assert "this endpoint takes" not in error_of(r, 422, "invalid_request")["message"]
+        # A photo sent as a text field (curl -F image=photo.jpg, without the @): named as such, not by a Python class.
+        for path, field in (("/identify", "image"), ("/embed", "images")):
+            r = client.post(path, files={field: (None, b"photo.jpg")})
+            error = error_of(r, 422, "invalid_request")
+            expected = f"expected a file upload (curl -F '{field}=@photo.jpg'), not a text field"
+            assert expected in error["message"] and "class" not in r.text, r.text
+            assert error["details"]["errors"][0]["message"] == expected
 
 
 @pytest.mark.model

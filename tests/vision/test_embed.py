@@ -111,3 +111,25 @@ class TestWithModel:
     def test_refuses_a_model_that_is_not_the_embedder(self, settings: Settings) -> None:
         with pytest.raises(ModelUnavailable, match="not a facegate embedder"):
             FaceEmbedder(settings.models_dir / "detector.onnx", settings.runtime).load()
+
+    def test_max_batch_bounds_a_call_with_batching_off(self, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+        """FACEGATE_BATCHING__MAX_BATCH is "most face chips in one embedder call" with batching off too: the
+        pipeline's direct call used the embedder's own default (32)."""
+        from app.vision.pipeline import Pipeline
+
+        calls: list[int] = []
+        real_embed = FaceEmbedder.embed
+
+        def counted(self: FaceEmbedder, chips: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
+            calls.append(batch_size)
+            return real_embed(self, chips, batch_size=batch_size)
+
+        monkeypatch.setattr(FaceEmbedder, "embed", counted)
+        batching = settings.batching.model_copy(update={"enabled": False, "max_batch": 2})
+        off = settings.model_copy(update={"batching": batching})
+        pipeline = Pipeline.from_settings(off)
+        try:
+            out = pipeline.embed(synthetic_chips(5))
+        finally:
+            pipeline.close()
+        assert out.shape == (5, 128) and calls == [2]

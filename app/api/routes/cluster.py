@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
-from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
 from app.api.auth import require
 from app.api.deps import ServiceDep, form_fields
 from app.api.forms import FormRoute
-from app.api.routes.common import box_out, read_photos
+from app.api.routes.common import box_out, read_photos, run_bulk
 from app.api.schemas import (
     THRESHOLD_MAX,
     ClusterFaceOut,
@@ -54,7 +53,7 @@ async def cluster(
     ] = None,
 ) -> ClusterResponse:
     photos = await read_photos(images)  # an empty one is listed in problems like any other unusable photo
-    result = await run_in_threadpool(service.cluster, photos, threshold=threshold)
+    result = await run_bulk(service.cluster, photos, threshold=threshold)
     report = result.report
     return ClusterResponse(
         threshold=result.threshold.value,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
+import anyio
 from fastapi import Form, Response, UploadFile, status
 
 from app.api.errors import error_object, shorten
@@ -27,6 +29,20 @@ from app.errors import FacegateError, InvalidImage
 from app.gallery import FaceRecord, IdentityRecord
 from app.service import Candidate, EnrollResult, FoundFace, IdentifyResult
 from app.vision.types import Box
+
+T = TypeVar("T")
+
+# Threads that may run the many-photo routes' work at once (per worker process). Each such request holds its thread
+# for as long as its photos take (seconds to minutes); on the shared thread pool (anyio's 40 tokens) enough of them
+# left every other request of the worker - the API-key check, /readyz, /metrics with several workers - queued
+# behind them: /readyz took 18 s under 50 clients of /embed, past the image's 4 s health-check timeout.
+BULK_THREADS = anyio.CapacityLimiter(8)
+
+
+async def run_bulk(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`run_in_threadpool` for the many-photo routes (/embed, /identify/batch, /cluster): on threads of their own."""
+    return await anyio.to_thread.run_sync(lambda: function(*args, **kwargs), limiter=BULK_THREADS)
+
 
 # Form fields /identify and /identify/batch share.
 TopKForm = Annotated[int, Form(ge=1, le=TOP_K_MAX, description="Candidates returned per face (identities).")]
@@ -52,7 +68,11 @@ async def read_photo(upload: UploadFile, field: str) -> bytes:
 async def read_photos(uploads: list[UploadFile]) -> list[tuple[str, bytes]]:
     """(file name, bytes) of each upload of a many-photo request. An empty one is not refused here: it becomes that
     photo's own invalid_image error. The name is only echoed, cut short like any client text in a reply."""
-    return [(shorten(upload.filename or f"image-{i}"), await upload.read()) for i, upload in enumerate(uploads)]
+    photos = []
+    for i, upload in enumerate(uploads):
+        photos.append((shorten(upload.filename or f"image-{i}"), await upload.read()))
+        await upload.close()  # its in-memory copy of the bytes (a third copy of the body with the request's cache)
+    return photos
 
 
 def error_out(error: FacegateError) -> ErrorBody:

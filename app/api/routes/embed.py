@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, UploadFile
-from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
 from app.api.auth import require
 from app.api.deps import ServiceDep, form_fields
 from app.api.forms import FormRoute
-from app.api.routes.common import error_out, face_out, read_photos
+from app.api.routes.common import error_out, face_out, read_photos, run_bulk
 from app.api.schemas import EmbeddedFaceOut, EmbedPhotoOut, EmbedResponse
 from app.auth import Scope
 from app.errors import FacegateError
@@ -39,7 +38,7 @@ async def embed(
     images: Annotated[list[UploadFile], File(description="The photos (repeat the field).")],
 ) -> EmbedResponse:
     photos = await read_photos(images)
-    results = await run_in_threadpool(service.embed_photos, [data for _, data in photos])
+    results = await run_bulk(service.embed_photos, [data for _, data in photos])
     out = []
     for index, ((filename, _), result) in enumerate(zip(photos, results, strict=True)):
         if isinstance(result, FacegateError):

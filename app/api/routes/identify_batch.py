@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, UploadFile
-from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
 from app.api.auth import require
@@ -18,6 +17,7 @@ from app.api.routes.common import (
     identify_response,
     observe_identify,
     read_photos,
+    run_bulk,
 )
 from app.api.schemas import IdentifyBatchResponse, IdentifyPhotoOut
 from app.auth import Scope
@@ -51,7 +51,7 @@ async def identify_batch(
     threshold: IdentifyThresholdForm = None,
 ) -> IdentifyBatchResponse:
     photos = await read_photos(images)
-    results = await run_in_threadpool(
+    results = await run_bulk(
         service.identify_photos, [data for _, data in photos], top_k=top_k, threshold=threshold
     )
     out = []

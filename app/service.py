@@ -65,7 +65,7 @@ from app.matching.clustering import TooManyLinks
 from app.matching.data_files import OPENSET_FILE, TABLE_FILE, data_dir
 from app.matching.distances import pairwise_squared_l2
 from app.matching.openset import OpenSetModel, Reason, decide, load_default_model
-from app.matching.thresholds import MAX_THRESHOLD, is_match, validate_threshold
+from app.matching.thresholds import DEFAULT_THRESHOLD, MAX_THRESHOLD, is_match, validate_threshold
 from app.names import clean_name
 from app.vision.decode import media_type
 from app.vision.pipeline import Pipeline, PixelBudget
@@ -600,7 +600,8 @@ class FaceService:
                     match,
                     decision.reason,
                     _number(feature("margin")),
-                    _number(feature("fpir_estimate")),
+                    # the open-set model was fitted on base distances: no estimate on a head's scale
+                    None if self.pipeline.head is not None else _number(feature("fpir_estimate")),
                     ratio=_number(feature("ratio")),
                     score=_number(feature("score")),
                     score_threshold=_number(decision.thresholds.get("score")),
@@ -870,7 +871,7 @@ class FaceService:
         if threshold is not None:
             resolved = self.resolve_threshold(threshold)
         else:
-            resolved = Threshold(self.settings.cluster.threshold, ThresholdSource.settings)
+            resolved = Threshold(cluster_threshold(self.settings, self.pipeline), ThresholdSource.settings)
         try:
             report = cluster_photos(
                 self.pipeline,
@@ -997,6 +998,17 @@ _ISSUE_TEXT = {
     "tilted": ("head tilted", "|roll| {m:.1f} deg > {l:g}"),
     "low_score": ("doubtful detection", "detector score {m:.2f} < {l:g}"),
 }
+
+
+def cluster_threshold(settings: Settings, pipeline: Pipeline) -> float:
+    """FACEGATE_CLUSTER__THRESHOLD, fitted on the embedder's distances (0.25, under its 1:1 0.36). A head's unit
+    vectors lie on another scale (its 1:1 threshold is ~0.17): unless the setting was given explicitly, the same
+    ratio to the head's own threshold (0.25 on an epoch-0 head linked a tenth of the different-person pairs)."""
+    configured = settings.cluster.threshold
+    head = pipeline.head
+    if head is None or "threshold" in settings.cluster.model_fields_set:
+        return configured
+    return head.threshold * configured / DEFAULT_THRESHOLD
 
 
 def _describe(issue: QualityFailure) -> str:

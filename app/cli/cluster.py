@@ -81,6 +81,8 @@ def cluster(
     as_json: Annotated[bool, typer.Option("--json", help="Print the clusters as JSON.")] = False,
 ) -> None:
     """Group the faces of every photo under DIRECTORY by person (chinese whispers, as dlib)."""
+    from app.service import cluster_threshold
+
     settings = load_settings()
     unreadable: list[Unusable] = []
     files = _photos_under(directory, unreadable, heic=settings.image.heic)
@@ -95,7 +97,7 @@ def cluster(
             pipeline,
             directory,
             files,
-            settings.cluster.threshold if threshold is None else threshold,
+            cluster_threshold(settings, pipeline) if threshold is None else threshold,
             progress=bar.update,
         )
     if as_json:

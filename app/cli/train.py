@@ -3,7 +3,9 @@ the served model)."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -32,6 +34,17 @@ from app.vision.pipeline import Pipeline
 from app.vision.types import Box
 
 
+def _one_of(*choices: str) -> Callable[[str], str]:
+    """A choice option checked by click (exit 2, the option named) without importing app.training (PyTorch)."""
+
+    def check(value: str) -> str:
+        if value not in choices:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
 @cli.command("train")
 def train(
     images: Annotated[
@@ -48,13 +61,18 @@ def train(
         str, typer.Option(help="Name to register the head under (<heads dir>/<name>/; replaces a head of that name).")
     ] = "head",
     loss: Annotated[
-        str, typer.Option(help="triplet, contrastive, or none (center loss alone: give --center-weight).")
+        str,
+        typer.Option(
+            callback=_one_of("triplet", "contrastive", "none"),
+            help="triplet, contrastive, or none (center loss alone: give --center-weight).",
+        ),
     ] = "triplet",
     mining: Annotated[
         str,
         typer.Option(
+            callback=_one_of("semi_hard", "batch_hard", "batch_all"),
             help="Triplet mining in each batch: semi_hard (FaceNet: the nearest negative farther than the positive), "
-            "batch_hard (each anchor's farthest positive and nearest negative) or batch_all."
+            "batch_hard (each anchor's farthest positive and nearest negative) or batch_all.",
         ),
     ] = "semi_hard",
     margin: Annotated[
@@ -81,7 +99,9 @@ def train(
             "below a few units, so beyond 100 the other one no longer counts (center loss alone: --loss none).",
         ),
     ] = 0.0,
-    arch: Annotated[str, typer.Option(help="linear (128x128 map) or mlp (residual 2-layer map).")] = "linear",
+    arch: Annotated[
+        str, typer.Option(callback=_one_of("linear", "mlp"), help="linear (128x128 map) or mlp (residual 2-layer map).")
+    ] = "linear",
     # 512 below: app.training.sampler.MAX_BATCH_FACES, not imported at the top (app.training imports torch, which
     # every command would then load); the help test checks they agree.
     p: Annotated[
@@ -131,24 +151,30 @@ def train(
     choosing the epoch by VAL@FAR 1e-3 on identities it never trains on. Needs the `train` extra (PyTorch).
     Serve it with FACEGATE_HEAD__NAME=<name>, then run `facegate reindex`.
     """
-    try:
-        from tqdm import tqdm
+    # PyTorch takes seconds to import: a Ctrl-C meanwhile says so too, not a bare exit 130.
+    with on_interrupt(lambda: f"no head was registered (any head already named {name} is left as it was)"):
+        try:
+            from tqdm import tqdm
 
-        from app.training import (
-            EpochLog,
-            TrainConfig,
-            embed_folder,
-            folder_photos,
-            register_head,
-            split_identities,
-            train_head,
-        )
-    except ModuleNotFoundError as error:
-        fail(f"{error.name} is missing: install the training extra (pip install 'facegate[train]')")
+            from app.training import (
+                EpochLog,
+                TrainConfig,
+                embed_folder,
+                folder_photos,
+                register_head,
+                split_identities,
+                train_head,
+            )
+        except ModuleNotFoundError as error:
+            fail(f"{error.name} is missing: install the training extra (pip install 'facegate[train]')")
     from app.training.sampler import batch_problem
 
     # Checked here, not at the first batch: a batch too large ended the run after the photos were embedded, with
     # PyTorch's out-of-memory traceback ("you tried to allocate 204800000000 bytes").
+    if loss == "none" and center_weight <= 0:
+        raise typer.BadParameter(
+            "--loss none trains nothing without center loss: give --center-weight > 0", param_hint="'--loss'"
+        )
     problem = batch_problem(p, k)
     if problem is not None:
         raise typer.BadParameter(problem, param_hint="'--p' / '--k'")
@@ -165,6 +191,7 @@ def train(
         folder = head_folder(heads_dir(settings.head, settings.models_dir), name)
     except ValueError as error:
         fail(f"--name: {error}")
+    created = not folder.exists()  # made here: removed again (if still empty) when no head is registered
     make_folder(folder, "the head's folder")
     registered = False  # set once register_head has replaced both files (a Ctrl-C during it is held till then)
 
@@ -173,54 +200,59 @@ def train(
             return f"the head was registered in {folder} (serve it with FACEGATE_HEAD__NAME={name})"
         return f"no head was registered (any head already named {name} is left as it was){embeddings_kept(cache)}"
 
-    with on_interrupt(head_state):
-        try:
-            config = TrainConfig(
-                loss=loss,  # type: ignore[arg-type]
-                mining=mining,  # type: ignore[arg-type]
-                margin=margin,
-                contrastive_margin=contrastive_margin,
-                center_weight=center_weight,
-                arch=arch,  # type: ignore[arg-type]
-                p=p,
-                k=k,
-                epochs=epochs,
-                patience=patience,
-                lr=lr,
-                seed=seed,
-            )
-            photos = folder_photos(images, heic=settings.image.heic)
-            count = len(photos)
-            with (
-                pipeline_call(settings) as pipeline,
-                typer.progressbar(length=count, label="Embedding", show_pos=True, file=sys.stderr) as bar,
-            ):
-                data = embed_folder(pipeline, images, photos=photos, cache_path=cache, progress=bar.update)
-            train_set, val_set = split_identities(data, val_fraction=val_fraction, seed=seed)
-            with tqdm(total=epochs + 1, desc="Training", unit="epoch", file=sys.stderr) as epochs_bar:
-
-                def progress(log: EpochLog) -> None:
-                    epochs_bar.set_postfix(val_loss=f"{log.val_loss:.4f}", val_at_far=f"{log.val_at_far:.3f}")
-                    epochs_bar.update(1)
-
-                result = train_head(train_set, val_set, config, progress=progress)
+    try:
+        with on_interrupt(head_state):
             try:
-                with interrupts_held():  # a Ctrl-C waits for both files of the head: no head half old, half new
-                    register_head(
-                        result,
-                        name=name,
-                        heads_dir=folder.parent,
-                        base_model_version=pipeline.base_model_version,
-                        opset=pipeline.manifest.opset,
-                        extra={"data": {"photos": count, "faces": len(data), "no_face": data.missing}},
-                    )
-                    registered = True
-            except OSError as error:  # e.g. disk full: no file of a head of that name was replaced
-                fail(f"cannot write the head into {folder}: {error.strerror or error}")
-        except FacegateError as error:
-            fail(f"{error.code}: {error.message}")
-        except ValueError as error:
-            fail(str(error))
+                config = TrainConfig(
+                    loss=loss,  # type: ignore[arg-type]
+                    mining=mining,  # type: ignore[arg-type]
+                    margin=margin,
+                    contrastive_margin=contrastive_margin,
+                    center_weight=center_weight,
+                    arch=arch,  # type: ignore[arg-type]
+                    p=p,
+                    k=k,
+                    epochs=epochs,
+                    patience=patience,
+                    lr=lr,
+                    seed=seed,
+                )
+                photos = folder_photos(images, heic=settings.image.heic)
+                count = len(photos)
+                with (
+                    pipeline_call(settings) as pipeline,
+                    typer.progressbar(length=count, label="Embedding", show_pos=True, file=sys.stderr) as bar,
+                ):
+                    data = embed_folder(pipeline, images, photos=photos, cache_path=cache, progress=bar.update)
+                train_set, val_set = split_identities(data, val_fraction=val_fraction, seed=seed)
+                with tqdm(total=epochs + 1, desc="Training", unit="epoch", file=sys.stderr) as epochs_bar:
+
+                    def progress(log: EpochLog) -> None:
+                        epochs_bar.set_postfix(val_loss=f"{log.val_loss:.4f}", val_at_far=f"{log.val_at_far:.3f}")
+                        epochs_bar.update(1)
+
+                    result = train_head(train_set, val_set, config, progress=progress)
+                try:
+                    with interrupts_held():  # a Ctrl-C waits for both files of the head: no head half old, half new
+                        register_head(
+                            result,
+                            name=name,
+                            heads_dir=folder.parent,
+                            base_model_version=pipeline.base_model_version,
+                            opset=pipeline.manifest.opset,
+                            extra={"data": {"photos": count, "faces": len(data), "no_face": data.missing}},
+                        )
+                        registered = True
+                except OSError as error:  # e.g. disk full: no file of a head of that name was replaced
+                    fail(f"cannot write the head into {folder}: {error.strerror or error}")
+            except FacegateError as error:
+                fail(f"{error.code}: {error.message}")
+            except ValueError as error:
+                fail(str(error))
+    finally:
+        if created and not registered:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty: a refused or interrupted run leaves no empty heads/<name>/
     summary = result.summary()
     typer.echo(
         f"faces {len(data)} of {count} photos ({data.missing} without a face); train {summary['train_identities']} "

@@ -15,7 +15,6 @@ import io
 import json
 import math
 import os
-import re
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,12 +24,10 @@ import torch
 
 from app.training.model import HeadNet
 from app.training.train import TrainResult
-from app.vision.head import HEAD_FILE, HEAD_MANIFEST, INPUT, OUTPUT
+from app.vision.head import HEAD_FILE, HEAD_MANIFEST, INPUT, NAME_RE, OUTPUT
 from app.vision.types import EMBEDDING_DIM
 
 __all__ = ["export_onnx", "head_folder", "onnx_bytes", "register_head"]
-
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def onnx_bytes(model: HeadNet, *, opset: int) -> bytes:
@@ -111,7 +108,7 @@ def register_head(
 
 def head_folder(heads_dir: Path, name: str) -> Path:
     """Where the head `name` is registered; a ValueError for a name that is no single folder name."""
-    if not _NAME_RE.fullmatch(name) or name in (".", ".."):
+    if not NAME_RE.fullmatch(name) or name in (".", ".."):
         raise ValueError("a head name is 1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit)")
     return Path(heads_dir) / name
 

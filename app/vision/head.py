@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import numpy.typing as npt
 
 from app.config import HeadSettings, Provider, RuntimeSettings
 from app.errors import ModelUnavailable
+from app.matching.thresholds import validate_threshold
 from app.vision.runtime import LazySession
 from app.vision.types import EMBEDDING_DIM
 
@@ -33,6 +35,9 @@ HEAD_MANIFEST = "head.json"
 HEADS_FOLDER = "heads"
 INPUT = "base"
 OUTPUT = "embeddings"
+# What `facegate train` writes (app/training/export.py): the version names the graph it was computed by.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 __all__ = ["EmbeddingHead", "HeadManifest", "heads_dir", "load_head", "read_head_manifest"]
 
@@ -65,7 +70,10 @@ def read_head_manifest(directory: Path, *, verify: bool = True) -> HeadManifest:
     """A registered head's manifest; with `verify`, the ONNX file must be there and match its checksum."""
     file = Path(directory) / HEAD_MANIFEST
     if not file.is_file():
-        raise ModelUnavailable(f"no registered head at {Path(directory).name!r}: train one with `facegate train`")
+        raise ModelUnavailable(
+            f"no registered head {Path(directory).name!r} (no {file}): train one with `facegate train`, or check "
+            "FACEGATE_HEAD__DIR and FACEGATE_MODELS_DIR"
+        )
     try:
         raw = json.loads(file.read_text())
         manifest = HeadManifest(
@@ -78,6 +86,13 @@ def read_head_manifest(directory: Path, *, verify: bool = True) -> HeadManifest:
             threshold=float(raw["threshold"]),
             raw=raw,
         )
+        if isinstance(raw["threshold"], bool):
+            raise TypeError(f"threshold {raw['threshold']!r} is not a number")
+        validate_threshold(manifest.threshold)  # a 1:1 threshold: finite, in (0, 4]
+        if not (NAME_RE.fullmatch(manifest.name) and _SHA256_RE.fullmatch(manifest.sha256)):
+            raise ValueError(f"name {manifest.name!r} or sha256 {manifest.sha256!r} is not one `facegate train` writes")
+        if manifest.version != f"{manifest.name}-{manifest.sha256[:12]}":
+            raise ValueError(f"version {manifest.version!r} is not <name>-<first 12 hex of sha256>")
     except (ValueError, KeyError, TypeError) as error:
         raise ModelUnavailable(f"head manifest of {Path(directory).name!r} is unreadable: {error}") from None
     if verify:
@@ -110,6 +125,25 @@ class EmbeddingHead:
         outputs = [o.name for o in session.get_outputs()]
         if inputs != [(INPUT, "tensor(float)")] or outputs != [OUTPUT]:
             raise ModelUnavailable(f"head {self.manifest.name!r} is not a facegate head (inputs {inputs})")
+        # The names are not enough: a graph of another width, or one whose output is not unit vectors, gave a 500
+        # at every enrolment or a threshold on another scale. Embedding-like rows must come out as unit vectors.
+        probe = np.random.default_rng(0).normal(0.0, 0.12, (2, EMBEDDING_DIM)).astype(np.float32)
+        try:
+            (out,) = session.run([OUTPUT], {INPUT: probe})
+        except Exception as error:  # onnxruntime's own errors (another input width, ...)
+            raise ModelUnavailable(
+                f"head {self.manifest.name!r} cannot run on {EMBEDDING_DIM}-d input: {error}"
+            ) from None
+        out = np.asarray(out, np.float64)
+        if (
+            out.shape != probe.shape
+            or not np.all(np.isfinite(out))
+            or np.abs(np.linalg.norm(out, axis=1) - 1).max() > 1e-3
+        ):
+            raise ModelUnavailable(
+                f"head {self.manifest.name!r} does not give L2-normalised {EMBEDDING_DIM}-d embeddings "
+                f"(output shape {out.shape})"
+            )
 
     def apply(self, base: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """(n, 128) base embeddings -> (n, 128) served embeddings (n may be 0)."""
@@ -134,4 +168,6 @@ def load_head(settings: HeadSettings, models_dir: Path, base_model_version: str)
             f"head {manifest.name!r} was trained on {manifest.base_model_version}, but the embedder is "
             f"{base_model_version}: train it again on this model"
         )
-    return EmbeddingHead(manifest)
+    head = EmbeddingHead(manifest)
+    head.load()  # 2 small matrices: checked now, whatever FACEGATE_PRELOAD_MODELS says, never at a request
+    return head

@@ -52,7 +52,12 @@ def test_train_command_registers_a_head(
     assert json.loads((tmp_path / "heads" / "dev-head" / "head.json").read_text())["opset"] == 17
 
     bad = CliRunner().invoke(cli, [*args, "--loss", "nonsense"])
-    assert bad.exit_code == 2 and "nonsense" in bad.output
+    assert bad.exit_code == 2 and "Invalid value for '--loss': 'nonsense' is not one of" in bad.output
+    # Refused once the photos are read (too few training people left): no empty heads/<name>/ stays behind.
+    other = ["train", "--images", str(dev_faces), "--cache", str(tmp_path / "dev.npz"), "--name", "other"]
+    refused = CliRunner().invoke(cli, [*other, "--val-fraction", "0.99"])
+    assert refused.exit_code != 0 and "too few for a train/validation split" in refused.output, refused.output
+    assert not (tmp_path / "heads" / "other").exists() and (tmp_path / "heads" / "dev-head").is_dir()
 
 
 def test_train_refuses_a_heads_folder_or_name_it_cannot_use_before_embedding(
@@ -86,6 +91,10 @@ def test_train_refuses_a_heads_folder_or_name_it_cannot_use_before_embedding(
         ("--lr", "nan", "nan is not in the range 0<x<=0.1"),
         ("--lr", "0", "0 is not in the range 0<x<=0.1"),
         ("--val-fraction", "nan", "nan is not in the range 0.01<=x<=0.99"),
+        ("--loss", "bogus", "'bogus' is not one of triplet, contrastive, none"),
+        ("--mining", "hard", "'hard' is not one of semi_hard, batch_hard, batch_all"),
+        ("--arch", "cnn", "'cnn' is not one of linear, mlp"),
+        ("--loss", "none", "--loss none trains nothing without center loss: give --center-weight > 0"),
     ],
 )
 def test_a_float_option_outside_its_range_is_refused(

@@ -179,16 +179,20 @@ def _reindex(
         served = bases if transform is None else np.asarray(transform(bases), np.float32)
         if served.shape != (len(part), EMBEDDING_DIM) or not np.all(np.isfinite(served)):
             raise ValueError("the head gave embeddings of the wrong shape or non-finite values")
-        for (face_id, *_), base, vector in zip(part, bases, served, strict=True):
-            session.execute(
-                update(Face)
-                .where(Face.id == face_id)
-                .values(
-                    embedding=vector.astype("<f4").tobytes(),
-                    base_embedding=base.astype("<f4").tobytes(),
-                    model_version=target_version,
-                )
-            )
+        # One executemany per chunk (an UPDATE by primary key per row; psycopg pipelines them): a statement per face
+        # took 118 s at 60k faces on PostgreSQL, with every writer refused meanwhile.
+        session.execute(
+            update(Face),
+            [
+                {
+                    "id": face_id,
+                    "embedding": vector.astype("<f4").tobytes(),
+                    "base_embedding": base.astype("<f4").tobytes(),
+                    "model_version": target_version,
+                }
+                for (face_id, *_), base, vector in zip(part, bases, served, strict=True)
+            ],
+        )
     for offset, op in ((0, ChangeOp.REMOVE), (count, ChangeOp.ADD)):
         for start in range(0, count, chunk):
             session.execute(

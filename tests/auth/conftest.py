@@ -23,11 +23,11 @@ from tests.gallery.conftest import database_url, pg_schema_url, postgres_server 
 Sessions = Callable[[], AbstractContextManager[Session]]
 
 
-@pytest.fixture
-def sessions(database_url: str) -> Iterator[Sessions]:  # noqa: F811
-    """`sessions()` opens one transaction on the migrated test database (committed when the block ends)."""
-    db.upgrade(database_url)
-    engine = db.make_engine(database_url)
+@contextmanager
+def sessions_on(url: str) -> Iterator[Sessions]:
+    """`sessions()` opens one transaction on the database at `url`, migrated (committed when the block ends)."""
+    db.upgrade(url)
+    engine = db.make_engine(url)
     factory = db.make_session_factory(engine)
 
     @contextmanager
@@ -35,8 +35,17 @@ def sessions(database_url: str) -> Iterator[Sessions]:  # noqa: F811
         with factory() as session, session.begin():
             yield session
 
-    yield transaction
-    engine.dispose()
+    try:
+        yield transaction
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def sessions(database_url: str) -> Iterator[Sessions]:  # noqa: F811
+    """`sessions()` opens one transaction on the migrated test database (committed when the block ends)."""
+    with sessions_on(database_url) as transaction:
+        yield transaction
 
 
 class Keyed:

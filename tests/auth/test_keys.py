@@ -20,9 +20,8 @@ from app.auth.keys import generate_key, hash_key, key_matches, key_prefix, prefi
 from app.auth.verifier import KeyVerifier, open_verifier
 from app.config import AuthSettings
 from app.errors import InvalidRequest, UnknownApiKey
-from app.gallery import db
 from app.gallery.tables import ApiKey
-from tests.auth.conftest import Sessions
+from tests.auth.conftest import Sessions, sessions_on
 
 
 class TestFormat:
@@ -186,33 +185,23 @@ class TestVerifier:
         write lock, which another process (`facegate reindex`, a bulk `enroll`) may hold for seconds (it waited the
         whole busy timeout, 10 s, before a read was answered)."""
         path = tmp_path / "gallery.db"
-        url = f"sqlite:///{path}"
-        db.upgrade(url)
-        engine = db.make_engine(url)
-        factory = db.make_session_factory(engine)
-
-        @contextmanager
-        def sessions() -> Iterator[Session]:
-            with factory() as session, session.begin():
-                yield session
-
-        with sessions() as session:
-            created = store.create_key(session, name="k", scope=Scope.read)
-        other = sqlite3.connect(path, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")  # another process writing
-        verifier = KeyVerifier(sessions, required=False, cache_seconds=0)
-        try:
-            start = time.monotonic()
-            assert verifier.lookup(created.key) is not None
-            assert time.monotonic() - start < 1.0
-        finally:
-            other.execute("COMMIT")
-            other.close()
-        verifier.wait_for_touches()  # made once the lock is free
-        verifier.close()
-        with sessions() as session:
-            assert store.get_key(session, reference=created.record.prefix).last_used_at is not None
-        engine.dispose()
+        with sessions_on(f"sqlite:///{path}") as sessions:
+            with sessions() as session:
+                created = store.create_key(session, name="k", scope=Scope.read)
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # another process writing
+            verifier = KeyVerifier(sessions, required=False, cache_seconds=0)
+            try:
+                start = time.monotonic()
+                assert verifier.lookup(created.key) is not None
+                assert time.monotonic() - start < 1.0
+            finally:
+                other.execute("COMMIT")
+                other.close()
+            verifier.wait_for_touches()  # made once the lock is free
+            verifier.close()
+            with sessions() as session:
+                assert store.get_key(session, reference=created.record.prefix).last_used_at is not None
 
     def test_a_malformed_key_costs_no_transaction(self, sessions: Sessions) -> None:
         """A flood of made-up keys must not cost a database transaction each (nor fill the lookup cache)."""

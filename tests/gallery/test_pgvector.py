@@ -79,6 +79,32 @@ def pgvector_index(gallery: Gallery) -> PgvectorIndex:
     return gallery.index
 
 
+def hold_replay_chunks(
+    monkeypatch: pytest.MonkeyPatch, chunks: int, *, written: bool
+) -> tuple[list[threading.Event], list[threading.Event]]:
+    """Hold the thread named "replayer" in each chunk of its replay of the change log, holding face_vectors_state's
+    row: before the chunk's rows are written, or after (`written`: in, not committed). `entered[i]` is set when
+    chunk i is held; `proceed[i]` lets it go on."""
+    entered = [threading.Event() for _ in range(chunks)]
+    proceed = [threading.Event() for _ in range(chunks)]
+    real_apply = pgvector._apply_changes
+
+    def held(connection: Connection, changes: list[Change], table: str) -> None:
+        if threading.current_thread().name != "replayer":
+            real_apply(connection, changes, table)
+            return
+        if written:
+            real_apply(connection, changes, table)
+        call = sum(e.is_set() for e in entered)
+        entered[call].set()
+        assert proceed[call].wait(60)
+        if not written:
+            real_apply(connection, changes, table)
+
+    monkeypatch.setattr(pgvector, "_apply_changes", held)
+    return entered, proceed
+
+
 def waiting_for_a_lock(url: str, timeout: float = 30.0) -> bool:
     """Whether a session of this database comes to wait for a lock within `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -336,18 +362,7 @@ def test_a_deletion_waits_for_one_chunk_of_another_workers_replay(
         first = writer.bulk_enrol(names=[f"p{i}" for i in range(10)], embeddings=seeded.embeddings[:10])
         assert replaying.mirror() == 10
         later = writer.bulk_enrol(names=[f"q{i}" for i in range(300)], embeddings=seeded.embeddings[10:])
-        entered = [threading.Event() for _ in range(8)]
-        proceed = [threading.Event() for _ in range(8)]
-        real_apply = pgvector._apply_changes
-
-        def held(connection: Connection, changes: list[Change], table: str) -> None:
-            if threading.current_thread().name == "replayer":
-                call = sum(e.is_set() for e in entered)
-                entered[call].set()
-                assert proceed[call].wait(60)
-            real_apply(connection, changes, table)
-
-        monkeypatch.setattr(pgvector, "_apply_changes", held)
+        entered, proceed = hold_replay_chunks(monkeypatch, 8, written=False)
         replayed: list[int | None] = []
         thread = threading.Thread(target=lambda: replayed.append(replaying.mirror()), name="replayer")
         thread.start()
@@ -387,18 +402,7 @@ def test_a_face_deleted_while_its_add_is_replayed_leaves_the_vector_table(
         first = writer.bulk_enrol(names=[f"p{i}" for i in range(10)], embeddings=seeded.embeddings[:10])
         assert replaying.mirror() == 10
         later = writer.bulk_enrol(names=[f"q{i}" for i in range(100)], embeddings=seeded.embeddings[10:])
-        inserted = [threading.Event() for _ in range(4)]
-        proceed = [threading.Event() for _ in range(4)]
-        real_apply = pgvector._apply_changes
-
-        def held(connection: Connection, changes: list[Change], table: str) -> None:
-            real_apply(connection, changes, table)
-            if threading.current_thread().name == "replayer":
-                call = sum(e.is_set() for e in inserted)
-                inserted[call].set()  # this chunk's rows are in, uncommitted
-                assert proceed[call].wait(60)
-
-        monkeypatch.setattr(pgvector, "_apply_changes", held)
+        inserted, proceed = hold_replay_chunks(monkeypatch, 4, written=True)  # each chunk's rows in, uncommitted
         thread = threading.Thread(target=replaying.mirror, name="replayer")
         thread.start()
         gone = later[0]

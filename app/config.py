@@ -216,7 +216,10 @@ class QualitySettings(BaseModel):
         default=None, ge=0.0, le=180.0, description="Largest |roll| of the eye line, degrees. Unset: not gated."
     )
     min_score: float | None = Field(
-        default=None, description="Smallest MMOD detector score (dev 1st percentile 0.60). Unset: not gated."
+        default=None,
+        description="Smallest MMOD detector score (dev 1st percentile 0.60). Unset: not gated. A photo turned "
+        "sideways with no EXIF orientation still yields a face whose landmarks look upright (the roll gate cannot "
+        "see it) and whose embedding matches nobody, but its score is low (0.38 seen): 0.5 refuses such uploads.",
     )
 
     @model_validator(mode="after")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.matching.thresholds import MAX_THRESHOLD
 from app.service import CalibrationSource, CurveSource, ThresholdSource
@@ -306,6 +306,15 @@ class IdentityUpdate(BaseModel):
 
     name: str | None = Field(default=None, min_length=1, max_length=NAME_MAX_LENGTH)
     metadata: dict[str, Any] | None = Field(default=None, description="Replaces the whole metadata object.")
+
+    @model_validator(mode="after")
+    def _no_null(self) -> IdentityUpdate:
+        # A field sent as null was answered 200 and left unchanged: a client clearing the metadata never knew.
+        for field in ("name", "metadata"):
+            if field in self.model_fields_set and getattr(self, field) is None:
+                hint = " (send {} to clear the metadata)" if field == "metadata" else ""
+                raise ValueError(f"{field} may not be null: leave it out to keep it{hint}")
+        return self
 
 
 class DeletionResponse(Public):

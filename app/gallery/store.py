@@ -824,8 +824,10 @@ def check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"metadata is not plain JSON: {error}") from None
     if _bad_text(metadata):
         raise ValueError("metadata strings must be valid Unicode without NUL characters")
-    if len(text) > MAX_METADATA_BYTES:
-        raise ValueError(f"metadata larger than {MAX_METADATA_BYTES} bytes as JSON")
+    # Bytes of its UTF-8 JSON, as the client sent it and README counts it: the ASCII-escaped text above makes a
+    # non-ASCII character 6 bytes (an emoji 12), which refused 36 kB of Japanese as "larger than 65536 bytes".
+    if len(json.dumps(metadata, ensure_ascii=False).encode("utf-8")) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata larger than {MAX_METADATA_BYTES} bytes as JSON (UTF-8)")
     copy: dict[str, Any] = json.loads(text)
     return copy
 

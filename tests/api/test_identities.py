@@ -168,6 +168,16 @@ def test_a_cursor_that_no_page_gave_is_refused(client: TestClient, params: dict[
     assert message in error["message"], error
 
 
+def test_null_fields_of_a_patch_are_refused_not_ignored(client: TestClient) -> None:
+    gallery = client.app.state.service.gallery  # type: ignore[attr-defined]
+    identity_id = gallery.create_identity(name="Kept", metadata={"keep": 1}).id
+    for body in ({"metadata": None}, {"name": None}):
+        error = error_of(client.patch(f"/identities/{identity_id}", json=body), 422, "invalid_request")
+        assert "null" in error["message"], error
+    cleared = client.patch(f"/identities/{identity_id}", json={"metadata": {}})
+    assert cleared.status_code == 200 and cleared.json()["metadata"] == {}, cleared.text
+
+
 def test_metadata_depth_limit_and_rows_stored_before_it(client: TestClient) -> None:
     """Metadata 32 levels deep round-trips; 33 and 256 (which pydantic cannot serialise back: stored, then every
     read was a 500) are refused and change nothing; a row stored before the limit still reads and lists."""

@@ -161,6 +161,16 @@ class TestIdentities:
         with sessions.begin() as session:
             assert store.get_identity(session, identity_id=identity_id).name == "ok"
 
+    def test_metadata_limit_counts_utf8_bytes(self, sessions: sessionmaker[Session]) -> None:
+        # 36 kB of UTF-8 (12,000 three-byte characters) is under the 64 kB limit, however SQLite escapes it.
+        text = "日本語" * 4000
+        with sessions.begin() as session:
+            identity_id = store.create_identity(session, name="ok", metadata={"notes": text}).id
+        with sessions.begin() as session:
+            assert store.get_identity(session, identity_id=identity_id).metadata == {"notes": text}
+        with pytest.raises(ValueError, match="larger than"), sessions.begin() as session:
+            store.create_identity(session, name="ok", metadata={"notes": "é" * (store.MAX_METADATA_BYTES // 2)})
+
     def test_longest_name_and_unicode_round_trip(self, sessions: sessionmaker[Session]) -> None:
         name = "Zoë 山田 🙂" + "é" * 247
         assert len(name) == 255

@@ -230,7 +230,8 @@ def identify(
     threshold: ThresholdOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Who is in IMAGE? Each face: the best enrolled identity if within the threshold, else unknown."""
+    """Who is in IMAGE? Each face: the enrolled identity that /identify's open-set rule names (within the threshold
+    and standing out from the runner-up), else unknown or ambiguous."""
     photo = read_bytes(image)  # a photo that cannot be read is refused before the models load
     with service_call(existing_gallery=True) as service:
         result = service.identify(photo, top_k=top_k, threshold=threshold)

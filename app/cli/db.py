@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import db_cli, fail, load_settings, on_interrupt
+from app.cli.common import db_cli, fail, load_settings, on_interrupt, require_gallery
 from app.config import database_url_problem
 from app.gallery.db import driver_message
 from app.gallery.synthetic import MAX_FACES
@@ -112,6 +112,35 @@ def db_copy(
         f"{_counted(report.api_keys, 'API key')} and {_counted(report.settings, 'setting')} to {shown} in "
         f"{report.seconds:.1f} s"
     )
+
+
+@db_cli.command("purge-photos")
+def db_purge_photos(
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation (for scripts).")] = False,
+) -> None:
+    """Delete every photo the gallery kept (enrolled while FACEGATE_STORE_IMAGES was on), in one transaction.
+    Identities, faces and embeddings stay: search and verify answer as before; `reindex --from-photos` can no longer
+    use the photos. Turning the setting off keeps the photos already stored: this is how they go."""
+    from app.gallery import Gallery, db
+    from app.gallery.copy import display_url
+
+    settings = load_settings()
+    require_gallery(settings)
+    if not yes:
+        typer.confirm(f"Delete every stored photo in {display_url(settings.database_url)}?", abort=True)
+    db.upgrade(settings.database_url)
+    engine = db.make_engine(settings.database_url)
+    gallery = Gallery(engine, Pipeline.from_settings(settings).model_version)  # the index is never loaded
+    try:
+        purged = gallery.purge_photos()
+    finally:
+        gallery.close()
+    typer.echo(f"{_counted(purged, 'photo')} deleted; the faces and their embeddings are kept")
+    if purged and engine.dialect.name == "postgresql":
+        # The old row versions (the photos' bytes, in the faces table's TOAST table) stay on disk until vacuumed.
+        typer.echo("PostgreSQL keeps the deleted bytes until vacuumed: run `VACUUM FULL faces;` to rewrite the table")
+    if settings.store_images:
+        typer.echo("FACEGATE_STORE_IMAGES is still true: faces enrolled from now on keep their photos")
 
 
 def _counted(count: int, noun: str, plural: str | None = None) -> str:

@@ -423,6 +423,14 @@ class Gallery:
         self.scrub_log()
         return report
 
+    def purge_photos(self) -> int:
+        """Drop every stored photo, keeping the faces (see `store.purge_photos`); how many went."""
+        with self.session() as session:
+            purged = store.purge_photos(session)
+        if purged:
+            self.scrub_log()
+        return purged
+
     def scrub_log(self, *, retry: bool = False) -> bool:
         """SQLite: after data was erased, copy the WAL into the database file (where `secure_delete` zeroes the
         freed rows) and truncate the WAL, which otherwise keeps the erased rows' old pages until they happen to be

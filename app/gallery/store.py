@@ -606,6 +606,14 @@ def relabel_faces(session: Session, *, old_versions: Sequence[str], new_version:
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
+def purge_photos(session: Session) -> int:
+    """Drop every stored photo (FACEGATE_STORE_IMAGES); the faces, their embeddings and their identities stay. How
+    many photos went. Not a change-log event: search never reads the photos."""
+    db.without_statement_timeout(session.connection())  # a large gallery's photos in one statement
+    result = session.execute(update(Face).where(Face.image.is_not(None)).values(image=None))
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 def prune_changes(session: Session, *, keep_last: int) -> int:
     """Delete all but the last `keep_last` change-log rows; returns how many went. A worker whose index lags
     behind the pruned part notices the gap and reloads in full."""

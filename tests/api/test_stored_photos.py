@@ -1,5 +1,5 @@
-"""FACEGATE_STORE_IMAGES: the enrolled photo is kept only when asked, is served back as uploaded to admin keys, and
-goes with its face."""
+"""FACEGATE_STORE_IMAGES: the enrolled photo is kept only when asked, is served back as uploaded to admin keys, goes
+with its face, and `facegate db purge-photos` deletes every kept photo while the faces stay."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
 from app.auth import Scope
 from app.auth import store as keys_store
+from app.cli import cli
 from app.gallery import store
 from tests.api.conftest import api_settings, error_of, running
+from tests.gallery.conftest import pg_schema_url, postgres_server  # noqa: F401
 
 pytestmark = pytest.mark.model
 
@@ -69,3 +72,57 @@ def test_only_admin_keys_see_photos(models_dir: Path, tmp_path: Path, photo: Pho
         for scope in (Scope.read, Scope.write):
             error_of(client.get(url, headers={"X-API-Key": keys[scope]}), 403, "forbidden")
         assert client.get(url, headers={"X-API-Key": keys[Scope.admin]}).status_code == 200
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_purge_photos_deletes_every_kept_photo_and_keeps_the_faces(
+    backend: str, models_dir: Path, tmp_path: Path, photo: Photo, request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'g.db'}" if backend == "sqlite" else request.getfixturevalue("pg_schema_url")
+    uploads = {name: photo(relative) for name, relative in (("Amy", AMY_PNG), ("Barack", OBAMA_JPG))}
+    with running(api_settings(models_dir, url, store_images=True)) as client:
+        enrolled = {}
+        for name, upload in uploads.items():
+            r = client.post("/enroll", files={"image": upload}, data={"name": name})
+            assert r.status_code == 201, r.text
+            enrolled[name] = r.json()
+        assert all(client.get(_image_url(e)).status_code == 200 for e in enrolled.values())
+
+    def kept(data: bytes) -> bool:  # a slice of the photo in the SQLite files (database and WAL)
+        return data[1000:1064] in b"".join(p.read_bytes() for p in tmp_path.glob("g.db*"))
+
+    if backend == "sqlite":
+        assert all(kept(data) for _, data, _ in uploads.values())
+    monkeypatch.setenv("FACEGATE_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("FACEGATE_DATABASE_URL", url)
+    refused = CliRunner().invoke(cli, ["db", "purge-photos"], input="n\n")
+    assert refused.exit_code == 1 and "Aborted" in refused.output, refused.output
+    with running(api_settings(models_dir, url)) as client:
+        assert client.get(_image_url(enrolled["Amy"])).status_code == 200  # a "no" keeps them
+
+    result = CliRunner().invoke(cli, ["db", "purge-photos", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert "2 photos deleted" in result.output
+    assert ("VACUUM FULL faces" in result.output) == (backend == "postgres")
+    again = CliRunner().invoke(cli, ["db", "purge-photos", "--yes"])
+    assert again.exit_code == 0 and "0 photos deleted" in again.output, again.output
+
+    with running(api_settings(models_dir, url)) as client:
+        for name, e in enrolled.items():
+            error_of(client.get(_image_url(e)), 404, "image_not_stored")
+            r = client.post("/identify", files={"image": uploads[name]})
+            assert r.status_code == 200, r.text
+            assert r.json()["faces"][0]["match"]["identity_id"] == e["identity_id"]  # the faces are still searched
+    if backend == "sqlite":  # secure_delete and the WAL checkpoint: the photos' bytes are gone from the files
+        assert not any(kept(data) for _, data, _ in uploads.values())
+
+
+def test_purge_photos_refuses_a_gallery_that_does_not_exist(
+    models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FACEGATE_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("FACEGATE_DATABASE_URL", f"sqlite:///{tmp_path / 'typo.db'}")
+    result = CliRunner().invoke(cli, ["db", "purge-photos", "--yes"])
+    assert result.exit_code == 2 and "does not exist" in result.output, result.output
+    assert not (tmp_path / "typo.db").exists()

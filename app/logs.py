@@ -20,6 +20,17 @@ from typing import Any
 from app.config import LogFormat, LogSettings
 
 FIELDS_ATTRIBUTE = "fields"
+# Set on an exception once it is logged with its traceback and incident id (app/api/errors.py): uvicorn's own
+# "Exception in ASGI application" record of the same exception, re-raised by Starlette, is then dropped.
+LOGGED_ATTRIBUTE = "facegate_incident"
+
+
+class AlreadyLogged(logging.Filter):
+    """Drops a record whose exception was already logged (with its incident id) under LOGGED_ATTRIBUTE."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return getattr(error, LOGGED_ATTRIBUTE, None) is None
 
 
 class JsonFormatter(logging.Formatter):
@@ -64,8 +75,14 @@ def uvicorn_log_config(settings: LogSettings) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"facegate": {"()": f"{formatter.__module__}.{formatter.__qualname__}"}},
+        "filters": {"logged_once": {"()": f"{AlreadyLogged.__module__}.{AlreadyLogged.__qualname__}"}},
         "handlers": {
-            "stderr": {"class": "logging.StreamHandler", "formatter": "facegate", "stream": "ext://sys.stderr"}
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "facegate",
+                "filters": ["logged_once"],
+                "stream": "ext://sys.stderr",
+            }
         },
         "root": {"handlers": ["stderr"], "level": settings.level},
         "loggers": {
@@ -76,5 +93,7 @@ def uvicorn_log_config(settings: LogSettings) -> dict[str, Any]:
             },
             # Pillow logs every EXIF tag of a decoded photo (camera owner, GPS position, ...) at DEBUG.
             "PIL": {"level": "INFO"},
+            # numba traces every kernel it compiles at DEBUG (~1,500 lines per worker at start: app/vision/pyramid.py).
+            "numba": {"level": "INFO"},
         },
     }

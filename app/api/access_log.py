@@ -3,7 +3,8 @@
 - `route` is the route's template (`/identities/{identity_id}`), not the raw path: ids stay out of the log, and a
   probe for random paths shows as `unmatched` instead of echoing whatever was sent.
 - `decision` is what the route put on `request.state.decision` (verify: match / no_match; identify: each face's
-  outcome, e.g. `match` or `match,unknown`); `error` the error code of a refused request.
+  outcome, e.g. `match` or `match,unknown`); `error` the error code of a refused request; `incident` a 500's
+  incident id, as in its traceback's log line and the reply.
 - `key` is the API key's prefix (8 hex characters), never the key.
 Never logged: embeddings, image bytes, names, metadata, query strings, client addresses (personal data).
 
@@ -23,7 +24,7 @@ from app.api.route_names import method_name, route_template
 log = logging.getLogger("facegate.access")
 
 # request.state attributes a route or the auth dependency may set, and the log field each becomes.
-STATE_FIELDS = {"decision": "decision", "error_code": "error", "key_prefix": "key"}
+STATE_FIELDS = {"decision": "decision", "error_code": "error", "incident": "incident", "key_prefix": "key"}
 
 
 class AccessLogMiddleware(RequestObserver):

@@ -49,6 +49,7 @@ the photo is a real image, in a format the client can convert from.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Iterable, Mapping
@@ -65,6 +66,7 @@ from starlette.types import Receive, Scope, Send
 from app import errors
 from app.api.route_names import allowed_methods, method_name, path_without_slash, route_template
 from app.gallery.db import driver_message
+from app.logs import LOGGED_ATTRIBUTE
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +155,14 @@ def error_response(
     return CodedErrorResponse(status, code, error_body(code, message, details), headers)
 
 
+def new_incident() -> str:
+    return uuid.uuid4().hex[:12]
+
+
 def _internal_error(scope: Scope, exc: BaseException) -> JSONResponse:
-    incident = uuid.uuid4().hex[:12]
+    # The access line of the request, written before this runs, already names the incident (RequestObserver).
+    state = scope.setdefault("state", {})
+    incident = str(state.setdefault("incident", new_incident()))
     # The route's template, not the raw path: ids stay out of the log (as in the access log).
     log.error(
         "unhandled error %s on %s %s",
@@ -163,6 +171,8 @@ def _internal_error(scope: Scope, exc: BaseException) -> JSONResponse:
         route_template(scope),
         exc_info=(type(exc), exc, exc.__traceback__),
     )
+    with contextlib.suppress(AttributeError):  # Starlette re-raises it: uvicorn's traceback of it is dropped
+        setattr(exc, LOGGED_ATTRIBUTE, incident)
     return error_response(500, "internal_error", f"internal error (incident {incident}); it has been logged")
 
 

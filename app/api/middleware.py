@@ -16,7 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_response
+from app.api.errors import error_response, new_incident
 from app.api.route_names import method_name, route_template
 from app.errors import RequestTooLarge, ServerBusy, ShuttingDown
 
@@ -187,6 +187,7 @@ class RequestObserver:
         except BaseException:
             # The JSON 500 is sent outside every middleware (Starlette's ServerErrorMiddleware), after this returns.
             scope["state"].setdefault("error_code", "internal_error")
+            scope["state"].setdefault("incident", new_incident())  # the 500's log line names the same one
             raise
         finally:
             self.observe(scope, status, time.perf_counter() - start)

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 from prometheus_client import values
-from prometheus_client.multiprocess import mark_process_dead
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LIVE_GAUGE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
@@ -58,8 +57,14 @@ def process_alive(pid: int) -> bool:
 
 
 def forget_process(directory: Path, pid: int) -> None:
-    """A worker is gone: drop its live gauges and its recent requests; its counters and histograms stay."""
-    mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]  # prometheus_client leaves it untyped
+    """A worker is gone: drop its live gauges and its recent requests; its counters and histograms stay.
+
+    Not prometheus_client's `mark_process_dead`, which globs then removes: two scrapes (threads or workers) that
+    notice the same dead worker at once raced there, and the loser's FileNotFoundError answered /metrics with a 500."""
+    for entry in os.scandir(directory):
+        match = _LIVE_GAUGE.fullmatch(entry.name)
+        if match and int(match.group(1)) == pid:
+            Path(entry.path).unlink(missing_ok=True)
     (directory / f"recent_{pid}.bin").unlink(missing_ok=True)
 
 

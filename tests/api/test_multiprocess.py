@@ -8,6 +8,7 @@ import fcntl
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,6 +117,30 @@ class TestDeadWorkers:
         assert left == {name.format(sleeper) for name in names} | {
             f"counter_{dead_pid}.db", f"histogram_{dead_pid}.db", f"gauge_all_{dead_pid}.db"
         }
+
+    def test_scrapes_forgetting_the_same_dead_worker_at_once_do_not_fail(self, tmp_path: Path, dead_pid: int) -> None:
+        """Two scrapes (threads of a worker, or two workers) that notice one dead worker at once: neither fails
+        (prometheus_client's mark_process_dead globs then removes, and the loser got FileNotFoundError: a 500)."""
+        failures: list[BaseException] = []
+        for _ in range(300):
+            for mode in ("livesum", "livemax", "livemostrecent"):
+                (tmp_path / f"gauge_{mode}_{dead_pid}.db").write_bytes(b"")
+            (tmp_path / f"recent_{dead_pid}.bin").write_bytes(b"")
+            start = threading.Barrier(4)
+
+            def scrape(start: threading.Barrier = start) -> None:
+                start.wait()
+                try:
+                    forget_dead_processes(tmp_path)
+                except BaseException as error:  # noqa: BLE001 - collected for the assertion below
+                    failures.append(error)
+
+            threads = [threading.Thread(target=scrape) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        assert failures == [] and list(tmp_path.iterdir()) == []
 
 
 class TestSharedRecent:

@@ -3,6 +3,7 @@ request, and nothing personal in any log record: no embeddings, image bytes, nam
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from starlette.requests import Request
 
 from app.auth import Scope, store
 from app.config import LogFormat, LogSettings
@@ -109,7 +111,8 @@ def test_every_refusal_is_logged_with_its_route_and_code(
         preflight = {"Origin": "https://evil.example.net", "Access-Control-Request-Method": "POST"}
         assert client.options("/verify", headers=preflight).status_code == 400
         assert client.get("/docs").status_code == 200
-        assert client.delete(f"/identities/{'ab' * 16}").status_code == 500
+        crash = client.delete(f"/identities/{'ab' * 16}")
+        assert crash.status_code == 500
     access = [r.__dict__["fields"] for r in caplog.records if r.name == "facegate.access"]
     assert [(a["method"], a["route"], a["status"], a.get("error")) for a in access] == [
         ("POST", "/identify", 413, "request_too_large"),
@@ -122,6 +125,9 @@ def test_every_refusal_is_logged_with_its_route_and_code(
     ]
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name == "app.api.errors"]
     assert len(errors) == 1 and "/identities/{identity_id}" in errors[0] and "ab" * 16 not in errors[0]
+    # One incident id in the reply, the access line and the traceback's line: they can be found together.
+    incident = crash.json()["error"]["message"].split("incident ")[1].split(")")[0]
+    assert access[-1]["incident"] == incident and incident in errors[0]
 
 
 def test_text_format_puts_the_fields_after_the_message() -> None:
@@ -154,3 +160,32 @@ def test_uvicorn_log_config_routes_everything_through_one_formatter(capsys: pyte
     parsed = [json.loads(line) for line in err[-2:]]
     assert parsed[0]["logger"] == "uvicorn.error" and parsed[0]["message"].endswith("127.0.0.1:1")
     assert parsed[1]["status"] == 200
+
+
+def test_a_500_is_logged_once_uvicorns_copy_of_its_traceback_is_dropped(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging.config
+
+    from app.api.errors import unhandled_error_handler
+
+    config = uvicorn_log_config(LogSettings(format=LogFormat.json, level="info"))
+    touched = [logging.getLogger(), *(logging.getLogger(name) for name in config["loggers"])]
+    saved = [(lg, lg.level, list(lg.handlers), lg.propagate) for lg in touched]
+    logging.config.dictConfig(config)
+    try:
+        logged, other = RuntimeError("a bug"), RuntimeError("another bug")
+        request = Request({"type": "http", "method": "GET", "path": "/x", "headers": [], "app": None})
+        asyncio.run(unhandled_error_handler(request, logged))
+        # What uvicorn logs once Starlette's ServerErrorMiddleware re-raises the exception it answered with a 500.
+        logging.getLogger("uvicorn.error").error("Exception in ASGI application\n", exc_info=logged)
+        logging.getLogger("uvicorn.error").error("Exception in ASGI application\n", exc_info=other)
+        err = capsys.readouterr().err.strip().splitlines()
+    finally:
+        for lg, level, handlers, propagate in saved:
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
+    lines = [json.loads(line) for line in err]
+    assert [(line["logger"], "a bug" in line["exception"]) for line in lines] == [
+        ("app.api.errors", True),
+        ("uvicorn.error", False),  # an exception nobody logged yet still is
+    ]

@@ -791,6 +791,12 @@ def _cases() -> list[Case]:
           headers={"content-type": "multipart/form-data"}),
         C("multipart-garbage", "POST", "/enroll", 400, "invalid_request", content=b"\x00\xff" * 500,
           headers=MULTIPART),
+        # A body cut short (a client or proxy giving up): Starlette kept the parts it completed, "image: Field required".
+        C("multipart-cut-in-the-photo", "POST", "/enroll", 400, "invalid_request", headers=MULTIPART,
+          content=lambda ctx: raw_multipart([(b"name", None, b"Cut"), (b"image", b"c.jpg", ctx.colin)])[:-5000]),
+        C("multipart-cut-before-closing-boundary", "POST", "/identify/batch", 400, "invalid_request", headers=MULTIPART,
+          content=lambda ctx: raw_multipart([(b"images", b"a.jpg", ctx.colin), (b"images", b"b.jpg", ctx.colin)])[
+              : -len(b"--hostileboundary--\r\n")]),
         C("multipart-to-calibrate", "POST", "/calibrate", 422, "invalid_request", files={"source": ("s", b"gallery")}),
         C("calibrate-text-plain", "POST", "/calibrate", 422, "invalid_request", content=b'{"source": "gallery"}',
           headers={"content-type": "text/plain"}),

@@ -2,9 +2,9 @@
 
 Starlette decodes a form field's name or value that is not valid in the charset as latin-1, silently: a name sent in
 another encoding (or raw bytes) would be enrolled garbled. Routes that read forms use `FormRoute`: before FastAPI
-parses a multipart body, `undecodable_field` reads it once more with python-multipart's own parser (its public
+parses a multipart body, `form_problem` reads it once more with python-multipart's own parser (its public
 callback API, so no Starlette internals are involved) and such a field is refused with 400 `invalid_request` naming
-it. File parts (photos) are bytes and are not decoded; their file names are only echoed, never stored, and are left
+it. So is a body that ends before its closing boundary, which Starlette reads as the parts it completed. File parts (photos) are bytes and are not decoded; their file names are only echoed, never stored, and are left
 to Starlette (which reads one that is not valid in the charset as latin-1).
 
 The declared charset itself must be a text encoding Python knows: Starlette would read an unknown one as latin-1 (a
@@ -27,13 +27,13 @@ from typing import Any
 from fastapi import Request, Response
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import parse_options_header
+from python_multipart.multipart import MultipartState, parse_options_header
 from starlette.exceptions import HTTPException
 
 from app.api.errors import shorten
 from app.api.head import HeadRoute
 
-__all__ = ["FormRoute", "undecodable_field"]
+__all__ = ["FormRoute", "form_problem"]
 
 
 class _Undecodable(Exception):
@@ -134,11 +134,12 @@ def _charset(params: dict[bytes, bytes]) -> str:
     return info.name
 
 
-def undecodable_field(body: bytes, content_type: str | None) -> str | None:
+def form_problem(body: bytes, content_type: str | None) -> str | None:
     """Why this multipart body must be refused (an unusable charset, a field name or text value not valid in its
-    charset), else None.
+    charset, a body cut off before its closing boundary), else None.
 
-    A body that is not well-formed multipart is left to Starlette's parser, which refuses it with its own message."""
+    A body that is not well-formed multipart otherwise is left to Starlette's parser, which refuses it with its own
+    message."""
     kind, params = parse_options_header(content_type)
     if kind != b"multipart/form-data" or b"boundary" not in params:
         return None
@@ -155,6 +156,10 @@ def undecodable_field(body: bytes, content_type: str | None) -> str | None:
         return str(exc)
     except (MultipartParseError, ValueError):
         return None
+    # Starlette's parser keeps the parts a cut-off body completed and drops the one it was cut in, silently: a photo
+    # upload cut short (a client or proxy giving up, a wrong Content-Length) was answered 422 "image: Field required".
+    if parser.state not in (MultipartState.START, MultipartState.END):  # START: nothing but whitespace was sent
+        return "the multipart body ends before its closing boundary: the upload was cut short"
     return None
 
 
@@ -167,7 +172,7 @@ class FormRoute(HeadRoute):
         async def strict_handler(request: Request) -> Response:
             content_type = request.headers.get("Content-Type")
             if content_type and content_type.lower().startswith("multipart/form-data"):
-                problem = undecodable_field(await request.body(), content_type)
+                problem = form_problem(await request.body(), content_type)
                 if problem is not None:
                     raise HTTPException(status_code=400, detail=problem)
             return await handler(request)

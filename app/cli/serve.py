@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import ipaddress
+import logging
+import logging.config
 import os
 import shutil
 import signal
@@ -20,6 +22,8 @@ import typer
 from app.cli.common import cli, fail, failing_on_errors, load_settings, log_level_name
 from app.config import Settings
 from app.vision.pipeline import Pipeline
+
+log = logging.getLogger("facegate.serve")
 
 
 def api_keys_configured(settings: Settings) -> bool:
@@ -114,25 +118,29 @@ def serve(
     if problem is not None:  # before preflight and the workers: uvicorn found it after loading everything, exit 3
         fail(f"cannot listen on {bind}:{listen_port}: {problem}")
     _preflight(settings)  # after the refusals: a refused start creates no SQLite file
+    level = (log_level or settings.log.level).upper()
+    log_config = uvicorn_log_config(settings.log.model_copy(update={"level": level}))
+    # The start-up lines go through the server's own log format: with FACEGATE_LOG__FORMAT=json, plain text on
+    # stdout was the one line a log collector could not parse.
+    logging.config.dictConfig(log_config)
     if keys:
-        typer.echo(f"API keys are required (X-API-Key header); listening on {bind}.")
+        log.info("API keys are required (X-API-Key header); listening on %s.", bind)
     elif _is_loopback(bind):
-        typer.echo(
-            f"No API key exists and FACEGATE_AUTH__REQUIRED is off: every route is open, so facegate listens on {bind} "
-            "only (this machine). `facegate keys create` turns authentication on."
+        log.info(
+            "No API key exists and FACEGATE_AUTH__REQUIRED is off: every route is open, so facegate listens on %s "
+            "only (this machine). `facegate keys create` turns authentication on.",
+            bind,
         )
     else:
-        typer.secho(
-            f"warning: no API key exists and host {bind} exposes every route to the network without authentication "
+        log.warning(
+            "no API key exists and host %s exposes every route to the network without authentication "
             "(--allow-no-auth).",
-            fg=typer.colors.YELLOW,
-            err=True,
+            bind,
         )
     shared = share_cores(settings, workers, os.cpu_count() or 1)
     if shared:
         os.environ.update(shared)  # the worker processes read their settings from the environment
-        typer.echo(f"{workers} workers share {os.cpu_count()} cores: " + ", ".join(f"{k}={v}" for k, v in shared.items()))
-    level = (log_level or settings.log.level).upper()
+        log.info("%d workers share %d cores: %s", workers, os.cpu_count(), ", ".join(f"{k}={v}" for k, v in shared.items()))
     with _sigterm_ends_cleanly(), shared_metrics(workers):
         uvicorn.run(
             "app.main:create_app",
@@ -140,7 +148,7 @@ def serve(
             host=bind,
             port=listen_port,
             workers=workers,
-            log_config=uvicorn_log_config(settings.log.model_copy(update={"level": level})),
+            log_config=log_config,
             log_level=level.lower(),
             access_log=False,  # app/api/access_log.py logs each request (route template, no client address)
             timeout_graceful_shutdown=settings.shutdown_timeout,

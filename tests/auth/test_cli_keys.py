@@ -149,9 +149,12 @@ def test_serve_without_keys_listens_on_loopback_and_logs_json(tmp_path: Path, mo
         finally:
             server.terminate()
             server.wait(timeout=30)
-    said = " ".join(out_path.read_text().split())
-    assert "every route is open, so facegate listens on 127.0.0.1 only" in said
+    assert out_path.read_text() == ""  # every start-up line is a JSON log record, on stderr
     lines = [json.loads(line) for line in err_path.read_text().splitlines() if line.strip()]
+    assert any(
+        line["logger"] == "facegate.serve" and "every route is open, so facegate listens on 127.0.0.1 only" in line["message"]
+        for line in lines
+    )
     assert any(f"http://127.0.0.1:{port}" in line["message"] for line in lines)  # uvicorn's "running on"
     access = [line for line in lines if line["logger"] == "facegate.access"]
     assert [(a["method"], a["route"], a["status"]) for a in access] == [("GET", "/healthz", 200)]

@@ -83,7 +83,7 @@ def test_a_refused_secret_is_not_echoed(sqlite_env: dict[str, str]) -> None:
     assert "hunter2" not in err
 
 
-@pytest.mark.parametrize("command", [["db", "upgrade"], ["keys", "list"], ["serve"]])
+@pytest.mark.parametrize("command", [["db", "upgrade"], ["keys", "create", "--name", "x", "--scope", "read"], ["serve"]])
 def test_a_database_that_cannot_be_opened_is_one_line(tmp_path: Path, command: list[str]) -> None:
     env = {"FACEGATE_DATABASE_URL": f"sqlite:///{tmp_path / 'no-such-folder' / 'gallery.db'}"}
     if command == ["serve"]:
@@ -102,13 +102,15 @@ def test_a_database_that_cannot_be_opened_is_one_line(tmp_path: Path, command: l
         ["reindex"],
         ["identify", "photo.jpg"],
         ["keys", "revoke", "0badc0de"],
+        ["keys", "list"],
+        ["db", "purge-photos", "--yes"],
     ],
 )
 def test_a_command_on_an_existing_gallery_refuses_a_missing_sqlite_file(tmp_path: Path, command: list[str]) -> None:
     """These read or change what a gallery holds: opening a SQLite file that is not there created an empty gallery
     and answered from it ('0 faces recomputed', every face unknown). Refused before the models load (none here), and
-    no file is created. (`calibrate --apply`, `keys create` and `keys list` may make the gallery: set-up
-    steps before the first enrolment.)"""
+    no file is created. (`calibrate --apply` and `keys create` may make the gallery: set-up steps before the
+    first enrolment.)"""
     (tmp_path / "photo.jpg").write_bytes(b"not looked at")
     gallery = tmp_path / "galery.db"
     env = {"FACEGATE_DATABASE_URL": f"sqlite:///{gallery}", "FACEGATE_MODELS_DIR": str(tmp_path / "no-models")}
@@ -203,7 +205,7 @@ def test_an_unknown_facegate_variable_is_reported(sqlite_env: dict[str, str]) ->
     """pydantic-settings ignores variables that name no setting: a typo left the default in force silently."""
     env = {**sqlite_env, "FACEGATE_TRESHOLD": "0.3", "FACEGATE_DETECTOR__UPSAMPL": "1", "FACEGATE_FOO": "1"}
     env |= {"FACEGATE_DETECTOR__UPSAMPLE": "1", "FACEGATE_FACES_DIR": "/faces"}  # a setting, the tests' own
-    code, err = run(env, "keys", "list")
+    code, err = run(env, "db", "upgrade")
     assert code == 0, err
     lines = err.splitlines()
     assert {
@@ -231,9 +233,9 @@ def test_calibrate_refuses_a_target_far_at_its_ends_before_embedding(tmp_path: P
 def test_python_m_app_cli_is_the_command(tmp_path: Path) -> None:
     """`python -m app.cli` runs the command where the installed `facegate` script is not the checkout's own."""
     env = {**os.environ, "FACEGATE_DATABASE_URL": f"sqlite:///{tmp_path / 'gallery.db'}"}
-    run = subprocess.run([sys.executable, "-m", "app.cli", "keys", "list"], env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "app.cli", "db", "upgrade"], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("no API keys")
+    assert run.stdout.startswith("database at revision")
 
 
 @pytest.mark.parametrize(
@@ -266,7 +268,7 @@ def test_an_unknown_log_level_is_refused_without_a_traceback(sqlite_env: dict[st
 
 
 def test_a_log_level_is_any_case(sqlite_env: dict[str, str]) -> None:
-    code, err = run(sqlite_env, "--log-level", "error", "keys", "list")
+    code, err = run(sqlite_env, "--log-level", "error", "db", "upgrade")
     assert code == 0, err
 
 

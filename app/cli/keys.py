@@ -88,7 +88,8 @@ def keys_list(
     """List keys: prefix, id, scope, created, last used (to the minute), state, name. Never a key or a hash."""
     from app.auth.store import list_keys
 
-    with _keys_session() as session:
+    # A listing of a SQLite file that is not there (a mistyped URL) created an empty gallery and said "no keys".
+    with _keys_session(existing_gallery=True) as session:
         keys = list_keys(session, include_revoked=include_revoked)
     if as_json:
         typer.echo(

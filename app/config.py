@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +26,14 @@ _DEFAULT_PORTS = {"http": "80", "https": "443"}
 _DATABASE_SCHEMES = frozenset({"sqlite", "sqlite+pysqlite", "postgresql+psycopg"})  # what app/gallery is tested on
 
 
+class SettingsGroup(BaseModel):
+    """A group of settings (its `FACEGATE_<GROUP>__` variables). NaN and infinity are refused like any value out of
+    range: where no bound is set, `nan` or `inf` passed unnoticed (FACEGATE_DETECTOR__SCORE_THRESHOLD=nan: no face
+    ever found), and where one is, it failed with a misleading message ("less than or equal to 4")."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
 class Provider(StrEnum):
     """ONNX Runtime execution providers facegate knows how to configure."""
 
@@ -33,7 +41,7 @@ class Provider(StrEnum):
     CPU = "CPUExecutionProvider"
 
 
-class RuntimeSettings(BaseModel):
+class RuntimeSettings(SettingsGroup):
     providers: list[Provider] = Field(
         default=[Provider.CUDA, Provider.CPU],
         description="Preferred execution providers, in order; those ONNX Runtime cannot use are skipped (and reported).",
@@ -55,7 +63,7 @@ class RuntimeSettings(BaseModel):
     )
 
 
-class DetectorSettings(BaseModel):
+class DetectorSettings(SettingsGroup):
     upsample: int | Literal["auto"] = Field(
         default="auto",
         description=(
@@ -89,7 +97,7 @@ class DetectorSettings(BaseModel):
         return self
 
 
-class ImageSettings(BaseModel):
+class ImageSettings(SettingsGroup):
     max_pixels: int = Field(default=40_000_000, ge=1, description="Photos with more pixels are refused (decompression-bomb guard).")
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="Largest accepted request body, in bytes (the photos with their multipart framing).")
     max_request_pixels: int = Field(
@@ -170,7 +178,7 @@ def heif_problem() -> str | None:
     return None
 
 
-class QualitySettings(BaseModel):
+class QualitySettings(SettingsGroup):
     """Limits of the face-quality gate at enrolment (app/vision/quality.py measures; `assess` compares).
 
     Enrolment refuses a face outside any limit (422 low_quality, unless `allow_low_quality=true`); verify and
@@ -230,7 +238,7 @@ class QualitySettings(BaseModel):
         return self
 
 
-class ClusterSettings(BaseModel):
+class ClusterSettings(SettingsGroup):
     threshold: float = Field(
         default=0.25,
         gt=0.0,
@@ -249,7 +257,7 @@ class ClusterSettings(BaseModel):
     )
 
 
-class BatchingSettings(BaseModel):
+class BatchingSettings(SettingsGroup):
     """Micro-batching of ONNX Runtime work across concurrent requests (app/vision/batcher.py)."""
 
     enabled: bool = Field(
@@ -291,7 +299,7 @@ class BatchingSettings(BaseModel):
     )
 
 
-class BatchRequestSettings(BaseModel):
+class BatchRequestSettings(SettingsGroup):
     """Limits of the many-photo endpoints POST /embed and POST /identify/batch."""
 
     max_images: int = Field(
@@ -311,7 +319,7 @@ class IndexBackend(StrEnum):
     PGVECTOR = "pgvector"
 
 
-class IndexSettings(BaseModel):
+class IndexSettings(SettingsGroup):
     """The gallery's search index (app/gallery/index.py, ann.py, pgvector.py)."""
 
     backend: IndexBackend = Field(
@@ -389,7 +397,7 @@ class IndexSettings(BaseModel):
         return self
 
 
-class AuthSettings(BaseModel):
+class AuthSettings(SettingsGroup):
     """API keys (app/auth/): header `X-API-Key: <key>` or `Authorization: Bearer <key>`."""
 
     required: bool = Field(
@@ -429,7 +437,7 @@ class AuthSettings(BaseModel):
         return value
 
 
-class CorsSettings(BaseModel):
+class CorsSettings(SettingsGroup):
     """Browser calls from pages of other origins (a face-login page on its own site): CORS headers, Starlette's
     CORSMiddleware. Keys travel in headers, never cookies, so credentials are not allowed."""
 
@@ -461,7 +469,7 @@ class CorsSettings(BaseModel):
         return value
 
 
-class EmbeddingSettings(BaseModel):
+class EmbeddingSettings(SettingsGroup):
     """How a face's embedding is computed from its aligned chip."""
 
     flip: bool = Field(
@@ -476,7 +484,7 @@ class EmbeddingSettings(BaseModel):
     )
 
 
-class HeadSettings(BaseModel):
+class HeadSettings(SettingsGroup):
     """An embedding head trained by `facegate train` (app/training), applied after the embedder (app/vision/head.py)."""
 
     name: str | None = Field(
@@ -498,7 +506,7 @@ class LogFormat(StrEnum):
     json = "json"
 
 
-class LogSettings(BaseModel):
+class LogSettings(SettingsGroup):
     """Logging of `facegate serve` (app/logs.py): one access line per request, plus the service's own messages."""
 
     format: LogFormat = Field(
@@ -520,7 +528,11 @@ class Settings(BaseSettings):
     # hide_input_in_errors: a refused value (a bootstrap key with a stray character, a database URL with its
     # password) must not be echoed by the ValidationError that `uvicorn --factory app.main:create_app` logs.
     model_config = SettingsConfigDict(
-        env_prefix="FACEGATE_", env_nested_delimiter="__", extra="ignore", hide_input_in_errors=True
+        env_prefix="FACEGATE_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        hide_input_in_errors=True,
+        allow_inf_nan=False,
     )
 
     models_dir: Path = Field(default=DEFAULT_MODELS_DIR, description="Folder with the built models (`make models`) and manifest.json.")
@@ -603,7 +615,7 @@ class Settings(BaseSettings):
         ),
     )
     store_images: bool = Field(default=False, description="Keep the enrolled photos in the database (off: only embeddings are stored).")
-    host: str = Field(default="127.0.0.1", description="Address `facegate serve` listens on (127.0.0.1: this machine only).")
+    host: str = Field(default="127.0.0.1", min_length=1, description="Address `facegate serve` listens on (127.0.0.1: this machine only).")
     port: int = Field(default=8000, ge=1, le=65535, description="Port `facegate serve` listens on.")
     shutdown_timeout: int = Field(
         default=8,
@@ -649,6 +661,16 @@ class Settings(BaseSettings):
         if problem is not None:
             raise ValueError(problem)
         return value
+
+    @model_validator(mode="after")
+    def _check_pgvector_database(self) -> Settings:
+        # PgvectorIndex refused it only when the gallery was opened: a traceback in every command and worker.
+        if self.index.backend is IndexBackend.PGVECTOR and not self.database_url.startswith("postgresql"):
+            raise ValueError(
+                "FACEGATE_INDEX__BACKEND=pgvector needs a PostgreSQL gallery (FACEGATE_DATABASE_URL="
+                "postgresql+psycopg://...); on SQLite choose FACEGATE_INDEX__BACKEND=exact or approximate"
+            )
+        return self
 
 
 def database_url_problem(url: str) -> str | None:

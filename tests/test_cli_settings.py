@@ -41,6 +41,13 @@ def sqlite_env(tmp_path: Path) -> dict[str, str]:
         ({"FACEGATE_DATABASE_URL": "gallery.db"}, "FACEGATE_DATABASE_URL: not a database URL"),
         ({"FACEGATE_DATABASE_URL": "mysql://u@host/db"}, "FACEGATE_DATABASE_URL: mysql:// is not supported"),
         ({"FACEGATE_DATABASE_URL": "postgresql://u:pw@host/db"}, "postgresql:// is not supported: facegate uses"),
+        # NaN and infinity: where no bound is set they passed (no face ever found, or hundreds of false ones)
+        ({"FACEGATE_DETECTOR__SCORE_THRESHOLD": "nan"}, "FACEGATE_DETECTOR__SCORE_THRESHOLD: Input should be a finite"),
+        ({"FACEGATE_DETECTOR__SCORE_THRESHOLD": "-inf"}, "FACEGATE_DETECTOR__SCORE_THRESHOLD: Input should be a finite"),
+        ({"FACEGATE_QUALITY__MIN_SCORE": "nan"}, "FACEGATE_QUALITY__MIN_SCORE: Input should be a finite number"),
+        ({"FACEGATE_THRESHOLD": "nan"}, "FACEGATE_THRESHOLD: Input should be a finite number"),
+        ({"FACEGATE_HOST": ""}, "FACEGATE_HOST: String should have at least 1 character"),  # uvicorn: every interface
+        ({"FACEGATE_INDEX__BACKEND": "pgvector"}, "FACEGATE_INDEX__BACKEND=pgvector needs a PostgreSQL gallery"),
     ],
 )
 def test_a_refused_setting_is_named_without_a_traceback(
@@ -182,6 +189,25 @@ def test_serve_checks_the_models_and_database_before_starting_workers(tmp_path: 
     missing_folder = {**env, "FACEGATE_DATABASE_URL": f"sqlite:///{tmp_path / 'no-folder' / 'gallery.db'}"}
     code, err = run(missing_folder, "serve", "--port", port)
     assert code == 2 and "cannot use the database (FACEGATE_DATABASE_URL): unable to open database file" in err
+
+
+@pytest.mark.parametrize("preload", ["true", "false"])
+def test_serve_refuses_require_gpu_without_a_usable_cuda_provider(tmp_path: Path, preload: str) -> None:
+    """Every worker's start-up failed with a traceback and uvicorn exited 3; with the models loaded on first use the
+    server started, /readyz said ready and every photo was answered 503 model_unavailable."""
+    env = {
+        "FACEGATE_AUTH__REQUIRED": "true",
+        "FACEGATE_DATABASE_URL": f"sqlite:///{tmp_path / 'gallery.db'}",
+        "FACEGATE_REQUIRE_GPU": "true",
+        "FACEGATE_RUNTIME__PROVIDERS": '["CPUExecutionProvider"]',  # no CUDA whatever the machine
+        "FACEGATE_PRELOAD_MODELS": preload,
+    }
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    code, err = run(env, "serve", "--port", port)
+    assert code == 2 and err.startswith("error: FACEGATE_REQUIRE_GPU is set but the CUDA provider cannot be used"), err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_serve_refuses_a_port_in_use_before_anything_loads(tmp_path: Path) -> None:

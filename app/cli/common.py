@@ -24,6 +24,7 @@ from typer.core import TyperGroup
 from app.config import Settings, describe_settings_error, unknown_variables
 from app.errors import DatabaseUnavailable, FacegateError, InsufficientStorage
 from app.gallery.db import driver_message, in_memory_sqlite, missing_sqlite_file
+from app.gallery.pgvector import PgvectorUnavailable
 from app.matching.thresholds import MAX_THRESHOLD, validate_rate, validate_threshold
 from app.service import FacePolicy, FaceService
 from app.vision.pipeline import Pipeline
@@ -41,6 +42,8 @@ class _Commands(TyperGroup):
             fail(f"cannot use the database (FACEGATE_DATABASE_URL): {driver_message(error)}")
         except alembic.util.CommandError as error:  # e.g. a revision this version does not have
             fail(f"cannot migrate the database (FACEGATE_DATABASE_URL): {error} (migrated by a newer facegate?)")
+        except PgvectorUnavailable as error:  # the server lacks the extension: a traceback otherwise
+            fail(str(error))
 
 
 cli = typer.Typer(

@@ -261,14 +261,36 @@ def _preflight(settings: Settings) -> None:
     """What would fail every worker's start-up, checked once before uvicorn starts: each worker would otherwise
     print its own traceback and uvicorn exit 3. The models' manifests (the networks load in the workers) and a
     connection to the database (a SQLite file is created, as the first worker would)."""
+    from sqlalchemy import text
+
+    from app.config import IndexBackend, Provider
     from app.gallery import db
+    from app.vision.runtime import requested_providers
 
     with failing_on_errors():
         Pipeline.from_settings(settings)
+    if settings.require_gpu and requested_providers(settings.runtime)[0][0] != Provider.CUDA.value:
+        # The sessions would fall back to CPU: every worker's start-up failed (or, with FACEGATE_PRELOAD_MODELS off,
+        # the server started and answered every photo 503).
+        fail(
+            "FACEGATE_REQUIRE_GPU is set but the CUDA provider cannot be used here (no NVIDIA GPU device visible, "
+            "this ONNX Runtime build has none, or FACEGATE_RUNTIME__PROVIDERS leaves it out)"
+        )
+    if settings.index.backend is IndexBackend.APPROXIMATE:
+        try:
+            import app.gallery.ann  # noqa: F401  (faiss, the `ann` extra)
+        except ImportError as error:
+            fail(str(error))
     engine = db.make_engine(settings.database_url)
     try:
-        with engine.connect():
-            pass  # a SQLAlchemyError ends the command in one line (app/cli/common.py)
+        with engine.connect() as connection:  # a SQLAlchemyError ends the command in one line (app/cli/common.py)
+            if settings.index.backend is IndexBackend.PGVECTOR and connection.execute(
+                text("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")
+            ).first() is None:
+                fail(
+                    "the PostgreSQL server has no pgvector extension (FACEGATE_INDEX__BACKEND=pgvector): install it "
+                    "on the server, or choose FACEGATE_INDEX__BACKEND=exact or approximate"
+                )
     finally:
         engine.dispose()
 

@@ -761,10 +761,15 @@ OTHER_VARIABLES = frozenset(
         "FACEGATE_API_IMAGE",  # not FACEGATE_IMAGE: that would be read as the `image` settings group
         "FACEGATE_POSTGRES_IMAGE",
         "FACEGATE_PUBLISH_PORT",
-        "FACEGATE_BOOTSTRAP_KEY",  # compose passes it on as FACEGATE_AUTH__BOOTSTRAP_KEY
-        "FACEGATE_LOG_FORMAT",  # compose passes it on as FACEGATE_LOG__FORMAT
     }
 )
+# docker compose's variables that it passes on to the container as a setting: facegate itself reads the setting,
+# so one of these set where facegate runs, without its setting, is reported (the README's compose line
+# `FACEGATE_BOOTSTRAP_KEY=... docker-compose up` copied onto `facegate serve` started it without the key).
+COMPOSE_VARIABLES = {
+    "FACEGATE_BOOTSTRAP_KEY": "FACEGATE_AUTH__BOOTSTRAP_KEY",
+    "FACEGATE_LOG_FORMAT": "FACEGATE_LOG__FORMAT",
+}
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
@@ -776,10 +781,14 @@ def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]
     settings = [name for name, _, _ in settings_reference()]
     groups = [f"FACEGATE_{name.upper()}" for name, field in Settings.model_fields.items() if _group(field.annotation)]
     known = {*settings, *groups, *OTHER_VARIABLES}
-    unknown = []
+    unknown: list[tuple[str, str | None]] = []
+    given = {name.upper() for name in environ}
     for name in sorted(environ):
         upper = name.upper()
-        if upper.startswith("FACEGATE_") and upper not in known:
+        if upper in COMPOSE_VARIABLES:
+            if COMPOSE_VARIABLES[upper] not in given:
+                unknown.append((name, COMPOSE_VARIABLES[upper]))
+        elif upper.startswith("FACEGATE_") and upper not in known:
             # compared without the prefix, which every name shares (FACEGATE_FOO is not "close to" FACEGATE_PORT)
             close = difflib.get_close_matches(upper[9:], [setting[9:] for setting in settings], n=1, cutoff=0.75)
             unknown.append((name, f"FACEGATE_{close[0]}" if close else None))

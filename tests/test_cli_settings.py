@@ -286,6 +286,21 @@ def test_every_facegate_variable_of_the_deployment_files_is_known() -> None:
     assert unknown_variables(dict.fromkeys(named, "x")) == []
 
 
+def test_a_compose_variable_without_its_setting_is_reported(sqlite_env: dict[str, str]) -> None:
+    """FACEGATE_BOOTSTRAP_KEY is docker compose's: the README's compose line copied onto a facegate command started
+    it without the key, silently."""
+    code, err = run({**sqlite_env, "FACEGATE_BOOTSTRAP_KEY": "x", "FACEGATE_LOG_FORMAT": "json"}, "db", "upgrade")
+    assert code == 0, err
+    assert err.splitlines() == [
+        "warning: FACEGATE_BOOTSTRAP_KEY is read by docker-compose.yml, which passes it on as "
+        "FACEGATE_AUTH__BOOTSTRAP_KEY: facegate itself reads FACEGATE_AUTH__BOOTSTRAP_KEY",
+        "warning: FACEGATE_LOG_FORMAT is read by docker-compose.yml, which passes it on as FACEGATE_LOG__FORMAT: "
+        "facegate itself reads FACEGATE_LOG__FORMAT",
+    ]
+    code, err = run({**sqlite_env, "FACEGATE_LOG_FORMAT": "json", "FACEGATE_LOG__FORMAT": "json"}, "db", "upgrade")
+    assert code == 0 and err == "", err
+
+
 @pytest.mark.parametrize("command", [["--log-level", "verbose", "keys", "list"], ["serve", "--log-level", "verbose"]])
 def test_an_unknown_log_level_is_refused_without_a_traceback(sqlite_env: dict[str, str], command: list[str]) -> None:
     """logging.basicConfig and uvicorn's logging.config raised ValueError on another word: a traceback."""

@@ -21,7 +21,7 @@ from pydantic_settings import SettingsError
 from sqlalchemy.exc import SQLAlchemyError
 from typer.core import TyperGroup
 
-from app.config import Settings, describe_settings_error, unknown_variables
+from app.config import COMPOSE_VARIABLES, Settings, describe_settings_error, unknown_variables
 from app.errors import DatabaseUnavailable, FacegateError, InsufficientStorage
 from app.gallery.db import driver_message, in_memory_sqlite, missing_sqlite_file
 from app.gallery.pgvector import PgvectorUnavailable
@@ -186,8 +186,11 @@ def load_settings() -> Settings:
     """Settings from the environment, read when a command runs (not cached: one command per process anyway). A value
     that is refused ends the command with exit status 2 and the variable's name, not a traceback."""
     for name, close in unknown_variables(os.environ):
-        hint = f" (did you mean {close}?)" if close else ""
-        typer.secho(f"warning: {name} is not a facegate setting and is ignored{hint}", fg=typer.colors.YELLOW, err=True)
+        if name.upper() in COMPOSE_VARIABLES:
+            said = f"{name} is read by docker-compose.yml, which passes it on as {close}: facegate itself reads {close}"
+        else:
+            said = f"{name} is not a facegate setting and is ignored" + (f" (did you mean {close}?)" if close else "")
+        typer.secho(f"warning: {said}", fg=typer.colors.YELLOW, err=True)
     try:
         settings = Settings()
     except (ValidationError, SettingsError) as error:

@@ -44,6 +44,7 @@ class Provider(StrEnum):
 class RuntimeSettings(SettingsGroup):
     providers: list[Provider] = Field(
         default=[Provider.CUDA, Provider.CPU],
+        min_length=1,  # [] silently meant the CPU
         description="Preferred execution providers, in order; those ONNX Runtime cannot use are skipped (and reported).",
     )
     intra_op_threads: int = Field(
@@ -489,6 +490,7 @@ class HeadSettings(SettingsGroup):
 
     name: str | None = Field(
         default=None,
+        min_length=1,  # an empty FACEGATE_HEAD__NAME= silently served no head
         description=(
             "Registered head to serve (a folder under the heads folder with head.onnx and head.json, as `facegate "
             "train` writes it); unset = the base embeddings (the default). Changing it changes the model version: "

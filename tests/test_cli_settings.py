@@ -47,6 +47,8 @@ def sqlite_env(tmp_path: Path) -> dict[str, str]:
         ({"FACEGATE_QUALITY__MIN_SCORE": "nan"}, "FACEGATE_QUALITY__MIN_SCORE: Input should be a finite number"),
         ({"FACEGATE_THRESHOLD": "nan"}, "FACEGATE_THRESHOLD: Input should be a finite number"),
         ({"FACEGATE_HOST": ""}, "FACEGATE_HOST: String should have at least 1 character"),  # uvicorn: every interface
+        ({"FACEGATE_HEAD__NAME": ""}, "FACEGATE_HEAD__NAME: String should have at least 1 character"),
+        ({"FACEGATE_RUNTIME__PROVIDERS": "[]"}, "FACEGATE_RUNTIME__PROVIDERS: List should have at least 1 item"),
         ({"FACEGATE_INDEX__BACKEND": "pgvector"}, "FACEGATE_INDEX__BACKEND=pgvector needs a PostgreSQL gallery"),
     ],
 )

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, get_args
 
 import alembic.util
 import typer
@@ -21,7 +21,7 @@ from pydantic_settings import SettingsError
 from sqlalchemy.exc import SQLAlchemyError
 from typer.core import TyperGroup
 
-from app.config import COMPOSE_VARIABLES, Settings, describe_settings_error, unknown_variables
+from app.config import COMPOSE_VARIABLES, LogSettings, Settings, describe_settings_error, unknown_variables
 from app.errors import DatabaseUnavailable, FacegateError, InsufficientStorage
 from app.gallery.db import driver_message, in_memory_sqlite, missing_sqlite_file
 from app.gallery.pgvector import PgvectorUnavailable
@@ -160,7 +160,7 @@ class PhotoSelection(StrEnum):
     all = "all"
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVELS: tuple[str, ...] = get_args(LogSettings.model_fields["level"].annotation)  # as FACEGATE_LOG__LEVEL takes
 
 
 def log_level_name(value: str | None) -> str | None:

@@ -22,7 +22,7 @@ def test_cuda_is_asked_for_only_where_an_nvidia_device_is() -> None:
 
 
 def test_cpu_is_always_kept_as_the_last_resort() -> None:
-    assert requested_providers(RuntimeSettings(providers=[]))[-1][0] == Provider.CPU.value
+    assert requested_providers(RuntimeSettings(providers=[Provider.CUDA]))[-1][0] == Provider.CPU.value
 
 
 def test_the_session_reports_the_provider_it_runs_on(models_dir: Path) -> None:

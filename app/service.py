@@ -974,6 +974,8 @@ class FaceService:
         loaded = self.pipeline.loaded
         if not loaded and self.settings.preload_models:
             problems.append("models not loaded")
+        elif not loaded and self.pipeline.load_failed:  # opened on first use, which failed: see the log
+            problems.append("models failed to load")
         stats = self.gallery.stats()
         return Readiness(
             ready=not problems,

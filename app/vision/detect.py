@@ -153,6 +153,11 @@ class FaceDetector:
         warm_up()
 
     @property
+    def load_failed(self) -> bool:
+        """Whether the last attempt to open the model failed (it is tried again on the next use)."""
+        return self._session.failed
+
+    @property
     def provider(self) -> str | None:
         """The ONNX Runtime provider in use (None until loaded)."""
         return self._session.provider

@@ -41,6 +41,11 @@ class FaceEmbedder:
             )
 
     @property
+    def load_failed(self) -> bool:
+        """Whether the last attempt to open the model failed (it is tried again on the next use)."""
+        return self._session.failed
+
+    @property
     def provider(self) -> str | None:
         """The ONNX Runtime provider in use, or None before the model is loaded."""
         return self._session.provider

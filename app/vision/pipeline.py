@@ -295,6 +295,11 @@ class Pipeline:
     def loaded(self) -> bool:
         return bool(self.detector.provider and self.embedder.provider)
 
+    @property
+    def load_failed(self) -> bool:
+        """Whether opening a network failed the last time it was tried (models opened on first use)."""
+        return self.detector.load_failed or self.embedder.load_failed
+
     def providers(self) -> dict[str, str | None]:
         """The ONNX Runtime provider each network actually runs on (None until loaded)."""
         return {"detector": self.detector.provider, "embedder": self.embedder.provider}

@@ -120,6 +120,9 @@ class LazySession:
         self._require_gpu = require_gpu
         self._session: ort.InferenceSession | None = None
         self._lock = threading.Lock()
+        # Whether the last attempt to open it failed: with the models opened on first use, /readyz said ready while
+        # every photo was answered 503 model_unavailable.
+        self.failed = False
 
     @property
     def loaded(self) -> bool:
@@ -130,7 +133,12 @@ class LazySession:
         if session is None:
             with self._lock:
                 if self._session is None:
-                    self._session = open_session(self.path, self._settings, require_gpu=self._require_gpu)
+                    try:
+                        self._session = open_session(self.path, self._settings, require_gpu=self._require_gpu)
+                    except BaseException:
+                        self.failed = True
+                        raise
+                    self.failed = False
                 session = self._session
         return session
 

@@ -3,6 +3,7 @@ for where a GPU can be, and FACEGATE_REQUIRE_GPU refuses to start without it."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from app.config import Provider, RuntimeSettings, Settings
 from app.errors import ModelUnavailable
 from app.service import FaceService
-from app.vision.runtime import nvidia_device_present, open_session, requested_providers
+from app.vision.runtime import LazySession, nvidia_device_present, open_session, requested_providers
 
 
 def test_cuda_is_asked_for_only_where_an_nvidia_device_is() -> None:
@@ -40,3 +41,15 @@ def test_the_service_does_not_start_without_a_gpu_when_one_is_required(settings:
     required = settings.model_copy(update={"require_gpu": True, "runtime": RuntimeSettings()})
     with pytest.raises(ModelUnavailable, match="No NVIDIA GPU device is visible"):
         FaceService.open(required, load_models=True)
+
+
+def test_a_session_that_failed_to_open_says_so_until_it_opens(models_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "embedder.onnx"
+    session = LazySession(path, RuntimeSettings(providers=[Provider.CPU]))
+    assert not session.failed
+    with pytest.raises(ModelUnavailable, match="is missing"):
+        session.load()
+    assert session.failed and not session.loaded
+    shutil.copyfile(models_dir / "embedder.onnx", path)  # e.g. `make models` finished meanwhile
+    session.load()
+    assert session.loaded and not session.failed

@@ -781,13 +781,19 @@ def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]
     the default in force without a word. Names are compared in capitals, as the settings read them.
     """
     settings = [name for name, _, _ in settings_reference()]
-    groups = [f"FACEGATE_{name.upper()}" for name, field in Settings.model_fields.items() if _group(field.annotation)]
+    groups = {
+        f"FACEGATE_{name.upper()}": model
+        for name, field in Settings.model_fields.items()
+        if (model := _group(field.annotation)) is not None
+    }
     known = {*settings, *groups, *OTHER_VARIABLES}
     unknown: list[tuple[str, str | None]] = []
     given = {name.upper() for name in environ}
     for name in sorted(environ):
         upper = name.upper()
-        if upper in COMPOSE_VARIABLES:
+        if upper in groups:  # a whole group as JSON (FACEGATE_DETECTOR='{"upsample": 1}'): its keys, as its variables
+            unknown += _unknown_keys(name, environ[name], groups[upper])
+        elif upper in COMPOSE_VARIABLES:
             if COMPOSE_VARIABLES[upper] not in given:
                 unknown.append((name, COMPOSE_VARIABLES[upper]))
         elif upper.startswith("FACEGATE_") and upper not in known:
@@ -795,6 +801,25 @@ def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]
             close = difflib.get_close_matches(upper[9:], [setting[9:] for setting in settings], n=1, cutoff=0.75)
             unknown.append((name, f"FACEGATE_{close[0]}" if close else None))
     return unknown
+
+
+def _unknown_keys(name: str, value: str, group: type[BaseModel]) -> list[tuple[str, str | None]]:
+    """The keys of a group's JSON value that name none of its settings (read in any case, as pydantic-settings reads
+    them), each as `NAME key 'KEY'` with the key it most resembles. A value that is not a JSON object is left to the
+    settings' own refusal."""
+    try:
+        keys = json.loads(value)
+    except ValueError:
+        return []
+    if not isinstance(keys, dict):
+        return []
+    fields = list(group.model_fields)
+    found: list[tuple[str, str | None]] = []
+    for key in keys:
+        if key.lower() not in fields:
+            close = difflib.get_close_matches(key.lower(), fields, n=1, cutoff=0.75)
+            found.append((f"{name} key {key!r}", repr(close[0]) if close else None))
+    return found
 
 
 @lru_cache

@@ -288,6 +288,17 @@ def test_every_facegate_variable_of_the_deployment_files_is_known() -> None:
     assert unknown_variables(dict.fromkeys(named, "x")) == []
 
 
+def test_a_typo_inside_a_groups_json_is_reported(sqlite_env: dict[str, str]) -> None:
+    """A whole group as JSON: its keys are read in any case, and one that names no setting was ignored silently."""
+    env = {**sqlite_env, "FACEGATE_DETECTOR": '{"upsampel": 1, "SCORE_THRESHOLD": 0.1, "x": 2}'}
+    code, err = run(env, "db", "upgrade")
+    assert code == 0, err
+    assert err.splitlines() == [
+        "warning: FACEGATE_DETECTOR key 'upsampel' is not a facegate setting and is ignored (did you mean 'upsample'?)",
+        "warning: FACEGATE_DETECTOR key 'x' is not a facegate setting and is ignored",
+    ]
+
+
 def test_a_compose_variable_without_its_setting_is_reported(sqlite_env: dict[str, str]) -> None:
     """FACEGATE_BOOTSTRAP_KEY is docker compose's: the README's compose line copied onto a facegate command started
     it without the key, silently."""

@@ -52,6 +52,7 @@ def test_a_version_that_does_not_name_the_graph_is_refused(tmp_path: Path) -> No
         _load(tmp_path)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter, as app/training/export.py uses it
 @pytest.mark.parametrize("module", [torch.nn.Linear(128, 64), torch.nn.Identity()])
 def test_a_graph_that_gives_no_unit_128d_vectors_is_refused_at_load(tmp_path: Path, module: torch.nn.Module) -> None:
     folder = _head(tmp_path)

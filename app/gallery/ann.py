@@ -276,6 +276,7 @@ class ApproximateIndex(GalleryIndex):
         if len(rows) == 0:
             return None
         distances = ((snap.vectors[rows] - query) ** 2).sum(axis=1, dtype=np.float32)
-        if np.unique(snap.codes[rows]).size < min(top_k, snap.alive):
+        # Identities, not faces: with fewer identities than top_k, or many faces each, every search was exact.
+        if np.unique(snap.codes[rows]).size < min(top_k, snap.identities):
             return None
         return rank_faces(distances, snap.codes[rows], snap.identity_ids.__getitem__, row_faces(snap, rows), top_k)

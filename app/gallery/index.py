@@ -93,7 +93,8 @@ class _Snapshot:
     identity_ids: list[str]  # code -> identity id
     code_of: dict[str, int]  # identity id -> code
     n: int
-    alive: int
+    alive: int  # searchable faces
+    identities: int  # identities with a searchable face
     max_norm: float  # at least every searchable face's squared norm (the short-list's error bound)
     extra: Any = None  # a backend's own structure as it was at the snapshot (see `_snapshot_extra`)
 
@@ -210,6 +211,7 @@ class GalleryIndex:
                 self._code_of,
                 n,
                 len(self._rows),
+                len(self._alive_per_code),
                 self._max_norm,
                 self._snapshot_extra(),
             )

@@ -363,7 +363,8 @@ class PgvectorIndex(GalleryIndex):
                 rows = connection.execute(
                     NEAREST_FACES, {"model": self.model_version, "query": _vector_text(query), "k": k}
                 ).all()
-                ranked = _rank(rows, query, top_k, min(top_k, len(snap.code_of)))
+                # Identities with a searchable face (`code_of` keeps deleted ones: every search was exact then).
+                ranked = _rank(rows, query, top_k, min(top_k, snap.identities))
                 results.append(ranked if ranked is not None else super()._search(snap, query[None, :], top_k)[0])
         return results
 

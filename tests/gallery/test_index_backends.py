@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -186,6 +187,31 @@ def test_adds_and_removes_keep_the_backends_in_step(
     probe_rest, _ = synthetic.probes(gallery, enrolled=100, strangers=0, seed=9)
     agree = np.mean([a == b for a, b in zip(_top1(exact.search(probe_rest, top_k=1)), _top1(approximate.search(probe_rest, top_k=1)))])
     assert agree >= 0.98
+
+
+def test_fewer_identities_than_top_k_still_use_the_ivf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The IVF's candidates must hold top_k identities, or as many as the gallery has: counted in faces, a gallery of
+    fewer people than top_k (many faces each) was searched exactly every time."""
+    rng = np.random.default_rng(4)
+    vectors = synthetic.faces_of(rng, np.repeat(synthetic.identity_centres(rng, 3), 400, axis=0))
+    people = _ids(3)
+    face_ids, owners = _ids(1200), [people[i // 400] for i in range(1200)]
+    exact, approximate = GalleryIndex(MODEL), ApproximateIndex(MODEL, min_size=100, nlist=4, nprobe=4, candidates=1000)
+    for index in (exact, approximate):
+        index.apply(_adds(face_ids, owners, vectors))
+    expected = exact.search(vectors[:5], top_k=5)
+    exact_searches: list[int] = []
+    plain = GalleryIndex._search
+
+    def counted(self: GalleryIndex, snap: Any, q: npt.NDArray[np.float32], top_k: int) -> list[list[IdentityCandidate]]:
+        exact_searches.append(len(q))
+        return plain(self, snap, q, top_k)
+
+    monkeypatch.setattr(GalleryIndex, "_search", counted)
+    found = approximate.search(vectors[:5], top_k=5)
+    assert exact_searches == []  # every query answered from the IVF's candidates
+    assert [[(c.identity_id, c.face_id) for c in r] for r in found] == [[(c.identity_id, c.face_id) for c in r] for r in expected]
+    assert all(len(r) == 3 for r in found)
 
 
 def test_small_galleries_are_searched_exactly_until_min_size() -> None:

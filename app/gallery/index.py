@@ -322,14 +322,18 @@ class GalleryIndex:
         with self._sync_lock:
             batch = self.fetch(session)
             if batch is None:
-                self.load(session)
+                self._reload(session)
                 return SyncReport(0, True)
             if not batch.changes:
                 return SyncReport(0, False)
             if not self.replay(batch):
-                self.load(session)
+                self._reload(session)
                 return SyncReport(0, True)
             return SyncReport(len(batch.changes), False)
+
+    def _reload(self, session: Session) -> None:
+        """`sync`'s full load (a gap in the log); a backend may leave catching up its own structure to later."""
+        self.load(session)
 
     def fetch(self, session: Session) -> ChangeBatch | None:
         """Read the changes after the replay position (the first half of `sync`). None: replaying cannot bring

@@ -175,6 +175,12 @@ class PgvectorIndex(GalleryIndex):
         self.mirror()
         return stats
 
+    def _reload(self, session: Session) -> None:
+        # A gap found by a search or a probe (another process's bulk load or relabelling, a pruned log): the memory is
+        # reloaded, but face_vectors, which then needs every face copied, is left to the next search's
+        # `mirror(wait=False)` (a thread): waiting for it here held this worker's every search for the whole copy.
+        GalleryIndex.load(self, session)
+
     def mirror(self, *, wait: bool = True) -> int | None:
         """Bring `face_vectors` up to the change log's head; returns the changes applied (-1: copied in full).
 

@@ -270,6 +270,39 @@ def test_a_search_leaves_a_full_copy_to_a_thread(pgvector_url: str, monkeypatch:
 
 
 @pytest.mark.pgvector
+def test_a_search_that_finds_a_gap_leaves_the_full_copy_to_a_thread(pgvector_url: str) -> None:
+    """The head moved with no log entry (a bulk load, `db copy`, a relabelling at another process's start): the
+    in-memory index reloads, and the full copy that face_vectors then needs runs on a thread, as above; the search
+    (and this worker's others, behind its sync lock) used to wait for the copy inside the reload."""
+    seeded = synthetic.gallery(300, faces_per_identity=1, seed=73)
+    writer = Gallery.open(pgvector_url, MODEL)
+    reader = Gallery.open(pgvector_url, MODEL, index=PGVECTOR)
+    try:
+        assert isinstance(reader.index, PgvectorIndex)
+        writer.bulk_enrol(names=[f"p{i}" for i in range(300)], embeddings=seeded.embeddings)
+        queries, _ = synthetic.probes(seeded, enrolled=5, strangers=0, seed=74)
+        reader.search(queries, top_k=1)
+        assert reader.index.wait_until_mirrored(60)
+        with writer.engine.begin() as connection:
+            connection.execute(text("UPDATE gallery_state SET last_change_id = last_change_id + 1"))
+        with psycopg.connect(pgvector_url.replace("+psycopg", "")) as other, ThreadPoolExecutor(1) as pool:
+            other.execute("LOCK TABLE face_vectors IN ACCESS SHARE MODE")  # held until the rollback
+            answer = pool.submit(reader.search, queries, top_k=1)
+            try:
+                got = answer.result(timeout=10)
+                assert not reader.index.wait_until_mirrored(0.5)  # the copy waits for the lock
+            finally:
+                other.rollback()
+        assert [c[0].face_id for c in got] == [c[0].face_id for c in writer.search(queries, top_k=1)]
+        assert reader.index.wait_until_mirrored(60) and reader.index.mirror() == 0
+    finally:
+        if isinstance(reader.index, PgvectorIndex):
+            reader.index.wait_until_mirrored(60)
+        reader.close()
+        writer.close()
+
+
+@pytest.mark.pgvector
 def test_a_deletion_does_not_wait_for_another_workers_full_copy(
     pgvector_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

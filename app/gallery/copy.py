@@ -22,6 +22,7 @@ full (`GalleryIndex.sync`, and pgvector's mirror copies every face again).
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -87,6 +88,11 @@ class CopyReport:
     api_keys: int
     settings: int
     seconds: float
+
+
+def _stride() -> int:
+    """A random jump of the change-log position: no running worker can expect the position it lands on."""
+    return secrets.randbelow(2**31)
 
 
 def display_url(url: str) -> str:
@@ -230,11 +236,13 @@ def _copy(source: Engine, target: Engine, *, batch_rows: int, progress: Progress
                         counts[table.name] += len(rows)
                         progress(table.name, counts[table.name])
             # No log entries for the new rows: the head moves past them, so that every worker of the target sees
-            # a gap and loads in full (module docstring).
+            # a gap and loads in full (module docstring). By a random stride too: a worker still running from
+            # before a restore (the database dropped, then copied back from a backup) that stood at exactly the
+            # restored position would see no change and keep the lost faces searchable.
             writing.execute(
                 update(GalleryState)
                 .where(GalleryState.id == GALLERY_STATE_ID)
-                .values(last_change_id=GalleryState.last_change_id + counts[_FACES.name] + 1)
+                .values(last_change_id=GalleryState.last_change_id + counts[_FACES.name] + 1 + _stride())
             )
             if writing.dialect.name == "postgresql":
                 # Fresh statistics, as after the synthetic bulk load: the planner would otherwise take the tables

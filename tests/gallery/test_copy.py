@@ -214,6 +214,37 @@ def test_round_trip_copies_every_row(
         assert keys.key_count(session) == 3
 
 
+@pytest.mark.postgres
+def test_a_worker_running_through_a_restore_drops_the_faces_the_backup_lacks(
+    new_database: NewDatabase, postgres_server: str
+) -> None:
+    """The database is dropped and copied back from a backup while a worker keeps running. The restored position
+    (the backup's faces + 1) could equal the worker's own, which then saw no change: a face enrolled after the
+    backup stayed searchable, its person named at distance 0."""
+    url, backup = new_database("postgres"), new_database("sqlite")
+    rng = np.random.default_rng(11)
+    worker = Gallery.open(url, MODEL)
+    try:
+        box = Box(0, 0, 9, 9)
+        alice = worker.enroll_face(embedding=rng.normal(size=128), box=box, score=1.0, name="alice")
+        worker.enroll_face(embedding=rng.normal(size=128), box=box, score=1.0, name="bob")
+        copy_gallery(url, backup)  # 2 faces: restored at position 3
+        lost = rng.normal(size=128)
+        worker.enroll_face(embedding=lost, box=box, score=1.0, identity_id=alice.identity_id)
+        worker.search(lost, top_k=1)  # any request: the worker replays up to the head
+        assert worker.stats().last_change_id == 3  # where the restored log would stand without the stride
+        schema = str(make_url(url).query["options"]).split()[0].removeprefix("-csearch_path=")
+        with psycopg.connect(postgres_server, autocommit=True) as connection:  # lost, then restored
+            connection.execute(f'DROP SCHEMA "{schema}" CASCADE')
+            connection.execute(f'CREATE SCHEMA "{schema}"')
+        copy_gallery(backup, url)
+        nearest = worker.search(lost, top_k=1)[0][0]
+        assert worker.stats().size == 2
+        assert nearest.distance > 1.0  # alice's other face, not the lost one
+    finally:
+        worker.close()
+
+
 @pytest.mark.parametrize(("source_kind", "target_kind"), DIRECTIONS)
 def test_a_target_that_is_not_empty_is_refused_and_left_untouched(
     source_kind: str, target_kind: str, new_database: NewDatabase, engines: Callable[[str], Engine]

@@ -109,6 +109,22 @@ class _Ivf:
         return int(self.index.nlist)
 
 
+def _remove_ids(index: faiss.IndexIVFFlat, ids: npt.NDArray[np.int64]) -> None:
+    """`remove_ids`, then zero what each shortened inverted list left past its end. faiss moves a list's last entry
+    into a removed one's place and only shortens the list, so a removed face that was last in its list (or whose
+    place a later removal took) kept its vector in the IVF's memory until the list grew again or the IVF was rebuilt."""
+    lists = index.invlists
+    assert lists is not None  # an IVF-Flat always has its inverted lists
+    before = [lists.list_size(cell) for cell in range(index.nlist)]
+    # faiss's Python wrapper takes an id array where its stubs say IDSelector
+    index.remove_ids(ids)  # type: ignore[arg-type]
+    code_size = int(lists.code_size)
+    for cell, size in enumerate(before):
+        left = lists.list_size(cell)
+        if left < size:  # shortened in place: the storage up to the old size is still allocated
+            faiss.rev_swig_ptr(lists.get_codes(cell), size * code_size)[left * code_size :] = 0
+
+
 class ApproximateIndex(GalleryIndex):
     """`GalleryIndex` whose searches go through an IVF once the gallery has `min_size` faces."""
 
@@ -187,8 +203,7 @@ class ApproximateIndex(GalleryIndex):
     def _on_removed(self, rows: list[int]) -> None:
         if self._ivf is not None:
             with self._ivf.lock.write():
-                # faiss's Python wrapper takes an id array where its stubs say IDSelector
-                self._ivf.index.remove_ids(np.asarray(rows, dtype=np.int64))  # type: ignore[arg-type]
+                _remove_ids(self._ivf.index, np.asarray(rows, dtype=np.int64))
 
     def _alive_rows(self) -> npt.NDArray[np.int64]:
         rows = np.fromiter(self._rows.values(), dtype=np.int64, count=len(self._rows))
@@ -225,7 +240,7 @@ class ApproximateIndex(GalleryIndex):
             ivf.index.add_with_ids(self._vectors[added], added)
         removed = rows[~np.isfinite(self._norms[rows])]
         if len(removed):
-            ivf.index.remove_ids(removed)  # type: ignore[arg-type]  # an id array, as above
+            _remove_ids(ivf.index, removed)
         self._ivf = ivf
         log.info("IVF ready: %d faces in %d cells", ivf.index.ntotal, ivf.nlist)
 
@@ -279,4 +294,7 @@ class ApproximateIndex(GalleryIndex):
         # Identities, not faces: with fewer identities than top_k, or many faces each, every search was exact.
         if np.unique(snap.codes[rows]).size < min(top_k, snap.identities):
             return None
-        return rank_faces(distances, snap.codes[rows], snap.identity_ids.__getitem__, row_faces(snap, rows), top_k)
+        ranked = rank_faces(distances, snap.codes[rows], snap.identity_ids.__getitem__, row_faces(snap, rows), top_k)
+        if len(ranked) == top_k and float(distances.max()) <= ranked[-1].distance:
+            return None  # the candidates end tied with the last identity kept: faces left out may be as near
+        return ranked

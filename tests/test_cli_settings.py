@@ -193,6 +193,24 @@ def test_serve_checks_the_models_and_database_before_starting_workers(tmp_path: 
     assert code == 2 and "cannot use the database (FACEGATE_DATABASE_URL): unable to open database file" in err
 
 
+def test_serve_refuses_a_schema_migrated_by_a_newer_facegate(tmp_path: Path) -> None:
+    """Each worker's migration failed with alembic's traceback ("Can't locate revision") and uvicorn exited 3."""
+    import sqlite3
+
+    from app.gallery import db
+
+    path = tmp_path / "gallery.db"
+    db.upgrade(f"sqlite:///{path}")
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = '9999'")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    code, err = run({"FACEGATE_AUTH__REQUIRED": "true", "FACEGATE_DATABASE_URL": f"sqlite:///{path}"}, "serve", "--port", port)
+    assert code == 2 and err.startswith("error: the database is at schema revision 9999, which this facegate"), err
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("preload", ["true", "false"])
 def test_serve_refuses_require_gpu_without_a_usable_cuda_provider(tmp_path: Path, preload: str) -> None:
     """Every worker's start-up failed with a traceback and uvicorn exited 3; with the models loaded on first use the

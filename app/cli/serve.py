@@ -291,6 +291,13 @@ def _preflight(settings: Settings) -> None:
                     "the PostgreSQL server has no pgvector extension (FACEGATE_INDEX__BACKEND=pgvector): install it "
                     "on the server, or choose FACEGATE_INDEX__BACKEND=exact or approximate"
                 )
+        # A schema migrated by a newer facegate: every worker's migration would fail with alembic's traceback.
+        revision = db.schema_revision(engine)
+        if revision is not None and not db.known_revision(revision):
+            fail(
+                f"the database is at schema revision {revision}, which this facegate (head {db.head_revision()}) does "
+                "not know: migrated by a newer facegate? Serve it with that one"
+            )
     finally:
         engine.dispose()
 

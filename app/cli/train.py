@@ -320,6 +320,11 @@ def reindex_command(
                     base_version=pipeline.base_model_version,
                     transform=pipeline.head.apply if pipeline.head is not None else None,
                     photo_base=_photo_base(pipeline) if from_photos else None,
+                    # Earlier builds' names of this base (as the service adopts them): the same numbers.
+                    earlier_bases=[
+                        pipeline.base_model_version.replace(pipeline.manifest.model_version, version, 1)
+                        for version in pipeline.manifest.earlier_versions
+                    ],
                 )
     finally:
         if gallery is not None:

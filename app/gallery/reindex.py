@@ -23,7 +23,7 @@ faces not already at the target version are touched (a second run reports 0 upda
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +53,10 @@ def same_base(model_version: str, base_version: str) -> bool:
     return head != model_version and _HEAD_VERSION.fullmatch(head) is not None
 
 
+def _of_bases(model_version: str, bases: tuple[str, ...]) -> bool:
+    return any(same_base(model_version, base) for base in bases)
+
+
 @dataclass(frozen=True)
 class ReindexReport:
     target_version: str
@@ -70,16 +74,20 @@ def reindex(
     base_version: str,
     transform: Transform | None,
     photo_base: PhotoBase | None = None,
+    earlier_bases: Sequence[str] = (),
     chunk: int = 1024,
 ) -> ReindexReport:
     """Rewrite every face not at `target_version`: embedding = transform(base) (None: the base itself), the base
-    from the face's stored base embedding, or from its stored photo through `photo_base` (module docstring)."""
-    photo_bases = _bases_from_photos(gallery, target_version, base_version, photo_base) if photo_base else {}
+    from the face's stored base embedding, or from its stored photo through `photo_base` (module docstring).
+    `earlier_bases`: earlier builds' names of `base_version` (the same numbers, `ModelManifest.earlier_versions`):
+    their faces are served from their stored numbers as the base's own are."""
+    bases = (base_version, *earlier_bases)
+    photo_bases = _bases_from_photos(gallery, target_version, bases, photo_base) if photo_base else {}
     with gallery.session() as session:
         report = _reindex(
             session,
             target_version=target_version,
-            base_version=base_version,
+            bases=bases,
             transform=transform,
             photo_bases=photo_bases,
             chunk=chunk,
@@ -91,7 +99,7 @@ def reindex(
 
 
 def _bases_from_photos(
-    gallery: Gallery, target_version: str, base_version: str, photo_base: PhotoBase
+    gallery: Gallery, target_version: str, bases: tuple[str, ...], photo_base: PhotoBase
 ) -> dict[str, bytes]:
     """Face id -> base embedding (bytes) from the stored photo, for faces the stored numbers cannot serve."""
     with gallery.session() as session:
@@ -113,7 +121,7 @@ def _bases_from_photos(
         needed = [
             r
             for r in rows
-            if not same_base(r.model_version, base_version) or (r.no_base and r.model_version != base_version)
+            if not _of_bases(r.model_version, bases) or (r.no_base and r.model_version not in bases)
         ]
         out: dict[str, bytes] = {}
         for r in needed:  # one photo in memory at a time
@@ -130,7 +138,7 @@ def _reindex(
     session: Session,
     *,
     target_version: str,
-    base_version: str,
+    bases: tuple[str, ...],
     transform: Transform | None,
     photo_bases: dict[str, bytes],
     chunk: int,
@@ -147,9 +155,9 @@ def _reindex(
         if r.model_version == target_version:
             continue
         blob = None
-        if same_base(r.model_version, base_version):
+        if _of_bases(r.model_version, bases):
             blob = r.base_embedding if r.base_embedding is not None else (
-                r.embedding if r.model_version == base_version else None
+                r.embedding if r.model_version in bases else None
             )
         if blob is None and r.id in photo_bases:
             blob = photo_bases[r.id]
@@ -175,8 +183,8 @@ def _reindex(
     first = int(last) - 2 * count + 1
     for start in range(0, count, chunk):
         part = todo[start : start + chunk]
-        bases = decode_embeddings([blob for *_, blob in part])
-        served = bases if transform is None else np.asarray(transform(bases), np.float32)
+        base_vectors = decode_embeddings([blob for *_, blob in part])
+        served = base_vectors if transform is None else np.asarray(transform(base_vectors), np.float32)
         if served.shape != (len(part), EMBEDDING_DIM) or not np.all(np.isfinite(served)):
             raise ValueError("the head gave embeddings of the wrong shape or non-finite values")
         # One executemany per chunk (an UPDATE by primary key per row; psycopg pipelines them): a statement per face
@@ -190,7 +198,7 @@ def _reindex(
                     "base_embedding": base.astype("<f4").tobytes(),
                     "model_version": target_version,
                 }
-                for (face_id, *_), base, vector in zip(part, bases, served, strict=True)
+                for (face_id, *_), base, vector in zip(part, base_vectors, served, strict=True)
             ],
         )
     for offset, op in ((0, ChangeOp.REMOVE), (count, ChangeOp.ADD)):

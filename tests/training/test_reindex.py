@@ -114,6 +114,28 @@ def test_a_failing_head_changes_nothing(open_gallery: Callable[..., Gallery]) ->
     assert _searchable(open_gallery(MODEL), vector[None]) == [identity]
 
 
+def test_faces_of_an_earlier_build_of_the_base_are_reindexed(
+    open_gallery: Callable[..., Gallery], head: EmbeddingHead
+) -> None:
+    """Faces stored under an earlier build's name of the same base (the manifest's `earlier_versions`, which the
+    service adopts at start) hold the base's numbers: a reindex to a head serves them instead of leaving them stale."""
+    rng = np.random.default_rng(5)
+    earlier = "dlib-resnet-v1+onnx2-5d326777ddf3"
+    base = random_embeddings(rng, 2)
+    old_build = open_gallery(earlier)
+    plain_id = old_build.enroll_face(embedding=base[0], box=Box(0, 0, 9, 9), score=1.0, name="plain").identity_id
+    old_head = open_gallery(f"{earlier}+office-0123456789ab")
+    headed_id = old_head.enroll_face(
+        embedding=base[1] + 1, base_embedding=base[1], box=Box(0, 0, 9, 9), score=1.0, name="head"
+    ).identity_id
+    target = f"{MODEL}+{head.version}"
+    report = reindex(
+        open_gallery(MODEL), target_version=target, base_version=MODEL, transform=head.apply, earlier_bases=[earlier]
+    )
+    assert (report.updated, report.skipped) == (2, 0)
+    assert _searchable(open_gallery(target), head.apply(base)) == [plain_id, headed_id]
+
+
 def test_same_base_tells_heads_from_other_bases() -> None:
     assert same_base(MODEL, MODEL)
     assert same_base(f"{MODEL}+office-0123456789ab", MODEL)  # a head on this base

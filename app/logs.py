@@ -95,5 +95,8 @@ def uvicorn_log_config(settings: LogSettings) -> dict[str, Any]:
             "PIL": {"level": "INFO"},
             # numba traces every kernel it compiles at DEBUG (~1,500 lines per worker at start: app/vision/pyramid.py).
             "numba": {"level": "INFO"},
+            # alembic lists its 7 autogenerate plugins at INFO when imported: in each worker of --workers N, after
+            # this configuration (the single process imports it before, unlogged).
+            "alembic.runtime.plugins": {"level": "WARNING"},
         },
     }

@@ -105,10 +105,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ApiKeyMiddleware)
     app.add_middleware(NoStoreMiddleware)  # outside the body limit: its 413 and 503 answers are covered too
     app.add_middleware(ShutdownCutMiddleware)  # inside the metrics and access log, which record its 503
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.cors.allow_origins:
         # Outside the body limit and the error handlers, so a browser can read a 413 or 401 answer too; inside the
-        # access log, which then also records preflights.
+        # metrics and the access log, which then also record preflights and refused ones.
         app.add_middleware(
             CorsMiddleware,
             allow_origins=settings.cors.allow_origins,
@@ -117,5 +116,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_credentials=False,
             max_age=settings.cors.max_age,
         )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(AccessLogMiddleware)
     return app

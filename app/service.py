@@ -989,6 +989,22 @@ class FaceService:
             problems=tuple(problems),
         )
 
+    def unanswered_readiness(self) -> Readiness:
+        """Not ready: the database did not answer /readyz's check in time (a stalled server holds it for the
+        statement timeout and more). Nothing here waits: the index counts are left out while it is busy."""
+        stats = self.gallery.peek_stats()
+        return Readiness(
+            ready=False,
+            models_loaded=self.pipeline.loaded,
+            providers=self.pipeline.providers(),
+            database=False,
+            gallery_size=stats.size if stats else None,
+            identities=stats.identities if stats else None,
+            stale_faces=stats.stale if stats else None,
+            model_version=self.pipeline.model_version,
+            problems=("database not answering",),
+        )
+
 
 _ISSUE_TEXT = {
     "small_face": ("face too small", "inter-ocular distance {m:.1f} px < {l:g}"),

@@ -75,7 +75,7 @@ def requested_providers(settings: RuntimeSettings) -> list[tuple[str, dict[str, 
 def open_session(path: Path, settings: RuntimeSettings, *, require_gpu: bool = False) -> ort.InferenceSession:
     """Open one ONNX model with the configured providers and threads; raise if a required GPU is not in use."""
     if not path.is_file():
-        raise ModelUnavailable(f"model file {path.name} is missing: run `make models`", path=str(path))
+        raise ModelUnavailable(f"model file {path.name} is missing: run `make models`")  # no path: it goes to API clients
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.intra_op_threads
     options.inter_op_num_threads = settings.inter_op_threads
@@ -135,6 +135,11 @@ class LazySession:
                 if self._session is None:
                     try:
                         self._session = open_session(self.path, self._settings, require_gpu=self._require_gpu)
+                    except Exception as error:
+                        if not self.failed:  # once per streak: with the models opened on first use, every photo retries
+                            log.error("opening %s failed (tried again on the next photo): %s", self.path.name, error)
+                        self.failed = True
+                        raise
                     except BaseException:
                         self.failed = True
                         raise

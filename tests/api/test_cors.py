@@ -100,6 +100,14 @@ class TestRefused:
         assert error_of(r, 400, "cors_refused")["details"] == {"refused": ["origin"]}
         assert "access-control-allow-origin" not in r.headers
 
+    def test_preflights_are_in_the_request_metrics(self, cors_client: TestClient) -> None:
+        """The access log recorded every preflight, allowed or refused; the request metrics recorded none of them."""
+        for origin, status in ((PAGE, 200), ("https://evil.example", 400)):
+            series = f'facegate_request_duration_seconds_count{{method="OPTIONS",route="/identify",status="{status}"}}'
+            before = _sample(cors_client, series)
+            assert preflight(cors_client, "/identify", origin).status_code == status
+            assert _sample(cors_client, series) == before + 1
+
     def test_unlisted_method_and_header(self, cors_client: TestClient) -> None:
         r = preflight(cors_client, "/identities", PAGE, method="PUT", headers="x-api-key, x-custom")
         assert error_of(r, 400, "cors_refused")["details"] == {"refused": ["method", "headers"]}
@@ -142,3 +150,12 @@ def test_origins_that_a_browser_never_sends_are_refused_at_start(origin: str) ->
 def test_well_formed_origins() -> None:
     origins = ["*", "http://localhost:3000", "https://login.example.com", "http://[::1]:8080"]
     assert CorsSettings(allow_origins=origins).allow_origins == origins
+
+
+def _sample(client: TestClient, series: str) -> float:
+    """The value of one series of /metrics (0 if absent)."""
+    for line in client.get("/metrics").text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == series:
+            return float(value)
+    return 0.0

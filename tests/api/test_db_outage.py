@@ -201,6 +201,20 @@ def test_a_stalled_database_is_a_503_soon_after_the_statement_timeout(
 
 
 @pytest.mark.postgres
+def test_readyz_answers_a_stalled_database_within_a_healthcheck(models_dir: Path, pg_schema_url: str) -> None:
+    """A stalled server held /readyz for the statement timeout plus the stall grace (23 s by default), past the
+    image's 5 s HEALTHCHECK timeout, with a thread held per probe."""
+    with proxied(pg_schema_url) as (proxy, url), running(api_settings(models_dir, url, preload_models=False)) as client:
+        assert client.get("/readyz").status_code == 200
+        proxy.freeze()
+        started = time.monotonic()
+        ready = client.get("/readyz")
+        assert time.monotonic() - started < 5
+        assert ready.status_code == 503 and ready.json()["problems"] == ["database not answering"]
+        proxy.restore()
+
+
+@pytest.mark.postgres
 def test_an_api_key_that_cannot_be_checked_is_a_503(
     models_dir: Path, pg_schema_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -13,6 +14,7 @@ from app.api.head import HeadRoute
 from app.api.metrics import CONTENT_TYPE, RECENT_WINDOW
 from app.api.schemas import Health, LatencySummary, Readiness, RouteLatencyOut
 from app.auth import Scope
+from app.service import Readiness as ReadinessState
 
 router = APIRouter(tags=["health"], route_class=HeadRoute)
 
@@ -28,6 +30,10 @@ router = APIRouter(tags=["health"], route_class=HeadRoute)
 async def healthz() -> Health:
     return Health()
 
+
+# /readyz answers within this, under the image's HEALTHCHECK --timeout=5s: a database that stalled (connections up,
+# nothing answered) held the check for the statement timeout plus the stall grace, 23 s by default.
+READINESS_TIMEOUT_SECONDS = 4.0  # past libpq's connect_timeout (3 s): a server down is "unreachable"
 
 # A probe still running when the shutdown timeout runs out is answered like any request: 503 shutting_down.
 _CUT = " (a probe cut at shutdown: shutting_down, as ErrorResponse)"
@@ -46,7 +52,12 @@ _CUT = " (a probe cut at shutdown: shutting_down, as ErrorResponse)"
     summary="Ready to serve: models loaded, database reachable, index built",
 )
 async def readyz(service: ServiceDep) -> JSONResponse:
-    state = await run_in_threadpool(service.readiness)
+    state: ReadinessState | None = None
+    with anyio.move_on_after(READINESS_TIMEOUT_SECONDS):
+        # abandon_on_cancel: the check's thread finishes on its own (the stall watch ends it); the probe does not wait.
+        state = await anyio.to_thread.run_sync(service.readiness, abandon_on_cancel=True)
+    if state is None:
+        state = service.unanswered_readiness()
     body = Readiness(
         ready=state.ready,
         models_loaded=state.models_loaded,

@@ -323,15 +323,16 @@ class FaceService:
         if settings.preload_models if load_models is None else load_models:
             pipeline.load()
             log.info("models loaded: %s, providers %s", pipeline.model_version, pipeline.providers())
-        # Faces made by an earlier build of the same plain embeddings are this model's (mirror-averaged or head
-        # embeddings are another scale: those stay stale).
-        plain = pipeline.model_version == pipeline.manifest.model_version
+        # Faces made by an earlier build of the same embeddings, applied the same way (plain, mirror-averaged, through
+        # the same head: the version's suffix), are this model's; those applied otherwise are another scale and stay
+        # stale.
+        applied = pipeline.model_version.removeprefix(pipeline.manifest.model_version)
         gallery = Gallery.open(
             settings.database_url,
             pipeline.model_version,
             migrate=True,
             index=settings.index,
-            adopt=pipeline.manifest.earlier_versions if plain else (),
+            adopt=[version + applied for version in pipeline.manifest.earlier_versions],
             lock_timeout=settings.database_lock_timeout,
             statement_timeout=settings.database_statement_timeout,
         )

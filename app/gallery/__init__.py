@@ -159,6 +159,10 @@ class Gallery:
                         f"database schema is at {current}, expected {head}: run `facegate db upgrade`"
                     )
             gallery = cls(engine, model_version, index)
+            with gallery._plain_session() as session, session.begin():
+                named = store.fill_missing_name_keys(session)
+            if named:
+                log.info("%d identities written by a facegate from before name keys given theirs", named)
             adopted = gallery.adopt_versions(adopt)
             if adopted:
                 log.info("%d faces made by an earlier build of %s relabelled (same embeddings)", adopted, model_version)

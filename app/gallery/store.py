@@ -606,6 +606,16 @@ def relabel_faces(session: Session, *, old_versions: Sequence[str], new_version:
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
+def fill_missing_name_keys(session: Session) -> int:
+    """Give `name_key` to the identities without one; how many. A name is never empty, so an empty key is one the
+    column's server default gave: a row written by a facegate from before migration 0004 (a worker still running
+    through a rolling upgrade), which `identities_named` and the name filter would never find."""
+    rows = session.execute(select(Identity.id, Identity.name).where(Identity.name_key == "")).all()
+    if rows:
+        session.execute(update(Identity), [{"id": row.id, "name_key": name_key(row.name)} for row in rows])
+    return len(rows)
+
+
 def purge_photos(session: Session) -> int:
     """Drop every stored photo (FACEGATE_STORE_IMAGES); the faces, their embeddings and their identities stay. How
     many photos went. Not a change-log event: search never reads the photos."""

@@ -46,3 +46,16 @@ def test_faces_of_an_unknown_version_are_stale(models_dir: Path, tmp_path: Path)
     with running(api_settings(models_dir, url)) as client:
         ready = client.get("/readyz").json()
         assert (ready["gallery_size"], ready["stale_faces"]) == (0, 1)
+
+
+def test_mirror_averaged_faces_of_an_earlier_build_stay_searchable(models_dir: Path, tmp_path: Path) -> None:
+    """An earlier build's mirror-averaged faces are the same numbers as this build's: with FACEGATE_EMBEDDING__FLIP on
+    they were stale for good (and `facegate reindex` left them so: "enrol them again"); plain, they stay stale."""
+    url = f"sqlite:///{tmp_path / 'gallery.db'}"
+    _store_face(url, f"{CONVERTER_2}+flip")
+    with running(api_settings(models_dir, url)) as client:
+        ready = client.get("/readyz").json()
+        assert (ready["gallery_size"], ready["stale_faces"]) == (0, 1)  # plain: another scale
+    with running(api_settings(models_dir, url, embedding={"flip": True})) as flip:
+        ready = flip.get("/readyz").json()
+        assert (ready["gallery_size"], ready["stale_faces"]) == (1, 0)

@@ -122,6 +122,23 @@ def test_name_keys_are_filled_for_identities_stored_before_them(database_url: st
         engine.dispose()
 
 
+def test_identities_written_without_a_name_key_get_one_at_open(open_gallery: Callable[..., Gallery]) -> None:
+    """A worker of a facegate from before 0004 still running through a rolling upgrade inserts identities without
+    `name_key`: the server default left it '' and neither `identities_named` (enroll DIR's folder match) nor the name
+    filter ever found them. The next start gives them theirs."""
+    gallery = open_gallery()
+    now = datetime.now(UTC)
+    with gallery.engine.begin() as connection:  # what that facegate's create_identity writes
+        connection.execute(
+            text("INSERT INTO identities (id, name, metadata, created_at, updated_at) VALUES (:id, :n, '{}', :t, :t)"),
+            {"id": uuid.uuid4().hex, "n": "Élodie Late", "t": now},
+        )
+    sessions = db.make_session_factory(open_gallery().engine)
+    with sessions() as session:
+        assert list(store.identities_named(session, name="élodie late").values()) == ["Élodie Late"]
+        assert [r.name for r in store.list_identities(session, name_contains="ÉLODIE")[0]] == ["Élodie Late"]
+
+
 def test_open_without_migrating_refuses_an_old_schema(open_gallery: Callable[..., Gallery]) -> None:
     with pytest.raises(SchemaOutOfDate):
         open_gallery(migrate=False)

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.config import IndexBackend, IndexSettings
 from app.gallery import Gallery, bulk, pgvector, synthetic
-from app.gallery.index import GalleryIndex
+from app.gallery.index import GalleryIndex, IdentityCandidate
 from app.gallery.pgvector import NEAREST_FACES, PgvectorIndex, PgvectorUnavailable, _vector_text
 from app.gallery.store import Change
 from app.vision.types import Box
@@ -237,6 +237,21 @@ def test_a_search_does_not_queue_behind_another_workers_copy(pgvector_url: str) 
         writer.close()
 
 
+def search_while_the_copy_is_held(url: str, reader: Gallery, queries: npt.NDArray[np.float32]) -> list[list[IdentityCandidate]]:
+    """`reader.search` while another session reads face_vectors, which holds up a full copy (its swap's DROP TABLE
+    waits for the lock): the answer must come without the copy, which is still waiting when it does."""
+    assert isinstance(reader.index, PgvectorIndex)
+    with psycopg.connect(url.replace("+psycopg", "")) as other, ThreadPoolExecutor(1) as pool:
+        other.execute("LOCK TABLE face_vectors IN ACCESS SHARE MODE")  # held until the rollback
+        answer = pool.submit(reader.search, queries, top_k=1)
+        try:
+            got = answer.result(timeout=10)
+            assert not reader.index.wait_until_mirrored(0.5)  # the copy waits for the lock
+        finally:
+            other.rollback()
+    return got
+
+
 @pytest.mark.pgvector
 def test_a_search_leaves_a_full_copy_to_a_thread(pgvector_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A gap in the log past MAX_REPLAY (another process's bulk load) means copying every face and building the
@@ -251,14 +266,7 @@ def test_a_search_leaves_a_full_copy_to_a_thread(pgvector_url: str, monkeypatch:
         assert isinstance(reader.index, PgvectorIndex)
         records = writer.bulk_enrol(names=[f"p{i}" for i in range(300)], embeddings=seeded.embeddings)
         queries, _ = synthetic.probes(seeded, enrolled=5, strangers=0, seed=72)
-        with psycopg.connect(pgvector_url.replace("+psycopg", "")) as other, ThreadPoolExecutor(1) as pool:
-            other.execute("LOCK TABLE face_vectors IN ACCESS SHARE MODE")  # held until the rollback
-            answer = pool.submit(reader.search, queries, top_k=1)
-            try:
-                got = answer.result(timeout=10)
-                assert not reader.index.wait_until_mirrored(0.5)  # the copy waits for the lock
-            finally:
-                other.rollback()
+        got = search_while_the_copy_is_held(pgvector_url, reader, queries)
         assert [c[0].face_id for c in got] == [c[0].face_id for c in writer.search(queries, top_k=1)]
         assert reader.index.wait_until_mirrored(60) and reader.index.mirror() == 0
         assert stored_vector_faces(pgvector_url) == {r.id for r in records}
@@ -285,14 +293,7 @@ def test_a_search_that_finds_a_gap_leaves_the_full_copy_to_a_thread(pgvector_url
         assert reader.index.wait_until_mirrored(60)
         with writer.engine.begin() as connection:
             connection.execute(text("UPDATE gallery_state SET last_change_id = last_change_id + 1"))
-        with psycopg.connect(pgvector_url.replace("+psycopg", "")) as other, ThreadPoolExecutor(1) as pool:
-            other.execute("LOCK TABLE face_vectors IN ACCESS SHARE MODE")  # held until the rollback
-            answer = pool.submit(reader.search, queries, top_k=1)
-            try:
-                got = answer.result(timeout=10)
-                assert not reader.index.wait_until_mirrored(0.5)  # the copy waits for the lock
-            finally:
-                other.rollback()
+        got = search_while_the_copy_is_held(pgvector_url, reader, queries)
         assert [c[0].face_id for c in got] == [c[0].face_id for c in writer.search(queries, top_k=1)]
         assert reader.index.wait_until_mirrored(60) and reader.index.mirror() == 0
     finally:

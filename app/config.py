@@ -50,13 +50,15 @@ class RuntimeSettings(SettingsGroup):
     intra_op_threads: int = Field(
         default=0,
         ge=0,
+        le=1024,  # 100000 (a typo) never finished starting, its memory growing; 256 on 2 cores: 13x slower
         description="Threads inside one operator (0 = ONNX Runtime's default: one per core; `facegate serve --workers N` makes it cores/N).",
     )
-    inter_op_threads: int = Field(default=1, ge=0, description="Threads running independent operators in parallel (0 = default).")
+    inter_op_threads: int = Field(default=1, ge=0, le=1024, description="Threads running independent operators in parallel (0 = default).")
     cuda_tf32: bool = Field(default=False, description="Allow TF32 on CUDA: faster, but embeddings differ from CPU by ~3e-4.")
     blas_threads: int = Field(
         default=1,
         ge=0,
+        le=1024,
         description=(
             "Threads numpy's BLAS may use (the exact search's matmul) in the service (0 = its default, one per core). "
             "1 by default: BLAS threads busy-wait after each search and slowed the next photo's detector by ~40 % on 2 cores."
@@ -502,6 +504,11 @@ class HeadSettings(SettingsGroup):
         default=None, description="Folder of registered heads (unset: `heads/` inside FACEGATE_MODELS_DIR)."
     )
 
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _check_dir(cls, value: object) -> object:
+        return _non_empty_path(value)
+
 
 class LogFormat(StrEnum):
     text = "text"
@@ -594,8 +601,10 @@ class Settings(BaseSettings):
             "`facegate reindex` or `db load-synthetic` holding the gallery's write lock) before it is answered 503 "
             "database_unavailable with Retry-After, its transaction rolled back. 0: wait as long as it takes (or as "
             "the server's own lock_timeout says). Migrations and the pgvector index set-up always wait. PostgreSQL: "
-            "its lock_timeout, and a `-c lock_timeout=...` in the URL's `options` wins. SQLite: the busy timeout, how "
-            "long a write waits for another process's (another worker's, a command's)."
+            "its lock_timeout, and a `-c lock_timeout=...` in the URL's `options` wins; its statement timeout "
+            "(database_statement_timeout) ends a lock wait too, so a lock timeout set above it is refused, and with 0 "
+            "the statement timeout is the wait's limit. SQLite: the busy timeout, how long a write waits for another "
+            "process's (another worker's, a command's)."
         ),
     )
     # 15 s: a request's statements take milliseconds (a page of identities, an enrolment's inserts, a pgvector
@@ -664,6 +673,26 @@ class Settings(BaseSettings):
             raise ValueError(problem)
         return value
 
+    @field_validator("models_dir", mode="before")
+    @classmethod
+    def _check_models_dir(cls, value: object) -> object:
+        return _non_empty_path(value)
+
+    @model_validator(mode="after")
+    def _check_timeouts(self) -> Settings:
+        # PostgreSQL's statement_timeout also ends a statement waiting for a lock: a longer lock timeout was
+        # silently the statement timeout (FACEGATE_DATABASE_LOCK_TIMEOUT=60 gave up after 15 s). Only one given:
+        # the default lock timeout under a lowered statement timeout is the statement timeout, as documented.
+        lock, statement = self.database_lock_timeout, self.database_statement_timeout
+        given = "database_lock_timeout" in self.model_fields_set
+        if given and self.database_url.startswith("postgresql") and 0 < statement < lock:
+            raise ValueError(
+                f"FACEGATE_DATABASE_LOCK_TIMEOUT ({lock:g}) must not exceed FACEGATE_DATABASE_STATEMENT_TIMEOUT "
+                f"({statement:g}) on PostgreSQL, whose statement timeout also ends a lock wait: raise the statement "
+                "timeout too (or set it to 0)"
+            )
+        return self
+
     @model_validator(mode="after")
     def _check_pgvector_database(self) -> Settings:
         # PgvectorIndex refused it only when the gallery was opened: a traceback in every command and worker.
@@ -673,6 +702,14 @@ class Settings(BaseSettings):
                 "postgresql+psycopg://...); on SQLite choose FACEGATE_INDEX__BACKEND=exact or approximate"
             )
         return self
+
+
+def _non_empty_path(value: object) -> object:
+    """An empty folder setting is refused, as any empty value: Path("") is ".", the folder the command runs in, so
+    `FACEGATE_HEAD__DIR=` looked for (and `facegate train` registered) heads there, not in the default."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("an empty path is not a folder: unset the variable to take the default")
+    return value
 
 
 def database_url_problem(url: str) -> str | None:

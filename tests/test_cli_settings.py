@@ -50,6 +50,15 @@ def sqlite_env(tmp_path: Path) -> dict[str, str]:
         ({"FACEGATE_HEAD__NAME": ""}, "FACEGATE_HEAD__NAME: String should have at least 1 character"),
         ({"FACEGATE_RUNTIME__PROVIDERS": "[]"}, "FACEGATE_RUNTIME__PROVIDERS: List should have at least 1 item"),
         ({"FACEGATE_INDEX__BACKEND": "pgvector"}, "FACEGATE_INDEX__BACKEND=pgvector needs a PostgreSQL gallery"),
+        # Path("") is the current folder: heads were looked for (and registered) there
+        ({"FACEGATE_HEAD__DIR": ""}, "FACEGATE_HEAD__DIR: an empty path is not a folder"),
+        ({"FACEGATE_MODELS_DIR": ""}, "FACEGATE_MODELS_DIR: an empty path is not a folder"),
+        ({"FACEGATE_RUNTIME__INTRA_OP_THREADS": "100000"}, "FACEGATE_RUNTIME__INTRA_OP_THREADS: Input should be less"),
+        # PostgreSQL's statement timeout (15 s) ended the lock wait long before this
+        (
+            {"FACEGATE_DATABASE_URL": "postgresql+psycopg://u@host/db", "FACEGATE_DATABASE_LOCK_TIMEOUT": "60"},
+            "FACEGATE_DATABASE_LOCK_TIMEOUT (60) must not exceed FACEGATE_DATABASE_STATEMENT_TIMEOUT (15)",
+        ),
     ],
 )
 def test_a_refused_setting_is_named_without_a_traceback(
@@ -208,6 +217,37 @@ def test_serve_refuses_a_schema_migrated_by_a_newer_facegate(tmp_path: Path) -> 
         port = str(s.getsockname()[1])
     code, err = run({"FACEGATE_AUTH__REQUIRED": "true", "FACEGATE_DATABASE_URL": f"sqlite:///{path}"}, "serve", "--port", port)
     assert code == 2 and err.startswith("error: the database is at schema revision 9999, which this facegate"), err
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8000", "http://127.0.0.1", "no-such-host.invalid"])
+def test_serve_refuses_a_host_that_does_not_resolve_before_anything_loads(tmp_path: Path, host: str) -> None:
+    """uvicorn found it only after loading the models and the gallery: '[Errno -2] Name or service not known',
+    naming neither the host nor the setting, and exit status 3."""
+    env = {
+        "FACEGATE_AUTH__REQUIRED": "true",
+        "FACEGATE_DATABASE_URL": f"sqlite:///{tmp_path / 'gallery.db'}",
+        "FACEGATE_MODELS_DIR": str(tmp_path / "no-models"),
+        "FACEGATE_HOST": host,
+    }
+    code, err = run(env, "serve", "--port", "18259")
+    assert code == 2 and err.startswith(f"error: cannot listen on {host}:18259: "), err
+    assert not (tmp_path / "gallery.db").exists()
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    ["{cut", "{}", '{"model_name": "m", "model_version": "v", "opset": 17, "models": {"embedder": {}}}'],
+)
+def test_a_broken_model_manifest_is_one_line(sqlite_env: dict[str, str], tmp_path: Path, manifest: str) -> None:
+    """A cut or hand-edited manifest.json ended every command, `serve` included, with a traceback (exit status 1)."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "manifest.json").write_text(manifest)
+    env = {**sqlite_env, "FACEGATE_AUTH__REQUIRED": "true", "FACEGATE_MODELS_DIR": str(tmp_path / "models")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    code, err = run(env, "serve", "--port", port)
+    assert code == 2 and err.startswith(f"error: {tmp_path / 'models' / 'manifest.json'} is unreadable"), err
     assert len(err.strip().splitlines()) == 1
 
 

@@ -239,9 +239,11 @@ def remove_abandoned_metrics(parent: str) -> list[str]:
 def _port_problem(host: str, port: int) -> str | None:
     """Why uvicorn could not bind `host:port` (a port in use, a privileged one), found by binding every address of
     `host` as uvicorn does (SO_REUSEADDR) and letting go at once; None when it can, or when only uvicorn can tell
-    (a name that does not resolve, an address family this machine lacks: asyncio skips those)."""
+    (an address family this machine lacks: asyncio skips those). A name that does not resolve is a problem."""
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:  # uvicorn fails the same way, but only after loading everything (exit 3)
+        return f"{error.strerror or error} (an address or host name, without scheme or port)"
     except OSError:
         return None
     for family, kind, proto, _, address in addresses:

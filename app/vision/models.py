@@ -40,22 +40,29 @@ def load_manifest(directory: Path, *, verify: bool = True) -> Manifest:
     path = directory / MANIFEST
     if not path.is_file():
         raise ModelUnavailable(f"no {MANIFEST} in {directory}: build the models with `make models`")
-    raw = json.loads(path.read_text())
-    manifest = Manifest(
-        directory=directory,
-        model_name=raw["model_name"],
-        model_version=raw["model_version"],
-        opset=int(raw["opset"]),
-        models=dict(raw["models"]),
-        earlier_versions=tuple(raw.get("earlier_versions", ())),
-    )
-    for name in ("embedder", "detector", "landmarks"):
-        if name not in manifest.models:
-            raise ModelUnavailable(f"{MANIFEST} lists no {name} model: rebuild with `make models`")
-        if verify:
-            file = manifest.path(name)
-            if not file.is_file():
-                raise ModelUnavailable(f"model file {file.name} is missing: run `make models`")
-            if _sha256(file) != manifest.models[name]["sha256"]:
-                raise ModelUnavailable(f"model file {file.name} does not match its checksum: run `make models`")
+    # A cut, hand-edited or unreadable manifest (or model file) ended every command, `serve` included, with a
+    # traceback: one line instead, as for a head's manifest (app/vision/head.py).
+    try:
+        raw = json.loads(path.read_text())
+        manifest = Manifest(
+            directory=directory,
+            model_name=str(raw["model_name"]),
+            model_version=str(raw["model_version"]),
+            opset=int(raw["opset"]),
+            models=dict(raw["models"]),
+            earlier_versions=tuple(raw.get("earlier_versions", ())),
+        )
+        for name in ("embedder", "detector", "landmarks"):
+            if name not in manifest.models:
+                raise ModelUnavailable(f"{MANIFEST} lists no {name} model: rebuild with `make models`")
+            if verify:
+                file = manifest.path(name)
+                if not file.is_file():
+                    raise ModelUnavailable(f"model file {file.name} is missing: run `make models`")
+                if _sha256(file) != manifest.models[name]["sha256"]:
+                    raise ModelUnavailable(f"model file {file.name} does not match its checksum: run `make models`")
+    except OSError as error:
+        raise ModelUnavailable(f"cannot read {error.filename or path}: {error.strerror or error}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ModelUnavailable(f"{path} is unreadable ({type(error).__name__}: {error}): rebuild with `make models`") from None
     return manifest

@@ -326,13 +326,12 @@ class FaceService:
         # Faces made by an earlier build of the same embeddings, applied the same way (plain, mirror-averaged, through
         # the same head: the version's suffix), are this model's; those applied otherwise are another scale and stay
         # stale.
-        applied = pipeline.model_version.removeprefix(pipeline.manifest.model_version)
         gallery = Gallery.open(
             settings.database_url,
             pipeline.model_version,
             migrate=True,
             index=settings.index,
-            adopt=[version + applied for version in pipeline.manifest.earlier_versions],
+            adopt=pipeline.manifest.earlier_names(pipeline.model_version),
             lock_timeout=settings.database_lock_timeout,
             statement_timeout=settings.database_statement_timeout,
         )

@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli import cli
+from tests.system.live import free_port
 
 
 def run(env: dict[str, str], *args: str) -> tuple[int, str]:
@@ -191,9 +192,7 @@ def test_heic_is_checked_with_the_settings(monkeypatch: pytest.MonkeyPatch) -> N
 def test_serve_checks_the_models_and_database_before_starting_workers(tmp_path: Path) -> None:
     """Each uvicorn worker would print its own start-up traceback and uvicorn exit 3; serve says it once. Auth is
     required here, so the API-key check does not read the database first."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     env = {"FACEGATE_AUTH__REQUIRED": "true", "FACEGATE_DATABASE_URL": f"sqlite:///{tmp_path / 'gallery.db'}"}
     code, err = run({**env, "FACEGATE_MODELS_DIR": str(tmp_path / "no-models")}, "serve", "--port", port)
     assert code == 2 and err.strip() == f"error: no manifest.json in {tmp_path / 'no-models'}: build the models with `make models`"
@@ -212,9 +211,7 @@ def test_serve_refuses_a_schema_migrated_by_a_newer_facegate(tmp_path: Path) -> 
     db.upgrade(f"sqlite:///{path}")
     with sqlite3.connect(path) as connection:
         connection.execute("UPDATE alembic_version SET version_num = '9999'")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     code, err = run({"FACEGATE_AUTH__REQUIRED": "true", "FACEGATE_DATABASE_URL": f"sqlite:///{path}"}, "serve", "--port", port)
     assert code == 2 and err.startswith("error: the database is at schema revision 9999, which this facegate"), err
 
@@ -243,9 +240,7 @@ def test_a_broken_model_manifest_is_one_line(sqlite_env: dict[str, str], tmp_pat
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "manifest.json").write_text(manifest)
     env = {**sqlite_env, "FACEGATE_AUTH__REQUIRED": "true", "FACEGATE_MODELS_DIR": str(tmp_path / "models")}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     code, err = run(env, "serve", "--port", port)
     assert code == 2 and err.startswith(f"error: {tmp_path / 'models' / 'manifest.json'} is unreadable"), err
     assert len(err.strip().splitlines()) == 1
@@ -262,9 +257,7 @@ def test_serve_refuses_require_gpu_without_a_usable_cuda_provider(tmp_path: Path
         "FACEGATE_RUNTIME__PROVIDERS": '["CPUExecutionProvider"]',  # no CUDA whatever the machine
         "FACEGATE_PRELOAD_MODELS": preload,
     }
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     code, err = run(env, "serve", "--port", port)
     assert code == 2 and err.startswith("error: FACEGATE_REQUIRE_GPU is set but the CUDA provider cannot be used"), err
     assert len(err.strip().splitlines()) == 1

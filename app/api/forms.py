@@ -4,8 +4,9 @@ Starlette decodes a form field's name or value that is not valid in the charset 
 another encoding (or raw bytes) would be enrolled garbled. Routes that read forms use `FormRoute`: before FastAPI
 parses a multipart body, `form_problem` reads it once more with python-multipart's own parser (its public
 callback API, so no Starlette internals are involved) and such a field is refused with 400 `invalid_request` naming
-it. So is a body that ends before its closing boundary, which Starlette reads as the parts it completed. File parts (photos) are bytes and are not decoded; their file names are only echoed, never stored, and are left
-to Starlette (which reads one that is not valid in the charset as latin-1).
+it. So is a body that ends before its closing boundary, which Starlette reads as the parts it completed. File parts
+(photos) are bytes and are not decoded; their file names are only echoed, never stored, and are left to Starlette
+(which reads one that is not valid in the charset as latin-1).
 
 The declared charset itself must be a text encoding Python knows: Starlette would read an unknown one as latin-1 (a
 name in it would be stored garbled), and Python also registers codecs that are not text encodings at all (`hex`,

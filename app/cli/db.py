@@ -123,6 +123,7 @@ def db_purge_photos(
     use the photos. Turning the setting off keeps the photos already stored: this is how they go."""
     from app.gallery import Gallery, db
     from app.gallery.copy import display_url
+    from app.vision.models import load_manifest
 
     settings = load_settings()
     require_gallery(settings)
@@ -130,7 +131,8 @@ def db_purge_photos(
         typer.confirm(f"Delete every stored photo in {display_url(settings.database_url)}?", abort=True)
     db.upgrade(settings.database_url)
     engine = db.make_engine(settings.database_url)
-    gallery = Gallery(engine, Pipeline.from_settings(settings).model_version)  # the index is never loaded
+    # The index is never loaded or searched: the models' version only names it (read without hashing the files).
+    gallery = Gallery(engine, load_manifest(settings.models_dir, verify=False).model_version)
     try:
         purged = gallery.purge_photos()
     finally:

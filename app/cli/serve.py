@@ -263,10 +263,9 @@ def _preflight(settings: Settings) -> None:
     """What would fail every worker's start-up, checked once before uvicorn starts: each worker would otherwise
     print its own traceback and uvicorn exit 3. The models' manifests (the networks load in the workers) and a
     connection to the database (a SQLite file is created, as the first worker would)."""
-    from sqlalchemy import text
-
     from app.config import IndexBackend, Provider
     from app.gallery import db
+    from app.gallery.pgvector import require_extension
     from app.vision.runtime import requested_providers
 
     with failing_on_errors():
@@ -285,14 +284,10 @@ def _preflight(settings: Settings) -> None:
             fail(str(error))
     engine = db.make_engine(settings.database_url)
     try:
-        with engine.connect() as connection:  # a SQLAlchemyError ends the command in one line (app/cli/common.py)
-            if settings.index.backend is IndexBackend.PGVECTOR and connection.execute(
-                text("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")
-            ).first() is None:
-                fail(
-                    "the PostgreSQL server has no pgvector extension (FACEGATE_INDEX__BACKEND=pgvector): install it "
-                    "on the server, or choose FACEGATE_INDEX__BACKEND=exact or approximate"
-                )
+        # A SQLAlchemyError (or PgvectorUnavailable) ends the command in one line (app/cli/common.py).
+        with engine.connect() as connection:
+            if settings.index.backend is IndexBackend.PGVECTOR:
+                require_extension(connection)
         # A schema migrated by a newer facegate: every worker's migration would fail with alembic's traceback.
         revision = db.schema_revision(engine)
         if revision is not None and not db.known_revision(revision):

@@ -321,10 +321,7 @@ def reindex_command(
                     transform=pipeline.head.apply if pipeline.head is not None else None,
                     photo_base=_photo_base(pipeline) if from_photos else None,
                     # Earlier builds' names of this base (as the service adopts them): the same numbers.
-                    earlier_bases=[
-                        pipeline.base_model_version.replace(pipeline.manifest.model_version, version, 1)
-                        for version in pipeline.manifest.earlier_versions
-                    ],
+                    earlier_bases=pipeline.manifest.earlier_names(pipeline.base_model_version),
                 )
     finally:
         if gallery is not None:

@@ -80,6 +80,19 @@ class PgvectorUnavailable(RuntimeError):
     """The pgvector backend was asked for, but the database is not PostgreSQL or the server lacks the extension."""
 
 
+def require_extension(connection: Connection) -> str:
+    """The pgvector version the PostgreSQL server offers; raises PgvectorUnavailable when it has none."""
+    available = connection.execute(
+        text("SELECT default_version FROM pg_available_extensions WHERE name = 'vector'")
+    ).scalar()
+    if available is None:
+        raise PgvectorUnavailable(
+            "the PostgreSQL server has no pgvector extension (FACEGATE_INDEX__BACKEND=pgvector): install "
+            "it on the server, or choose FACEGATE_INDEX__BACKEND=exact or approximate"
+        )
+    return str(available)
+
+
 class PgvectorIndex(GalleryIndex):
     """`GalleryIndex` whose nearest-face search runs in PostgreSQL (pgvector HNSW)."""
 
@@ -123,14 +136,7 @@ class PgvectorIndex(GalleryIndex):
             connection.execute(
                 text("SELECT pg_advisory_xact_lock(:key, hashtext(current_schema()))"), {"key": _PG_SETUP_LOCK}
             )
-            available = connection.execute(
-                text("SELECT default_version FROM pg_available_extensions WHERE name = 'vector'")
-            ).scalar()
-            if available is None:
-                raise PgvectorUnavailable(
-                    "the PostgreSQL server has no pgvector extension (FACEGATE_INDEX__BACKEND=pgvector): install "
-                    "it on the server, or choose FACEGATE_INDEX__BACKEND=exact or approximate"
-                )
+            require_extension(connection)
             try:
                 with connection.begin_nested():
                     connection.execute(text("CREATE EXTENSION IF NOT EXISTS vector"))

@@ -26,6 +26,12 @@ class Manifest:
     def path(self, name: str) -> Path:
         return self.directory / str(self.models[name]["file"])
 
+    def earlier_names(self, version: str) -> list[str]:
+        """`version` (this build's model version, with any `+flip` or `+<head>` applied) as each earlier build
+        named it: the same numbers under another name."""
+        applied = version.removeprefix(self.model_version)
+        return [earlier + applied for earlier in self.earlier_versions]
+
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()

@@ -135,12 +135,10 @@ class LazySession:
                 if self._session is None:
                     try:
                         self._session = open_session(self.path, self._settings, require_gpu=self._require_gpu)
-                    except Exception as error:
-                        if not self.failed:  # once per streak: with the models opened on first use, every photo retries
+                    except BaseException as error:
+                        # Logged once per streak: with the models opened on first use, every photo retries.
+                        if isinstance(error, Exception) and not self.failed:
                             log.error("opening %s failed (tried again on the next photo): %s", self.path.name, error)
-                        self.failed = True
-                        raise
-                    except BaseException:
                         self.failed = True
                         raise
                     self.failed = False

@@ -31,6 +31,8 @@ from app.api.middleware import (
     ShutdownCutMiddleware,
 )
 from app.api.multiprocess import shared_directory
+from app.api.request_id import HEADER as REQUEST_ID_HEADER
+from app.api.request_id import RequestIdMiddleware
 from app.auth.verifier import open_verifier
 from app.config import Settings, get_settings
 from app.service import FaceService
@@ -112,10 +114,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CorsMiddleware,
             allow_origins=settings.cors.allow_origins,
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
-            allow_headers=["X-API-Key", "Authorization", "Content-Type"],
+            allow_headers=["X-API-Key", "Authorization", "Content-Type", REQUEST_ID_HEADER],
+            # Readable by the page's script: the id to quote in a report, and how long to wait before retrying.
+            expose_headers=[REQUEST_ID_HEADER, "Retry-After"],
             allow_credentials=False,
             max_age=settings.cors.max_age,
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(RequestIdMiddleware)  # outermost: the id is set first, and every answer carries it
     return app

@@ -1,4 +1,5 @@
-"""One log line per request (logger `facegate.access`, INFO): method, route, status, latency, decision, key prefix.
+"""One log line per request (logger `facegate.access`, INFO): method, route, status, latency, decision, key prefix,
+request id.
 
 - `route` is the route's template (`/identities/{identity_id}`), not the raw path: ids stay out of the log, and a
   probe for random paths shows as `unmatched` instead of echoing whatever was sent.
@@ -6,6 +7,7 @@
   outcome, e.g. `match` or `match,unknown`); `error` the error code of a refused request; `incident` a 500's
   incident id, as in its traceback's log line and the reply.
 - `key` is the API key's prefix (8 hex characters), never the key.
+- `request_id` the id the answer's `X-Request-ID` header carries (app/api/request_id.py).
 Never logged: embeddings, image bytes, names, metadata, query strings, client addresses (personal data).
 
 A `RequestObserver` like MetricsMiddleware: uploads stream through untouched.
@@ -24,7 +26,13 @@ from app.api.route_names import method_name, route_template
 log = logging.getLogger("facegate.access")
 
 # request.state attributes a route or the auth dependency may set, and the log field each becomes.
-STATE_FIELDS = {"decision": "decision", "error_code": "error", "incident": "incident", "key_prefix": "key"}
+STATE_FIELDS = {
+    "decision": "decision",
+    "error_code": "error",
+    "incident": "incident",
+    "key_prefix": "key",
+    "request_id": "request_id",
+}
 
 
 class AccessLogMiddleware(RequestObserver):

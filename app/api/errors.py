@@ -64,6 +64,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from app import errors
+from app.api.request_id import HEADER, request_id_of
 from app.api.route_names import allowed_methods, method_name, path_without_slash, route_template
 from app.gallery.db import driver_message
 from app.logs import LOGGED_ATTRIBUTE
@@ -164,16 +165,21 @@ def _internal_error(scope: Scope, exc: BaseException) -> JSONResponse:
     state = scope.setdefault("state", {})
     incident = str(state.setdefault("incident", new_incident()))
     # The route's template, not the raw path: ids stay out of the log (as in the access log).
+    request_id = request_id_of(scope)
     log.error(
         "unhandled error %s on %s %s",
         incident,
         method_name(scope),
         route_template(scope),
         exc_info=(type(exc), exc, exc.__traceback__),
+        extra={"fields": {"incident": incident, "request_id": request_id}},
     )
     with contextlib.suppress(AttributeError):  # Starlette re-raises it: uvicorn's traceback of it is dropped
         setattr(exc, LOGGED_ATTRIBUTE, incident)
-    return error_response(500, "internal_error", f"internal error (incident {incident}); it has been logged")
+    # Sent by ServerErrorMiddleware, outside RequestIdMiddleware: the id header is added here.
+    headers = {HEADER: request_id} if request_id is not None else None
+    message = f"internal error (incident {incident}); it has been logged"
+    return error_response(500, "internal_error", message, headers=headers)
 
 
 def facegate_error_response(scope: Scope, exc: errors.FacegateError) -> JSONResponse:

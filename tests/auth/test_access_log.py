@@ -104,15 +104,18 @@ def test_every_refusal_is_logged_with_its_route_and_code(
         caplog.set_level(logging.INFO)
         caplog.clear()
         multipart = {"content-type": "multipart/form-data; boundary=b"}
-        assert client.post("/identify", content=b"x" * 20_000, headers=multipart).status_code == 413
-        assert client.post("/identify", content=b"garbage", headers=multipart).status_code == 400
-        assert client.post("/identify", files={"image": ("a.jpg", b"x")}, data={"top_k": "0"}).status_code == 422
-        assert client.delete("/healthz").status_code == 405
         preflight = {"Origin": "https://evil.example.net", "Access-Control-Request-Method": "POST"}
-        assert client.options("/verify", headers=preflight).status_code == 400
-        assert client.get("/docs").status_code == 200
-        crash = client.delete(f"/identities/{'ab' * 16}")
-        assert crash.status_code == 500
+        answers = [
+            client.post("/identify", content=b"x" * 20_000, headers=multipart),
+            client.post("/identify", content=b"garbage", headers=multipart),
+            client.post("/identify", files={"image": ("a.jpg", b"x")}, data={"top_k": "0"}),
+            client.delete("/healthz"),
+            client.options("/verify", headers=preflight),
+            client.get("/docs"),
+            client.delete(f"/identities/{'ab' * 16}"),
+        ]
+        assert [a.status_code for a in answers] == [413, 400, 422, 405, 400, 200, 500]
+        crash = answers[-1]
     access = [r.__dict__["fields"] for r in caplog.records if r.name == "facegate.access"]
     assert [(a["method"], a["route"], a["status"], a.get("error")) for a in access] == [
         ("POST", "/identify", 413, "request_too_large"),
@@ -128,6 +131,46 @@ def test_every_refusal_is_logged_with_its_route_and_code(
     # One incident id in the reply, the access line and the traceback's line: they can be found together.
     incident = crash.json()["error"]["message"].split("incident ")[1].split(")")[0]
     assert access[-1]["incident"] == incident and incident in errors[0]
+    # Every answer, whichever layer sent it (the body limit, CORS, the 500 sent outside every middleware), carries
+    # the request id its access line names; the 500's log line names it too.
+    ids = [a.headers["X-Request-ID"] for a in answers]
+    assert ids == [a["request_id"] for a in access] and len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    crash_record = next(r for r in caplog.records if r.levelno >= logging.ERROR and r.name == "app.api.errors")
+    assert crash_record.__dict__["fields"]["request_id"] == ids[-1]
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        ("req-7f3a.b:2/ab+c=@x", True),  # nginx's $request_id, a trace id: followed across services
+        ("a" * 128, True),
+        ("a" * 129, False),
+        ("two words", False),  # would split a text log line
+        ('x" status=200', False),  # would forge a log field
+        ("", False),
+    ],
+)
+def test_a_well_formed_request_id_is_kept_any_other_replaced(
+    models_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, sent: str, kept: bool
+) -> None:
+    settings = api_settings(
+        models_dir, f"sqlite:///{tmp_path / 'g.db'}", cors={"allow_origins": ["https://login.example.com"]}
+    )
+    with running(settings) as client:
+        caplog.set_level(logging.INFO)
+        caplog.clear()
+        r = client.get("/identities", headers={"X-Request-ID": sent, "Origin": "https://login.example.com"})
+    assert r.status_code == 200
+    answered = r.headers["X-Request-ID"]
+    assert (answered == sent) is kept
+    if not kept:
+        assert re.fullmatch(r"[0-9a-f]{32}", answered)
+    # A browser's script may read it (and Retry-After) from a cross-origin answer.
+    exposed = {h.strip().lower() for h in r.headers["Access-Control-Expose-Headers"].split(",")}
+    assert {"x-request-id", "retry-after"} <= exposed
+    access = [r.__dict__["fields"] for r in caplog.records if r.name == "facegate.access"]
+    assert [a["request_id"] for a in access] == [answered]
 
 
 def test_text_format_puts_the_fields_after_the_message() -> None:

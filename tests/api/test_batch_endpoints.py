@@ -8,6 +8,7 @@ that the limit can be hit with few photos. Every photo's answer in a batch must 
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -119,10 +120,15 @@ class TestIdentifyBatch:
         assert [m and m["identity_id"] for m in matches] == [enrolled["Amy"], enrolled["Howard"], None]
 
     def test_bad_photos_get_their_own_errors_and_the_others_their_results(
-        self, app_client: TestClient, probes: list[Upload], single_identify: list[dict[str, Any]]
-    ) -> None:
+        self, app_client: TestClient, probes: list[Upload], single_identify: list[dict[str, Any]],
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:  # fmt: skip
         uploads = [NOT_AN_IMAGE, probes[0], EMPTY, NO_FACE, probes[2], TOO_SMALL]
+        caplog.set_level(logging.INFO, logger="facegate.access")
         response = app_client.post("/identify/batch", files=files(*uploads), data={"top_k": "3"})
+        # The access line counts the outcomes: Amy named, Leonard (not enrolled) unknown, four photos refused.
+        access = [r.__dict__["fields"] for r in caplog.records if r.name == "facegate.access"]
+        assert [a["decision"] for a in access] == ["error:4,match:1,unknown:1"]
         assert response.status_code == 200, response.text
         body = response.json()
         codes = [e["error"]["code"] if e["error"] else None for e in body["images"]]

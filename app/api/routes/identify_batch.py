@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, UploadFile
+from fastapi import APIRouter, Depends, File, Request, UploadFile
 
 from app.api import responses
 from app.api.auth import require
@@ -44,6 +45,7 @@ router = APIRouter(tags=["identify"], route_class=FormRoute)
     ),
 )
 async def identify_batch(
+    request: Request,
     service: ServiceDep,
     metrics: MetricsDep,
     images: Annotated[list[UploadFile], File(description="The photos (repeat the field).")],
@@ -55,12 +57,16 @@ async def identify_batch(
         service.identify_photos, [data for _, data in photos], top_k=top_k, threshold=threshold
     )
     out = []
+    outcomes: Counter[str] = Counter()
     for index, ((filename, _), result) in enumerate(zip(photos, results, strict=True)):
         if isinstance(result, FacegateError):
+            outcomes["error"] += 1
             out.append(IdentifyPhotoOut(index=index, filename=filename, error=error_out(result)))
             continue
-        observe_identify(metrics, result)
+        outcomes.update(observe_identify(metrics, result))
         out.append(IdentifyPhotoOut(index=index, filename=filename, result=identify_response(result)))
+    # For the access log: the faces' outcomes counted (a list per face, as /identify logs, could run to thousands).
+    request.state.decision = ",".join(f"{outcome}:{n}" for outcome, n in sorted(outcomes.items()))
     return IdentifyBatchResponse(
         n_images=len(out), n_errors=sum(p.error is not None for p in out), images=out
     )

@@ -4,8 +4,8 @@ request id.
 - `route` is the route's template (`/identities/{identity_id}`), not the raw path: ids stay out of the log, and a
   probe for random paths shows as `unmatched` instead of echoing whatever was sent.
 - `decision` is what the route put on `request.state.decision` (verify: match / no_match; identify: each face's
-  outcome, e.g. `match` or `match,unknown`; identify/batch: the outcomes counted, `error:1,match:3`); `error` the error code of a refused request; `incident` a 500's
-  incident id, as in its traceback's log line and the reply.
+  outcome, e.g. `match` or `match,unknown`; identify/batch: the outcomes counted, `error:1,match:3`); `error` the
+  error code of a refused request; `incident` a 500's incident id, as in its traceback's log line and the reply.
 - `key` is the API key's prefix (8 hex characters), never the key.
 - `request_id` the id the answer's `X-Request-ID` header carries (app/api/request_id.py).
 Never logged: embeddings, image bytes, names, metadata, query strings, client addresses (personal data).

@@ -521,7 +521,7 @@ class LogSettings(SettingsGroup):
     format: LogFormat = Field(
         default=LogFormat.text,
         description="text: one readable line per record; json: one JSON object per line (for log collectors). "
-        "Applies to `facegate serve`.",
+        "Applies to `facegate serve`, its start-up warnings and refusals included.",
     )
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Least severe level logged; INFO includes the access lines, WARNING drops them."
@@ -757,6 +757,22 @@ def settings_reference() -> list[tuple[str, str, str]]:
 
     walk(Settings, "FACEGATE_")
     return rows
+
+
+class _LogSettingsAlone(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FACEGATE_", env_nested_delimiter="__", extra="ignore")
+
+    log: LogSettings = LogSettings()
+
+
+def log_settings_alone() -> LogSettings:
+    """FACEGATE_LOG__* read on their own: `facegate serve` writes its start-up warnings and refusals in the server's
+    log format even when another setting is refused. A refused log setting gives the default (text), whose refusal
+    the full read then reports."""
+    try:
+        return _LogSettingsAlone().log
+    except (ValidationError, SettingsError):
+        return LogSettings()
 
 
 def describe_settings_error(error: ValidationError | SettingsError) -> str:

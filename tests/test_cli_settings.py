@@ -3,6 +3,7 @@ FACEGATE_ variable, never a traceback (no models needed: these fail before any i
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -406,3 +407,28 @@ def test_a_refused_secret_is_not_in_the_settings_error() -> None:
     with pytest.raises(ValidationError) as refused:
         Settings(database_url="postgresql://u:secret-pw@127.0.0.1/db")
     assert "secret-pw" not in str(refused.value)
+
+
+def test_serve_in_json_log_mode_writes_its_warnings_and_refusals_as_json_lines(tmp_path: Path) -> None:
+    """A log collector reading FACEGATE_LOG__FORMAT=json lines got serve's start-up warnings and its refusal as plain
+    `warning:` / `error:` text (written before logging was configured). A subprocess: serve configures the process's
+    logging for good."""
+    env = {
+        **os.environ,
+        "FACEGATE_DATABASE_URL": f"sqlite:///{tmp_path / 'gallery.db'}",
+        "FACEGATE_LOG__FORMAT": "json",
+        "FACEGATE_THRESHLD": "0.3",
+        "FACEGATE_THRESHOLD": "abc",
+    }
+    serve = [sys.executable, "-m", "app.cli", "serve", "--port", str(free_port())]
+    run = subprocess.run(serve, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    lines = [json.loads(line) for line in run.stderr.splitlines()]
+    assert [(line["level"], line["logger"]) for line in lines] == [("WARNING", "facegate.cli"), ("ERROR", "facegate.cli")]
+    assert lines[0]["message"] == "FACEGATE_THRESHLD is not a facegate setting and is ignored (did you mean FACEGATE_THRESHOLD?)"
+    assert lines[1]["message"].startswith("invalid settings: FACEGATE_THRESHOLD: Input should be a valid number")
+    assert not (tmp_path / "gallery.db").exists()
+    # A refused log format itself: the refusal is reported in text, the format serve could not read.
+    run = subprocess.run(serve, env={**env, "FACEGATE_LOG__FORMAT": "xml"}, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.splitlines()[-1].startswith("error: invalid settings: "), run.stderr
+    assert "FACEGATE_LOG__FORMAT: Input should be 'text' or 'json'" in run.stderr

@@ -182,6 +182,24 @@ def main_callback(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+# Set by `facegate serve` in JSON log mode: its warnings and refusals become log records (one JSON object per line,
+# like everything else the server writes) instead of coloured text lines.
+_as_log_records = False
+
+
+def report_as_log_records() -> None:
+    global _as_log_records
+    _as_log_records = True
+
+
+def _report(level: int, message: str) -> None:
+    if _as_log_records:
+        logging.getLogger("facegate.cli").log(level, message)
+        return
+    kind, colour = ("error", typer.colors.RED) if level >= logging.ERROR else ("warning", typer.colors.YELLOW)
+    typer.secho(f"{kind}: {message}", fg=colour, err=True)
+
+
 def load_settings() -> Settings:
     """Settings from the environment, read when a command runs (not cached: one command per process anyway). A value
     that is refused ends the command with exit status 2 and the variable's name, not a traceback."""
@@ -190,7 +208,7 @@ def load_settings() -> Settings:
             said = f"{name} is read by docker-compose.yml, which passes it on as {close}: facegate itself reads {close}"
         else:
             said = f"{name} is not a facegate setting and is ignored" + (f" (did you mean {close}?)" if close else "")
-        typer.secho(f"warning: {said}", fg=typer.colors.YELLOW, err=True)
+        _report(logging.WARNING, said)
     try:
         settings = Settings()
     except (ValidationError, SettingsError) as error:
@@ -273,7 +291,7 @@ def default_threshold(settings: Settings, pipeline: Pipeline) -> float:
 
 
 def fail(message: str) -> NoReturn:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    _report(logging.ERROR, message)
     raise typer.Exit(2)
 
 

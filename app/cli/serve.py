@@ -19,8 +19,8 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import cli, fail, failing_on_errors, load_settings, log_level_name
-from app.config import Settings
+from app.cli.common import cli, fail, failing_on_errors, load_settings, log_level_name, report_as_log_records
+from app.config import LogFormat, Settings, log_settings_alone
 from app.vision.pipeline import Pipeline
 
 log = logging.getLogger("facegate.serve")
@@ -104,6 +104,10 @@ def serve(
 
     from app.logs import uvicorn_log_config
 
+    early = log_settings_alone()
+    if early.format is LogFormat.json:  # the refusals below, and load_settings' warnings, as JSON lines too
+        logging.config.dictConfig(uvicorn_log_config(early))
+        report_as_log_records()
     settings = load_settings()
     bind = host or settings.host  # an explicit --host or FACEGATE_HOST is honoured; the default is 127.0.0.1
     keys = api_keys_configured(settings)

@@ -81,7 +81,14 @@ class DetectorSettings(SettingsGroup):
         ge=64,
         description="Photos larger than this (longer side, px) are shrunk before detection; boxes are reported in the original photo's pixels. A JPEG at least twice this size is decoded straight to 1/2, 1/4 or 1/8 scale (no smaller than the shrunk photo): a 12-megapixel phone photo's faces are found 1.7x faster, a 40-megapixel one's 3x, in a fraction of the memory.",
     )
-    score_threshold: float = Field(default=0.0, description="Minimum MMOD detector score; dlib's own cut-off is 0. Raise it to drop doubtful faces.")
+    score_threshold: float = Field(
+        default=0.0,
+        ge=-1.0,
+        le=2.0,
+        description="Minimum MMOD detector score; dlib's own cut-off is 0. Raise it to drop doubtful faces. Clear "
+        "faces score about 1 (dev maximum 1.10): above that nothing is found; below -1 every photo gave hundreds of "
+        "false faces at seconds each, so the range is -1 to 2.",
+    )
     max_faces: int = Field(
         default=100,
         ge=1,
@@ -228,7 +235,9 @@ class QualitySettings(SettingsGroup):
     )
     min_score: float | None = Field(
         default=None,
-        description="Smallest MMOD detector score (dev 1st percentile 0.60). Unset: not gated. A photo turned "
+        ge=-1.0,
+        le=2.0,
+        description="Smallest MMOD detector score (dev 1st percentile 0.60; range -1 to 2, as detector.score_threshold). Unset: not gated. A photo turned "
         "sideways with no EXIF orientation still yields a face whose landmarks look upright (the roll gate cannot "
         "see it) and whose embedding matches nobody, but its score is low (0.38 seen): 0.5 refuses such uploads.",
     )

@@ -47,6 +47,10 @@ def sqlite_env(tmp_path: Path) -> dict[str, str]:
         ({"FACEGATE_DETECTOR__SCORE_THRESHOLD": "nan"}, "FACEGATE_DETECTOR__SCORE_THRESHOLD: Input should be a finite"),
         ({"FACEGATE_DETECTOR__SCORE_THRESHOLD": "-inf"}, "FACEGATE_DETECTOR__SCORE_THRESHOLD: Input should be a finite"),
         ({"FACEGATE_QUALITY__MIN_SCORE": "nan"}, "FACEGATE_QUALITY__MIN_SCORE: Input should be a finite number"),
+        # Above ~1.1 no face is ever found; below -1 hundreds of false ones per photo, at seconds each
+        ({"FACEGATE_DETECTOR__SCORE_THRESHOLD": "1e300"}, "FACEGATE_DETECTOR__SCORE_THRESHOLD: Input should be less"),
+        ({"FACEGATE_DETECTOR__SCORE_THRESHOLD": "-5"}, "FACEGATE_DETECTOR__SCORE_THRESHOLD: Input should be greater"),
+        ({"FACEGATE_QUALITY__MIN_SCORE": "3"}, "FACEGATE_QUALITY__MIN_SCORE: Input should be less than or equal to 2"),
         ({"FACEGATE_THRESHOLD": "nan"}, "FACEGATE_THRESHOLD: Input should be a finite number"),
         ({"FACEGATE_HOST": ""}, "FACEGATE_HOST: String should have at least 1 character"),  # uvicorn: every interface
         ({"FACEGATE_HEAD__NAME": ""}, "FACEGATE_HEAD__NAME: String should have at least 1 character"),

@@ -194,14 +194,14 @@ def test_pose_and_score_limits_gate_only_when_set(
     strict = api_settings(
         models_dir,
         f"sqlite:///{tmp_path / 'strict.db'}",
-        quality={"max_abs_roll_deg": 0.5, "min_score": 5.0},
+        quality={"max_abs_roll_deg": 0.5, "min_score": 1.5},
     )
     with running(strict) as client:
         refused = client.post("/enroll", files={"image": photo("bbt_amy/face-api__amy2.png")}, data={"name": "Amy"})
         reasons = {r["issue"]: r for r in error_of(refused, 422, "low_quality")["details"]["reasons"]}
         assert set(reasons) == {"tilted", "low_score"}  # amy2: roll ~11 degrees, score ~1.07
         assert reasons["tilted"]["limit"] == 0.5 and reasons["tilted"]["measured"] > 5
-        assert reasons["low_score"]["limit"] == 5.0 and 0 < reasons["low_score"]["measured"] < 5
+        assert reasons["low_score"]["limit"] == 1.5 and 0 < reasons["low_score"]["measured"] < 1.5
 
 
 def test_quality_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

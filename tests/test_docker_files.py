@@ -5,10 +5,12 @@ timeout."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tomllib
 from functools import cache
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +160,45 @@ def test_compose_waits_for_the_database_probes_readiness_and_stops_gracefully() 
     # Secrets come from the environment at `up`, never a literal in the file (which the image does not contain).
     assert api["environment"]["FACEGATE_AUTH__BOOTSTRAP_KEY"].startswith("${")
     assert excluded_from_context("docker-compose.yml")
+
+
+def test_docker_test_tears_down_and_shows_the_logs_when_the_build_fails(tmp_path: Path) -> None:
+    """`make docker-test` cleans up whatever way it ends: a failed build (or `up`, or a Ctrl-C during either) still
+    gets the compose logs printed and `docker-compose down -v`. Run against stand-ins for docker and docker-compose
+    on PATH (this machine's docker is not used): they record their arguments, and the build fails."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    calls = tmp_path / "calls"
+    (stubs / "docker").write_text("#!/bin/sh\nexit 0\n")  # `docker info`, `docker image inspect`: present
+    (stubs / "docker-compose").write_text(
+        f'#!/bin/sh\necho "$*" >>{calls}\ncase " $* " in *" build "*) echo "build broke" >&2; exit 1 ;; esac\nexit 0\n'
+    )
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    photos = tmp_path / "faces" / "dev"
+    photos.mkdir(parents=True)
+    (photos / "a.jpg").write_bytes(b"not read before the build")
+    env = {
+        **os.environ,
+        "PATH": f"{stubs}:{os.environ['PATH']}",
+        "FACEGATE_FACES_DIR": str(tmp_path / "faces"),
+        "ENROLL_PHOTO": "a.jpg",
+        "SAME_PHOTO": "a.jpg",
+        "OTHER_PHOTO": "a.jpg",
+        "FACEGATE_PUBLISH_PORT": "1",  # not bound: nothing is started
+    }
+    result = subprocess.run(
+        ["bash", str(REPO_ROOT / "tests" / "docker" / "compose_roundtrip.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "unbound variable" not in result.stderr, result.stderr
+    commands = calls.read_text().splitlines()
+    build = next(i for i, c in enumerate(commands) if c.endswith(" build api"))
+    after = commands[build + 1 :]
+    assert any(" logs " in f" {c} " for c in after), commands
+    assert any(c.endswith("down -v --remove-orphans") for c in after), commands

@@ -433,8 +433,9 @@ async function loadIdentity(id) {
   if (!current || current.id !== id) clearIdentity();
   let identity;
   try {
-    // "." and ".." would be resolved away by the URL parser (asking /identities/ or /): no person has either id.
-    if (id === "." || id === "..") throw new ApiError(404, "unknown_identity", "unknown identity '" + id + "'");
+    // "." and ".." would be resolved away by the URL parser (asking /identities/ or /), and "" (#identity/) asks
+    // /identities/, which redirects to the gallery's list (shown as a person with no name): no person has these ids.
+    if (id === "" || id === "." || id === "..") throw new ApiError(404, "unknown_identity", "unknown identity '" + id + "'");
     identity = await latest(() => api("/identities/" + encodeURIComponent(id)));
   } catch (error) {
     if (!(error instanceof Stale)) clearIdentity(); // deleted, or the key refused: nothing of them stays shown

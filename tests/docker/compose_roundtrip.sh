@@ -59,7 +59,10 @@ admin_key=$FACEGATE_BOOTSTRAP_KEY
 base_url="http://127.0.0.1:$FACEGATE_PUBLISH_PORT"
 dc() { "${compose[@]}" -f docker-compose.yml "$@"; }
 
+# Both made before the trap: cleanup names them, and under `set -u` an unset one ended it at once (a failed build or
+# `up` then left the containers and volumes behind, and their logs unshown).
 body=$(mktemp)
+headers=$(mktemp)
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
@@ -107,7 +110,6 @@ post() {  # post PATH curl-form-args...  -> prints the HTTP status, body in $bod
   local path=$1; shift
   curl --silent --show-error --max-time 120 --noproxy '*' -o "$body" -w '%{http_code}' "$@" "$base_url$path"
 }
-headers=$(mktemp)
 
 log "waiting for /readyz (at most $ready_timeout s)"
 waited=$SECONDS

@@ -349,8 +349,8 @@ def test_hand_edited_links_to_a_person_say_nobody_has_that_id(
     message.wait_for()
     assert p.locator("#page-identity").is_visible() and p.locator("#identity-body").is_hidden()
     # Dot segments: the URL parser would turn /identities/. into /identities/ (the gallery's list, shown as a person
-    # with no name) and /identities/.. into /.
-    for dots in (".", "%2e", ".."):
+    # with no name) and /identities/.. into /; an empty id asks /identities/ itself.
+    for dots in (".", "%2e", "..", ""):
         open_page(p, live, "enrol")
         p.locator("#page-enrol").wait_for()
         p.evaluate(f"location.hash = '#identity/{dots}'")

@@ -221,6 +221,26 @@ def test_serve_refuses_a_schema_migrated_by_a_newer_facegate(tmp_path: Path) -> 
     assert code == 2 and err.startswith("error: the database is at schema revision 9999, which this facegate"), err
 
 
+def test_serve_refuses_a_database_with_anothers_tables_of_the_same_names(tmp_path: Path) -> None:
+    """A database never migrated by facegate that already has a table it would create (another application's
+    `identities`): every worker's first migration failed with "table identities already exists" and a traceback."""
+    import sqlite3
+
+    path = tmp_path / "shared.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE identities (id INTEGER)")
+        connection.execute("CREATE TABLE api_keys (id INTEGER)")
+    env = {"FACEGATE_AUTH__REQUIRED": "true", "FACEGATE_DATABASE_URL": f"sqlite:///{path}"}
+    code, err = run(env, "serve", "--port", str(free_port()))
+    assert code == 2 and err.strip() == (
+        "error: the database has no facegate schema revision (no alembic_version table) but already has the table(s) "
+        "api_keys, identities: another application's? Give facegate a database of its own"
+    ), err
+    with sqlite3.connect(path) as connection:  # left as it was
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert tables == {"identities", "api_keys"}
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1:8000", "http://127.0.0.1", "no-such-host.invalid"])
 def test_serve_refuses_a_host_that_does_not_resolve_before_anything_loads(tmp_path: Path, host: str) -> None:
     """uvicorn found it only after loading the models and the gallery: '[Errno -2] Name or service not known',

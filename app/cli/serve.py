@@ -294,6 +294,12 @@ def _preflight(settings: Settings) -> None:
                 require_extension(connection)
         # A schema migrated by a newer facegate: every worker's migration would fail with alembic's traceback.
         revision = db.schema_revision(engine)
+        clash = db.clashing_tables(engine) if revision is None else []
+        if clash:  # every worker's first migration failed with "relation ... already exists" and a traceback
+            fail(
+                f"the database has no facegate schema revision (no alembic_version table) but already has the table(s) "
+                f"{', '.join(clash)}: another application's? Give facegate a database of its own"
+            )
         if revision is not None and not db.known_revision(revision):
             fail(
                 f"the database is at schema revision {revision}, which this facegate (head {db.head_revision()}) does "

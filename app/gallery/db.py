@@ -35,7 +35,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -591,6 +591,15 @@ def schema_revision(engine: Engine) -> str | None:
     """The revision the database is at (None: never migrated)."""
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
+
+
+def clashing_tables(engine: Engine) -> list[str]:
+    """facegate's table names that already exist in a database it never migrated (no alembic_version): another
+    application's tables, or a gallery whose alembic_version was dropped. The first migration would fail on them."""
+    from app.gallery.tables import Base  # the tables' module imports nothing of this one, but only this needs it
+
+    existing = set(inspect(engine).get_table_names())
+    return sorted(name for name in Base.metadata.tables if name in existing)
 
 
 def upgrade(target: Engine | str, revision: str = "head") -> None:

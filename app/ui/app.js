@@ -90,11 +90,12 @@ const QUALITY_WORDS = {
 // ------------------------------------------------------------------------------------------------ the API
 
 class ApiError extends Error {
-  constructor(status, code, message, details) {
+  constructor(status, code, message, details, requestId) {
     super(message);
     this.status = status;
     this.code = code;
     this.details = details || {};
+    this.requestId = requestId || null; // the answer's X-Request-ID: what an operator finds the request by in the log
   }
 }
 
@@ -133,7 +134,9 @@ async function api(path, options) {
   }
   if (!response.ok && !(opts.allow || []).includes(response.status)) {
     const e = (data && data.error) || {};
-    throw new ApiError(response.status, e.code || "http_" + response.status, e.message || response.statusText || "request failed", e.details);
+    const code = e.code || "http_" + response.status;
+    const message = e.message || response.statusText || "request failed";
+    throw new ApiError(response.status, code, message, e.details, response.headers.get("X-Request-ID"));
   }
   return data;
 }
@@ -187,7 +190,9 @@ function describeError(error) {
   }
   if (error.status === 0) return error.message;
   const photo = PHOTO_FIELDS[error.details.field]; // which of two photos a verify's error is about
-  return (photo ? photo + ": " : "") + error.message + " (" + error.code + ", HTTP " + error.status + ")";
+  // A server-side failure names the request, for the operator to find in the log: quote it when reporting it.
+  const request = error.status >= 500 && error.requestId ? ", request " + error.requestId : "";
+  return (photo ? photo + ": " : "") + error.message + " (" + error.code + ", HTTP " + error.status + request + ")";
 }
 
 const PHOTO_FIELDS = { image_a: "First photo", image_b: "Second photo" };

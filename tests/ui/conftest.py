@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from fastapi import FastAPI
 
 from app.api.request_timeouts import TimedH11Protocol
 from app.config import Settings
@@ -32,6 +33,7 @@ SCREENSHOTS = Path(os.environ.get("FACEGATE_UI_SCREENSHOTS", "/tmp/facegate-ui-s
 class LiveServer:
     url: str
     settings: Settings
+    app: FastAPI
 
 
 def serve(settings: Settings) -> Iterator[LiveServer]:
@@ -43,8 +45,9 @@ def serve(settings: Settings) -> Iterator[LiveServer]:
         (TimedH11Protocol,),
         {"request_timeout": settings.request_timeout, "request_idle_timeout": settings.request_idle_timeout},
     )
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on", http=protocol
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", http=protocol
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -55,7 +58,7 @@ def serve(settings: Settings) -> Iterator[LiveServer]:
             raise RuntimeError("the app did not start")
         time.sleep(0.05)
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", settings)
+        yield LiveServer(f"http://127.0.0.1:{port}", settings, app)
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -443,6 +443,31 @@ def test_a_deletion_answered_after_going_on_names_whom_it_deleted_and_leaves_the
     assert console.errors() == []
 
 
+def test_a_server_failure_names_the_request_to_report(
+    page: tuple[Any, Console], live: LiveServer, gallery: Gallery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 500 says only `internal_error`: the message shows its request id (X-Request-ID), which the server's access
+    line and the failure's log line name, for the operator to find what happened."""
+    p, console = page
+    person = gallery.enrol("First Person")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(live.app.state.service, "delete_identity", broken)
+    open_page(p, live, f"identity/{person}")
+    p.locator("#identity-title", has_text="First Person").wait_for()
+    p.get_by_role("button", name="Delete person…").click()
+    with p.expect_response(lambda r: r.request.method == "DELETE") as answer:
+        p.get_by_role("button", name="Yes, delete").click()
+    request_id = answer.value.headers["x-request-id"]
+    assert answer.value.status == 500 and re.fullmatch(r"[0-9a-f]{32}", request_id)
+    message = p.locator("#message.error", has_text="internal_error")
+    message.wait_for()
+    assert message.inner_text().endswith(f"(internal_error, HTTP 500, request {request_id})")
+    assert failed_loads(console.errors()) == [500]
+
+
 def test_a_face_added_after_going_on_is_not_shown_on_the_next_persons_page(
     page: tuple[Any, Console], live: LiveServer, gallery: Gallery
 ) -> None:

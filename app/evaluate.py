@@ -99,6 +99,10 @@ def read_pairs(path: Path, *, at_least: int = 1) -> list[Pair]:
         label = (row["same"] or "").strip().lower()
         if label not in _TRUE | _FALSE or not row["img_a"] or not row["img_b"]:
             raise InvalidRequest(f"{path}, line {line}: expected img_a,img_b,same (1 or 0)", field="pairs")
+        if "\0" in row["img_a"] + row["img_b"]:
+            # No file name holds a NUL (a damaged file, or one saved as UTF-16): opening it raised ValueError, a
+            # traceback after the photos before it were embedded.
+            raise InvalidRequest(f"{path}, line {line}: a photo path holds a NUL character", field="pairs")
         pairs.append(Pair(row["img_a"].strip(), row["img_b"].strip(), label in _TRUE))
     if not pairs:
         raise InvalidRequest(f"{path} has no pairs", field="pairs")

@@ -6,7 +6,7 @@ import unicodedata
 
 from app.errors import InvalidRequest
 
-__all__ = ["clean_name"]
+__all__ = ["clean_name", "printable"]
 
 
 def clean_name(name: str, *, what: str = "name") -> str:
@@ -63,3 +63,19 @@ def _hidden_in_names(c: str) -> bool:
         or 0xFDD0 <= cp <= 0xFDEF  # noncharacters ...
         or cp & 0xFFFE == 0xFFFE  # ... and the last two code points of every plane (U+FFFE, U+FFFF, U+1FFFF, ...)
     )
+
+
+def printable(text: str) -> str:
+    """`text` with each character that is not printable written as its Python escape: a line break or a terminal
+    escape in a file name cannot split the line it is printed in or drive the terminal, and matplotlib can draw it
+    (a lone surrogate made FreeType refuse a report's title). A byte of a file name that is not UTF-8 reaches Python
+    as a lone surrogate (b"\\xff" -> U+DCFF); it is shown as the byte, \\xff, not as \\udcff."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
+def _escaped(c: str) -> str:
+    if 0xDC80 <= ord(c) <= 0xDCFF:  # os.fsdecode's surrogateescape range: the undecodable bytes 0x80-0xFF
+        return f"\\x{ord(c) - 0xDC00:02x}"
+    return repr(c)[1:-1]

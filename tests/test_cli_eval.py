@@ -167,6 +167,18 @@ def test_pairs_saved_by_a_spreadsheet_are_read(tmp_path: Path) -> None:
         evaluation.read_pairs(saved)
 
 
+def test_a_pairs_file_with_a_nul_in_a_path_is_refused_naming_the_line(env: Path, tmp_path: Path) -> None:
+    """No file name holds a NUL (a damaged file, or one saved as UTF-16): opening the photo raised ValueError
+    ("embedded null byte") and `eval` / `calibrate` ended with a traceback, after embedding the photos before it."""
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("img_a,img_b,same\nann/1.jpg,ann/2.jpg,1\nann/1.jpg,bob/\x001.jpg,0\n")
+    with pytest.raises(InvalidRequest, match="line 3: a photo path holds a NUL character"):
+        evaluation.read_pairs(pairs)
+    result = CliRunner().invoke(cli, ["calibrate", "--pairs", str(pairs), "--images", str(tmp_path)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "line 3: a photo path holds a NUL character" in result.stderr
+
+
 def test_a_cache_that_is_no_npz_is_not_overwritten(env: Path, photos: tuple[Path, Path], tmp_path: Path) -> None:
     """`--cache` is rewritten at the end of a run: a mistyped `--cache pairs.csv` must not destroy the pairs."""
     images, pairs = photos
@@ -547,3 +559,23 @@ def test_folder_commands_leave_hidden_files_and_folders_out(tmp_path: Path) -> N
     assert [p.relative_to(tmp_path).as_posix() for p in _photos_under(tmp_path, [])] == expected
     people = _people(tmp_path, PhotoSelection.all, [])
     assert [f"{person}/{photo.name}" for person, photos in people for photo in photos] == expected
+
+
+def test_reports_are_drawn_for_names_that_are_not_utf8(env: Path, photos: tuple[Path, Path], tmp_path: Path) -> None:
+    """A pairs file or images folder named in another encoding (caf\xe9 in Latin-1: a byte that is not UTF-8 reaches
+    Python as a lone surrogate) ended `eval` and `eval-identify` with a matplotlib TypeError traceback once every
+    photo was embedded, the table unprinted and the PNG unwritten. The title shows the byte as the commands print it."""
+    images, pairs = photos
+    odd = os.fsdecode(b"caf\xe9")
+    renamed_pairs = pairs.with_name(f"{odd}.csv")
+    pairs.rename(renamed_pairs)
+    renamed_images = images.with_name(odd)
+    images.rename(renamed_images)
+    out = tmp_path / "out"
+    code, text = run("eval", "--pairs", str(renamed_pairs), "--images", str(renamed_images), "--out", str(out))
+    assert code == 0 and "10-fold accuracy" in text, text
+    code, text = run("eval-identify", "--images", str(renamed_images), "--out", str(out))
+    assert code == 0 and "rank-1" in text, text
+    for png in ("eval.png", "eval-identify.png"):
+        with Image.open(out / png) as image:
+            assert image.format == "PNG", png

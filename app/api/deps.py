@@ -7,6 +7,7 @@ Everything lives on `app.state` (set by `app.main`'s lifespan), never in module 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
@@ -97,6 +98,34 @@ async def query_fields(request: Request) -> None:
         raise InvalidRequest(
             f"query parameter(s) sent more than once: {', '.join(repeated)}", repeated_query_parameters=repeated
         )
+
+
+async def json_fields(request: Request) -> None:
+    """Refuse a JSON body naming one of its fields more than once (`{"target_far": 0.1, ..., "target_far": 0.001}`):
+    the parser FastAPI uses keeps the last one without a word, so which value counted would be a guess, as with a
+    form field sent twice."""
+    body = await request.body()  # cached: the bytes FastAPI has already parsed for the route's body model
+    try:
+        value = json.loads(body, object_pairs_hook=_JsonFields.of) if body else None
+    except (ValueError, RecursionError):
+        return  # not JSON: FastAPI has answered it already
+    repeated = value.repeated if isinstance(value, _JsonFields) else ()
+    if repeated:
+        shown, words = listed(list(repeated))
+        raise InvalidRequest(f"field(s) sent more than once: {words}", repeated_fields=shown)
+
+
+class _JsonFields(dict[str, Any]):
+    """A JSON object as parsed, with the names it held more than once."""
+
+    repeated: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, items: list[tuple[str, Any]]) -> _JsonFields:
+        fields = cls(items)
+        if len(fields) < len(items):
+            fields.repeated = tuple(sorted(k for k, n in Counter(k for k, _ in items).items() if n > 1))
+        return fields
 
 
 def _query_names(dependant: Dependant) -> frozenset[str]:

@@ -26,6 +26,7 @@ from app.errors import DatabaseUnavailable, FacegateError, InsufficientStorage
 from app.gallery.db import driver_message, in_memory_sqlite, missing_sqlite_file
 from app.gallery.pgvector import PgvectorUnavailable
 from app.matching.thresholds import MAX_THRESHOLD, validate_rate, validate_threshold
+from app.names import printable
 from app.service import FacePolicy, FaceService
 from app.vision.pipeline import Pipeline
 
@@ -378,19 +379,9 @@ def writing_reports(out: Path) -> Iterator[None]:
 
 
 def shown(path: Path | str) -> str:
-    """A file name as printed: a line break, a terminal escape or a byte that is not UTF-8 written as its Python
-    escape, so that a name cannot split its error line in two or drive the terminal. A byte that is not UTF-8
-    reaches Python as a lone surrogate (b"\\xff" -> U+DCFF); it is shown as the byte, \\xff, not as \\udcff."""
-    text = str(path)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else _escaped(c) for c in text)
-
-
-def _escaped(c: str) -> str:
-    if 0xDC80 <= ord(c) <= 0xDCFF:  # os.fsdecode's surrogateescape range: the undecodable bytes 0x80-0xFF
-        return f"\\x{ord(c) - 0xDC00:02x}"
-    return repr(c)[1:-1]
+    """A file name as printed (app/names.py `printable`): it cannot split its error line in two or drive the
+    terminal."""
+    return printable(str(path))
 
 
 @dataclass(frozen=True)

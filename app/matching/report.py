@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from app.names import printable
+
 if TYPE_CHECKING:
     from app.matching.evaluation import VerificationReport
     from app.matching.openset_eval import IdentificationReport
@@ -65,7 +67,7 @@ def plot_verification(report: VerificationReport, path: Path, *, title: str = "f
         missing = f", {report.n_missing} pairs without a face" if report.n_missing else ""
         ax_hist.set_title(f"Distance distributions{missing}")
         ax_hist.legend()
-        fig.suptitle(title)
+        fig.suptitle(printable(title))
         fig.tight_layout()
         fig.savefig(path, dpi=110)
     finally:
@@ -93,7 +95,7 @@ def plot_identification(report: IdentificationReport, path: Path, *, title: str 
         ax.set_ylim(0.0, 1.0)
         ax.set_xlabel("FPIR (strangers matched to someone)")
         ax.set_ylabel("DIR (enrolled people identified correctly)")
-        ax.set_title(f"{title}: {report.n_enrolled} enrolled, {report.n_probes} probes, {report.n_strangers} strangers", fontsize=10)
+        ax.set_title(f"{printable(title)}: {report.n_enrolled} enrolled, {report.n_probes} probes, {report.n_strangers} strangers", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()

@@ -233,3 +233,27 @@ def test_calibrate_never_stores_a_threshold_over_4(client: TestClient) -> None:
     error = error_of(r, 409, "insufficient_data")
     assert "is over 4: not a usable threshold" in error["message"]
     assert client.get("/calibration").json() == before and before["deployment"] is None
+
+
+def test_a_field_sent_twice_in_the_json_body_is_refused(client: TestClient, photo: Photo) -> None:
+    """README: a repeated field is refused (422), JSON fields as form fields. A JSON object naming a key twice was
+    decided on its last value without a word: a threshold for FAR 0.5 was stored from a body that also asked for
+    0.001, and PATCH renamed an identity to the second of two names."""
+    headers = {"Content-Type": "application/json"}
+    pairs = '"source": "pairs", "same": [0.1, 0.2], "different": [0.5, 0.6, 0.7], "apply": true'
+    body = "{" + pairs + ', "target_far": 0.001, "target_far": 0.5}'
+    error = error_of(client.post("/calibrate", content=body, headers=headers), 422, "invalid_request")
+    assert error["details"] == {"repeated_fields": ["target_far"]}
+    assert client.get("/calibration").json()["deployment"] is None  # nothing stored
+    once = client.post("/calibrate", content="{" + pairs + ', "target_far": 0.5}', headers=headers)
+    assert once.status_code == 200 and once.json()["applied"] is True
+
+    created = client.post("/enroll", data={"name": "amy"}, files={"image": photo("bbt_amy/face-api__amy1.png")})
+    assert created.status_code == 201, created.text
+    url = f"/identities/{created.json()['identity_id']}"
+    body = '{"name": "amy", "metadata": {"team": "a"}, "name": "raj"}'
+    error = error_of(client.patch(url, content=body, headers=headers), 422, "invalid_request")
+    assert error["details"] == {"repeated_fields": ["name"]}
+    assert client.get(url).json()["name"] == "amy"
+    renamed = client.patch(url, content='{"name": "raj", "metadata": {"team": "b"}}', headers=headers)
+    assert renamed.status_code == 200 and renamed.json()["name"] == "raj"

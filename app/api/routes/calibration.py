@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
 from app.api.auth import require
-from app.api.deps import ServiceDep
+from app.api.deps import ServiceDep, json_fields
 from app.api.head import HeadRoute
 from app.api.schemas import (
     CalibrateRequest,
@@ -39,7 +39,7 @@ router = APIRouter(tags=["admin"], route_class=HeadRoute)
     "/calibrate",
     response_model=CalibrateResponse,
     responses=responses.errors(409, *responses.BODY, *responses.WRITE),
-    dependencies=[require(Scope.admin)],
+    dependencies=[require(Scope.admin), Depends(json_fields)],
     summary="Threshold for a target false-accept rate (from the gallery or from labelled distances); apply to store it",
 )
 async def calibrate(service: ServiceDep, body: CalibrateRequest) -> CalibrateResponse:

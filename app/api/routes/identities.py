@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api import responses
 from app.api.auth import require
-from app.api.deps import MetricsDep, ServiceDep, form_fields
+from app.api.deps import MetricsDep, ServiceDep, form_fields, json_fields
 from app.api.forms import FormRoute
 from app.api.routes.common import ALREADY_ENROLLED, enroll_response, identity_public, read_photo
 from app.api.schemas import (
@@ -88,7 +88,7 @@ async def get_identity(service: ServiceDep, identity_id: IdentityId) -> Identity
     "/{identity_id}",
     response_model=IdentityPublic,
     responses=responses.errors(404, *responses.BODY, *responses.WRITE),
-    dependencies=[require(Scope.write)],
+    dependencies=[require(Scope.write), Depends(json_fields)],
     summary="Rename and/or replace the metadata (JSON body)",
 )
 async def update_identity(service: ServiceDep, identity_id: IdentityId, body: IdentityUpdate) -> IdentityPublic:

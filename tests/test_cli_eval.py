@@ -235,6 +235,11 @@ def test_calibrate_prints_the_threshold_and_apply_stores_it(
     assert result["missing_photos"] == [BLANK] and result["n_missing_pairs"] == 12
     assert not env.exists()  # without --apply no database is touched
 
+    # Stored only into an existing gallery: a mistyped FACEGATE_DATABASE_URL created an empty one and stored it there.
+    refused = CliRunner().invoke(cli, [*args, "--apply"])
+    assert refused.exit_code == 2 and f"the SQLite database {env} (FACEGATE_DATABASE_URL) does not exist" in refused.stderr
+    assert not env.exists()
+    assert run("db", "upgrade")[0] == 0
     code, text = run(*args, "--apply")
     assert code == 0, text
     assert f"threshold {result['threshold']:.4f} for target FAR 0.05" in text
@@ -255,6 +260,7 @@ def test_calibrate_refuses_a_threshold_that_decides_nothing(env: Path, photos: t
     pairs = tmp_path / "zero.csv"
     amy = "amy/face-api__amy1.png"
     pairs.write_text(f"img_a,img_b,same\n{amy},{amy},0\n{amy},amy/face-api__amy2.png,1\n")
+    assert run("db", "upgrade")[0] == 0  # --apply stores into an existing gallery only
     for extra in ([], ["--json"], ["--apply"]):
         result = CliRunner().invoke(cli, ["calibrate", "--pairs", str(pairs), "--images", str(images), "--far", "0.4", *extra])
         assert result.exit_code == 2, (extra, result.output)

@@ -133,8 +133,8 @@ def test_a_database_that_cannot_be_opened_is_one_line(tmp_path: Path, command: l
 def test_a_command_on_an_existing_gallery_refuses_a_missing_sqlite_file(tmp_path: Path, command: list[str]) -> None:
     """These read or change what a gallery holds: opening a SQLite file that is not there created an empty gallery
     and answered from it ('0 faces recomputed', every face unknown). Refused before the models load (none here), and
-    no file is created. (`calibrate --apply` and `keys create` may make the gallery: set-up steps before the
-    first enrolment.)"""
+    no file is created. (`keys create` may make the gallery: a set-up step before the first enrolment; `calibrate
+    --apply`, which needs photos, is in tests/test_cli_eval.py.)"""
     (tmp_path / "photo.jpg").write_bytes(b"not looked at")
     gallery = tmp_path / "galery.db"
     env = {"FACEGATE_DATABASE_URL": f"sqlite:///{gallery}", "FACEGATE_MODELS_DIR": str(tmp_path / "no-models")}

@@ -26,6 +26,7 @@ from app.cli.common import (
     open_service,
     pipeline_call,
     positive_distance,
+    require_gallery,
     shown,
     target_far,
     writing_reports,
@@ -215,6 +216,8 @@ def calibrate(
     settings = load_settings()
     with failing_on_errors():
         pair_list = evaluation.read_pairs(pairs)
+    if apply:  # a mistyped FACEGATE_DATABASE_URL created an empty gallery and stored the threshold there
+        require_gallery(settings)
     service = open_service(settings) if apply else None
     pipeline = service.pipeline if service is not None else open_pipeline(settings)
     try:

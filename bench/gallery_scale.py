@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from app.config import IndexBackend, IndexSettings
+from app.blas import limit_blas_threads
+from app.config import IndexBackend, IndexSettings, RuntimeSettings
 from app.gallery import Gallery, synthetic
 from app.gallery.ann import ApproximateIndex
 from app.gallery.index import GalleryIndex
@@ -169,16 +170,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-postgres", action="store_true")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
+    # The exact search's matmul timed with the BLAS threads the service gives it (FaceService.open caps them, 1 by
+    # default): OpenBLAS's own default (one per core) made these figures those of a search the service never runs.
+    blas_threads = RuntimeSettings().blas_threads
+    limit_blas_threads(blas_threads)
     before = load_average()
     previous = RESULTS_DIR / "gallery_scale.json"
+    reused: str | None = None  # when the search figures are the last run's: its date (this run's is written too)
     if not sizes and previous.is_file():  # --sizes '': PostgreSQL only, keep the search figures of the last run
-        measured = json.loads(previous.read_text())["sizes"]
+        last = json.loads(previous.read_text())
+        measured, reused = last["sizes"], last.get("sizes_measured", last["date"])
+        log(f"search figures not measured: those of {reused} kept")
     else:
         measured = [bench_size(size, args.queries) for size in sizes]
     result: dict[str, Any] = {
         "load_avg_before": before,
         "sizes": measured,
+        **({"sizes_measured": reused} if reused else {}),
         "settings": IndexSettings().model_dump(mode="json"),
+        "blas_threads": blas_threads,
         "targets": {"p50_ms_1m": TARGET_P50_MS_1M, "recall_1m": TARGET_RECALL_1M, "startup_s": TARGET_STARTUP_S},
     }
     if not args.no_postgres:

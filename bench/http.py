@@ -172,15 +172,28 @@ def post(client: httpx.Client, endpoint: str, photo: bytes, fields: dict[str, st
     return client.post(f"/{endpoint}", files={"image": ("photo.jpg", photo, "image/jpeg")}, data=fields)
 
 
+def right_answer(endpoint: str, response: httpx.Response, identity_id: str) -> bool:
+    """A 200 that names the enrolled person: /verify's match, /identify's nearest candidate."""
+    if response.status_code != 200:
+        return False
+    body = response.json()
+    if endpoint == "verify":
+        return body.get("match") is True
+    faces = body.get("faces") or []
+    return bool(faces and faces[0]["candidates"] and faces[0]["candidates"][0]["identity_id"] == identity_id)
+
+
 def load_test(
-    base: str, endpoint: str, photo: bytes, fields: dict[str, str], *, concurrency: int, requests: int, warmup: int
-) -> dict[str, Any]:
+    base: str, endpoint: str, photo: bytes, fields: dict[str, str], *, identity_id: str, concurrency: int,
+    requests: int, warmup: int,
+) -> dict[str, Any]:  # fmt: skip
     """`requests` POSTs from `concurrency` threads (each its own keep-alive client); latency per request as the
-    client sees it, throughput over the whole batch. Any non-200 answer is counted and reported."""
+    client sees it, throughput over the whole batch. Every answer is checked (`right_answer`): a non-200 is counted
+    under its status, a 200 that does not name the person as "wrong_answer"."""
     remaining = iter(range(requests))
     lock = threading.Lock()
     latencies: list[float] = []
-    statuses: dict[int, int] = {}
+    statuses: dict[str, int] = {}
 
     def worker() -> None:
         with httpx.Client(base_url=base, timeout=120.0) as client:
@@ -194,9 +207,12 @@ def load_test(
                 t0 = time.perf_counter()
                 response = post(client, endpoint, photo, fields)
                 elapsed = (time.perf_counter() - t0) * 1000
+                status = str(response.status_code)
+                if status == "200" and not right_answer(endpoint, response, identity_id):
+                    status = "wrong_answer"
                 with lock:
                     latencies.append(elapsed)
-                    statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                    statuses[status] = statuses.get(status, 0) + 1
 
     barrier = threading.Barrier(concurrency + 1)
     with ThreadPoolExecutor(concurrency) as pool:
@@ -217,7 +233,7 @@ def load_test(
         "max_ms": max(latencies),
         "throughput_rps": len(latencies) / wall,
         "client_cpu_ms_per_request": client_cpu * 1000 / len(latencies),
-        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "statuses": dict(sorted(statuses.items())),
         "load_avg": load_average(),
     }
 
@@ -299,12 +315,17 @@ def bench_backend(
         identity_id = enrolled.json()["identity_id"]
         out["answers"] = check_answers(base, probe.jpeg, identity_id)
         log(f"{name}: answers {out['answers']}")
+        if not (out["answers"]["verify_match"] is True and out["answers"]["identify_top1_is_person"]):
+            # Timing answers that are wrong (the person not found in the seeded gallery) would measure nothing.
+            raise SystemExit(f"{name}: wrong answers before the load: {out['answers']}")
         runs = []
         for c in concurrency:  # concurrency 1 first: the 8-thread runs raise the load average for a minute
             for endpoint, fields in (("verify", {"identity_id": identity_id}), ("identify", {})):
                 n = requests * max(1, c // 2)  # 8 threads: 4x the requests, so each thread sends several
                 log(f"{name}: {endpoint} at concurrency {c}, {n} requests")
-                result = load_test(base, endpoint, probe.jpeg, fields, concurrency=c, requests=n, warmup=2)
+                result = load_test(
+                    base, endpoint, probe.jpeg, fields, identity_id=identity_id, concurrency=c, requests=n, warmup=2
+                )
                 runs.append({"endpoint": endpoint, **result})
         out["runs"] = runs
     log(f"{name}: the same calls in-process")

@@ -8,6 +8,12 @@ photo, as eval-identify; `--cache` reuses eval-identify's cache file). Per split
 operating point's FPIR and DIR (the rule as /identify applies it at FACEGATE_IDENTIFY_FPIR, calibrated for the
 split's gallery size) and DIR at FPIR 1 % for the raw, ratio and facegate rules. Writes
 bench/results/identify_splits.json. Not part of `make bench` (it is about accuracy, not speed).
+
+The shipped open-set model (app/matching/data/openset.json) was built from every lfw-dev photo, so on lfw-dev it
+has seen every split's strangers: its default FPIR there is measured on its own calibration data. Each split
+therefore builds the model again as models.calibration_tables does (leave-one-identity-out, `build_model`), from
+the split's enrolled people only (their photos against each other's first photos), and measures the default point
+on strangers the model never saw. `--shipped-model` uses the shipped model instead (in-sample on lfw-dev).
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ import numpy as np
 from app.config import Provider, RuntimeSettings, Settings
 from app.evaluate import EmbeddingCache, embed_photos, pipeline_signature
 from app.identify_eval import person_photos
-from app.matching.openset_eval import enrolment_split, evaluate_identification
+from app.matching.openset import OpenSetModel, build_model, leave_one_identity_out
+from app.matching.openset_eval import Split, enrolment_split, evaluate_identification
 from app.vision.pipeline import Pipeline
 from bench.common import write
+from models.calibration_tables import OPENSET_DRAWS
 
 
 def embeddings(images: Path, cache: Path | None) -> tuple[list[str], np.ndarray]:
@@ -42,8 +50,19 @@ def embeddings(images: Path, cache: Path | None) -> tuple[list[str], np.ndarray]
     return found, np.stack([embedded[p].embedding for p in found]).astype(np.float32)
 
 
-def run_split(photos: list[str], emb: np.ndarray, order: dict[str, int], settings: Settings) -> dict[str, Any]:
-    """The protocol with people ranked by `order` instead of by name."""
+def held_out_model(photos: list[str], emb: np.ndarray, ids: list[str], split: Split, draws: int) -> OpenSetModel:
+    """The open-set model built from the split's enrolled people alone (gallery and probe photos), as the shipped one
+    is built from all of lfw-dev: none of the split's strangers is in it."""
+    rows = np.concatenate([split.gallery_rows, split.probe_rows])
+    reference = leave_one_identity_out(emb[rows], [ids[r] for r in rows], [photos[r] for r in rows])
+    return build_model(reference, draws=draws)
+
+
+def run_split(
+    photos: list[str], emb: np.ndarray, order: dict[str, int], settings: Settings, *, draws: int | None
+) -> dict[str, Any]:
+    """The protocol with people ranked by `order` instead of by name; the open-set model built from the split's
+    enrolled people with `draws` simulated galleries per photo (None: the shipped model)."""
     ids = [f"{order[p.split('/', 1)[0]]:06d}" for p in photos]
     split = enrolment_split(ids, photos)
     report = evaluate_identification(
@@ -52,6 +71,7 @@ def run_split(photos: list[str], emb: np.ndarray, order: dict[str, int], setting
         emb[split.probe_rows],
         split.probe_ids,
         emb[split.stranger_rows],
+        model=None if draws is None else held_out_model(photos, emb, ids, split, draws),
         target_fpir=settings.identify_fpir,
         max_distance=settings.threshold,
         ambiguity_margin=settings.ambiguity_margin,
@@ -72,7 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, help="embeddings .npz (eval-identify's --cache format)")
     parser.add_argument("--splits", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--shipped-model",
+        action="store_true",
+        help="the shipped open-set model, built on all of lfw-dev (in-sample there), instead of one per split",
+    )
+    parser.add_argument("--draws", type=int, default=OPENSET_DRAWS, help="simulated galleries per photo, per split")
     args = parser.parse_args(argv)
+    draws = None if args.shipped_model else args.draws
 
     settings = Settings()
     photos, emb = embeddings(args.images, args.cache)
@@ -81,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = []
     for k in range(args.splits):
         order = {people[j]: i for i, j in enumerate(rng.permutation(len(people)))}
-        result = run_split(photos, emb, order, settings)
+        result = run_split(photos, emb, order, settings, draws=draws)
         splits.append(result)
         print(
             f"split {k:2d}: default FPIR {100 * result['default_fpir']:.2f} % (of {result['n_strangers']}), "
@@ -101,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     print(summary)
-    write("identify_splits", {"images": str(args.images), "splits": splits, "summary": summary, "seed": args.seed})
+    model = "shipped" if draws is None else f"built per split from its enrolled people ({draws} draws)"
+    write(
+        "identify_splits",
+        {"images": str(args.images), "openset_model": model, "splits": splits, "summary": summary, "seed": args.seed},
+    )
     return 0
 
 

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from app.config import IndexBackend, IndexSettings
+from app.blas import limit_blas_threads
+from app.config import IndexBackend, IndexSettings, RuntimeSettings
 from app.gallery import Gallery, bulk, synthetic
 from bench.common import load_average, summary, write
 
@@ -176,7 +177,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--faces", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=400, help="queries (a quarter are strangers)")
     args = parser.parse_args(argv)
-    path = write("pgvector_scale", run(args.faces, args.queries))
+    # Exact search (the reference, and the memory copy every backend keeps) with the service's BLAS threads, as
+    # bench.gallery_scale times it.
+    blas_threads = RuntimeSettings().blas_threads
+    limit_blas_threads(blas_threads)
+    path = write("pgvector_scale", {**run(args.faces, args.queries), "blas_threads": blas_threads})
     log(f"wrote {path}")
 
 

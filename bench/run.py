@@ -158,7 +158,7 @@ def http_report(doc: dict[str, Any]) -> list[str]:
             lines.append(
                 f"| {backend['database']} | /{run['endpoint']} | {size:,} faces | {run['concurrency']} | "
                 f"{_ms(run['p50_ms'])} | {_ms(run['p95_ms'])} | {run['throughput_rps']:.1f} req/s"
-                f"{' (non-200: ' + str(errors) + ')' if errors else ''} | {target} |"
+                f"{' (non-200 or wrong: ' + str(errors) + ')' if errors else ''} | {target} |"
             )
     lines.append("")
     for backend in doc["backends"]:
@@ -191,6 +191,8 @@ def gallery_scale_report(doc: dict[str, Any]) -> list[str]:
     lines = [
         "### Large galleries: exact vs approximate search (in-process, one query per call, top_k 5)",
         "",
+        *([f"(Search figures of an earlier run, {doc['sizes_measured']}; PostgreSQL measured {doc['date']}.)", ""]
+          if "sizes_measured" in doc else []),
         "| Faces | Identities | exact p50 | exact p95 | approximate p50 | approximate p95 | recall@1 all (enrolled / strangers) | IVF cells, nprobe | approximate index build |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -212,6 +214,8 @@ def gallery_scale_report(doc: dict[str, Any]) -> list[str]:
             f"{'met' if r >= t['recall_1m'] else 'MISSED'}.",
         ]
     a = last["approximate"]
+    if "blas_threads" in doc:  # results written before it was set lack it (numpy's BLAS at its default then)
+        lines += ["", f"numpy's BLAS at {doc['blas_threads']} thread(s) (FACEGATE_RUNTIME__BLAS_THREADS, as the service)."]
     lines += [
         "",
         f"Memory per face: exact index {last['exact']['matrix_bytes_per_face']} B of arrays (128 float32 + norm + "

@@ -105,6 +105,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outside the body limit: a request without a valid key of the route's scope is refused before a byte of its
     # body is read or counted against the worker's budget (anonymous uploads must not crowd out authorised ones).
     app.add_middleware(ApiKeyMiddleware)
+    # Inside every middleware that marks answers (no-store, CORS, request id): a 500 carries what the others do.
+    app.add_middleware(errors.InternalErrorMiddleware)
     app.add_middleware(NoStoreMiddleware)  # outside the body limit: its 413 and 503 answers are covered too
     app.add_middleware(ShutdownCutMiddleware)  # inside the metrics and access log, which record its 503
     if settings.cors.allow_origins:

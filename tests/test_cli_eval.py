@@ -585,3 +585,21 @@ def test_reports_are_drawn_for_names_that_are_not_utf8(env: Path, photos: tuple[
     for png in ("eval.png", "eval-identify.png"):
         with Image.open(out / png) as image:
             assert image.format == "PNG", png
+
+
+def test_reports_are_drawn_for_names_with_dollar_signs(env: Path, photos: tuple[Path, Path], tmp_path: Path) -> None:
+    """matplotlib reads text between two `$` as TeX: a pairs file or images folder named `run_$5_$` (a legal name)
+    ended `eval` and `eval-identify` with a mathtext ValueError once every photo was embedded, the PNG unwritten."""
+    images, pairs = photos
+    renamed_pairs = pairs.with_name("run_$5_$.csv")
+    pairs.rename(renamed_pairs)
+    renamed_images = images.with_name("run_$5_$")
+    images.rename(renamed_images)
+    out = tmp_path / "out"
+    code, text = run("eval", "--pairs", str(renamed_pairs), "--images", str(renamed_images), "--out", str(out))
+    assert code == 0 and "10-fold accuracy" in text, text
+    code, text = run("eval-identify", "--images", str(renamed_images), "--out", str(out))
+    assert code == 0 and "rank-1" in text, text
+    for png in ("eval.png", "eval-identify.png"):
+        with Image.open(out / png) as image:
+            assert image.format == "PNG", png

@@ -241,6 +241,30 @@ def test_serve_refuses_a_database_with_anothers_tables_of_the_same_names(tmp_pat
     assert tables == {"identities", "api_keys"}
 
 
+def test_serve_in_json_log_mode_refuses_such_a_database_in_one_line(tmp_path: Path) -> None:
+    """FACEGATE_LOG__FORMAT=json: the refusal is one JSON line as it is one text line. The checks' opening of the
+    database was logged at INFO before it (alembic's "Context impl SQLiteImpl." and "Will assume non-transactional
+    DDL."), lines text mode never shows, even with --log-level WARNING."""
+    import sqlite3
+
+    path = tmp_path / "shared.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE identities (id INTEGER)")
+    env = {
+        **os.environ,
+        "FACEGATE_AUTH__REQUIRED": "true",
+        "FACEGATE_DATABASE_URL": f"sqlite:///{path}",
+        "FACEGATE_LOG__FORMAT": "json",
+    }
+    for level in ([], ["--log-level", "WARNING"]):
+        serve = [sys.executable, "-m", "app.cli", "serve", "--port", str(free_port()), *level]
+        run = subprocess.run(serve, env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2, run.stderr
+        [line] = [json.loads(line) for line in run.stderr.splitlines()]
+        assert (line["level"], line["logger"]) == ("ERROR", "facegate.cli"), line
+        assert line["message"].startswith("the database has no facegate schema revision"), line
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1:8000", "http://127.0.0.1", "no-such-host.invalid"])
 def test_serve_refuses_a_host_that_does_not_resolve_before_anything_loads(tmp_path: Path, host: str) -> None:
     """uvicorn found it only after loading the models and the gallery: '[Errno -2] Name or service not known',

@@ -104,6 +104,11 @@ async def json_fields(request: Request) -> None:
     """Refuse a JSON body naming one of its fields more than once (`{"target_far": 0.1, ..., "target_far": 0.001}`):
     the parser FastAPI uses keeps the last one without a word, so which value counted would be a guess, as with a
     form field sent twice."""
+    declared = (request.headers.get("content-type") or "application/json").split(";")[0].strip().lower()
+    if declared != "application/json" and not declared.endswith("+json"):
+        # Not read as JSON by FastAPI, which refuses it saying the route takes a JSON body: a repeated key
+        # reported first sent the client to fix that, only to be refused again for what was wrong all along.
+        return
     body = await request.body()  # cached: the bytes FastAPI has already parsed for the route's body model
     try:
         value = json.loads(body, object_pairs_hook=_JsonFields.of) if body else None

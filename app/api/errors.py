@@ -61,7 +61,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import errors
 from app.api.request_id import HEADER, request_id_of
@@ -161,7 +161,8 @@ def new_incident() -> str:
 
 
 def _internal_error(scope: Scope, exc: BaseException) -> JSONResponse:
-    # The access line of the request, written before this runs, already names the incident (RequestObserver).
+    # The request's access line names the same incident (RequestObserver reads it, or sets it first when this runs
+    # in ServerErrorMiddleware, after the access line).
     state = scope.setdefault("state", {})
     incident = str(state.setdefault("incident", new_incident()))
     # The route's template, not the raw path: ids stay out of the log (as in the access log).
@@ -176,10 +177,42 @@ def _internal_error(scope: Scope, exc: BaseException) -> JSONResponse:
     )
     with contextlib.suppress(AttributeError):  # Starlette re-raises it: uvicorn's traceback of it is dropped
         setattr(exc, LOGGED_ATTRIBUTE, incident)
-    # Sent by ServerErrorMiddleware, outside RequestIdMiddleware: the id header is added here.
-    headers = {HEADER: request_id} if request_id is not None else None
+    state[_ANSWERED] = True
     message = f"internal error (incident {incident}); it has been logged"
-    return error_response(500, "internal_error", message, headers=headers)
+    return error_response(500, "internal_error", message)
+
+
+_ANSWERED = "internal_error_answered"  # in a request's scope state: its 500 is logged (and sent, unless started)
+
+
+class InternalErrorMiddleware:
+    """Answers a request that failed with an unexpected exception (before its answer began) with the logged 500, from
+    inside the middlewares that put CORS, `Cache-Control: no-store` and `X-Request-ID` on every answer. Starlette's
+    ServerErrorMiddleware, outermost, sent it past all of them: a page of an allowed origin could not read it (no
+    Access-Control-Allow-Origin), so not its request id either. The exception is raised on, as before, for the
+    server (and a TestClient) to see; unhandled_error_handler then finds it answered."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception as exc:  # not CancelledError (BaseException): ShutdownCutMiddleware answers a cut request
+            if not started:
+                await _internal_error(scope, exc)(scope, receive, send)
+            raise
 
 
 def facegate_error_response(scope: Scope, exc: errors.FacegateError) -> JSONResponse:
@@ -290,7 +323,16 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
 
 
 async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    return _internal_error(request.scope, exc)
+    """Run by Starlette's ServerErrorMiddleware (outermost) for every exception that reaches it."""
+    if request.scope.get("state", {}).get(_ANSWERED):  # by InternalErrorMiddleware: logged, its 500 sent
+        return error_response(500, "internal_error", "internal error")  # not sent: the answer has begun
+    # Raised outside InternalErrorMiddleware (by a middleware around it): this 500 is sent past RequestIdMiddleware,
+    # which cannot put the id on it.
+    response = _internal_error(request.scope, exc)
+    request_id = request_id_of(request.scope)
+    if request_id is not None:
+        response.headers[HEADER] = request_id
+    return response
 
 
 def install(app: FastAPI) -> None:

@@ -185,7 +185,7 @@ class RequestObserver:
         try:
             await self.app(scope, receive, send_status)
         except BaseException:
-            # The JSON 500 is sent outside every middleware (Starlette's ServerErrorMiddleware), after this returns.
+            # The JSON 500 was sent by errors.InternalErrorMiddleware, or is sent by Starlette's ServerErrorMiddleware.
             scope["state"].setdefault("error_code", "internal_error")
             scope["state"].setdefault("incident", new_incident())  # the 500's log line names the same one
             raise

@@ -27,8 +27,9 @@ def request_id_of(scope: Scope) -> str | None:
 
 class RequestIdMiddleware:
     """Outermost of our middlewares: the id is set before anything else runs, and every answer sent through here
-    carries it (a refused body, a missing API key, a CORS preflight). A 500 is sent by Starlette's
-    ServerErrorMiddleware, outside this one: app/api/errors.py puts the header on it from the request's state."""
+    carries it (a refused body, a missing API key, a CORS preflight, a 500). A 500 for an exception raised outside
+    errors.InternalErrorMiddleware is sent by Starlette's ServerErrorMiddleware, outside this one:
+    app/api/errors.py puts the header on it from the request's state."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

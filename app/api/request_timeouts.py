@@ -20,12 +20,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import Any
+import uuid
+from typing import Any, cast
 
 import h11
+from starlette.types import Scope
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.api.errors import TIMED_OUT, error_response
+from app.api.request_id import HEADER, request_id_of
 from app.errors import InvalidRequest, RequestTimeout
 
 log = logging.getLogger(__name__)
@@ -128,15 +131,17 @@ class TimedH11Protocol(H11Protocol):
         cycle = self.cycle if self.conn.their_state is h11.SEND_BODY else None
         answered = cycle is not None and cycle.response_started
         began = cycle is not None or self._buffered()
+        # The id the app gave the request (its access line names it), else a fresh one, named by the line below.
+        request_id = (request_id_of(cast(Scope, cycle.scope)) if cycle is not None else None) or uuid.uuid4().hex
         if not answered and began:
             # Our own bytes, not h11's: h11 cannot answer a request whose headers are not all in. The connection
             # closes right after, so the two cannot get out of step.
-            self.transport.write(_timeout_answer(reason))
+            self.transport.write(_timeout_answer(reason, request_id))
         if cycle is not None:
             cycle.scope.setdefault("state", {})[TIMED_OUT] = True  # the app logs this request as the 408 it got
             cycle.disconnected = True  # the app's receive() now says the client left, and its answer goes nowhere
             cycle.message_event.set()
-        log.info("connection closed: %s", reason)
+        log.info("connection closed: %s", reason, extra={"fields": {"request_id": request_id} if began else {}})
         self.transport.close()
 
     def _buffered(self) -> bool:
@@ -148,7 +153,7 @@ class TimedH11Protocol(H11Protocol):
         unknown Transfer-Encoding, headers arriving past h11's size limit): uvicorn answers 400 in plain text; the
         API's errors are JSON (`{"error": {...}}`), these too. The connection closes after it, as uvicorn's own
         does."""
-        self.transport.write(_raw_answer(400, "Bad Request", InvalidRequest.code, _MALFORMED))
+        self.transport.write(_raw_answer(400, "Bad Request", InvalidRequest.code, _MALFORMED, uuid.uuid4().hex))
         self.transport.close()
 
 
@@ -183,14 +188,16 @@ _MALFORMED = (
 )
 
 
-def _timeout_answer(reason: str) -> bytes:
-    return _raw_answer(408, "Request Timeout", RequestTimeout.code, reason)
+def _timeout_answer(reason: str, request_id: str) -> bytes:
+    return _raw_answer(408, "Request Timeout", RequestTimeout.code, reason, request_id)
 
 
-def _raw_answer(status: int, phrase: str, code: str, message: str) -> bytes:
+def _raw_answer(status: int, phrase: str, code: str, message: str, request_id: str) -> bytes:
     """An error answer as bytes, for a connection that closes right after it (h11 cannot send it: it is past, or not
-    yet at, the point of answering)."""
-    response = error_response(status, code, message, headers={"Connection": "close", "Cache-Control": "no-store"})
+    yet at, the point of answering). Written past the app's middlewares: the X-Request-ID every answer carries is
+    put on here."""
+    headers = {"Connection": "close", "Cache-Control": "no-store", HEADER: request_id}
+    response = error_response(status, code, message, headers=headers)
     head = f"HTTP/1.1 {status} {phrase}\r\n".encode() + b"".join(
         name + b": " + value + b"\r\n" for name, value in response.raw_headers
     )

@@ -106,7 +106,10 @@ def serve(
 
     early = log_settings_alone()
     if early.format is LogFormat.json:  # the refusals below, and load_settings' warnings, as JSON lines too
-        logging.config.dictConfig(uvicorn_log_config(early))
+        # Those alone until the server's own configuration below, as in text mode: at INFO the checks' database
+        # opening (alembic's "Context impl ..." lines) made a one-line refusal three, and --log-level went unheard.
+        quiet = early.model_copy(update={"level": max(log_level or early.level, "WARNING", key=_rank)})
+        logging.config.dictConfig(uvicorn_log_config(quiet))
         report_as_log_records()
     settings = load_settings()
     bind = host or settings.host  # an explicit --host or FACEGATE_HOST is honoured; the default is 127.0.0.1
@@ -160,6 +163,10 @@ def serve(
             # FACEGATE_REQUEST_IDLE_TIMEOUT); by name, as each worker process imports it.
             http="app.api.request_timeouts:TimedH11Protocol",
         )
+
+
+def _rank(level: str) -> int:
+    return logging.getLevelNamesMapping()[level.upper()]
 
 
 @contextmanager

@@ -24,6 +24,12 @@ if TYPE_CHECKING:
 __all__ = ["plot_identification", "plot_verification"]
 
 
+def _drawable(title: str) -> str:
+    """A title (it names a file or folder) as matplotlib draws it literally: what lies between two `$` is TeX to
+    it, and a name like `run_$5_$.csv` made the report fail (a mathtext ValueError) after every photo was embedded."""
+    return printable(title).replace("$", r"\$")
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -67,7 +73,7 @@ def plot_verification(report: VerificationReport, path: Path, *, title: str = "f
         missing = f", {report.n_missing} pairs without a face" if report.n_missing else ""
         ax_hist.set_title(f"Distance distributions{missing}")
         ax_hist.legend()
-        fig.suptitle(printable(title))
+        fig.suptitle(_drawable(title))
         fig.tight_layout()
         fig.savefig(path, dpi=110)
     finally:
@@ -95,7 +101,7 @@ def plot_identification(report: IdentificationReport, path: Path, *, title: str 
         ax.set_ylim(0.0, 1.0)
         ax.set_xlabel("FPIR (strangers matched to someone)")
         ax.set_ylabel("DIR (enrolled people identified correctly)")
-        ax.set_title(f"{printable(title)}: {report.n_enrolled} enrolled, {report.n_probes} probes, {report.n_strangers} strangers", fontsize=10)
+        ax.set_title(f"{_drawable(title)}: {report.n_enrolled} enrolled, {report.n_probes} probes, {report.n_strangers} strangers", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()

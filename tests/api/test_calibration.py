@@ -245,6 +245,9 @@ def test_a_field_sent_twice_in_the_json_body_is_refused(client: TestClient, phot
     error = error_of(client.post("/calibrate", content=body, headers=headers), 422, "invalid_request")
     assert error["details"] == {"repeated_fields": ["target_far"]}
     assert client.get("/calibration").json()["deployment"] is None  # nothing stored
+    # Not declared JSON: refused as not JSON (which FastAPI does not read it as), not for a key it names twice.
+    text = client.post("/calibrate", content=body, headers={"Content-Type": "text/plain"})
+    assert "takes a JSON body (Content-Type: application/json), not text/plain" in error_of(text, 422, "invalid_request")["message"]
     once = client.post("/calibrate", content="{" + pairs + ', "target_far": 0.5}', headers=headers)
     assert once.status_code == 200 and once.json()["applied"] is True
 

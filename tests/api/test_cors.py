@@ -3,6 +3,7 @@ errors readable), any other origin is refused with our JSON error, and a misspel
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -91,6 +92,30 @@ class TestAllowedOrigin:
         )
         error_of(not_image, 422, "invalid_image")
         assert not_image.headers["access-control-allow-origin"] == PAGE
+
+    def test_a_server_failure_is_readable_by_the_page(
+        self, cors_client: TestClient, admin_key: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """README: every answer carries an X-Request-ID readable across origins, to quote when reporting a failure,
+        and every API answer is no-store. A 500 was sent by Starlette's outermost middleware, past CORS and no-store:
+        without Access-Control-Allow-Origin the browser hid the whole answer from the page, its request id included."""
+
+        def broken(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(cors_client.app.state.service, "delete_identity", broken)  # type: ignore[attr-defined]
+        caplog.set_level(logging.INFO)
+        r = cors_client.delete(f"/identities/{'ab' * 16}", headers={"Origin": PAGE, "X-API-Key": admin_key})
+        error_of(r, 500, "internal_error")
+        assert r.headers["access-control-allow-origin"] == PAGE
+        assert "X-Request-ID" in r.headers["access-control-expose-headers"]
+        assert r.headers["cache-control"] == "no-store"
+        [request_id] = r.headers.get_list("X-Request-ID")  # one, not one per layer
+        crashes = [x for x in caplog.records if x.name == "app.api.errors" and x.levelno >= logging.ERROR]
+        assert len(crashes) == 1 and crashes[0].__dict__["fields"]["request_id"] == request_id  # logged once
+        [access] = [x.__dict__["fields"] for x in caplog.records if x.name == "facegate.access"]
+        assert access["status"] == 500 and access["request_id"] == request_id and access["error"] == "internal_error"
+        assert access["incident"] in r.json()["error"]["message"] and access["incident"] in crashes[0].getMessage()
 
 
 @pytest.mark.model

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -123,6 +124,11 @@ def answers_length(head: bytes) -> int:
     return int(next(line.split(b":")[1] for line in head.split(b"\r\n")[1:] if line.lower().startswith(b"content-length:")))
 
 
+def head(data: bytes) -> bytes:
+    """The head of the first answer in `data`, names lower-cased, ending in CRLF."""
+    return data.partition(b"\r\n\r\n")[0].lower() + b"\r\n"
+
+
 def post_head(length: int, path: str = "/upload") -> bytes:
     return f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode()
 
@@ -144,10 +150,12 @@ def test_headers_that_stop_coming_get_408() -> None:
     with serving(Recorder()) as port, connect(port) as conn:
         conn.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Le")
         start = time.monotonic()
-        [(status, body)] = answers(read_until_closed(conn))
+        data = read_until_closed(conn)
+        [(status, body)] = answers(data)
         assert IDLE * 0.9 <= time.monotonic() - start < TIMEOUT
     assert status == 408
     assert "FACEGATE_REQUEST_IDLE_TIMEOUT" in timed_out(body)["message"]
+    assert re.search(rb"\r\nx-request-id: [0-9a-f]{32}\r\n", head(data)), data  # README: every answer has one
 
 
 def test_the_next_request_on_a_kept_alive_connection_gets_408_when_it_stops() -> None:
@@ -239,6 +247,7 @@ def test_a_malformed_request_gets_the_json_error_format(request_bytes: bytes) ->
     ((status, body),) = answers(data)
     head = data.partition(b"\r\n\r\n")[0].lower()
     assert status == 400 and b"content-type: application/json" in head and b"connection: close" in head
+    assert re.search(rb"\r\nx-request-id: [0-9a-f]{32}\r\n", head + b"\r\n"), head  # README: every answer has one
     error = json.loads(body)["error"]
     assert error["code"] == "invalid_request" and "malformed" in error["message"]
 
@@ -257,15 +266,19 @@ def test_facegate_serve_cuts_a_stalled_upload(models_dir: Path, tmp_path: Path) 
     )
     server.start()
     try:
-        head = (
+        request = (
             b"POST /enroll HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-            b"Content-Length: 100000\r\n\r\n"
+            b"X-Request-ID: upload-from-a-phone\r\nContent-Length: 100000\r\n\r\n"
             b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
         )
         with connect(server.port) as conn:
-            conn.sendall(head + b"\xff\xd8" + b"x" * 5000)
-            [(status, body)] = answers(read_until_closed(conn))
+            conn.sendall(request + b"\xff\xd8" + b"x" * 5000)
+            data = read_until_closed(conn)
+            [(status, body)] = answers(data)
         assert status == 408, server.log_text()
+        # The id the client sent, as every answer carries it and as its access line names it: the 408 is written by
+        # the protocol, past the app's middlewares, and had none.
+        assert b"\r\nx-request-id: upload-from-a-phone\r\n" in head(data), data
         assert "FACEGATE_REQUEST_IDLE_TIMEOUT" in timed_out(body)["message"]
         metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
         assert "facegate_request_body_bytes_held 0.0" in metrics, metrics
@@ -274,6 +287,7 @@ def test_facegate_serve_cuts_a_stalled_upload(models_dir: Path, tmp_path: Path) 
         server.stop()
     text = server.log_text()
     assert "POST /enroll 408 " in text and "error=request_timeout" in text, text
+    assert "request_id=upload-from-a-phone" in text, text
     assert "ERROR" not in text and "Traceback" not in text, text
 
 

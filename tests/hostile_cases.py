@@ -388,6 +388,18 @@ def tiff_from_tags(tags: dict[int, tuple[int, list[int]]], tail: bytes = b"") ->
     return b"II*\x00" + struct.pack("<IH", 8, len(tags)) + entries + b"\0" * 4 + arrays + tail
 
 
+def bigtiff_grey(**tags: int) -> bytes:
+    """A 4 x 4 grey BigTIFF (pixels 0..15 x 16), uncompressed, written by hand with every tag a LONG8 (8-byte values,
+    which BigTIFF allows for offsets up to 2**64 - 1); `tags` ({"t273": value}) add tags or replace the usual ones."""
+    count = 9 + sum(1 for name in tags if int(name[1:]) not in (256, 257, 258, 259, 262, 273, 277, 278, 279))
+    pixel_at = 16 + 8 + 20 * count + 8
+    values = {256: 4, 257: 4, 258: 8, 259: 1, 262: 1, 273: pixel_at, 277: 1, 278: 4, 279: 16}
+    values.update({int(name[1:]): value for name, value in tags.items()})
+    entries = b"".join(struct.pack("<HHQQ", tag, 16, 1, value) for tag, value in sorted(values.items()))
+    head = b"II+\x00" + struct.pack("<HHQ", 8, 0, 16) + struct.pack("<Q", len(values)) + entries + b"\0" * 8
+    return head + bytes(range(0, 256, 16))
+
+
 def tiff_in_strips(rows: int) -> bytes:
     """A 1 x `rows` grey TIFF, uncompressed, one row per strip, every strip the same byte: 8 bytes a row. Pillow makes
     a Python tile of each strip: 2.4 million (19 MB) took 23 s and 890 MB, and were accepted."""
@@ -656,6 +668,11 @@ def _cases() -> list[Case]:
           files={"image": upload(functools.partial(tiff_in_strips, 2_400_000), "x.tif", "image/tiff")}),
         C("tiff-one-tile-of-536-megapixels", "POST", "/identify", 422, "invalid_image",
           files={"image": upload(tiff_with_a_huge_tile, "x.tif", "image/tiff")}),
+        C("bigtiff-strip-at-2-63", "POST", "/enroll", 422, "invalid_image",
+          files={"image": upload(lambda: bigtiff_grey(t273=2**63), "x.tif", "image/tiff")},
+          data=enroll_new),
+        C("bigtiff-exif-directory-at-2-64-1", "POST", "/identities/{colin}/faces", 422, "invalid_image",
+          files={"image": upload(lambda: bigtiff_grey(t34665=2**64 - 1), "x.tif", "image/tiff")}),
         C("png-19000-icc-profiles", "POST", "/identify", 422, "invalid_image",
           files={"image": upload(png_with_icc_profiles, "x.png", "image/png")}),
         C("tiff-of-float-rgb", "POST", "/identify", 415, "unsupported_image",

@@ -77,7 +77,8 @@ _HEIF_LOCK = threading.Lock()
 
 # Errors Pillow's decoders raise for malformed or truncated data. RuntimeError: libavif reports corrupt AVIF data
 # with it ("Decoding of color planes failed", "Missing or empty image item"), from Image.open as well as from load;
-# struct.error: Pillow's readers written in Python unpack header fields with struct.
+# struct.error: Pillow's readers written in Python unpack header fields with struct; OverflowError: a BigTIFF's
+# 8-byte offsets (of a strip, a tile or the EXIF directory) at 2**63 or beyond, which Pillow seeks to as they are.
 _DECODE_ERRORS = (
     OSError,
     SyntaxError,
@@ -87,6 +88,7 @@ _DECODE_ERRORS = (
     TypeError,
     KeyError,
     RuntimeError,
+    OverflowError,
     struct.error,
 )
 
@@ -319,7 +321,7 @@ def _decode(
     try:
         im = PILImage.open(io.BytesIO(data), formats=_formats(heic))  # reads the header only
     except PILImage.DecompressionBombError as exc:
-        raise ImageTooLarge(f"the image has too many pixels ({exc})", max_pixels=max_pixels) from exc
+        raise _bomb(exc, limit) from exc
     except UnidentifiedImageError as exc:
         if _is_unreadable_tiff_layout(data):
             raise UnsupportedImage(
@@ -365,7 +367,7 @@ def _decode(
         try:
             im.load()  # decodes the first frame completely; truncated data raises here
         except PILImage.DecompressionBombError as exc:
-            raise ImageTooLarge(f"the image has too many pixels ({exc})", max_pixels=max_pixels) from exc
+            raise _bomb(exc, limit) from exc
         except _DECODE_ERRORS as exc:
             raise InvalidImage(f"the image data is truncated or corrupt: {exc}") from exc
         # libheif has applied the HEIF's rotation and mirroring already (and pi-heif set its EXIF orientation to 1)
@@ -377,6 +379,14 @@ def _decode(
             return SizedImage(_to_rgb(upright), width, height)
         except ValueError as exc:
             raise InvalidImage(f"unsupported image mode {upright.mode}: {exc}") from exc
+
+
+def _bomb(exc: PILImage.DecompressionBombError, limit: int) -> ImageTooLarge:
+    """ImageTooLarge for Pillow's refusal of a header far over its own limit, told in facegate's limit: Pillow's
+    message names its MAX_IMAGE_PIXELS (178,956,970), which is not the limit a client is held to."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))  # "Image size (N pixels) exceeds limit of ..."
+    size = f" ({int(found.group(1)):,} pixels)" if found else ""
+    return ImageTooLarge(f"the image is too large{size}; at most {limit:,} pixels are accepted", max_pixels=limit)
 
 
 def _formats(heic: bool) -> tuple[str, ...]:

@@ -31,6 +31,7 @@ from app.vision.decode import (
     load_image,
 )
 from tests.hostile_cases import (
+    bigtiff_grey,
     exif_with_a_rational,
     png_chunk,
     progressive_jpeg,
@@ -282,6 +283,20 @@ class TestRefusals:
         assert peak < 5_000_000  # 30000 x 30000 x 3 would be 2.7 GB
         assert info.value.details["width"] == 5000 and info.value.details["height"] == 4000
 
+    def test_a_header_over_pillows_own_limit_is_refused_in_facegates_terms(self) -> None:
+        """Pillow refuses 30000 x 30000 itself (DecompressionBombError); its message named Pillow's limit
+        (178,956,970 pixels), not the one the client is held to, and details.max_pixels did not say the effective
+        limit either."""
+        with pytest.raises(ImageTooLarge) as info:
+            decode_image(_png_header_only(30000, 30000), max_pixels=LIMIT)
+        message = str(info.value)
+        assert f"{LIMIT:,}" in message and "900,000,000 pixels" in message
+        assert str(PILImage.MAX_IMAGE_PIXELS) not in message.replace(",", "")
+        assert info.value.details["max_pixels"] == LIMIT
+        with pytest.raises(ImageTooLarge) as info:  # a limit above Pillow's: Pillow's is the effective one
+            decode_image(_png_header_only(30000, 30000), max_pixels=10**12)
+        assert info.value.details["max_pixels"] == PILImage.MAX_IMAGE_PIXELS
+
     def test_refusals_log_no_pillow_warnings(self, tmp_path: Path) -> None:
         """Between Pillow's MAX_IMAGE_PIXELS and twice that, Pillow only warns (facegate refuses), and it warns of a
         TIFF directory cut short (facegate refuses it as corrupt): lines in the server's log for refused uploads, so
@@ -452,6 +467,15 @@ class TestRefusals:
         data = _encode(PILImage.fromarray(image), "TIFF", big_tiff=True)
         assert data.startswith(b"II+\x00")
         assert np.array_equal(decode_image(data, max_pixels=LIMIT), image)
+
+    @pytest.mark.parametrize("tag", [273, 34665], ids=["strip", "exif-directory"])
+    @pytest.mark.parametrize("offset", [2**63, 2**64 - 1])
+    def test_bigtiff_offsets_beyond_what_a_file_can_hold_are_invalid(self, tag: int, offset: int) -> None:
+        """BigTIFF offsets are 8 bytes and Pillow seeks to them as they are: one at 2**63 or beyond raised
+        OverflowError, which reached the API as a 500 (an unexpected error) instead of invalid_image."""
+        assert decode_image(bigtiff_grey(), max_pixels=LIMIT).shape == (4, 4, 3)
+        with pytest.raises(InvalidImage):
+            decode_image(bigtiff_grey(**{f"t{tag}": offset}), max_pixels=LIMIT)
 
     def test_large_rle_bmp_is_refused_before_decoding(self) -> None:
         """Pillow decodes RLE BMP in a Python loop: 6000 x 6000 RLE4 in 300 kB took 3 s, and 20 MB of codes that draw

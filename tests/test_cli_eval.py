@@ -567,33 +567,16 @@ def test_folder_commands_leave_hidden_files_and_folders_out(tmp_path: Path) -> N
     assert [f"{person}/{photo.name}" for person, photos in people for photo in photos] == expected
 
 
-def test_reports_are_drawn_for_names_that_are_not_utf8(env: Path, photos: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", [os.fsdecode(b"caf\xe9"), "run_$5_$"], ids=["not-utf8", "dollar-signs"])
+def test_reports_are_drawn_for_any_file_name(env: Path, photos: tuple[Path, Path], tmp_path: Path, name: str) -> None:
     """A pairs file or images folder named in another encoding (caf\xe9 in Latin-1: a byte that is not UTF-8 reaches
-    Python as a lone surrogate) ended `eval` and `eval-identify` with a matplotlib TypeError traceback once every
-    photo was embedded, the table unprinted and the PNG unwritten. The title shows the byte as the commands print it."""
+    Python as a lone surrogate), or with two `$` (matplotlib reads what lies between as TeX), ended `eval` and
+    `eval-identify` with a matplotlib traceback once every photo was embedded, the PNG unwritten. The title shows
+    the name as the commands print it."""
     images, pairs = photos
-    odd = os.fsdecode(b"caf\xe9")
-    renamed_pairs = pairs.with_name(f"{odd}.csv")
+    renamed_pairs = pairs.with_name(f"{name}.csv")
     pairs.rename(renamed_pairs)
-    renamed_images = images.with_name(odd)
-    images.rename(renamed_images)
-    out = tmp_path / "out"
-    code, text = run("eval", "--pairs", str(renamed_pairs), "--images", str(renamed_images), "--out", str(out))
-    assert code == 0 and "10-fold accuracy" in text, text
-    code, text = run("eval-identify", "--images", str(renamed_images), "--out", str(out))
-    assert code == 0 and "rank-1" in text, text
-    for png in ("eval.png", "eval-identify.png"):
-        with Image.open(out / png) as image:
-            assert image.format == "PNG", png
-
-
-def test_reports_are_drawn_for_names_with_dollar_signs(env: Path, photos: tuple[Path, Path], tmp_path: Path) -> None:
-    """matplotlib reads text between two `$` as TeX: a pairs file or images folder named `run_$5_$` (a legal name)
-    ended `eval` and `eval-identify` with a mathtext ValueError once every photo was embedded, the PNG unwritten."""
-    images, pairs = photos
-    renamed_pairs = pairs.with_name("run_$5_$.csv")
-    pairs.rename(renamed_pairs)
-    renamed_images = images.with_name("run_$5_$")
+    renamed_images = images.with_name(name)
     images.rename(renamed_images)
     out = tmp_path / "out"
     code, text = run("eval", "--pairs", str(renamed_pairs), "--images", str(renamed_images), "--out", str(out))

@@ -61,9 +61,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from app import errors
+from app.api.asgi import HttpMiddleware, WatchedSend
 from app.api.request_id import HEADER, request_id_of
 from app.api.route_names import allowed_methods, method_name, path_without_slash, route_template
 from app.gallery.db import driver_message
@@ -185,32 +186,19 @@ def _internal_error(scope: Scope, exc: BaseException) -> JSONResponse:
 _ANSWERED = "internal_error_answered"  # in a request's scope state: its 500 is logged (and sent, unless started)
 
 
-class InternalErrorMiddleware:
+class InternalErrorMiddleware(HttpMiddleware):
     """Answers a request that failed with an unexpected exception (before its answer began) with the logged 500, from
     inside the middlewares that put CORS, `Cache-Control: no-store` and `X-Request-ID` on every answer. Starlette's
     ServerErrorMiddleware, outermost, sent it past all of them: a page of an allowed origin could not read it (no
     Access-Control-Allow-Origin), so not its request id either. The exception is raised on, as before, for the
     server (and a TestClient) to see; unhandled_error_handler then finds it answered."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def watched_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watched = WatchedSend(send)
         try:
-            await self.app(scope, receive, watched_send)
+            await self.app(scope, receive, watched)
         except Exception as exc:  # not CancelledError (BaseException): ShutdownCutMiddleware answers a cut request
-            if not started:
+            if not watched.started:
                 await _internal_error(scope, exc)(scope, receive, send)
             raise
 

@@ -16,6 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.asgi import HttpMiddleware, WatchedSend
 from app.api.errors import error_response, new_incident
 from app.api.route_names import method_name, route_template
 from app.errors import RequestTooLarge, ServerBusy, ShuttingDown
@@ -193,7 +194,7 @@ class RequestObserver:
             self.observe(scope, status, time.perf_counter() - start)
 
 
-class ShutdownCutMiddleware:
+class ShutdownCutMiddleware(HttpMiddleware):
     """A request still running when the shutdown timeout (FACEGATE_SHUTDOWN_TIMEOUT) after SIGTERM runs out is
     cancelled by uvicorn, which would log a traceback at ERROR and answer a plain-text 500. Answered here instead: 503
     `shutting_down` in our error format, with `Connection: close`; the access log and metrics record it as such.
@@ -201,25 +202,12 @@ class ShutdownCutMiddleware:
     Its work is abandoned: from the app's shutdown on, the gallery commits nothing (FaceService.close), but a change
     committed in the moment before the cut may be stored, so the answer does not claim it was not."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def watched_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watched = WatchedSend(send)
         try:
-            await self.app(scope, receive, watched_send)
+            await self.app(scope, receive, watched)
         except asyncio.CancelledError:
-            if started:
+            if watched.started:
                 raise  # half an answer sent: uvicorn closes the connection
             response = error_response(
                 503,
@@ -231,19 +219,12 @@ class ShutdownCutMiddleware:
             await response(scope, receive, send)
 
 
-class NoStoreMiddleware:
+class NoStoreMiddleware(HttpMiddleware):
     """`Cache-Control: no-store` on every answer that sets no cache policy of its own: names, metadata, embeddings
     and decisions about people are personal (biometric) data, for no browser or proxy cache to keep. The console's
     files and a stored photo set their own."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_no_store(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))

@@ -12,7 +12,9 @@ import re
 import uuid
 
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
+
+from app.api.asgi import HttpMiddleware
 
 HEADER = "X-Request-ID"
 STATE_ATTRIBUTE = "request_id"
@@ -25,19 +27,13 @@ def request_id_of(scope: Scope) -> str | None:
     return str(value) if value is not None else None
 
 
-class RequestIdMiddleware:
+class RequestIdMiddleware(HttpMiddleware):
     """Outermost of our middlewares: the id is set before anything else runs, and every answer sent through here
     carries it (a refused body, a missing API key, a CORS preflight, a 500). A 500 for an exception raised outside
     errors.InternalErrorMiddleware is sent by Starlette's ServerErrorMiddleware, outside this one:
     app/api/errors.py puts the header on it from the request's state."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         sent = Headers(scope=scope).get(HEADER)
         request_id = sent if sent is not None and _WELL_FORMED.fullmatch(sent) else uuid.uuid4().hex
         scope.setdefault("state", {})[STATE_ATTRIBUTE] = request_id

@@ -808,7 +808,12 @@ def describe_settings_error(error: ValidationError | SettingsError) -> str:
             parts.append(str(part).upper())
             model = _group(field.annotation)
         name = "FACEGATE_" + "__".join(parts) if parts else "settings"
-        problems.setdefault(name, []).append(item["msg"].removeprefix("Value error, "))
+        message = item["msg"].removeprefix("Value error, ")
+        if item.get("input") == "" and "unset the variable" not in message:
+            # An empty value is refused, not read as unset: "Input should be a valid number" alone did not say that the
+            # variable was empty, nor what to do (the folder settings' own message says it).
+            message += " (the variable is empty: unset it to take the default)"
+        problems.setdefault(name, []).append(message)
     return "; ".join(f"{name}: {' or '.join(messages)}" for name, messages in problems.items())
 
 

@@ -153,6 +153,27 @@ def test_too_few_pairs_are_refused_before_any_photo_is_embedded(
     assert not cache.exists()
 
 
+def test_an_images_folder_without_the_pairs_photos_is_named_as_the_problem(
+    env: Path, photos: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The wrong --images (the README's relative `../shared/faces/dev` from another folder) made every photo
+    `unreadable`, and eval ended with "need at least one same pair and one different pair with both faces found", as
+    if the detector had found no face. It is refused before anything is embedded, naming --images."""
+    _, pairs = photos
+    wrong = tmp_path / "elsewhere"
+    wrong.mkdir()
+    cache = tmp_path / "cache.npz"
+    for command in (["eval", "--out", str(tmp_path / "report")], ["calibrate", "--far", "0.05"]):
+        result = CliRunner().invoke(
+            cli, [*command, "--pairs", str(pairs), "--images", str(wrong), "--cache", str(cache)]
+        )
+        assert result.exit_code == 2, result.output
+        assert "none of the 13 photos the pairs file names is under --images" in result.output
+        assert "--images is the folder the pairs' paths are relative to" in result.output
+        assert "both faces found" not in result.output
+    assert not cache.exists() and not (tmp_path / "report").exists()
+
+
 def test_pairs_saved_by_a_spreadsheet_are_read(tmp_path: Path) -> None:
     """Excel's "CSV UTF-8" starts with a byte-order mark and ends lines with CRLF: the header was refused ("missing
     img_a"). A header in capitals or with spaces after the commas is read too; a missing column is still named."""

@@ -145,6 +145,34 @@ def test_a_command_on_an_existing_gallery_refuses_a_missing_sqlite_file(tmp_path
     assert not gallery.exists()
 
 
+def test_an_empty_setting_says_it_is_empty_and_how_to_take_the_default(sqlite_env: dict[str, str]) -> None:
+    """`export FACEGATE_THRESHOLD=` is refused rather than read as unset (README, Settings), but the refusal only said
+    "Input should be a valid number", as for a typo in the value."""
+    code, err = run({**sqlite_env, "FACEGATE_THRESHOLD": "", "FACEGATE_PORT": ""}, "keys", "list")
+    assert code == 2, err
+    assert "FACEGATE_THRESHOLD: Input should be a valid number, unable to parse string as a number (the variable is " \
+        "empty: unset it to take the default)" in err, err  # fmt: skip
+    assert "FACEGATE_PORT: Input should be a valid integer, unable to parse string as an integer (the variable is " \
+        "empty" in err, err  # fmt: skip
+    code, err = run({**sqlite_env, "FACEGATE_THRESHOLD": "abc"}, "keys", "list")
+    assert code == 2 and "empty" not in err, err
+
+
+def test_a_missing_relative_sqlite_file_points_to_the_folder_not_to_a_new_gallery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default ./facegate.db is read from the current folder: `facegate keys list` (or identify) run outside the
+    checkout where `make run` keeps its gallery was told to create one (`enroll`, `db upgrade` or `serve`), a second,
+    empty gallery. The refusal names the folder it looked in and the fix."""
+    monkeypatch.chdir(tmp_path)
+    code, err = run({"FACEGATE_DATABASE_URL": "sqlite:///./facegate.db"}, "keys", "list")
+    assert code == 2, err
+    assert f"does not exist in the current folder ({tmp_path})" in err, err
+    assert "run the command from the folder that holds the gallery" in err and "an absolute path" in err, err
+    assert "create one" not in err, err
+    assert not (tmp_path / "facegate.db").exists()
+
+
 def test_a_database_migrated_by_a_newer_version_is_one_line(sqlite_env: dict[str, str]) -> None:
     from sqlalchemy import create_engine, text
 
@@ -325,7 +353,8 @@ def test_serve_refuses_a_port_in_use_before_anything_loads(tmp_path: Path) -> No
         taken.listen()
         port = taken.getsockname()[1]
         code, err = run(env, "serve", "--port", str(port))
-    assert code == 2 and err == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n", err
+    assert code == 2 and err == f"error: cannot listen on 127.0.0.1:{port}: Address already in use: choose another " \
+        "with --port or FACEGATE_PORT (FACEGATE_PORT=8001 make run)\n", err  # fmt: skip
     assert not (tmp_path / "gallery.db").exists()
 
 

@@ -229,6 +229,14 @@ def require_gallery(settings: Settings) -> None:
     file that does not exist is refused. Opening it created an empty gallery there and answered from it: a mistyped
     FACEGATE_DATABASE_URL gave 'unknown' for everyone, or '0 faces recomputed'."""
     path = missing_sqlite_file(settings.database_url)
+    if path is not None and not path.is_absolute():
+        # The default ./facegate.db is read from the folder the command runs in: run elsewhere than `make run`'s
+        # checkout, the hint to create a gallery sent a first-time user to make a second, empty one.
+        fail(
+            f"the SQLite database {path} (FACEGATE_DATABASE_URL) does not exist in the current folder "
+            f"({shown(Path.cwd())}): run the command from the folder that holds the gallery (`make run` keeps it in the "
+            "checkout) or give FACEGATE_DATABASE_URL an absolute path (sqlite:////path/to/facegate.db)"
+        )
     if path is not None:
         fail(
             f"the SQLite database {path} (FACEGATE_DATABASE_URL) does not exist: this command needs an existing "

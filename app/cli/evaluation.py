@@ -18,6 +18,7 @@ from app.cli.common import (
     cli,
     default_threshold,
     embeddings_kept,
+    fail,
     failing_on_errors,
     load_settings,
     make_folder,
@@ -48,6 +49,19 @@ PairsOption = Annotated[
 ImagesOption = Annotated[
     Path, typer.Option("--images", exists=True, file_okay=False, help="Folder the pair paths are relative to.")
 ]
+
+
+def _require_photos(pairs: list[evaluation.Pair], images: Path) -> None:
+    """Refuse, before any model is loaded, a pairs file none of whose photos is under --images. Each missing file was
+    embedded as `unreadable`, and the command ended with "need at least one same pair and one different pair with
+    both faces found", as if the detector had found no face, when --images was the wrong folder (the README's
+    relative `../shared/faces/dev` typed from another folder)."""
+    photos = list(dict.fromkeys(p for pair in pairs for p in (pair.img_a, pair.img_b)))
+    if not any((images / photo).is_file() for photo in photos):
+        fail(
+            f"none of the {len(photos)} photos the pairs file names is under --images {shown(images)} (the first: "
+            f"{shown(images / photos[0])}): --images is the folder the pairs' paths are relative to"
+        )
 
 
 def _pair_distances(
@@ -101,6 +115,7 @@ def eval_pairs(
     settings = load_settings()
     with failing_on_errors():
         pair_list = evaluation.read_pairs(pairs, at_least=KFOLDS)  # 10-fold accuracy needs one of each per fold
+    _require_photos(pair_list, images)
     make_folder(out, "the --out folder")
     with on_interrupt(lambda: f"no report was written{embeddings_kept(cache)}"), pipeline_call(settings) as pipeline:
         distances, embedded = _pair_distances(pipeline, pair_list, images, cache)
@@ -216,6 +231,7 @@ def calibrate(
     settings = load_settings()
     with failing_on_errors():
         pair_list = evaluation.read_pairs(pairs)
+    _require_photos(pair_list, images)
     if apply:  # a mistyped FACEGATE_DATABASE_URL created an empty gallery and stored the threshold there
         require_gallery(settings)
     service = open_service(settings) if apply else None

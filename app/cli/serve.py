@@ -266,7 +266,8 @@ def _port_problem(host: str, port: int) -> str | None:
                 probe.bind(address)
         except OSError as error:
             if error.errno in (errno.EADDRINUSE, errno.EACCES):
-                return error.strerror or str(error)
+                # With the way out: nothing said that `make run` (which runs `facegate serve`) takes another port.
+                return f"{error.strerror or error}: choose another with --port or FACEGATE_PORT (FACEGATE_PORT=8001 make run)"
     return None
 
 

@@ -343,6 +343,16 @@ class FaceService:
             stats.stale,
             gallery.index.backend,
         )
+        if stats.stale:
+            # Not searched, so people enrolled with them are "unknown" until recomputed: an operator who switched
+            # the model (a head, FACEGATE_EMBEDDING__FLIP) back and forth had only the INFO line above to go by.
+            log.warning(
+                "%d stored faces were made by another model version than %s and are not searched (%d are): run "
+                "`facegate reindex`, or serve the model they were made with",
+                stats.stale,
+                pipeline.model_version,
+                stats.size,
+            )
         service = cls(
             settings,
             pipeline,

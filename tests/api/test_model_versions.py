@@ -3,9 +3,11 @@ embeddings (the manifest's `earlier_versions`), never another scale's."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from app.gallery import Gallery
 from app.vision.models import load_manifest
@@ -40,12 +42,25 @@ def test_faces_of_an_earlier_build_stay_searchable(models_dir: Path, tmp_path: P
         assert (ready["gallery_size"], ready["stale_faces"]) == (1, 0)
 
 
-def test_faces_of_an_unknown_version_are_stale(models_dir: Path, tmp_path: Path) -> None:
+def test_faces_of_an_unknown_version_are_stale(
+    models_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stale faces are not searched: the start says so at WARNING, with what to do (it was an INFO count only)."""
     url = f"sqlite:///{tmp_path / 'gallery.db'}"
     _store_face(url, "some-other-model-v9")
+    caplog.set_level(logging.WARNING, logger="app.service")
     with running(api_settings(models_dir, url)) as client:
         ready = client.get("/readyz").json()
         assert (ready["gallery_size"], ready["stale_faces"]) == (0, 1)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "app.service" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("1 stored faces were made by another model version than")
+    assert "are not searched (0 are): run `facegate reindex`" in warnings[0]
+    caplog.clear()
+    own = f"sqlite:///{tmp_path / 'own.db'}"
+    _store_face(own, load_manifest(models_dir).model_version)  # this version's face: searched, no warning
+    with running(api_settings(models_dir, own)) as client:
+        assert client.get("/readyz").json()["gallery_size"] == 1
+    assert not [r for r in caplog.records if r.name == "app.service" and r.levelno >= logging.WARNING]
 
 
 def test_mirror_averaged_faces_of_an_earlier_build_stay_searchable(models_dir: Path, tmp_path: Path) -> None:

@@ -220,8 +220,9 @@ def evaluate_gallery(
     split = enrolment_split(keys, list(range(len(keys))))
     if len(split.gallery_ids) < 2 or split.probe_rows.size == 0 or split.stranger_rows.size == 0:
         raise InsufficientData(
-            "evaluating identification needs at least 3 identities, an even-position one with a second face and "
-            f"an odd-position one (a stranger); this gallery gives {len(split.gallery_ids)} enrolled, "
+            "evaluating identification needs at least 3 identities: 2 enrolled (at even positions in name order), "
+            "one of them with a second face (a probe), and a stranger (at an odd position); this gallery gives "
+            f"{len(split.gallery_ids)} enrolled, "
             f"{split.probe_rows.size} probes, {split.stranger_rows.size} strangers"
         )
     report = _evaluate_split(faces.embeddings, split, settings=settings, model=model, max_distance=max_distance)

@@ -117,4 +117,7 @@ def test_a_gallery_too_small_for_the_protocol_is_a_409(
         before = client.get("/identities").json()["total"]
     assert r.status_code == 409
     assert r.json()["error"]["code"] == "insufficient_data"
+    message = r.json()["error"]["message"]
+    assert "needs at least 3 identities: 2 enrolled (at even positions in name order)" in message
+    assert message.endswith("this gallery gives 1 enrolled, 1 probes, 0 strangers")
     assert before == 1

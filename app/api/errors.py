@@ -166,8 +166,8 @@ def _internal_error(scope: Scope, exc: BaseException) -> JSONResponse:
     # in ServerErrorMiddleware, after the access line).
     state = scope.setdefault("state", {})
     incident = str(state.setdefault("incident", new_incident()))
-    # The route's template, not the raw path: ids stay out of the log (as in the access log).
     request_id = request_id_of(scope)
+    # The route's template, not the raw path: ids stay out of the log (as in the access log).
     log.error(
         "unhandled error %s on %s %s",
         incident,

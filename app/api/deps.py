@@ -15,7 +15,7 @@ from fastapi import Depends, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
-from app.api.errors import listed
+from app.api.errors import declared_media_type, is_json, listed
 from app.api.metrics import Metrics
 from app.config import Settings
 from app.errors import InvalidRequest
@@ -104,8 +104,7 @@ async def json_fields(request: Request) -> None:
     """Refuse a JSON body naming one of its fields more than once (`{"target_far": 0.1, ..., "target_far": 0.001}`):
     the parser FastAPI uses keeps the last one without a word, so which value counted would be a guess, as with a
     form field sent twice."""
-    declared = (request.headers.get("content-type") or "application/json").split(";")[0].strip().lower()
-    if declared != "application/json" and not declared.endswith("+json"):
+    if not is_json(declared_media_type(request) or "application/json"):
         # Not read as JSON by FastAPI, which refuses it saying the route takes a JSON body: a repeated key
         # reported first sent the client to fix that, only to be refused again for what was wrong all along.
         return

@@ -247,16 +247,26 @@ def _body_kind_hint(request: Request) -> str | None:
     """The body kind the route reads, when the request declared another: `curl -d` sends a form unless told
     otherwise, and a form field or JSON key then reads as missing, which does not say why."""
     body = getattr(request.scope.get("route"), "body_field", None)
-    declared = request.headers.get("content-type")
-    if body is None or not declared:  # no body read; FastAPI reads an undeclared body as JSON
+    sent = declared_media_type(request)
+    if body is None or sent is None:  # no body read; FastAPI reads an undeclared body as JSON
         return None
-    sent = declared.split(";")[0].strip().lower()
     if isinstance(body.field_info, params.Form):  # File is a Form
         if sent != "multipart/form-data":
             return f"this endpoint takes multipart/form-data (curl -F), not {shorten(sent)}"
-    elif sent != "application/json" and not sent.endswith("+json"):
+    elif not is_json(sent):
         return f"this endpoint takes a JSON body (Content-Type: application/json), not {shorten(sent)}"
     return None
+
+
+def declared_media_type(request: Request) -> str | None:
+    """The request's Content-Type without its parameters, lower-case (None: none declared)."""
+    declared = request.headers.get("content-type")
+    return declared.split(";")[0].strip().lower() if declared else None
+
+
+def is_json(media_type: str) -> bool:
+    """Whether a body of this media type is read as JSON."""
+    return media_type == "application/json" or media_type.endswith("+json")
 
 
 # Set in a request's scope state by the server's protocol when it cut the request's body for coming too slowly.

@@ -54,7 +54,7 @@ class BodyBudget:
         self.held -= n
 
 
-class BodyLimitMiddleware:
+class BodyLimitMiddleware(HttpMiddleware):
     """Refuse bodies over `max_bytes` with 413 `request_too_large`, and bodies the worker has no room for (its
     `budget` of bytes held at once) with 503 `server_busy`, without reading them whole.
 
@@ -69,14 +69,11 @@ class BodyLimitMiddleware:
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, budget: BodyBudget) -> None:
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
         self.budget = budget
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = Headers(scope=scope).get("content-length")
         declared_bytes = int(declared) if declared is not None and declared.isdigit() else 0
         if declared_bytes > self.max_bytes:
@@ -154,13 +151,10 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
-class RequestObserver:
+class RequestObserver(HttpMiddleware):
     """Base of the middlewares that watch every HTTP request end: subclasses get `observe(scope, status, seconds)`
     with the status the server sent (500 if the app died before answering) once the response is done. Plain ASGI:
     uploads stream through untouched."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
 
     def enabled(self) -> bool:
         return True
@@ -168,8 +162,8 @@ class RequestObserver:
     def observe(self, scope: Scope, status: int, seconds: float) -> None:
         raise NotImplementedError
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.enabled():
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.enabled():
             await self.app(scope, receive, send)
             return
         # request.state is a view of this dict; creating it here makes sure the app writes into the one we read.

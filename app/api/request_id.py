@@ -21,6 +21,10 @@ STATE_ATTRIBUTE = "request_id"
 _WELL_FORMED = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 
 
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
 def request_id_of(scope: Scope) -> str | None:
     """The id RequestIdMiddleware gave the request (None outside it: a test app without the middleware)."""
     value = scope.get("state", {}).get(STATE_ATTRIBUTE)
@@ -35,7 +39,7 @@ class RequestIdMiddleware(HttpMiddleware):
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         sent = Headers(scope=scope).get(HEADER)
-        request_id = sent if sent is not None and _WELL_FORMED.fullmatch(sent) else uuid.uuid4().hex
+        request_id = sent if sent is not None and _WELL_FORMED.fullmatch(sent) else new_request_id()
         scope.setdefault("state", {})[STATE_ATTRIBUTE] = request_id
         header = (HEADER.lower().encode(), request_id.encode())
 

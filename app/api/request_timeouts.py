@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import uuid
 from typing import Any, cast
 
 import h11
@@ -28,7 +27,7 @@ from starlette.types import Scope
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.api.errors import TIMED_OUT, error_response
-from app.api.request_id import HEADER, request_id_of
+from app.api.request_id import HEADER, new_request_id, request_id_of
 from app.errors import InvalidRequest, RequestTimeout
 
 log = logging.getLogger(__name__)
@@ -132,7 +131,7 @@ class TimedH11Protocol(H11Protocol):
         answered = cycle is not None and cycle.response_started
         began = cycle is not None or self._buffered()
         # The id the app gave the request (its access line names it), else a fresh one, named by the line below.
-        request_id = (request_id_of(cast(Scope, cycle.scope)) if cycle is not None else None) or uuid.uuid4().hex
+        request_id = (request_id_of(cast(Scope, cycle.scope)) if cycle is not None else None) or new_request_id()
         if not answered and began:
             # Our own bytes, not h11's: h11 cannot answer a request whose headers are not all in. The connection
             # closes right after, so the two cannot get out of step.
@@ -153,7 +152,7 @@ class TimedH11Protocol(H11Protocol):
         unknown Transfer-Encoding, headers arriving past h11's size limit): uvicorn answers 400 in plain text; the
         API's errors are JSON (`{"error": {...}}`), these too. The connection closes after it, as uvicorn's own
         does."""
-        self.transport.write(_raw_answer(400, "Bad Request", InvalidRequest.code, _MALFORMED, uuid.uuid4().hex))
+        self.transport.write(_raw_answer(400, "Bad Request", InvalidRequest.code, _MALFORMED, new_request_id()))
         self.transport.close()
 
 

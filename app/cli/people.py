@@ -235,6 +235,7 @@ def identify(
     photo = read_bytes(image)  # a photo that cannot be read is refused before the models load
     with service_call(existing_gallery=True) as service:
         result = service.identify(photo, top_k=top_k, threshold=threshold)
+        stale = service.gallery.stats().stale
     if as_json:
         typer.echo(
             json.dumps(
@@ -257,7 +258,10 @@ def identify(
             )
         )
         return
-    typer.echo(f"{len(result.faces)} face(s), gallery of {result.gallery_size} faces, {_decision_line(result)}")
+    gallery = f"gallery of {result.gallery_size} faces"
+    if stale:  # "gallery of 0 faces" reads as an empty gallery when every face awaits `facegate reindex`
+        gallery += f" searched ({stale} more made by another model version: run `facegate reindex`)"
+    typer.echo(f"{len(result.faces)} face(s), {gallery}, {_decision_line(result)}")
     for i, f in enumerate(result.faces, 1):
         b = f.face.box
         who = f"{f.match.name} ({f.match.identity_id}), distance {f.match.distance:.4f}" if f.match else f.reason.value

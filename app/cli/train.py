@@ -330,11 +330,16 @@ def reindex_command(
             pipeline.close()  # --from-photos: its inference threads
     sources = ", ".join(f"{n} from {v}" for v, n in sorted(report.from_versions.items())) or "none"
     photos = f", {report.from_photos} of them from their photos" if from_photos else ""
+    stale = f"{report.skipped} left stale"
+    if report.skipped:  # why, and what to do, only when some face is actually left behind
+        stale += (
+            " (no usable base embedding"
+            + (" or photo" if from_photos else "; --from-photos uses stored photos")
+            + ": enrol them again)"
+        )
     typer.echo(
         f"model version {report.target_version}: {report.updated} faces recomputed ({sources}){photos}, "
-        f"{report.already_current} already current, {report.skipped} left stale (no usable base embedding"
-        + (" or photo" if from_photos else "; --from-photos uses stored photos")
-        + ": enrol them again)"
+        f"{report.already_current} already current, {stale}"
     )
     if report.skipped:
         raise typer.Exit(1)

@@ -43,9 +43,13 @@ def test_reindex_from_photos_after_the_variant_changes(
     monkeypatch.setenv("FACEGATE_DATABASE_URL", url)
     monkeypatch.setenv("FACEGATE_RUNTIME__PROVIDERS", '["CPUExecutionProvider"]')
     monkeypatch.setenv("FACEGATE_EMBEDDING__FLIP", "true")
+    before = CliRunner().invoke(cli, ["identify", str(dev_faces / AMY)])  # nothing searchable until the reindex
+    assert before.exit_code == 0, before.output
+    assert "gallery of 0 faces searched (2 more made by another model version: run `facegate reindex`)" in before.output
     plain = CliRunner().invoke(cli, ["reindex"])  # the stored plain numbers cannot serve the mirror-averaged model
     assert plain.exit_code == 1, plain.output
     assert "0 faces recomputed" in plain.output and "2 left stale" in plain.output
+    assert "--from-photos uses stored photos: enrol them again" in plain.output
     outcome = CliRunner().invoke(cli, ["reindex", "--from-photos"])
     assert outcome.exit_code == 1, outcome.output  # Raj has no photo
     assert "1 faces recomputed" in outcome.output and "1 of them from their photos" in outcome.output

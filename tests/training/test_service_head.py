@@ -53,6 +53,7 @@ def test_enrol_reindex_then_serve_with_a_head(
     outcome = CliRunner().invoke(cli, ["reindex"])
     assert outcome.exit_code == 0, outcome.output
     assert "1 faces recomputed" in outcome.output
+    assert "0 left stale" in outcome.output and "enrol them again" not in outcome.output  # no remedy for nothing
 
     # 3. served with the head: the old face is searchable, new faces carry the head's version and a base embedding
     settings = api_settings(models_dir, url, head={"name": "office", "dir": heads})

@@ -113,9 +113,9 @@ async def json_fields(request: Request) -> None:
         value = json.loads(body, object_pairs_hook=_JsonFields.of) if body else None
     except (ValueError, RecursionError):
         return  # not JSON: FastAPI has answered it already
-    repeated = value.repeated if isinstance(value, _JsonFields) else ()
+    repeated = _repeated(value)
     if repeated:
-        shown, words = listed(list(repeated))
+        shown, words = listed(repeated)
         raise InvalidRequest(f"field(s) sent more than once: {words}", repeated_fields=shown)
 
 
@@ -132,6 +132,20 @@ class _JsonFields(dict[str, Any]):
         return fields
 
 
+def _repeated(value: Any, path: str = "") -> list[str]:
+    """The keys named twice in one object, anywhere in a value parsed with `_JsonFields.of`, as dotted paths
+    ("metadata.team"; list items as "[2]"): inside `metadata` too, where the last of two values was stored."""
+    found: list[str] = []
+    if isinstance(value, _JsonFields):
+        found += [f"{path}.{key}" if path else key for key in value.repeated]
+        for key, item in value.items():
+            found += _repeated(item, f"{path}.{key}" if path else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found += _repeated(item, f"{path}[{i}]")
+    return found
+
+
 def _query_names(dependant: Dependant) -> frozenset[str]:
     """The query parameters a route takes: its own and its dependencies'."""
     names = {field.alias for field in dependant.query_params}
@@ -145,13 +159,26 @@ def parse_metadata(raw: str | None) -> dict[str, Any] | None:
     if raw is None or raw == "":
         return None
     try:
-        value = json.loads(raw, parse_constant=_refuse_constant)
+        value = json.loads(raw, parse_constant=_refuse_constant, object_pairs_hook=_JsonFields.of)
     except (ValueError, RecursionError):
         raise InvalidRequest(
             "metadata must be a JSON object (it is not valid JSON, or nested too deeply)", field="metadata"
         ) from None
     if not isinstance(value, dict):
         raise InvalidRequest("metadata must be a JSON object", field="metadata")
+    repeated = _repeated(value, "metadata")
+    if repeated:  # which of two values was meant is a guess, as for a form field sent twice
+        shown, words = listed(repeated)
+        raise InvalidRequest(f"metadata names a key more than once: {words}", field="metadata", repeated_fields=shown)
+    return _plain(value)
+
+
+def _plain(value: Any) -> Any:
+    """`value` with plain dicts in place of `_JsonFields` (what the store and the response models expect)."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
     return value
 
 

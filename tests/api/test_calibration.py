@@ -258,5 +258,9 @@ def test_a_field_sent_twice_in_the_json_body_is_refused(client: TestClient, phot
     error = error_of(client.patch(url, content=body, headers=headers), 422, "invalid_request")
     assert error["details"] == {"repeated_fields": ["name"]}
     assert client.get(url).json()["name"] == "amy"
+    nested = '{"metadata": {"tags": [{"door": 1, "door": 2}], "team": "b"}}'
+    error = error_of(client.patch(url, content=nested, headers=headers), 422, "invalid_request")
+    assert error["details"] == {"repeated_fields": ["metadata.tags[0].door"]}
+    assert client.get(url).json()["metadata"] == {}  # unchanged: enrolled without any
     renamed = client.patch(url, content='{"name": "raj", "metadata": {"team": "b"}}', headers=headers)
     assert renamed.status_code == 200 and renamed.json()["name"] == "raj"

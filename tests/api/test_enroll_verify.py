@@ -234,6 +234,13 @@ def test_fields_sent_twice_are_refused(shared_client: TestClient, photo: Photo) 
     error_of(
         shared_client.post("/enroll", files={"image": photo(AMY[0])}, data={"name": ["a", "b"]}), 422, "invalid_request"
     )
+    # Inside the metadata too (at any depth): the last of two values used to be stored without a word.
+    before = shared_client.get("/identities").json()["total"]
+    metadata = '{"team": "a", "badge": {"door": 1, "door": 2}, "team": "b"}'
+    r = shared_client.post("/enroll", files={"image": photo(AMY[0])}, data={"name": "a", "metadata": metadata})
+    error = error_of(r, 422, "invalid_request")
+    assert error["details"] == {"field": "metadata", "repeated_fields": ["metadata.team", "metadata.badge.door"]}
+    assert shared_client.get("/identities").json()["total"] == before  # nobody enrolled
 
 
 def test_malformed_multipart(shared_client: TestClient) -> None:

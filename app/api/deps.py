@@ -170,7 +170,7 @@ def parse_metadata(raw: str | None) -> dict[str, Any] | None:
     if repeated:  # which of two values was meant is a guess, as for a form field sent twice
         shown, words = listed(repeated)
         raise InvalidRequest(f"metadata names a key more than once: {words}", field="metadata", repeated_fields=shown)
-    return _plain(value)
+    return {key: _plain(item) for key, item in value.items()}
 
 
 def _plain(value: Any) -> Any:

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartParser
 from starlette.routing import Route
@@ -34,7 +36,7 @@ from app.api.multiprocess import shared_directory
 from app.api.request_id import HEADER as REQUEST_ID_HEADER
 from app.api.request_id import RequestIdMiddleware
 from app.auth.verifier import open_verifier
-from app.config import Settings, get_settings
+from app.config import Settings, describe_settings_error, get_settings
 from app.service import FaceService
 
 log = logging.getLogger(__name__)
@@ -50,9 +52,18 @@ Face verification over dlib's ResNet embeddings (128-d), run in ONNX Runtime.
 """
 
 
+def _settings_from_environment() -> Settings:
+    """`uvicorn --factory app.main:create_app` has no CLI to word a refused setting: pydantic's traceback named model
+    fields, not the FACEGATE_ variable. One line instead, as `facegate serve` gives (exit status 1)."""
+    try:
+        return get_settings()
+    except (ValidationError, SettingsError) as error:
+        raise SystemExit(f"facegate: invalid settings: {describe_settings_error(error)}") from None
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; nothing is opened until the lifespan starts (`with TestClient(app)` / uvicorn startup)."""
-    settings = settings if settings is not None else get_settings()
+    settings = settings if settings is not None else _settings_from_environment()
     metrics = Metrics(shared_directory())  # several workers (facegate serve --workers N) share their metrics
     # One per app, so one per worker process: the request bodies this worker holds at once.
     body_budget = BodyBudget(settings.image.max_inflight_bytes)

@@ -486,6 +486,17 @@ def test_a_refused_secret_is_not_in_the_settings_error() -> None:
     assert "secret-pw" not in str(refused.value)
 
 
+def test_uvicorn_factory_refuses_a_setting_in_one_line() -> None:
+    """README: run with `uvicorn --factory app.main:create_app`. A refused setting was pydantic's traceback, naming
+    the model's field (`threshold`) and echoing the value, not the variable to fix."""
+    env = {**os.environ, "FACEGATE_THRESHOLD": "abc"}
+    command = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--port", str(free_port())]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1, done.stderr
+    assert "facegate: invalid settings: FACEGATE_THRESHOLD: Input should be a valid number" in done.stderr
+    assert "Traceback" not in done.stderr and "abc" not in done.stderr
+
+
 def test_serve_in_json_log_mode_writes_its_warnings_and_refusals_as_json_lines(tmp_path: Path) -> None:
     """A log collector reading FACEGATE_LOG__FORMAT=json lines got serve's start-up warnings and its refusal as plain
     `warning:` / `error:` text (written before logging was configured). A subprocess: serve configures the process's

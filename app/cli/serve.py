@@ -102,6 +102,7 @@ def serve(
     """
     import uvicorn
 
+    from app.cli.supervisor import run_server
     from app.logs import uvicorn_log_config
 
     early = log_settings_alone()
@@ -148,21 +149,22 @@ def serve(
     if shared:
         os.environ.update(shared)  # the worker processes read their settings from the environment
         log.info("%d workers share %d cores: %s", workers, os.cpu_count(), ", ".join(f"{k}={v}" for k, v in shared.items()))
+    config = uvicorn.Config(
+        "app.main:create_app",
+        factory=True,
+        host=bind,
+        port=listen_port,
+        workers=workers,
+        log_config=log_config,
+        log_level=level.lower(),
+        access_log=False,  # app/api/access_log.py logs each request (route template, no client address)
+        timeout_graceful_shutdown=settings.shutdown_timeout,
+        # uvicorn's HTTP/1.1 with time limits on a request's arrival (FACEGATE_REQUEST_TIMEOUT and
+        # FACEGATE_REQUEST_IDLE_TIMEOUT); by name, as each worker process imports it.
+        http="app.api.request_timeouts:TimedH11Protocol",
+    )
     with _sigterm_ends_cleanly(), shared_metrics(workers):
-        uvicorn.run(
-            "app.main:create_app",
-            factory=True,
-            host=bind,
-            port=listen_port,
-            workers=workers,
-            log_config=log_config,
-            log_level=level.lower(),
-            access_log=False,  # app/api/access_log.py logs each request (route template, no client address)
-            timeout_graceful_shutdown=settings.shutdown_timeout,
-            # uvicorn's HTTP/1.1 with time limits on a request's arrival (FACEGATE_REQUEST_TIMEOUT and
-            # FACEGATE_REQUEST_IDLE_TIMEOUT); by name, as each worker process imports it.
-            http="app.api.request_timeouts:TimedH11Protocol",
-        )
+        run_server(config)
 
 
 def _rank(level: str) -> int:

@@ -279,7 +279,7 @@ def _preflight(settings: Settings) -> None:
     connection to the database (a SQLite file is created, as the first worker would)."""
     from app.config import IndexBackend, Provider
     from app.gallery import db
-    from app.gallery.pgvector import require_extension
+    from app.gallery.pgvector import enable_extension
     from app.vision.runtime import requested_providers
 
     with failing_on_errors():
@@ -301,7 +301,11 @@ def _preflight(settings: Settings) -> None:
         # A SQLAlchemyError (or PgvectorUnavailable) ends the command in one line (app/cli/common.py).
         with engine.connect() as connection:
             if settings.index.backend is IndexBackend.PGVECTOR:
-                require_extension(connection)
+                # Installed on the server is not enough: a role that may not enable it failed in every worker.
+                # Tried and rolled back: the first worker enables it.
+                with connection.begin() as transaction:
+                    enable_extension(connection)
+                    transaction.rollback()
         # A schema migrated by a newer facegate: every worker's migration would fail with alembic's traceback.
         revision = db.schema_revision(engine)
         clash = db.clashing_tables(engine) if revision is None else []

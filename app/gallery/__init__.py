@@ -123,9 +123,25 @@ class Gallery:
     prune_every = 10_000
     keep_changes = MAX_REPLAY
 
-    def __init__(self, engine: Engine, model_version: str, index: IndexSettings | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        model_version: str,
+        index: IndexSettings | None = None,
+        *,
+        write_wait: float | None = None,
+    ) -> None:
+        """`write_wait`: seconds a write waits for this process's earlier writes (`_write_session`) before it is
+        answered DatabaseUnavailable; None or 0: as long as they take."""
         self.engine = engine
         self.model_version = model_version
+        # Every write transaction takes the gallery's write lock first, so a process's writes run one at a time
+        # whatever it allows here. Only one of them waits for the lock on a pooled connection; the others wait for
+        # their turn without one. While another session held the lock (`facegate reindex`, an operator's
+        # transaction), each waiting write held a connection until the lock timeout: as many as the pool has left
+        # reads (a search's replay, a key check, /readyz) waiting for a connection until a writer gave up.
+        self._writer = threading.Lock()
+        self._write_wait = write_wait or None
         self.index: SearchIndex = create_index(model_version, index, engine)  # settings None: exact
         self._sessions = db.make_session_factory(engine)
         # Commits in progress, and whether new ones are refused (stop_writes), under one condition.
@@ -158,7 +174,10 @@ class Gallery:
                     raise SchemaOutOfDate(
                         f"database schema is at {current}, expected {head}: run `facegate db upgrade`"
                     )
-            gallery = cls(engine, model_version, index)
+            # A write waits for its turn at most as long as for the database's lock (the statement timeout bounds
+            # that wait when the lock timeout is 0).
+            waits = (engine_options.get("lock_timeout"), engine_options.get("statement_timeout"))
+            gallery = cls(engine, model_version, index, write_wait=next((w for w in waits if w), None))
             with gallery._plain_session() as session, session.begin():
                 named = store.fill_missing_name_keys(session)
             if named:
@@ -238,6 +257,24 @@ class Gallery:
         ids = [c.id for c in changes]
         if ids and max(ids) // self.prune_every > (min(ids) - 1) // self.prune_every:  # crossed a multiple
             self.prune_changes()
+
+    @contextmanager
+    def _write_session(self) -> Iterator[Session]:
+        """`session()` for a write: it starts once this process's earlier writes are done (see `__init__`), or
+        raises DatabaseUnavailable after `write_wait` seconds without its turn (they are held up by another
+        session's lock, which this write would have waited for too)."""
+        if not self._writer.acquire(timeout=self._write_wait or -1):
+            raise DatabaseUnavailable(
+                f"the database did not answer within {self._write_wait:g} s: this worker's earlier writes were "
+                "waiting for the gallery's write lock, which another session held (an operator's transaction, a long "
+                "write such as `facegate reindex`?); nothing was stored; retry in a few seconds",
+                retry_after_seconds=db.RETRY_AFTER_SECONDS,
+            )
+        try:
+            with self.session() as session:
+                yield session
+        finally:
+            self._writer.release()
 
     @contextmanager
     def _plain_session(self) -> Iterator[Session]:
@@ -354,7 +391,7 @@ class Gallery:
             raise ValueError("give exactly one of identity_id and name")
         if identity_id is not None and metadata is not None:
             raise ValueError("metadata can only be given with a new identity's name")
-        with self.session() as session:
+        with self._write_session() as session:
             if unless_near is not None:
                 store.lock_gallery(session)
                 near = store.nearest_added_since(
@@ -393,7 +430,7 @@ class Gallery:
         scores: Sequence[float] | None = None,
     ) -> list[FaceRecord]:
         """One new identity per name with one face each, in one transaction (seeding; see `store.bulk_enrol`)."""
-        with self.session() as session:
+        with self._write_session() as session:
             return store.bulk_enrol(
                 session,
                 names=names,
@@ -404,32 +441,32 @@ class Gallery:
             )
 
     def create_identity(self, *, name: str, metadata: dict[str, Any] | None = None) -> IdentityRecord:
-        with self.session() as session:
+        with self._write_session() as session:
             return store.create_identity(session, name=name, metadata=metadata)
 
     def update_identity(
         self, identity_id: str, *, name: str | None = None, metadata: dict[str, Any] | None = None
     ) -> IdentityRecord:
-        with self.session() as session:
+        with self._write_session() as session:
             updated = store.update_identity(session, identity_id=identity_id, name=name, metadata=metadata)
         self.scrub_log()  # the old name and metadata
         return updated
 
     def delete_identity(self, identity_id: str) -> DeletionReport:
-        with self.session() as session:
+        with self._write_session() as session:
             report = store.delete_identity(session, identity_id=identity_id)
         self.scrub_log()
         return report
 
     def delete_face(self, identity_id: str, face_id: str) -> DeletionReport:
-        with self.session() as session:
+        with self._write_session() as session:
             report = store.delete_face(session, identity_id=identity_id, face_id=face_id)
         self.scrub_log()
         return report
 
     def purge_photos(self) -> int:
         """Drop every stored photo, keeping the faces (see `store.purge_photos`); how many went."""
-        with self.session() as session:
+        with self._write_session() as session:
             purged = store.purge_photos(session)
         if purged:
             self.scrub_log()
@@ -516,12 +553,12 @@ class Gallery:
             return store.get_setting(session, key=key)
 
     def set_setting(self, key: str, value: Any, *, source: str | None = None) -> DeploymentSettingRecord:
-        with self.session() as session:
+        with self._write_session() as session:
             return store.set_setting(session, key=key, value=value, source=source)
 
     def delete_setting(self, key: str) -> bool:
         """False when none was stored."""
-        with self.session() as session:
+        with self._write_session() as session:
             return store.delete_setting(session, key=key)
 
 

@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 _PG_SETUP_LOCK = 0x66677663  # "fgvc", with the schema's hash
 _BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
 _BINARY_TRAILER = (-1).to_bytes(2, "big", signed=True)
+_PG_EXTENSION_LOCK = 0x66677665  # "fgve": the database's CREATE EXTENSION, whatever the schema
 _PG_COPY_LOCK = 0x66677670  # "fgvp": one worker copies every face at a time
 _NEXT = "face_vectors_next"  # the table a full copy builds, swapped in for face_vectors
 INLINE_CHANGES = 100  # changes a search applies itself (~2.6 ms an add at 100k faces); more: a thread
@@ -93,6 +94,24 @@ def require_extension(connection: Connection) -> str:
     return str(available)
 
 
+def enable_extension(connection: Connection) -> None:
+    """`CREATE EXTENSION IF NOT EXISTS vector` in the connection's transaction; raises PgvectorUnavailable when the
+    server has no pgvector or this role may not enable it (superuser, once per database: pgvector is not a trusted
+    extension). `serve` tries it before starting workers, in a transaction it rolls back."""
+    require_extension(connection)
+    # One database-wide lock (the set-up lock is per schema): galleries of two schemas enabling it at once made the
+    # second's CREATE fail on pg_extension's unique name, read as a missing privilege.
+    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_EXTENSION_LOCK})
+    try:
+        with connection.begin_nested():
+            connection.execute(text("CREATE EXTENSION IF NOT EXISTS vector"))
+    except DBAPIError as error:
+        raise PgvectorUnavailable(
+            "pgvector is installed on the server but could not be enabled in this database (CREATE EXTENSION "
+            f"vector needs a privileged role once): {type(error.orig).__name__}"
+        ) from None
+
+
 class PgvectorIndex(GalleryIndex):
     """`GalleryIndex` whose nearest-face search runs in PostgreSQL (pgvector HNSW)."""
 
@@ -124,8 +143,11 @@ class PgvectorIndex(GalleryIndex):
         self._copy_lock = threading.Lock()
         self._copying: threading.Thread | None = None  # catching up for a search or a deletion
         super().__init__(model_version)
+        # The schema pgvector's type and operators live in (quoted), set by `_prepare`.
+        self.vector_schema = ""
         self.extension_version = self._prepare()
         self._iterative_scan = _version_tuple(self.extension_version) >= (0, 8)
+        self.nearest_faces = nearest_faces(self.vector_schema)
 
     # ----------------------------------------------------------------------------------------- set-up
 
@@ -136,16 +158,16 @@ class PgvectorIndex(GalleryIndex):
             connection.execute(
                 text("SELECT pg_advisory_xact_lock(:key, hashtext(current_schema()))"), {"key": _PG_SETUP_LOCK}
             )
-            require_extension(connection)
-            try:
-                with connection.begin_nested():
-                    connection.execute(text("CREATE EXTENSION IF NOT EXISTS vector"))
-            except DBAPIError as error:
-                raise PgvectorUnavailable(
-                    "pgvector is installed on the server but could not be enabled in this database (CREATE EXTENSION "
-                    f"vector needs a privileged role once): {type(error.orig).__name__}"
-                ) from None
-            connection.execute(text(_table_ddl("face_vectors")))
+            enable_extension(connection)
+            # The extension is created once per database, in the schema of the gallery that came first: another
+            # gallery's schema (or a search_path without it) does not see its type, so it is always named with it.
+            self.vector_schema, version = connection.execute(
+                text(
+                    "SELECT quote_ident(n.nspname), e.extversion FROM pg_extension e"
+                    " JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector'"
+                )
+            ).one()
+            connection.execute(text(_table_ddl("face_vectors", self.vector_schema)))
             built_with = connection.execute(
                 text(
                     "SELECT c.reloptions FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
@@ -164,13 +186,13 @@ class PgvectorIndex(GalleryIndex):
             connection.execute(text("INSERT INTO face_vectors_state VALUES (1, -1) ON CONFLICT (id) DO NOTHING"))
             if rebuild:
                 connection.execute(text("UPDATE face_vectors_state SET last_change_id = -1 WHERE id = 1"))
-            version = connection.execute(text("SELECT extversion FROM pg_extension WHERE extname = 'vector'")).scalar()
         return str(version)
 
     def _create_hnsw(self, table: str) -> TextClause:
         o = self.build_options  # integers, validated by the settings
         return text(
-            f"CREATE INDEX IF NOT EXISTS ix_{table}_embedding ON {table} USING hnsw (embedding vector_l2_ops)"
+            f"CREATE INDEX IF NOT EXISTS ix_{table}_embedding ON {table}"
+            f" USING hnsw (embedding {self.vector_schema}.vector_l2_ops)"
             f" WITH (m = {int(o['m'])}, ef_construction = {int(o['ef_construction'])})"
         )
 
@@ -279,7 +301,7 @@ class PgvectorIndex(GalleryIndex):
                 if _changes_between(session, mirrored, start) is not None:
                     return None  # another worker's copy ended while this one waited for the lock
                 face_ids, identity_ids, versions, embeddings = bulk.read_faces(session)
-                connection.execute(text(_table_ddl(_NEXT)))
+                connection.execute(text(_table_ddl(_NEXT, self.vector_schema)))
                 _copy_vectors(connection, face_ids, identity_ids, versions, embeddings, table=_NEXT)
                 del face_ids, identity_ids, versions, embeddings
                 connection.execute(text(f"ANALYZE {_NEXT}"))
@@ -344,7 +366,7 @@ class PgvectorIndex(GalleryIndex):
     # ---------------------------------------------------------------------------------------- search
 
     def search_settings(self, connection: Connection, k: int) -> None:
-        """This transaction's planner settings for `NEAREST_FACES` with `k` candidates.
+        """This transaction's planner settings for `nearest_faces` with `k` candidates.
 
         The HNSW index is forced (enable_seqscan off): with the model-version filter the planner may otherwise
         estimate few matching rows and scan the whole table, exact but ~100x slower at 100k faces (measured:
@@ -373,7 +395,7 @@ class PgvectorIndex(GalleryIndex):
             self.search_settings(connection, k)
             for query in q:
                 rows = connection.execute(
-                    NEAREST_FACES, {"model": self.model_version, "query": _vector_text(query), "k": k}
+                    self.nearest_faces, {"model": self.model_version, "query": _vector_text(query), "k": k}
                 ).all()
                 # Identities with a searchable face (`code_of` keeps deleted ones: every search was exact then).
                 ranked = _rank(rows, query, top_k, min(top_k, snap.identities))
@@ -388,10 +410,15 @@ def _options(reloptions: Sequence[str] | None) -> dict[str, int]:
         key, _, value = item.partition("=")
         options[key] = int(value)
     return options
-NEAREST_FACES = text(
-    "SELECT face_id, identity_id, embedding::real[] AS embedding FROM face_vectors"
-    " WHERE model_version = :model ORDER BY embedding <-> CAST(:query AS vector) LIMIT :k"
-)
+
+
+def nearest_faces(schema: str) -> TextClause:
+    """The `:k` faces of model `:model` nearest to `:query`, with pgvector's operator and type named by `schema`
+    (quoted), where the extension lives: an unqualified `<->` is not found from another schema's search_path."""
+    return text(
+        "SELECT face_id, identity_id, embedding::real[] AS embedding FROM face_vectors WHERE model_version = :model"
+        f" ORDER BY embedding OPERATOR({schema}.<->) CAST(:query AS {schema}.vector) LIMIT :k"
+    )
 
 
 def _replayable(mirrored: int, head: int) -> bool:
@@ -426,13 +453,13 @@ def _apply_changes(connection: Connection, changes: list[Change], table: str) ->
         start = end
 
 
-def _table_ddl(table: str) -> str:
+def _table_ddl(table: str, schema: str) -> str:
     return (
         f"CREATE TABLE IF NOT EXISTS {table} ("
         " face_id varchar(32) PRIMARY KEY,"
         " identity_id varchar(32) NOT NULL,"
         " model_version varchar(128) NOT NULL,"
-        f" embedding vector({EMBEDDING_DIM}) NOT NULL)"
+        f" embedding {schema}.vector({EMBEDDING_DIM}) NOT NULL)"
     )
 
 

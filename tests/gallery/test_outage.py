@@ -459,6 +459,32 @@ def test_a_lock_held_by_another_session_is_database_unavailable_after_the_lock_t
 
 
 @pytest.mark.postgres
+def test_writes_waiting_for_the_write_lock_leave_connections_to_reads(
+    pg_schema_url: str, other_session: Any, galleries: list[Gallery]
+) -> None:
+    """While another session held the gallery's write lock (`facegate reindex`, an operator's transaction), every
+    write request held a pooled connection as it waited for it: as many writes as the pool has connections left
+    none to reads, so a read (a search's replay, a key check, /readyz) waited until a writer gave up, the lock
+    timeout. Now the writes of one process wait for the lock on one connection, the others without one."""
+    pool = 3
+    gallery = _open(galleries, pg_schema_url, lock_timeout=3.0, pool_size=pool, max_overflow=0)
+    ada = gallery.enroll_face(embedding=random_embeddings(np.random.default_rng(5), 1)[0], box=BOX, score=1.0, name="Ada")
+    other_session.execute("UPDATE gallery_state SET last_change_id = last_change_id")  # the gallery's write lock
+    with ThreadPoolExecutor(pool + 2) as writers:
+        renames = [writers.submit(gallery.update_identity, ada.identity_id, name=f"Ada {i}") for i in range(pool + 2)]
+        time.sleep(0.5)  # every writer waits: for the lock, or for its turn
+        started = time.monotonic()
+        assert gallery.get_identity(ada.identity_id).name == "Ada"
+        assert time.monotonic() - started < 1.0  # not the lock timeout, 3 s
+        for rename in renames:
+            with pytest.raises(DatabaseUnavailable) as raised:
+                rename.result(timeout=30)
+            assert "lock" in raised.value.message, raised.value.message
+    other_session.rollback()
+    assert gallery.update_identity(ada.identity_id, name="Ada L.").name == "Ada L."
+
+
+@pytest.mark.postgres
 def test_a_deadlock_with_an_operators_transaction_is_database_unavailable_and_stores_nothing(
     pg_schema_url: str, other_session: Any, galleries: list[Gallery]
 ) -> None:

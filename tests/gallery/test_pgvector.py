@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from sqlalchemy.orm import Session
 from app.config import IndexBackend, IndexSettings
 from app.gallery import Gallery, bulk, pgvector, synthetic
 from app.gallery.index import GalleryIndex, IdentityCandidate
-from app.gallery.pgvector import NEAREST_FACES, PgvectorIndex, PgvectorUnavailable, _vector_text
+from app.gallery.pgvector import PgvectorIndex, PgvectorUnavailable, _vector_text
 from app.gallery.store import Change
 from app.vision.types import Box
 from bench.pgvector_scale import hnsw_problem, new_database
@@ -178,7 +179,7 @@ def test_pgvector_searches_go_through_the_hnsw_index(pgvector_url: str) -> None:
             plan = "\n".join(
                 row[0]
                 for row in connection.execute(
-                    text(f"EXPLAIN {NEAREST_FACES.text}"),
+                    text(f"EXPLAIN {reader.index.nearest_faces.text}"),
                     {"model": MODEL, "query": _vector_text(seeded.embeddings[0]), "k": 64},
                 )
             )
@@ -581,6 +582,33 @@ def test_pgvector_backend_refuses_a_server_without_the_extension(pg_schema_url: 
         Gallery.open(pg_schema_url, MODEL, index=PGVECTOR)
 
 
+@pytest.mark.pgvector
+def test_serve_refuses_a_role_that_may_not_enable_pgvector(pgvector_server: str, models_dir: Path) -> None:
+    """pgvector installed on the server, not yet enabled in the database, and a role that may not enable it (it is
+    not a trusted extension): `serve` says so in one line before starting workers, each of which failed with a
+    traceback and uvicorn's exit status 3. Nothing is left enabled by the check."""
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+    from tests.system.live import free_port
+
+    role = f"plain_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pgvector_server, autocommit=True) as connection:
+        connection.execute(f"CREATE ROLE {role} LOGIN")
+        connection.execute(f"CREATE DATABASE {role} OWNER {role}")
+    query = pgvector_server.partition("?")[2]
+    url = f"postgresql+psycopg://{role}@/{role}?{query}"
+    env = {"FACEGATE_DATABASE_URL": url, "FACEGATE_INDEX__BACKEND": "pgvector", "FACEGATE_MODELS_DIR": str(models_dir)}
+    env["FACEGATE_AUTH__REQUIRED"] = "true"
+    result = CliRunner().invoke(cli, ["serve", "--port", str(free_port())], env=env)
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        "error: pgvector is installed on the server but could not be enabled in this database (CREATE EXTENSION "
+        "vector needs a privileged role once): InsufficientPrivilege"
+    ), result.stderr
+    with psycopg.connect(url.replace("+psycopg", "")) as connection:
+        assert connection.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone() is None
+
+
 def test_pgvector_backend_refuses_sqlite(tmp_path: Path) -> None:
     with pytest.raises(PgvectorUnavailable, match="needs PostgreSQL"):
         Gallery.open(f"sqlite:///{tmp_path / 'g.db'}", MODEL, index=PGVECTOR)
@@ -646,3 +674,69 @@ def test_pgvector_ranks_exact_ties_as_the_exact_index(pgvector_url: str) -> None
     finally:
         reader.close()
         writer.close()
+
+
+@pytest.mark.pgvector
+def test_galleries_in_two_schemas_of_one_database(pgvector_url: str) -> None:
+    """The extension is created once per database, in the schema of the first gallery that starts: a gallery in
+    another schema (its own search_path) must still create its table, build its index and search through it."""
+    with psycopg.connect(pgvector_url.replace("+psycopg", ""), autocommit=True) as connection:
+        connection.execute("CREATE SCHEMA first; CREATE SCHEMA second")
+    seeded = synthetic.gallery(200, faces_per_identity=1, seed=111)
+    queries, _ = synthetic.probes(seeded, enrolled=10, strangers=0, seed=112)
+    for schema in ("first", "second"):
+        url = f"{pgvector_url}&options=-csearch_path%3D{schema}"
+        writer = Gallery.open(url, MODEL)
+        reader = Gallery.open(url, MODEL, index=PGVECTOR)
+        try:
+            writer.bulk_enrol(names=[f"{schema}{i}" for i in range(200)], embeddings=seeded.embeddings)
+            assert pgvector_index(reader).mirror() == 200
+            got, want = reader.search(queries, top_k=3), writer.search(queries, top_k=3)
+            assert pgvector_index(reader).mirror() == 0  # searched in PostgreSQL
+            assert [[(c.identity_id, c.distance) for c in r] for r in got] == [
+                [(c.identity_id, c.distance) for c in r] for r in want
+            ]
+        finally:
+            reader.close()
+            writer.close()
+
+
+@pytest.mark.pgvector
+def test_more_candidates_than_ef_search_are_all_fetched(pgvector_url: str) -> None:
+    """index.candidates above 1000 (pgvector's largest hnsw.ef_search): pgvector 0.8's iterative scans still return
+    every candidate asked for (the settings' help said at most 1000)."""
+    seeded = synthetic.gallery(1500, faces_per_identity=1, seed=121)
+    gallery = Gallery.open(pgvector_url, MODEL, index=PGVECTOR.model_copy(update={"candidates": 1200}))
+    try:
+        gallery.bulk_enrol(names=[f"p{i}" for i in range(1500)], embeddings=seeded.embeddings)
+        index = pgvector_index(gallery)
+        assert index.mirror() == 1500
+        with index.engine.begin() as connection:
+            index.search_settings(connection, 1200)
+            rows = connection.execute(
+                index.nearest_faces, {"model": MODEL, "query": _vector_text(seeded.embeddings[0]), "k": 1200}
+            ).all()
+        assert len(rows) == 1200
+    finally:
+        gallery.close()
+
+
+@pytest.mark.pgvector
+def test_galleries_of_two_schemas_enabling_pgvector_at_once(pgvector_url: str) -> None:
+    """Another schema's gallery is enabling the extension (its transaction not yet committed) when this one starts:
+    this one waits for it and uses it; its own CREATE EXTENSION failed on pg_extension's unique name, reported as
+    a missing privilege."""
+    with psycopg.connect(pgvector_url.replace("+psycopg", ""), autocommit=True) as connection:
+        connection.execute("CREATE SCHEMA first; CREATE SCHEMA second")
+    with psycopg.connect(pgvector_url.replace("+psycopg", "")) as other, ThreadPoolExecutor(1) as pool:
+        other.execute("SET search_path = first")
+        other.execute("SELECT pg_advisory_xact_lock(%s)", (pgvector._PG_EXTENSION_LOCK,))
+        other.execute("CREATE EXTENSION vector")
+        opening = pool.submit(Gallery.open, f"{pgvector_url}&options=-csearch_path%3Dsecond", MODEL, index=PGVECTOR)
+        assert waiting_for_a_lock(pgvector_url)
+        other.commit()
+        gallery = opening.result(timeout=60)
+    try:
+        assert pgvector_index(gallery).vector_schema == "first"
+    finally:
+        gallery.close()

@@ -69,7 +69,7 @@ from app.matching.thresholds import DEFAULT_THRESHOLD, MAX_THRESHOLD, is_match, 
 from app.names import clean_name
 from app.vision.decode import media_type
 from app.vision.pipeline import Pipeline, PixelBudget
-from app.vision.quality import FaceQuality, QualityFailure, QualityThresholds, assess
+from app.vision.quality import FaceQuality, QualityFailure, QualityIssue, QualityThresholds, assess
 from app.vision.types import Box, Face, PhotoFaces
 
 log = logging.getLogger(__name__)
@@ -1016,15 +1016,16 @@ class FaceService:
         )
 
 
-_ISSUE_TEXT = {
-    "small_face": ("face too small", "inter-ocular distance {m:.1f} px < {l:g}"),
-    "blurry": ("blurred", "sharpness {m:.1f} < {l:g}"),
-    "too_dark": ("too dark", "brightness {m:.0f} < {l:g}"),
-    "too_bright": ("too bright", "brightness {m:.0f} > {l:g}"),
-    "cut_off": ("cut off by the border", "{m:.0%} of the face box outside the photo > {l:.0%}"),
-    "turned": ("head turned", "|yaw| {m:.2f} > {l:g}"),
-    "tilted": ("head tilted", "|roll| {m:.1f} deg > {l:g}"),
-    "low_score": ("doubtful detection", "detector score {m:.2f} < {l:g}"),
+# Every issue has its words (tests/api/test_quality.py checks): a new QualityIssue without them fails there.
+_ISSUE_TEXT: dict[QualityIssue, tuple[str, str]] = {
+    QualityIssue.SMALL_FACE: ("face too small", "inter-ocular distance {m:.1f} px < {l:g}"),
+    QualityIssue.BLURRY: ("blurred", "sharpness {m:.1f} < {l:g}"),
+    QualityIssue.TOO_DARK: ("too dark", "brightness {m:.0f} < {l:g}"),
+    QualityIssue.TOO_BRIGHT: ("too bright", "brightness {m:.0f} > {l:g}"),
+    QualityIssue.CUT_OFF: ("cut off by the border", "{m:.0%} of the face box outside the photo > {l:.0%}"),
+    QualityIssue.TURNED: ("head turned", "|yaw| {m:.2f} > {l:g}"),
+    QualityIssue.TILTED: ("head tilted", "|roll| {m:.1f} deg > {l:g}"),
+    QualityIssue.LOW_SCORE: ("doubtful detection", "detector score {m:.2f} < {l:g}"),
 }
 
 
@@ -1040,7 +1041,7 @@ def cluster_threshold(settings: Settings, pipeline: Pipeline) -> float:
 
 
 def _describe(issue: QualityFailure) -> str:
-    what, how = _ISSUE_TEXT.get(issue.issue.value, (issue.issue.value, "{m:g} vs limit {l:g}"))
+    what, how = _ISSUE_TEXT[issue.issue]
     return f"{what} ({how.format(m=issue.measured, l=issue.limit)})"
 
 

@@ -89,17 +89,16 @@ STATUS_BY_CODE: dict[str, int] = {
     errors.DatabaseUnavailable.code: 503,
     errors.InsufficientStorage.code: 507,
     errors.RequestTimeout.code: 408,
-    "unknown_identity": 404,
-    "unknown_face": 404,
+    errors.UnknownIdentity.code: 404,
+    errors.UnknownFace.code: 404,
     errors.ImageNotStored.code: 404,
-    # issue 5 / 6 codes, mapped ahead so that adding the exception is enough
     errors.LowQuality.code: 422,
     errors.PossibleDuplicate.code: 409,
     errors.InsufficientData.code: 409,
-    "unsupported_image": 415,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "unknown_api_key": 404,
+    errors.UnsupportedImage.code: 415,
+    errors.Unauthorized.code: 401,
+    errors.Forbidden.code: 403,
+    errors.UnknownApiKey.code: 404,
 }
 
 # HTTP errors raised by the framework itself (unknown route, wrong method, unparseable body).

@@ -13,7 +13,9 @@ from app.service import CalibrationSource, CurveSource, ThresholdSource
 
 # Limits on what a request may carry besides photos (issue 6: huge JSON, very long names).
 NAME_MAX_LENGTH = 200
-METADATA_MAX_BYTES = 16 * 1024
+ID_MAX_LENGTH = 64  # identity and face ids are 32 hex characters; longer is refused before any lookup
+# Characters of /enroll's `metadata` form field; what is stored is bounded apart (store.MAX_METADATA_BYTES, 64 KiB).
+METADATA_FORM_MAX_LENGTH = 16 * 1024
 TOP_K_MAX = 100
 THRESHOLD_MAX = MAX_THRESHOLD  # the settings' and the core's bound; real distances stay well under it (norms ~1)
 

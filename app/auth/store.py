@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from app.auth.keys import generate_key, hash_key, key_matches, key_prefix, prefix_of
 from app.auth.scopes import Scope
 from app.errors import InvalidRequest, UnknownApiKey
-from app.gallery.tables import MAX_NAME_LENGTH, ApiKey
+from app.gallery.tables import MAX_NAME_LENGTH, ApiKey, utcnow
 from app.names import clean_name
 
 
@@ -52,10 +52,6 @@ class ApiKeyRecord:
 class CreatedKey:
     key: str  # the only time the key exists outside its owner's hands: print it, do not store it
     record: ApiKeyRecord
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def create_key(session: Session, *, name: str, scope: Scope, key: str | None = None) -> CreatedKey:

@@ -32,6 +32,7 @@ from app.auth.scopes import Scope
 from app.auth.store import ApiKeyRecord
 from app.config import AuthSettings
 from app.errors import DatabaseUnavailable, InsufficientStorage
+from app.gallery.tables import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class KeyVerifier:
                 return
             self._touched[record.id] = now
             try:
-                self._last_touch = self._toucher.submit(self._write_touch, record, store.utcnow())
+                self._last_touch = self._toucher.submit(self._write_touch, record, utcnow())
             except RuntimeError:  # closed: the server is stopping
                 pass
 

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import alembic.util
 from sqlalchemy import (
@@ -73,10 +73,13 @@ class CopyRefused(RuntimeError):
     """The copy was not made (source or target unsuitable); the target holds none of the source's rows."""
 
 
-class UnusableDatabase(RuntimeError):
-    """A database could not be reached or read; `role` is 'source' or 'target', `error` the driver's error."""
+Role = Literal["source", "target"]
 
-    def __init__(self, role: str, error: SQLAlchemyError) -> None:
+
+class UnusableDatabase(RuntimeError):
+    """A database could not be reached or read; `role` says which, `error` is the driver's error."""
+
+    def __init__(self, role: Role, error: SQLAlchemyError) -> None:
         super().__init__(f"cannot use the {role} database")
         self.role, self.error = role, error
 
@@ -206,7 +209,7 @@ def _check_empty(connection: Connection, tables: Sequence[Table]) -> None:
 
 
 @contextmanager
-def _using(role: str) -> Iterator[None]:
+def _using(role: Role) -> Iterator[None]:
     try:
         yield
     except SQLAlchemyError as error:

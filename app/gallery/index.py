@@ -114,7 +114,6 @@ class SearchIndex(Protocol):
     def peek_stats(self) -> IndexStats | None: ...
     def face_ids(self) -> set[str]: ...
     def contains(self, face_id: str) -> bool: ...
-    def has_identity(self, identity_id: str) -> bool: ...
     def search(self, queries: npt.ArrayLike, *, top_k: int) -> list[list[IdentityCandidate]]: ...
     def identity_distances(
         self, query: npt.ArrayLike, identity_id: str
@@ -258,11 +257,6 @@ class GalleryIndex:
             self.model_version, len(self._rows), len(self._alive_per_code), len(self._stale), self._last_seen
         )
 
-    def has_identity(self, identity_id: str) -> bool:
-        with self._lock:
-            code = self._code_of.get(identity_id)
-            return code is not None and code in self._alive_per_code
-
     def contains(self, face_id: str) -> bool:
         with self._lock:
             return face_id in self._rows
@@ -368,15 +362,6 @@ class GalleryIndex:
                 if change.op is ChangeOp.REMOVE:
                     self._pending_removed[change.face_id] = max(change.id, self._pending_removed.get(change.face_id, 0))
             self._apply_locked(ahead)
-
-    def apply_add(
-        self, *, change_id: int, face_id: str, identity_id: str, embedding: npt.ArrayLike, model_version: str
-    ) -> None:
-        vector = np.asarray(embedding, dtype=np.float32).reshape(EMBEDDING_DIM)
-        self.apply([Change(change_id, ChangeOp.ADD, face_id, identity_id, vector, model_version)])
-
-    def apply_remove(self, *, change_id: int, face_id: str, identity_id: str) -> None:
-        self.apply([Change(change_id, ChangeOp.REMOVE, face_id, identity_id)])
 
     def _apply_locked(self, changes: list[Change]) -> None:
         """Idempotent: adding a present face or removing an absent one does nothing."""

@@ -14,7 +14,6 @@ embedder uses (moving 512 bytes per face to a GPU would cost more than the produ
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import numpy.typing as npt
 from app.config import HeadSettings, Provider, RuntimeSettings
 from app.errors import ModelUnavailable
 from app.matching.thresholds import validate_threshold
+from app.vision.models import file_sha256
 from app.vision.runtime import LazySession
 from app.vision.types import EMBEDDING_DIM
 
@@ -62,10 +62,6 @@ def heads_dir(settings: HeadSettings, models_dir: Path) -> Path:
     return Path(settings.dir) if settings.dir is not None else Path(models_dir) / HEADS_FOLDER
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def read_head_manifest(directory: Path, *, verify: bool = True) -> HeadManifest:
     """A registered head's manifest; with `verify`, the ONNX file must be there and match its checksum."""
     file = Path(directory) / HEAD_MANIFEST
@@ -98,7 +94,7 @@ def read_head_manifest(directory: Path, *, verify: bool = True) -> HeadManifest:
     if verify:
         if not manifest.path.is_file():
             raise ModelUnavailable(f"head {manifest.name!r} has no {HEAD_FILE}")
-        if _sha256(manifest.path) != manifest.sha256:
+        if file_sha256(manifest.path) != manifest.sha256:
             raise ModelUnavailable(f"head {manifest.name!r}: {HEAD_FILE} does not match its checksum")
     return manifest
 

@@ -33,7 +33,8 @@ class Manifest:
         return [earlier + applied for earlier in self.earlier_versions]
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (the checksum the manifests of models and heads record)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -65,7 +66,7 @@ def load_manifest(directory: Path, *, verify: bool = True) -> Manifest:
                 file = manifest.path(name)
                 if not file.is_file():
                     raise ModelUnavailable(f"model file {file.name} is missing: run `make models`")
-                if _sha256(file) != manifest.models[name]["sha256"]:
+                if file_sha256(file) != manifest.models[name]["sha256"]:
                     raise ModelUnavailable(f"model file {file.name} does not match its checksum: run `make models`")
     except OSError as error:
         raise ModelUnavailable(f"cannot read {error.filename or path}: {error.strerror or error}") from None

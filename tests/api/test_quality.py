@@ -213,3 +213,16 @@ def test_quality_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("FACEGATE_QUALITY__MIN_BRIGHTNESS", "240")
     with pytest.raises(ValueError, match="min_brightness must be below"):
         Settings()
+
+
+def test_every_quality_issue_has_words_and_a_public_name() -> None:
+    """A new QualityIssue needs its words in the LowQuality message and its value in the public schema: both are
+    written apart from the enum (service._ISSUE_TEXT, schemas.QualityIssueOut) and have no fallback."""
+    from typing import get_args
+
+    from app.api.schemas import QualityIssueOut
+    from app.service import _ISSUE_TEXT
+    from app.vision.quality import QualityIssue
+
+    assert set(_ISSUE_TEXT) == set(QualityIssue)
+    assert set(get_args(QualityIssueOut.model_fields["issue"].annotation)) == {i.value for i in QualityIssue}

@@ -12,7 +12,7 @@ from app.api.auth import require
 from app.api.deps import MetricsDep, ServiceDep, form_fields, parse_metadata
 from app.api.forms import FormRoute
 from app.api.routes.common import ALREADY_ENROLLED, enroll_response, read_photo
-from app.api.schemas import NAME_MAX_LENGTH, EnrollResponse
+from app.api.schemas import ID_MAX_LENGTH, METADATA_FORM_MAX_LENGTH, NAME_MAX_LENGTH, EnrollResponse
 from app.auth import Scope
 from app.service import FacePolicy
 
@@ -38,10 +38,10 @@ async def enroll(
         str | None, Form(min_length=1, max_length=NAME_MAX_LENGTH, description="Name of a NEW identity.")
     ] = None,
     identity_id: Annotated[
-        str | None, Form(max_length=64, description="Add the face to this existing identity instead.")
+        str | None, Form(max_length=ID_MAX_LENGTH, description="Add the face to this existing identity instead.")
     ] = None,
     metadata: Annotated[
-        str | None, Form(max_length=16 * 1024, description="JSON object stored with a new identity.")
+        str | None, Form(max_length=METADATA_FORM_MAX_LENGTH, description="JSON object stored with a new identity.")
     ] = None,
     face: Annotated[
         FacePolicy,

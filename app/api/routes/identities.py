@@ -13,6 +13,7 @@ from app.api.deps import MetricsDep, ServiceDep, form_fields, json_fields
 from app.api.forms import FormRoute
 from app.api.routes.common import ALREADY_ENROLLED, enroll_response, identity_public, read_photo
 from app.api.schemas import (
+    ID_MAX_LENGTH,
     NAME_MAX_LENGTH,
     DeletionResponse,
     EnrollResponse,
@@ -26,8 +27,8 @@ from app.service import FacePolicy
 
 router = APIRouter(prefix="/identities", tags=["identities"], route_class=FormRoute)
 
-IdentityId = Annotated[str, Path(max_length=64, description="Identity id (32 hex characters).")]
-FaceId = Annotated[str, Path(max_length=64, description="Face id (32 hex characters).")]
+IdentityId = Annotated[str, Path(max_length=ID_MAX_LENGTH, description="Identity id (32 hex characters).")]
+FaceId = Annotated[str, Path(max_length=ID_MAX_LENGTH, description="Face id (32 hex characters).")]
 
 
 @router.get(

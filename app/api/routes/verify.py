@@ -12,7 +12,7 @@ from app.api.auth import require
 from app.api.deps import MetricsDep, ServiceDep, form_fields
 from app.api.forms import FormRoute
 from app.api.routes.common import face_out, read_photo
-from app.api.schemas import THRESHOLD_MAX, VerifyIdentityResponse, VerifyPhotosResponse
+from app.api.schemas import ID_MAX_LENGTH, THRESHOLD_MAX, VerifyIdentityResponse, VerifyPhotosResponse
 from app.auth import Scope
 from app.errors import InvalidRequest
 from app.service import FacePolicy, VerifyResult
@@ -38,7 +38,7 @@ async def verify(
     service: ServiceDep,
     metrics: MetricsDep,
     image: Annotated[UploadFile | None, File(description="Photo to check against `identity_id`.")] = None,
-    identity_id: Annotated[str | None, Form(max_length=64)] = None,
+    identity_id: Annotated[str | None, Form(max_length=ID_MAX_LENGTH)] = None,
     image_a: Annotated[UploadFile | None, File(description="First photo (photo-vs-photo mode).")] = None,
     image_b: Annotated[UploadFile | None, File(description="Second photo (photo-vs-photo mode).")] = None,
     threshold: Annotated[

@@ -30,7 +30,7 @@ from app.cli.common import (
 from app.errors import DatabaseUnavailable, FacegateError, InsufficientStorage, InvalidRequest, PossibleDuplicate
 from app.identify_eval import hidden, photo_suffixes
 from app.names import clean_name
-from app.service import FacePolicy, FaceService, IdentifyResult, VerifyResult
+from app.service import FacePolicy, FaceService, IdentifiedFace, IdentifyResult, VerifyResult
 
 
 def _people(
@@ -180,6 +180,23 @@ def _decision_line(result: VerifyResult | IdentifyResult) -> str:
     return f"threshold {result.threshold.value:.4f} ({result.threshold.source.value}{far})"
 
 
+# The features of an identify decision, named as /identify's reply names them (app.api.schemas.IdentifiedFaceOut).
+_DECISION_FEATURES = ("margin", "ratio", "score", "score_threshold", "accept_distance", "fpir_estimate")
+
+
+def _why(face: IdentifiedFace) -> str:
+    """The numbers an identify decision rests on, for the text output (the JSON has them all)."""
+    if face.score is None or face.score_threshold is None:
+        return "the gallery is empty"
+    parts = [] if face.margin is None else [f"margin {face.margin:.4f}"]
+    parts.append(f"score {face.score:.3f}, named at <= {face.score_threshold:.3f}")
+    if face.accept_distance is not None:
+        parts.append(f"accept distance {face.accept_distance:.4f}")
+    if face.fpir_estimate is not None:
+        parts.append(f"strangers scoring this well {100 * face.fpir_estimate:.2g} %")
+    return "; ".join(parts)
+
+
 @cli.command()
 def verify(
     photo_a: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="First photo.")],
@@ -242,6 +259,11 @@ def identify(
                 {
                     "threshold": result.threshold.value,
                     "threshold_source": result.threshold.source.value,
+                    "target_fpir": result.target_fpir,
+                    "far_estimate": result.far_estimate,
+                    "gallery_size": result.gallery_size,
+                    "identities": result.identities,
+                    "faces_detected": result.faces_detected,
                     "faces": [
                         {
                             "box": f.face.box.as_dict(),
@@ -251,6 +273,8 @@ def identify(
                                 {"identity_id": c.identity_id, "name": c.name, "distance": c.distance}
                                 for c in f.candidates
                             ],
+                            # what the decision used, as /identify reports it
+                            **{name: getattr(f, name) for name in _DECISION_FEATURES},
                         }
                         for f in result.faces
                     ],
@@ -258,13 +282,15 @@ def identify(
             )
         )
         return
-    gallery = f"gallery of {result.gallery_size} faces"
+    gallery = f"gallery of {result.gallery_size} faces of {result.identities} identities"
     if stale:  # "gallery of 0 faces" reads as an empty gallery when every face awaits `facegate reindex`
         gallery += f" searched ({stale} more made by another model version: run `facegate reindex`)"
-    typer.echo(f"{len(result.faces)} face(s), {gallery}, {_decision_line(result)}")
+    typer.echo(
+        f"{len(result.faces)} face(s), {gallery}, {_decision_line(result)}, target FPIR {100 * result.target_fpir:g} %"
+    )
     for i, f in enumerate(result.faces, 1):
         b = f.face.box
         who = f"{f.match.name} ({f.match.identity_id}), distance {f.match.distance:.4f}" if f.match else f.reason.value
-        typer.echo(f"face {i} at ({b.left},{b.top})-({b.right},{b.bottom}): {who}")
+        typer.echo(f"face {i} at ({b.left},{b.top})-({b.right},{b.bottom}): {who} ({_why(f)})")
         for c in f.candidates:
             typer.echo(f"    {c.distance:.4f}  {c.name}  {c.identity_id}")

@@ -12,7 +12,7 @@ identities at odd positions is a stranger. On lfw-dev (828 people, 2,107 photos)
 647 probes, 1,046 strangers: the numbers of issue 9.
 
 Rules compared (all accept the nearest identity; lower score = more confident):
-raw = d1; ratio = d1 / d2; facegate = `openset.facegate_score` (log d1 - 0.75 log min(d2, 0.45)).
+raw = d1; ratio = d1 / d2 (1 where d2 = 0, as `decide` reports it); facegate = `openset.facegate_score` (log d1 - 0.75 log min(d2, 0.45)).
 d1 and d2 are the float32 distances /identify reports for the two nearest identities (`top_two`), so the default
 point decides each probe exactly as /identify would on the same embeddings, also at a threshold's very value.
 
@@ -191,6 +191,15 @@ class IdentificationReport:
         return {k: v for k, v in vars(self).items()}
 
 
+def _ratio(d1: NDArray[np.float64], d2: NDArray[np.float64]) -> NDArray[np.float64]:
+    """d1 / d2, and 1.0 where d2 is 0 as `decide` reports it: a face at distance 0 from two identities (the same
+    photo enrolled under two names) gave 0 / 0 = NaN, which sorts after every score, so a threshold letting that
+    stranger in came out NaN and no probe passed it (DIR 0 % for the ratio rule)."""
+    out = np.ones_like(d1)
+    np.divide(d1, d2, out=out, where=d2 > 0)
+    return out
+
+
 def _curve(g: NDArray[np.float64], ok: NDArray[np.bool_], s: NDArray[np.float64]) -> dict[str, list[float]]:
     grid = np.unique(np.concatenate([np.geomspace(1e-3, 1.0, 61), [0.01, 0.05, 0.1]]))
     dirs = [dir_at_fpir(g, ok, s, f)[0] for f in grid]
@@ -219,7 +228,7 @@ def evaluate_identification(
     correct = np.array([truth.get(t, -1) for t in probe_ids]) == gp.top
     scores = {
         "raw": (gp.d1, gs.d1),
-        "ratio": (gp.d1 / gp.d2, gs.d1 / gs.d2),
+        "ratio": (_ratio(gp.d1, gp.d2), _ratio(gs.d1, gs.d2)),
         "facegate": (m.score(gp.d1, gp.d2), m.score(gs.d1, gs.d2)),
     }
     table = {

@@ -81,6 +81,17 @@ def plot_verification(report: VerificationReport, path: Path, *, title: str = "f
     return Path(path)
 
 
+_FPIR_FLOOR = 1e-3  # the DIR-vs-FPIR plot's left edge (a log axis has no 0)
+
+
+def _point_label(name: str, point: dict[str, Any]) -> str:
+    """A marked operating point's legend entry with its measured FPIR and DIR: one under the axis' left edge (0 % on a
+    small set of strangers, as on dev) is drawn on that edge, where without its figures it read as an FPIR of 0.1 %."""
+    fpir = point["fpir"]
+    edge = f", drawn at {_FPIR_FLOOR:.1%}" if fpir < _FPIR_FLOOR else ""
+    return f"{name}: FPIR {fpir:.2%}{edge}, DIR {point['dir']:.1%}"
+
+
 def plot_identification(report: IdentificationReport, path: Path, *, title: str = "facegate 1:N open set") -> Path:
     """Write the DIR-vs-FPIR PNG (one curve per rule, default operating point marked); returns `path`."""
     plt = _pyplot()
@@ -92,12 +103,18 @@ def plot_identification(report: IdentificationReport, path: Path, *, title: str 
             label = f"{rule}" + (f" (DIR {at1:.1%} @ FPIR 1%)" if at1 is not None else "")
             ax.plot(curve["fpir"], curve["dir"], label=label, color=colours.get(rule))
         p = report.default_point
-        ax.scatter([max(p["fpir"], 1e-3)], [p["dir"]], color="tab:red", zorder=3, label=f"facegate default (target FPIR {p['target_fpir']:g}, N={p['gallery_size']})")
+        ax.scatter(
+            [max(p["fpir"], _FPIR_FLOOR)], [p["dir"]], color="tab:red", zorder=3,
+            label=_point_label(f"facegate default (target FPIR {p['target_fpir']:g}, N={p['gallery_size']})", p),
+        )
         rp = report.raw_threshold_point
-        ax.scatter([max(rp["fpir"], 1e-3)], [rp["dir"]], color="black", marker="x", zorder=3, label=f"raw rule at {rp['threshold']:g}")
+        ax.scatter(
+            [max(rp["fpir"], _FPIR_FLOOR)], [rp["dir"]], color="black", marker="x", zorder=3,
+            label=_point_label(f"raw rule at {rp['threshold']:g}", rp),
+        )
         ax.axhline(report.rank1, color="black", linewidth=0.8, linestyle=":", label=f"rank-1 ceiling {report.rank1:.1%}")
         ax.set_xscale("log")
-        ax.set_xlim(1e-3, 1.0)
+        ax.set_xlim(_FPIR_FLOOR, 1.0)
         ax.set_ylim(0.0, 1.0)
         ax.set_xlabel("FPIR (strangers matched to someone)")
         ax.set_ylabel("DIR (enrolled people identified correctly)")

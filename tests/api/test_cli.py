@@ -141,9 +141,17 @@ def test_enroll_directory_then_identify(env: Path, dev_faces: Path, tmp_path: Pa
     names = [c["name"] for c in body["faces"][0]["candidates"]]
     assert names == ["bbt_amy", "bbt_raj"]
     assert body["faces"][0]["match"] is not None
+    # the decision explained as /identify explains it (the JSON had the reason and candidates only)
+    face = body["faces"][0]
+    assert (body["gallery_size"], body["identities"], body["target_fpir"]) == (4, 2, 0.01)
+    assert face["score"] <= face["score_threshold"] and face["fpir_estimate"] <= body["target_fpir"]
+    assert face["candidates"][0]["distance"] <= face["accept_distance"]
+    assert face["margin"] == pytest.approx(face["candidates"][1]["distance"] - face["candidates"][0]["distance"])
+    assert face["ratio"] == pytest.approx(face["candidates"][0]["distance"] / face["candidates"][1]["distance"])
 
     code, out = run("identify", str(dev_faces / AMY[2]))
-    assert code == 0 and "bbt_amy" in out and "1 face(s), gallery of 4 faces" in out
+    assert code == 0 and "bbt_amy" in out and "1 face(s), gallery of 4 faces of 2 identities" in out
+    assert "target FPIR 1 %" in out and f"score {face['score']:.3f}, named at <= {face['score_threshold']:.3f}" in out
 
 
 def test_enroll_again_finds_a_folders_person_however_its_name_is_spelt_on_disk(

@@ -165,6 +165,26 @@ class TestDirAtFpir:
 
 
 class TestEvaluate:
+    def test_a_stranger_at_distance_zero_from_two_identities_has_ratio_one(self) -> None:
+        """The same photo enrolled under two names, and met again as a stranger: d1 = d2 = 0. Its ratio was 0 / 0 =
+        NaN, so a threshold letting it in came out NaN and the ratio rule named no probe at all (DIR 0 %)."""
+        twin = np.zeros(128, np.float32)
+        twin[0] = 0.5
+        other = np.zeros(128, np.float32)
+        other[1] = 0.5
+        gallery = np.stack([twin, twin, other])
+        probe = other.copy()
+        probe[2] = 0.05  # near `other`, far from the twins: a clear ratio
+        stranger = np.zeros(128, np.float32)
+        stranger[3] = 0.5
+        with np.errstate(divide="raise", invalid="raise"):  # no 0 / 0 on the way
+            rep = evaluate_identification(
+                gallery, ["a", "b", "c"], probe[None, :], ["c"], np.stack([twin, stranger]), model=load_default_model()
+            )
+        ratio = rep.curves["ratio"]
+        # letting one of the two strangers in (the far one; the twin's ratio 1 is the worst there is) names the probe
+        half = next(i for i, f in enumerate(ratio["fpir"]) if 0.5 <= f < 1.0)
+        assert ratio["dir"][half] == 1.0
     def test_separable_synthetic_gallery(self) -> None:
         rng = np.random.default_rng(0)
         centres = rng.normal(size=(60, 128)).astype(np.float32) * 0.1

@@ -38,3 +38,13 @@ def test_plots(tmp_path: Path) -> None:
     out2 = plot_identification(rep, tmp_path / "dir.png")
     assert out2.read_bytes()[:8] == PNG
     assert out2.stat().st_size > 10_000
+
+
+def test_a_marked_point_says_its_fpir_when_drawn_on_the_axis_edge() -> None:
+    """The default point of dev (FPIR 0 %) sat on the plot's left edge, 0.1 %, with no figure saying it was 0 %."""
+    from app.matching.report import _point_label
+
+    assert _point_label("facegate default", {"fpir": 0.0, "dir": 0.603}) == (
+        "facegate default: FPIR 0.00%, drawn at 0.1%, DIR 60.3%"
+    )
+    assert _point_label("raw rule at 0.36", {"fpir": 0.116, "dir": 0.799}) == "raw rule at 0.36: FPIR 11.60%, DIR 79.9%"

@@ -681,6 +681,18 @@ async function runIdentify() {
   r.faces.forEach((f, i) => out.append(identifiedFace(f, i, r.threshold)));
 }
 
+// Why nobody was named: the nearest is beyond the threshold, or within it but not standing out from the gallery
+// (the open-set score fails for a gallery of this size), which the candidates table below shows as "within: yes".
+function unknownWhy(f, threshold) {
+  if (!f.candidates.length) return "Unknown: nobody enrolled is close enough (the gallery is empty).";
+  const nearest = f.candidates[0];
+  const at = nearest.name + " at distance " + fmt(nearest.distance);
+  if (nearest.distance > threshold) return "Unknown: nobody enrolled is close enough (nearest " + at + ").";
+  return "Unknown: the nearest, " + at + ", is within the threshold but does not stand out enough for a gallery " +
+    "this size to be named" + (f.score !== null && f.score !== undefined && f.score_threshold !== null && f.score_threshold !== undefined
+      ? " (open-set score " + fmt(f.score, 3) + ", named at most " + fmt(f.score_threshold, 3) + ")." : ".");
+}
+
 function identifiedFace(f, i, threshold) {
   const n = i + 1;
   const card = el("article", { className: "face-card " + f.reason, id: "face-" + n, "aria-labelledby": "face-" + n + "-title" });
@@ -689,7 +701,7 @@ function identifiedFace(f, i, threshold) {
   const why = {
     accepted: "Match: " + (f.match ? f.match.name : "") + " at distance " + (f.match ? fmt(f.match.distance) : "") + " (threshold " + fmt(threshold, 2) + ")" +
       (f.candidates.length > 1 ? ", clearly nearer than the runner-up." : "."),
-    unknown: "Unknown: nobody enrolled is close enough" + (f.candidates.length ? " (nearest " + f.candidates[0].name + " at distance " + fmt(f.candidates[0].distance) + ")." : " (the gallery is empty)."),
+    unknown: unknownWhy(f, threshold),
     ambiguous: "Ambiguous: the two nearest people are too close to tell apart, so nobody is named.",
   }[f.reason];
   card.append(el("p", { className: "decision " + f.reason, "data-reason": f.reason, text: why }));

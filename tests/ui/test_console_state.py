@@ -543,3 +543,35 @@ def test_a_face_added_from_a_photo_of_several_shows_them_then_takes_the_largest(
     p.locator("#identity-facts dd", has_text=re.compile(r"^2$")).wait_for()
     assert gallery.client.get(f"/identities/{amy}").json()["face_count"] == 2
     assert failed_loads(console.errors()) == [422]
+
+
+def test_an_unknown_face_within_the_threshold_says_it_did_not_stand_out(
+    page: tuple[Any, Console], live: LiveServer, gallery: Gallery, dev_faces: Path
+) -> None:
+    """The open-set rule leaves a face unknown whose nearest person is within the threshold when its score fails for
+    a gallery of this size. The console said "nobody enrolled is close enough" above a table saying "within
+    threshold: yes". The server's own reply for her, with the decision such a face gets."""
+    p, console = page
+    gallery.enrol("Amy")
+    # (route.fetch() would pass the page's request on, but Playwright sends a multipart body's file empty.)
+    files = {"image": ("amy.png", (dev_faces / AMY[1]).read_bytes(), "image/png")}
+    reply = gallery.client.post("/identify", files=files).json()
+    face = reply["faces"][0]
+    assert face["reason"] == "accepted" and face["candidates"][0]["distance"] <= reply["threshold"]
+    face.update(match=None, reason="unknown", score=face["score_threshold"] + 0.25)
+    p.route("**/identify", lambda route: route.fulfill(json=reply))
+    open_page(p, live, "test")
+    p.locator("#test-file-a").set_input_files(dev_faces / AMY[1])
+    p.get_by_role("button", name="Test", exact=True).click()
+    decision = p.locator("#face-1 .decision[data-reason='unknown']")
+    decision.wait_for()
+    said = decision.inner_text()
+    assert said.startswith("Unknown: the nearest, Amy at distance 0.") and "is within the threshold" in said, said
+    assert "close enough" not in said and "open-set score" in said, said
+    assert p.locator("#face-1 table.candidates tbody td").nth(3).inner_text() == "yes"
+
+    p.unroute("**/identify")
+    p.locator("#test-file-a").set_input_files(dev_faces / RAJ)  # a stranger beyond the threshold: as before
+    p.get_by_role("button", name="Test", exact=True).click()
+    p.locator("#face-1 .decision[data-reason='unknown']", has_text="nobody enrolled is close enough").wait_for()
+    assert console.errors() == []

@@ -425,6 +425,10 @@ def test_eval_identify_refuses_a_person_folder_it_cannot_read(
     result = CliRunner().invoke(cli, ["eval-identify", "--images", str(images), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
     assert result.stderr == f"error: cannot read the folder {images / 'raj'}: Permission denied\n"
+    assert not (tmp_path / "out").exists()  # the --out folder it made for the report is taken back
+    (tmp_path / "kept").mkdir()  # one that was there before stays
+    result = CliRunner().invoke(cli, ["eval-identify", "--images", str(images), "--out", str(tmp_path / "kept")])
+    assert result.exit_code == 2 and (tmp_path / "kept").is_dir(), result.output
     from app.training.data import folder_photos
 
     with pytest.raises(InvalidRequest, match="cannot read the folder .*raj: Permission denied"):

@@ -173,7 +173,7 @@ class IdentifiedFaceOut(Public):
     fpir_estimate: float | None = Field(
         default=None,
         description="Share of strangers who would score at least this well against a gallery of this size "
-        "(lower = more confident).",
+        "(lower = more confident), within the open-set model's range 0.0001-0.5.",
     )
     ratio: float | None = Field(
         default=None, description="Nearest identity's distance / second nearest's (null with one identity)."

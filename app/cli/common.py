@@ -3,6 +3,7 @@ and turning errors into exit status 2."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -375,6 +376,21 @@ def make_folder(folder: Path, what: str) -> None:
     problem = _folder_problem(folder)
     if problem is not None:
         fail(f"cannot create {what} {folder}: {problem}")
+
+
+@contextmanager
+def report_folder(folder: Path, what: str) -> Iterator[None]:
+    """`make_folder`, taken back (when it made it and it is still empty) if the command ends without writing into
+    it: input refused after the check (a folder of one person, a Ctrl-C) left an empty --out folder behind."""
+    existed = folder.is_dir()
+    make_folder(folder, what)
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only an empty folder goes
+        raise
 
 
 @contextmanager

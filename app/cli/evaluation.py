@@ -21,12 +21,12 @@ from app.cli.common import (
     fail,
     failing_on_errors,
     load_settings,
-    make_folder,
     on_interrupt,
     open_pipeline,
     open_service,
     pipeline_call,
     positive_distance,
+    report_folder,
     require_gallery,
     shown,
     target_far,
@@ -116,21 +116,21 @@ def eval_pairs(
     with failing_on_errors():
         pair_list = evaluation.read_pairs(pairs, at_least=KFOLDS)  # 10-fold accuracy needs one of each per fold
     _require_photos(pair_list, images)
-    make_folder(out, "the --out folder")
-    with on_interrupt(lambda: f"no report was written{embeddings_kept(cache)}"), pipeline_call(settings) as pipeline:
-        distances, embedded = _pair_distances(pipeline, pair_list, images, cache)
-    with failing_on_errors():
-        result = evaluation.evaluate_distances(
-            distances,
-            [p.same for p in pair_list],
-            threshold=default_threshold(settings, pipeline) if threshold is None else threshold,
-            model_version=pipeline.model_version,
-            n_photos=len(embedded),
-            missing_photos={path: e.error for path, e in embedded.items() if e.error},
-            pairs_file=str(pairs),
-        )
-    with writing_reports(out):
-        json_path, png_path = evaluation.write_report(result, out, title=f"facegate 1:1 on {pairs.name}")
+    with report_folder(out, "the --out folder"):  # taken back if no report is written
+        with on_interrupt(lambda: f"no report was written{embeddings_kept(cache)}"), pipeline_call(settings) as pipeline:
+            distances, embedded = _pair_distances(pipeline, pair_list, images, cache)
+        with failing_on_errors():
+            result = evaluation.evaluate_distances(
+                distances,
+                [p.same for p in pair_list],
+                threshold=default_threshold(settings, pipeline) if threshold is None else threshold,
+                model_version=pipeline.model_version,
+                n_photos=len(embedded),
+                missing_photos={path: e.error for path, e in embedded.items() if e.error},
+                pairs_file=str(pairs),
+            )
+        with writing_reports(out):
+            json_path, png_path = evaluation.write_report(result, out, title=f"facegate 1:1 on {pairs.name}")
     if as_json:
         typer.echo(json_path.read_text(), nl=False)
         return
@@ -176,25 +176,25 @@ def eval_identify(
     )
 
     settings = load_settings()
-    make_folder(out, "the --out folder")
-    with (
-        on_interrupt(lambda: f"no report was written{embeddings_kept(cache)}"),
-        pipeline_call(settings) as pipeline,
-        failing_on_errors(),
-    ):
-        photos = person_photos(images, heic=settings.image.heic)
-        with typer.progressbar(length=len(photos), label="Embedding", show_pos=True, file=sys.stderr) as bar:
-            result = run_identify_eval(
-                images,
-                settings=settings,
-                cache=cache,
-                pipeline=pipeline,
-                progress=bar.update,
-                photos=photos,
-                max_distance=default_threshold(settings, pipeline),  # a head's own threshold, as eval and /identify
-            )
-    with writing_reports(out):
-        result = replace(result, files=write_identify_report(result, out))
+    with report_folder(out, "the --out folder"):  # taken back if no report is written
+        with (
+            on_interrupt(lambda: f"no report was written{embeddings_kept(cache)}"),
+            pipeline_call(settings) as pipeline,
+            failing_on_errors(),
+        ):
+            photos = person_photos(images, heic=settings.image.heic)
+            with typer.progressbar(length=len(photos), label="Embedding", show_pos=True, file=sys.stderr) as bar:
+                result = run_identify_eval(
+                    images,
+                    settings=settings,
+                    cache=cache,
+                    pipeline=pipeline,
+                    progress=bar.update,
+                    photos=photos,
+                    max_distance=default_threshold(settings, pipeline),  # a head's own threshold, as eval and /identify
+                )
+        with writing_reports(out):
+            result = replace(result, files=write_identify_report(result, out))
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=1))
         return

@@ -32,6 +32,11 @@ from app.errors import InvalidRequest, RequestTimeout
 
 log = logging.getLogger(__name__)
 
+# A lingering close (`TimedH11Protocol._close`) drops the client's bytes for at most this long in all, and stops once
+# none came for the second: long enough for a client on a slow link to send the rest of a refused photo and read the
+# answer, short enough that a client that keeps sending holds the connection only a little longer.
+LINGER_SECONDS = 10.0
+LINGER_IDLE_SECONDS = 2.0
 _ARRIVING = (h11.IDLE, h11.SEND_BODY)  # the client's side of h11's state machine while a request is on its way
 # What of H11Protocol's own state the limits read (attribute -> its attributes): uvicorn's internals, not its API.
 # A uvicorn without them serves without the limits (logged) rather than failing every request.
@@ -72,15 +77,23 @@ class TimedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._enabled = _fits(self)
+        self._lingering: asyncio.TimerHandle | None = None  # set while the rest of a refused body is read and dropped
         if self._enabled:
             self._started = self._last = self.loop.time()
             self._arm()
+            # uvicorn's request cycles close the connection through this: see `_close`.
+            self.transport = cast(asyncio.Transport, _ClosingThrough(transport, self))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._lingering is not None:
+            self._lingering.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering is not None:
+            self._last = self.loop.time()  # the rest of a body already answered: dropped unread
+            return
         super().data_received(data)
         if not self._enabled:
             return
@@ -141,7 +154,32 @@ class TimedH11Protocol(H11Protocol):
             cycle.disconnected = True  # the app's receive() now says the client left, and its answer goes nowhere
             cycle.message_event.set()
         log.info("connection closed: %s", reason, extra={"fields": {"request_id": request_id} if began else {}})
-        self.transport.close()
+        # At once, not lingering: a client too slow or stalled is what these limits cut.
+        cast(_ClosingThrough, self.transport).close_now()
+
+    def _close(self, transport: asyncio.Transport) -> None:
+        """Close the connection; while the client is still sending a request (answered before its body was read: a
+        413 for a body over the limit, a 401, a 408) stop writing and drop what comes for a while first. Closed with
+        the client's bytes unread, the kernel answers them with a reset, and the client's kernel throws away the
+        answer its program has not read yet: most clients read only once they have sent everything, so they saw
+        "connection reset" instead of the 413 (nginx's lingering close does the same)."""
+        still_sending = self.conn.their_state is h11.SEND_BODY or (self.conn.their_state is h11.IDLE and self._buffered())
+        if self._lingering is not None or transport.is_closing() or not still_sending or not transport.can_write_eof():
+            transport.close()
+            return
+        self._disarm()
+        transport.write_eof()  # the answer goes out, then a FIN: the client reads it once it has sent its body
+        transport.resume_reading()  # uvicorn paused reading while the app had not taken the body
+        self._last = now = self.loop.time()
+        self._linger(now + LINGER_SECONDS)
+
+    def _linger(self, until: float) -> None:
+        """Go on dropping the client's bytes until it closes, sends nothing for LINGER_IDLE_SECONDS, or `until`."""
+        now = self.loop.time()
+        if now >= until or now - self._last >= LINGER_IDLE_SECONDS:
+            self.transport.close()
+            return
+        self._lingering = self.loop.call_later(min(LINGER_IDLE_SECONDS, until - now), self._linger, until)
 
     def _buffered(self) -> bool:
         """Whether any part of a request arrived (a connection opened and left silent gets no answer)."""
@@ -154,6 +192,30 @@ class TimedH11Protocol(H11Protocol):
         does."""
         self.transport.write(_raw_answer(400, "Bad Request", InvalidRequest.code, _MALFORMED, new_request_id()))
         self.transport.close()
+
+
+class _ClosingThrough:
+    """The connection's transport as uvicorn's request cycles see it: `close()` goes through the protocol's `_close`
+    (a lingering close), and while the connection lingers it reads as closing, so nothing more is written to it."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: TimedH11Protocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def close(self) -> None:
+        if self._protocol._lingering is not None:
+            self._transport.close()  # a second close (a shutdown, the linger's end): now
+        else:
+            self._protocol._close(self._transport)
+
+    def close_now(self) -> None:
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._protocol._lingering is not None or self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def _fits(protocol: H11Protocol) -> bool:

@@ -40,12 +40,13 @@ class Recorder:
 
     delay_before_read: float = 0.0
     answer_first: bool = False
+    close_first: bool = False  # answer_first, closing the connection (as a 413 for a body over the limit does)
     disconnects: list[str] = field(default_factory=list)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         assert scope["type"] == "http"
-        if self.answer_first:
-            await self._answer(send, b"early")
+        if self.answer_first or self.close_first:
+            await self._answer(send, b"early", close=self.close_first)
             return
         await asyncio.sleep(self.delay_before_read)
         size = 0
@@ -60,8 +61,9 @@ class Recorder:
         await self._answer(send, str(size).encode())
 
     @staticmethod
-    async def _answer(send: Any, body: bytes) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
+    async def _answer(send: Any, body: bytes, *, close: bool = False) -> None:
+        headers = [(b"content-length", str(len(body)).encode())] + ([(b"connection", b"close")] if close else [])
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 
@@ -223,6 +225,19 @@ def test_an_answered_request_whose_body_stops_is_closed_without_a_second_answer(
     """The app may answer before the body is in (as the API-key check does); the rest of the body must still come."""
     with serving(Recorder(answer_first=True)) as port, connect(port) as conn:
         conn.sendall(post_head(1000) + b"x" * 10)
+        assert answers(read_until_closed(conn)) == [(200, b"early")]
+
+
+def test_an_answer_that_closes_before_the_body_is_in_reaches_a_client_still_sending() -> None:
+    """A refusal sent before the body is read (413 for a body over the limit, 401 without a key) closes the
+    connection. Closed with the client's bytes unread, the kernel answered them with a reset, which threw away the
+    answer the client had not read yet: it saw "connection reset" instead of the 413 (as most clients read only
+    once they have sent everything). The server now stops writing and reads and drops the rest for a while first."""
+    body = 16 * 1024 * 1024  # far more than the socket buffers hold: the client is still sending when refused
+    with serving(Recorder(close_first=True)) as port, connect(port) as conn:
+        conn.sendall(post_head(body))
+        time.sleep(0.2)  # the answer is written and the connection closed meanwhile
+        conn.sendall(b"x" * body)
         assert answers(read_until_closed(conn)) == [(200, b"early")]
 
 

@@ -51,6 +51,9 @@ BACKGROUND_ABOVE = 200_000  # faces: from here on the IVF is built on a thread (
 log = logging.getLogger(__name__)
 
 
+FAISS_MIN_POINTS_PER_CELL = 39  # faiss's ClusteringParameters.min_points_per_centroid default
+
+
 def auto_nlist(size: int) -> int:
     """A power of two near sqrt(size), between 16 and 1024 (1M faces: 1024 cells of ~1000)."""
     if size <= 0:
@@ -257,6 +260,18 @@ class ApproximateIndex(GalleryIndex):
         index.cp.max_points_per_centroid = TRAIN_POINTS_PER_CELL
         index.cp.seed = 1234
         index.cp.verbose = False
+        # faiss writes its own line to stderr (past the logging, so past FACEGATE_LOG__FORMAT=json) when a cell gets
+        # fewer than 39 training points: a small FACEGATE_INDEX__MIN_SIZE or a large NLIST. Said here instead.
+        index.cp.min_points_per_centroid = 1
+        if sample_size < FAISS_MIN_POINTS_PER_CELL * nlist:
+            log.info(
+                "IVF: %d faces for %d cells (%.1f per cell, faiss suggests at least %d): cells are coarse until the "
+                "gallery grows; FACEGATE_INDEX__NLIST sets fewer",
+                sample_size,
+                nlist,
+                sample_size / nlist,
+                FAISS_MIN_POINTS_PER_CELL,
+            )
         index.train(np.ascontiguousarray(vectors[sample]))
         index.nprobe = min(self.nprobe, nlist)
         index.add_with_ids(np.ascontiguousarray(vectors[rows]), rows)

@@ -415,3 +415,20 @@ def test_cli_load_synthetic_twice_gives_no_name_twice(pg_schema_url: str, monkey
     finally:
         engine.dispose()
     assert names == [f"synthetic-{n:08d}" for n in range(sum(counts))]
+
+
+def test_few_faces_per_cell_are_said_in_the_log_not_by_faiss_on_stderr(
+    faces: tuple[synthetic.SyntheticGallery, list[str], list[str]],
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """faiss wrote "WARNING clustering ... please provide at least ..." straight to stderr (past the logging, so past
+    FACEGATE_LOG__FORMAT=json) when the cells got fewer than 39 training faces each: a small min_size or large nlist."""
+    gallery, face_ids, owners = faces
+    approximate = ApproximateIndex(MODEL, min_size=100, nlist=64)
+    caplog.set_level("INFO", logger="app.gallery.ann")
+    approximate.apply(_adds(face_ids[:500], owners[:500], gallery.embeddings[:500]))
+    assert approximate.ivf_cells == 64
+    assert "WARNING" not in capfd.readouterr().err
+    assert "IVF: 500 faces for 64 cells (7.8 per cell, faiss suggests at least 39)" in caplog.text
+    assert len(approximate.search(gallery.embeddings[:5], top_k=1)) == 5

@@ -34,7 +34,9 @@ class BoxOut(Public):
 
 
 class QualityIssueOut(Public):
-    issue: Literal["small_face", "blurry", "too_dark", "too_bright", "cut_off", "turned", "tilted", "low_score"]
+    issue: Literal[
+        "small_face", "blurry", "too_dark", "too_bright", "cut_off", "turned", "tilted", "low_score", "indistinct"
+    ]
     measured: float
     limit: float = Field(description="The configured limit (FACEGATE_QUALITY__*) the measurement is beyond.")
 
@@ -52,6 +54,12 @@ class QualityOut(Public):
     yaw: float = Field(description="Nose offset from the eyes' midpoint / inter-ocular distance (0 = frontal).")
     roll_deg: float = Field(description="Angle of the eye line from horizontal, degrees.")
     score: float = Field(description="Detector score.")
+    distinctiveness: float | None = Field(
+        default=None,
+        description="Squared distance of the embedding from where identity-less embeddings gather (faces of photos "
+        "turned sideways without EXIF orientation; low = carries no identity). Null when not measured "
+        "(FACEGATE_EMBEDDING__FLIP).",
+    )
     issues: list[QualityIssueOut] = Field(
         default_factory=list,
         description="The configured quality limits this face fails (enrolment refuses such faces with 422 "

@@ -85,6 +85,7 @@ const QUALITY_WORDS = {
   turned: "head turned (|yaw|)",
   tilted: "head tilted (|roll|, degrees)",
   low_score: "doubtful detection (detector score)",
+  indistinct: "no identity in the face: a photo turned sideways? (distinctiveness)",
 };
 
 // ------------------------------------------------------------------------------------------------ the API
@@ -288,6 +289,7 @@ function qualityTable(quality) {
     ["Roll", fmt(quality.roll_deg, 1) + "°"],
     ["Detector score", fmt(quality.score, 2)],
   ];
+  if (quality.distinctiveness !== null && quality.distinctiveness !== undefined) rows.push(["Distinctiveness", fmt(quality.distinctiveness, 3)]);
   const dl = el("dl", { className: "facts small" });
   for (const [k, v] of rows) dl.append(el("dt", { text: k }), el("dd", { text: v }));
   return dl;

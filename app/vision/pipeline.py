@@ -36,7 +36,7 @@ from app.vision.embed import FaceEmbedder
 from app.vision.head import EmbeddingHead, load_head
 from app.vision.landmarks import LandmarkPredictor
 from app.vision.models import Manifest, load_manifest
-from app.vision.quality import FaceQuality, measure
+from app.vision.quality import FaceQuality, load_indistinct_mean, measure, with_distinctiveness
 from app.vision.types import (
     CHIP_SIZE,
     EMBEDDING_DIM,
@@ -172,6 +172,9 @@ class Pipeline:
         self.flip = settings.embedding.flip
         self._variant = "+flip" if self.flip else ""  # how the embedder is applied, in versions and names
         self.head: EmbeddingHead | None = load_head(settings.head, manifest.directory, self.base_model_version)
+        # Where identity-less embeddings gather (app.vision.quality distinctiveness), if shipped for this embedder
+        # applied this way (none for mirror averaging): measured on the base embedding, whatever head is served.
+        self.indistinct_mean = load_indistinct_mean(self.embedding_name)
         self.on_batch: Callable[[BatchInfo], None] | None = None
         self._load_lock = threading.Lock()
         # Photos given as loaders are decoded and shrunk under this: a worker holds at most this many at full size.
@@ -355,7 +358,7 @@ class Pipeline:
             if not detections:
                 return PhotoFaces([], 0)
             prepared = self._prepare(work, detections)
-        return PhotoFaces(prepared.finish(self.embed(prepared.chips), self.head), prepared.detected)
+        return PhotoFaces(self._finish(prepared, self.embed(prepared.chips)), prepared.detected)
 
     def embed_photo(self, image: PhotoSource, *, face: str = "single") -> Face:
         """The one face of a photo: `single` refuses photos with several faces, `largest` takes the biggest box.
@@ -376,7 +379,7 @@ class Pipeline:
                 chosen = max(range(len(detections)), key=lambda i: (boxes[i].area, detections[i].score))
                 detections = [detections[chosen]]
             prepared = self._prepare(work, detections)
-        return prepared.finish(self.embed(prepared.chips), self.head)[0]
+        return self._finish(prepared, self.embed(prepared.chips))[0]
 
     def embed_face_at(self, image: PhotoSource, box: Box, *, min_iou: float = 0.5) -> Face | None:
         """The face of the photo whose box overlaps `box` (original photo pixels) best, if by at least `min_iou`;
@@ -387,7 +390,7 @@ class Pipeline:
             if not detections or max(overlap) < min_iou:
                 return None
             prepared = self._prepare(work, [detections[overlap.index(max(overlap))]])
-        return prepared.finish(self.embed(prepared.chips), self.head)[0]
+        return self._finish(prepared, self.embed(prepared.chips))[0]
 
     def find_faces_many(self, images: Sequence[PhotoSource]) -> list[list[Face] | FacegateError]:
         """`find_faces` for several photos: `photo_faces_many` without the counts."""
@@ -419,9 +422,12 @@ class Pipeline:
                 results.append(p)
                 continue
             count = len(p.detections)
-            results.append(PhotoFaces(p.finish(embeddings[start : start + count], self.head), p.detected))
+            results.append(PhotoFaces(self._finish(p, embeddings[start : start + count]), p.detected))
             start += count
         return results
+
+    def _finish(self, prepared: _Prepared, embeddings: Embeddings) -> list[Face]:
+        return prepared.finish(embeddings, self.head, self.indistinct_mean)
 
     def _prepare(self, work: WorkingImage, found: list[Detection]) -> _Prepared:
         """Everything but the embeddings: landmarks, chips and quality of each detection, for the
@@ -502,12 +508,23 @@ class _Prepared:
     qualities: list[FaceQuality]
     detected: int  # faces the detector found: more than `detections` when the photo was capped
 
-    def finish(self, embeddings: Embeddings, head: EmbeddingHead | None = None) -> list[Face]:
-        """The faces with their embeddings (the head's, when one is given), in the original photo's pixels."""
+    def finish(
+        self,
+        embeddings: Embeddings,
+        head: EmbeddingHead | None = None,
+        indistinct_mean: npt.NDArray[np.float32] | None = None,
+    ) -> list[Face]:
+        """The faces with their embeddings (the head's, when one is given), in the original photo's pixels; with
+        `indistinct_mean`, their quality's distinctiveness measured on the embedder's own output."""
         served = head.apply(embeddings) if head is not None else embeddings
+        qualities = (
+            self.qualities
+            if indistinct_mean is None
+            else [with_distinctiveness(q, e, indistinct_mean) for q, e in zip(self.qualities, embeddings, strict=True)]
+        )
         return [
             _to_original(d, p, e, self.scale, q, base)
-            for d, p, e, q, base in zip(self.detections, self.points, served, self.qualities, embeddings, strict=True)
+            for d, p, e, q, base in zip(self.detections, self.points, served, qualities, embeddings, strict=True)
         ]
 
 

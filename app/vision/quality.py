@@ -21,13 +21,21 @@ Measurements (units):
   inter-ocular distance (0 = frontal; about +-0.3 or beyond for strongly turned heads). Signed: positive when the
   nose is towards the image's right.
 * score: the detector's score (MMOD; dlib keeps > 0).
+* distinctiveness: squared L2 distance of the face's embedding (the embedder's own output) from the mean embedding
+  of faces that carry no identity: photos turned sideways with no EXIF orientation, which the detector still finds
+  and the shape predictor fits with upright-looking landmarks (models/indistinct.py, app/vision/data/). Those
+  embeddings gather there (median 0.15 from it), upright faces lie far off (1st percentile 0.27-0.28 on lfw-dev
+  and dev), and two of them match each other whoever they show. Measured after embedding (`with_distinctiveness`);
+  None when no mean is shipped for the embeddings served.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -37,6 +45,8 @@ from app.vision.types import Box
 # The chip's central region used for sharpness and brightness: with padding 0.25, the mean face spans
 # 150 * (0.25 + [0.12, 0.86]) / 1.5 = about [30, 118] horizontally; this square keeps the face.
 CENTRE = slice(30, 120)
+DATA_DIR = Path(__file__).resolve().parent / "data"
+INDISTINCT_FILE = "indistinct.json"  # models/indistinct.py
 
 
 class QualityIssue(StrEnum):
@@ -48,6 +58,7 @@ class QualityIssue(StrEnum):
     TURNED = "turned"
     TILTED = "tilted"
     LOW_SCORE = "low_score"
+    INDISTINCT = "indistinct"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +70,12 @@ class FaceQuality:
     yaw: float
     roll_deg: float
     score: float
+    distinctiveness: float | None = None  # set once the face is embedded (`with_distinctiveness`)
 
-    def as_dict(self) -> dict[str, float]:
-        return {name: float(getattr(self, name)) for name in self.__slots__}
+    def as_dict(self) -> dict[str, float | None]:
+        return {
+            name: None if getattr(self, name) is None else float(getattr(self, name)) for name in self.__slots__
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +100,7 @@ class QualityThresholds:
     max_abs_yaw: float | None = None
     max_abs_roll_deg: float | None = None
     min_score: float | None = None
+    min_distinctiveness: float | None = 0.22
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +196,10 @@ def assess(quality: FaceQuality, thresholds: QualityThresholds) -> list[QualityF
         (QualityIssue.TILTED, abs(quality.roll_deg), thresholds.max_abs_roll_deg, False),
         (QualityIssue.LOW_SCORE, quality.score, thresholds.min_score, True),
     ]
+    if quality.distinctiveness is not None:
+        checks.append(
+            (QualityIssue.INDISTINCT, quality.distinctiveness, thresholds.min_distinctiveness, True)
+        )
     failures = []
     for issue, measured, limit, is_minimum in checks:
         if limit is None:
@@ -195,3 +214,24 @@ def _points(landmarks: npt.ArrayLike) -> npt.NDArray[np.float64]:
     if pts.shape != (5, 2):
         raise ValueError(f"expected 5 landmarks as a (5, 2) array, got shape {pts.shape}")
     return pts
+
+
+def load_indistinct_mean(model_name: str, path: Path | None = None) -> npt.NDArray[np.float32] | None:
+    """The shipped mean of identity-less embeddings (`INDISTINCT_FILE`) if it was made for `model_name` (the
+    embedder's output, applied as the service applies it), else None: distinctiveness is then not measured."""
+    file = path if path is not None else DATA_DIR / INDISTINCT_FILE
+    try:
+        document = json.loads(file.read_text())
+    except FileNotFoundError:
+        return None
+    if document.get("model_name") != model_name:
+        return None
+    return np.asarray(document["centroid"], dtype=np.float32)
+
+
+def with_distinctiveness(
+    quality: FaceQuality, embedding: npt.NDArray[np.float32], mean: npt.NDArray[np.float32]
+) -> FaceQuality:
+    """`quality` with the embedding's squared L2 distance from the identity-less mean."""
+    difference = embedding.astype(np.float64) - mean
+    return replace(quality, distinctiveness=float(difference @ difference))

@@ -117,7 +117,7 @@ def test_enrolment_refuses_the_degraded_face_then_accepts_it_when_allowed(
     quality = error["details"]["quality"]
     assert quality[measurement] == pytest.approx(failure["measured"])
     assert set(quality) == {
-        "inter_ocular_px", "sharpness", "brightness", "outside_fraction", "yaw", "roll_deg", "score"
+        "inter_ocular_px", "sharpness", "brightness", "outside_fraction", "yaw", "roll_deg", "score", "distinctiveness"
     }
     assert words in error["message"] and "allow_low_quality" in error["message"]
 
@@ -135,6 +135,38 @@ def test_enrolment_refuses_the_degraded_face_then_accepts_it_when_allowed(
     assert body["created"] is True
     assert reason in {i["issue"] for i in body["face"]["quality"]["issues"]}
     assert body["face"]["quality"][measurement] == pytest.approx(failure["measured"], rel=1e-6)
+
+
+# Photos turned by 90 degrees with no EXIF orientation, whose faces the detector still finds at an upright face's
+# score (1.17 and 1.07 measured): their embeddings gather where no identity is (distinctiveness ~0.11).
+SIDEWAYS = ("kate_winslet/glint-sample__4967.png", "shea_whigham/facenet-pytorch__1.jpg")
+
+
+def _sideways(dev_faces: Path, relative: str) -> Upload:
+    return _png(np.asarray(Image.open(dev_faces / relative).convert("RGB").rotate(90, expand=True)))
+
+
+def test_sideways_photos_are_no_reference_and_no_proof(gate: TestClient, dev_faces: Path) -> None:
+    """Two people's sideways photos matched each other (74 % of dev's different-person pairs): enrolled, such a face
+    was any sideways photo's match; compared photo to photo, a KYC check passed on two strangers' photos."""
+    kate, shea = (_sideways(dev_faces, relative) for relative in SIDEWAYS)
+    refused = error_of(gate.post("/enroll", files={"image": kate}, data={"name": "sideways kate"}), 422, "low_quality")
+    (failure,) = [r for r in refused["details"]["reasons"] if r["issue"] == "indistinct"]
+    assert failure["measured"] < failure["limit"] == 0.22
+    assert "no identity in the face" in refused["message"]
+    assert gate.get("/identities", params={"name": "sideways kate"}).json()["total"] == 0
+
+    both = gate.post("/verify", files={"image_a": kate, "image_b": shea})
+    error = error_of(both, 422, "low_quality")
+    assert [r["issue"] for r in error["details"]["reasons"]] == ["indistinct", "indistinct"]
+    assert "send upright photos" in error["message"]
+
+    upright = ("kate.png", (dev_faces / SIDEWAYS[0]).read_bytes(), "image/png")
+    one = gate.post("/verify", files={"image_a": upright, "image_b": shea})  # one real face: decided as usual
+    assert one.status_code == 200, one.text
+    assert one.json()["match"] is False
+    assert [i["issue"] for i in one.json()["face_b"]["quality"]["issues"]] == ["indistinct"]
+    assert one.json()["face_a"]["quality"]["distinctiveness"] > 0.22
 
 
 def test_good_photo_passes_with_its_measurements(gate: TestClient, dev_faces: Path) -> None:

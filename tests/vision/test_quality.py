@@ -8,6 +8,7 @@ defaults keep almost every face and reject the degraded copies (shrunk 4x, Gauss
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import astuple
 from pathlib import Path
@@ -20,16 +21,20 @@ from PIL import ImageFilter
 from app.vision.align import MEAN_FACE_5, face_chip
 from app.vision.landmarks import LandmarkPredictor
 from app.vision.quality import (
+    DATA_DIR,
+    INDISTINCT_FILE,
     FaceQuality,
     QualityIssue,
     QualityThresholds,
     assess,
     brightness,
     inter_ocular_distance,
+    load_indistinct_mean,
     measure,
     outside_fraction,
     pose,
     sharpness,
+    with_distinctiveness,
 )
 from app.vision.types import Box
 from tests.vision.dev_sample import dev_photos
@@ -115,6 +120,26 @@ class TestAssess:
         }
         assert failures[QualityIssue.TURNED].measured == 0.5 and failures[QualityIssue.TURNED].limit == 0.3
         assert failures[QualityIssue.SMALL_FACE].as_dict() == {"issue": "small_face", "measured": 5.0, "limit": 20.0}
+
+    def test_an_indistinct_face_fails_once_its_distinctiveness_is_measured(self) -> None:
+        assert self.GOOD.distinctiveness is None  # before embedding: not judged
+        mean = np.zeros(128, np.float32)
+        near = with_distinctiveness(self.GOOD, np.full(128, 0.03, np.float32), mean)  # 128 * 0.03^2 = 0.1152
+        assert near.distinctiveness == pytest.approx(0.1152)
+        failures = assess(near, QualityThresholds())
+        assert [(f.issue, f.limit) for f in failures] == [(QualityIssue.INDISTINCT, 0.22)]
+        far = with_distinctiveness(self.GOOD, np.full(128, 0.05, np.float32), mean)  # 0.32
+        assert assess(far, QualityThresholds()) == []
+        assert assess(near, QualityThresholds(min_distinctiveness=None)) == []
+        assert far.as_dict()["distinctiveness"] == pytest.approx(0.32)
+        assert self.GOOD.as_dict()["distinctiveness"] is None
+
+    def test_the_shipped_mean_serves_only_the_embeddings_it_was_made_for(self, tmp_path: Path) -> None:
+        shipped = json.loads((DATA_DIR / INDISTINCT_FILE).read_text())
+        mean = load_indistinct_mean(shipped["model_name"])
+        assert mean is not None and mean.shape == (128,) and shipped["faces"] > 500
+        assert load_indistinct_mean(shipped["model_name"] + "+flip") is None  # mirror averaging: another scale
+        assert load_indistinct_mean(shipped["model_name"], tmp_path / "missing.json") is None
 
     def test_too_bright_and_disabled_checks(self) -> None:
         glare = FaceQuality(

@@ -17,7 +17,7 @@ import numpy as np
 
 from app.errors import FacegateError
 from app.matching.clustering import chinese_whispers
-from app.vision.pipeline import Loader, Pipeline, PixelBudget
+from app.vision.pipeline import Loader, Pipeline, PixelBudget, no_face
 from app.vision.types import EMBEDDING_DIM, Box, Face
 
 __all__ = ["ClusterMember", "ClusterReport", "PhotoProblem", "cluster_faces", "cluster_files", "cluster_photos"]
@@ -93,7 +93,8 @@ def _collect(
         try:
             found = pipeline.photo_faces(load)  # decoded under the pipeline's full-size limit
             if not found.faces:
-                problems.append(PhotoProblem(name, index, "no_face", "no face was found in the photo"))
+                missing = no_face(found.min_face_px)  # the message /identify refuses it with, naming the reach
+                problems.append(PhotoProblem(name, index, missing.code, missing.message))
             elif found.capped:
                 problems.append(
                     PhotoProblem(

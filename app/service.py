@@ -38,7 +38,6 @@ from app.errors import (
     InvalidRequest,
     LowQuality,
     NoEnrolledFaces,
-    NoFace,
     PossibleDuplicate,
 )
 from app.gallery import (
@@ -68,7 +67,7 @@ from app.matching.openset import OpenSetModel, Reason, decide, load_default_mode
 from app.matching.thresholds import DEFAULT_THRESHOLD, MAX_THRESHOLD, is_match, validate_threshold
 from app.names import clean_name
 from app.vision.decode import media_type
-from app.vision.pipeline import Pipeline, PixelBudget
+from app.vision.pipeline import Pipeline, PixelBudget, no_face
 from app.vision.quality import FaceQuality, QualityFailure, QualityIssue, QualityThresholds, assess
 from app.vision.types import Box, Face, PhotoFaces
 
@@ -582,7 +581,7 @@ class FaceService:
         """`identify` for faces already found (and embedded) in one photo."""
         faces = found_faces.faces
         if not faces:
-            raise NoFace("no face was found in the photo")
+            raise no_face(found_faces.min_face_px)
         # The rule needs the runner-up even when one candidate is asked for.
         results = self.gallery.search(np.stack([f.embedding for f in faces]), top_k=max(top_k, 2))
         stats = self.gallery.stats()
@@ -674,7 +673,7 @@ class FaceService:
         budget = PixelBudget(self.settings.image.max_request_pixels)
         found = self.pipeline.photo_faces_many([self.pipeline.decoder(photo, budget) for photo in photos])
         return [
-            NoFace("no face was found in the photo") if isinstance(r, PhotoFaces) and not r.faces else r for r in found
+            no_face(r.min_face_px) if isinstance(r, PhotoFaces) and not r.faces else r for r in found
         ]
 
     def _names(self, identity_ids: set[str]) -> dict[str, str]:

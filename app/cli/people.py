@@ -184,6 +184,17 @@ def _decision_line(result: VerifyResult | IdentifyResult) -> str:
 _DECISION_FEATURES = ("margin", "ratio", "score", "score_threshold", "accept_distance", "fpir_estimate")
 
 
+def _faces_line(result: IdentifyResult) -> str:
+    """How many faces are answered, and, for a crowd photo capped at detector.max_faces, how many were found: the
+    faces left out are not listed, so the count alone would read as every face of the photo."""
+    if result.faces_detected <= len(result.faces):
+        return f"{len(result.faces)} face(s)"
+    return (
+        f"{len(result.faces)} of {result.faces_detected} faces found (the most confident; "
+        "FACEGATE_DETECTOR__MAX_FACES)"
+    )
+
+
 def _why(face: IdentifiedFace) -> str:
     """The numbers an identify decision rests on, for the text output (the JSON has them all)."""
     if face.score is None or face.score_threshold is None:
@@ -286,7 +297,7 @@ def identify(
     if stale:  # "gallery of 0 faces" reads as an empty gallery when every face awaits `facegate reindex`
         gallery += f" searched ({stale} more made by another model version: run `facegate reindex`)"
     typer.echo(
-        f"{len(result.faces)} face(s), {gallery}, {_decision_line(result)}, target FPIR {100 * result.target_fpir:g} %"
+        f"{_faces_line(result)}, {gallery}, {_decision_line(result)}, target FPIR {100 * result.target_fpir:g} %"
     )
     for i, f in enumerate(result.faces, 1):
         b = f.face.box

@@ -31,7 +31,7 @@ from app.errors import FacegateError, ImageTooSmall, ModelUnavailable, MultipleF
 from app.vision.align import face_chips
 from app.vision.batcher import BatchInfo, InferenceGate, MicroBatcher
 from app.vision.decode import decode_to_fit, load_to_fit
-from app.vision.detect import MIN_COLS, MIN_ROWS, FaceDetector, check_size
+from app.vision.detect import MIN_COLS, MIN_ROWS, WINDOW, FaceDetector, check_size
 from app.vision.embed import FaceEmbedder
 from app.vision.head import EmbeddingHead, load_head
 from app.vision.landmarks import LandmarkPredictor
@@ -63,6 +63,27 @@ class WorkingImage:
     pixels: Image
     scale: float  # working size / original size (<= 1)
     upsample: int
+
+    @property
+    def min_face_px(self) -> int:
+        """The side, in the original photo's pixels, of the smallest box the detector reports on this copy: its
+        window (80 px) in the upsampled copy. A 640 x 480 photo (not upsampled) has faces from about 80 px found, a
+        500 x 375 one (upsampled once) from about 40 px, a 4000 x 3000 one (shrunk to 1024 px) only from about
+        310 px."""
+        return max(1, round(WINDOW / float(2**self.upsample) / self.scale))
+
+
+def no_face(min_face_px: int) -> NoFace:
+    """The error for a photo without a face the detector found, saying how small a face it could have found: a face
+    below that (a group photo's faces in a 12-megapixel photo shrunk to detector.max_side) is simply not seen."""
+    message = "no face was found in the photo"
+    if min_face_px <= 0:
+        return NoFace(message)
+    return NoFace(
+        f"{message} (faces smaller than about {min_face_px} px across are too small for the detector at this photo's "
+        "size)",
+        min_face_px=min_face_px,
+    )
 
 
 def working_image(image: Image | SizedImage, settings: DetectorSettings) -> WorkingImage:
@@ -356,9 +377,10 @@ class Pipeline:
         with self._preparing:
             work, detections = self.detect(image)
             if not detections:
-                return PhotoFaces([], 0)
+                return PhotoFaces([], 0, work.min_face_px)
             prepared = self._prepare(work, detections)
-        return PhotoFaces(self._finish(prepared, self.embed(prepared.chips)), prepared.detected)
+        faces = self._finish(prepared, self.embed(prepared.chips))
+        return PhotoFaces(faces, prepared.detected, prepared.min_face_px)
 
     def embed_photo(self, image: PhotoSource, *, face: str = "single") -> Face:
         """The one face of a photo: `single` refuses photos with several faces, `largest` takes the biggest box.
@@ -368,7 +390,7 @@ class Pipeline:
         with self._preparing:
             work, detections = self.detect(image)
             if not detections:
-                raise NoFace("no face was found in the photo")
+                raise no_face(work.min_face_px)
             if len(detections) > 1:
                 boxes = [_original_box(d.box, work.scale) for d in detections]
                 if face != "largest":
@@ -422,7 +444,8 @@ class Pipeline:
                 results.append(p)
                 continue
             count = len(p.detections)
-            results.append(PhotoFaces(self._finish(p, embeddings[start : start + count]), p.detected))
+            faces = self._finish(p, embeddings[start : start + count])
+            results.append(PhotoFaces(faces, p.detected, p.min_face_px))
             start += count
         return results
 
@@ -440,7 +463,9 @@ class Pipeline:
             measure(image_shape=work.pixels.shape, box=d.box, landmarks=p, chip=c, score=d.score)
             for d, p, c in zip(detections, points, chips, strict=True)
         ]
-        return _Prepared(work.scale, detections, points, chips, qualities, detected=len(found))
+        return _Prepared(
+            work.scale, detections, points, chips, qualities, detected=len(found), min_face_px=work.min_face_px
+        )
 
 
 def _detached(error: FacegateError) -> FacegateError:
@@ -507,6 +532,7 @@ class _Prepared:
     chips: Chips
     qualities: list[FaceQuality]
     detected: int  # faces the detector found: more than `detections` when the photo was capped
+    min_face_px: int  # WorkingImage.min_face_px
 
     def finish(
         self,

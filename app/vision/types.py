@@ -100,6 +100,10 @@ class PhotoFaces:
 
     faces: list[Face]
     detected: int
+    # The side, in the photo's own pixels, of the smallest box the detector reports at the size it scanned this photo
+    # (its window, 80 px, halved per upsampling, over the shrink to detector.max_side): faces much smaller are not
+    # found. 0 when not known.
+    min_face_px: int = 0
 
     @property
     def capped(self) -> bool:

@@ -182,11 +182,12 @@ class TestEmbed:
         codes = [e["error"]["code"] if e["error"] else None for e in images]
         assert codes == ["no_face", None, "invalid_image", "image_too_small"]
         # Each error is the object /identify refuses that photo alone with: `details` only where there are some
-        # (image_too_small's sizes), never `"details": null`.
+        # (no_face's reach, image_too_small's sizes), never `"details": null`.
         for upload, entry in zip((NO_FACE, NOT_AN_IMAGE, TOO_SMALL), (images[0], images[2], images[3]), strict=True):
             alone = app_client.post("/identify", files={"image": upload})
             assert entry["error"] == alone.json()["error"], upload[0]
-        assert "details" not in images[0]["error"] and images[3]["error"]["details"]["width"] == 2
+        assert "details" not in images[2]["error"] and images[3]["error"]["details"]["width"] == 2
+        assert images[0]["error"]["details"] == {"min_face_px": 40}  # a small photo: upsampled once
         assert images[0]["faces"] is None and len(images[1]["faces"][0]["embedding"]) == 128
         assert "embedding" not in response.text.split('"images"')[0]  # only faces carry embeddings
 

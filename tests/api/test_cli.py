@@ -357,3 +357,20 @@ def test_advice_in_errors_names_the_command_line_options(env: Path, dev_faces: P
     assert code == 1 and "1 identities created, 0 faces added to existing ones, 2 photos failed." in out, out
     assert "name the folder after it to add the face to it, or pass --allow-duplicate" in out
     assert "pass --face largest" in out and "=true" not in out and "face=largest" not in out
+
+
+def test_identify_says_when_a_crowd_photo_was_capped(
+    env: Path, dev_faces: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A photo with more faces than FACEGATE_DETECTOR__MAX_FACES: the text says how many were found, as the JSON's
+    faces_detected does, not only the faces it lists."""
+    group = str(dev_faces / "ariel_sharon/krasserm__Ariel_Sharon_0004.jpg")  # three faces
+    assert run("db", "upgrade")[0] == 0
+    code, out = run("identify", group)
+    assert code == 0 and out.startswith("3 face(s), "), out
+    monkeypatch.setenv("FACEGATE_DETECTOR__MAX_FACES", "2")
+    code, out = run("identify", group)
+    assert code == 0 and out.startswith("2 of 3 faces found (the most confident; FACEGATE_DETECTOR__MAX_FACES), "), out
+    assert out.count("\nface ") == 2
+    code, out = run("identify", group, "--json")
+    assert code == 0 and json.loads(out)["faces_detected"] == 3

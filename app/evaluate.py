@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -180,15 +181,18 @@ class EmbeddingCache:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp.npz")
-        np.savez_compressed(
-            tmp,
-            signature=np.array(self.signature),
-            paths=np.array(paths, dtype=str),
-            sizes=np.array([self.entries[p][0] for p in paths], np.int64),
-            mtimes=np.array([self.entries[p][1] for p in paths], np.int64),
-            embeddings=emb,
-            errors=np.array([self.entries[p][2].error for p in paths], dtype=str),
-        )
+        # Embeddings, and the photos' paths (people's names): readable by the owner only, whatever the umask.
+        tmp.unlink(missing_ok=True)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+            np.savez_compressed(
+                out,
+                signature=np.array(self.signature),
+                paths=np.array(paths, dtype=str),
+                sizes=np.array([self.entries[p][0] for p in paths], np.int64),
+                mtimes=np.array([self.entries[p][1] for p in paths], np.int64),
+                embeddings=emb,
+                errors=np.array([self.entries[p][2].error for p in paths], dtype=str),
+            )
         tmp.replace(target)
 
     def forget_missing(self, images: Path) -> None:

@@ -3,6 +3,7 @@ afresh (and rewritten), whatever is wrong with it."""
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,3 +54,13 @@ def test_a_photo_refused_by_a_setting_is_tried_again(tmp_path: Path) -> None:
     assert cache.get("a.heic", photo) is None
     assert cache.get("big.jpg", photo) is None
     assert cache.get("b.heic", photo) is not None
+
+
+def test_the_cache_file_is_readable_by_its_owner_only(saved: Path) -> None:
+    """It holds embeddings and the photos' paths (people's names): not world-readable whatever the umask (0644 by
+    numpy's default), also when it replaces a file that was."""
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+    saved.chmod(0o644)
+    cache = EmbeddingCache.load(saved, SIGNATURE)
+    cache.save(saved)
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600

@@ -120,6 +120,9 @@ def make_engine(
     if in_memory:
         kwargs.setdefault("poolclass", StaticPool)  # one shared connection, or every connection is a new database
     engine = create_engine(url, connect_args=connect_args, **kwargs)
+    if not in_memory and not parsed.query.get("uri"):
+        file = Path(parsed.database or "")
+        event.listen(engine, "do_connect", lambda *_: _create_private(file))
 
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:
@@ -141,6 +144,19 @@ def make_engine(
 
     event.listen(engine, "handle_error", _note_timeouts)
     return engine
+
+
+def _create_private(path: Path) -> None:
+    """Create a new SQLite file readable and writable by its owner only, before SQLite opens it.
+
+    SQLite creates a missing file with 0644 (less the umask), world-readable: every local user could read the
+    gallery's names and embeddings. Its -wal, -shm and -journal files take the database file's mode, so they follow.
+    An existing file keeps the mode it has (an operator may have chosen a group); a file that cannot be created is
+    left to SQLite, whose error says why."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:
+        pass
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import inspect
 import json
 import logging
+import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -416,6 +419,22 @@ def test_openapi_documents_every_error(shared_client: TestClient) -> None:
     ids = [operation["operationId"] for item in schema["paths"].values() for operation in item.values()]
     assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
     assert {"get", "head"} <= set(schema["paths"]["/healthz"]) and {"get", "head"} <= set(schema["paths"]["/readyz"])
+
+
+def test_the_docs_page_cannot_be_framed_and_runs_only_its_own_scripts(shared_client: TestClient) -> None:
+    """/docs is where an operator types an admin key and clicks "Execute" on DELETEs: another site may not frame it
+    (clickjacking), and its CSP allows this origin's script and the page's own inline one, by hash, nothing else."""
+    for client in (shared_client, TestClient(shared_client.app, root_path="/facegate")):
+        page = client.get("/docs")
+        policy = {d.split()[0]: d.split()[1:] for d in page.headers["content-security-policy"].split("; ")}
+        assert policy["frame-ancestors"] == ["'none'"] and policy["object-src"] == ["'none'"]
+        inline = re.findall(r"<script>(.*?)</script>", page.text, re.DOTALL)
+        assert len(inline) == 1 and "'unsafe-inline'" not in policy["script-src"]
+        digest = base64.b64encode(hashlib.sha256(inline[0].encode()).digest()).decode()
+        assert policy["script-src"] == ["'self'", f"'sha256-{digest}'"]
+        assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
+        assert page.headers["referrer-policy"] == "no-referrer"
+        assert client.head("/docs").headers["content-security-policy"] == page.headers["content-security-policy"]
 
 
 def test_unknown_and_repeated_query_parameters_are_refused(shared_client: TestClient) -> None:

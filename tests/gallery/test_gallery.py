@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -541,6 +543,29 @@ def test_sqlite_keeps_no_copy_of_erased_data(tmp_path: Path) -> None:
         assert not wal.exists() or wal.stat().st_size == 0
     finally:
         gallery.close()
+
+
+def test_a_new_sqlite_gallery_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """SQLite creates a missing file world-readable (0644): names and embeddings open to every local user. facegate
+    creates it 0600 first, and the -wal and -shm files SQLite makes beside it take its mode."""
+    previous = os.umask(0o022)  # the usual umask, whatever the test runner's
+    gallery = Gallery.open(f"sqlite:///{tmp_path / 'g.db'}", MODEL)
+    try:
+        gallery.enroll_face(embedding=random_embeddings(np.random.default_rng(4), 1)[0], box=BOX, score=1, name="A")
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    finally:
+        gallery.close()
+        os.umask(previous)
+    assert {"g.db", "g.db-wal", "g.db-shm"} <= modes.keys()
+    assert set(modes.values()) == {0o600}, modes
+
+
+def test_an_existing_sqlite_file_keeps_its_mode(tmp_path: Path) -> None:
+    path = tmp_path / "g.db"
+    path.touch(mode=0o640)
+    path.chmod(0o640)  # an operator's choice (a group that reads backups) is left alone
+    Gallery.open(f"sqlite:///{path}", MODEL).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
 @pytest.mark.postgres

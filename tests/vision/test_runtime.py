@@ -3,7 +3,10 @@ for where a GPU can be, and FACEGATE_REQUIRE_GPU refuses to start without it."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,15 @@ def test_a_session_that_failed_to_open_says_so_until_it_opens(models_dir: Path, 
     shutil.copyfile(models_dir / "embedder.onnx", path)  # e.g. `make models` finished meanwhile
     session.load()
     assert session.loaded and not session.failed
+
+
+def test_onnx_runtime_telemetry_is_off_and_leaves_no_files(tmp_path: Path) -> None:
+    """onnxruntime >= 1.29 writes a device id and queued usage events under ~/.cache/Microsoft (for upload to
+    Microsoft) as soon as it is imported, unless ORT_DISABLE_TELEMETRY is set first: importing the app sets it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
+    env["HOME"] = str(tmp_path)
+    script = "import os, app.vision.runtime, onnxruntime; print(os.environ['ORT_DISABLE_TELEMETRY'])"
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

@@ -22,6 +22,7 @@ import typer
 from app.cli.common import cli, fail, failing_on_errors, load_settings, log_level_name, report_as_log_records
 from app.config import LogFormat, Settings, log_settings_alone
 from app.vision.pipeline import Pipeline
+from app.vision.runtime import usable_cores
 
 log = logging.getLogger("facegate.serve")
 
@@ -145,10 +146,11 @@ def serve(
             "(--allow-no-auth).",
             bind,
         )
-    shared = share_cores(settings, workers, os.cpu_count() or 1)
+    cores = usable_cores()
+    shared = share_cores(settings, workers, cores)
     if shared:
         os.environ.update(shared)  # the worker processes read their settings from the environment
-        log.info("%d workers share %d cores: %s", workers, os.cpu_count(), ", ".join(f"{k}={v}" for k, v in shared.items()))
+        log.info("%d workers share %d cores: %s", workers, cores, ", ".join(f"{k}={v}" for k, v in shared.items()))
     config = uvicorn.Config(
         "app.main:create_app",
         factory=True,

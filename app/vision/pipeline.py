@@ -15,7 +15,6 @@ inference threads.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from app.vision.head import EmbeddingHead, load_head
 from app.vision.landmarks import LandmarkPredictor
 from app.vision.models import Manifest, load_manifest
 from app.vision.quality import FaceQuality, load_indistinct_mean, measure, with_distinctiveness
+from app.vision.runtime import usable_cores
 from app.vision.types import (
     CHIP_SIZE,
     EMBEDDING_DIM,
@@ -207,7 +207,7 @@ class Pipeline:
         self._narrow_embedder = self.embedder
         if not batching.enabled:
             return
-        slots = batching.workers or os.cpu_count() or 1
+        slots = batching.workers or usable_cores()
         if slots > 1 and settings.runtime.intra_op_threads != 1:
             narrow = settings.runtime.model_copy(update={"intra_op_threads": 1, "inter_op_threads": 1})
             self._narrow_detector = QueuedFaceDetector(manifest.path("detector"), narrow, require_gpu=gpu)

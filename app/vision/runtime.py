@@ -7,6 +7,7 @@ session actually applied, logs them, and refuses to start when a GPU is required
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,16 @@ _NVIDIA_DEVICES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/proc/driver/n
 def nvidia_device_present() -> bool:
     """Whether an NVIDIA GPU driver is visible to this process (a container needs the device reservation)."""
     return any(Path(p).exists() for p in _NVIDIA_DEVICES)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a container's cpuset), not every core of the
+    machine, which `os.cpu_count()` counts. "One per core" settings (batching workers, serve's share per worker)
+    sized from the machine put several calls on each allowed core, each slowing the others."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity API (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 def requested_providers(settings: RuntimeSettings) -> list[tuple[str, dict[str, Any]]]:

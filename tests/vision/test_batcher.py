@@ -9,6 +9,7 @@ a broken batcher fails instead of hanging; nothing asserts a duration.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -505,6 +506,16 @@ class TestPipeline:
         assert seen == [] and not unbatched.batching
         assert not any(n.startswith("facegate-") for n in {t.name for t in threading.enumerate()} - names)
         unbatched.on_batch = None
+
+    def test_one_inference_slot_per_core_the_process_may_use(
+        self, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # pinned to 2 of 64 cores: 64 one-thread calls at once would share those 2
+        monkeypatch.setattr(os, "cpu_count", lambda: 64)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+        pipeline = pipeline_for(models_dir, workers=0)
+        assert pipeline.detector.queue is not None and pipeline.detector.queue.workers == 2
+        pipeline.close()
 
     def test_close_stops_the_inference_threads(self, models_dir: Path, photos: list[Image]) -> None:
         pipeline = pipeline_for(models_dir)

@@ -188,6 +188,24 @@ class TestResize:
             filled[rect.top : rect.bottom + 1, rect.left : rect.right + 1] = True
         assert not planes[:, ~filled].any()  # zero (the mean colour) everywhere else
 
+    def test_resize_weights_are_computed_once_per_size_and_shared_read_only(self) -> None:
+        rows, cols = pyramid._rows(480, 400), pyramid._cols(640, 533)
+        assert pyramid._rows(480, 400) is rows and pyramid._cols(640, 533) is cols
+        arrays: list[np.ndarray] = [rows.top, rows.bottom, rows.frac, rows.frac32, rows.inv32]
+        arrays += [cols.left, cols.frac, cols.inv, cols.tail_left, cols.tail_right, cols.tail_frac]
+        assert not any(a.flags.writeable for a in arrays)  # a caller writing into one would change every photo's
+
+    def test_tiled_pyramid_is_the_same_with_cached_weights(self) -> None:
+        image = random_image(np.random.default_rng(12), 97, 131)
+        layout = pyramid.tiled_layout(97, 131)
+        pyramid._rows.cache_clear()
+        pyramid._cols.cache_clear()
+        first = pyramid.tiled_pyramid(image, layout, detect.MEANS)
+        assert pyramid._cols.cache_info().misses == len(layout.levels) - 1
+        again = pyramid.tiled_pyramid(image, layout, detect.MEANS)
+        assert pyramid._cols.cache_info().hits >= len(layout.levels) - 1
+        np.testing.assert_array_equal(again, first)
+
 
 class TestDecode:
     LAYOUT = pyramid.tiled_layout(480, 640)  # level 0 at (11, 11)-(650, 490), level 1 at (11, 501)-(543, 900)

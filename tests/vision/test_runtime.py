@@ -14,7 +14,7 @@ import pytest
 from app.config import Provider, RuntimeSettings, Settings
 from app.errors import ModelUnavailable
 from app.service import FaceService
-from app.vision.runtime import LazySession, nvidia_device_present, open_session, requested_providers
+from app.vision.runtime import LazySession, nvidia_device_present, open_session, requested_providers, usable_cores
 
 
 def test_cuda_is_asked_for_only_where_an_nvidia_device_is() -> None:
@@ -68,3 +68,16 @@ def test_onnx_runtime_telemetry_is_off_and_leaves_no_files(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "1"
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_usable_cores_are_the_cores_the_process_may_run_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    # taskset or a container's cpuset: 2 of the machine's 64 cores
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 7}, raising=False)
+    assert usable_cores() == 2
+
+
+def test_usable_cores_fall_back_to_the_machine_without_an_affinity_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    assert usable_cores() == 6

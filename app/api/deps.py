@@ -113,7 +113,10 @@ async def json_fields(request: Request) -> None:
         value = json.loads(body, object_pairs_hook=_JsonFields.of) if body else None
     except (ValueError, RecursionError):
         return  # not JSON: FastAPI has answered it already
-    repeated = _repeated(value)
+    try:
+        repeated = _repeated(value)
+    except RecursionError:
+        return  # nested too deeply to walk: the metadata's own depth limit refuses it
     if repeated:
         shown, words = listed(repeated)
         raise InvalidRequest(f"field(s) sent more than once: {words}", repeated_fields=shown)
@@ -166,11 +169,17 @@ def parse_metadata(raw: str | None) -> dict[str, Any] | None:
         ) from None
     if not isinstance(value, dict):
         raise InvalidRequest("metadata must be a JSON object", field="metadata")
-    repeated = _repeated(value, "metadata")
+    try:
+        repeated = _repeated(value, "metadata")
+        plain = {key: _plain(item) for key, item in value.items()}
+    except RecursionError:  # as deep as the parser allows, deeper than a walk of it can go
+        raise InvalidRequest(
+            "metadata must be a JSON object (it is not valid JSON, or nested too deeply)", field="metadata"
+        ) from None
     if repeated:  # which of two values was meant is a guess, as for a form field sent twice
         shown, words = listed(repeated)
         raise InvalidRequest(f"metadata names a key more than once: {words}", field="metadata", repeated_fields=shown)
-    return {key: _plain(item) for key, item in value.items()}
+    return plain
 
 
 def _plain(value: Any) -> Any:

@@ -600,6 +600,8 @@ class FaceService:
                 max_distance=resolved.value,
                 ambiguity_margin=self.settings.ambiguity_margin,
                 gallery_size=max(stats.identities, len(ranked)),
+                # more faces per identity give a stranger more chances: the rule is calibrated for them too
+                gallery_faces=max(stats.size, stats.identities, len(ranked)),
                 model=self.openset,
             )
             match = ranked[0] if decision.match_identity is not None else None

@@ -39,10 +39,22 @@ the tail extrapolates to galleries larger than M. The threshold is NOT monotone 
 the nearest stranger gets closer (the d1 part tightens) but so does the second nearest (the ratio part loosens);
 leave-one-identity-out galleries on lfw-dev show the same shape. Beyond 3 x M (where the tail model was checked
 against held-out galleries) thresholds may only tighten as N grows (cumulative minimum).
+
+Several faces per identity
+--------------------------
+The model's galleries hold one face per identity. An identity enrolled with k faces is as near as its nearest face,
+so it gives a stranger between 1 (its faces all alike) and k (its faces independent draws) chances: a gallery of N
+identities and F faces behaves like one of N' one-face identities for some N' in [N, F] (with independent faces the
+two smallest of F draws are d1 and, up to the nearest identity's other faces, d2: the model at N' = F). Which N'
+depends on how alike a person's photos are, which is unknown, so `decide` takes the strictest threshold over that
+range (`OpenSetModel.strictest_size`): never looser than t(N) (more faces can only add chances), tighter where t
+falls with N (small galleries, where t(N) alone let 2 % of strangers in at a 1 % target with 3 faces each on
+lfw-dev, 2 galleries of N = 2). With one face per identity (F = N) it is t(N) exactly.
 Only these aggregate score quantiles are shipped (app/matching/data/openset.json), no embeddings.
 
 Decision (`decide`)
 -------------------
+The score threshold is t(N', FPIR), N' = `strictest_size(N, F, FPIR)` (N' = N with one face per identity).
 1. no identity enrolled -> "unknown".
 2. d1 > max_distance (the 1:1 threshold, 0.36 by default): "unknown" (never name someone you would not verify).
 3. N >= 2 and margin = d2 - d1 <= ambiguity_margin (the runner-up within the margin of the nearest): "ambiguous".
@@ -173,6 +185,17 @@ class OpenSetModel:
         if not self.levels[0] <= f <= self.levels[-1]:
             raise ValueError(f"fpir must be within [{self.levels[0]}, {self.levels[-1]}], got {fpir}")
         return float(np.interp(math.log(f), np.log(self.levels), self._row(gallery_size)))
+
+    def strictest_size(self, identities: int, faces: int, fpir: float = DEFAULT_FPIR) -> int:
+        """The gallery size in [identities, faces] whose threshold is the lowest (ties: the smallest size).
+
+        A gallery of `identities` with `faces` faces in all acts like one of that many one-face identities for some
+        size in that range (module docstring, "Several faces per identity"). The threshold is linear in log N
+        between grid sizes, so the minimum over the range is at an end or at a grid size inside it."""
+        if identities < 1 or faces < identities:
+            raise ValueError("need 1 <= identities <= faces")
+        inside = [int(n) for n in self.gallery_sizes if identities < n < faces]
+        return min([identities, *inside, faces], key=lambda n: (self.threshold(n, fpir), n))
 
     def fpir_at(self, score: float, gallery_size: int) -> float:
         """Estimated probability that a stranger scores <= `score` at this gallery size (clamped to the levels)."""
@@ -450,13 +473,16 @@ def decide(
     max_distance: float = DEFAULT_THRESHOLD,
     ambiguity_margin: float = DEFAULT_AMBIGUITY_MARGIN,
     gallery_size: int | None = None,
+    gallery_faces: int | None = None,
     model: OpenSetModel | None = None,
 ) -> IdentifyDecision:
     """Open-set decision for one probe (rules in the module docstring).
 
     identity_distances: (G,) squared distance to each enrolled identity (nearest face; see `nearest_identities`),
     any order; identity_ids: (G,) their ids. `gallery_size` defaults to G: pass the true number of enrolled
-    identities when only the k nearest are given. `model` defaults to the shipped calibration.
+    identities when only the k nearest are given. `gallery_faces`: the faces those identities hold in all (default:
+    one each); with more, the score threshold is the strictest over gallery sizes from `gallery_size` to it
+    (`OpenSetModel.strictest_size`). `model` defaults to the shipped calibration.
     """
     m = model if model is not None else load_default_model()
     d = np.asarray(identity_distances, dtype=np.float64).ravel()
@@ -470,6 +496,9 @@ def decide(
     n = int(gallery_size) if gallery_size is not None else d.size
     if n < d.size:
         raise ValueError("gallery_size is smaller than the number of identities given")
+    faces = int(gallery_faces) if gallery_faces is not None else n
+    if faces < n:
+        raise ValueError("gallery_faces is smaller than gallery_size (every identity has a face)")
     thresholds = {"target_fpir": float(target_fpir), "max_distance": float(max_distance), "ambiguity_margin": float(ambiguity_margin)}
     if d.size == 0:
         m.threshold(1, target_fpir)  # validates target_fpir
@@ -479,7 +508,8 @@ def decide(
     d1 = float(d[order[0]])
     d2 = float(d[order[1]]) if d.size >= 2 else math.inf
     candidate = ids[int(order[0])]
-    t = m.threshold(n, target_fpir)
+    rule_n = m.strictest_size(n, faces, target_fpir) if faces > n else n  # the calibrated size the threshold is for
+    t = m.threshold(rule_n, target_fpir)
     s = float(m.score(d1, d2))
     second = d2 if math.isfinite(d2) else None
     features: dict[str, float | int | None] = {
@@ -488,8 +518,10 @@ def decide(
         "margin": None if second is None else d2 - d1,
         "ratio": None if second is None else (d1 / d2 if d2 > 0 else 1.0),
         "score": s,
-        "fpir_estimate": _fpir_estimate(m, s, n, t, float(target_fpir)),
+        "fpir_estimate": _fpir_estimate(m, s, rule_n, t, float(target_fpir)),
         "gallery_size": n,
+        "gallery_faces": faces,
+        "rule_gallery_size": rule_n,
     }
     thresholds["score"] = t
     thresholds["accept_distance"] = _accept_distance(m, t, d2)

@@ -224,6 +224,8 @@ def evaluate_identification(
     gp = top_two(probes, gallery, gallery_ids)
     gs = top_two(strangers, gallery, gallery_ids)
     n = len(gp.identities)
+    faces = len(gallery_ids)  # several per identity: the rule is calibrated as /identify calibrates it
+    rule_n = m.strictest_size(n, faces, target_fpir) if n else n
     truth = {ident: i for i, ident in enumerate(gp.identities)}
     correct = np.array([truth.get(t, -1) for t in probe_ids]) == gp.top
     scores = {
@@ -245,7 +247,7 @@ def evaluate_identification(
         d = np.array([top.d1[i], top.d2[i]]) if n >= 2 else np.array([top.d1[i]])
         ids = [0, 1] if n >= 2 else [0]
         return str(
-            decide(d, ids, target_fpir=target_fpir, max_distance=max_distance, ambiguity_margin=ambiguity_margin, gallery_size=n, model=m).reason
+            decide(d, ids, target_fpir=target_fpir, max_distance=max_distance, ambiguity_margin=ambiguity_margin, gallery_size=n, gallery_faces=faces, model=m).reason
         )
 
     p_reasons = [run(gp, i) for i in range(gp.d1.size)]
@@ -254,7 +256,8 @@ def evaluate_identification(
     default = {
         "target_fpir": target_fpir,
         "gallery_size": n,
-        "score_threshold": m.threshold(n, target_fpir),
+        "gallery_faces": faces,
+        "score_threshold": m.threshold(rule_n, target_fpir),
         "max_distance": max_distance,
         "ambiguity_margin": ambiguity_margin,
         "fpir": float(np.mean([r == "accepted" for r in s_reasons])),

@@ -308,3 +308,67 @@ class TestLeaveOneIdentityOut:
     def test_needs_three_identities(self) -> None:
         with pytest.raises(ValueError):
             leave_one_identity_out(np.eye(3, dtype=np.float32), ["a", "b", "a"], ["1", "2", "3"])
+
+
+# Thresholds fall from N = 1 to 10, then rise again (the shipped model's shape: the runner-up loosens large galleries).
+DIP = OpenSetModel(
+    gallery_sizes=np.array([1.0, 10.0, 100.0]),
+    levels=np.array([0.01, 0.1]),
+    quantiles=np.array([[-0.4, -0.2], [-0.8, -0.6], [-0.5, -0.3]]),
+)
+
+
+class TestSeveralFacesPerIdentity:
+    def test_strictest_size_over_identities_to_faces(self) -> None:
+        assert DIP.strictest_size(2, 2) == 2  # one face each: the identities, exactly
+        assert DIP.strictest_size(2, 6) == 6  # thresholds still falling at 6 faces
+        assert DIP.strictest_size(3, 50) == 10  # the lowest threshold is at a grid size inside the range
+        assert DIP.strictest_size(20, 80) == 20  # rising from 20 on: extra faces never loosen the rule
+        with pytest.raises(ValueError):
+            DIP.strictest_size(5, 4)
+
+    def test_more_faces_tighten_a_small_gallery_and_one_each_changes_nothing(self) -> None:
+        d1, d2 = 0.25, 0.45  # score -0.788: within t(2) = -0.520, beyond t(6) = -0.712 ... -0.8 at N = 10
+        one = decide([d1, d2], ["a", "b"], model=DIP)
+        same = decide([d1, d2], ["a", "b"], model=DIP, gallery_faces=2)
+        assert one.reason is Reason.ACCEPTED and same.to_dict() == one.to_dict()
+        assert one.features["gallery_faces"] == 2 and one.features["rule_gallery_size"] == 2
+        many = decide([d1, d2], ["a", "b"], model=DIP, gallery_faces=10)
+        assert many.reason is Reason.UNKNOWN  # the runner-up is beyond 0.36: nobody else looks like this face
+        assert many.thresholds["score"] == DIP.threshold(10, 0.01)
+        assert many.features["gallery_size"] == 2 and many.features["rule_gallery_size"] == 10
+        assert float(many.features["fpir_estimate"] or 0) > 0.01  # the estimate agrees with the refusal
+        with pytest.raises(ValueError):
+            decide([d1, d2], ["a", "b"], model=DIP, gallery_faces=1)
+
+    def test_reported_thresholds_agree_with_the_decision(self) -> None:
+        rng = np.random.default_rng(5)
+        for _ in range(300):
+            d = rng.uniform(0.15, 0.45, size=2)
+            faces = int(rng.integers(2, 60))
+            r = decide(d, ["a", "b"], model=DIP, gallery_faces=faces, max_distance=1.0, ambiguity_margin=0.0)
+            passed = float(r.features["score"] or 0) <= r.thresholds["score"]
+            assert passed == (r.reason is Reason.ACCEPTED)
+            assert passed == (min(d) <= r.thresholds["accept_distance"])
+            assert passed == (float(r.features["fpir_estimate"] or 0) <= 0.01)
+
+    def test_synthetic_galleries_of_several_faces_stay_near_the_target(self) -> None:
+        # Strangers against galleries of N identities with k faces each, every face an independent draw from the
+        # stranger's impostor distribution (the most chances k faces can give). Calibrated for N alone, the rule
+        # lets far more strangers in than the target as k grows; calibrated for the faces too, it holds.
+        rng = np.random.default_rng(3)
+        ref = _synthetic_reference(400, 400, rng)
+        model = build_model(ref, gallery_sizes=(1, 2, 5, 10, 20, 50), levels=(0.01, 0.05, 0.2), draws=32, tail=(9.0, 1.1))
+        n, k, target = 2, 5, 0.05
+        centre = rng.normal(-0.45, 0.12, size=(4000, 1, 1))
+        per_face = np.exp(centre + 0.22 * rng.normal(size=(4000, n, k)))
+        s = np.sort(per_face.min(axis=2), axis=1)  # each identity as near as its nearest face
+        score = facegate_score(s[:, 0], s[:, 1])
+        for_identities = float(np.mean(score <= model.threshold(n, target)))
+        for_faces = float(np.mean(score <= model.threshold(model.strictest_size(n, n * k, target), target)))
+        assert for_identities > 2 * target, for_identities
+        assert 0.5 * target <= for_faces <= 1.5 * target, for_faces
+        # faces all alike (k copies of one): the rule errs on the safe side, never above the target
+        alike = np.sort(per_face[:, :, 0], axis=1)
+        alike_score = facegate_score(alike[:, 0], alike[:, 1])
+        assert float(np.mean(alike_score <= model.threshold(model.strictest_size(n, n * k, target), target))) <= target

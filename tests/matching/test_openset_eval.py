@@ -202,3 +202,16 @@ class TestEvaluate:
         payload = json.loads(json.dumps(rep.to_dict()))
         assert payload["n_enrolled"] == 30
         assert payload["n_strangers"] == 30
+
+    def test_default_point_calibrates_for_every_face_as_identify_does(self) -> None:
+        # 3 identities with 4 faces each: the default point's threshold is /identify's, the strictest from 3 to 12
+        rng = np.random.default_rng(4)
+        centres = rng.normal(size=(6, 128)).astype(np.float32) * 0.1
+        gallery = np.repeat(centres[:3], 4, axis=0) + rng.normal(size=(12, 128)).astype(np.float32) * 0.01
+        m = load_default_model()
+        rep = evaluate_identification(gallery, list(np.repeat(["a", "b", "c"], 4)), centres[:3], ["a", "b", "c"], centres[3:], model=m)
+        p = rep.default_point
+        assert (p["gallery_size"], p["gallery_faces"]) == (3, 12)
+        assert p["score_threshold"] == m.threshold(m.strictest_size(3, 12, 0.01), 0.01) < m.threshold(3, 0.01)
+        one = evaluate_identification(gallery[::4], ["a", "b", "c"], centres[:3], ["a", "b", "c"], centres[3:], model=m)
+        assert one.default_point["gallery_faces"] == 3 and one.default_point["score_threshold"] == m.threshold(3, 0.01)

@@ -376,9 +376,9 @@ class IndexSettings(SettingsGroup):
         ge=8,
         le=10_000,
         description="approximate and pgvector: nearest faces fetched per query before they are ranked by identity "
-        "(at least 4 x top_k; pgvector's hnsw.ef_search is at least twice this, up to its maximum of 1000; pgvector 0.8's "
-        "iterative scans return them all, older versions at most 1000); a query whose candidates hold too few "
-        "identities is searched exactly.",
+        "(at least 4 x top_k; pgvector's hnsw.ef_search is at least twice this, up to its maximum of 1000; "
+        "pgvector 0.8's iterative scans return them all, older versions at most 1000); a query whose candidates hold "
+        "too few identities is searched exactly.",
     )
     pgvector_ef_search: int = Field(
         default=1000,

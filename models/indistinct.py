@@ -62,16 +62,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("unset FACEGATE_HEAD__NAME: the mean is of the embedder's own output")
     photos = _first_photos(args.faces / "lfw-dev")
     embeddings = []
-    for i, photo in enumerate(photos, 1):
-        for degrees in (90, 270):
-            try:
-                faces = pipeline.find_faces(pipeline.decoder(turned(photo, degrees)))
-            except FacegateError:
-                continue
-            if faces:
-                embeddings.append(faces[0].embedding)
-        if i % 100 == 0:
-            print(f"{i}/{len(photos)} photos, {len(embeddings)} faces", file=sys.stderr)
+    try:
+        for i, photo in enumerate(photos, 1):
+            for degrees in (90, 270):
+                try:
+                    faces = pipeline.find_faces(pipeline.decoder(turned(photo, degrees)))
+                except FacegateError:
+                    continue
+                if faces:
+                    embeddings.append(faces[0].embedding)
+            if i % 100 == 0:
+                print(f"{i}/{len(photos)} photos, {len(embeddings)} faces", file=sys.stderr)
+    finally:
+        pipeline.close()
     centroid = np.mean(np.stack(embeddings).astype(np.float64), axis=0)
     document = {
         "model_name": pipeline.embedding_name,

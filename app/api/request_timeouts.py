@@ -159,11 +159,13 @@ class TimedH11Protocol(H11Protocol):
 
     def _close(self, transport: asyncio.Transport) -> None:
         """Close the connection; while the client is still sending a request (answered before its body was read: a
-        413 for a body over the limit, a 401, a 408) stop writing and drop what comes for a while first. Closed with
-        the client's bytes unread, the kernel answers them with a reset, and the client's kernel throws away the
-        answer its program has not read yet: most clients read only once they have sent everything, so they saw
-        "connection reset" instead of the 413 (nginx's lingering close does the same)."""
-        still_sending = self.conn.their_state is h11.SEND_BODY or (self.conn.their_state is h11.IDLE and self._buffered())
+        413 for a body over the limit, a 503 busy, a 401) stop writing and drop what comes for a while first (a 408
+        of these limits does not come here: `_expire` cuts at once). Closed with the client's bytes unread, the
+        kernel answers them with a reset, and the client's kernel throws away the answer its program has not read
+        yet: most clients read only once they have sent everything, so they saw "connection reset" instead of the
+        413 (nginx's lingering close does the same)."""
+        state = self.conn.their_state
+        still_sending = state is h11.SEND_BODY or (state is h11.IDLE and self._buffered())
         if self._lingering is not None or transport.is_closing() or not still_sending or not transport.can_write_eof():
             transport.close()
             return

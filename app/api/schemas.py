@@ -180,8 +180,9 @@ class IdentifiedFaceOut(Public):
     ambiguous: bool = Field(default=False, description="reason == ambiguous")
     fpir_estimate: float | None = Field(
         default=None,
-        description="Share of strangers who would score at least this well against a gallery of this size "
-        "(lower = more confident), within the open-set model's range 0.0001-0.5.",
+        description="Share of strangers who would score at least this well against a gallery of this size (with "
+        "several faces per identity, the size score_threshold is for) (lower = more confident), within the open-set "
+        "model's range 0.0001-0.5.",
     )
     ratio: float | None = Field(
         default=None, description="Nearest identity's distance / second nearest's (null with one identity)."
@@ -194,7 +195,8 @@ class IdentifiedFaceOut(Public):
     score_threshold: float | None = Field(
         default=None,
         description="t(N, target_fpir): the largest score accepted at this gallery size, so that about target_fpir "
-        "of strangers are named.",
+        "of strangers are named. With several faces per identity, the strictest t over sizes from the identities to "
+        "the faces (each face is one more chance for a stranger).",
     )
     accept_distance: float | None = Field(
         default=None,

@@ -117,7 +117,10 @@ def eval_pairs(
         pair_list = evaluation.read_pairs(pairs, at_least=KFOLDS)  # 10-fold accuracy needs one of each per fold
     _require_photos(pair_list, images)
     with report_folder(out, "the --out folder"):  # taken back if no report is written
-        with on_interrupt(lambda: f"no report was written{embeddings_kept(cache)}"), pipeline_call(settings) as pipeline:
+        with (
+            on_interrupt(lambda: f"no report was written{embeddings_kept(cache)}"),
+            pipeline_call(settings) as pipeline,
+        ):
             distances, embedded = _pair_distances(pipeline, pair_list, images, cache)
         with failing_on_errors():
             result = evaluation.evaluate_distances(
@@ -191,7 +194,8 @@ def eval_identify(
                     pipeline=pipeline,
                     progress=bar.update,
                     photos=photos,
-                    max_distance=default_threshold(settings, pipeline),  # a head's own threshold, as eval and /identify
+                    # a head's own threshold, as eval and /identify
+                    max_distance=default_threshold(settings, pipeline),
                 )
         with writing_reports(out):
             result = replace(result, files=write_identify_report(result, out))

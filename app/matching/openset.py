@@ -48,8 +48,8 @@ identities and F faces behaves like one of N' one-face identities for some N' in
 two smallest of F draws are d1 and, up to the nearest identity's other faces, d2: the model at N' = F). Which N'
 depends on how alike a person's photos are, which is unknown, so `decide` takes the strictest threshold over that
 range (`OpenSetModel.strictest_size`): never looser than t(N) (more faces can only add chances), tighter where t
-falls with N (small galleries, where t(N) alone let 2 % of strangers in at a 1 % target with 3 faces each on
-lfw-dev, 2 galleries of N = 2). With one face per identity (F = N) it is t(N) exactly.
+falls with N (small galleries: on lfw-dev, galleries of N = 2 with 3 faces each let 2 % of strangers in under t(N)
+alone at a 1 % target). With one face per identity (F = N) it is t(N) exactly.
 Only these aggregate score quantiles are shipped (app/matching/data/openset.json), no embeddings.
 
 Decision (`decide`)

@@ -12,7 +12,8 @@ identities at odd positions is a stranger. On lfw-dev (828 people, 2,107 photos)
 647 probes, 1,046 strangers: the numbers of issue 9.
 
 Rules compared (all accept the nearest identity; lower score = more confident):
-raw = d1; ratio = d1 / d2 (1 where d2 = 0, as `decide` reports it); facegate = `openset.facegate_score` (log d1 - 0.75 log min(d2, 0.45)).
+raw = d1; ratio = d1 / d2 (1 where d2 = 0, as `decide` reports it); facegate = `openset.facegate_score`
+(log d1 - 0.75 log min(d2, 0.45)).
 d1 and d2 are the float32 distances /identify reports for the two nearest identities (`top_two`), so the default
 point decides each probe exactly as /identify would on the same embeddings, also at a threshold's very value.
 

@@ -289,7 +289,9 @@ function qualityTable(quality) {
     ["Roll", fmt(quality.roll_deg, 1) + "°"],
     ["Detector score", fmt(quality.score, 2)],
   ];
-  if (quality.distinctiveness !== null && quality.distinctiveness !== undefined) rows.push(["Distinctiveness", fmt(quality.distinctiveness, 3)]);
+  if (quality.distinctiveness !== null && quality.distinctiveness !== undefined) {
+    rows.push(["Distinctiveness", fmt(quality.distinctiveness, 3)]);
+  }
   const dl = el("dl", { className: "facts small" });
   for (const [k, v] of rows) dl.append(el("dt", { text: k }), el("dd", { text: v }));
   return dl;
@@ -690,9 +692,10 @@ function unknownWhy(f, threshold) {
   const nearest = f.candidates[0];
   const at = nearest.name + " at distance " + fmt(nearest.distance);
   if (nearest.distance > threshold) return "Unknown: nobody enrolled is close enough (nearest " + at + ").";
+  const scored = f.score !== null && f.score !== undefined && f.score_threshold !== null && f.score_threshold !== undefined;
   return "Unknown: the nearest, " + at + ", is within the threshold but does not stand out enough for a gallery " +
-    "this size to be named" + (f.score !== null && f.score !== undefined && f.score_threshold !== null && f.score_threshold !== undefined
-      ? " (open-set score " + fmt(f.score, 3) + ", named at most " + fmt(f.score_threshold, 3) + ")." : ".");
+    "this size to be named" +
+    (scored ? " (open-set score " + fmt(f.score, 3) + ", named at most " + fmt(f.score_threshold, 3) + ")." : ".");
 }
 
 function identifiedFace(f, i, threshold) {

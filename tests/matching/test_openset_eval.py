@@ -185,6 +185,7 @@ class TestEvaluate:
         # letting one of the two strangers in (the far one; the twin's ratio 1 is the worst there is) names the probe
         half = next(i for i, f in enumerate(ratio["fpir"]) if 0.5 <= f < 1.0)
         assert ratio["dir"][half] == 1.0
+
     def test_separable_synthetic_gallery(self) -> None:
         rng = np.random.default_rng(0)
         centres = rng.normal(size=(60, 128)).astype(np.float32) * 0.1

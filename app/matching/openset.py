@@ -508,7 +508,7 @@ def decide(
     d1 = float(d[order[0]])
     d2 = float(d[order[1]]) if d.size >= 2 else math.inf
     candidate = ids[int(order[0])]
-    rule_n = m.strictest_size(n, faces, target_fpir) if faces > n else n  # the calibrated size the threshold is for
+    rule_n = m.strictest_size(n, faces, target_fpir)  # the calibrated size the threshold is for (n with one face each)
     t = m.threshold(rule_n, target_fpir)
     s = float(m.score(d1, d2))
     second = d2 if math.isfinite(d2) else None
